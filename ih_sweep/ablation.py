@@ -1,0 +1,146 @@
+"""Head ablation at the right place: the head's slice of the attention output projection's
+input (a forward pre-hook on o_proj / c_proj / dense / out_proj).
+
+The seed hooked ``post_attention_layernorm``'s output (the MLP input), which is not a head.
+Hooks always come off, also when the body raises.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from .architecture import HeadSites, head_sites
+
+METHODS = ("zero", "mean")
+
+
+class AblationError(ValueError):
+    pass
+
+
+def _columns(sites: HeadSites, heads: Sequence[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(h * sites.head_dim, (h + 1) * sites.head_dim)
+                      for h in heads])
+
+
+def _validate(sites: HeadSites, heads: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, head in heads:
+        if not (0 <= layer < sites.n_layers and 0 <= head < sites.n_heads):
+            raise AblationError(f"head ({layer}, {head}) is outside the model's "
+                                f"{sites.n_layers} layers x {sites.n_heads} heads")
+        by_layer[int(layer)].append(int(head))
+    return by_layer
+
+
+@contextmanager
+def ablate_heads(model, heads: Sequence[tuple[int, int]], method: str = "zero",
+                 means: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
+    """Replace the listed (layer, query head) outputs by zero or by their mean while inside.
+
+    ``means[layer]`` is a [n_heads * head_dim] vector (see :func:`head_means`).
+    """
+    if method not in METHODS:
+        raise AblationError(f"ablation.method={method!r}; allowed values: {', '.join(METHODS)}")
+    if method == "mean" and means is None:
+        raise AblationError("ablation.method=mean needs head means (head_means())")
+    sites = head_sites(model)
+    by_layer = _validate(sites, heads)
+    handles = []
+    try:
+        for layer, layer_heads in by_layer.items():
+            cols = _columns(sites, layer_heads)
+            fill = None if method == "zero" else means[layer][cols]
+            handles.append(sites.out_proj[layer].register_forward_pre_hook(
+                _make_hook(cols, fill)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _make_hook(cols: torch.Tensor, fill: torch.Tensor | None):
+    def hook(module, args):
+        x = args[0].clone()
+        c = cols.to(x.device)
+        if fill is None:
+            x[..., c] = 0
+        else:
+            x[..., c] = fill.to(device=x.device, dtype=x.dtype)
+        return (x, *args[1:])
+    return hook
+
+
+@torch.no_grad()
+def head_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """Each layer's mean o_proj input over the real (non-pad) tokens of reference batches."""
+    sites = head_sites(model)
+    sums = [None] * sites.n_layers
+    count = 0
+    current_mask: list[torch.Tensor] = []
+
+    def make(i: int):
+        def hook(module, args):
+            x = args[0].float()
+            m = current_mask[0].to(x.device, x.dtype)[..., None]
+            s = (x * m).sum((0, 1)).cpu()
+            sums[i] = s if sums[i] is None else sums[i] + s
+        return hook
+
+    handles = [p.register_forward_pre_hook(make(i)) for i, p in enumerate(sites.out_proj)]
+    try:
+        for batch in batches:
+            current_mask[:] = [batch["attention_mask"]]
+            model(**batch, use_cache=False)
+            count += int(batch["attention_mask"].sum())
+    finally:
+        for h in handles:
+            h.remove()
+    if count == 0:
+        raise AblationError("mean ablation needs at least one reference token")
+    return {i: s / count for i, s in enumerate(sums)}
+
+
+# --------------------------------------------------------------------------- independent check
+@contextmanager
+def zero_attention_probs(model, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
+    """A second mechanism for the same ablation: zero the heads' attention probabilities.
+
+    Eager attention recomputed with the selected heads' probability rows set to zero, via
+    transformers' AttentionInterface. Used to check the o_proj hook, not in the sweep.
+    """
+    from transformers import AttentionInterface
+    from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv
+
+    sites = head_sites(model)
+    by_layer = _validate(sites, heads)
+    layer_of = {id(layer.self_attn): i for i, layer in enumerate(sites.layers)}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        _, weights = eager_attention_forward(module, query, key, value, attention_mask,
+                                             scaling=scaling, dropout=0.0, **kw)
+        layer = layer_of[id(module)]
+        if by_layer.get(layer):
+            weights = weights.clone()
+            weights[:, by_layer[layer]] = 0
+        v = repeat_kv(value, module.num_key_value_groups)
+        out = torch.matmul(weights, v).transpose(1, 2).contiguous()
+        return out, weights
+
+    name = "ih_sweep_zero_probs"
+    AttentionInterface.register(name, attention)
+    # a custom attention name gets no causal mask unless a mask function is registered too
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionMaskInterface.register(name, eager_mask)
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

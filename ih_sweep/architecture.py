@@ -1,0 +1,141 @@
+"""Where the attention heads live in a Hugging Face causal LM.
+
+Ablation and scoring both need, per layer, the module whose *input* is the concatenation of
+the query heads' outputs (o_proj / c_proj / dense / out_proj), the head count and head size,
+the final norm and the unembedding. Finding them from the model's structure keeps every
+family on one code path; an unknown structure gets a clear error instead of a silent no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+# (attention submodule name, output projection name) pairs seen in the supported families:
+# Llama/Mistral/Qwen2/Gemma (self_attn.o_proj), GPT-2 (attn.c_proj),
+# GPT-NeoX/Pythia (attention.dense), OPT (self_attn.out_proj).
+_ATTN_NAMES = ("self_attn", "attn", "attention")
+_OUT_NAMES = ("o_proj", "c_proj", "dense", "out_proj")
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+
+
+@dataclass
+class HeadSites:
+    """The pieces of a model that per-head code needs."""
+
+    layers: list[nn.Module]
+    out_proj: list[nn.Module]
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    final_norm: nn.Module | None
+    unembed: nn.Module
+
+    def head_slice(self, head: int) -> slice:
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+    def w_o(self, layer: int) -> torch.Tensor:
+        """Output projection of a layer as [n_heads, head_dim, hidden] (dequantized, float32)."""
+        weight = linear_weight(self.out_proj[layer])  # [hidden, n_heads * head_dim]
+        return weight.float().T.reshape(self.n_heads, self.head_dim, -1)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """Weight as [out, in] for nn.Linear, GPT-2's Conv1D and bitsandbytes 4/8-bit layers."""
+    weight = module.weight
+    cls = type(module).__name__
+    if cls == "Conv1D":  # GPT-2 stores [in, out]
+        return weight.detach().T
+    if cls == "Linear4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).detach()
+    if cls == "Linear8bitLt":
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            return weight.detach().float()
+        return (weight.detach().float() * scb.float().unsqueeze(1) / 127.0)
+    return weight.detach()
+
+
+def _find_layers(model: nn.Module, n_layers: int) -> list[nn.Module]:
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            first = module[0]
+            if any(hasattr(first, a) for a in _ATTN_NAMES):
+                return list(module)
+    raise UnsupportedArchitecture(
+        f"{type(model).__name__}: found no list of {n_layers} decoder layers with an attention "
+        f"submodule named one of {_ATTN_NAMES}; supported families: Llama/Mistral/Qwen2/Gemma, "
+        "GPT-2, GPT-NeoX (Pythia), OPT")
+
+
+def _find_out_proj(layer: nn.Module, index: int, model_name: str) -> nn.Module:
+    for a in _ATTN_NAMES:
+        attn = getattr(layer, a, None)
+        if attn is None:
+            continue
+        for o in _OUT_NAMES:
+            proj = getattr(attn, o, None)
+            if proj is not None:
+                return proj
+    raise UnsupportedArchitecture(
+        f"{model_name}: layer {index} has no attention output projection named one of "
+        f"{_OUT_NAMES}; supported families: Llama/Mistral/Qwen2/Gemma, GPT-2, GPT-NeoX, OPT")
+
+
+def _config_value(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def head_sites(model: nn.Module) -> HeadSites:
+    """Locate layers, per-layer output projections and head geometry from the config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedArchitecture(f"{type(model).__name__} has no .config: not a Hugging "
+                                      "Face model; supported families: Llama/Mistral/Qwen2/"
+                                      "Gemma, GPT-2, GPT-NeoX (Pythia), OPT")
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n_layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+    n_heads = _config_value(config, "num_attention_heads", "n_head")
+    hidden = _config_value(config, "hidden_size", "n_embd", "d_model")
+    if n_layers is None or n_heads is None or hidden is None:
+        raise UnsupportedArchitecture(f"{type(model).__name__}: config lacks layer/head counts")
+    head_dim = _config_value(config, "head_dim") or hidden // n_heads
+    name = type(model).__name__
+    layers = _find_layers(model, n_layers)
+    out_proj = [_find_out_proj(layer, i, name) for i, layer in enumerate(layers)]
+    in_features = linear_in_features(out_proj[0])
+    if in_features != n_heads * head_dim:
+        raise UnsupportedArchitecture(
+            f"{name}: output projection takes {in_features} inputs, expected n_heads*head_dim = "
+            f"{n_heads}*{head_dim}")
+    final_norm = None
+    for module_name, module in model.named_modules():
+        if module_name.split(".")[-1] in _FINAL_NORM_NAMES and module_name.count(".") <= 2:
+            final_norm = module
+    unembed = model.get_output_embeddings()
+    if unembed is None:
+        raise UnsupportedArchitecture(f"{name}: no output embedding (unembedding) found")
+    return HeadSites(layers, out_proj, n_layers, n_heads, head_dim, final_norm, unembed)
+
+
+def linear_in_features(module: nn.Module) -> int:
+    if type(module).__name__ == "Conv1D":
+        return int(module.weight.shape[0])
+    in_features = getattr(module, "in_features", None)
+    if in_features is not None:
+        return int(in_features)
+    return int(linear_weight(module).shape[1])

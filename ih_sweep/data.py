@@ -1,0 +1,302 @@
+"""bAbI stories: one representation, a seeded generator, loaders and the seed's prompt.
+
+Every story is a dict of parallel lists in the schema of the Hugging Face
+``facebook/babi_qa`` records, so generated, file and hub data flow through the same code:
+``id`` (str), ``type`` (0 = context line, 1 = question), ``text``, ``supporting_ids``
+(list of str) and ``answer`` ("" on context lines).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+
+class Story(TypedDict):
+    id: list[str]
+    type: list[int]
+    text: list[str]
+    supporting_ids: list[list[str]]
+    answer: list[str]
+
+
+class DataError(ValueError):
+    """Bad input data, with a one-line message naming the file and line."""
+
+
+ACTORS = ("Mary", "John", "Sandra", "Daniel")
+LOCATIONS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
+MOVE_PHRASES = ("moved to", "went to", "went back to", "journeyed to", "travelled to")
+TASK_NAMES = {
+    1: "single-supporting-fact",
+    2: "two-supporting-facts",
+    3: "three-supporting-facts",
+    4: "two-arg-relations",
+    5: "three-arg-relations",
+    6: "yes-no-questions",
+    7: "counting",
+    8: "lists-sets",
+    9: "simple-negation",
+    10: "indefinite-knowledge",
+    11: "basic-coreference",
+    12: "conjunction",
+    13: "compound-coreference",
+    14: "time-reasoning",
+    15: "basic-deduction",
+    16: "basic-induction",
+    17: "positional-reasoning",
+    18: "size-reasoning",
+    19: "path-finding",
+    20: "agents-motivations",
+}
+PROMPT_HEADER = "Read the following passage and answer the questions with a single word.\n\n"
+
+
+# --------------------------------------------------------------------------- generator
+def generate_qa1_story(rng: random.Random, n_blocks: int = 5, statements_per_block: int = 2,
+                       question_window: int = 5) -> Story:
+    """One bAbI task-1 story drawn the way the released en-10k files were.
+
+    Each statement moves a uniform actor to a uniform room other than its current one; each
+    question asks about the actor of a uniform statement among the last ``question_window``.
+    """
+    story: Story = {"id": [], "type": [], "text": [], "supporting_ids": [], "answer": []}
+    where: dict[str, tuple[str, int]] = {}  # actor -> (room, line id of that move)
+    statement_lines: list[tuple[str, int]] = []  # (actor, line id)
+    line = 0
+    for _ in range(n_blocks):
+        for _ in range(statements_per_block):
+            line += 1
+            actor = rng.choice(ACTORS)
+            current = where.get(actor, (None, 0))[0]
+            room = rng.choice([loc for loc in LOCATIONS if loc != current])
+            phrase = rng.choice(MOVE_PHRASES)
+            where[actor] = (room, line)
+            statement_lines.append((actor, line))
+            _append(story, line, 0, f"{actor} {phrase} the {room}.", [], "")
+        line += 1
+        actor, _ = rng.choice(statement_lines[-question_window:])
+        room, support = where[actor]
+        _append(story, line, 1, f"Where is {actor}?", [str(support)], room)
+    return story
+
+
+def generate_stories(n_stories: int, seed: int = 0, task: int = 1) -> list[Story]:
+    """Deterministic list of generated stories (only task 1 has a generator)."""
+    if task != 1:
+        raise DataError(f"data.task={task}: the built-in generator makes task 1 only; "
+                        "use data=babi_files or data=babi_hub for other tasks")
+    rng = random.Random(seed)
+    return [generate_qa1_story(rng) for _ in range(n_stories)]
+
+
+def _append(story: Story, line_id: int, kind: int, text: str, support: list[str],
+            answer: str) -> None:
+    story["id"].append(str(line_id))
+    story["type"].append(kind)
+    story["text"].append(text)
+    story["supporting_ids"].append(support)
+    story["answer"].append(answer)
+
+
+# --------------------------------------------------------------------------- text files
+_LINE = re.compile(r"^(\d+) (.*)$")
+
+
+def parse_babi_lines(lines: Iterable[str], source: str = "<input>") -> list[Story]:
+    """Parse the original release format (``ID text`` / ``ID question\\tanswer\\tsupport``)."""
+    stories: list[Story] = []
+    story: Story | None = None
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.rstrip("\n").rstrip("\r")
+        if not line.strip():
+            continue
+        m = _LINE.match(line)
+        if m is None:
+            raise DataError(f"{source}:{lineno}: expected 'ID text', got {line[:60]!r}")
+        line_id, rest = m.group(1), m.group(2)
+        if line_id == "1" or story is None:
+            if line_id != "1":
+                raise DataError(f"{source}:{lineno}: a story must start at id 1, got {line_id}")
+            story = {"id": [], "type": [], "text": [], "supporting_ids": [], "answer": []}
+            stories.append(story)
+        if "\t" in rest:
+            parts = rest.split("\t")
+            if len(parts) != 3 or not parts[1]:
+                raise DataError(f"{source}:{lineno}: a question line needs "
+                                f"'question<TAB>answer<TAB>supporting ids', got {line[:60]!r}")
+            question, answer, support = parts
+            _append(story, int(line_id), 1, question.strip(), support.split(), answer.strip())
+        else:
+            _append(story, int(line_id), 0, rest.strip(), [], "")
+    return stories
+
+
+def babi_file(root: str | Path, lang: str, task: int, split: str) -> Path:
+    """Path of one task file in an extracted release (``root/lang/qaN_name_split.txt``)."""
+    _check_task_split(task, split)
+    path = Path(root) / lang / f"qa{task}_{TASK_NAMES[task]}_{split}.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: no such bAbI file (data.path={root}, data.lang={lang}, "
+                        f"data.task={task}, data.split={split})")
+    return path
+
+
+def load_babi_file(path: str | Path) -> list[Story]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as fh:
+        return parse_babi_lines(fh, source=str(path))
+
+
+def load_babi_archive(archive: str | Path, lang: str, task: int, split: str) -> list[Story]:
+    """Read one task straight from the release tarball (``tasks_1-20_v1-2.tar.gz``)."""
+    _check_task_split(task, split)
+    name = f"qa{task}_{TASK_NAMES[task]}_{split}.txt"
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            parts = member.name.split("/")
+            if len(parts) >= 2 and parts[-1] == name and parts[-2] == lang:
+                fh = tar.extractfile(member)
+                assert fh is not None
+                text = fh.read().decode("utf-8").splitlines()
+                return parse_babi_lines(text, source=f"{archive}:{member.name}")
+    raise DataError(f"{archive}: no {lang}/{name} in the archive")
+
+
+def _check_task_split(task: int, split: str) -> None:
+    if task not in TASK_NAMES:
+        raise DataError(f"data.task={task} is unknown; allowed values: 1..20")
+    if split not in ("train", "test"):
+        raise DataError(f"data.split={split!r} is unknown; allowed values: train, test")
+
+
+# --------------------------------------------------------------------------- the hub
+HUB_DATASET = "facebook/babi_qa"
+HUB_ARCHIVE = "data/tasks_1-20_v1-2.tar.gz"
+
+
+def stories_from_hub_records(records: Iterable[dict[str, Any]]) -> list[Story]:
+    """Convert rows of the hub dataset (each ``{"story": {...}}``) into stories."""
+    out: list[Story] = []
+    for row in records:
+        s = row["story"] if "story" in row else row
+        out.append({
+            "id": [str(x) for x in s["id"]],
+            "type": [int(x) for x in s["type"]],
+            "text": [str(t).strip() for t in s["text"]],
+            "supporting_ids": [[str(x) for x in ids] for ids in s["supporting_ids"]],
+            "answer": [str(a) for a in s["answer"]],
+        })
+    return out
+
+
+def load_babi_hub(lang: str, task: int, split: str) -> list[Story]:  # pragma: no cover - network
+    """Load from the Hugging Face hub (needs network).
+
+    ``load_dataset("facebook/babi_qa", "en-10k-qa1")`` fails with datasets >= 4 because loading
+    scripts were removed; the qa1 configs have a parquet export, and every task is in the
+    release archive stored in the same dataset repository.
+    """
+    _check_task_split(task, split)
+    if task == 1:
+        from datasets import load_dataset
+
+        ds = load_dataset(HUB_DATASET, data_dir=f"{lang}-qa1", revision="refs/convert/parquet",
+                          split=split)
+        return stories_from_hub_records(ds)
+    from huggingface_hub import hf_hub_download
+
+    archive = hf_hub_download(HUB_DATASET, HUB_ARCHIVE, repo_type="dataset")
+    return load_babi_archive(archive, lang, task, split)
+
+
+# --------------------------------------------------------------------------- prompts
+def question_indices(story: Story) -> list[int]:
+    return [i for i, t in enumerate(story["type"]) if t == 1]
+
+
+def build_prompt(story: Story, question: int | None = None, header: str = PROMPT_HEADER) -> str:
+    """The seed's few-shot prompt asking the question at line index ``question``.
+
+    Blocks come from the line types (not a fixed length) so tasks of any shape work; earlier
+    questions appear with their answers, the asked one ends with ``"Answer: "``. With the
+    default (last question) this reproduces the seed's ``create_prompt`` byte for byte.
+    """
+    if question is None:
+        question = question_indices(story)[-1]
+    if story["type"][question] != 1:
+        raise ValueError(f"line {question} of the story is not a question")
+    prompt = header
+    in_passage = False
+    for i in range(question + 1):
+        text = story["text"][i]
+        if story["type"][i] == 0:
+            if not in_passage:
+                prompt += "Passage: "
+                in_passage = True
+            prompt += f"{text}\n"
+        else:
+            prompt += f"\nQuestion: {text}\nAnswer: "
+            if i != question:
+                prompt += f"{story['answer'][i]}\n"
+            in_passage = False
+    return prompt
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question to evaluate: its prompt, gold answer and place in the story."""
+
+    story_index: int
+    question_index: int  # 0-based among the story's questions
+    line: int  # index into the story's lists
+    examples_before: int  # answered questions shown before it in the prompt
+    prompt: str
+    answer: str
+
+
+def make_items(stories: list[Story], scope: str = "last",
+               header: str = PROMPT_HEADER) -> list[Item]:
+    """Items for ``scope='last'`` (each story's final question, the seed's) or ``'all'``."""
+    if scope not in ("last", "all"):
+        raise ValueError(f"eval.scope={scope!r}; allowed values: last, all")
+    items: list[Item] = []
+    for s_idx, story in enumerate(stories):
+        qs = question_indices(story)
+        chosen = list(enumerate(qs)) if scope == "all" else [(len(qs) - 1, qs[-1])]
+        for q_idx, line in chosen:
+            items.append(Item(s_idx, q_idx, line, q_idx, build_prompt(story, line, header),
+                              story["answer"][line]))
+    return items
+
+
+def iter_lm_text(stories: Iterable[Story]) -> Iterator[str]:
+    """Full prompts with every answer filled in (training text for the tiny model)."""
+    for story in stories:
+        last = question_indices(story)[-1]
+        yield build_prompt(story, last) + story["answer"][last] + "\n"
+
+
+def load_stories(data_cfg: dict) -> list[Story]:
+    """Stories for a ``data`` config node (babi_generated, babi_files or babi_hub)."""
+    name = data_cfg["name"]
+    n = data_cfg.get("n_stories")
+    if name == "babi_generated":
+        return generate_stories(int(n or 1000), int(data_cfg.get("seed", 0)),
+                                int(data_cfg["task"]))
+    if name == "babi_files":
+        stories = load_babi_file(babi_file(data_cfg["path"], data_cfg["lang"],
+                                           int(data_cfg["task"]), data_cfg["split"]))
+    elif name == "babi_hub":
+        stories = load_babi_hub(data_cfg["lang"], int(data_cfg["task"]), data_cfg["split"])
+    else:
+        raise DataError(f"data.name={name!r}; allowed values: babi_generated, babi_files, "
+                        "babi_hub")
+    return stories[:n] if n else stories

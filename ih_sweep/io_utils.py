@@ -1,0 +1,48 @@
+"""Atomic writes: a reader (or a killed job) never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write through ``write(tmp_path)`` into a temporary sibling, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def write_csv(path: str | Path, df: pd.DataFrame) -> Path:
+    return atomic_write(path, lambda p: df.to_csv(p, index=False))
+
+
+def write_figure(path: str | Path, fig) -> Path:
+    return atomic_write(path, lambda p: fig.savefig(p, format=Path(path).suffix.lstrip(".") or
+                                                    "png", dpi=120, bbox_inches="tight"))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,312 @@
+"""Induction-head scores for every (layer, query head): prefix matching and copying.
+
+Pure score maths first (testable on hand-built attention patterns and weights), then the
+model-facing code that runs the batched forward passes, then the cached score table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .architecture import HeadSites, head_sites
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMNS = ["model", "layer", "head", "prefix", "copying", "combined", "n_sequences",
+                 "seed"]
+RANK_BY = ("prefix", "copying", "combined")
+
+
+# --------------------------------------------------------------------------- pure maths
+def combined_score(prefix: np.ndarray | float, copying: np.ndarray | float):
+    """The seed's combined score: sqrt(prefix^2 + ((copying - 0.035) / 0.03)^2)."""
+    return np.sqrt(np.square(prefix) + np.square((np.asarray(copying) - 0.035) / 0.03))
+
+
+def induction_target_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """[b, T, T] bool: key k is a target of query q if token k-1 equals token q and k < q.
+
+    That is the token that *followed* an earlier occurrence of the current token.
+    """
+    b, t = tokens.shape
+    same = tokens[:, :, None] == tokens[:, None, :]  # [b, q, p]
+    mask = torch.zeros(b, t, t, dtype=torch.bool, device=tokens.device)
+    mask[:, :, 1:] = same[:, :, :-1]  # key k = p + 1
+    q_idx = torch.arange(t, device=tokens.device)
+    mask &= q_idx[None, None, :] < q_idx[None, :, None]  # k < q
+    return mask
+
+
+def prefix_matching(attn: torch.Tensor, tokens: torch.Tensor,
+                    query_mask: torch.Tensor) -> torch.Tensor:
+    """Mean attention mass on induction targets, per head.
+
+    attn: [b, h, T, T] attention probabilities; tokens: [b, T]; query_mask: [b, T] marks the
+    query positions that count (repeats 2.. of the random sequence). Returns [h].
+    """
+    target = induction_target_mask(tokens).to(attn.dtype)  # [b, q, k]
+    mass = (attn * target[:, None]).sum(-1)  # [b, h, q]
+    qm = query_mask.to(attn.dtype)[:, None, :]
+    return (mass * qm).sum((0, 2)) / qm.sum((0, 2)).clamp_min(1)
+
+
+def copying_from_logits(mean_logit: torch.Tensor, attended_token: torch.Tensor,
+                        seq_token_logits: torch.Tensor) -> torch.Tensor:
+    """Olsson's copying score from a head's direct-path logits.
+
+    For each query position: logits minus their mean over the vocabulary, ReLU, then the raised
+    logit of the attended token divided by the sum over the sequence's distinct tokens.
+    Only the needed logits are passed: attended_token [...] is the attended token's logit,
+    seq_token_logits [..., U] those of the sequence's distinct tokens, mean_logit [...] the mean
+    over the full vocabulary (cheap as mean_row . x). Returns the per-position score [...].
+    """
+    raised = torch.relu(attended_token - mean_logit)
+    total = torch.relu(seq_token_logits - mean_logit[..., None]).sum(-1)
+    return torch.where(total > 0, raised / total.clamp_min(1e-12), torch.zeros_like(raised))
+
+
+# --------------------------------------------------------------------------- inputs
+def candidate_token_ids(tokenizer, exclude_frequent_frac: float = 0.0,
+                        exclude_rare_frac: float = 0.0) -> list[int]:
+    """Token ids random sequences may use: no special tokens; optionally drop the most and
+    least frequent ids (BPE vocabularies are ordered by merge frequency, so by id)."""
+    vocab_size = len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    lo = int(math.floor(vocab_size * exclude_frequent_frac))
+    hi = vocab_size - int(math.floor(vocab_size * exclude_rare_frac))
+    ids = [i for i in range(lo, hi) if i not in special]
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return [i for i in ids if i not in added or not added[i].special]
+
+
+def random_sequences(n: int, length: int, repeats: int, candidates: list[int], bos_id: int | None,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, (bos) + length*repeats] tokens of R repeated, R drawn without replacement, and the
+    mask of query positions in repeats 2.. ."""
+    if len(candidates) < length:
+        raise ValueError(f"need {length} distinct candidate tokens, tokenizer offers "
+                         f"{len(candidates)}")
+    gen = torch.Generator().manual_seed(seed)
+    cand = torch.tensor(candidates, dtype=torch.long)
+    rows = [cand[torch.randperm(len(cand), generator=gen)[:length]] for _ in range(n)]
+    r = torch.stack(rows)
+    body = r.repeat(1, repeats)
+    offset = 0
+    if bos_id is not None:
+        body = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), body], 1)
+        offset = 1
+    qmask = torch.zeros_like(body, dtype=torch.bool)
+    qmask[:, offset + length:] = True
+    return body, qmask
+
+
+# --------------------------------------------------------------------------- model passes
+@dataclass(frozen=True)
+class ScoringSettings:
+    n_sequences: int = 16
+    seq_len: int = 25
+    repeats: int = 4
+    seed: int = 0
+    batch_size: int = 8
+    exclude_frequent_frac: float = 0.0
+    exclude_rare_frac: float = 0.0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _capture_o_proj_inputs(sites: HeadSites) -> tuple[list, list[torch.Tensor]]:
+    store: list[torch.Tensor] = [None] * sites.n_layers  # type: ignore[list-item]
+
+    def make(i: int):
+        def hook(module, args):
+            store[i] = args[0].detach()
+        return hook
+
+    handles = [p.register_forward_pre_hook(make(i)) for i, p in enumerate(sites.out_proj)]
+    return handles, store
+
+
+@torch.no_grad()
+def score_heads(model, tokenizer, settings: ScoringSettings, model_name: str = "model",
+                progress: bool = False) -> pd.DataFrame:
+    """Prefix and copying scores for every query head of every layer (one row each).
+
+    The model must use eager attention (sdpa returns no attention probabilities).
+    """
+    sites = head_sites(model)
+    device = next(model.parameters()).device
+    candidates = candidate_token_ids(tokenizer, settings.exclude_frequent_frac,
+                                     settings.exclude_rare_frac)
+    bos = tokenizer.bos_token_id
+    rep, qmask = random_sequences(settings.n_sequences, settings.seq_len, settings.repeats,
+                                  candidates, bos, settings.seed)
+    plain, _ = random_sequences(settings.n_sequences, settings.seq_len, 1, candidates, bos,
+                                settings.seed + 1)
+    L, H = sites.n_layers, sites.n_heads
+    prefix_sum = torch.zeros(L, H, dtype=torch.float64)
+    copy_sum = torch.zeros(L, H, dtype=torch.float64)
+    n_query = 0
+    n_copy = 0
+    w_o = [sites.w_o(layer).to(device) for layer in range(L)]
+    unembed_w = _unembed_weight(sites).to(device)  # [V, hidden]
+    mean_row = unembed_w.mean(0)  # mean logit = mean_row . x
+    bs = settings.batch_size
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, settings.n_sequences, bs), desc="scoring", disable=not progress):
+        tok = rep[start:start + bs].to(device)
+        qm = qmask[start:start + bs].to(device)
+        out = model(input_ids=tok, output_attentions=True, use_cache=False)
+        attns = out.attentions
+        if not attns or attns[0] is None:
+            raise RuntimeError("the model returned no attention probabilities: load it with "
+                               "attn_implementation='eager' for scoring")
+        weight = qm.sum().item()
+        for layer in range(L):
+            per_head = prefix_matching(attns[layer].float(), tok, qm).double().cpu()
+            prefix_sum[layer] += per_head * weight
+        n_query += weight
+        # copying on non-repeated sequences, through the head's real direct path
+        tok = plain[start:start + bs].to(device)
+        handles, store = _capture_o_proj_inputs(sites)
+        try:
+            out = model(input_ids=tok, output_attentions=True, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        b, t = tok.shape
+        pos = slice(1 if bos is not None else 0, t)
+        for layer in range(L):
+            z = store[layer].float().reshape(b, t, H, sites.head_dim)[:, pos]  # [b, q, h, d]
+            direct = torch.einsum("bqhd,hdm->bqhm", z, w_o[layer])  # [b, q, h, hidden]
+            normed = _apply_norm(sites, direct)
+            attn = out.attentions[layer].float()[:, :, pos]  # [b, h, q, T]
+            attended = attn.argmax(-1)  # [b, h, q]
+            att_tok = torch.gather(tok[:, None, :].expand(-1, H, -1), 2, attended)  # [b, h, q]
+            normed = normed.permute(0, 2, 1, 3)  # [b, h, q, hidden]
+            mean_logit = normed @ mean_row  # [b, h, q]
+            att_logit = (normed * unembed_w[att_tok]).sum(-1)
+            scores = []
+            for i in range(b):
+                uniq = torch.unique(tok[i, pos])
+                seq_logits = normed[i] @ unembed_w[uniq].T  # [h, q, U]
+                scores.append(copying_from_logits(mean_logit[i], att_logit[i], seq_logits))
+            copy_sum[layer] += torch.stack(scores).sum((0, 2)).double().cpu()
+        n_copy += b * (t - (1 if bos is not None else 0))
+    prefix = (prefix_sum / max(n_query, 1)).numpy()
+    copying = (copy_sum / max(n_copy, 1)).numpy()
+    rows = []
+    for layer in range(L):
+        for head in range(H):
+            rows.append({"model": model_name, "layer": layer, "head": head,
+                         "prefix": float(prefix[layer, head]),
+                         "copying": float(copying[layer, head]),
+                         "combined": float(combined_score(prefix[layer, head],
+                                                          copying[layer, head])),
+                         "n_sequences": settings.n_sequences, "seed": settings.seed})
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+def _unembed_weight(sites: HeadSites) -> torch.Tensor:
+    from .architecture import linear_weight
+
+    return linear_weight(sites.unembed).float()
+
+
+def _apply_norm(sites: HeadSites, x: torch.Tensor) -> torch.Tensor:
+    """The final norm applied to a head's direct contribution, in float32."""
+    if sites.final_norm is None:
+        return x
+    norm = sites.final_norm
+    dtype = next(norm.parameters()).dtype if any(True for _ in norm.parameters()) else x.dtype
+    return norm(x.to(dtype)).float()
+
+
+# --------------------------------------------------------------------------- score tables
+def score_matrix(scores: pd.DataFrame, column: str = "prefix") -> np.ndarray:
+    """[layers, heads] array of one score column."""
+    if column not in RANK_BY:
+        raise ValueError(f"scoring.rank_by={column!r}; allowed values: {', '.join(RANK_BY)}")
+    n_layers = int(scores["layer"].max()) + 1
+    n_heads = int(scores["head"].max()) + 1
+    mat = np.full((n_layers, n_heads), np.nan)
+    mat[scores["layer"].to_numpy(), scores["head"].to_numpy()] = scores[column].to_numpy()
+    return mat
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that refuses every global except numpy's array/scalar/dtype reconstructors."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load global {module}.{name} from a score pickle: only numpy arrays, "
+            "scalars and dtypes are allowed")
+
+
+def load_seed_scores(path: str | Path, model_name: str = "seed") -> pd.DataFrame:
+    """Read the seed's ``ih_scores_dict.pkl`` (layer -> per-head scores) without plain
+    ``pickle.load``: only numpy reconstructors may appear in the file.
+
+    The seed's numbers are its combined score; they go in every score column so any
+    ``rank_by`` reproduces its ranking, and ``n_sequences``/``seed`` are left empty.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            obj = _NumpyOnlyUnpickler(fh).load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such score file") from None
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of layer -> scores, got {type(obj).__name__}")
+    rows = []
+    for layer in sorted(obj):
+        for head, value in enumerate(np.asarray(obj[layer], dtype=float).ravel()):
+            rows.append({"model": model_name, "layer": int(layer), "head": head,
+                         "prefix": float(value), "copying": float("nan"),
+                         "combined": float(value), "n_sequences": None, "seed": None})
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+def load_score_file(path: str | Path, model_name: str | None = None) -> pd.DataFrame:
+    """A user-supplied score table: our CSV, or the seed's pickle format."""
+    path = Path(path)
+    if path.suffix in (".pkl", ".pickle"):
+        return load_seed_scores(path, model_name or "seed")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such score file")
+    df = pd.read_csv(path)
+    missing = {"layer", "head"} - set(df.columns)
+    if missing or not set(RANK_BY) & set(df.columns):
+        raise ValueError(f"{path}: a score table needs columns layer, head and one of "
+                         f"{', '.join(RANK_BY)}")
+    for col in SCORE_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    return df[SCORE_COLUMNS]

@@ -1,0 +1,93 @@
+"""Which heads a condition ablates: pure functions of a [layers, heads] score matrix.
+
+Ordering follows the seed exactly: a stable sort over heads in layer-major order, so ties
+keep the seed's (layer, head) order and its file reproduces its choices.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+CONDITIONS = ("high", "low", "random", "none")
+Head = tuple[int, int]
+
+
+class SelectionError(ValueError):
+    pass
+
+
+def _check(scores: np.ndarray, n: int, condition: str) -> None:
+    if condition not in CONDITIONS:
+        raise SelectionError(f"condition={condition!r} is not allowed; allowed values: "
+                             f"{', '.join(CONDITIONS)}")
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        raise SelectionError(f"n_heads={n!r} must be an integer >= 0")
+    total = scores.size
+    if n > total:
+        raise SelectionError(f"n_heads={n} is larger than the model's {total} heads "
+                             f"({scores.shape[0]} layers x {scores.shape[1]} heads)")
+    scored = int(np.isfinite(scores).sum())
+    if scored == 0:
+        raise SelectionError("the score table holds no scores for this model")
+    if n > scored and condition != "none":
+        raise SelectionError(f"n_heads={n} is larger than the {scored} heads that have scores")
+
+
+def top_heads(scores: np.ndarray, n: int) -> list[Head]:
+    """Global top-n heads by score, highest first (ties in layer-major order).
+
+    Unscored heads (NaN; the seed scored every 4th layer only) are never chosen.
+    """
+    flat = np.where(np.isfinite(scores), scores, -np.inf).reshape(-1)
+    order = np.argsort(-flat, kind="stable")[:n]
+    n_heads = scores.shape[1]
+    return [(int(i // n_heads), int(i % n_heads)) for i in order]
+
+
+def layer_counts(heads: list[Head]) -> dict[int, int]:
+    """How many heads each layer holds, in order of first appearance (as the seed did)."""
+    return dict(Counter(layer for layer, _ in heads))
+
+
+def low_matched(scores: np.ndarray, n: int) -> list[Head]:
+    """The seed's control: for each layer holding k of the top-n, its k lowest heads."""
+    out: list[Head] = []
+    for layer, k in layer_counts(top_heads(scores, n)).items():
+        row = np.where(np.isfinite(scores[layer]), scores[layer], np.inf)
+        order = np.argsort(row, kind="stable")[:k]
+        out.extend((layer, int(h)) for h in order)
+    return out
+
+
+def random_matched(scores: np.ndarray, n: int, seed: int) -> list[Head]:
+    """Layer-matched random heads that avoid the top-n, drawn with ``seed``.
+
+    Many seeds give a null distribution of 'ablate n comparable heads' effects.
+    """
+    top = top_heads(scores, n)
+    taken = set(top)
+    rng = np.random.default_rng(seed)
+    out: list[Head] = []
+    for layer, k in sorted(layer_counts(top).items()):
+        pool = [h for h in range(scores.shape[1])
+                if (layer, h) not in taken and np.isfinite(scores[layer, h])]
+        if len(pool) < k:
+            raise SelectionError(f"layer {layer} has {len(pool)} heads outside the top-{n}, "
+                                 f"fewer than the {k} a layer-matched random control needs")
+        out.extend((layer, int(h)) for h in rng.choice(pool, size=k, replace=False))
+    return out
+
+
+def select_heads(scores: np.ndarray, condition: str, n: int, control_seed: int = 0
+                 ) -> list[Head]:
+    """Heads to ablate for one (condition, n, control_seed)."""
+    _check(scores, n, condition)
+    if condition == "none" or n == 0:
+        return []
+    if condition == "high":
+        return top_heads(scores, n)
+    if condition == "low":
+        return low_matched(scores, n)
+    return random_matched(scores, n, control_seed)

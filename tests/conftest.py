@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests needing ../shared skip cleanly when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IH_SWEEP_SHARED", ROOT.parent / "shared"))
+BABI = SHARED / "babi"
+SEED_SCORES = SHARED / "seed" / "ih_scores_dict.pkl"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+needs_babi = pytest.mark.skipif(not BABI.is_dir(), reason=f"{BABI} is absent")
+needs_seed = pytest.mark.skipif(not SEED_SCORES.is_file(), reason=f"{SEED_SCORES} is absent")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The shipped tiny model, loaded through the real from_pretrained path (once)."""
+    from ih_sweep.model_loading import load_model
+
+    torch.set_num_threads(2)
+    return load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32",
+                       "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")

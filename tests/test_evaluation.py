@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+
+from ih_sweep import data
+from ih_sweep.ablation import ablate_heads
+from ih_sweep.evaluation import (
+    EvalSettings,
+    _known_greedy,
+    decide_partial,
+    evaluate,
+    generate_one_at_a_time,
+    is_correct,
+)
+
+
+def test_metric_contains_is_the_seeds():
+    assert is_correct(" hallway\nPassage", "hallway", "contains")
+    assert is_correct("the hallway.", "hallway", "contains")
+    assert not is_correct("hallways", "hallway", "contains")
+    assert is_correct("apple and football", "apple,football", "contains")
+    assert not is_correct("apple", "apple,football", "contains")
+
+
+def test_metric_exact_is_first_word():
+    assert is_correct("hallway Read", "hallway", "exact")
+    assert not is_correct("the hallway", "hallway", "exact")
+    with pytest.raises(ValueError, match="allowed values: contains, exact"):
+        is_correct("x", "x", "fuzzy")
+
+
+def test_partial_decisions_only_when_final():
+    assert decide_partial("hallway ", "hallway", "contains") is True
+    assert decide_partial("hallway", "hallway", "contains") is None  # could become hallways
+    assert decide_partial("kitchen ", "hallway", "contains") is None  # answer may follow
+    assert decide_partial("kitchen ", "hallway", "exact") is False
+    assert decide_partial("hall", "hallway", "exact") is None
+    assert decide_partial("hallway.", "hallway", "exact") is True
+
+
+def test_known_greedy_stops_at_first_disagreement_or_eos():
+    assert _known_greedy([5, 6, 7], [5, 6], eos=2) == [5, 6, 7]
+    assert _known_greedy([5, 9, 7], [5, 6], eos=2) == [5, 9]
+    assert _known_greedy([4, 6, 7], [5, 6], eos=2) == [4]
+    assert _known_greedy([2, 6, 7], [2, 6], eos=2) == [2]
+
+
+@pytest.mark.parametrize("scope", ["last", "all"])
+def test_per_item_equality_with_one_at_a_time_generate(tiny, scope):
+    """The engine's outcome equals the seed's method on every item, also with errors."""
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(40 if scope == "last" else 12, seed=77),
+                           scope)
+    for heads in ([], [(1, h) for h in range(0, 32, 3)]):
+        with ablate_heads(model, heads):
+            got = evaluate(model, tok, items, EvalSettings(progress=False, batch_size=7))
+            ref = [generate_one_at_a_time(model, tok, it) for it in items]
+        for r, c in zip(got, ref):
+            assert r.correct == is_correct(c, r.item.answer, "contains")
+            assert c.startswith(r.continuation)
+            if r.decided_by == "generate":
+                assert r.continuation == c
+        if heads:
+            assert sum(not r.correct for r in got) >= 3  # the ablation produced errors
+
+
+def test_exact_metric_equality(tiny):
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(8, seed=5), "all")
+    with ablate_heads(model, [(1, h) for h in range(0, 32, 2)]):
+        got = evaluate(model, tok, items, EvalSettings(metric="exact", progress=False))
+        ref = [generate_one_at_a_time(model, tok, it) for it in items]
+    assert [r.correct for r in got] == [is_correct(c, it.answer, "exact")
+                                       for c, it in zip(ref, items)]
+
+
+def test_batch_size_does_not_change_results(tiny):
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(20, seed=9), "last")
+    a = evaluate(model, tok, items, EvalSettings(batch_size=1, progress=False))
+    b = evaluate(model, tok, items, EvalSettings(batch_size=64, progress=False))
+    assert [r.correct for r in a] == [r.correct for r in b]

@@ -1,0 +1,139 @@
+"""End-to-end runs through the real CLI (``python -m ih_sweep``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ih_sweep.launch import RESULT_COLUMNS
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def main_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    args = ["-m", "n_heads=4,8,16", "condition=high,low,none", "data.n_stories=150",
+            f"hydra.sweep.dir={out}", f"paths.cache_dir={out / 'cache'}", "eval.progress=false"]
+    first = cli(*args)
+    return out, args, first
+
+
+def test_main_sweep_writes_one_folder_per_job(main_sweep):
+    out, _, _ = main_sweep
+    jobs = sorted(out.glob("*/job.json"))
+    assert len(jobs) == 9
+    cells = set()
+    for job_file in jobs:
+        rec = json.loads(job_file.read_text())
+        folder = job_file.parent
+        assert rec["status"] == "complete" and rec["n_items"] == 150
+        res = pd.read_csv(folder / "results.csv")
+        assert list(res.columns) == RESULT_COLUMNS and len(res) == 150
+        assert res["story"].is_unique
+        heads = pd.read_csv(folder / "heads.csv")
+        n, cond = rec["n_heads"], rec["condition"]
+        cells.add((n, cond))
+        assert len(heads) == (0 if cond == "none" else n)
+        assert rec["accuracy"] == pytest.approx(res["correct"].mean())
+        assert (folder / ".hydra" / "config.yaml").is_file()
+    assert cells == {(n, c) for n in (4, 8, 16) for c in ("high", "low", "none")}
+    for n in (4, 8, 16):
+        hi = pd.read_csv(next(out.glob(f"condition=high,*n_heads={n}*/heads.csv")))
+        lo = pd.read_csv(next(out.glob(f"condition=low,*n_heads={n}*/heads.csv")))
+        pairs_hi = set(zip(hi.layer, hi["head"]))
+        pairs_lo = set(zip(lo.layer, lo["head"]))
+        assert not pairs_hi & pairs_lo
+        assert hi.layer.value_counts().to_dict() == lo.layer.value_counts().to_dict()
+        assert hi.score.min() >= lo.score.max()
+
+
+def test_none_is_evaluated_once_per_process(main_sweep):
+    out, _, _ = main_sweep
+    recs = [json.loads(p.read_text()) for p in out.glob("condition=none*/job.json")]
+    assert sorted(r["reused_evaluation"] for r in recs) == [False, True, True]
+
+
+def test_summary_written_by_callback(main_sweep):
+    out, _, _ = main_sweep
+    for name in ("summary.csv", "summary.md", "summary.tex", "accuracy_vs_n.png"):
+        assert (out / name).is_file(), name
+    df = pd.read_csv(out / "summary.csv")
+    assert len(df) == 9
+
+
+def test_rerun_skips_finished_jobs(main_sweep):
+    out, args, _ = main_sweep
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/results.csv")}
+    again = cli(*args)
+    assert again.stdout.count("skipping") + again.stderr.count("skipping") == 9
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/results.csv")} == before
+
+
+def test_config_error_is_one_line_and_exit_2(tmp_path):
+    proc = cli("condition=best", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2
+    assert ("ih_sweep: config error: condition='best' is not allowed; allowed values: high, "
+            "low, random, none") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _weightless_model(tmp_path: Path) -> Path:
+    """A model folder with the tiny config but no weights: loading it would fail loudly."""
+    from ih_sweep.tiny_model import ASSET_DIR
+
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "config.json").write_text((ASSET_DIR / "config.json").read_text())
+    return folder
+
+
+def test_too_many_heads_fails_before_the_model_loads(tmp_path):
+    folder = _weightless_model(tmp_path)
+    proc = cli("model=hub", f"model.path={folder}", "n_heads=65", f"hydra.run.dir={tmp_path}/r",
+               check=False)
+    assert proc.returncode == 2
+    assert "n_heads=65 is larger than the model's 64 heads (2 x 32)" in proc.stderr
+
+
+def test_missing_score_file_fails_before_the_model_loads(tmp_path):
+    folder = _weightless_model(tmp_path)
+    proc = cli("model=hub", f"model.path={folder}", "scoring.source=file",
+               f"scoring.file={tmp_path}/nope.csv", f"hydra.run.dir={tmp_path}/r", check=False)
+    assert proc.returncode != 0
+    assert "nope.csv: no such score file" in proc.stderr
+
+
+def test_score_task_writes_table_and_heatmap(tmp_path):
+    cli("task=score", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache")
+    df = pd.read_csv(tmp_path / "scores.csv")
+    assert len(df) == 64 and set(df.columns) >= {"model", "layer", "head", "prefix", "copying",
+                                                 "combined", "n_sequences", "seed"}
+    assert (tmp_path / "scores.png").stat().st_size > 1000
+
+
+def test_random_and_mean_conditions_run(tmp_path):
+    cli("-m", "condition=random", "control_seed=1,2", "n_heads=4", "ablation=mean",
+        "data.n_stories=20", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path}/c",
+        "eval.progress=false", "eval.scope=all")
+    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*/job.json")]
+    assert len(recs) == 2 and all(r["n_items"] == 100 for r in recs)
+    assert recs[0]["heads"] != recs[1]["heads"]
+    assert (tmp_path / "icl_curve.png").is_file()
