@@ -22,8 +22,8 @@ SCORE_SOURCES = ("compute", "file")
 LANGS = ("en", "en-10k", "hn", "hn-10k", "shuffled", "shuffled-10k", "en-valid", "en-valid-10k")
 SPLITS = ("train", "test")
 # keys that change how fast a job runs, not what it computes
-NON_SEMANTIC = ("eval.batch_size", "eval.progress", "scoring.batch_size", "summarize", "device",
-                "paths", "train")
+NON_SEMANTIC = ("eval.batch_size", "eval.progress", "eval.checkpoint_items",
+                "scoring.batch_size", "summarize", "device", "paths", "train")
 
 
 class ConfigError(ValueError):

@@ -230,7 +230,7 @@ def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool):
         except torch.cuda.OutOfMemoryError:
             if bs == 1:
                 raise
-            bs = max(1, bs // 2)
+            bs = max(1, len(chunk) // 2)
             torch.cuda.empty_cache()
             log.warning("CUDA out of memory: batch size halved to %d", bs)
             continue

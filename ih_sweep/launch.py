@@ -7,6 +7,9 @@ Heavy imports stay inside functions so that config errors surface before torch l
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -185,7 +188,6 @@ def run_sweep_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         heads = select_heads(score_matrix(scores, cfg.scoring.rank_by), cfg.condition,
                              int(cfg.n_heads), int(cfg.control_seed))
     timings["scores_s"] = time.time() - t0
-    model, tokenizer = model_getter()
 
     settings = EvalSettings(metric=cfg.eval.metric, scope=cfg.eval.scope,
                             max_new_tokens=cfg.eval.max_new_tokens,
@@ -193,26 +195,22 @@ def run_sweep_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     memo_key = "|".join([str(sorted(heads)), cfg.ablation.method, chash_without_selection(cfg)])
     t0 = time.time()
     reused = memo_key in _EVAL_MEMO
+    resumed = 0
     if reused:
-        results = _EVAL_MEMO[memo_key]
-        log.info("reusing an identical evaluation from this process (%d items)", len(results))
+        item_df = _EVAL_MEMO[memo_key]
+        log.info("reusing an identical evaluation from this process (%d items)", len(item_df))
     else:
-        results = _evaluate_ablated(cfg, model, tokenizer, items, heads, settings)
-        _EVAL_MEMO[memo_key] = results
+        item_df, resumed = _evaluate_checkpointed(cfg, out_dir, chash, model_getter, items,
+                                                  heads, settings)
+        _EVAL_MEMO[memo_key] = item_df
     timings["eval_s"] = time.time() - t0
 
-    data_name = cfg.data.name
-    rows = [{
-        "story": r.item.story_index, "question_index": r.item.question_index,
-        "line": r.item.line, "examples_before": r.item.examples_before,
-        "answer": r.item.answer, "continuation": r.continuation, "correct": bool(r.correct),
-        "decided_by": r.decided_by, "n_heads": int(cfg.n_heads), "condition": cfg.condition,
-        "control_seed": int(cfg.control_seed), "model": cfg.model.name,
-        "quantization": cfg.quantization.name, "data": data_name, "task": int(cfg.data.task),
-        "split": cfg.data.get("split", "generated"), "metric": cfg.eval.metric,
-        "scope": cfg.eval.scope, "ablation": cfg.ablation.method,
-    } for r in results]
-    results_df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    results_df = item_df.assign(
+        n_heads=int(cfg.n_heads), condition=cfg.condition, control_seed=int(cfg.control_seed),
+        model=cfg.model.name, quantization=cfg.quantization.name, data=cfg.data.name,
+        task=int(cfg.data.task), split=cfg.data.get("split", "generated"),
+        metric=cfg.eval.metric, scope=cfg.eval.scope, ablation=cfg.ablation.method,
+    )[RESULT_COLUMNS]
     if scores is not None:
         mat = score_matrix(scores, cfg.scoring.rank_by)
         heads_df = pd.DataFrame([{"layer": la, "head": h, "score": float(mat[la, h]),
@@ -235,9 +233,12 @@ def run_sweep_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "accuracy": n_correct / max(len(results_df), 1),
         "n_generated": int((results_df["decided_by"] == "generate").sum()),
         "heads": [list(h) for h in heads], "reused_evaluation": reused,
+        "resumed_chunks": resumed,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "host": platform.node(),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     write_json(job_file, record)
+    shutil.rmtree(out_dir / "partial", ignore_errors=True)
     log.info("n_heads=%s condition=%s: %d/%d correct (%.1f%%)", cfg.n_heads, cfg.condition,
              n_correct, len(results_df), 100 * record["accuracy"])
     return record
@@ -256,16 +257,55 @@ def chash_without_selection(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(sem, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _evaluate_ablated(cfg, model, tokenizer, items, heads, settings):
+ITEM_COLUMNS = RESULT_COLUMNS[:8]
+
+
+def _evaluate_checkpointed(cfg, out_dir: Path, chash: str, model_getter, items, heads,
+                           settings) -> tuple[Any, int]:
+    """Evaluate in chunks of ``eval.checkpoint_items``, each written atomically to
+    ``partial/``; a rerun after a kill (preemption, timeout, SIGKILL) reuses finished chunks,
+    so rows are neither lost nor duplicated. Returns (item rows, number of chunks reused)."""
+    import pandas as pd
+
     from .ablation import ablate_heads, head_means
     from .evaluation import evaluate
+    from .io_utils import read_json, write_csv, write_json
 
-    means = None
-    if cfg.ablation.method == "mean" and heads:
-        means = head_means(model, _reference_batches(tokenizer, items, cfg.ablation.n_reference,
-                                                     model))
-    with ablate_heads(model, heads, cfg.ablation.method, means):
-        return evaluate(model, tokenizer, items, settings)
+    part = out_dir / "partial"
+    size = int(cfg.eval.checkpoint_items)
+    state = {"config_hash": chash, "chunk_items": size, "n_items": len(items)}
+    if (part / "state.json").is_file() and read_json(part / "state.json") != state:
+        log.info("discarding partial results of a different config in %s", part)
+        shutil.rmtree(part)
+    part.mkdir(parents=True, exist_ok=True)
+    write_json(part / "state.json", state)
+    frames, resumed, means = [], 0, None
+    starts = list(range(0, len(items), size))
+    for c, start in enumerate(starts):
+        chunk_file = part / f"chunk-{c:05d}.csv"
+        if chunk_file.is_file():
+            frames.append(pd.read_csv(chunk_file, keep_default_na=False))
+            resumed += 1
+            continue
+        model, tokenizer = model_getter()
+        if cfg.ablation.method == "mean" and heads and means is None:
+            means = head_means(model, _reference_batches(tokenizer, items,
+                                                         cfg.ablation.n_reference, model))
+        with ablate_heads(model, heads, cfg.ablation.method, means):
+            res = evaluate(model, tokenizer, items[start:start + size], settings)
+        df = pd.DataFrame([{
+            "story": r.item.story_index, "question_index": r.item.question_index,
+            "line": r.item.line, "examples_before": r.item.examples_before,
+            "answer": r.item.answer, "continuation": r.continuation,
+            "correct": bool(r.correct), "decided_by": r.decided_by} for r in res],
+            columns=ITEM_COLUMNS)
+        write_csv(chunk_file, df)
+        frames.append(df)
+        if len(starts) > 1:
+            log.info("chunk %d/%d done", c + 1, len(starts))
+    if resumed:
+        log.info("resumed: %d of %d chunks were already done", resumed, len(starts))
+    return pd.concat(frames, ignore_index=True), resumed
 
 
 def _reference_batches(tokenizer, items, n: int, model, batch_size: int = 16):

@@ -281,12 +281,18 @@ def plot_icl(curve: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-def summarize(sweep_dir: str | Path) -> pd.DataFrame:
-    """Write summary.csv/.md/.tex and plots into ``sweep_dir``; return the table."""
+def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None = None
+              ) -> pd.DataFrame:
+    """Write summary.csv/.md/.tex and plots into ``sweep_dir``; return the table.
+
+    ``not_finished`` lists (job, why) pairs the launcher knows failed, including jobs that
+    never started and so left no folder behind.
+    """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SummaryError(f"{sweep_dir}: not a folder")
     found = scan(sweep_dir)
+    found.problems.extend(not_finished or [])
     if not found.jobs and not found.problems:
         raise SummaryError(f"{sweep_dir}: no ih_sweep jobs here (no job.json or .hydra/)")
     for folder, why in found.problems:

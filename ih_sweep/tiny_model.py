@@ -89,6 +89,7 @@ class TrainSettings:
     warmup_active_heads: int = 12
     task_steps: int = 1600
     repeat_share: float = 0.3
+    repeat_weight: float = 0.5  # loss = answer-token mean + repeat_weight * repeat-token mean
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.01
@@ -143,12 +144,25 @@ def _collate(pairs: list[tuple[list[int], list[int]]], pad: int):
     return ids, mask, attn
 
 
-def _loss(model, ids, mask, attn):
+def _loss(model, ids, weights, attn):
+    """Weighted token NLL; the weights already sum to the objective's mix."""
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    m = mask[:, 1:]
-    return (nll * m).sum() / m.sum().clamp_min(1)
+    return (nll * weights[:, 1:]).sum()
+
+
+def _weights(mask: torch.Tensor, is_repeat: torch.Tensor, repeat_weight: float) -> torch.Tensor:
+    """Per-token weights: each objective averaged over its own tokens, so ~50 repeat tokens per
+    sequence do not drown the 5 answer tokens of a bAbI prompt."""
+    rep = mask * is_repeat[:, None]
+    task = mask * (~is_repeat)[:, None]
+    w = torch.zeros_like(mask)
+    if task.sum() > 0:
+        w += task / task.sum()
+    if rep.sum() > 0:
+        w += rep / rep.sum() * (repeat_weight if task.sum() > 0 else 1.0)
+    return w
 
 
 def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> dict:
@@ -199,13 +213,15 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         if step < settings.warmup_steps:
-            pairs = _repeat_batch(rng, settings.batch_size, settings, candidates, bos)
+            n_rep = settings.batch_size
+            pairs = _repeat_batch(rng, n_rep, settings, candidates, bos)
         else:
             n_rep = int(round(settings.batch_size * settings.repeat_share))
             pairs = (_repeat_batch(rng, n_rep, settings, candidates, bos)
                      + _babi_batch(rng, settings.batch_size - n_rep, tokenizer, answer_ids))
         ids, mask, attn = _collate(pairs, pad)
-        loss = _loss(model, ids, mask, attn)
+        is_repeat = torch.arange(len(pairs)) < n_rep
+        loss = _loss(model, ids, _weights(mask, is_repeat, settings.repeat_weight), attn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

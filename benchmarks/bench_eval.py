@@ -1,0 +1,123 @@
+"""Evaluation speed: the seed's method against the engine, same process, stories and metric.
+
+Seed's method: one story at a time, ``generate`` 3 new tokens. Engine: batched teacher-forced
+pass with generation fallback. Also the engine against a bare batched forward pass over the
+same token rows (the practical limit). Checks per-item outcomes are identical.
+
+    python benchmarks/bench_eval.py [--stories 300] [--threads 2] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ih_sweep import data
+from ih_sweep.ablation import ablate_heads
+from ih_sweep.evaluation import (
+    EvalSettings,
+    build_rows,
+    evaluate,
+    generate_one_at_a_time,
+    is_correct,
+)
+from ih_sweep.model_loading import load_model
+
+
+def seed_method(model, tok, items):
+    t0 = time.perf_counter()
+    outs = [generate_one_at_a_time(model, tok, it) for it in items]
+    return outs, time.perf_counter() - t0
+
+
+def engine(model, tok, items, batch_size):
+    t0 = time.perf_counter()
+    res = evaluate(model, tok, items, EvalSettings(progress=False, batch_size=batch_size))
+    return res, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def bare_forward(model, tok, items, batch_size):
+    """Forward passes over exactly the engine's token rows, nothing else."""
+    rows = sorted((r for r, _ in build_rows(tok, items, 3)), key=len)
+    t0 = time.perf_counter()
+    n_tokens = 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(chunk):
+            ids[b, :len(r)] = torch.tensor(r)
+            mask[b, :len(r)] = 1
+        model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        n_tokens += sum(len(r) for r in chunk)
+    return n_tokens, time.perf_counter() - t0
+
+
+def run(n_stories: int, threads: int, batch_size: int, heads: list) -> dict:
+    torch.set_num_threads(threads)
+    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
+                            {"name": "none"}, "cpu")
+    stories = data.generate_stories(n_stories, seed=0)
+    out: dict = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, "
+                            f"torch {torch.__version__}", "stories": n_stories,
+                 "batch_size": batch_size, "ablated_heads": len(heads)}
+    with ablate_heads(model, heads):
+        for scope in ("last", "all"):
+            items = data.make_items(stories, scope)
+            evaluate(model, tok, items[:8], EvalSettings(progress=False))  # warm up
+            ref, t_seed = seed_method(model, tok, items)
+            res, t_eng = engine(model, tok, items, batch_size)
+            same = all(r.correct == is_correct(c, r.item.answer, "contains")
+                       for r, c in zip(res, ref))
+            n_tok, t_bare = bare_forward(model, tok, items, batch_size)
+            out[scope] = {
+                "items": len(items), "seed_s": round(t_seed, 3), "engine_s": round(t_eng, 3),
+                "seed_stories_per_s": round(n_stories / t_seed, 1),
+                "engine_stories_per_s": round(n_stories / t_eng, 1),
+                "seed_questions_per_s": round(len(items) / t_seed, 1),
+                "engine_questions_per_s": round(len(items) / t_eng, 1),
+                "speedup": round(t_seed / t_eng, 2),
+                "bare_forward_tokens_per_s": round(n_tok / t_bare),
+                "engine_tokens_per_s": round(n_tok / t_eng),
+                "engine_vs_bare": round(t_bare / t_eng, 3),
+                "by_generation": sum(r.decided_by == "generate" for r in res),
+                "accuracy": round(sum(r.correct for r in res) / len(res), 4),
+                "identical_outcomes": same,
+            }
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--stories", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    results = {"unablated": run(args.stories, args.threads, args.batch_size, []),
+               "top16_ablated": None}
+    from ih_sweep.model_loading import eager_attention
+    from ih_sweep.scoring import ScoringSettings, score_heads, score_matrix
+    from ih_sweep.selection import select_heads
+
+    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
+                            {"name": "none"}, "cpu")
+    with eager_attention(model):
+        mat = score_matrix(score_heads(model, tok, ScoringSettings()), "prefix")
+    results["top16_ablated"] = run(args.stories, args.threads, args.batch_size,
+                                   select_heads(mat, "high", 16))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "eval.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

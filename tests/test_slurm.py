@@ -1,0 +1,128 @@
+"""The sweep on a real SLURM cluster (scripts/slurm_local.sh), and faults that lose nothing.
+
+Skips when no cluster answers; under CI (REQUIRE_SLURM=1) a missing cluster is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+DEFAULT_CONF = Path(os.environ.get("IH_SLURM_DIR", "/tmp/ih_sweep_slurm")) / "etc/slurm.conf"
+
+
+def _cluster_env() -> dict | None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("SLURM_CONF", str(DEFAULT_CONF))
+    try:
+        ok = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True,
+                            text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if ok.returncode != 0 or not any(s in ok.stdout for s in ("idle", "mix", "alloc")):
+        return None
+    return env
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    env = _cluster_env()
+    if env is None:
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail("REQUIRE_SLURM=1 but no SLURM cluster answers "
+                        "(start one with scripts/slurm_local.sh start)")
+        pytest.skip("no SLURM cluster answers (scripts/slurm_local.sh start)")
+    return env
+
+
+def _args(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ih_sweep", "-m", "hydra/launcher=local_slurm",
+            f"hydra.sweep.dir={out}", f"paths.cache_dir={out / 'cache'}", "eval.progress=false",
+            *extra]
+
+
+def test_main_sweep_on_slurm(slurm_env, tmp_path):
+    proc = subprocess.run(_args(tmp_path, "n_heads=4,8,16", "condition=high,low,none",
+                                "data.n_stories=60"),
+                          cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*/job.json")]
+    assert len(recs) == 9 and all(r["status"] == "complete" for r in recs)
+    ids = {r["slurm_job_id"] for r in recs}
+    assert None not in ids and len(ids) == 9
+    assert (tmp_path / "summary.csv").is_file() and len(pd.read_csv(tmp_path / "summary.csv")) == 9
+    names = subprocess.run(["sacct", "-n", "-X", "-o", "jobname%20", "-j",
+                            ",".join(sorted(ids))], env=slurm_env, capture_output=True,
+                           text=True).stdout.split()
+    assert names and set(names) == {"ih_sweep"}
+
+
+def test_cancelled_job_fails_clearly_and_keeps_the_rest(slurm_env, tmp_path):
+    """With array_parallelism=2 the third job waits; cancel it and check the outcome."""
+    proc = subprocess.Popen(_args(tmp_path, "n_heads=4", "condition=high,low,none",
+                                  "data.n_stories=200", "hydra.launcher.array_parallelism=2"),
+                            cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.time() + 120
+    while time.time() < deadline and victim is None:
+        q = subprocess.run(["squeue", "-h", "-r", "-n", "ih_sweep", "-o", "%i %T"],
+                           env=slurm_env, capture_output=True, text=True).stdout.split("\n")
+        pending = [line.split()[0] for line in q if line.endswith("PENDING")]
+        if pending:
+            victim = sorted(pending)[-1]
+        time.sleep(0.5)
+    assert victim, "no pending array task to cancel"
+    subprocess.run(["scancel", victim], env=slurm_env, check=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "1 of 3 SLURM jobs did not finish" in err and victim in err
+    assert "CANCELLED" in err
+    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*/job.json")]
+    assert len(recs) == 2 and all(r["n_items"] == 200 for r in recs)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert len(summary) == 2
+    md = (tmp_path / "summary.md").read_text()
+    assert "Jobs left out" in md and victim in md
+
+
+def test_sigkilled_job_resumes_without_duplicates_or_losses(tmp_path):
+    """Kill a running job with SIGKILL after some chunks; the rerun finishes the rest."""
+    args = [sys.executable, "-m", "ih_sweep", "n_heads=8", "condition=high",
+            "data.n_stories=400", "eval.checkpoint_items=10", "eval.batch_size=5",
+            f"hydra.run.dir={tmp_path / 'job'}", f"paths.cache_dir={tmp_path / 'cache'}",
+            "eval.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = tmp_path / "job" / "partial"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(part.glob("chunk-*.csv"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(part.glob("chunk-*.csv")))
+    assert 3 <= done_before < 40, done_before
+    assert not (tmp_path / "job" / "job.json").exists()
+    subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True)
+    rec = json.loads((tmp_path / "job" / "job.json").read_text())
+    assert rec["status"] == "complete" and rec["resumed_chunks"] >= done_before - 1
+    res = pd.read_csv(tmp_path / "job" / "results.csv")
+    assert len(res) == 400 and res["story"].is_unique and sorted(res["story"]) == list(range(400))
+    assert not part.exists()
+    # the same outcomes as an uninterrupted run
+    clean = tmp_path / "clean"
+    subprocess.run([*args[:-3], f"hydra.run.dir={clean}", f"paths.cache_dir={tmp_path / 'cache'}",
+                    "eval.progress=false"], cwd=ROOT, env=env, check=True, capture_output=True)
+    ref = pd.read_csv(clean / "results.csv")
+    assert res["correct"].tolist() == ref["correct"].tolist()

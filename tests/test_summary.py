@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ih_sweep.launch import RESULT_COLUMNS
+from ih_sweep.summary import SummaryError, summarize
+
+
+def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", examples=None):
+    folder = root / name
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("{}\n")
+    rows = []
+    for i, c in enumerate(correct):
+        rows.append({"story": i, "question_index": 4, "line": 14,
+                     "examples_before": examples[i] if examples else 4, "answer": "office",
+                     "continuation": "office", "correct": bool(c), "decided_by": "forward",
+                     "n_heads": n, "condition": cond, "control_seed": seed, "model": model,
+                     "quantization": "none", "data": "babi_generated", "task": 1,
+                     "split": "generated", "metric": "contains", "scope": scope,
+                     "ablation": "zero"})
+    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(folder / "results.csv", index=False)
+    rec = {"status": "complete", "n_heads": n, "condition": cond, "control_seed": seed,
+           "model": model, "quantization": "none",
+           "data": {"name": "babi_generated", "task": 1, "n_stories": len(correct), "seed": 0},
+           "eval": {"metric": "contains", "scope": scope, "max_new_tokens": 3},
+           "ablation": "zero", "rank_by": "prefix", "n_items": len(correct),
+           "n_correct": int(sum(correct)), "accuracy": float(np.mean(correct))}
+    (folder / "job.json").write_text(json.dumps(rec))
+    return folder
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.random(200) < 0.9
+    high = base.copy()
+    high[:60] = False
+    low = base.copy()
+    low[0] = not low[0]
+    make_job(tmp_path, "none4", 4, "none", base)
+    make_job(tmp_path, "high4", 4, "high", high)
+    make_job(tmp_path, "low4", 4, "low", low)
+    for s in range(5):
+        r = base.copy()
+        r[rng.choice(200, 3, replace=False)] = False
+        make_job(tmp_path, f"rand{s}", 4, "random", r, seed=s)
+    return tmp_path, base, high, low
+
+
+def test_summary_values(sweep):
+    root, base, high, low = sweep
+    df = summarize(root).set_index(["condition", "control_seed"])
+    h = df.loc[("high", 0)]
+    assert h.n_items == 200 and h.n_correct == high.sum()
+    assert h.accuracy == pytest.approx(high.mean())
+    assert h.ci_low < h.accuracy < h.ci_high
+    assert h.delta_vs_none == pytest.approx(high.mean() - base.mean())
+    assert h.delta_ci_low < h.delta_vs_none < h.delta_ci_high < 0
+    b = int((~high & base).sum())  # items only `none` got right
+    from ih_sweep.statistics import mcnemar_exact
+
+    assert h.p_vs_none == pytest.approx(mcnemar_exact(0, b))
+    assert h.p_vs_low < 1e-6 and h.delta_vs_low < 0
+    assert h.p_vs_random == pytest.approx(1 / 6) and h.n_random == 5
+    assert df.loc[("low", 0)].p_vs_none == pytest.approx(1.0)
+    assert np.isnan(df.loc[("none", 0)].p_vs_none_holm)
+    assert h.p_vs_none_holm >= h.p_vs_none
+    for name in ("summary.csv", "summary.md", "summary.tex", "accuracy_vs_n.png"):
+        assert (root / name).is_file()
+    md = (root / "summary.md").read_text()
+    assert "| 4 | high | 0 | 200 |" in md
+    assert "\\toprule" in (root / "summary.tex").read_text()
+
+
+def test_idempotent(sweep):
+    root, *_ = sweep
+    a = summarize(root)
+    b = summarize(root)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_missing_failed_and_half_written_jobs_are_listed(sweep, caplog):
+    root, *_ = sweep
+    (root / "crashed" / ".hydra").mkdir(parents=True)
+    (root / "crashed" / ".hydra" / "config.yaml").write_text("{}\n")
+    half = make_job(root, "half", 8, "high", [True] * 10)
+    (half / "results.csv").write_text(
+        (half / "results.csv").read_text().splitlines()[0] + "\n1,4\n")
+    broken = make_job(root, "broken", 8, "low", [True] * 10)
+    (broken / "job.json").write_text("{not json")
+    df = summarize(root)
+    assert len(df) == 8
+    md = (root / "summary.md").read_text()
+    assert "## Jobs left out" in md
+    for name in ("crashed", "half", "broken"):
+        assert f"`{name}`" in md
+    assert "crashed" in caplog.text
+
+
+def test_different_models_are_not_pooled(tmp_path):
+    make_job(tmp_path, "a", 0, "none", [True, False] * 10, model="tiny")
+    make_job(tmp_path, "b", 4, "high", [False] * 20, model="other")
+    df = summarize(tmp_path)
+    assert df["group"].nunique() == 2
+    assert df["delta_vs_none"].isna().sum() == 1  # 'other' has no none to compare with
+    assert "never pooled" in (tmp_path / "summary.md").read_text()
+
+
+def test_icl_curve(tmp_path):
+    examples = [0, 1, 2, 3, 4] * 20
+    make_job(tmp_path, "none", 0, "none", [e > 1 for e in examples], scope="all",
+             examples=examples)
+    summarize(tmp_path)
+    curve = pd.read_csv(tmp_path / "icl_curve.csv")
+    assert curve.set_index("examples_before")["accuracy"].to_dict() == {0: 0, 1: 0, 2: 1, 3: 1,
+                                                                         4: 1}
+    assert (tmp_path / "icl_curve.png").is_file()
+
+
+def test_empty_or_foreign_folder_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SummaryError, match="no ih_sweep jobs here"):
+        summarize(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep.summarize", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no ih_sweep jobs here" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep.summarize", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "not a folder" in proc.stderr
