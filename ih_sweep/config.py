@@ -16,7 +16,7 @@ from .model_loading import DTYPES, QUANTIZATIONS
 from .scoring import RANK_BY
 from .selection import CONDITIONS
 
-TASKS = ("sweep", "score", "train_tiny")
+TASKS = ("sweep", "score", "train_tiny", "scan")
 DATA_SOURCES = ("babi_generated", "babi_files", "babi_hub")
 SCORE_SOURCES = ("compute", "file")
 LANGS = ("en", "en-10k", "hn", "hn-10k", "shuffled", "shuffled-10k", "en-valid", "en-valid-10k")
@@ -80,6 +80,11 @@ def validate(cfg: DictConfig) -> None:
         _int(f"scoring.{key}", sc[key], 1)
     _int("scoring.repeats", sc.repeats, 2)
     _allowed("ablation.method", cfg.ablation.method, METHODS)
+    _int("scan.n_stories", cfg.scan.n_stories, 1)
+    _int("scan.heads_per_pass", cfg.scan.heads_per_pass, 1)
+    if cfg.scan.layers is not None:
+        for layer in cfg.scan.layers:
+            _int("scan.layers[]", layer, 0)
     _int("ablation.n_reference", cfg.ablation.n_reference, 1)
 
 

@@ -337,6 +337,44 @@ def run_score_task(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return {"scores": str(out_dir / "scores.csv"), "cache": str(cached) if cached else None}
 
 
+def run_scan_task(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Ablate every head (of ``scan.layers``) on its own; write scan.csv and plots."""
+    from .data import load_stories, make_items
+    from .io_utils import read_json, write_json
+    from .model_loading import load_model
+    from .scan import attribution_scan, babi_probe, exact_scan, repeat_probe, write_scan_outputs
+
+    chash = config_hash(cfg)
+    job_file = out_dir / "job.json"
+    if job_file.is_file():
+        prev = read_json(job_file)
+        if prev.get("status") == "complete" and prev.get("config_hash") == chash:
+            log.info("skipping %s: complete scan exists for this config", out_dir)
+            return prev
+    t0 = time.time()
+    model, tokenizer = load_model(_plain(cfg.model), _plain(cfg.quantization), cfg.device)
+    scores, _ = get_scores(cfg, lambda: (model, tokenizer))
+    stories = load_stories({**_plain(cfg.data), "n_stories": cfg.scan.n_stories})
+    items = make_items(stories, "last")
+    layers = list(cfg.scan.layers) if cfg.scan.layers is not None else None
+    probes = {"babi": babi_probe(tokenizer, items),
+              "repeat": repeat_probe(tokenizer, cfg.scan.repeat_sequences, seed=cfg.scan.seed)}
+    t_exact = time.time()
+    df = exact_scan(model, probes, layers, cfg.scan.heads_per_pass)
+    t_exact = time.time() - t_exact
+    if cfg.scan.attribution:
+        df = df.merge(attribution_scan(model, probes["babi"], layers), on=["layer", "head"])
+    df = df.merge(scores[["layer", "head", "prefix", "copying", "combined"]],
+                  on=["layer", "head"], how="left")
+    stats = write_scan_outputs(df, out_dir, cfg.scoring.rank_by, cfg.model.name)
+    record = {"status": "complete", "task": "scan", "config_hash": chash,
+              "model": cfg.model.name, "layers": sorted(df["layer"].unique().tolist()),
+              "n_items": len(items), "rank_by": cfg.scoring.rank_by, "stats": stats,
+              "timings": {"exact_s": round(t_exact, 2), "total_s": round(time.time() - t0, 2)}}
+    write_json(job_file, record)
+    return record
+
+
 def run_train_task(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from .tiny_model import TrainSettings, train_and_describe
 
@@ -365,6 +403,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return run_score_task(cfg, out_dir)
     if cfg.task == "train_tiny":
         return run_train_task(cfg, out_dir)
+    if cfg.task == "scan":
+        return run_scan_task(cfg, out_dir)
     return run_sweep_job(cfg, out_dir)
 
 
@@ -381,7 +421,8 @@ class SummarizeCallback(Callback):
     """Summarize the sweep folder when a multirun ends (also after SLURM jobs return)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.get("summarize", True) or config.get("task", "sweep") != "sweep":
+        if not config.get("summarize", True) or config.get("task", "sweep") not in ("sweep",
+                                                                                   "scan"):
             return
         from .summary import summarize
 

@@ -13,7 +13,7 @@ n_items, n_correct, accuracy, ci_low, ci_high   Wilson 95% interval of the accur
 delta_vs_none    accuracy minus the unablated accuracy on the same items
 delta_ci_low, delta_ci_high   paired bootstrap 95% interval of delta_vs_none
 p_vs_none        exact McNemar p of the paired outcomes against ``none``
-p_vs_none_holm   Holm-adjusted over every p_vs_none in the group
+p_vs_none_holm   Holm-adjusted over every p_vs_none of the sweep (all tasks, N, conditions)
 delta_vs_low, p_vs_low        for ``high``: against ``low`` at the same N (McNemar)
 p_vs_random      for ``high``: empirical p against the ``random`` draws at the same N
 n_random         number of random draws behind p_vs_random
@@ -56,6 +56,7 @@ class Job:
 class SweepScan:
     jobs: list[Job] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (folder, why)
+    scan_parts: list[Path] = field(default_factory=list)  # task=scan job folders
 
 
 def scan(sweep_dir: Path) -> SweepScan:
@@ -77,6 +78,12 @@ def scan(sweep_dir: Path) -> SweepScan:
             continue
         if record.get("status") != "complete":
             out.problems.append((rel, f"status {record.get('status')!r}"))
+            continue
+        if record.get("task") == "scan":
+            if (folder / "scan.csv").is_file():
+                out.scan_parts.append(folder)
+            else:
+                out.problems.append((rel, "scan job without scan.csv"))
             continue
         try:
             results = pd.read_csv(folder / "results.csv")
@@ -154,11 +161,11 @@ def summarize_jobs(jobs: list[Job]) -> pd.DataFrame:
                     row["p_vs_random"] = st.empirical_p(row["accuracy"], null)
                     row["n_random"] = len(draws)
             group_rows.append(row)
-        ps = [r.get("p_vs_none", np.nan) if r["condition"] != "none" else np.nan
-              for r in group_rows]
-        for r, adj in zip(group_rows, st.holm(ps)):
-            r["p_vs_none_holm"] = adj
         rows.extend(group_rows)
+    # one family across tasks, N values and conditions of the whole sweep
+    ps = [r.get("p_vs_none", np.nan) if r["condition"] != "none" else np.nan for r in rows]
+    for r, adj in zip(rows, st.holm(ps)):
+        r["p_vs_none_holm"] = adj
     df = pd.DataFrame(rows)
     for col in SUMMARY_COLUMNS:
         if col not in df.columns:
@@ -281,6 +288,21 @@ def plot_icl(curve: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
+def merge_scan(sweep_dir: Path, parts: list[Path]) -> pd.DataFrame:
+    """Merge per-layer scan jobs (SLURM splits) into one scan.csv with plots."""
+    from .scan import write_scan_outputs
+
+    frames = [pd.read_csv(p / "scan.csv") for p in parts]
+    records = [read_json(p / "job.json") for p in parts]
+    models = {r["model"] for r in records}
+    if len(models) > 1:
+        raise SummaryError(f"scan parts of different models are not merged: {sorted(models)}")
+    df = pd.concat(frames, ignore_index=True).drop_duplicates(["layer", "head"], keep="last")
+    write_scan_outputs(df, sweep_dir, records[0].get("rank_by", "prefix"), records[0]["model"])
+    log.info("merged %d scan parts (%d heads) into %s", len(parts), len(df), sweep_dir)
+    return df
+
+
 def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None = None
               ) -> pd.DataFrame:
     """Write summary.csv/.md/.tex and plots into ``sweep_dir``; return the table.
@@ -293,10 +315,14 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
         raise SummaryError(f"{sweep_dir}: not a folder")
     found = scan(sweep_dir)
     found.problems.extend(not_finished or [])
-    if not found.jobs and not found.problems:
+    if not found.jobs and not found.problems and not found.scan_parts:
         raise SummaryError(f"{sweep_dir}: no ih_sweep jobs here (no job.json or .hydra/)")
     for folder, why in found.problems:
         log.warning("left out %s: %s", folder, why)
+    if found.scan_parts:
+        merge_scan(sweep_dir, found.scan_parts)
+        if not found.jobs:
+            return pd.DataFrame(columns=SUMMARY_COLUMNS)
     df = summarize_jobs(found.jobs)
     notes = []
     if df["group"].nunique() > 1:

@@ -92,6 +92,9 @@ class TrainSettings:
     repeat_weight: float = 0.5  # loss = answer-token mean + repeat_weight * repeat-token mean
     batch_size: int = 32
     lr: float = 3e-3
+    task_lr: float | None = None  # task-phase peak rate (None: same as lr)
+    schedule: str = "cosine"  # cosine over all steps | wsd: constant, linear decay at the end
+    decay_frac: float = 0.25  # wsd: share of steps in the final decay
     weight_decay: float = 0.01
     repeat_len: tuple[int, int] = (10, 60)
     repeat_count: tuple[int, int] = (2, 3)
@@ -189,6 +192,14 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
     def lr_at(step: int) -> float:
         if step < 100:
             return settings.lr * (step + 1) / 100
+        if settings.schedule == "wsd":
+            peak = settings.lr
+            if step >= settings.warmup_steps and settings.task_lr is not None:
+                peak = settings.task_lr
+            decay_start = total * (1 - settings.decay_frac)
+            if step < decay_start:
+                return peak
+            return peak * max(0.02, (total - step) / (total - decay_start))
         cosine = 0.5 * (1 + math.cos(math.pi * step / total))
         return settings.lr * (0.05 + 0.95 * cosine)
 

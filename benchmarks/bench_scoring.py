@@ -1,0 +1,55 @@
+"""Scoring speed: seconds for all heads of the tiny model, and growth with the number of
+sequences and of layers (random Mistral models of the tiny model's width).
+
+    python benchmarks/bench_scoring.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+from ih_sweep.model_loading import eager_attention, load_model
+from ih_sweep.scoring import ScoringSettings, score_heads
+
+
+def timed(model, tok, settings) -> float:
+    t0 = time.perf_counter()
+    with eager_attention(model):
+        score_heads(model, tok, settings)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
+                            {"name": "none"}, "cpu")
+    timed(model, tok, ScoringSettings(n_sequences=2))  # warm up
+    out: dict = {"threads": args.threads, "tiny_default_s": timed(model, tok, ScoringSettings()),
+                 "by_sequences": {}, "by_layers": {}}
+    for n in (8, 16, 32, 64):
+        out["by_sequences"][n] = round(timed(model, tok, ScoringSettings(n_sequences=n)), 3)
+    for layers in (2, 4, 8):
+        cfg = model.config.to_dict()
+        cfg.update(num_hidden_layers=layers)
+        cfg.pop("architectures", None)
+        rnd = tf.MistralForCausalLM(tf.MistralConfig(**cfg)).eval()
+        rnd.config._attn_implementation = "sdpa"
+        out["by_layers"][layers] = round(timed(rnd, tok, ScoringSettings()), 3)
+    out["tiny_default_s"] = round(out["tiny_default_s"], 3)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "scoring.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
