@@ -59,11 +59,13 @@ PROMPT_HEADER = "Read the following passage and answer the questions with a sing
 
 # --------------------------------------------------------------------------- generator
 def generate_qa1_story(rng: random.Random, n_blocks: int = 5, statements_per_block: int = 2,
-                       question_window: int = 5) -> Story:
+                       question_window: int = 5, uniform_actor: bool = False) -> Story:
     """One bAbI task-1 story drawn the way the released en-10k files were.
 
     Each statement moves a uniform actor to a uniform room other than its current one; each
     question asks about the actor of a uniform statement among the last ``question_window``.
+    ``uniform_actor=True`` instead asks about a uniform actor among those mentioned so far, so
+    the supporting fact lies further back more often (training data for the tiny model).
     """
     story: Story = {"id": [], "type": [], "text": [], "supporting_ids": [], "answer": []}
     where: dict[str, tuple[str, int]] = {}  # actor -> (room, line id of that move)
@@ -80,7 +82,10 @@ def generate_qa1_story(rng: random.Random, n_blocks: int = 5, statements_per_blo
             statement_lines.append((actor, line))
             _append(story, line, 0, f"{actor} {phrase} the {room}.", [], "")
         line += 1
-        actor, _ = rng.choice(statement_lines[-question_window:])
+        if uniform_actor:
+            actor = rng.choice(sorted(where))
+        else:
+            actor, _ = rng.choice(statement_lines[-question_window:])
         room, support = where[actor]
         _append(story, line, 1, f"Where is {actor}?", [str(support)], room)
     return story

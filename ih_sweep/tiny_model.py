@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -64,13 +64,14 @@ def build_tokenizer():
 
 
 def build_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 32,
-                 kv_heads: int = 8, head_dim: int = 16, intermediate: int = 256):
+                 kv_heads: int = 8, head_dim: int = 16, intermediate: int = 256,
+                 rope_theta: float = 10000.0):
     from transformers import MistralConfig
 
     return MistralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, head_dim=head_dim,
-                         max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=10000.0,
+                         max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=rope_theta,
                          sliding_window=None, tie_word_embeddings=False, bos_token_id=1,
                          eos_token_id=2, pad_token_id=0)
 
@@ -85,10 +86,13 @@ class TrainSettings:
     head_dim: int = 16
     intermediate: int = 256
     layers: int = 2
+    rope_theta: float = 10000.0
     warmup_steps: int = 1200
     warmup_active_heads: int = 12
     task_steps: int = 1600
+    task_masked_steps: int = 0  # task steps that keep the warm-up head mask (then all heads)
     repeat_share: float = 0.3
+    uniform_actor_questions: bool = False  # train on questions about any mentioned actor
     repeat_weight: float = 0.5  # loss = answer-token mean + repeat_weight * repeat-token mean
     batch_size: int = 32
     lr: float = 3e-3
@@ -98,9 +102,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     repeat_len: tuple[int, int] = (10, 60)
     repeat_count: tuple[int, int] = (2, 3)
-    train_stories_seed: int = 12345
     log_every: int = 100
-    extra: dict = field(default_factory=dict)
 
 
 def _repeat_batch(rng: random.Random, n: int, settings: TrainSettings, candidates: list[int],
@@ -117,12 +119,12 @@ def _repeat_batch(rng: random.Random, n: int, settings: TrainSettings, candidate
     return out
 
 
-def _babi_batch(rng: random.Random, n: int, tokenizer, answer_ids: set[int]
-                ) -> list[tuple[list[int], list[int]]]:
+def _babi_batch(rng: random.Random, n: int, tokenizer, answer_ids: set[int],
+                uniform_actor: bool = False) -> list[tuple[list[int], list[int]]]:
     """(tokens, loss mask) pairs of full qa1 prompts; loss on the answer words only."""
     out = []
     for _ in range(n):
-        story = babi.generate_qa1_story(rng)
+        story = babi.generate_qa1_story(rng, uniform_actor=uniform_actor)
         text = next(babi.iter_lm_text([story]))
         ids = tokenizer(text)["input_ids"]
         colon = tokenizer.convert_tokens_to_ids(":")
@@ -177,7 +179,8 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
     rng = random.Random(settings.seed)
     tokenizer = build_tokenizer()
     config = build_config(len(tokenizer), settings.hidden, settings.layers, settings.heads,
-                          settings.kv_heads, settings.head_dim, settings.intermediate)
+                          settings.kv_heads, settings.head_dim, settings.intermediate,
+                          settings.rope_theta)
     config._attn_implementation = "sdpa"
     model = MistralForCausalLM(config)
     model.train()
@@ -217,7 +220,7 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
     history: list[dict] = []
     t0 = time.time()
     for step in range(total):
-        if step == settings.warmup_steps:
+        if step == settings.warmup_steps + settings.task_masked_steps:
             for h in handles:
                 h.remove()
             handles = []
@@ -229,7 +232,8 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
         else:
             n_rep = int(round(settings.batch_size * settings.repeat_share))
             pairs = (_repeat_batch(rng, n_rep, settings, candidates, bos)
-                     + _babi_batch(rng, settings.batch_size - n_rep, tokenizer, answer_ids))
+                     + _babi_batch(rng, settings.batch_size - n_rep, tokenizer, answer_ids,
+                                   settings.uniform_actor_questions))
         ids, mask, attn = _collate(pairs, pad)
         is_repeat = torch.arange(len(pairs)) < n_rep
         loss = _loss(model, ids, _weights(mask, is_repeat, settings.repeat_weight), attn)
@@ -320,9 +324,14 @@ def model_card(record: dict, facts: dict) -> str:
         "loss on repeats 2.. only; only "
         f"{s['warmup_active_heads']} randomly chosen heads per layer active (the rest zeroed at "
         "the o_proj input) so that induction concentrates in few heads.",
-        f"- Phase 2 ({s['task_steps']} steps): all heads on; {int(s['repeat_share'] * 100)}% "
-        "repeated sequences, the rest generated qa1 prompts (the seed's format) with loss on "
-        "the answer words only.",
+        f"- Phase 2 ({s['task_steps']} steps): {int(s['repeat_share'] * 100)}% repeated "
+        "sequences, the rest generated qa1 prompts (the seed's format) with loss on the answer "
+        f"words only; loss = answer-token mean + {s['repeat_weight']} x repeat-token mean. The "
+        f"warm-up head mask stays on for the first {s['task_masked_steps']} of these steps, then "
+        "every head trains.",
+        f"- Learning rate: {s['lr']} in phase 1, {s['task_lr'] or s['lr']} in phase 2, schedule "
+        f"`{s['schedule']}` (wsd: constant, then linear decay over the last "
+        f"{int(100 * s['decay_frac'])}% of all steps).",
         f"- Wall time: {record['train_seconds']:.0f} s on this machine (2-core CPU).",
         "",
         "## Measured",

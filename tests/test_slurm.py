@@ -126,3 +126,31 @@ def test_sigkilled_job_resumes_without_duplicates_or_losses(tmp_path):
                     "eval.progress=false"], cwd=ROOT, env=env, check=True, capture_output=True)
     ref = pd.read_csv(clean / "results.csv")
     assert res["correct"].tolist() == ref["correct"].tolist()
+
+
+def test_preempted_job_is_requeued_and_resumes(slurm_env, tmp_path):
+    """SIGUSR2 is how SLURM warns of preemption/timeout: submitit checkpoints and requeues the
+    job, which then resumes from its finished chunks."""
+    proc = subprocess.Popen(_args(tmp_path, "n_heads=8", "condition=high",
+                                  "data.n_stories=300", "eval.checkpoint_items=10",
+                                  "eval.batch_size=5"),
+                            cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    chunks: list = []
+    while time.time() < deadline and len(chunks) < 3:
+        chunks = list(tmp_path.glob("*/partial/chunk-*.csv"))
+        time.sleep(0.2)
+    assert len(chunks) >= 3, "the job never got going"
+    job_id = subprocess.run(["squeue", "-h", "-n", "ih_sweep", "-o", "%i"], env=slurm_env,
+                            capture_output=True, text=True).stdout.split()[0]
+    subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_env, check=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    rec = json.loads(next(tmp_path.glob("*/job.json")).read_text())
+    assert rec["status"] == "complete" and rec["resumed_chunks"] >= 3
+    res = pd.read_csv(next(tmp_path.glob("*/results.csv")))
+    assert len(res) == 300 and res["story"].is_unique
+    states = subprocess.run(["sacct", "--duplicates", "-n", "-X", "-j", job_id, "-o", "state"],
+                            env=slurm_env, capture_output=True, text=True).stdout.split()
+    assert "REQUEUED" in states and states[-1] == "COMPLETED", states

@@ -1,0 +1,56 @@
+"""How evaluation time grows with the number of stories and with prompt length (blocks per
+story), on the tiny model, engine only.
+
+    python benchmarks/bench_scaling.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ih_sweep import data
+from ih_sweep.evaluation import EvalSettings, evaluate
+from ih_sweep.model_loading import load_model
+
+
+def timed(model, tok, stories) -> tuple[float, int]:
+    items = data.make_items(stories, "last")
+    t0 = time.perf_counter()
+    evaluate(model, tok, items, EvalSettings(progress=False))
+    n_tok = sum(len(tok(it.prompt)["input_ids"]) for it in items)
+    return time.perf_counter() - t0, n_tok
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
+                            {"name": "none"}, "cpu")
+    timed(model, tok, data.generate_stories(20))  # warm up
+    out: dict = {"threads": args.threads, "by_stories": {}, "by_blocks": {}}
+    for n in (250, 500, 1000, 2000):
+        s, n_tok = timed(model, tok, data.generate_stories(n, seed=1))
+        out["by_stories"][n] = {"seconds": round(s, 2), "stories_per_s": round(n / s, 1),
+                                "tokens_per_s": round(n_tok / s)}
+    for blocks in (2, 5, 10, 20):
+        rng = random.Random(2)
+        stories = [data.generate_qa1_story(rng, n_blocks=blocks) for _ in range(300)]
+        s, n_tok = timed(model, tok, stories)
+        out["by_blocks"][blocks] = {"seconds": round(s, 2), "mean_prompt_tokens":
+                                    round(n_tok / 300), "tokens_per_s": round(n_tok / s)}
+    res = Path(__file__).parent / "results"
+    res.mkdir(exist_ok=True)
+    (res / "scaling.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
