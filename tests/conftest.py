@@ -26,3 +26,14 @@ def tiny():
     torch.set_num_threads(2)
     return load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32",
                        "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_prefix(tiny):
+    """[layers, heads] prefix-matching scores of the shipped tiny model."""
+    from ih_sweep.model_loading import eager_attention
+    from ih_sweep.scoring import ScoringSettings, score_heads, score_matrix
+
+    model, tok = tiny
+    with eager_attention(model):
+        return score_matrix(score_heads(model, tok, ScoringSettings()), "prefix")

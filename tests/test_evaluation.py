@@ -12,6 +12,7 @@ from ih_sweep.evaluation import (
     generate_one_at_a_time,
     is_correct,
 )
+from ih_sweep.selection import select_heads
 
 
 def test_metric_contains_is_the_seeds():
@@ -46,12 +47,12 @@ def test_known_greedy_stops_at_first_disagreement_or_eos():
 
 
 @pytest.mark.parametrize("scope", ["last", "all"])
-def test_per_item_equality_with_one_at_a_time_generate(tiny, scope):
+def test_per_item_equality_with_one_at_a_time_generate(tiny, tiny_prefix, scope):
     """The engine's outcome equals the seed's method on every item, also with errors."""
     model, tok = tiny
     items = data.make_items(data.generate_stories(40 if scope == "last" else 12, seed=77),
                            scope)
-    for heads in ([], [(1, h) for h in range(0, 32, 3)]):
+    for heads in ([], select_heads(tiny_prefix, "high", 16)):
         with ablate_heads(model, heads):
             got = evaluate(model, tok, items, EvalSettings(progress=False, batch_size=7))
             ref = [generate_one_at_a_time(model, tok, it) for it in items]
@@ -64,10 +65,10 @@ def test_per_item_equality_with_one_at_a_time_generate(tiny, scope):
             assert sum(not r.correct for r in got) >= 3  # the ablation produced errors
 
 
-def test_exact_metric_equality(tiny):
+def test_exact_metric_equality(tiny, tiny_prefix):
     model, tok = tiny
     items = data.make_items(data.generate_stories(8, seed=5), "all")
-    with ablate_heads(model, [(1, h) for h in range(0, 32, 2)]):
+    with ablate_heads(model, select_heads(tiny_prefix, "high", 8)):
         got = evaluate(model, tok, items, EvalSettings(metric="exact", progress=False))
         ref = [generate_one_at_a_time(model, tok, it) for it in items]
     assert [r.correct for r in got] == [is_correct(c, it.answer, "exact")

@@ -12,8 +12,6 @@ from conftest import BABI, needs_babi
 from ih_sweep import data
 from ih_sweep.ablation import ablate_heads
 from ih_sweep.evaluation import EvalSettings, evaluate
-from ih_sweep.model_loading import eager_attention
-from ih_sweep.scoring import ScoringSettings, score_heads, score_matrix
 from ih_sweep.selection import select_heads
 from ih_sweep.tiny_model import ASSET_DIR, HELD_OUT_SEED, TrainSettings, train_tiny
 
@@ -25,10 +23,8 @@ def _accuracy(model, tok, items, heads=()):
 
 
 @pytest.fixture(scope="module")
-def prefix(tiny):
-    model, tok = tiny
-    with eager_attention(model):
-        return score_matrix(score_heads(model, tok, ScoringSettings()), "prefix")
+def prefix(tiny_prefix):
+    return tiny_prefix
 
 
 def test_architecture_and_size(tiny):
