@@ -230,7 +230,7 @@ def attribution_scan(model, probe: Probe, layers: Sequence[int] | None = None
         z = acts[la]
         g = z.grad
         b, t, _ = z.shape
-        contrib = -(g * z).reshape(b, t, sites.n_heads, sites.head_dim).sum((0, 1, 3))
+        contrib = -(g * z).detach().reshape(b, t, sites.n_heads, sites.head_dim).sum((0, 1, 3))
         for h in range(sites.n_heads):
             rows.append({"layer": la, "head": h, "attr_d_logprob": float(contrib[h])})
     return pd.DataFrame(rows)
