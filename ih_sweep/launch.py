@@ -134,18 +134,30 @@ def check_scores_fit(scores, n_layers: int, n_heads: int, source: str) -> None:
 
 
 # --------------------------------------------------------------------------- the job
+def finished_record(out_dir: Path, chash: str, output: str) -> dict | None:
+    """The job.json of a job already complete for this config (with its output file), so the
+    job is skipped rather than recomputed; None otherwise."""
+    from .io_utils import read_json
+
+    job_file = out_dir / "job.json"
+    if not job_file.is_file() or not (out_dir / output).is_file():
+        return None
+    record = read_json(job_file)
+    if record.get("status") != "complete" or record.get("config_hash") != chash:
+        return None
+    log.info("skipping %s: complete results exist for this config", out_dir)
+    return record
+
+
 def run_sweep_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Evaluate one (n_heads, condition, control_seed); skip if already complete."""
-    from .io_utils import read_json, write_csv, write_json
+    from .io_utils import write_csv, write_json
 
     chash = config_hash(cfg)
     job_file = out_dir / "job.json"
-    if job_file.is_file():
-        previous = read_json(job_file)
-        if (previous.get("status") == "complete" and previous.get("config_hash") == chash
-                and (out_dir / "results.csv").is_file()):
-            log.info("skipping %s: complete results exist for this config", out_dir)
-            return previous
+    previous = finished_record(out_dir, chash, "results.csv")
+    if previous is not None:
+        return previous
     t_start = time.time()
     timings: dict[str, float] = {}
     import pandas as pd
@@ -340,17 +352,15 @@ def run_score_task(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 def run_scan_task(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Ablate every head (of ``scan.layers``) on its own; write scan.csv and plots."""
     from .data import load_stories, make_items
-    from .io_utils import read_json, write_json
+    from .io_utils import write_json
     from .model_loading import load_model
     from .scan import attribution_scan, babi_probe, exact_scan, repeat_probe, write_scan_outputs
 
     chash = config_hash(cfg)
     job_file = out_dir / "job.json"
-    if job_file.is_file():
-        prev = read_json(job_file)
-        if prev.get("status") == "complete" and prev.get("config_hash") == chash:
-            log.info("skipping %s: complete scan exists for this config", out_dir)
-            return prev
+    previous = finished_record(out_dir, chash, "scan.csv")
+    if previous is not None:
+        return previous
     t0 = time.time()
     model, tokenizer = load_model(_plain(cfg.model), _plain(cfg.quantization), cfg.device)
     scores, _ = get_scores(cfg, lambda: (model, tokenizer))
