@@ -10,12 +10,11 @@ same token rows (the practical limit). Checks per-item outcomes are identical.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import torch
+from _results import RESULTS, save
 
 from ih_sweep import data
 from ih_sweep.ablation import ablate_heads
@@ -99,7 +98,7 @@ def main() -> None:
     p.add_argument("--stories", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     results = {"unablated": run(args.stories, args.threads, args.batch_size, []),
                "top16_ablated": None}
@@ -113,10 +112,7 @@ def main() -> None:
         mat = score_matrix(score_heads(model, tok, ScoringSettings()), "prefix")
     results["top16_ablated"] = run(args.stories, args.threads, args.batch_size,
                                    select_heads(mat, "high", 16))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / "eval.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results, indent=1))
+    save("eval.json", results, args.out)
 
 
 if __name__ == "__main__":

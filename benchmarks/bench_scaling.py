@@ -7,12 +7,11 @@ story), on the tiny model, engine only.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
-from pathlib import Path
 
 import torch
+from _results import save
 
 from ih_sweep import data
 from ih_sweep.evaluation import EvalSettings, evaluate
@@ -46,10 +45,7 @@ def main() -> None:
         s, n_tok = timed(model, tok, stories)
         out["by_blocks"][blocks] = {"seconds": round(s, 2), "mean_prompt_tokens":
                                     round(n_tok / 300), "tokens_per_s": round(n_tok / s)}
-    res = Path(__file__).parent / "results"
-    res.mkdir(exist_ok=True)
-    (res / "scaling.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out, indent=1))
+    save("scaling.json", out)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,10 @@ rank agreement with the exact scan.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from _results import save
 
 from ih_sweep import data, scan
 from ih_sweep.ablation import ablate_heads
@@ -52,10 +51,7 @@ def main() -> None:
                                                                           round(hi, 3)]}
     best = min(out["exact_s"].values())
     out["speedup_vs_naive"] = round(out["naive_full_reruns_s"] / best, 2)
-    res = Path(__file__).parent / "results"
-    res.mkdir(exist_ok=True)
-    (res / "scan.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out, indent=1))
+    save("scan.json", out)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,11 @@ sequences and of layers (random Mistral models of the tiny model's width).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 import transformers as tf
+from _results import RESULTS, save
 
 from ih_sweep.model_loading import eager_attention, load_model
 from ih_sweep.scoring import ScoringSettings, score_heads
@@ -28,7 +27,7 @@ def timed(model, tok, settings) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
@@ -46,9 +45,7 @@ def main() -> None:
         rnd.config._attn_implementation = "sdpa"
         out["by_layers"][layers] = round(timed(rnd, tok, ScoringSettings()), 3)
     out["tiny_default_s"] = round(out["tiny_default_s"], 3)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "scoring.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out, indent=1))
+    save("scoring.json", out, args.out)
 
 
 if __name__ == "__main__":

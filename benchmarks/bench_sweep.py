@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import save
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,10 +42,7 @@ def main() -> None:
            "n_items": jobs[0]["n_items"],
            "evaluations": sum(not r["reused_evaluation"] for r in jobs),
            "ci_half_width_pts": widths}
-    res = Path(__file__).parent / "results"
-    res.mkdir(exist_ok=True)
-    (res / "sweep.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out, indent=1))
+    save("sweep.json", out)
 
 
 if __name__ == "__main__":
