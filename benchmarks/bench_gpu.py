@@ -2,12 +2,17 @@
 download), bf16 and nf4, evaluating 2,000 generated qa1 stories (last question, `contains`),
 plus the seed's one-story-at-a-time method on a subset for the ratio.
 
-Reports stories/s, tokens/s and model FLOP utilisation (2 * parameters * tokens / time over
-the card's dense bf16 peak). Token counts come from the tiny model's word-level tokenizer
-(ids < 300 of the 32,000-token vocabulary); real Mistral BPE prompts are ~1.3x longer.
-Designed to finish in under 10 minutes on one H100; writes JSON.
+Reports stories/s, tokens/s and model FLOP utilisation: (2 x the parameters a token passes
+through, embeddings and unembedding left out since logits are computed at ~3 positions a row,
++ causal attention FLOPs) x tokens / time, over the card's dense bf16 peak. Token counts come
+from the tiny model's word-level tokenizer (ids < 300 of the 32,000-token vocabulary); real
+Mistral BPE prompts are ~1.3x longer. Random weights never agree with the gold answer, so
+nearly every item is decoded past the teacher-forced pass: the engine's worst case.
+Sized to finish in under 10 minutes on one H100 (the nf4 pass saves the random bf16 weights
+once, ~14.5 GB, and quantizes them on load); writes JSON.
 
-    python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json [--stories 2000]
+    python benchmarks/bench_gpu.py [--stories 2000] [--out benchmarks/results]
+    python benchmarks/bench_gpu.py --device cpu --shape small --stories 16   # smoke run
 """
 
 from __future__ import annotations
@@ -19,74 +24,113 @@ import time
 from pathlib import Path
 
 import torch
+from _results import RESULTS, save
 
 from ih_sweep import data
-from ih_sweep.evaluation import EvalSettings, build_rows, evaluate, generate_one_at_a_time
+from ih_sweep.evaluation import (
+    EvalSettings,
+    build_rows,
+    evaluate,
+    generate_one_at_a_time,
+    is_correct,
+)
 from ih_sweep.tiny_model import build_tokenizer
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+SHAPES = {  # small: same family and GQA ratio, for a CPU smoke run of this script
+    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8),
+    "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2),
+}
 
 
-def mistral_7b_config():
+def model_config(shape: str):
     from transformers import MistralConfig
 
-    return MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         sliding_window=None, bos_token_id=1, eos_token_id=2,
-                         attn_implementation="sdpa")
+    return MistralConfig(vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, sliding_window=None, bos_token_id=1,
+                         eos_token_id=2, **SHAPES[shape])
 
 
-def random_model(quant: str, folder: Path):
+def flops_per_token(cfg, n_tokens_per_row: float) -> float:
+    """Forward FLOPs per token: weight matmuls (no embeddings/unembedding) + causal attention."""
+    from transformers import MistralForCausalLM
+
+    with torch.device("meta"):
+        model = MistralForCausalLM(cfg)
+    dense = sum(p.numel() for n, p in model.named_parameters()
+                if "embed" not in n and "lm_head" not in n and p.dim() == 2)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    attention = (2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
+                 * n_tokens_per_row / 2)  # QK^T and AV over on average half the row
+    return 2 * dense + attention
+
+
+def random_model(cfg, quant: str, device: str, folder: Path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MistralForCausalLM
 
-    cfg = mistral_7b_config()
+    def build():
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):
+                return MistralForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(torch.float32)
+
     if quant == "bf16":
-        with torch.device("cuda"):
-            torch.set_default_dtype(torch.bfloat16)
-            model = MistralForCausalLM(cfg)
-            torch.set_default_dtype(torch.float32)
-        return model.eval()
-    if not (folder / "config.json").exists():  # nf4 quantizes on load: save random bf16 once
-        with torch.device("cuda"):
-            torch.set_default_dtype(torch.bfloat16)
-            MistralForCausalLM(cfg).save_pretrained(folder)
-            torch.set_default_dtype(torch.float32)
-        torch.cuda.empty_cache()
-    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=qc,
-                                                device_map={"": 0}).eval()
+        model = build()
+    else:
+        if not (folder / "config.json").exists():  # nf4 quantizes on load: save bf16 once
+            build().save_pretrained(folder)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=qc,
+            device_map={"": 0} if device == "cuda" else {"": "cpu"})
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
 
 
-def bench(model, tok, stories, seed_subset: int, batch_size: int) -> dict:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(model, tok, stories, seed_subset: int, batch_size: int, device: str,
+          flops_token: float) -> dict:
     items = data.make_items(stories, "last")
     n_tokens = sum(len(r) for r, _ in build_rows(tok, items, 3))
-    evaluate(model, tok, items[:batch_size], EvalSettings(progress=False,
-                                                          batch_size=batch_size))  # warm up
-    torch.cuda.synchronize()
+    settings = EvalSettings(progress=False, batch_size=batch_size)
+    evaluate(model, tok, items[:batch_size], settings)  # warm up
+    _sync(device)
     t0 = time.perf_counter()
-    res = evaluate(model, tok, items, EvalSettings(progress=False, batch_size=batch_size))
-    torch.cuda.synchronize()
+    res = evaluate(model, tok, items, settings)
+    _sync(device)
     t_eng = time.perf_counter() - t0
+    subset = items[:seed_subset]
     t0 = time.perf_counter()
-    for it in items[:seed_subset]:
-        generate_one_at_a_time(model, tok, it)
-    torch.cuda.synchronize()
-    t_seed = (time.perf_counter() - t0) / seed_subset * len(items)
-    n_params = sum(p.numel() for p in model.parameters())
-    if hasattr(model, "get_memory_footprint"):
-        n_params = max(n_params, 7_241_732_096)  # 4-bit storage packs two weights a byte
-    name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
-    return {"stories": len(items), "engine_s": round(t_eng, 2),
-            "engine_stories_per_s": round(len(items) / t_eng, 1),
-            "engine_tokens_per_s": round(n_tokens / t_eng),
-            "seed_method_stories_per_s": round(len(items) / t_seed, 2),
-            "speedup_vs_seed": round(t_seed / t_eng, 1),
-            "mfu": round(2 * n_params * n_tokens / t_eng / peak, 4),
-            "by_generation": sum(r.decided_by == "generate" for r in res),
-            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+    seed_out = [generate_one_at_a_time(model, tok, it) for it in subset]
+    _sync(device)
+    t_seed = (time.perf_counter() - t0) / len(subset) * len(items)
+    out = {"stories": len(items), "tokens": n_tokens, "engine_s": round(t_eng, 2),
+           "engine_stories_per_s": round(len(items) / t_eng, 1),
+           "engine_tokens_per_s": round(n_tokens / t_eng),
+           "seed_method_stories_per_s": round(len(items) / t_seed, 2),
+           "seed_subset": len(subset), "speedup_vs_seed": round(t_seed / t_eng, 1),
+           "decoded_past_forward": sum(r.decided_by != "forward" for r in res),
+           "subset_outcomes_identical": all(
+               r.correct == is_correct(c, r.item.answer, "contains")
+               for r, c in zip(res, seed_out))}
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        out["mfu"] = round(flops_token * n_tokens / t_eng / peak, 4) if peak else None
+        out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    return out
 
 
 def main() -> None:
@@ -94,27 +138,38 @@ def main() -> None:
     p.add_argument("--stories", type=int, default=2000)
     p.add_argument("--seed-subset", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--quant", nargs="+", default=["bf16", "nf4"])
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu.json"))
+    p.add_argument("--quant", nargs="+", default=["bf16", "nf4"], choices=["bf16", "nf4"])
+    p.add_argument("--shape", default="mistral-7b", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py: no CUDA GPU here (use --device cpu --shape small "
+                         "for a smoke run)")
     torch.manual_seed(0)
     tok = build_tokenizer()
     stories = data.generate_stories(args.stories, seed=0)
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    cfg = model_config(args.shape)
+    rows = build_rows(tok, data.make_items(stories, "last"), 3)
+    flops_token = flops_per_token(cfg, sum(len(r) for r, _ in rows) / len(rows))
+    out = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+           "shape": args.shape, "torch": torch.__version__, "flops_per_token": flops_token}
     with tempfile.TemporaryDirectory() as tmp:
         for quant in args.quant:
             t0 = time.perf_counter()
-            model = random_model(quant, Path(tmp))
+            model = random_model(cfg, quant, args.device, Path(tmp))
             load_s = time.perf_counter() - t0
             out[quant] = {"load_s": round(load_s, 1),
-                          **bench(model, tok, stories, args.seed_subset, args.batch_size)}
+                          **bench(model, tok, stories, args.seed_subset, args.batch_size,
+                                  args.device, flops_token)}
             print(json.dumps({quant: out[quant]}), flush=True)
             del model
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+    name = "gpu.json" if args.device == "cuda" and args.shape == "mistral-7b" else \
+        f"gpu_smoke_{args.device}_{args.shape}.json"
+    save(name, out, args.out)
 
 
 if __name__ == "__main__":

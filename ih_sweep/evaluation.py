@@ -4,13 +4,16 @@ The seed generated 3 greedy tokens for one story at a time. Here each item is fi
 by one batched teacher-forced forward pass: feeding the prompt plus a candidate continuation
 (the gold answer and what follows it) reveals the greedy tokens for as long as they agree
 with the candidate. When those known tokens already settle the metric the item is done;
-otherwise it falls back to real greedy generation. Either way the outcome is what
-one-story-at-a-time ``generate`` gives. With scope ``all``, every question of a story whose
-prompt tokenizes as a prefix of the story's full text is read off one shared forward pass.
+otherwise greedy decoding goes on from the pass's own key/value cache (masked to the valid
+prefix), or, for models whose cache cannot be reused exactly, by ``generate``. Either way the
+outcome is what one-story-at-a-time ``generate`` gives. With scope ``all``, every question
+of a story whose prompt tokenizes as a prefix of the story's full text is read off one shared
+forward pass.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import time
@@ -21,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Item
+from .eval_attention import read_only_at
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ class ItemResult:
     item: Item
     continuation: str
     correct: bool
-    decided_by: str  # "forward" or "generate"
+    decided_by: str  # "forward", "decode" (from the pass's cache) or "generate" (fallback)
 
 
 # --------------------------------------------------------------------------- metric (pure)
@@ -91,25 +95,34 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def _encode_all(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """One batched tokenizer call (fast tokenizers encode a list in one native call)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
+
+
 def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int
                ) -> list[tuple[list[int], list[_Query]]]:
     """Token rows to run, each answering one or more items (shared story prefixes)."""
     by_story: dict[int, list[int]] = {}
     for i, it in enumerate(items):
         by_story.setdefault(it.story_index, []).append(i)
+    groups = [sorted(idxs, key=lambda i: items[i].line) for idxs in by_story.values()]
+    lasts = [items[g[-1]] for g in groups]
+    last_ids = _encode_all(tokenizer, [it.prompt for it in lasts])
+    full_ids = _encode_all(tokenizer, [it.prompt + it.answer + "\n" for it in lasts])
+    others = [i for g in groups for i in g[:-1]]
+    other_ids = dict(zip(others, _encode_all(tokenizer, [items[i].prompt for i in others])))
     rows: list[tuple[list[int], list[_Query]]] = []
     need = max_new_tokens - 1
-    for idxs in by_story.values():
-        idxs = sorted(idxs, key=lambda i: items[i].line)
-        last = items[idxs[-1]]
-        prompt_ids = _encode(tokenizer, last.prompt)
-        full = _encode(tokenizer, last.prompt + last.answer + "\n")
+    for idxs, last, prompt_ids, full in zip(groups, lasts, last_ids, full_ids):
         if full[:len(prompt_ids)] != prompt_ids:
             full = prompt_ids + _continuation(tokenizer, last.answer)
         row = full[:len(prompt_ids) + need]
         queries = [_Query(idxs[-1], len(prompt_ids) - 1, row[len(prompt_ids):])]
         for i in idxs[:-1]:
-            ids = _encode(tokenizer, items[i].prompt)
+            ids = other_ids[i]
             if row[:len(ids)] == ids:
                 queries.append(_Query(i, len(ids) - 1, row[len(ids):len(ids) + need]))
             else:  # tokenization differs at the boundary: the item gets its own row
@@ -130,10 +143,39 @@ def _pad_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def _cache_argument(model) -> str | None:
+    """The forward keyword that takes a cache (``cache`` from transformers 5.x's rename)."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _reusable_cache(model, width: int, budget: int):
+    """A fresh DynamicCache the teacher-forced pass fills, so undecided items continue from
+    it; None where continuing would not be exact (a sliding window the decode could reach,
+    cache layers other than plain or sliding key/value)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if _cache_argument(model) is None:
+        return None
+    text_config = model.config.get_text_config(decoder=True)
+    window = getattr(text_config, "sliding_window", None)
+    if window and width + budget >= window:
+        return None
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # configs the cache cannot read: decode by generate instead
+        return None
+    if not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
+        return None
+    return cache
+
+
 @torch.no_grad()
-def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device
-                         ) -> dict[int, list[int]]:
-    """For each query: the argmax tokens at its positions (prompt end, then each teacher)."""
+def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
+                         cache=None) -> dict[int, list[int]]:
+    """For each query: the argmax tokens at its positions (prompt end, then each teacher).
+    With ``cache``, the pass also fills it (key/values of every row position)."""
     width = max(len(r) for r, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -157,10 +199,14 @@ def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device
         idx = gather[:, :, None].expand(-1, -1, h.shape[-1])
         return (torch.gather(h, 1, idx), *args[1:])
 
+    kwargs = {"use_cache": False}
+    if cache is not None:
+        kwargs = {"use_cache": True, _cache_argument(model): cache}
     handle = unembed.register_forward_pre_hook(pick)
     try:
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       use_cache=False).logits
+        with read_only_at(model, gather):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           **kwargs).logits
     finally:
         handle.remove()
     top = logits.argmax(-1).cpu()
@@ -172,6 +218,40 @@ def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device
             out[q.index] = top[b, cursor:cursor + n].tolist()
             cursor += n
     return out
+
+
+@torch.no_grad()
+def continue_greedy(model, cache, width: int, starts: Sequence[tuple[int, int, list[int]]],
+                    max_new_tokens: int, eos: int | None, device) -> list[list[int]]:
+    """Greedy decoding onward from the teacher-forced pass's cache, batched.
+
+    ``starts``: (row in the pass, prompt end position, known greedy tokens). The cache holds
+    exact key/values for the prompt and the known tokens but the last (they matched the
+    teacher); later columns (other teacher tokens, padding) are masked out, and each new
+    token gets its true position id.
+    """
+    cache.batch_select_indices(torch.tensor([row for row, _, _ in starts], device=device))
+    valid = torch.tensor([pos + len(known) for _, pos, known in starts])
+    mask = (torch.arange(width)[None, :] < valid[:, None]).long()
+    tokens = [list(known) for _, _, known in starts]
+    nxt = torch.tensor([t[-1] for t in tokens])
+    position = valid.clone()
+    arg = _cache_argument(model)
+
+    def open_(t: list[int]) -> bool:
+        return len(t) < max_new_tokens and (eos is None or t[-1] != eos)
+
+    while any(open_(t) for t in tokens):
+        mask = torch.cat([mask, torch.ones(len(tokens), 1, dtype=torch.long)], 1)
+        logits = model(input_ids=nxt[:, None].to(device), attention_mask=mask.to(device),
+                       position_ids=position[:, None].to(device), use_cache=True,
+                       logits_to_keep=1, **{arg: cache}).logits
+        nxt = logits[:, -1].argmax(-1).cpu()
+        for j, t in enumerate(tokens):
+            if open_(t):
+                t.append(int(nxt[j]))
+        position += 1
+    return tokens
 
 
 def _known_greedy(argmax: list[int], teacher: list[int], eos: int | None) -> list[int]:
@@ -240,6 +320,51 @@ def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool):
     return results
 
 
+def _final_or_verdict(text: str, toks: list[int], answer: str, settings: EvalSettings,
+                      eos: int | None) -> bool | None:
+    """Outcome from known greedy tokens, or None when later tokens could still change it."""
+    if len(toks) >= settings.max_new_tokens or (eos is not None and toks[-1] == eos):
+        return is_correct(text, answer, settings.metric)
+    return decide_partial(text, answer, settings.metric)
+
+
+def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: EvalSettings,
+                   device) -> dict[int, ItemResult]:
+    """One batch: the teacher-forced pass, then decoding for what it left undecided."""
+    budget = settings.max_new_tokens
+    eos = tokenizer.eos_token_id
+    width = max(len(r) for r, _ in rows)
+    cache = _reusable_cache(model, width, budget)
+    argmax = _greedy_from_forward(model, rows, _pad_id(tokenizer), budget, device, cache)
+    results: dict[int, ItemResult] = {}
+    pending: list[tuple[int, int, list[int]]] = []  # (row, prompt end, known tokens)
+    index_of: list[int] = []
+    for b, (_, queries) in enumerate(rows):
+        for q in queries:
+            toks = _known_greedy(argmax[q.index], q.teacher, eos)
+            text = _decode(tokenizer, toks)
+            verdict = _final_or_verdict(text, toks, items[q.index].answer, settings, eos)
+            if verdict is None:
+                pending.append((b, q.pos, toks))
+                index_of.append(q.index)
+            else:
+                results[q.index] = ItemResult(items[q.index], text, verdict, "forward")
+    if not pending:
+        return results
+    if cache is not None:
+        conts = continue_greedy(model, cache, width, pending, budget, eos, device)
+        how = "decode"
+    else:
+        conts = generate_greedy(model, tokenizer, [items[i].prompt for i in index_of], budget,
+                                device)
+        how = "generate"
+    for idx, toks in zip(index_of, conts):
+        text = _decode(tokenizer, toks)
+        results[idx] = ItemResult(items[idx], text,
+                                  is_correct(text, items[idx].answer, settings.metric), how)
+    return results
+
+
 def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalSettings
              ) -> list[ItemResult]:
     """Greedy-decoding outcome of every item, identical to one-at-a-time ``generate``."""
@@ -247,46 +372,16 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalSettings
         raise ValueError(f"eval.metric={settings.metric!r}; allowed values: {', '.join(METRICS)}")
     t0 = time.time()
     device = _device(model)
-    budget = settings.max_new_tokens
-    pad_id = _pad_id(tokenizer)
-    eos = tokenizer.eos_token_id
-    rows = build_rows(tokenizer, items, budget)
+    rows = build_rows(tokenizer, items, settings.max_new_tokens)
     rows.sort(key=lambda r: len(r[0]))  # similar lengths together: less padding
-    teacher = {q.index: q.teacher for _, qs in rows for q in qs}
-    known: dict[int, list[int]] = {}
-    for part in _run_batches(lambda chunk: _greedy_from_forward(model, chunk, pad_id, budget,
-                                                                device),
-                             rows, settings.batch_size, "evaluate", settings.progress):
-        for idx, argmax in part.items():
-            known[idx] = _known_greedy(argmax, teacher[idx], eos)
     results: dict[int, ItemResult] = {}
-    undecided: list[int] = []
-    for idx, toks in known.items():
-        text = _decode(tokenizer, toks)
-        it = items[idx]
-        if len(toks) >= budget or (eos is not None and toks[-1] == eos):
-            results[idx] = ItemResult(it, text, is_correct(text, it.answer, settings.metric),
-                                      "forward")
-            continue
-        verdict = decide_partial(text, it.answer, settings.metric)
-        if verdict is None:
-            undecided.append(idx)
-        else:
-            results[idx] = ItemResult(it, text, verdict, "forward")
-    if undecided:
-        undecided.sort(key=lambda i: len(items[i].prompt))
-        gens = _run_batches(
-            lambda chunk: generate_greedy(model, tokenizer, [items[i].prompt for i in chunk],
-                                          budget, device),
-            undecided, settings.batch_size, "generate", settings.progress)
-        flat = [g for part in gens for g in part]
-        for idx, toks in zip(undecided, flat):
-            text = _decode(tokenizer, toks)
-            results[idx] = ItemResult(items[idx], text,
-                                      is_correct(text, items[idx].answer, settings.metric),
-                                      "generate")
-    log.info("evaluated %d items in %.1f s (%d by generation)", len(items), time.time() - t0,
-             len(undecided))
+    for part in _run_batches(
+            lambda chunk: _evaluate_rows(model, tokenizer, items, chunk, settings, device),
+            rows, settings.batch_size, "evaluate", settings.progress):
+        results.update(part)
+    decoded = sum(r.decided_by != "forward" for r in results.values())
+    log.info("evaluated %d items in %.1f s (%d decoded past the teacher-forced pass)",
+             len(items), time.time() - t0, decoded)
     return [results[i] for i in range(len(items))]
 
 

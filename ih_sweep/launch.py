@@ -243,7 +243,7 @@ def run_sweep_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "ablation": cfg.ablation.method, "rank_by": cfg.scoring.rank_by,
         "n_items": len(results_df), "n_correct": n_correct,
         "accuracy": n_correct / max(len(results_df), 1),
-        "n_generated": int((results_df["decided_by"] == "generate").sum()),
+        "n_decoded": int((results_df["decided_by"] != "forward").sum()),
         "heads": [list(h) for h in heads], "reused_evaluation": reused,
         "resumed_chunks": resumed,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "host": platform.node(),

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ih_sweep import data
+from ih_sweep import data, evaluation
 from ih_sweep.ablation import ablate_heads
 from ih_sweep.evaluation import (
     EvalSettings,
@@ -59,10 +59,35 @@ def test_per_item_equality_with_one_at_a_time_generate(tiny, tiny_prefix, scope)
         for r, c in zip(got, ref):
             assert r.correct == is_correct(c, r.item.answer, "contains")
             assert c.startswith(r.continuation)
-            if r.decided_by == "generate":
+            if r.decided_by != "forward":
                 assert r.continuation == c
         if heads:
             assert sum(not r.correct for r in got) >= 3  # the ablation produced errors
+            assert any(r.decided_by == "decode" for r in got)  # continued from the cache
+
+
+def test_generate_fallback_gives_the_same_outcomes(tiny, tiny_prefix, monkeypatch):
+    """Where the pass's cache cannot be reused, undecided items go to ``generate``."""
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(12, seed=78), "all")
+    with ablate_heads(model, select_heads(tiny_prefix, "high", 16)):
+        cached = evaluate(model, tok, items, EvalSettings(progress=False, batch_size=5))
+        monkeypatch.setattr(evaluation, "_reusable_cache", lambda *a: None)
+        fallback = evaluate(model, tok, items, EvalSettings(progress=False, batch_size=5))
+    assert {r.decided_by for r in cached} == {"forward", "decode"}
+    assert {r.decided_by for r in fallback} == {"forward", "generate"}
+    assert [(r.correct, r.continuation) for r in cached] == \
+        [(r.correct, r.continuation) for r in fallback]
+
+
+def test_sliding_window_within_reach_disables_cache_reuse():
+    import transformers as tf
+
+    model = tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, sliding_window=64))
+    assert evaluation._reusable_cache(model, 40, 3) is not None
+    assert evaluation._reusable_cache(model, 62, 3) is None
 
 
 def test_exact_metric_equality(tiny, tiny_prefix):

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+
+from ih_sweep import eval_attention
+from ih_sweep.eval_attention import causal, read_only_at, selected_queries
+
+V = 61
+
+
+def _models():
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3)
+    torch.manual_seed(0)
+    return {
+        "llama": tf.LlamaForCausalLM(tf.LlamaConfig(num_attention_heads=4,
+                                                    num_key_value_heads=2, **common)),
+        "mistral": tf.MistralForCausalLM(tf.MistralConfig(
+            num_attention_heads=8, num_key_value_heads=2, head_dim=8, **common)),
+        "mistral_short_window": tf.MistralForCausalLM(tf.MistralConfig(
+            num_attention_heads=4, num_key_value_heads=4, sliding_window=5, **common)),
+        "qwen2": tf.Qwen2ForCausalLM(tf.Qwen2Config(num_attention_heads=4,
+                                                    num_key_value_heads=1, **common)),
+        "gemma": tf.GemmaForCausalLM(tf.GemmaConfig(num_attention_heads=4,
+                                                    num_key_value_heads=1, head_dim=8,
+                                                    **common)),
+        "gpt2": tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=3, n_head=4,
+                                                 vocab_size=V)),
+    }
+
+
+MODELS = _models()
+
+
+def _batch(lengths: list[int], width: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros((len(lengths), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    read = []
+    for b, n in enumerate(lengths):
+        ids[b, :n] = torch.randint(3, V, (n,), generator=g)
+        mask[b, :n] = 1
+        read.append(torch.randint(0, n, (3,), generator=g).tolist())  # duplicates allowed
+    return ids, mask, torch.tensor(read)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_read_positions_equal_the_plain_forward(name, monkeypatch):
+    """Right-padded rows of different lengths: at the read positions the fast path gives
+    the plain sdpa forward's logits (also where it must fall back, a short sliding window)."""
+    calls = {"causal": 0, "selected": 0}
+
+    def spy(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(eval_attention, "causal", spy("causal", causal))
+    monkeypatch.setattr(eval_attention, "selected_queries", spy("selected", selected_queries))
+    model = MODELS[name].eval()
+    model.config._attn_implementation = "sdpa"
+    ids, mask, read = _batch([40, 33, 9, 40], 40)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        with read_only_at(model, read) as on:
+            got = model(input_ids=ids, attention_mask=mask).logits
+    assert on
+    if name == "mistral_short_window":  # window 5 < 40 tokens: every layer falls back
+        assert calls == {"causal": 0, "selected": 0}
+    else:  # two layers blockwise, the last one at the read positions only
+        assert calls == {"causal": 2, "selected": 1}
+    assert model.config._attn_implementation == "sdpa"
+    idx = read[:, :, None].expand(-1, -1, V)
+    torch.testing.assert_close(torch.gather(got, 1, idx), torch.gather(ref, 1, idx),
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_other_attention_kernels_are_left_alone():
+    model = MODELS["llama"]
+    model.config._attn_implementation = "flex_attention"
+    try:
+        with read_only_at(model, torch.zeros((1, 1), dtype=torch.long)) as on:
+            assert model.config._attn_implementation == "flex_attention"
+        assert not on
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize("length", [7, 32, 33, 101])
+def test_block_causal_equals_sdpa_causal(length):
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(2, 8, length, 16, generator=g)
+    k = torch.randn(2, 2, length, 16, generator=g)
+    v = torch.randn(2, 2, length, 16, generator=g)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(causal(q, k, v, None, 4), ref.transpose(1, 2), atol=1e-6,
+                               rtol=1e-5)
+
+
+def test_selected_queries_only_fill_the_read_positions():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 20, 8, generator=g) for _ in range(3))
+    pos = torch.tensor([[19, 4], [0, 0]])
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    got = selected_queries(q, k, v, pos, None, 1)
+    for b, row in enumerate(pos.tolist()):
+        for t in range(20):
+            if t in row:
+                torch.testing.assert_close(got[b, t], ref[b, t], atol=1e-6, rtol=1e-5)
+            else:
+                assert not got[b, t].any()
