@@ -98,6 +98,33 @@ def test_cancelled_job_fails_clearly_and_keeps_the_rest(slurm_env, tmp_path):
     assert "Jobs left out" in md and victim in md
 
 
+def test_job_cancelled_before_any_started_is_reported_lost(slurm_env, tmp_path):
+    """A task cancelled before the array starts has no record in squeue or sacct; submitit
+    alone would wait for it forever. The launcher reports it lost and keeps the rest."""
+    proc = subprocess.Popen(_args(tmp_path, "n_heads=4", "condition=high,low,none",
+                                  "data.n_stories=60",
+                                  "+hydra.launcher.additional_parameters.begin=now+8"),
+                            cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.time() + 120
+    while time.time() < deadline and victim is None:
+        q = subprocess.run(["squeue", "-h", "-r", "-n", "ih_sweep", "-o", "%i %T"],
+                           env=slurm_env, capture_output=True, text=True).stdout.split()
+        if q:
+            victim = sorted(q[::2])[-1]
+        time.sleep(0.2)
+    assert victim, "the array never showed up in squeue"
+    subprocess.run(["scancel", victim], env=slurm_env, check=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "1 of 3 SLURM jobs did not finish" in err and victim in err
+    assert "LOST" in err
+    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*/job.json")]
+    assert len(recs) == 2 and all(r["status"] == "complete" for r in recs)
+    assert victim in (tmp_path / "summary.md").read_text()
+
+
 def test_sigkilled_job_resumes_without_duplicates_or_losses(tmp_path):
     """Kill a running job with SIGKILL after some chunks; the rerun finishes the rest."""
     args = [sys.executable, "-m", "ih_sweep", "n_heads=8", "condition=high",

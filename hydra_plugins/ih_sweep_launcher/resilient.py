@@ -5,12 +5,16 @@ while later jobs may still run, and Hydra then skips ``on_multirun_end``, so no 
 written. This launcher waits for every job, writes the summary of what finished, and only
 then fails with one message naming each job that did not finish. Preempted or timed-out jobs
 are requeued by submitit's checkpoint mechanism (``max_num_timeout``) and resume from their
-last checkpointed chunk.
+last checkpointed chunk. An array task cancelled before the scheduler started any task has no
+record of its own anywhere (squeue, sacct, scontrol), and submitit would wait for it forever:
+a job that stays absent from both squeue and sacct for ``LOST_AFTER_S`` counts as lost.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,32 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 log = logging.getLogger(__name__)
 
 
+LOST_AFTER_S = 30.0  # continuous absence from squeue and sacct (accounting lags seconds)
+POLL_S = 2.0
+
+
 class SweepIncomplete(RuntimeError):
     pass
+
+
+def slurm_knows(job_id: str) -> bool | None:
+    """Whether SLURM has the job queued or running (squeue) or accounted (sacct); None when
+    it cannot tell (a command failed), which never counts as absent."""
+    def run(*cmd: str) -> subprocess.CompletedProcess | None:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    queue = run("squeue", "-h", "-r", "-o", "%i", "-j", job_id)
+    if queue is None or (queue.returncode != 0 and "Invalid job id" not in queue.stderr):
+        return None
+    if queue.returncode == 0 and job_id in queue.stdout.split():
+        return True
+    acct = run("sacct", "-n", "-P", "-X", "-o", "JobID", "-j", job_id)
+    if acct is None or acct.returncode != 0:
+        return None
+    return job_id in acct.stdout.split()
 
 
 class _ResilientMixin:
@@ -64,16 +92,20 @@ class _ResilientMixin:
             params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
                            Singleton.get_state()))
         jobs = self._executor().map_array(self, *zip(*params))
+        lost = self._wait(jobs)
         returns: list[JobReturn] = []
         failures: list[tuple[str, str]] = []
         for job, (overrides, *_) in zip(jobs, params):
+            name = f"job {job.job_id} ({' '.join(filter_overrides(overrides))})"
+            if job.job_id in lost:
+                failures.append((name, lost[job.job_id]))
+                continue
             try:
                 returns.append(job.results()[0])
             except (UncompletedJobError, FailedJobError) as err:
                 state = _job_state(job)
                 first = str(err).strip().splitlines()[0][:200]
-                failures.append((f"job {job.job_id} ({' '.join(filter_overrides(overrides))})",
-                                 f"{state}: {first}"))
+                failures.append((name, f"{state}: {first}"))
         if failures:
             self._summarize_partial(sweep_dir, failures)
             raise SweepIncomplete(
@@ -82,6 +114,26 @@ class _ResilientMixin:
                 "to run only what is missing.\n  "
                 + "\n  ".join(f"{job}: {why}" for job, why in failures))
         return returns
+
+    def _wait(self, jobs) -> dict[str, str]:
+        """Block until every job is done or lost; the lost ones with why."""
+        lost: dict[str, str] = {}
+        absent_since: dict[str, float] = {}
+        while True:
+            waiting = [j for j in jobs if j.job_id not in lost and not j.done()]
+            if not waiting:
+                return lost
+            if self._EXECUTOR == "slurm":
+                now = time.monotonic()
+                for job in waiting:
+                    if _job_state(job) != "UNKNOWN" or slurm_knows(job.job_id) is not False:
+                        absent_since.pop(job.job_id, None)
+                    elif now - absent_since.setdefault(job.job_id, now) >= LOST_AFTER_S:
+                        lost[job.job_id] = (
+                            f"LOST: neither squeue nor sacct has known it for {LOST_AFTER_S:.0f} "
+                            "s (an array task cancelled before any task started has no record)")
+                        log.error("job %s: %s", job.job_id, lost[job.job_id])
+            time.sleep(POLL_S)
 
     def _summarize_partial(self, sweep_dir: Path, failures: list[tuple[str, str]]) -> None:
         if not self.config.get("summarize", True):

@@ -1,0 +1,39 @@
+"""The SLURM launcher's wait, without a cluster (the real-cluster runs are in test_slurm)."""
+
+from __future__ import annotations
+
+import time
+
+from hydra_plugins.ih_sweep_launcher import resilient
+
+
+class FakeJob:
+    def __init__(self, job_id: str, state: str, finishes_after_s: float | None):
+        self.job_id, self.state = job_id, state
+        self.end = None if finishes_after_s is None else time.monotonic() + finishes_after_s
+
+    def done(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+
+def _launcher():
+    launcher = resilient._ResilientMixin()
+    launcher._EXECUTOR = "slurm"
+    return launcher
+
+
+def test_wait_reports_a_job_slurm_never_heard_of_and_no_other(monkeypatch):
+    monkeypatch.setattr(resilient, "POLL_S", 0.01)
+    monkeypatch.setattr(resilient, "LOST_AFTER_S", 0.1)
+    known = {"7_0": True, "7_1": True, "7_2": False, "7_3": None}
+    monkeypatch.setattr(resilient, "slurm_knows", known.get)
+    # 7_1 is unknown to submitit but queued; 7_3's status cannot be read: neither is lost
+    jobs = [FakeJob("7_0", "RUNNING", 0.3), FakeJob("7_1", "UNKNOWN", 0.4),
+            FakeJob("7_2", "UNKNOWN", None), FakeJob("7_3", "UNKNOWN", 0.5)]
+    lost = _launcher()._wait(jobs)
+    assert list(lost) == ["7_2"] and lost["7_2"].startswith("LOST")
+
+
+def test_slurm_knows_cannot_tell_without_slurm(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert resilient.slurm_knows("1_0") is None  # never counts as absent
