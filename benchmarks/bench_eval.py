@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
-from _results import RESULTS, save
+from _results import REPEATS, RESULTS, best_of, save
 
 from ih_sweep import data
 from ih_sweep.ablation import ablate_heads
@@ -26,18 +25,6 @@ from ih_sweep.evaluation import (
     is_correct,
 )
 from ih_sweep.model_loading import load_model
-
-REPEATS = 3  # every timing is the best of this many runs (2 shared cores are noisy)
-
-
-def best_of(fn):
-    """(result of the last run, fastest wall time of REPEATS runs)."""
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, min(times)
 
 
 def seed_method(model, tok, items):

@@ -8,11 +8,15 @@ Two facts of that pass make work skippable:
   (PyTorch's CPU flash kernel computes the whole square for prompts under 512 tokens).
 * Only a few positions per row are read (each prompt's last token and the teacher tokens
   after it). In the last layer nothing else depends on the other positions, so only those
-  queries are computed; the rest get zeros, which nothing reads. On a 2-layer model this
-  halves the attention; on a 32-layer model it saves ~3% of it.
+  queries are computed; the rest get zeros, which nothing reads. For the Llama-family decoder
+  layer (Llama, Mistral, Qwen2) the whole last layer runs at the read positions (keys and
+  values still at all of them); other families restrict only its attention. On a 2-layer
+  model that is half the work; on a 32-layer model ~3% of it.
 
-Any call that does not fit (a cache, dropout, a sliding window shorter than the row,
-softcapping, attention sinks, position biases) goes to transformers' sdpa unchanged.
+Keys may begin with a cached prefix shared by every row (no padding in it): query i then sits
+at key position ``offset + i``. Any call that does not fit (dropout, a sliding window shorter
+than the row, softcapping, attention sinks, position biases) goes to transformers' sdpa
+unchanged.
 """
 
 from __future__ import annotations
@@ -44,22 +48,106 @@ def _register() -> None:
 
 @contextmanager
 def read_only_at(model, positions: torch.Tensor) -> Iterator[bool]:
-    """Inside, a forward pass over right-padded rows is exact at ``positions`` [rows, k]
-    (and at every position before the last layer). Yields whether the fast path is on:
-    models configured for other attention kernels (flash-attention, flex) keep theirs."""
+    """Inside, a forward pass over right-padded rows (after, optionally, a cached prefix
+    shared by all rows) is exact at ``positions`` [rows, k] of its input (and at every
+    position before the last layer). Yields whether the fast path is on:
+    models configured for other attention kernels (flash-attention, flex) keep theirs, and
+    so do models that do not route attention through transformers' AttentionInterface."""
     config = model.config
     previous = config._attn_implementation
-    if previous not in ("sdpa", "eager", None):
+    if previous not in ("sdpa", "eager", None) or \
+            not getattr(model, "_supports_attention_backend", False):
         yield False
         return
     _register()
     token = _READ.set(positions)
     config._attn_implementation = NAME
+    last = _last_decoder_layer(model)
+    if last is not None:
+        last.forward = _read_only_layer(last, last.forward, positions)
     try:
         yield True
     finally:
+        if last is not None:
+            del last.forward  # the instance attribute; the class's forward shows again
         config._attn_implementation = previous
         _READ.reset(token)
+
+
+# --------------------------------------------------------------------------- last layer
+LLAMA_FAMILY_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+
+
+def _last_decoder_layer(model):
+    """The last decoder layer when it is the Llama-family layer this module re-runs."""
+    from .architecture import UnsupportedArchitecture, head_sites
+
+    try:
+        layer = head_sites(model).layers[-1]
+    except UnsupportedArchitecture:
+        return None
+    attn = getattr(layer, "self_attn", None)
+    if type(layer).__name__ not in LLAMA_FAMILY_LAYERS or attn is None or \
+            any(hasattr(attn, name) for name in ("q_norm", "k_norm")):
+        return None
+    if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                "head_dim", "scaling", "layer_idx")):
+        return None
+    return layer
+
+
+def _read_only_layer(layer, original, positions: torch.Tensor):
+    """A forward for the last decoder layer that computes its output at ``positions`` only
+    (zeros elsewhere) and falls back to ``original`` for calls that do not fit."""
+    import sys
+
+    rope = getattr(sys.modules[type(layer).__module__], "apply_rotary_pos_emb", None)
+
+    def forward(hidden_states, *args, **kwargs):
+        embeddings = kwargs.get("position_embeddings")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        window = getattr(layer.self_attn.config, "sliding_window", None)
+        length = hidden_states.shape[1]
+        past = 0 if cache is None else cache.get_seq_length(layer.self_attn.layer_idx)
+        fits = (rope is not None and not args and embeddings is not None and not layer.training
+                and (not window or window >= past + length))
+        if not fits:
+            return original(hidden_states, *args, **kwargs)
+        return last_layer_at(layer, hidden_states, embeddings, positions, cache, rope)
+
+    return forward
+
+
+def last_layer_at(layer, hidden: torch.Tensor, embeddings: tuple[torch.Tensor, torch.Tensor],
+                  positions: torch.Tensor, cache, rope) -> torch.Tensor:
+    """The Llama-family decoder layer's output at ``positions`` [B, k], zeros elsewhere;
+    fills ``cache`` with its key/values at every position."""
+    attn = layer.self_attn
+    batch, length, width = hidden.shape
+    pos = positions.to(hidden.device)
+    k = pos.shape[1]
+    x = layer.input_layernorm(hidden)
+    key = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    value = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    take = pos[:, :, None]
+    query = attn.q_proj(torch.gather(x, 1, take.expand(batch, k, width)))
+    query = query.view(batch, k, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = embeddings
+    cos_at = torch.gather(cos.expand(batch, -1, -1), 1, take.expand(batch, k, cos.shape[-1]))
+    sin_at = torch.gather(sin.expand(batch, -1, -1), 1, take.expand(batch, k, sin.shape[-1]))
+    query, _ = rope(query, query, cos_at, sin_at)
+    key, _ = rope(key, key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, attn.layer_idx)
+    offset = key.shape[2] - length
+    mask = (torch.arange(key.shape[2], device=hidden.device)[None, None, :]
+            <= offset + pos[:, :, None])
+    out = _sdpa(query, key, value, query.shape[1] // key.shape[1], attn_mask=mask[:, None],
+                scale=attn.scaling)
+    out = attn.o_proj(out.transpose(1, 2).reshape(batch, k, -1))
+    h = torch.gather(hidden, 1, take.expand(batch, k, width)) + out
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return hidden.new_zeros(hidden.shape).scatter_(1, take.expand(batch, k, width), h)
 
 
 def _plain_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -71,10 +159,10 @@ def _plain_sdpa(module, query, key, value, attention_mask, **kwargs):
 def _fits(query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs: dict) -> bool:
     length = query.shape[2]
     window = kwargs.get("sliding_window")
-    return (key.shape[2] == length and not dropout
+    return (key.shape[2] >= length and not dropout
             and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "position_bias"))
             and kwargs.get("is_causal", True) is not False
-            and (not window or window >= length))
+            and (not window or window >= key.shape[2]))
 
 
 def _is_last_layer(module) -> bool:
@@ -107,19 +195,22 @@ def _sdpa(q, k, v, groups: int, **kw) -> torch.Tensor:
 
 def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            scaling: float | None, groups: int, block: int = CPU_QUERY_BLOCK) -> torch.Tensor:
-    """Causal attention without a padding mask; on CPU in query blocks that see only the
-    keys up to their end."""
+    """Causal attention without a padding mask (query i at key position offset + i); on CPU
+    in query blocks that see only the keys up to their end."""
     length = query.shape[2]
-    if query.device.type != "cpu" or length <= block:
+    offset = key.shape[2] - length
+    if offset == 0 and (query.device.type != "cpu" or length <= block):
         out = _sdpa(query, key, value, groups, is_causal=True, scale=scaling)
         return out.transpose(1, 2).contiguous()
+    if query.device.type != "cpu":
+        block = length  # one call with an explicit mask
     out = query.new_empty(query.shape[0], length, query.shape[1], query.shape[3])
-    index = torch.arange(length, device=query.device)
+    index = torch.arange(offset + length, device=query.device)
     for start in range(0, length, block):
         end = min(length, start + block)
-        mask = index[None, :end] <= index[start:end, None]
-        part = _sdpa(query[:, :, start:end], key[:, :, :end], value[:, :, :end], groups,
-                     attn_mask=mask, scale=scaling)
+        mask = index[None, :offset + end] <= index[offset + start:offset + end, None]
+        part = _sdpa(query[:, :, start:end], key[:, :, :offset + end],
+                     value[:, :, :offset + end], groups, attn_mask=mask, scale=scaling)
         out[:, start:end] = part.transpose(1, 2)
     return out
 
@@ -127,12 +218,14 @@ def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def selected_queries(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      positions: torch.Tensor, scaling: float | None, groups: int
                      ) -> torch.Tensor:
-    """Attention outputs at ``positions`` [B, k] only; zeros elsewhere."""
+    """Attention outputs at query ``positions`` [B, k] only; zeros elsewhere."""
     batch, heads, length, dim = query.shape
     pos = positions.to(query.device)
     k = pos.shape[1]
     q = torch.gather(query, 2, pos[:, None, :, None].expand(batch, heads, k, dim))
-    mask = torch.arange(length, device=query.device)[None, None, :] <= pos[:, :, None]
+    offset = key.shape[2] - length
+    mask = (torch.arange(key.shape[2], device=query.device)[None, None, :]
+            <= offset + pos[:, :, None])
     part = _sdpa(q, key, value, groups, attn_mask=mask[:, None], scale=scaling)
     out = query.new_zeros(batch, length, heads, dim)
     out.scatter_(1, pos[:, :, None, None].expand(batch, k, heads, dim), part.transpose(1, 2))

@@ -171,12 +171,30 @@ def _reusable_cache(model, width: int, budget: int):
     return cache
 
 
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth its own forward pass
+
+
+def shared_prefix_length(rows) -> int:
+    """Tokens every row starts with, stopping before any row's first read position (its
+    logits must come out of the pass)."""
+    first = rows[0][0]
+    n = min(q.pos for _, queries in rows for q in queries)
+    for row, _ in rows[1:]:
+        n = min(n, len(row))
+        n = next((i for i in range(n) if row[i] != first[i]), n)
+    return n
+
+
 @torch.no_grad()
 def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
                          cache=None) -> dict[int, list[int]]:
     """For each query: the argmax tokens at its positions (prompt end, then each teacher).
-    With ``cache``, the pass also fills it (key/values of every row position)."""
+    With ``cache``, the pass also fills it (key/values of every row position), and a prefix
+    all rows share (the prompt header) runs once instead of once per row."""
     width = max(len(r) for r, _ in rows)
+    shared = shared_prefix_length(rows) if cache is not None else 0
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     positions: list[list[int]] = []
@@ -185,7 +203,8 @@ def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
         mask[b, :len(row)] = 1
         pos = []
         for q in queries:
-            pos.extend(q.pos + j for j in range(min(max_new_tokens, len(q.teacher) + 1)))
+            pos.extend(q.pos - shared + j
+                       for j in range(min(max_new_tokens, len(q.teacher) + 1)))
         positions.append(pos)
     k = max(len(p) for p in positions)
     gather = torch.zeros((len(rows), k), dtype=torch.long)
@@ -202,11 +221,14 @@ def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
     kwargs = {"use_cache": False}
     if cache is not None:
         kwargs = {"use_cache": True, _cache_argument(model): cache}
+    if shared:  # the common prefix once, its key/values copied to every row
+        model(input_ids=ids[:1, :shared].to(device), logits_to_keep=1, **kwargs)
+        cache.batch_repeat_interleave(len(rows))
     handle = unembed.register_forward_pre_hook(pick)
     try:
         with read_only_at(model, gather):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           **kwargs).logits
+            logits = model(input_ids=ids[:, shared:].to(device),
+                           attention_mask=mask.to(device), **kwargs).logits
     finally:
         handle.remove()
     top = logits.argmax(-1).cpu()

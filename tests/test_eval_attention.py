@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import transformers as tf
 
 from ih_sweep import eval_attention
-from ih_sweep.eval_attention import causal, read_only_at, selected_queries
+from ih_sweep.eval_attention import causal, last_layer_at, read_only_at, selected_queries
 
 V = 61
 
@@ -50,7 +50,7 @@ def _batch(lengths: list[int], width: int, seed: int = 1):
 def test_read_positions_equal_the_plain_forward(name, monkeypatch):
     """Right-padded rows of different lengths: at the read positions the fast path gives
     the plain sdpa forward's logits (also where it must fall back, a short sliding window)."""
-    calls = {"causal": 0, "selected": 0}
+    calls = {"causal": 0, "selected": 0, "layer": 0}
 
     def spy(key, fn):
         def wrapped(*args, **kwargs):
@@ -60,6 +60,7 @@ def test_read_positions_equal_the_plain_forward(name, monkeypatch):
 
     monkeypatch.setattr(eval_attention, "causal", spy("causal", causal))
     monkeypatch.setattr(eval_attention, "selected_queries", spy("selected", selected_queries))
+    monkeypatch.setattr(eval_attention, "last_layer_at", spy("layer", last_layer_at))
     model = MODELS[name].eval()
     model.config._attn_implementation = "sdpa"
     ids, mask, read = _batch([40, 33, 9, 40], 40)
@@ -69,12 +70,38 @@ def test_read_positions_equal_the_plain_forward(name, monkeypatch):
             got = model(input_ids=ids, attention_mask=mask).logits
     assert on
     if name == "mistral_short_window":  # window 5 < 40 tokens: every layer falls back
-        assert calls == {"causal": 0, "selected": 0}
-    else:  # two layers blockwise, the last one at the read positions only
-        assert calls == {"causal": 2, "selected": 1}
+        assert calls == {"causal": 0, "selected": 0, "layer": 0}
+    elif name in ("llama", "mistral", "qwen2"):  # the whole last layer at the read positions
+        assert calls == {"causal": 2, "selected": 0, "layer": 1}
+    else:  # two layers blockwise, the last one's attention at the read positions
+        assert calls == {"causal": 2, "selected": 1, "layer": 0}
+    assert "forward" not in vars(model.model.layers[-1]) if hasattr(model, "model") else True
     assert model.config._attn_implementation == "sdpa"
     idx = read[:, :, None].expand(-1, -1, V)
     torch.testing.assert_close(torch.gather(got, 1, idx), torch.gather(ref, 1, idx),
+                               atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma", "gpt2"])
+def test_read_positions_after_a_shared_cached_prefix(name):
+    """A prefix common to all rows runs once, its cache copied per row; the rest of the rows
+    then attend to it at an offset: same logits at the read positions as the plain forward."""
+    model = MODELS[name].eval()
+    model.config._attn_implementation = "sdpa"
+    ids, mask, _ = _batch([40, 33, 12, 40], 40, seed=4)
+    shared = 9
+    ids[:, :shared] = ids[0, :shared]
+    read = torch.tensor([[39, 20], [32, 9], [11, 11], [9, 30]])
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        cache = tf.DynamicCache(config=model.config)
+        model(input_ids=ids[:1, :shared], cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(ids))
+        with read_only_at(model, read - shared):
+            got = model(input_ids=ids[:, shared:], attention_mask=mask, cache=cache,
+                        use_cache=True).logits
+    idx = read[:, :, None].expand(-1, -1, V)
+    torch.testing.assert_close(torch.gather(got, 1, idx - shared), torch.gather(ref, 1, idx),
                                atol=2e-5, rtol=1e-4)
 
 
@@ -87,6 +114,18 @@ def test_other_attention_kernels_are_left_alone():
         assert not on
     finally:
         model.config._attn_implementation = "sdpa"
+
+
+def test_models_without_attention_interface_are_left_alone():
+    model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2,
+                                               n_head=4)).eval()
+    ids, mask, read = _batch([12, 7], 12)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        with read_only_at(model, read) as on:
+            got = model(input_ids=ids, attention_mask=mask).logits
+    assert not on
+    torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.parametrize("length", [7, 32, 33, 101])

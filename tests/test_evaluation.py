@@ -80,6 +80,31 @@ def test_generate_fallback_gives_the_same_outcomes(tiny, tiny_prefix, monkeypatc
         [(r.correct, r.continuation) for r in fallback]
 
 
+def test_shared_prefix_stops_before_the_first_read_position():
+    q = evaluation._Query
+    rows = [([1, 5, 6, 7, 8, 9], [q(0, 4, [9])]), ([1, 5, 6, 2, 8], [q(1, 3, [8])])]
+    assert evaluation.shared_prefix_length(rows) == 3
+    rows[1] = ([1, 5, 6, 7, 8, 9], [q(1, 2, [7]), q(2, 4, [9])])
+    assert evaluation.shared_prefix_length(rows) == 2  # position 2's logits are read
+
+
+def test_shared_prefix_changes_nothing(tiny, tiny_prefix, monkeypatch):
+    """The prompt header once per batch (its cache copied to every row) gives the same
+    continuations as running it in every row."""
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(24, seed=79), "all")
+    runs = []
+    default = evaluation.MIN_SHARED_PREFIX
+    with ablate_heads(model, select_heads(tiny_prefix, "high", 8)):
+        for minimum in (default, 10**6):
+            monkeypatch.setattr(evaluation, "MIN_SHARED_PREFIX", minimum)
+            runs.append(evaluate(model, tok, items, EvalSettings(progress=False, batch_size=8)))
+    assert [(r.correct, r.continuation, r.decided_by) for r in runs[0]] == \
+        [(r.correct, r.continuation, r.decided_by) for r in runs[1]]
+    rows = evaluation.build_rows(tok, items, 3)
+    assert evaluation.shared_prefix_length(rows) >= default  # the header: 18 tokens
+
+
 def test_sliding_window_within_reach_disables_cache_reuse():
     import transformers as tf
 
