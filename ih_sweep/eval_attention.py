@@ -63,13 +63,17 @@ def read_only_at(model, positions: torch.Tensor) -> Iterator[bool]:
     token = _READ.set(positions)
     config._attn_implementation = NAME
     last = _last_decoder_layer(model)
+    own = vars(last).get("forward") if last is not None else None  # e.g. a wrapper
     if last is not None:
         last.forward = _read_only_layer(last, last.forward, positions)
     try:
         yield True
     finally:
         if last is not None:
-            del last.forward  # the instance attribute; the class's forward shows again
+            if own is None:
+                del last.forward  # the class's forward shows again
+            else:
+                last.forward = own
         config._attn_implementation = previous
         _READ.reset(token)
 
@@ -79,12 +83,15 @@ LLAMA_FAMILY_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2Decoder
 
 
 def _last_decoder_layer(model):
-    """The last decoder layer when it is the Llama-family layer this module re-runs."""
+    """The last decoder layer when it is the Llama-family layer this module re-runs, and no
+    accelerate hook (device placement across cards, offloading) wraps it."""
     from .architecture import UnsupportedArchitecture, head_sites
 
     try:
         layer = head_sites(model).layers[-1]
     except UnsupportedArchitecture:
+        return None
+    if hasattr(layer, "_hf_hook"):
         return None
     attn = getattr(layer, "self_attn", None)
     if type(layer).__name__ not in LLAMA_FAMILY_LAYERS or attn is None or \

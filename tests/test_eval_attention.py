@@ -105,6 +105,34 @@ def test_read_positions_after_a_shared_cached_prefix(name):
                                atol=2e-5, rtol=1e-4)
 
 
+def test_a_wrapped_last_layer_is_left_to_its_wrapper_and_restored():
+    """accelerate replaces module.forward with a hook wrapper (device placement, offload):
+    such a layer keeps its wrapper, and a plain instance forward is put back afterwards."""
+    model = MODELS["llama"].eval()
+    model.config._attn_implementation = "sdpa"
+    last = model.model.layers[-1]
+    calls = []
+    original = last.forward
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    ids, mask, read = _batch([20, 14], 20)
+    last.forward = wrapper
+    try:
+        with torch.no_grad(), read_only_at(model, read):
+            model(input_ids=ids, attention_mask=mask)
+        assert vars(last)["forward"] is wrapper
+        last._hf_hook = object()
+        with torch.no_grad(), read_only_at(model, read):
+            model(input_ids=ids, attention_mask=mask)
+        assert calls == [1] and vars(last)["forward"] is wrapper
+    finally:
+        del last.forward
+        vars(last).pop("_hf_hook", None)
+
+
 def test_other_attention_kernels_are_left_alone():
     model = MODELS["llama"]
     model.config._attn_implementation = "flex_attention"

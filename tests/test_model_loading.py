@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ih_sweep import evaluation
+from ih_sweep import data, evaluation
 from ih_sweep.ablation import ablate_heads
 from ih_sweep.architecture import head_sites
 from ih_sweep.model_loading import load_model, quantization_config, resolve_path
@@ -48,6 +48,13 @@ def test_quantized_models_ablate_and_restore(quant):
             ablated = model(input_ids=ids).logits
         after = model(input_ids=ids).logits
     assert not torch.allclose(base, ablated) and torch.equal(base, after)
+    # the evaluation engine's fast path on quantized layers: the seed's outcomes, item by item
+    items = data.make_items(data.generate_stories(10, seed=3), "all")
+    with ablate_heads(model, [(1, h) for h in range(0, 32, 2)]):
+        got = evaluation.evaluate(model, tok, items, evaluation.EvalSettings(progress=False))
+        ref = [evaluation.generate_one_at_a_time(model, tok, it) for it in items]
+    assert [r.correct for r in got] == [evaluation.is_correct(c, it.answer, "contains")
+                                       for c, it in zip(ref, items)]
 
 
 def test_cuda_oom_halves_the_batch_and_continues(monkeypatch):
