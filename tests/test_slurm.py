@@ -67,62 +67,61 @@ def test_main_sweep_on_slurm(slurm_env, tmp_path):
     assert names and set(names) == {"ih_sweep"}
 
 
-def test_cancelled_job_fails_clearly_and_keeps_the_rest(slurm_env, tmp_path):
-    """With array_parallelism=2 the third job waits; cancel it and check the outcome."""
-    proc = subprocess.Popen(_args(tmp_path, "n_heads=4", "condition=high,low,none",
-                                  "data.n_stories=200", "hydra.launcher.array_parallelism=2"),
-                            cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE,
+def _three_jobs(env: dict, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(_args(out, "n_heads=4", "condition=high,low,none", *extra),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def _cancel(env: dict, choose, poll_s: float) -> str:
+    """scancel the array task ``choose`` picks from squeue's (id, state) pairs."""
     victim = None
     deadline = time.time() + 120
     while time.time() < deadline and victim is None:
-        q = subprocess.run(["squeue", "-h", "-r", "-n", "ih_sweep", "-o", "%i %T"],
-                           env=slurm_env, capture_output=True, text=True).stdout.split("\n")
-        pending = [line.split()[0] for line in q if line.endswith("PENDING")]
-        # a task cancelled before the scheduler started any has no accounting record of
-        # its own, and submitit then waits forever: cancel while the others run
-        if pending and any(line.endswith("RUNNING") for line in q):
-            victim = sorted(pending)[-1]
-        time.sleep(0.5)
-    assert victim, "no pending array task to cancel"
-    subprocess.run(["scancel", victim], env=slurm_env, check=True)
-    out, err = proc.communicate(timeout=600)
+        q = subprocess.run(["squeue", "-h", "-r", "-n", "ih_sweep", "-o", "%i %T"], env=env,
+                           capture_output=True, text=True).stdout.splitlines()
+        victim = choose([tuple(line.split()) for line in q if line.strip()])
+        time.sleep(poll_s)
+    assert victim, "no array task to cancel"
+    subprocess.run(["scancel", victim], env=env, check=True)
+    return victim
+
+
+def _one_of_three_missing(proc: subprocess.Popen, victim: str, out: Path, why: str) -> list:
+    """The sweep fails naming the victim and why; the other two finished and are summarized."""
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode != 0
-    assert "1 of 3 SLURM jobs did not finish" in err and victim in err
-    assert "CANCELLED" in err
-    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*/job.json")]
-    assert len(recs) == 2 and all(r["n_items"] == 200 for r in recs)
-    summary = pd.read_csv(tmp_path / "summary.csv")
-    assert len(summary) == 2
-    md = (tmp_path / "summary.md").read_text()
+    assert "1 of 3 SLURM jobs did not finish" in err and victim in err and why in err
+    recs = [json.loads(p.read_text()) for p in out.glob("*/job.json")]
+    assert len(recs) == 2 and all(r["status"] == "complete" for r in recs)
+    md = (out / "summary.md").read_text()
     assert "Jobs left out" in md and victim in md
+    return recs
+
+
+def test_cancelled_job_fails_clearly_and_keeps_the_rest(slurm_env, tmp_path):
+    """With array_parallelism=2 the third job waits; cancel it and check the outcome."""
+    proc = _three_jobs(slurm_env, tmp_path, "data.n_stories=200",
+                       "hydra.launcher.array_parallelism=2")
+
+    def pending_while_another_runs(tasks):
+        # cancelled before any task started, a task has no record at all (the next test)
+        pending = sorted(t for t, state in tasks if state == "PENDING")
+        return pending[-1] if pending and any(s == "RUNNING" for _, s in tasks) else None
+
+    victim = _cancel(slurm_env, pending_while_another_runs, 0.5)
+    recs = _one_of_three_missing(proc, victim, tmp_path, "CANCELLED")
+    assert all(r["n_items"] == 200 for r in recs)
+    assert len(pd.read_csv(tmp_path / "summary.csv")) == 2
 
 
 def test_job_cancelled_before_any_started_is_reported_lost(slurm_env, tmp_path):
     """A task cancelled before the array starts has no record in squeue or sacct; submitit
     alone would wait for it forever. The launcher reports it lost and keeps the rest."""
-    proc = subprocess.Popen(_args(tmp_path, "n_heads=4", "condition=high,low,none",
-                                  "data.n_stories=60",
-                                  "+hydra.launcher.additional_parameters.begin=now+8"),
-                            cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    victim = None
-    deadline = time.time() + 120
-    while time.time() < deadline and victim is None:
-        q = subprocess.run(["squeue", "-h", "-r", "-n", "ih_sweep", "-o", "%i %T"],
-                           env=slurm_env, capture_output=True, text=True).stdout.split()
-        if q:
-            victim = sorted(q[::2])[-1]
-        time.sleep(0.2)
-    assert victim, "the array never showed up in squeue"
-    subprocess.run(["scancel", victim], env=slurm_env, check=True)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0
-    assert "1 of 3 SLURM jobs did not finish" in err and victim in err
-    assert "LOST" in err
-    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*/job.json")]
-    assert len(recs) == 2 and all(r["status"] == "complete" for r in recs)
-    assert victim in (tmp_path / "summary.md").read_text()
+    proc = _three_jobs(slurm_env, tmp_path, "data.n_stories=60",
+                       "+hydra.launcher.additional_parameters.begin=now+8")
+    victim = _cancel(slurm_env, lambda tasks: max((t for t, _ in tasks), default=None), 0.2)
+    _one_of_three_missing(proc, victim, tmp_path, "LOST")
 
 
 def test_sigkilled_job_resumes_without_duplicates_or_losses(tmp_path):
