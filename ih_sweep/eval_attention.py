@@ -201,11 +201,12 @@ def _sdpa(q, k, v, groups: int, **kw) -> torch.Tensor:
 
 
 def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           scaling: float | None, groups: int, block: int = CPU_QUERY_BLOCK) -> torch.Tensor:
+           scaling: float | None, groups: int, block: int | None = None) -> torch.Tensor:
     """Causal attention without a padding mask (query i at key position offset + i); on CPU
     in query blocks that see only the keys up to their end."""
     length = query.shape[2]
     offset = key.shape[2] - length
+    block = block or CPU_QUERY_BLOCK
     if offset == 0 and (query.device.type != "cpu" or length <= block):
         out = _sdpa(query, key, value, groups, is_causal=True, scale=scaling)
         return out.transpose(1, 2).contiguous()
