@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "ih_sweep_eval"
-CPU_QUERY_BLOCK = 32  # fastest of 16-80 for 160-token rows, 2 cores (benchmarks/README.md)
+CPU_QUERY_BLOCK = 32  # 32-64 equally fast for ~150-token rows on 2 cores; unblocked 18% slower
 _READ: ContextVar[torch.Tensor | None] = ContextVar("ih_sweep_read_positions", default=None)
 _registered = False
 
