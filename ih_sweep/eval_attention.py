@@ -146,11 +146,8 @@ def last_layer_at(layer, hidden: torch.Tensor, embeddings: tuple[torch.Tensor, t
     key, _ = rope(key, key, cos, sin)
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx)
-    offset = key.shape[2] - length
-    mask = (torch.arange(key.shape[2], device=hidden.device)[None, None, :]
-            <= offset + pos[:, :, None])
-    out = _sdpa(query, key, value, query.shape[1] // key.shape[1], attn_mask=mask[:, None],
-                scale=attn.scaling)
+    out = _attend_at(query, key, value, pos, length, attn.scaling,
+                     query.shape[1] // key.shape[1])
     out = attn.o_proj(out.transpose(1, 2).reshape(batch, k, -1))
     h = torch.gather(hidden, 1, take.expand(batch, k, width)) + out
     h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -223,6 +220,17 @@ def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out
 
 
+def _attend_at(query_at: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               positions: torch.Tensor, length: int, scaling: float | None, groups: int
+               ) -> torch.Tensor:
+    """Attention of queries already taken at ``positions`` [B, k] of a ``length``-long input
+    whose keys may begin with a shared cached prefix: [B, H, k, D]."""
+    offset = key.shape[2] - length
+    mask = (torch.arange(key.shape[2], device=key.device)[None, None, :]
+            <= offset + positions[:, :, None])
+    return _sdpa(query_at, key, value, groups, attn_mask=mask[:, None], scale=scaling)
+
+
 def selected_queries(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      positions: torch.Tensor, scaling: float | None, groups: int
                      ) -> torch.Tensor:
@@ -231,10 +239,7 @@ def selected_queries(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     pos = positions.to(query.device)
     k = pos.shape[1]
     q = torch.gather(query, 2, pos[:, None, :, None].expand(batch, heads, k, dim))
-    offset = key.shape[2] - length
-    mask = (torch.arange(key.shape[2], device=query.device)[None, None, :]
-            <= offset + pos[:, :, None])
-    part = _sdpa(q, key, value, groups, attn_mask=mask[:, None], scale=scaling)
+    part = _attend_at(q, key, value, pos, length, scaling, groups)
     out = query.new_zeros(batch, length, heads, dim)
     out.scatter_(1, pos[:, :, None, None].expand(batch, k, heads, dim), part.transpose(1, 2))
     return out
