@@ -22,7 +22,7 @@ SCORE_SOURCES = ("compute", "file")
 LANGS = ("en", "en-10k", "hn", "hn-10k", "shuffled", "shuffled-10k", "en-valid", "en-valid-10k")
 SPLITS = ("train", "test")
 # keys that change how fast a job runs, not what it computes
-NON_SEMANTIC = ("eval.batch_size", "eval.progress", "eval.checkpoint_items",
+NON_SEMANTIC = ("eval.batch_size", "eval.progress", "eval.checkpoint_items", "eval.cpu_workers",
                 "scoring.batch_size", "summarize", "device", "paths", "train")
 
 
@@ -71,6 +71,12 @@ def validate(cfg: DictConfig) -> None:
     _allowed("eval.scope", ev.scope, SCOPES)
     _int("eval.max_new_tokens", ev.max_new_tokens, 1)
     _int("eval.batch_size", ev.batch_size, 1)
+    workers = ev.get("cpu_workers", "auto")
+    if workers != "auto":
+        if not isinstance(workers, int) or isinstance(workers, bool):
+            raise ConfigError(f"eval.cpu_workers={workers!r} is not allowed; allowed values: "
+                              "auto, or an integer >= 1")
+        _int("eval.cpu_workers", workers, 1)
     sc = cfg.scoring
     _allowed("scoring.source", sc.source, SCORE_SOURCES)
     _allowed("scoring.rank_by", sc.rank_by, RANK_BY)

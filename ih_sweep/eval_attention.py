@@ -13,6 +13,10 @@ Two facts of that pass make work skippable:
   values still at all of them); other families restrict only its attention. On a 2-layer
   model that is half the work; on a 32-layer model ~3% of it.
 
+:func:`fast_attention` installs this once per evaluation; only passes inside :func:`read_at`
+(a context variable, so per thread) take the shortcuts, every other call on the model is the
+plain one. Batches evaluated in several threads at once therefore share one installation.
+
 Keys may begin with a cached prefix shared by every row (no padding in it): query i then sits
 at key position ``offset + i``. Any call that does not fit (dropout, a sliding window shorter
 than the row, softcapping, attention sinks, position biases) goes to transformers' sdpa
@@ -47,25 +51,30 @@ def _register() -> None:
 
 
 @contextmanager
-def read_only_at(model, positions: torch.Tensor) -> Iterator[bool]:
-    """Inside, a forward pass over right-padded rows (after, optionally, a cached prefix
-    shared by all rows) is exact at ``positions`` [rows, k] of its input (and at every
-    position before the last layer). Yields whether the fast path is on:
-    models configured for other attention kernels (flash-attention, flex) keep theirs, and
-    so do models that do not route attention through transformers' AttentionInterface."""
+def fast_attention(model) -> Iterator[bool]:
+    """Install the evaluator's attention on ``model`` while inside; yields whether it is on.
+
+    Installed, it changes nothing by itself: only forward passes run inside
+    :func:`read_at` (in the same thread) take the shortcuts; every other call gets sdpa and
+    the layers' own forwards, as before. So one installation can serve batches evaluated in
+    several threads at once. Models on another attention kernel (eager, flash-attention,
+    flex) keep theirs, and so do models that do not route attention through transformers'
+    AttentionInterface. Re-entrant: an inner call on an installed model changes nothing."""
     config = model.config
     previous = config._attn_implementation
-    if previous not in ("sdpa", "eager", None) or \
+    if previous == NAME:
+        yield True
+        return
+    if previous not in ("sdpa", None) or \
             not getattr(model, "_supports_attention_backend", False):
         yield False
         return
     _register()
-    token = _READ.set(positions)
     config._attn_implementation = NAME
     last = _last_decoder_layer(model)
     own = vars(last).get("forward") if last is not None else None  # e.g. a wrapper
     if last is not None:
-        last.forward = _read_only_layer(last, last.forward, positions)
+        last.forward = _read_only_layer(last, last.forward)
     try:
         yield True
     finally:
@@ -75,7 +84,26 @@ def read_only_at(model, positions: torch.Tensor) -> Iterator[bool]:
             else:
                 last.forward = own
         config._attn_implementation = previous
+
+
+@contextmanager
+def read_at(positions: torch.Tensor) -> Iterator[None]:
+    """Inside (this thread/context only), a forward pass of a model under
+    :func:`fast_attention`, over right-padded rows (after, optionally, a cached prefix shared
+    by all rows), is exact at ``positions`` [rows, k] of its input and at every position
+    before the last layer."""
+    token = _READ.set(positions)
+    try:
+        yield
+    finally:
         _READ.reset(token)
+
+
+@contextmanager
+def read_only_at(model, positions: torch.Tensor) -> Iterator[bool]:
+    """:func:`fast_attention` and :func:`read_at` together, for one forward pass."""
+    with fast_attention(model) as on, read_at(positions):
+        yield on
 
 
 # --------------------------------------------------------------------------- last layer
@@ -103,14 +131,18 @@ def _last_decoder_layer(model):
     return layer
 
 
-def _read_only_layer(layer, original, positions: torch.Tensor):
-    """A forward for the last decoder layer that computes its output at ``positions`` only
-    (zeros elsewhere) and falls back to ``original`` for calls that do not fit."""
+def _read_only_layer(layer, original):
+    """A forward for the last decoder layer that, inside :func:`read_at`, computes its
+    output at the read positions only (zeros elsewhere); ``original`` for every other call
+    and for calls that do not fit."""
     import sys
 
     rope = getattr(sys.modules[type(layer).__module__], "apply_rotary_pos_emb", None)
 
     def forward(hidden_states, *args, **kwargs):
+        positions = _READ.get()
+        if positions is None:
+            return original(hidden_states, *args, **kwargs)
         embeddings = kwargs.get("position_embeddings")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         window = getattr(layer.self_attn.config, "sliding_window", None)

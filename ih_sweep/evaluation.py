@@ -17,14 +17,17 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import Item
-from .eval_attention import read_only_at
+from .eval_attention import fast_attention, read_at
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class EvalSettings:
     max_new_tokens: int = 3
     batch_size: int = 32
     progress: bool = True
+    cpu_workers: int | None = None  # batches at once on CPU; None: torch's thread count
 
 
 @dataclass
@@ -185,6 +189,47 @@ def shared_prefix_length(rows) -> int:
     return n
 
 
+_LOGITS_AT: ContextVar[torch.Tensor | None] = ContextVar("ih_sweep_logits_at", default=None)
+_INSTALLED = "_ih_sweep_evaluating"
+
+
+@contextmanager
+def installed(model) -> Iterator[None]:
+    """The evaluator's shortcuts on ``model`` while inside: its attention (see
+    :mod:`.eval_attention`) and logits computed only at the positions the calling thread
+    asks for. Both act only on passes that ask, so batches in other threads and decoding
+    steps see the plain model. Re-entrant (an inner call changes nothing)."""
+    if getattr(model, _INSTALLED, False):
+        yield
+        return
+
+    def pick(module, args):
+        gather = _LOGITS_AT.get()
+        if gather is None:
+            return None
+        h = args[0]
+        idx = gather[:, :, None].expand(-1, -1, h.shape[-1])
+        return (torch.gather(h, 1, idx), *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
+    try:
+        with fast_attention(model):
+            setattr(model, _INSTALLED, True)
+            yield
+    finally:
+        vars(model).pop(_INSTALLED, None)
+        handle.remove()
+
+
+@contextmanager
+def _logits_at(gather: torch.Tensor) -> Iterator[None]:
+    token = _LOGITS_AT.set(gather)
+    try:
+        yield
+    finally:
+        _LOGITS_AT.reset(token)
+
+
 @torch.no_grad()
 def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
                          cache=None) -> dict[int, list[int]]:
@@ -211,26 +256,16 @@ def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
     for b, pos in enumerate(positions):
         gather[b, :len(pos)] = torch.tensor(pos)
     gather = gather.to(device)
-    unembed = model.get_output_embeddings()
-
-    def pick(module, args):  # compute logits only where they are needed
-        h = args[0]
-        idx = gather[:, :, None].expand(-1, -1, h.shape[-1])
-        return (torch.gather(h, 1, idx), *args[1:])
-
     kwargs = {"use_cache": False}
     if cache is not None:
         kwargs = {"use_cache": True, _cache_argument(model): cache}
-    if shared:  # the common prefix once, its key/values copied to every row
-        model(input_ids=ids[:1, :shared].to(device), logits_to_keep=1, **kwargs)
-        cache.batch_repeat_interleave(len(rows))
-    handle = unembed.register_forward_pre_hook(pick)
-    try:
-        with read_only_at(model, gather):
+    with installed(model):
+        if shared:  # the common prefix once, its key/values copied to every row
+            model(input_ids=ids[:1, :shared].to(device), logits_to_keep=1, **kwargs)
+            cache.batch_repeat_interleave(len(rows))
+        with read_at(gather), _logits_at(gather):
             logits = model(input_ids=ids[:, shared:].to(device),
                            attention_mask=mask.to(device), **kwargs).logits
-    finally:
-        handle.remove()
     top = logits.argmax(-1).cpu()
     out: dict[int, list[int]] = {}
     for b, (_, queries) in enumerate(rows):
@@ -319,12 +354,19 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool):
-    """Apply fn to batches of work; on CUDA out-of-memory halve the batch and go on."""
-    results = []
-    start = 0
+def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool,
+                 workers: int = 1):
+    """Apply fn to batches of work; on CUDA out-of-memory halve the batch and go on.
+    With ``workers`` > 1 (CPU), that many batches run at once (see :func:`_in_threads`)."""
     bs = max(1, batch_size)
     bar = tqdm(total=len(work), desc=desc, disable=not progress, leave=False)
+    if workers > 1 and len(work) > bs:
+        results = _in_threads(fn, [work[i:i + bs] for i in range(0, len(work), bs)],
+                              workers, bar)
+        bar.close()
+        return results
+    results = []
+    start = 0
     while start < len(work):
         chunk = work[start:start + bs]
         try:
@@ -339,6 +381,45 @@ def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool):
         start += len(chunk)
         bar.update(len(chunk))
     bar.close()
+    return results
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count while inside (threads started inside inherit it)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _in_threads(fn, chunks: list, workers: int, bar) -> list:
+    """Batches in ``workers`` threads at once, the cores split between them.
+
+    Why: on CPU the evaluator's operators are small (a 2-layer model, 16-dim heads) and
+    parallelise poorly inside one batch (2 threads: 1.25x one), while whole batches are
+    independent: two at once on one thread each evaluate ~1.5x faster than one at a time
+    on two (benchmarks/README.md). torch releases the GIL inside its operators."""
+    workers = min(workers, len(chunks))
+    per_worker = max(1, torch.get_num_threads() // workers)
+
+    def run(chunk):
+        with torch.no_grad():  # grad mode is per thread
+            return fn(chunk)
+
+    with intra_op_threads(per_worker), ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(run, c): len(c) for c in chunks}
+        results = []
+        try:
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.update(futures[future])
+        except BaseException:  # a failed batch (or Ctrl-C): start no other
+            for future in futures:
+                future.cancel()
+            raise
     return results
 
 
@@ -396,11 +477,13 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalSettings
     device = _device(model)
     rows = build_rows(tokenizer, items, settings.max_new_tokens)
     rows.sort(key=lambda r: len(r[0]))  # similar lengths together: less padding
+    workers = 1 if device.type != "cpu" else (settings.cpu_workers or torch.get_num_threads())
     results: dict[int, ItemResult] = {}
-    for part in _run_batches(
-            lambda chunk: _evaluate_rows(model, tokenizer, items, chunk, settings, device),
-            rows, settings.batch_size, "evaluate", settings.progress):
-        results.update(part)
+    with installed(model):
+        for part in _run_batches(
+                lambda chunk: _evaluate_rows(model, tokenizer, items, chunk, settings, device),
+                rows, settings.batch_size, "evaluate", settings.progress, workers):
+            results.update(part)
     decoded = sum(r.decided_by != "forward" for r in results.values())
     log.info("evaluated %d items in %.1f s (%d decoded past the teacher-forced pass)",
              len(items), time.time() - t0, decoded)

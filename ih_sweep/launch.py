@@ -124,6 +124,11 @@ def save_heatmap(scores, column: str, path: Path, title: str) -> Path:
     return path
 
 
+def _cpu_workers(value) -> int | None:
+    """eval.cpu_workers: ``auto`` (None: torch's thread count) or a validated integer."""
+    return None if value == "auto" else int(value)
+
+
 def check_scores_fit(scores, n_layers: int, n_heads: int, source: str) -> None:
     """A supplied table may cover some layers only (the seed's does), but not other shapes."""
     if int(scores["layer"].max()) >= n_layers or scores["head"].nunique() != n_heads:
@@ -203,7 +208,8 @@ def run_sweep_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     settings = EvalSettings(metric=cfg.eval.metric, scope=cfg.eval.scope,
                             max_new_tokens=cfg.eval.max_new_tokens,
-                            batch_size=cfg.eval.batch_size, progress=cfg.eval.progress)
+                            batch_size=cfg.eval.batch_size, progress=cfg.eval.progress,
+                            cpu_workers=_cpu_workers(cfg.eval.get("cpu_workers", "auto")))
     memo_key = "|".join([str(sorted(heads)), cfg.ablation.method, chash_without_selection(cfg)])
     t0 = time.time()
     reused = memo_key in _EVAL_MEMO

@@ -17,6 +17,8 @@ def test_defaults_validate():
     validate(c)
     assert c.model.name == "tiny" and c.data.name == "babi_generated"
     assert c.eval.metric == "contains" and c.eval.scope == "last"
+    assert c.eval.cpu_workers == "auto"
+    validate(cfg("eval.cpu_workers=3"))
     assert c.scoring.rank_by == "prefix" and c.ablation.method == "zero"
 
 
@@ -30,6 +32,9 @@ def test_defaults_validate():
     ("data.task=2", r"data.task=2 is not allowed; allowed values: 1"),
     ("quantization.name=int4", r"quantization.name='int4'.*none, nf4, int8"),
     ("task=train", r"task='train' is not allowed; allowed values: sweep, score, train_tiny"),
+    ("eval.cpu_workers=0", r"eval.cpu_workers=0 must be >= 1"),
+    ("eval.cpu_workers=many", r"eval.cpu_workers='many' is not allowed; allowed values: auto, "
+                              r"or an integer >= 1"),
 ])
 def test_bad_values_name_key_and_allowed_values(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -62,5 +67,6 @@ def test_experiment_seed_replication_composes():
 def test_config_hash_ignores_speed_settings_only():
     base = config_hash(cfg())
     assert config_hash(cfg("eval.batch_size=3", "eval.progress=false")) == base
+    assert config_hash(cfg("eval.cpu_workers=1")) == base
     assert config_hash(cfg("n_heads=4")) != base
     assert config_hash(cfg("data.n_stories=10")) != base

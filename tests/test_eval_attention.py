@@ -133,15 +133,39 @@ def test_a_wrapped_last_layer_is_left_to_its_wrapper_and_restored():
         vars(last).pop("_hf_hook", None)
 
 
-def test_other_attention_kernels_are_left_alone():
+@pytest.mark.parametrize("kernel", ["flex_attention", "eager"])
+def test_other_attention_kernels_are_left_alone(kernel):
+    """The shortcuts compute sdpa's result: a model set to another kernel keeps it."""
     model = MODELS["llama"]
-    model.config._attn_implementation = "flex_attention"
+    model.config._attn_implementation = kernel
     try:
         with read_only_at(model, torch.zeros((1, 1), dtype=torch.long)) as on:
-            assert model.config._attn_implementation == "flex_attention"
+            assert model.config._attn_implementation == kernel
         assert not on
     finally:
         model.config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_installed_attention_is_plain_outside_read_at(name):
+    """Installed once for a whole evaluation, the attention takes its shortcuts only in
+    passes that ask for them (read_at, in their own thread): others (decoding steps,
+    batches in other threads) get every position exactly as before."""
+    model = MODELS[name].eval()
+    model.config._attn_implementation = "sdpa"
+    ids, mask, read = _batch([30, 21, 30], 30, seed=6)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        with eval_attention.fast_attention(model) as on:
+            plain = model(input_ids=ids, attention_mask=mask).logits
+            with eval_attention.read_at(read):
+                fast = model(input_ids=ids, attention_mask=mask).logits
+            again = model(input_ids=ids, attention_mask=mask).logits
+    assert on
+    real = mask.bool()
+    torch.testing.assert_close(plain[real], ref[real], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(again[real], ref[real], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(fast[real], ref[real], atol=1e-3)  # the shortcut did run
 
 
 def test_models_without_attention_interface_are_left_alone():

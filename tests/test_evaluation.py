@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import threading
+
 import pytest
+import torch
 
 from ih_sweep import data, evaluation
 from ih_sweep.ablation import ablate_heads
@@ -131,3 +134,73 @@ def test_batch_size_does_not_change_results(tiny):
     a = evaluate(model, tok, items, EvalSettings(batch_size=1, progress=False))
     b = evaluate(model, tok, items, EvalSettings(batch_size=64, progress=False))
     assert [r.correct for r in a] == [r.correct for r in b]
+
+
+def _spy_batches(monkeypatch, each):
+    real = evaluation._evaluate_rows
+
+    def spy(*args, **kwargs):
+        each()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_evaluate_rows", spy)
+
+
+def _put_back(model, threads: int) -> None:
+    """Nothing of an evaluation stays on the model or in torch's settings."""
+    assert torch.get_num_threads() == threads
+    assert not model.get_output_embeddings()._forward_pre_hooks
+    assert model.config._attn_implementation == "sdpa"
+    assert "forward" not in vars(model.model.layers[-1])
+    assert not hasattr(model, evaluation._INSTALLED)
+
+
+def test_batches_in_threads_give_the_same_outcomes(tiny, tiny_prefix, monkeypatch):
+    """cpu_workers: batches evaluated in threads at the same time (one intra-op thread
+    each) give the outcomes of one batch at a time, also while one thread decodes from its
+    cache as another runs its teacher-forced pass; afterwards everything is put back."""
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(24, seed=80), "all")
+    threads = torch.get_num_threads()
+    together = threading.Barrier(2, timeout=60)  # the first two batches must overlap
+    inside: list[tuple[int, bool]] = []
+    lock = threading.Lock()
+
+    def each():
+        with lock:
+            inside.append((torch.get_num_threads(), torch.is_grad_enabled()))
+            first_two = len(inside) <= 2
+        if first_two:
+            together.wait()
+
+    with ablate_heads(model, select_heads(tiny_prefix, "high", 16)):
+        one = evaluate(model, tok, items,
+                       EvalSettings(progress=False, batch_size=4, cpu_workers=1))
+        _spy_batches(monkeypatch, each)
+        many = evaluate(model, tok, items,
+                        EvalSettings(progress=False, batch_size=4, cpu_workers=3))
+    assert [(r.correct, r.continuation, r.decided_by) for r in many] == \
+        [(r.correct, r.continuation, r.decided_by) for r in one]
+    assert {r.decided_by for r in many} == {"forward", "decode"}
+    assert inside == [(max(1, threads // 3), False)] * 6  # 24 story rows / 4
+    _put_back(model, threads)
+
+
+def test_a_failing_batch_fails_the_evaluation_and_puts_everything_back(tiny, monkeypatch):
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(12, seed=81), "last")
+    threads = torch.get_num_threads()
+    calls = []
+
+    def each():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("batch 2 failed")
+
+    _spy_batches(monkeypatch, each)
+    for workers in (1, 2):
+        calls.clear()
+        with pytest.raises(RuntimeError, match="batch 2 failed"):
+            evaluate(model, tok, items,
+                     EvalSettings(progress=False, batch_size=3, cpu_workers=workers))
+        _put_back(model, threads)

@@ -80,9 +80,10 @@ def test_summary_written_by_callback(main_sweep):
 
 
 def test_rerun_skips_finished_jobs(main_sweep):
+    """Also when only speed settings differ (same job folders, same config hash)."""
     out, args, _ = main_sweep
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/results.csv")}
-    again = cli(*args)
+    again = cli(*args, "eval.cpu_workers=1", "eval.batch_size=7")
     assert again.stdout.count("skipping") + again.stderr.count("skipping") == 9
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/results.csv")} == before
 

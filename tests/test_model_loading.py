@@ -48,10 +48,12 @@ def test_quantized_models_ablate_and_restore(quant):
             ablated = model(input_ids=ids).logits
         after = model(input_ids=ids).logits
     assert not torch.allclose(base, ablated) and torch.equal(base, after)
-    # the evaluation engine's fast path on quantized layers: the seed's outcomes, item by item
+    # the evaluation engine's fast path on quantized layers, batches in 2 threads at once:
+    # the seed's outcomes, item by item
     items = data.make_items(data.generate_stories(10, seed=3), "all")
     with ablate_heads(model, [(1, h) for h in range(0, 32, 2)]):
-        got = evaluation.evaluate(model, tok, items, evaluation.EvalSettings(progress=False))
+        got = evaluation.evaluate(model, tok, items, evaluation.EvalSettings(
+            progress=False, batch_size=3, cpu_workers=2))
         ref = [evaluation.generate_one_at_a_time(model, tok, it) for it in items]
     assert [r.correct for r in got] == [evaluation.is_correct(c, it.answer, "contains")
                                        for c, it in zip(ref, items)]
