@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, config_hash, validate
+from .runtime import keep_freed_memory
 
 log = logging.getLogger("ih_sweep")
 
@@ -413,6 +414,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     if cfg.scoring.source == "file" and not Path(cfg.scoring.file).is_file():
         raise ConfigError(f"scoring.file={cfg.scoring.file}: no such score file")
+    keep_freed_memory()  # each job's process: no page faults on every new activation
     out_dir = _output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.task == "score":
