@@ -1,5 +1,6 @@
 """What the benchmark scripts share: where their JSON goes (benchmarks/results/, echoed to
-stdout) and how they time (best of a few runs: 2 shared cores are noisy)."""
+stdout) and how they time (best of a few runs: 2 shared cores are noisy; methods compared
+are timed in alternating rounds, so a slow spell hits all of them)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,26 @@ def best_of(fn: Callable[[], T], repeats: int = REPEATS) -> tuple[T, float]:
         out = fn()
         times.append(time.perf_counter() - t0)
     return out, min(times)
+
+
+def rounds(fns: dict[str, Callable[[], object]], repeats: int = REPEATS
+           ) -> tuple[dict[str, object], dict[str, list[float]]]:
+    """Each fn once per round, in order, ``repeats`` rounds: (result of each fn's last run,
+    each fn's wall times by round)."""
+    out: dict[str, object] = {}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            out[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return out, times
+
+
+def ratio(slow: list[float], fast: list[float]) -> float:
+    """Median of the per-round ratios: robust to a slow spell in one round."""
+    r = sorted(a / b for a, b in zip(slow, fast))
+    return r[len(r) // 2] if len(r) % 2 else (r[len(r) // 2 - 1] + r[len(r) // 2]) / 2
 
 
 def save(name: str, results: dict, folder: str | Path = RESULTS) -> Path:

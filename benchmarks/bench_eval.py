@@ -3,8 +3,11 @@
 Seed's method: one story at a time, ``generate`` 3 new tokens, with the same (sdpa) attention
 as the engine: the headline ratio. Unablated it is also timed with eager attention, as the
 notebook loaded its model (a secondary number). Engine: batched teacher-forced pass, decoding
-on from its cache where needed. Also the engine against a bare batched forward pass over the
-same token rows (the practical limit). Checks per-item outcomes are identical.
+on from its cache where needed, run as the sweep runs it (on CPU as many batches at once as
+torch has threads, one thread each), and also one batch at a time on all threads. Also the
+engine against a bare batched forward pass over the same token rows. Checks per-item outcomes
+are identical. The process keeps freed memory for reuse (``runtime.keep_freed_memory``), as
+the CLI's jobs do; both methods run under it.
 
     python benchmarks/bench_eval.py [--stories 300] [--threads 2] [--out benchmarks/results]
 """
@@ -13,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import platform
+from functools import partial
 
 import torch
-from _results import REPEATS, RESULTS, best_of, save
+from _results import REPEATS, RESULTS, ratio, rounds, save
 
 from ih_sweep import data
 from ih_sweep.ablation import ablate_heads
@@ -27,15 +31,33 @@ from ih_sweep.evaluation import (
     is_correct,
 )
 from ih_sweep.model_loading import eager_attention, load_model
+from ih_sweep.runtime import keep_freed_memory
 
 
 def seed_method(model, tok, items):
-    return best_of(lambda: [generate_one_at_a_time(model, tok, it) for it in items])
+    return [generate_one_at_a_time(model, tok, it) for it in items]
 
 
-def engine(model, tok, items, batch_size):
-    return best_of(lambda: evaluate(model, tok, items,
-                                    EvalSettings(progress=False, batch_size=batch_size)))
+def engine(model, tok, items, batch_size, cpu_workers=None):
+    return evaluate(model, tok, items, EvalSettings(
+        progress=False, batch_size=batch_size, cpu_workers=cpu_workers))
+
+
+def eager_seed_method(model, tok, items):
+    with eager_attention(model):
+        return seed_method(model, tok, items)
+
+
+def methods(model, tok, items, batch_size: int, eager: bool) -> dict:
+    """What one round times, in order. ``eager``: also the seed's method with eager attention,
+    as the notebook loaded its model."""
+    fns = {"seed": partial(seed_method, model, tok, items),
+           "engine": partial(engine, model, tok, items, batch_size),
+           "one_batch": partial(engine, model, tok, items, batch_size, cpu_workers=1),
+           "bare": partial(bare_forward, model, tok, items, batch_size)}
+    if eager:
+        fns["eager"] = partial(eager_seed_method, model, tok, items)
+    return fns
 
 
 ELEMENTWISE = {f"aten::{n}" for n in ("mul", "add", "cat", "neg", "silu", "pow", "rsqrt",
@@ -51,11 +73,12 @@ def _kind(op: str) -> str:
 
 
 def engine_profile(model, tok, items, batch_size) -> dict:
-    """Share of the engine's CPU time by kind of operator (where a speedup must come from)."""
+    """Share of the engine's CPU time by kind of operator (where a speedup must come from);
+    one batch at a time (the profiler does not see operators in worker threads)."""
     from torch.profiler import profile
 
     with profile() as prof:
-        evaluate(model, tok, items, EvalSettings(progress=False, batch_size=batch_size))
+        engine(model, tok, items, batch_size, cpu_workers=1)
     totals = dict.fromkeys(("attention", "matmul", "elementwise", "other"), 0.0)
     for ev in prof.key_averages():
         totals[_kind(ev.key)] += ev.self_cpu_time_total
@@ -68,7 +91,7 @@ def bare_forward(model, tok, items, batch_size):
     """Plain batched forward passes (transformers' sdpa, padding mask, logits at one position)
     over exactly the engine's token rows, nothing else."""
     rows = sorted((r for r, _ in build_rows(tok, items, 3)), key=len)
-    return best_of(lambda: _forward_rows(model, rows, batch_size))
+    return _forward_rows(model, rows, batch_size)
 
 
 def _forward_rows(model, rows, batch_size) -> int:
@@ -94,31 +117,37 @@ def run(n_stories: int, threads: int, batch_size: int, heads: list) -> dict:
     out: dict = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, "
                             f"torch {torch.__version__}", "stories": n_stories,
                  "batch_size": batch_size, "ablated_heads": len(heads),
-                 "timing": f"best of {REPEATS} runs"}
+                 "timing": f"{REPEATS} rounds, each method once per round: rates from the "
+                           "fastest round, ratios the median of the per-round ratios"}
     with ablate_heads(model, heads):
         for scope in ("last", "all"):
             items = data.make_items(stories, scope)
             evaluate(model, tok, items[:8], EvalSettings(progress=False))  # warm up
-            ref, t_seed = seed_method(model, tok, items)
-            if not heads:  # as the notebook ran it: eager attention (it loaded the model so)
-                with eager_attention(model):
-                    _, t_eager = seed_method(model, tok, items)
-            res, t_eng = engine(model, tok, items, batch_size)
+            got, times = rounds(methods(model, tok, items, batch_size, eager=not heads))
+            ref, res, n_tok = got["seed"], got["engine"], got["bare"]
+            t_seed, t_eng, t_one, t_bare = (min(times[k]) for k in
+                                            ("seed", "engine", "one_batch", "bare"))
             same = all(r.correct == is_correct(c, r.item.answer, "contains")
                        for r, c in zip(res, ref))
-            n_tok, t_bare = bare_forward(model, tok, items, batch_size)
             out[scope] = {
                 "items": len(items), "seed_s": round(t_seed, 3), "engine_s": round(t_eng, 3),
                 "seed_stories_per_s": round(n_stories / t_seed, 1),
                 "engine_stories_per_s": round(n_stories / t_eng, 1),
                 "seed_questions_per_s": round(len(items) / t_seed, 1),
                 "engine_questions_per_s": round(len(items) / t_eng, 1),
-                "speedup": round(t_seed / t_eng, 2),
-                **({"seed_eager_stories_per_s": round(n_stories / t_eager, 1),
-                    "speedup_vs_seed_eager": round(t_eager / t_eng, 2)} if not heads else {}),
+                "speedup": round(ratio(times["seed"], times["engine"]), 2),
+                "speedup_by_round": [round(a / b, 2) for a, b in
+                                     zip(times["seed"], times["engine"])],
+                "engine_workers": torch.get_num_threads(),
+                "engine_one_batch_at_a_time_stories_per_s": round(n_stories / t_one, 1),
+                "speedup_one_batch_at_a_time": round(ratio(times["seed"], times["one_batch"]),
+                                                     2),
+                **({"seed_eager_stories_per_s": round(n_stories / min(times["eager"]), 1),
+                    "speedup_vs_seed_eager": round(ratio(times["eager"], times["engine"]), 2)}
+                   if not heads else {}),
                 "bare_forward_tokens_per_s": round(n_tok / t_bare),
                 "engine_tokens_per_s": round(n_tok / t_eng),
-                "engine_vs_bare": round(t_bare / t_eng, 3),
+                "engine_vs_bare": round(ratio(times["bare"], times["engine"]), 3),
                 "decoded_past_forward": sum(r.decided_by != "forward" for r in res),
                 "accuracy": round(sum(r.correct for r in res) / len(res), 4),
                 "identical_outcomes": same,
@@ -128,6 +157,7 @@ def run(n_stories: int, threads: int, batch_size: int, heads: list) -> dict:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI's jobs run
     p = argparse.ArgumentParser()
     p.add_argument("--stories", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)

@@ -15,6 +15,7 @@ from _results import REPEATS, best_of, save
 from ih_sweep import data
 from ih_sweep.evaluation import EvalSettings, evaluate
 from ih_sweep.model_loading import load_model
+from ih_sweep.runtime import keep_freed_memory
 
 
 def timed(model, tok, stories) -> tuple[float, int]:
@@ -24,6 +25,7 @@ def timed(model, tok, stories) -> tuple[float, int]:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI's jobs run
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

@@ -17,9 +17,11 @@ from ih_sweep import data, scan
 from ih_sweep.ablation import ablate_heads
 from ih_sweep.architecture import head_sites
 from ih_sweep.model_loading import load_model
+from ih_sweep.runtime import keep_freed_memory
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI's jobs run
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stories", type=int, default=200)

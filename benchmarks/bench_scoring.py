@@ -14,6 +14,7 @@ import transformers as tf
 from _results import RESULTS, save
 
 from ih_sweep.model_loading import eager_attention, load_model
+from ih_sweep.runtime import keep_freed_memory
 from ih_sweep.scoring import ScoringSettings, score_heads
 
 
@@ -25,6 +26,7 @@ def timed(model, tok, settings) -> float:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI's jobs run
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))

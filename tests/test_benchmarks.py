@@ -39,3 +39,23 @@ def test_gpu_benchmark_refuses_without_cuda_by_default(tmp_path):
                           timeout=300)
     assert proc.returncode != 0
     assert "no CUDA GPU here" in proc.stderr
+
+
+def test_evaluation_benchmark_smoke_run(tmp_path):
+    """bench_eval.py end to end on a few stories: both scopes, unablated and with the top 16
+    heads ablated, every reported ratio there, per-item outcomes identical to the seed's."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_eval.py"), "--stories", "6",
+         "--batch-size", "2", "--out", str(tmp_path)], capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "eval.json").read_text())
+    for condition in ("unablated", "top16_ablated"):
+        for scope, items in (("last", 6), ("all", 30)):
+            r = out[condition][scope]
+            assert r["items"] == items and r["identical_outcomes"] is True
+            assert len(r["speedup_by_round"]) == 3 and r["speedup"] > 0
+            assert r["engine_one_batch_at_a_time_stories_per_s"] > 0
+            assert abs(sum(r["engine_time_by_operator"].values()) - 1) < 0.01
+        assert ("speedup_vs_seed_eager" in out[condition]["last"]) == (condition == "unablated")
+    assert out["top16_ablated"]["all"]["decoded_past_forward"] > 0
