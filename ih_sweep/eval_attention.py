@@ -13,6 +13,11 @@ Two facts of that pass make work skippable:
   values still at all of them); other families restrict only its attention. On a 2-layer
   model that is half the work; on a 32-layer model ~3% of it.
 
+In the other Llama-family layers the attention module's forward is this module's too: the
+rotary embedding is applied on the projections' own [B, T, heads, D] layout with fewer passes
+(:func:`rotate`) and the causal attention is called directly (4-6% of the tiny model's
+evaluation time).
+
 :func:`fast_attention` installs this once per evaluation; only passes inside :func:`read_at`
 (a context variable, so per thread) take the shortcuts, every other call on the model is the
 plain one. Batches evaluated in several threads at once therefore share one installation.
@@ -71,18 +76,21 @@ def fast_attention(model) -> Iterator[bool]:
         return
     _register()
     config._attn_implementation = NAME
-    last = _last_decoder_layer(model)
-    own = vars(last).get("forward") if last is not None else None  # e.g. a wrapper
-    if last is not None:
-        last.forward = _read_only_layer(last, last.forward)
+    layers = _llama_layers(model)
+    patched = []  # (module, what to put back)
+    for i, layer in enumerate(layers):
+        if layer is None:
+            continue
+        if i == len(layers) - 1:
+            patched.append((layer, _patch(layer, _read_only_layer(layer, layer.forward))))
+        else:
+            attn = layer.self_attn
+            patched.append((attn, _patch(attn, _read_only_attention(attn, attn.forward))))
     try:
         yield True
     finally:
-        if last is not None:
-            if own is None:
-                del last.forward  # the class's forward shows again
-            else:
-                last.forward = own
+        for module, own in reversed(patched):
+            _unpatch(module, own)
         config._attn_implementation = previous
 
 
@@ -110,34 +118,112 @@ def read_only_at(model, positions: torch.Tensor) -> Iterator[bool]:
 LLAMA_FAMILY_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 
 
-def _last_decoder_layer(model):
-    """The last decoder layer when it is the Llama-family layer this module re-runs, and no
-    accelerate hook (device placement across cards, offloading) wraps it."""
+def _llama_layers(model) -> list:
+    """Each decoder layer if it is the Llama-family layer this module re-runs and no
+    accelerate hook (device placement across cards, offloading) wraps it, else None."""
     from .architecture import UnsupportedArchitecture, head_sites
 
     try:
-        layer = head_sites(model).layers[-1]
+        layers = list(head_sites(model).layers)
     except UnsupportedArchitecture:
-        return None
-    if hasattr(layer, "_hf_hook"):
-        return None
+        return []
+    return [layer if _is_plain_llama_layer(layer) else None for layer in layers]
+
+
+def _is_plain_llama_layer(layer) -> bool:
     attn = getattr(layer, "self_attn", None)
     if type(layer).__name__ not in LLAMA_FAMILY_LAYERS or attn is None or \
+            any(hasattr(m, "_hf_hook") for m in (layer, attn)) or \
             any(hasattr(attn, name) for name in ("q_norm", "k_norm")):
-        return None
-    if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                "head_dim", "scaling", "layer_idx")):
-        return None
-    return layer
+        return False
+    return all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                "head_dim", "scaling", "layer_idx", "config"))
+
+
+def _patch(module, forward) -> object:
+    """Set an instance forward; returns what to put back (an existing wrapper, or None)."""
+    own = vars(module).get("forward")
+    module.forward = forward
+    return own
+
+
+def _unpatch(module, own) -> None:
+    if own is None:
+        del module.forward  # the class's forward shows again
+    else:
+        module.forward = own
+
+
+def _rope_of(module):
+    import sys
+
+    return getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope) -> torch.Tensor:
+    """Rotary embedding of ``x`` [B, T, n, D] (the projection's own layout, so no transposed
+    copy first) with transformers' half-split convention: 4 passes over half the tensor
+    instead of rotate_half's 5 over all of it. ``cos``/``sin`` [B or 1, T, D]; where their two
+    halves differ (not the standard rotary table) ``rope`` (transformers' function) does it."""
+    half = x.shape[-1] // 2
+    if cos.shape[-1] != x.shape[-1] or not torch.equal(cos[..., :half], cos[..., half:]) or \
+            not torch.equal(sin[..., :half], sin[..., half:]):
+        out, _ = rope(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+        return out.transpose(1, 2)
+    c, s = cos[..., None, :half], sin[..., None, :half]
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s)
+    return out.to(x.dtype)
+
+
+def _window_fits(attn, cache, length: int) -> bool:
+    window = getattr(attn.config, "sliding_window", None)
+    past = 0 if cache is None else cache.get_seq_length(attn.layer_idx)
+    return not window or window >= past + length
+
+
+def _read_only_attention(attn, original):
+    """A forward for a Llama-family attention module that, inside :func:`read_at`, runs the
+    causal attention of this module directly on the projections' own layout (see
+    :func:`rotate`); ``original`` for every other call and for calls that do not fit."""
+    rope = _rope_of(attn)
+
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if _READ.get() is None or args or rope is None or position_embeddings is None or \
+                attn.training or not _window_fits(attn, cache, hidden_states.shape[1]):
+            return original(hidden_states, position_embeddings, attention_mask, *args,
+                            **kwargs)
+        return attention_at_all(attn, hidden_states, position_embeddings, cache, rope), None
+
+    return forward
+
+
+def attention_at_all(attn, hidden: torch.Tensor,
+                     embeddings: tuple[torch.Tensor, torch.Tensor], cache, rope
+                     ) -> torch.Tensor:
+    """The attention module's output [B, T, width] over right-padded rows (causal only);
+    fills ``cache`` with its key/values."""
+    batch, length, _ = hidden.shape
+    shape = (batch, length, -1, attn.head_dim)
+    cos, sin = embeddings
+    query = rotate(attn.q_proj(hidden).view(shape), cos, sin, rope).transpose(1, 2)
+    key = rotate(attn.k_proj(hidden).view(shape), cos, sin, rope).transpose(1, 2)
+    value = attn.v_proj(hidden).view(shape).transpose(1, 2)
+    if cache is not None:
+        key, value = cache.update(key, value, attn.layer_idx)
+    out = causal(query, key, value, attn.scaling, query.shape[1] // key.shape[1])
+    return attn.o_proj(out.reshape(batch, length, -1))
 
 
 def _read_only_layer(layer, original):
     """A forward for the last decoder layer that, inside :func:`read_at`, computes its
     output at the read positions only (zeros elsewhere); ``original`` for every other call
     and for calls that do not fit."""
-    import sys
-
-    rope = getattr(sys.modules[type(layer).__module__], "apply_rotary_pos_emb", None)
+    rope = _rope_of(layer.self_attn)
 
     def forward(hidden_states, *args, **kwargs):
         positions = _READ.get()
@@ -145,11 +231,8 @@ def _read_only_layer(layer, original):
             return original(hidden_states, *args, **kwargs)
         embeddings = kwargs.get("position_embeddings")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        window = getattr(layer.self_attn.config, "sliding_window", None)
-        length = hidden_states.shape[1]
-        past = 0 if cache is None else cache.get_seq_length(layer.self_attn.layer_idx)
         fits = (rope is not None and not args and embeddings is not None and not layer.training
-                and (not window or window >= past + length))
+                and _window_fits(layer.self_attn, cache, hidden_states.shape[1]))
         if not fits:
             return original(hidden_states, *args, **kwargs)
         return last_layer_at(layer, hidden_states, embeddings, positions, cache, rope)
@@ -166,16 +249,16 @@ def last_layer_at(layer, hidden: torch.Tensor, embeddings: tuple[torch.Tensor, t
     pos = positions.to(hidden.device)
     k = pos.shape[1]
     x = layer.input_layernorm(hidden)
-    key = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = embeddings
+    key = rotate(attn.k_proj(x).view(batch, length, -1, attn.head_dim), cos, sin, rope)
+    key = key.transpose(1, 2)
     value = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
     take = pos[:, :, None]
     query = attn.q_proj(torch.gather(x, 1, take.expand(batch, k, width)))
-    query = query.view(batch, k, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = embeddings
     cos_at = torch.gather(cos.expand(batch, -1, -1), 1, take.expand(batch, k, cos.shape[-1]))
     sin_at = torch.gather(sin.expand(batch, -1, -1), 1, take.expand(batch, k, sin.shape[-1]))
-    query, _ = rope(query, query, cos_at, sin_at)
-    key, _ = rope(key, key, cos, sin)
+    query = rotate(query.view(batch, k, -1, attn.head_dim), cos_at, sin_at, rope)
+    query = query.transpose(1, 2)
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx)
     out = _attend_at(query, key, value, pos, length, attn.scaling,

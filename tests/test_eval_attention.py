@@ -50,7 +50,7 @@ def _batch(lengths: list[int], width: int, seed: int = 1):
 def test_read_positions_equal_the_plain_forward(name, monkeypatch):
     """Right-padded rows of different lengths: at the read positions the fast path gives
     the plain sdpa forward's logits (also where it must fall back, a short sliding window)."""
-    calls = {"causal": 0, "selected": 0, "layer": 0}
+    calls = {"causal": 0, "selected": 0, "layer": 0, "attention": 0}
 
     def spy(key, fn):
         def wrapped(*args, **kwargs):
@@ -61,6 +61,8 @@ def test_read_positions_equal_the_plain_forward(name, monkeypatch):
     monkeypatch.setattr(eval_attention, "causal", spy("causal", causal))
     monkeypatch.setattr(eval_attention, "selected_queries", spy("selected", selected_queries))
     monkeypatch.setattr(eval_attention, "last_layer_at", spy("layer", last_layer_at))
+    monkeypatch.setattr(eval_attention, "attention_at_all",
+                        spy("attention", eval_attention.attention_at_all))
     model = MODELS[name].eval()
     model.config._attn_implementation = "sdpa"
     ids, mask, read = _batch([40, 33, 9, 40], 40)
@@ -70,12 +72,17 @@ def test_read_positions_equal_the_plain_forward(name, monkeypatch):
             got = model(input_ids=ids, attention_mask=mask).logits
     assert on
     if name == "mistral_short_window":  # window 5 < 40 tokens: every layer falls back
-        assert calls == {"causal": 0, "selected": 0, "layer": 0}
-    elif name in ("llama", "mistral", "qwen2"):  # the whole last layer at the read positions
-        assert calls == {"causal": 2, "selected": 0, "layer": 1}
-    else:  # two layers blockwise, the last one's attention at the read positions
-        assert calls == {"causal": 2, "selected": 1, "layer": 0}
-    assert "forward" not in vars(model.model.layers[-1]) if hasattr(model, "model") else True
+        assert calls == {"causal": 0, "selected": 0, "layer": 0, "attention": 0}
+    elif name in ("llama", "mistral", "qwen2"):  # own attention forward in the first two
+        # layers (rotary on the projections' layout), the whole last layer at the read
+        # positions
+        assert calls == {"causal": 2, "selected": 0, "layer": 1, "attention": 2}
+    else:  # two layers blockwise through AttentionInterface, the last one's attention at
+        # the read positions
+        assert calls == {"causal": 2, "selected": 1, "layer": 0, "attention": 0}
+    if hasattr(model, "model"):
+        for layer in model.model.layers:
+            assert "forward" not in vars(layer) and "forward" not in vars(layer.self_attn)
     assert model.config._attn_implementation == "sdpa"
     idx = read[:, :, None].expand(-1, -1, V)
     torch.testing.assert_close(torch.gather(got, 1, idx), torch.gather(ref, 1, idx),
@@ -203,3 +210,24 @@ def test_selected_queries_only_fill_the_read_positions():
                 torch.testing.assert_close(got[b, t], ref[b, t], atol=1e-6, rtol=1e-5)
             else:
                 assert not got[b, t].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_on_the_projection_layout_equals_transformers(dtype):
+    """rotate() on [B, T, n, D] equals transformers' apply_rotary_pos_emb on [B, n, T, D],
+    with the model's own rotary table and with one whose halves differ (then it is
+    transformers' function that runs)."""
+    from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+    model = MODELS["mistral"]
+    x = torch.randn(3, 20, 8, 8, dtype=dtype)
+    position_ids = torch.arange(20)[None].expand(3, -1)
+    standard = model.model.rotary_emb(x, position_ids)
+    odd = (torch.randn(3, 20, 8), torch.randn(3, 20, 8))
+    for cos, sin in (standard, odd):
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        ref, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+        got = eval_attention.rotate(x, cos, sin, apply_rotary_pos_emb)
+        assert got.dtype == dtype and got.shape == x.shape
+        tol = {} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+        torch.testing.assert_close(got.transpose(1, 2), ref, **tol)

@@ -151,7 +151,8 @@ def _put_back(model, threads: int) -> None:
     assert torch.get_num_threads() == threads
     assert not model.get_output_embeddings()._forward_pre_hooks
     assert model.config._attn_implementation == "sdpa"
-    assert "forward" not in vars(model.model.layers[-1])
+    for layer in model.model.layers:
+        assert "forward" not in vars(layer) and "forward" not in vars(layer.self_attn)
     assert not hasattr(model, evaluation._INSTALLED)
 
 
