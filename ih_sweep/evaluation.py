@@ -399,8 +399,8 @@ def _in_threads(fn, chunks: list, workers: int, bar) -> list:
     """Batches in ``workers`` threads at once, the cores split between them.
 
     Why: on CPU the evaluator's operators are small (a 2-layer model, 16-dim heads) and
-    parallelise poorly inside one batch (2 threads: 1.25x one), while whole batches are
-    independent: two at once on one thread each evaluate ~1.5x faster than one at a time
+    parallelise poorly inside one batch (2 threads: ~1.2x one), while whole batches are
+    independent: two at once on one thread each evaluate ~1.2x faster than one at a time
     on two (benchmarks/README.md). torch releases the GIL inside its operators."""
     workers = min(workers, len(chunks))
     per_worker = max(1, torch.get_num_threads() // workers)
