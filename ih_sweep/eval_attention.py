@@ -179,10 +179,32 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope) -> torch
     return out.to(x.dtype)
 
 
-def _window_fits(attn, cache, length: int) -> bool:
+def _cache_of(kwargs: dict):
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _takes_shortcut(module, attn, hidden: torch.Tensor, args: tuple, embeddings, cache,
+                    rope) -> bool:
+    """Whether a call of a patched layer / attention forward fits the shortcut: inside
+    :func:`read_at`, evaluation mode, keyword arguments as the decoder passes them, and no
+    sliding window shorter than the cached plus new keys."""
+    if _READ.get() is None or args or rope is None or embeddings is None or module.training:
+        return False
     window = getattr(attn.config, "sliding_window", None)
     past = 0 if cache is None else cache.get_seq_length(attn.layer_idx)
-    return not window or window >= past + length
+    return not window or window >= past + hidden.shape[1]
+
+
+def _keys_values(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope, cache
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated keys and values [B, KV, T(+cached), D] of ``x`` [B, T, width]; ``cache``
+    (if any) updated with them."""
+    shape = (*x.shape[:2], -1, attn.head_dim)
+    key = rotate(attn.k_proj(x).view(shape), cos, sin, rope).transpose(1, 2)
+    value = attn.v_proj(x).view(shape).transpose(1, 2)
+    if cache is not None:
+        key, value = cache.update(key, value, attn.layer_idx)
+    return key, value
 
 
 def _read_only_attention(attn, original):
@@ -192,9 +214,9 @@ def _read_only_attention(attn, original):
     rope = _rope_of(attn)
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if _READ.get() is None or args or rope is None or position_embeddings is None or \
-                attn.training or not _window_fits(attn, cache, hidden_states.shape[1]):
+        cache = _cache_of(kwargs)
+        if not _takes_shortcut(attn, attn, hidden_states, args, position_embeddings, cache,
+                               rope):
             return original(hidden_states, position_embeddings, attention_mask, *args,
                             **kwargs)
         return attention_at_all(attn, hidden_states, position_embeddings, cache, rope), None
@@ -208,13 +230,10 @@ def attention_at_all(attn, hidden: torch.Tensor,
     """The attention module's output [B, T, width] over right-padded rows (causal only);
     fills ``cache`` with its key/values."""
     batch, length, _ = hidden.shape
-    shape = (batch, length, -1, attn.head_dim)
     cos, sin = embeddings
-    query = rotate(attn.q_proj(hidden).view(shape), cos, sin, rope).transpose(1, 2)
-    key = rotate(attn.k_proj(hidden).view(shape), cos, sin, rope).transpose(1, 2)
-    value = attn.v_proj(hidden).view(shape).transpose(1, 2)
-    if cache is not None:
-        key, value = cache.update(key, value, attn.layer_idx)
+    query = rotate(attn.q_proj(hidden).view(batch, length, -1, attn.head_dim), cos, sin, rope)
+    query = query.transpose(1, 2)
+    key, value = _keys_values(attn, hidden, cos, sin, rope, cache)
     out = causal(query, key, value, attn.scaling, query.shape[1] // key.shape[1])
     return attn.o_proj(out.reshape(batch, length, -1))
 
@@ -226,16 +245,12 @@ def _read_only_layer(layer, original):
     rope = _rope_of(layer.self_attn)
 
     def forward(hidden_states, *args, **kwargs):
-        positions = _READ.get()
-        if positions is None:
-            return original(hidden_states, *args, **kwargs)
         embeddings = kwargs.get("position_embeddings")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        fits = (rope is not None and not args and embeddings is not None and not layer.training
-                and _window_fits(layer.self_attn, cache, hidden_states.shape[1]))
-        if not fits:
+        cache = _cache_of(kwargs)
+        if not _takes_shortcut(layer, layer.self_attn, hidden_states, args, embeddings, cache,
+                               rope):
             return original(hidden_states, *args, **kwargs)
-        return last_layer_at(layer, hidden_states, embeddings, positions, cache, rope)
+        return last_layer_at(layer, hidden_states, embeddings, _READ.get(), cache, rope)
 
     return forward
 
@@ -250,17 +265,13 @@ def last_layer_at(layer, hidden: torch.Tensor, embeddings: tuple[torch.Tensor, t
     k = pos.shape[1]
     x = layer.input_layernorm(hidden)
     cos, sin = embeddings
-    key = rotate(attn.k_proj(x).view(batch, length, -1, attn.head_dim), cos, sin, rope)
-    key = key.transpose(1, 2)
-    value = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    key, value = _keys_values(attn, x, cos, sin, rope, cache)
     take = pos[:, :, None]
     query = attn.q_proj(torch.gather(x, 1, take.expand(batch, k, width)))
     cos_at = torch.gather(cos.expand(batch, -1, -1), 1, take.expand(batch, k, cos.shape[-1]))
     sin_at = torch.gather(sin.expand(batch, -1, -1), 1, take.expand(batch, k, sin.shape[-1]))
     query = rotate(query.view(batch, k, -1, attn.head_dim), cos_at, sin_at, rope)
     query = query.transpose(1, 2)
-    if cache is not None:
-        key, value = cache.update(key, value, attn.layer_idx)
     out = _attend_at(query, key, value, pos, length, attn.scaling,
                      query.shape[1] // key.shape[1])
     out = attn.o_proj(out.transpose(1, 2).reshape(batch, k, -1))
