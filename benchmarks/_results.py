@@ -5,6 +5,7 @@ are timed in alternating rounds, so a slow spell hits all of them)."""
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,17 +14,6 @@ from typing import TypeVar
 RESULTS = Path(__file__).parent / "results"
 REPEATS = 3
 T = TypeVar("T")
-
-
-def best_of(fn: Callable[[], T], repeats: int = REPEATS) -> tuple[T, float]:
-    """(result of the last run, fastest wall time of ``repeats`` runs)."""
-    times = []
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, min(times)
 
 
 def rounds(fns: dict[str, Callable[[], object]], repeats: int = REPEATS
@@ -40,10 +30,15 @@ def rounds(fns: dict[str, Callable[[], object]], repeats: int = REPEATS
     return out, times
 
 
+def best_of(fn: Callable[[], T], repeats: int = REPEATS) -> tuple[T, float]:
+    """(result of the last run, fastest wall time of ``repeats`` runs)."""
+    out, times = rounds({"fn": fn}, repeats)
+    return out["fn"], min(times["fn"])
+
+
 def ratio(slow: list[float], fast: list[float]) -> float:
     """Median of the per-round ratios: robust to a slow spell in one round."""
-    r = sorted(a / b for a, b in zip(slow, fast))
-    return r[len(r) // 2] if len(r) % 2 else (r[len(r) // 2 - 1] + r[len(r) // 2]) / 2
+    return statistics.median(a / b for a, b in zip(slow, fast))
 
 
 def save(name: str, results: dict, folder: str | Path = RESULTS) -> Path:
