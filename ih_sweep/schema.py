@@ -1,0 +1,461 @@
+"""The config schema: one typed dataclass per config group, the single source of truth.
+
+The YAML files under ``conf/`` fill these in (defaults and docs); Hydra's ConfigStore holds
+the dataclasses as each group's schema (``conf/<group>/*.yaml`` start from ``base``), so
+OmegaConf rejects a wrong type, an unknown key or a value outside an Enum at compose time.
+The few rules that span fields or ranges live here too (:func:`check`). Modules receive the
+dataclasses themselves (:func:`settings`), never copies field by field, and take their
+vocabularies (the Enums) from here. Importing this module imports neither torch nor any
+other module of the package.
+
+A field marked ``metadata=SPEED`` changes how fast or where a job runs, not what it computes:
+those fields are left out of the config hash (:func:`config_hash`) and of the job folder
+names (``hydra.job.config.override_dirname.exclude_keys`` is :func:`speed_keys`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config or its inputs: reported in one line, exit status 2."""
+
+
+class Choice(str, Enum):
+    """A closed vocabulary. Members equal, print and format as their value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Job(Choice):
+    """What one Hydra job does."""
+
+    evaluate = "evaluate"  # ablate one condition's heads and evaluate bAbI
+    score = "score"  # the head score table alone
+    scan = "scan"  # every head ablated on its own
+    train_tiny = "train_tiny"  # retrain the bundled tiny model
+
+
+class Condition(Choice):
+    """Which heads are ablated (see :mod:`ih_sweep.selection`)."""
+
+    high = "high"  # the top-N heads by score (the induction heads)
+    low = "low"  # the lowest-scoring heads, matched to ``high`` layer by layer
+    random = "random"  # random heads, matched layer by layer, drawn with control_seed
+    none = "none"  # no ablation
+
+
+class DType(Choice):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Quantization(Choice):
+    none = "none"
+    nf4 = "nf4"  # bitsandbytes 4-bit NormalFloat
+    int8 = "int8"  # bitsandbytes LLM.int8()
+
+
+class AttnImplementation(Choice):
+    """transformers' ``attn_implementation`` values (scoring switches to eager by itself)."""
+
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+    flex_attention = "flex_attention"
+
+
+class DataSource(Choice):
+    babi_generated = "babi_generated"  # the built-in generator of bAbI task 1
+    babi_files = "babi_files"  # the release's text files
+    babi_hub = "babi_hub"  # facebook/babi_qa on the Hugging Face hub
+
+
+class Split(Choice):
+    train = "train"
+    test = "test"
+
+
+class Metric(Choice):
+    contains = "contains"  # the notebook's: every answer part is a word of the continuation
+    exact = "exact"  # the first words are the answer
+
+
+class Scope(Choice):
+    last = "last"  # each story's final question (the notebook's)
+    all = "all"  # every question
+
+
+class ScoreSource(Choice):
+    compute = "compute"
+    file = "file"
+
+
+class RankBy(Choice):
+    prefix = "prefix"  # prefix matching (Olsson et al. 2022)
+    copying = "copying"
+    combined = "combined"  # the notebook's sqrt(prefix^2 + ((copying - 0.035) / 0.03)^2)
+
+
+class AblationMethod(Choice):
+    zero = "zero"
+    mean = "mean"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    wsd = "wsd"  # warmup-stable-decay
+
+
+# bAbI v1.2 release folders; not an Enum because the names hold '-'
+LANGS = ("en", "en-10k", "hn", "hn-10k", "shuffled", "shuffled-10k", "en-valid", "en-valid-10k")
+BABI_TASKS = tuple(range(1, 21))
+SPEED = {"semantic": False}  # field metadata: see the module docstring
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # how the model is named in results and caches
+    path: str = MISSING  # hub id, local folder, or builtin:tiny
+    revision: Optional[str] = None
+    dtype: DType = DType.auto
+    device_map: Optional[str] = None
+    trust_remote_code: bool = False
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa
+
+
+@dataclass
+class QuantizationConfig:
+    name: Quantization = Quantization.none
+    double_quant: bool = True  # nf4 only
+    compute_dtype: DType = DType.bfloat16  # nf4 only
+
+
+@dataclass
+class DataConfig:
+    name: DataSource = DataSource.babi_generated
+    task: int = 1  # bAbI task number (1-20; the generator makes task 1)
+    n_stories: Optional[int] = 1000  # null: every story of the file
+    seed: int = 0  # babi_generated: the generator's seed
+    path: Optional[str] = None  # babi_files: the release folder holding <lang>/ folders
+    lang: str = "en-10k"  # babi_files, babi_hub: one of LANGS
+    split: Split = Split.train  # babi_files, babi_hub
+
+
+@dataclass
+class EvalConfig:
+    metric: Metric = Metric.contains
+    scope: Scope = Scope.last
+    max_new_tokens: int = 3
+    batch_size: int = field(default=32, metadata=SPEED)
+    cpu_workers: Union[int, str] = field(default="auto", metadata=SPEED)
+    progress: bool = field(default=True, metadata=SPEED)
+    checkpoint_items: int = field(default=500, metadata=SPEED)
+    # the evaluator's layer-forward shortcut (ih_sweep.eval_attention); null: on where the
+    # installed transformers is in the range the tests cover
+    fast_layers: Optional[bool] = field(default=None, metadata=SPEED)
+
+    def cpu_worker_count(self) -> int | None:
+        """Batches evaluated at once on CPU; None: torch's thread count (``auto``)."""
+        return None if self.cpu_workers == "auto" else int(self.cpu_workers)
+
+
+@dataclass
+class ScoringConfig:
+    source: ScoreSource = ScoreSource.compute
+    file: Optional[str] = None  # a score CSV or the notebook's pickle (source=file)
+    rank_by: RankBy = RankBy.prefix
+    n_sequences: int = 16  # repeated random sequences, [BOS] + R x repeats
+    seq_len: int = 25
+    repeats: int = 4
+    seed: int = 0
+    batch_size: int = field(default=8, metadata=SPEED)
+    exclude_frequent_frac: float = 0.0  # BPE vocabularies: drop the lowest ids
+    exclude_rare_frac: float = 0.0  # ... and the highest
+
+    def key(self) -> str:
+        """Short hash of what determines the scores (the cache file name part)."""
+        return _digest({k: v for k, v in _semantic(self).items() if k not in
+                        ("source", "file", "rank_by")})[:12]
+
+
+@dataclass
+class AblationConfig:
+    method: AblationMethod = AblationMethod.zero
+    n_reference: int = 64  # mean ablation: prompts the mean is taken over
+
+
+@dataclass
+class ScanConfig:
+    n_stories: int = 200
+    layers: Optional[list[int]] = None  # null: every layer
+    heads_per_pass: int = field(default=1, metadata=SPEED)
+    repeat_sequences: int = 16
+    seed: int = 0
+    attribution: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The recipe of the bundled tiny model (ih_sweep/assets/tiny/training.json)."""
+
+    out_dir: str = "outputs/tiny_model"
+    seed: int = 0
+    threads: int = 2  # runs with other thread counts are not bit-identical
+    hidden: int = 64
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 16
+    intermediate: int = 256
+    layers: int = 2
+    rope_theta: float = 1_000_000.0
+    warmup_steps: int = 1000  # phase 1: repeated random sequences, few heads active
+    warmup_active_heads: int = 12
+    task_steps: int = 2800  # phase 2: repeats + answer-only qa1 prompts
+    task_masked_steps: int = 0  # task steps that keep the warm-up head mask
+    repeat_share: float = 0.2
+    repeat_weight: float = 0.5  # loss = answer mean + repeat_weight * repeat-token mean
+    uniform_actor_questions: bool = True
+    batch_size: int = 16
+    lr: float = 0.005
+    task_lr: Optional[float] = None  # task-phase peak rate (null: lr)
+    schedule: Schedule = Schedule.cosine
+    decay_frac: float = 0.25  # wsd: share of steps in the final decay
+    weight_decay: float = 0.01
+    repeat_len: list[int] = field(default_factory=lambda: [10, 40])  # [min, max]
+    repeat_count: list[int] = field(default_factory=lambda: [2, 3])  # [min, max]
+    log_every: int = 100
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = "outputs/cache"  # score tables shared by jobs
+
+
+@dataclass
+class Config:
+    job: Job = Job.evaluate
+    n_heads: int = 8  # heads to ablate
+    condition: Condition = Condition.high
+    control_seed: int = 0  # the draw of condition=random
+    device: str = field(default="auto", metadata=SPEED)  # auto | cpu | cuda | cuda:1 ...
+    summarize: bool = field(default=True, metadata=SPEED)  # summarize a multirun at its end
+    paths: PathsConfig = field(default_factory=PathsConfig, metadata=SPEED)
+    model: ModelConfig = MISSING
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    # the tiny model's recipe does not change what an evaluation or scan computes
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=SPEED)
+
+
+GROUPS = {"model": ModelConfig, "quantization": QuantizationConfig, "data": DataConfig,
+          "scoring": ScoringConfig, "ablation": AblationConfig, "eval": EvalConfig,
+          "scan": ScanConfig, "train": TrainConfig}
+
+
+def register() -> None:
+    """Put the schema into Hydra's ConfigStore: ``base_config`` for the root and ``base`` in
+    each group (the group's YAML files list it first in their defaults)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in GROUPS.items():
+        cs.store(group=group, name="base", node=node)
+    if not OmegaConf.has_resolver("ih_sweep.speed_keys"):
+        OmegaConf.register_new_resolver("ih_sweep.speed_keys", speed_keys)
+    if not OmegaConf.has_resolver("path_safe"):
+        # job folder names come from overrides: a hub id or a path must not nest folders
+        OmegaConf.register_new_resolver("path_safe",
+                                        lambda s: str(s).replace("/", "_") or "default")
+
+
+# --------------------------------------------------------------------------- speed fields
+def _speed_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        dotted = prefix + f.name
+        is_node = isinstance(f.default_factory, type) and dataclasses.is_dataclass(
+            f.default_factory)
+        if f.metadata.get("semantic", True) is False:
+            if is_node:  # the whole group: every leaf key
+                keys += [f"{dotted}.{g.name}" for g in dataclasses.fields(f.default_factory)]
+            else:
+                keys.append(dotted)
+        elif is_node or f.name in GROUPS:
+            keys += _speed_keys(GROUPS.get(f.name, f.default_factory), dotted + ".")
+    return keys
+
+
+def speed_keys() -> list[str]:
+    """Dotted keys that change no result (``metadata=SPEED``), leaves only."""
+    return _speed_keys(Config)
+
+
+# --------------------------------------------------------------------------- hashing
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    """``cfg`` without Hydra's own node (``compose(return_hydra_config=True)`` keeps it)."""
+    if "hydra" not in cfg:
+        return cfg
+    node = cfg.copy()
+    with open_dict(node):
+        node.pop("hydra")
+    return node
+
+
+def _semantic(node: Any) -> dict:
+    if dataclasses.is_dataclass(node):
+        node = OmegaConf.structured(node)
+    else:
+        node = _without_hydra(node)
+    container = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    assert isinstance(container, dict)
+    return container
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def semantic_config(cfg: DictConfig | Config) -> dict:
+    """The resolved config as plain data, minus Hydra's node and every speed key."""
+    container = _semantic(cfg)
+    for dotted in speed_keys():
+        node = container
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    for group in ("paths", "train"):
+        if not container.get(group):
+            container.pop(group, None)
+    return container
+
+
+def config_hash(cfg: DictConfig | Config) -> str:
+    """16 hex digits naming what a job computes (its semantic config)."""
+    return _digest(semantic_config(cfg))[:16]
+
+
+# --------------------------------------------------------------------------- rules
+def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed; {allowed}")
+
+
+def _at_least(key: str, value: Any, minimum: int) -> None:
+    _need(value >= minimum, key, value, f"allowed: an integer >= {minimum}")
+
+
+def check(cfg: Config) -> None:
+    """The rules the types cannot say (ranges, fields that depend on each other). Raises
+    :class:`ConfigError` naming the first bad key, its value and what is allowed. Cheap:
+    reads no file, loads no model."""
+    _at_least("n_heads", cfg.n_heads, 0)
+    data = cfg.data
+    if data.n_stories is not None:
+        _at_least("data.n_stories", data.n_stories, 1)
+    if data.name == DataSource.babi_generated:
+        _need(data.task == 1, "data.task", data.task,
+              "allowed with data=babi_generated: 1 (use data=babi_files for tasks 1-20)")
+    else:
+        _need(data.task in BABI_TASKS, "data.task", data.task, "allowed: 1 to 20")
+        _need(data.lang in LANGS, "data.lang", data.lang, f"allowed: {', '.join(LANGS)}")
+    ev = cfg.eval
+    _at_least("eval.max_new_tokens", ev.max_new_tokens, 1)
+    _at_least("eval.batch_size", ev.batch_size, 1)
+    _at_least("eval.checkpoint_items", ev.checkpoint_items, 1)
+    workers = ev.cpu_workers
+    _need(workers == "auto" or (isinstance(workers, int) and workers >= 1), "eval.cpu_workers",
+          workers, "allowed: auto, or an integer >= 1")
+    sc = cfg.scoring
+    _need(sc.source != ScoreSource.file or bool(sc.file), "scoring.file", sc.file,
+          "scoring.source=file needs the path of a score CSV or the notebook's pickle")
+    for key in ("n_sequences", "seq_len", "batch_size"):
+        _at_least(f"scoring.{key}", getattr(sc, key), 1)
+    _at_least("scoring.repeats", sc.repeats, 2)
+    for key in ("exclude_frequent_frac", "exclude_rare_frac"):
+        value = getattr(sc, key)
+        _need(0 <= value < 1, f"scoring.{key}", value, "allowed: 0 <= value < 1")
+    _need(sc.exclude_frequent_frac + sc.exclude_rare_frac < 1,
+          "scoring.exclude_rare_frac", sc.exclude_rare_frac,
+          "allowed: exclude_frequent_frac + exclude_rare_frac < 1")
+    _at_least("ablation.n_reference", cfg.ablation.n_reference, 1)
+    scan = cfg.scan
+    for key in ("n_stories", "heads_per_pass", "repeat_sequences"):
+        _at_least(f"scan.{key}", getattr(scan, key), 1)
+    for layer in scan.layers or []:
+        _at_least("scan.layers[]", layer, 0)
+    tr = cfg.train
+    for key in ("threads", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "layers",
+                "batch_size", "log_every"):
+        _at_least(f"train.{key}", getattr(tr, key), 1)
+    for key in ("warmup_steps", "task_steps", "task_masked_steps", "warmup_active_heads"):
+        _at_least(f"train.{key}", getattr(tr, key), 0)
+    _need(tr.warmup_steps + tr.task_steps >= 1, "train.task_steps", tr.task_steps,
+          "allowed: warmup_steps + task_steps >= 1")
+    for key in ("repeat_len", "repeat_count"):
+        pair = getattr(tr, key)
+        _need(len(pair) == 2 and 1 <= pair[0] <= pair[1], f"train.{key}", pair,
+              "allowed: [min, max] with 1 <= min <= max")
+
+
+def _unknown_keys(node: DictConfig, cls: type, prefix: str = "") -> list[str]:
+    """Keys in ``node`` that ``cls`` does not declare. Hydra's ``+key=value`` adds a key
+    even to a typed node, and ``OmegaConf.to_object`` would then drop it silently."""
+    declared = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = []
+    for key in node.keys():
+        f = declared.get(str(key))
+        if f is None:
+            unknown.append(f"{prefix}{key}")
+            continue
+        child_cls = GROUPS.get(str(key)) if not prefix else None
+        if child_cls is None and isinstance(f.default_factory, type) and \
+                dataclasses.is_dataclass(f.default_factory):
+            child_cls = f.default_factory
+        child = node._get_node(key)
+        if child_cls is not None and isinstance(child, DictConfig) and not child._is_missing():
+            unknown += _unknown_keys(child, child_cls, f"{prefix}{key}.")
+    return unknown
+
+
+def settings(cfg: DictConfig) -> Config:
+    """The composed config as the typed :class:`Config`, checked (:func:`check`).
+
+    Raises :class:`ConfigError` for a missing mandatory value (e.g. ``model.path`` of
+    ``model=hub``) or a broken rule."""
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise ConfigError("model.path is missing; give a hub id or a local folder, e.g. "
+                          "model.path=EleutherAI/pythia-160m")
+    node = _without_hydra(cfg)
+    unknown = _unknown_keys(node, Config)
+    if unknown:
+        key = unknown[0]
+        parent, _, leaf = key.rpartition(".")
+        cls = {**GROUPS, "paths": PathsConfig, "": Config}.get(parent)
+        known = ", ".join(f.name for f in dataclasses.fields(cls)) if cls else "see --cfg job"
+        raise ConfigError(f"{key}={OmegaConf.select(node, key)!r} is not a config key; keys of "
+                          f"{parent or 'the top level'}: {known}")
+    typed = OmegaConf.to_object(node)
+    assert isinstance(typed, Config), type(typed)
+    check(typed)
+    return typed
