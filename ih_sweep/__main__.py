@@ -1,6 +1,6 @@
 """``python -m ih_sweep``: the Hydra app (see conf/config.yaml)."""
 
-from ih_sweep.launch import main
+from ih_sweep.launch import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,4 +1,4 @@
-"""bAbI stories: one representation, a seeded generator, loaders and the seed's prompt.
+"""bAbI stories: one representation, a seeded generator, loaders and the notebook's prompt.
 
 Every story is a dict of parallel lists in the schema of the Hugging Face
 ``facebook/babi_qa`` records, so generated, file and hub data flow through the same code:
@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
+
+from .schema import DataConfig, DataSource, Scope
 
 
 class Story(TypedDict):
@@ -228,11 +230,11 @@ def question_indices(story: Story) -> list[int]:
 
 
 def build_prompt(story: Story, question: int | None = None, header: str = PROMPT_HEADER) -> str:
-    """The seed's few-shot prompt asking the question at line index ``question``.
+    """The notebook's few-shot prompt asking the question at line index ``question``.
 
     Blocks come from the line types (not a fixed length) so tasks of any shape work; earlier
     questions appear with their answers, the asked one ends with ``"Answer: "``. With the
-    default (last question) this reproduces the seed's ``create_prompt`` byte for byte.
+    default (last question) this reproduces the notebook's ``create_prompt`` byte for byte.
     """
     if question is None:
         question = question_indices(story)[-1]
@@ -269,8 +271,8 @@ class Item:
 
 def make_items(stories: list[Story], scope: str = "last",
                header: str = PROMPT_HEADER) -> list[Item]:
-    """Items for ``scope='last'`` (each story's final question, the seed's) or ``'all'``."""
-    if scope not in ("last", "all"):
+    """Items for ``scope='last'`` (each story's final question, the notebook's) or ``'all'``."""
+    if scope not in list(Scope):
         raise ValueError(f"eval.scope={scope!r}; allowed values: last, all")
     items: list[Item] = []
     for s_idx, story in enumerate(stories):
@@ -289,19 +291,17 @@ def iter_lm_text(stories: Iterable[Story]) -> Iterator[str]:
         yield build_prompt(story, last) + story["answer"][last] + "\n"
 
 
-def load_stories(data_cfg: dict) -> list[Story]:
-    """Stories for a ``data`` config node (babi_generated, babi_files or babi_hub)."""
-    name = data_cfg["name"]
-    n = data_cfg.get("n_stories")
-    if name == "babi_generated":
-        return generate_stories(int(n or 1000), int(data_cfg.get("seed", 0)),
-                                int(data_cfg["task"]))
-    if name == "babi_files":
-        stories = load_babi_file(babi_file(data_cfg["path"], data_cfg["lang"],
-                                           int(data_cfg["task"]), data_cfg["split"]))
-    elif name == "babi_hub":
-        stories = load_babi_hub(data_cfg["lang"], int(data_cfg["task"]), data_cfg["split"])
+def load_stories(data: DataConfig) -> list[Story]:
+    """Stories for a ``data`` config (babi_generated, babi_files or babi_hub), the first
+    ``data.n_stories`` of them (all when null)."""
+    n = data.n_stories
+    if data.name == DataSource.babi_generated:
+        return generate_stories(int(n or 1000), data.seed, data.task)
+    if data.name == DataSource.babi_files:
+        if not data.path:
+            raise DataError("data.path is empty; give the folder of the bAbI release "
+                            "(the one holding en/, en-10k/, ...)")
+        stories = load_babi_file(babi_file(data.path, data.lang, data.task, data.split))
     else:
-        raise DataError(f"data.name={name!r}; allowed values: babi_generated, babi_files, "
-                        "babi_hub")
+        stories = load_babi_hub(data.lang, data.task, data.split)
     return stories[:n] if n else stories

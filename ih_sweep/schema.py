@@ -20,7 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional, Union
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -132,9 +132,9 @@ SPEED = {"semantic": False}  # field metadata: see the module docstring
 class ModelConfig:
     name: str = MISSING  # how the model is named in results and caches
     path: str = MISSING  # hub id, local folder, or builtin:tiny
-    revision: Optional[str] = None
+    revision: str | None = None
     dtype: DType = DType.auto
-    device_map: Optional[str] = None
+    device_map: str | None = None
     trust_remote_code: bool = False
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
 
@@ -150,9 +150,9 @@ class QuantizationConfig:
 class DataConfig:
     name: DataSource = DataSource.babi_generated
     task: int = 1  # bAbI task number (1-20; the generator makes task 1)
-    n_stories: Optional[int] = 1000  # null: every story of the file
+    n_stories: int | None = 1000  # null: every story of the file
     seed: int = 0  # babi_generated: the generator's seed
-    path: Optional[str] = None  # babi_files: the release folder holding <lang>/ folders
+    path: str | None = None  # babi_files: the release folder holding <lang>/ folders
     lang: str = "en-10k"  # babi_files, babi_hub: one of LANGS
     split: Split = Split.train  # babi_files, babi_hub
 
@@ -163,12 +163,12 @@ class EvalConfig:
     scope: Scope = Scope.last
     max_new_tokens: int = 3
     batch_size: int = field(default=32, metadata=SPEED)
-    cpu_workers: Union[int, str] = field(default="auto", metadata=SPEED)
+    cpu_workers: int | str = field(default="auto", metadata=SPEED)
     progress: bool = field(default=True, metadata=SPEED)
     checkpoint_items: int = field(default=500, metadata=SPEED)
     # the evaluator's layer-forward shortcut (ih_sweep.eval_attention); null: on where the
     # installed transformers is in the range the tests cover
-    fast_layers: Optional[bool] = field(default=None, metadata=SPEED)
+    fast_layers: bool | None = field(default=None, metadata=SPEED)
 
     def cpu_worker_count(self) -> int | None:
         """Batches evaluated at once on CPU; None: torch's thread count (``auto``)."""
@@ -178,7 +178,7 @@ class EvalConfig:
 @dataclass
 class ScoringConfig:
     source: ScoreSource = ScoreSource.compute
-    file: Optional[str] = None  # a score CSV or the notebook's pickle (source=file)
+    file: str | None = None  # a score CSV or the notebook's pickle (source=file)
     rank_by: RankBy = RankBy.prefix
     n_sequences: int = 16  # repeated random sequences, [BOS] + R x repeats
     seq_len: int = 25
@@ -203,7 +203,7 @@ class AblationConfig:
 @dataclass
 class ScanConfig:
     n_stories: int = 200
-    layers: Optional[list[int]] = None  # null: every layer
+    layers: list[int] | None = None  # null: every layer
     heads_per_pass: int = field(default=1, metadata=SPEED)
     repeat_sequences: int = 16
     seed: int = 0
@@ -233,7 +233,7 @@ class TrainConfig:
     uniform_actor_questions: bool = True
     batch_size: int = 16
     lr: float = 0.005
-    task_lr: Optional[float] = None  # task-phase peak rate (null: lr)
+    task_lr: float | None = None  # task-phase peak rate (null: lr)
     schedule: Schedule = Schedule.cosine
     decay_frac: float = 0.25  # wsd: share of steps in the final decay
     weight_decay: float = 0.01
@@ -332,6 +332,13 @@ def _semantic(node: Any) -> dict:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def plain(node: Any) -> Any:
+    """A config node (dataclass or DictConfig) as plain dicts, lists and strings."""
+    if dataclasses.is_dataclass(node):
+        node = OmegaConf.structured(node)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
 
 
 def semantic_config(cfg: DictConfig | Config) -> dict:

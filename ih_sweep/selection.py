@@ -1,7 +1,7 @@
 """Which heads a condition ablates: pure functions of a [layers, heads] score matrix.
 
-Ordering follows the seed exactly: a stable sort over heads in layer-major order, so ties
-keep the seed's (layer, head) order and its file reproduces its choices.
+Ordering follows the notebook exactly: a stable sort over heads in layer-major order, so ties
+keep the notebook's (layer, head) order and its file reproduces its choices.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from collections import Counter
 
 import numpy as np
 
-CONDITIONS = ("high", "low", "random", "none")
+from .schema import Condition
+
 Head = tuple[int, int]
 
 
@@ -19,9 +20,9 @@ class SelectionError(ValueError):
 
 
 def _check(scores: np.ndarray, n: int, condition: str) -> None:
-    if condition not in CONDITIONS:
+    if condition not in list(Condition):
         raise SelectionError(f"condition={condition!r} is not allowed; allowed values: "
-                             f"{', '.join(CONDITIONS)}")
+                             f"{', '.join(c.value for c in Condition)}")
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
         raise SelectionError(f"n_heads={n!r} must be an integer >= 0")
     total = scores.size
@@ -38,7 +39,7 @@ def _check(scores: np.ndarray, n: int, condition: str) -> None:
 def top_heads(scores: np.ndarray, n: int) -> list[Head]:
     """Global top-n heads by score, highest first (ties in layer-major order).
 
-    Unscored heads (NaN; the seed scored every 4th layer only) are never chosen.
+    Unscored heads (NaN; the notebook scored every 4th layer only) are never chosen.
     """
     flat = np.where(np.isfinite(scores), scores, -np.inf).reshape(-1)
     order = np.argsort(-flat, kind="stable")[:n]
@@ -47,12 +48,12 @@ def top_heads(scores: np.ndarray, n: int) -> list[Head]:
 
 
 def layer_counts(heads: list[Head]) -> dict[int, int]:
-    """How many heads each layer holds, in order of first appearance (as the seed did)."""
+    """How many heads each layer holds, in order of first appearance (as the notebook did)."""
     return dict(Counter(layer for layer, _ in heads))
 
 
 def low_matched(scores: np.ndarray, n: int) -> list[Head]:
-    """The seed's control: for each layer holding k of the top-n, its k lowest heads."""
+    """The notebook's control: for each layer holding k of the top-n, its k lowest heads."""
     out: list[Head] = []
     for layer, k in layer_counts(top_heads(scores, n)).items():
         row = np.where(np.isfinite(scores[layer]), scores[layer], np.inf)

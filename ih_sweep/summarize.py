@@ -1,15 +1,358 @@
-"""``python -m ih_sweep.summarize <sweep dir>``: (re)build a sweep's summary files."""
+"""Turn a sweep folder into what a researcher reports: tables, paired statistics, plots.
+
+Runs at the end of every multirun (Hydra callback) and standalone:
+``python -m ih_sweep.summarize <sweep dir>``. Idempotent; never drops a job silently. Job
+folders are read through :mod:`ih_sweep.records` (the same definitions the jobs write with).
+
+summary.csv columns
+-------------------
+group            model/quantization/data/babi_task/split/metric/scope/ablation/rank_by key;
+                 only rows of one group are compared with each other
+model, quantization, data, babi_task, split, metric, scope, ablation, rank_by
+n_heads, condition, control_seed
+n_items, n_correct, accuracy, ci_low, ci_high   Wilson 95% interval of the accuracy
+delta_vs_none    accuracy minus the unablated accuracy on the same items
+delta_ci_low, delta_ci_high   paired bootstrap 95% interval of delta_vs_none
+p_vs_none        exact McNemar p of the paired outcomes against ``none``
+p_vs_none_holm   Holm-adjusted over every p_vs_none of the sweep (all tasks, N, conditions)
+delta_vs_low, p_vs_low        for ``high``: against ``low`` at the same N (McNemar)
+p_vs_random      for ``high``: empirical p against the ``random`` draws at the same N
+n_random         number of random draws behind p_vs_random
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from .summary import SummaryError, summarize
+import numpy as np
+import pandas as pd
+
+from . import statistics as st
+from .io_utils import write_csv, write_figure, write_text
+from .records import EvaluationRecord, RecordError, ScanRecord, read_record
+
+log = logging.getLogger(__name__)
+
+GROUP_KEYS = ["model", "quantization", "data", "babi_task", "split", "metric", "scope",
+              "ablation", "rank_by"]
+SUMMARY_COLUMNS = ["group", *GROUP_KEYS, "n_heads", "condition", "control_seed", "n_items",
+                   "n_correct", "accuracy", "ci_low", "ci_high", "delta_vs_none",
+                   "delta_ci_low", "delta_ci_high", "p_vs_none", "p_vs_none_holm",
+                   "delta_vs_low", "p_vs_low", "p_vs_random", "n_random"]
+
+
+class SummaryError(ValueError):
+    pass
+
+
+@dataclass
+class FinishedJob:
+    """An evaluate job's folder, record and results."""
+
+    path: Path
+    record: EvaluationRecord
+    results: pd.DataFrame
+
+
+@dataclass
+class SweepJobs:
+    jobs: list[FinishedJob] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (folder, why)
+    scan_parts: list[Path] = field(default_factory=list)  # job=scan folders
+
+
+def find_jobs(sweep_dir: Path) -> SweepJobs:
+    """Find job folders (those with a .hydra/ or job.json) and sort good from broken."""
+    out = SweepJobs()
+    candidates = sorted({p.parent for p in sweep_dir.rglob("job.json")}
+                        | {p.parent.parent for p in sweep_dir.rglob(".hydra/config.yaml")})
+    candidates = [c for c in candidates if c != sweep_dir or (c / "job.json").exists()]
+    for folder in candidates:
+        rel = str(folder.relative_to(sweep_dir)) or "."
+        if not (folder / "job.json").is_file():
+            out.problems.append((rel, "no job.json: the job failed or has not finished"))
+            continue
+        try:
+            record = read_record(folder)
+        except RecordError as err:
+            out.problems.append((rel, f"unreadable job.json ({err})"))
+            continue
+        if record.status != "complete":
+            out.problems.append((rel, f"status {record.status!r}"))
+            continue
+        if isinstance(record, ScanRecord):
+            if (folder / "scan.csv").is_file():
+                out.scan_parts.append(folder)
+            else:
+                out.problems.append((rel, "scan job without scan.csv"))
+            continue
+        try:
+            results = pd.read_csv(folder / "results.csv")
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            out.problems.append((rel, f"results.csv unreadable ({err})"))
+            continue
+        if len(results) != record.n_items:
+            out.problems.append((rel, f"results.csv has {len(results)} rows, job.json says "
+                                      f"{record.n_items}"))
+            continue
+        out.jobs.append(FinishedJob(folder, record, results))
+    return out
+
+
+def _group_of(job: FinishedJob) -> dict:
+    r = job.record
+    generated = r.data.get("name") == "babi_generated"
+    return {"model": r.model, "quantization": r.quantization, "data": r.data.get("name"),
+            "babi_task": r.data.get("task"),
+            "split": "generated" if generated else r.data.get("split"),
+            "metric": r.eval["metric"], "scope": r.eval["scope"], "ablation": r.ablation,
+            "rank_by": r.rank_by}
+
+
+def _key(df: pd.DataFrame) -> pd.Series:
+    return df["story"].astype(str) + ":" + df["question_index"].astype(str)
+
+
+def _paired(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Outcomes of the items both jobs evaluated, aligned by (story, question)."""
+    x = a.assign(k=_key(a)).set_index("k")["correct"].astype(bool)
+    y = b.assign(k=_key(b)).set_index("k")["correct"].astype(bool)
+    common = x.index.intersection(y.index)
+    return x.loc[common].to_numpy(), y.loc[common].to_numpy()
+
+
+def summarize_jobs(jobs: list[FinishedJob]) -> pd.DataFrame:
+    """One row per (group, n_heads, condition, control_seed) with the statistics above."""
+    rows = []
+    groups: dict[str, list[FinishedJob]] = {}
+    for job in jobs:
+        g = _group_of(job)
+        groups.setdefault("/".join(str(g[k]) for k in GROUP_KEYS), []).append(job)
+    for gname, gjobs in groups.items():
+        gjobs = sorted(gjobs, key=lambda j: (j.record.n_heads, j.record.condition,
+                                             j.record.control_seed))
+        none = next((j for j in gjobs if j.record.condition == "none"
+                     or j.record.n_heads == 0), None)
+        by_cell = {(j.record.n_heads, j.record.condition, j.record.control_seed): j
+                   for j in gjobs}
+        group_rows = []
+        for (n, cond, seed), job in by_cell.items():
+            res = job.results
+            k, total = int(res["correct"].sum()), len(res)
+            lo, hi = st.wilson_interval(k, total)
+            row = {"group": gname, **_group_of(job), "n_heads": n, "condition": cond,
+                   "control_seed": seed, "n_items": total, "n_correct": k,
+                   "accuracy": k / total if total else float("nan"), "ci_low": lo,
+                   "ci_high": hi}
+            if none is not None:
+                a, b = _paired(res, none.results)
+                row["delta_vs_none"] = float(a.mean() - b.mean()) if len(a) else np.nan
+                row["delta_ci_low"], row["delta_ci_high"] = st.paired_bootstrap_ci(a, b)
+                row["p_vs_none"] = st.mcnemar_exact(*st.discordant(a, b))
+            if cond == "high":
+                low = next((j for (nn, c, _), j in by_cell.items() if nn == n and c == "low"),
+                           None)
+                if low is not None:
+                    a, b = _paired(res, low.results)
+                    row["delta_vs_low"] = float(a.mean() - b.mean())
+                    row["p_vs_low"] = st.mcnemar_exact(*st.discordant(a, b))
+                draws = [j for (nn, c, _), j in by_cell.items() if nn == n and c == "random"]
+                if draws:
+                    null = [j.results["correct"].mean() for j in draws]
+                    row["p_vs_random"] = st.empirical_p(row["accuracy"], null)
+                    row["n_random"] = len(draws)
+            group_rows.append(row)
+        rows.extend(group_rows)
+    # one family across tasks, N values and conditions of the whole sweep
+    ps = [r.get("p_vs_none", np.nan) if r["condition"] != "none" else np.nan for r in rows]
+    for r, adj in zip(rows, st.holm(ps)):
+        r["p_vs_none_holm"] = adj
+    df = pd.DataFrame(rows)
+    for col in SUMMARY_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    return df[SUMMARY_COLUMNS]
+
+
+def icl_curve(jobs: list[FinishedJob]) -> pd.DataFrame:
+    """Accuracy by number of answered examples before the question (scope ``all`` jobs)."""
+    parts = []
+    for job in jobs:
+        if job.record.eval["scope"] != "all":
+            continue
+        g = job.results.groupby("examples_before")["correct"].agg(["mean", "size"])
+        g = g.reset_index().rename(columns={"mean": "accuracy", "size": "n_items"})
+        g["n_heads"], g["condition"] = job.record.n_heads, job.record.condition
+        g["control_seed"] = job.record.control_seed
+        parts.append(g)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+# --------------------------------------------------------------------------- rendering
+def _fmt(x, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return ""
+    if pct:
+        return f"{100 * x:.1f}"
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return str(x)
+
+
+def to_markdown(df: pd.DataFrame, problems: list[tuple[str, str]], notes: list[str]) -> str:
+    lines = ["# Sweep summary", ""]
+    for note in notes:
+        lines.append(f"> {note}")
+    if notes:
+        lines.append("")
+    for gname, g in df.groupby("group", sort=False):
+        lines += [f"## {gname}", "",
+                  "| N | condition | seed | items | accuracy % | 95% CI | Δ vs none (pts) | "
+                  "95% CI | p vs none | Holm p | Δ vs low | p vs low | p vs random |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for _, r in g.iterrows():
+            lines.append(
+                f"| {r.n_heads} | {r.condition} | {r.control_seed} | {r.n_items} | "
+                f"{_fmt(r.accuracy, True)} | {_fmt(r.ci_low, True)}–{_fmt(r.ci_high, True)} | "
+                f"{_fmt(r.delta_vs_none, True)} | {_fmt(r.delta_ci_low, True)}–"
+                f"{_fmt(r.delta_ci_high, True)} | {_fmt(r.p_vs_none)} | "
+                f"{_fmt(r.p_vs_none_holm)} | {_fmt(r.delta_vs_low, True)} | "
+                f"{_fmt(r.p_vs_low)} | {_fmt(r.p_vs_random)} |")
+        lines.append("")
+    if problems:
+        lines += ["## Jobs left out", ""] + [f"- `{f}`: {why}" for f, why in problems] + [""]
+    return "\n".join(lines)
+
+
+def to_latex(df: pd.DataFrame) -> str:
+    lines = [r"\begin{tabular}{rlrrrrl}", r"\toprule",
+             r"$N$ & condition & seed & accuracy (\%) & 95\% CI & $\Delta$ vs none & $p$ \\",
+             r"\midrule"]
+    for _, r in df.iterrows():
+        lines.append(f"{r.n_heads} & {r.condition} & {r.control_seed} & "
+                     f"{_fmt(r.accuracy, True)} & [{_fmt(r.ci_low, True)}, "
+                     f"{_fmt(r.ci_high, True)}] & {_fmt(r.delta_vs_none, True)} & "
+                     f"{_fmt(r.p_vs_none)} \\\\")
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if df.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    none = df[df.condition == "none"]
+    if not none.empty:
+        r = none.iloc[0]
+        ax.axhspan(100 * r.ci_low, 100 * r.ci_high, color="grey", alpha=0.25,
+                   label=f"none ({100 * r.accuracy:.1f}%)")
+        ax.axhline(100 * r.accuracy, color="grey", lw=1)
+    for cond, g in df[df.condition != "none"].groupby("condition"):
+        g = g.groupby("n_heads").agg(accuracy=("accuracy", "mean"), ci_low=("ci_low", "mean"),
+                                     ci_high=("ci_high", "mean")).reset_index()
+        y = 100 * g.accuracy
+        ax.errorbar(g.n_heads, y, yerr=[y - 100 * g.ci_low, 100 * g.ci_high - y], marker="o",
+                    capsize=3, label=cond)
+    ax.set_xlabel("heads ablated (N)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title("bAbI accuracy vs number of ablated heads")
+    write_figure(path, fig)
+    plt.close(fig)
+    return path
+
+
+def plot_icl(curve: pd.DataFrame, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if curve.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (n, cond, seed), g in curve.groupby(["n_heads", "condition", "control_seed"]):
+        label = "none" if cond == "none" else f"{cond} N={n}" + (f" s{seed}" if seed else "")
+        ax.plot(g.examples_before, 100 * g.accuracy, marker="o", label=label)
+    ax.set_xlabel("answered examples before the question")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    write_figure(path, fig)
+    plt.close(fig)
+    return path
+
+
+def merge_scan(sweep_dir: Path, parts: list[Path]) -> pd.DataFrame:
+    """Merge per-layer scan jobs (SLURM splits) into one scan.csv with plots."""
+    from .scan import write_scan_outputs
+
+    frames = [pd.read_csv(p / "scan.csv") for p in parts]
+    records = [read_record(p) for p in parts]
+    models = {r.model for r in records}
+    if len(models) > 1:
+        raise SummaryError(f"scan parts of different models are not merged: {sorted(models)}")
+    df = pd.concat(frames, ignore_index=True).drop_duplicates(["layer", "head"], keep="last")
+    write_scan_outputs(df, sweep_dir, records[0].rank_by, records[0].model)
+    log.info("merged %d scan parts (%d heads) into %s", len(parts), len(df), sweep_dir)
+    return df
+
+
+def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None = None
+              ) -> pd.DataFrame:
+    """Write summary.csv/.md/.tex and plots into ``sweep_dir``; return the table.
+
+    ``not_finished`` lists (job, why) pairs the launcher knows failed, including jobs that
+    never started and so left no folder behind.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise SummaryError(f"{sweep_dir}: not a folder")
+    found = find_jobs(sweep_dir)
+    found.problems.extend(not_finished or [])
+    if not found.jobs and not found.problems and not found.scan_parts:
+        raise SummaryError(f"{sweep_dir}: no ih_sweep jobs here (no job.json or .hydra/)")
+    for folder, why in found.problems:
+        log.warning("left out %s: %s", folder, why)
+    if found.scan_parts:
+        merge_scan(sweep_dir, found.scan_parts)
+        if not found.jobs:
+            return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    df = summarize_jobs(found.jobs)
+    notes = []
+    if df["group"].nunique() > 1:
+        notes.append("Jobs differ in model, data, metric, scope, ablation or ranking; each "
+                     "group is summarized on its own and never pooled: "
+                     + "; ".join(df["group"].unique()))
+    write_csv(sweep_dir / "summary.csv", df)
+    write_text(sweep_dir / "summary.md", to_markdown(df, found.problems, notes))
+    write_text(sweep_dir / "summary.tex", to_latex(df))
+    if df["group"].nunique() <= 1:
+        plot_accuracy_vs_n(df, sweep_dir / "accuracy_vs_n.png")
+    else:
+        for i, (_, g) in enumerate(df.groupby("group", sort=False)):
+            plot_accuracy_vs_n(g, sweep_dir / f"accuracy_vs_n_{i}.png")
+    curve = icl_curve(found.jobs)
+    if not curve.empty:
+        write_csv(sweep_dir / "icl_curve.csv", curve)
+        plot_icl(curve, sweep_dir / "icl_curve.png")
+    log.info("summary of %d jobs written to %s (%d left out)", len(found.jobs), sweep_dir,
+             len(found.problems))
+    return df
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ih_sweep.summarize <sweep dir>``: (re)build a sweep's summary files."""
     parser = argparse.ArgumentParser(prog="python -m ih_sweep.summarize",
                                      description="Summarize an ih_sweep multirun folder.")
     parser.add_argument("sweep_dir", help="the multirun folder (hydra.sweep.dir)")

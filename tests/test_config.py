@@ -1,72 +1,151 @@
+"""The config schema, composed in-process with Hydra's compose API (no subprocess)."""
+
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
-from hydra import compose, initialize_config_dir
+from compose_config import CONF, compose
+from hydra.errors import ConfigCompositionException
 
-from ih_sweep.config import ConfigError, config_hash, validate
-from ih_sweep.launch import config_dir
+from ih_sweep import schema
+from ih_sweep.schema import Condition, Config, ConfigError, Metric, config_hash, settings
 
-
-def cfg(*overrides: str):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_defaults_validate():
-    c = cfg()
-    validate(c)
-    assert c.model.name == "tiny" and c.data.name == "babi_generated"
-    assert c.eval.metric == "contains" and c.eval.scope == "last"
-    assert c.eval.cpu_workers == "auto"
-    validate(cfg("eval.cpu_workers=3"))
-    assert c.scoring.rank_by == "prefix" and c.ablation.method == "zero"
+def test_defaults_compose_into_the_typed_schema():
+    config = settings(compose())
+    assert isinstance(config, Config)
+    assert config.model.name == "tiny" and config.data.name == "babi_generated"
+    assert config.eval.metric is Metric.contains and config.condition is Condition.high
+    assert config.eval.cpu_workers == "auto" and config.eval.cpu_worker_count() is None
+    assert settings(compose("eval.cpu_workers=3")).eval.cpu_worker_count() == 3
+    assert config.scoring.rank_by == "prefix" and config.ablation.method == "zero"
+
+
+@pytest.mark.parametrize("override", [
+    "condition=best", "eval.metric=fuzzy", "eval.scope=first", "scoring.rank_by=best",
+    "ablation.method=resample", "quantization.name=int4", "job=train", "eval.progress=maybe",
+    "summarize=maybe", "model.attn_implementation=magic", "scoring.seed=abc",
+    "eval.cpu_workers=1.5", "n_heads=abc", "data.split=dev", "model.dtype=float8",
+    "scan.layers=abc", "train.schedule=linear",
+])
+def test_wrong_types_and_values_are_refused_at_compose_time(override):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(override)
+    key, _, value = override.partition("=")
+    assert value in str(err.value.__cause__) or key.split(".")[-1] in str(err.value.__cause__)
 
 
 @pytest.mark.parametrize("override,match", [
-    ("condition=best", r"condition='best' is not allowed; allowed values: high, low, random, none"),
-    ("n_heads=-2", r"n_heads=-2 must be >= 0"),
-    ("eval.metric=fuzzy", r"eval.metric='fuzzy' is not allowed; allowed values: contains, exact"),
-    ("eval.scope=first", r"eval.scope='first' is not allowed; allowed values: last, all"),
-    ("scoring.rank_by=best", r"scoring.rank_by='best'.*prefix, copying, combined"),
-    ("ablation.method=resample", r"ablation.method='resample'.*zero, mean"),
-    ("data.task=2", r"data.task=2 is not allowed; allowed values: 1"),
-    ("quantization.name=int4", r"quantization.name='int4'.*none, nf4, int8"),
-    ("task=train", r"task='train' is not allowed; allowed values: sweep, score, train_tiny"),
-    ("eval.cpu_workers=0", r"eval.cpu_workers=0 must be >= 1"),
-    ("eval.cpu_workers=many", r"eval.cpu_workers='many' is not allowed; allowed values: auto, "
-                              r"or an integer >= 1"),
+    ("+eval.max_new_token=1", r"eval.max_new_token=1 is not a config key; keys of eval: "
+                              r"metric, scope, max_new_tokens"),
+    ("+foo=bar", r"foo='bar' is not a config key; keys of the top level: job, n_heads"),
+    ("+paths.cache=x", r"paths.cache='x' is not a config key; keys of paths: cache_dir"),
 ])
-def test_bad_values_name_key_and_allowed_values(override, match):
+def test_unknown_keys_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):
-        validate(cfg(override))
+        settings(compose(override))
 
 
-def test_files_config_checks_split_and_lang():
-    with pytest.raises(ConfigError, match=r"data.split='dev'.*train, test"):
-        validate(cfg("data=babi_files", "data.split=dev"))
-    with pytest.raises(ConfigError, match=r"data.lang='fr'"):
-        validate(cfg("data=babi_files", "data.lang=fr"))
-    validate(cfg("data=babi_files", "data.task=20", "data.split=test"))
+@pytest.mark.parametrize("override,match", [
+    ("n_heads=-2", r"n_heads=-2 is not allowed; allowed: an integer >= 0"),
+    ("data.task=2", r"data.task=2 is not allowed; allowed with data=babi_generated: 1"),
+    ("eval.cpu_workers=0", r"eval.cpu_workers=0 is not allowed; allowed: auto, or an "
+                           r"integer >= 1"),
+    ("eval.cpu_workers=many", r"eval.cpu_workers='many' is not allowed"),
+    ("eval.checkpoint_items=0", r"eval.checkpoint_items=0 is not allowed; allowed: an "
+                                r"integer >= 1"),
+    ("scoring.exclude_rare_frac=2.0", r"scoring.exclude_rare_frac=2.0 is not allowed; "
+                                      r"allowed: 0 <= value < 1"),
+    ("scoring.repeats=1", r"scoring.repeats=1 is not allowed; allowed: an integer >= 2"),
+    ("scan.layers=[-1]", r"scan.layers\[\]=-1 is not allowed"),
+    ("train.task_steps=-5", r"train.task_steps=-5 is not allowed"),
+    ("train.repeat_len=[5,2]", r"train.repeat_len=\[5, 2\] is not allowed; allowed: \[min, "
+                               r"max\]"),
+    ("scoring.source=file", r"scoring.file=None is not allowed; scoring.source=file needs"),
+])
+def test_rules_across_fields_name_key_value_and_what_is_allowed(override, match):
+    with pytest.raises(ConfigError, match=match):
+        settings(compose(override))
+
+
+def test_files_config_checks_task_and_lang():
+    with pytest.raises(ConfigError, match=r"data.lang='fr' is not allowed; allowed: en, "):
+        settings(compose("data=babi_files", "data.lang=fr"))
+    with pytest.raises(ConfigError, match=r"data.task=21 is not allowed; allowed: 1 to 20"):
+        settings(compose("data=babi_files", "data.task=21"))
+    assert settings(compose("data=babi_files", "data.task=20", "data.split=test")).data.task == 20
 
 
 def test_hub_model_needs_a_path():
     with pytest.raises(ConfigError, match="model.path is missing"):
-        validate(cfg("model=hub"))
-    validate(cfg("model=hub", "model.path=EleutherAI/pythia-160m"))
+        settings(compose("model=hub"))
+    assert settings(compose("model=hub", "model.path=EleutherAI/pythia-160m")).model.name == \
+        "EleutherAI/pythia-160m"
 
 
-def test_experiment_seed_replication_composes():
-    c = cfg("experiment=seed_replication")
-    validate(c)
-    assert c.model.path == "Hugofernandez/Mistral-7B-v0.1-colab-sharded"
-    assert c.quantization.name == "nf4" and c.quantization.double_quant
-    assert c.n_heads == 16 and c.scoring.source == "file" and c.scoring.rank_by == "combined"
-    assert c.data.name == "babi_hub" and c.data.lang == "en-10k" and c.data.split == "train"
+@pytest.mark.parametrize("group", ["model", "quantization", "data", "scoring", "ablation",
+                                   "eval", "scan", "train", "debug"])
+def test_every_option_of_every_group_composes(group):
+    options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    assert options
+    for option in options:
+        extra = ["model.path=some/model"] if option == "hub" else []
+        settings(compose(f"{group}={option}", *extra))
 
 
-def test_config_hash_ignores_speed_settings_only():
-    base = config_hash(cfg())
-    assert config_hash(cfg("eval.batch_size=3", "eval.progress=false")) == base
-    assert config_hash(cfg("eval.cpu_workers=1")) == base
-    assert config_hash(cfg("n_heads=4")) != base
-    assert config_hash(cfg("data.n_stories=10")) != base
+def test_notebook_replication_experiment_composes():
+    config = settings(compose("experiment=notebook_replication"))
+    assert config.model.path == "Hugofernandez/Mistral-7B-v0.1-colab-sharded"
+    assert config.quantization.name == "nf4" and config.quantization.double_quant
+    assert config.n_heads == 16 and config.scoring.source == "file"
+    assert config.scoring.rank_by == "combined"
+    assert config.data.name == "babi_hub" and config.data.lang == "en-10k"
+
+
+def test_job_folder_names_leave_out_exactly_the_speed_keys():
+    """One marking (metadata=SPEED in the schema) drives both the config hash and Hydra's
+    override_dirname exclusions."""
+    cfg = compose(return_hydra_config=True)
+    excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert excluded == schema.speed_keys()
+    assert {"eval.batch_size", "eval.cpu_workers", "eval.progress", "eval.checkpoint_items",
+            "eval.fast_layers", "scoring.batch_size", "device", "summarize",
+            "paths.cache_dir", "scan.heads_per_pass", "train.seed"} <= set(excluded)
+    assert not {"n_heads", "condition", "eval.metric", "data.n_stories"} & set(excluded)
+
+
+def test_config_hash_ignores_every_speed_key_and_nothing_else():
+    base = config_hash(compose())
+    changed = {"eval.batch_size": 3, "eval.cpu_workers": 1, "eval.progress": False,
+               "eval.checkpoint_items": 7, "eval.fast_layers": False, "scoring.batch_size": 2,
+               "device": "cpu", "summarize": False, "paths.cache_dir": "/tmp/x",
+               "scan.heads_per_pass": 4, "train.seed": 3}
+    assert set(changed) <= set(schema.speed_keys())
+    for key, value in changed.items():
+        assert config_hash(compose(f"{key}={value}")) == base, key
+    for override in ("n_heads=4", "data.n_stories=10", "condition=low", "eval.metric=exact",
+                     "scoring.seq_len=20", "ablation=mean", "control_seed=1"):
+        assert config_hash(compose(override)) != base, override
+    assert config_hash(settings(compose())) == base  # the typed config hashes the same
+
+
+def test_tiny_recipe_is_the_shipped_models():
+    """The train group's values are the recipe the shipped weights were trained with."""
+    shipped = json.loads((ROOT / "ih_sweep/assets/tiny/training.json").read_text())["settings"]
+    recipe = schema.plain(settings(compose()).train)
+    recipe.pop("out_dir")
+    assert recipe == shipped
+
+
+def test_importing_the_schema_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, ih_sweep.schema; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout.strip()
+    assert out == "False"

@@ -211,14 +211,16 @@ def test_items_scope_last_and_all():
 
 
 def test_load_stories_configs(tmp_path):
-    gen = data.load_stories({"name": "babi_generated", "task": 1, "n_stories": 5, "seed": 2})
+    from ih_sweep.schema import DataConfig
+
+    gen = data.load_stories(DataConfig(name="babi_generated", n_stories=5, seed=2))
     assert gen == data.generate_stories(5, 2)
     root = tmp_path / "babi" / "en"
     root.mkdir(parents=True)
     (root / "qa1_single-supporting-fact_test.txt").write_text(
         (FIXTURES / "qa1_tiny.txt").read_text())
-    got = data.load_stories({"name": "babi_files", "path": str(tmp_path / "babi"), "lang": "en",
-                             "task": 1, "split": "test", "n_stories": 1})
+    got = data.load_stories(DataConfig(name="babi_files", path=str(tmp_path / "babi"),
+                                       lang="en", split="test", n_stories=1))
     assert len(got) == 1
 
 

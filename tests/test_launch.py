@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ih_sweep.launch import RESULT_COLUMNS
+from ih_sweep.records import RESULT_COLUMNS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,12 +88,22 @@ def test_rerun_skips_finished_jobs(main_sweep):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/results.csv")} == before
 
 
-def test_config_error_is_one_line_and_exit_2(tmp_path):
-    proc = cli("condition=best", f"hydra.run.dir={tmp_path}", check=False)
+def test_a_value_outside_the_schema_is_refused_at_compose_time(tmp_path):
+    """Also with --cfg job, which prints the config without running a job."""
+    proc = cli("condition=best", "--cfg", "job", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 2
-    assert ("ih_sweep: config error: condition='best' is not allowed; allowed values: high, "
-            "low, random, none") in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Invalid value 'best', expected one of [high, low, random, none]" in proc.stderr
+    assert "Traceback" not in proc.stderr and not proc.stdout.strip()
+
+
+def test_a_mistyped_key_is_one_line_and_exit_2(tmp_path):
+    proc = cli("+eval.max_new_token=1", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "ih_sweep: config error: eval.max_new_token=1 is not a config key; keys of eval: "
+        "metric, scope, max_new_tokens, batch_size, cpu_workers, progress, checkpoint_items, "
+        "fast_layers"]
+    assert not list(tmp_path.glob("*.csv"))
 
 
 def _weightless_model(tmp_path: Path) -> Path:
@@ -123,7 +133,7 @@ def test_missing_score_file_fails_before_the_model_loads(tmp_path):
 
 
 def test_score_task_writes_table_and_heatmap(tmp_path):
-    cli("task=score", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache")
+    cli("job=score", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache")
     df = pd.read_csv(tmp_path / "scores.csv")
     assert len(df) == 64 and set(df.columns) >= {"model", "layer", "head", "prefix", "copying",
                                                  "combined", "n_sequences", "seed"}

@@ -21,7 +21,7 @@ def test_wheel_ships_configs_and_model_and_runs_installed(tmp_path):
     wheel = next((tmp_path / "dist").glob("ih_sweep-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("ih_sweep/conf/config.yaml", "ih_sweep/conf/model/tiny.yaml",
-                   "ih_sweep/conf/experiment/seed_replication.yaml",
+                   "ih_sweep/conf/experiment/notebook_replication.yaml",
                    "ih_sweep/assets/tiny/model.safetensors", "ih_sweep/assets/tiny/README.md",
                    "ih_sweep/assets/tiny/tokenizer.json"):
         assert needed in names, needed

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -8,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ih_sweep.launch import RESULT_COLUMNS
-from ih_sweep.summary import SummaryError, summarize
+from ih_sweep.records import RESULT_COLUMNS, EvaluationRecord, write_record
+from ih_sweep.summarize import SummaryError, summarize
 
 
 def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", examples=None):
@@ -22,17 +21,17 @@ def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", e
                      "examples_before": examples[i] if examples else 4, "answer": "office",
                      "continuation": "office", "correct": bool(c), "decided_by": "forward",
                      "n_heads": n, "condition": cond, "control_seed": seed, "model": model,
-                     "quantization": "none", "data": "babi_generated", "task": 1,
+                     "quantization": "none", "data": "babi_generated", "babi_task": 1,
                      "split": "generated", "metric": "contains", "scope": scope,
                      "ablation": "zero"})
     pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(folder / "results.csv", index=False)
-    rec = {"status": "complete", "n_heads": n, "condition": cond, "control_seed": seed,
-           "model": model, "quantization": "none",
-           "data": {"name": "babi_generated", "task": 1, "n_stories": len(correct), "seed": 0},
-           "eval": {"metric": "contains", "scope": scope, "max_new_tokens": 3},
-           "ablation": "zero", "rank_by": "prefix", "n_items": len(correct),
-           "n_correct": int(sum(correct)), "accuracy": float(np.mean(correct))}
-    (folder / "job.json").write_text(json.dumps(rec))
+    write_record(folder, EvaluationRecord(
+        config_hash="0" * 16, n_heads=n, condition=cond, control_seed=seed, model=model,
+        quantization="none",
+        data={"name": "babi_generated", "task": 1, "n_stories": len(correct), "seed": 0},
+        eval={"metric": "contains", "scope": scope, "max_new_tokens": 3}, ablation="zero",
+        rank_by="prefix", n_items=len(correct), n_correct=int(sum(correct)),
+        accuracy=float(np.mean(correct)), n_decoded=0, heads=[]))
     return folder
 
 
@@ -71,7 +70,13 @@ def test_summary_values(sweep):
     assert h.p_vs_random == pytest.approx(1 / 6) and h.n_random == 5
     assert df.loc[("low", 0)].p_vs_none == pytest.approx(1.0)
     assert np.isnan(df.loc[("none", 0)].p_vs_none_holm)
-    assert h.p_vs_none_holm >= h.p_vs_none
+    # Holm (1979) over the 7 ablated jobs' p-values: the i-th smallest (0-based) times
+    # (7 - i), running maximum, capped at 1
+    raw = df[df.index.get_level_values(0) != "none"].p_vs_none.sort_values()
+    expected = np.minimum(1, np.maximum.accumulate(raw.to_numpy() * (7 - np.arange(7))))
+    got = df.loc[raw.index].p_vs_none_holm.to_numpy()
+    assert got == pytest.approx(expected)
+    assert h.p_vs_none_holm == pytest.approx(7 * h.p_vs_none)  # the smallest p: times 7
     for name in ("summary.csv", "summary.md", "summary.tex", "accuracy_vs_n.png"):
         assert (root / name).is_file()
     md = (root / "summary.md").read_text()

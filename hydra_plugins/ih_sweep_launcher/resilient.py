@@ -138,7 +138,7 @@ class _ResilientMixin:
     def _summarize_partial(self, sweep_dir: Path, failures: list[tuple[str, str]]) -> None:
         if not self.config.get("summarize", True):
             return
-        from ih_sweep.summary import summarize
+        from ih_sweep.summarize import summarize
 
         try:
             summarize(sweep_dir, not_finished=failures)

@@ -1,0 +1,228 @@
+"""The ``evaluate`` job: one (n_heads, condition, control_seed) on one model and data set.
+
+Recipe: check -> data -> scores -> select -> ablate + evaluate -> write. A job already
+complete for the same config is reused; a killed job resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..io_utils import read_json, write_csv, write_json
+from ..records import (
+    HEAD_COLUMNS,
+    ITEM_COLUMNS,
+    RESULT_COLUMNS,
+    EvaluationRecord,
+    finished_record,
+    write_record,
+)
+from ..schema import (
+    AblationMethod,
+    Condition,
+    Config,
+    ConfigError,
+    ScoreSource,
+    config_hash,
+    plain,
+    semantic_config,
+)
+
+log = logging.getLogger("ih_sweep")
+# evaluations already run in this process (a basic-launcher multirun): the three `none`
+# jobs of the main sweep, for example, evaluate once
+_MEMO: dict[str, pd.DataFrame] = {}
+
+
+def run(config: Config, out_dir: Path) -> EvaluationRecord:
+    """Run the job into ``out_dir`` (results.csv, heads.csv, job.json); returns its record."""
+    chash = config_hash(config)
+    previous = finished_record(out_dir, chash, "results.csv")
+    if previous is not None:
+        log.info("skipping %s: complete results exist for this config", out_dir)
+        return previous  # type: ignore[return-value]
+    from ..data import load_stories, make_items
+    from ..model_loading import load_model
+    from ..score_table import check_scores_fit, get_scores
+    from ..scoring import score_matrix
+    from ..selection import select_heads
+
+    t_start, timings = time.time(), {}
+
+    # check: what can be checked without weights comes first
+    n_layers, heads_per_layer = model_shape(config)
+    if config.n_heads > n_layers * heads_per_layer:
+        raise ConfigError(f"n_heads={config.n_heads} is larger than the model's "
+                          f"{n_layers * heads_per_layer} heads ({n_layers} x "
+                          f"{heads_per_layer})")
+
+    # data
+    t0 = time.time()
+    items = make_items(load_stories(config.data), config.eval.scope)
+    timings["data_s"] = time.time() - t0
+
+    loaded: dict[str, Any] = {}
+
+    def model_getter():
+        if "model" not in loaded:
+            t = time.time()
+            loaded["model"] = load_model(plain(config.model), plain(config.quantization),
+                                         config.device)
+            timings["load_s"] = time.time() - t
+        return loaded["model"]
+
+    # scores -> select
+    t0 = time.time()
+    scores, heads = None, []
+    if config.condition != Condition.none and config.n_heads > 0:
+        scores, _ = get_scores(config, model_getter, progress=config.eval.progress)
+        if config.scoring.source == ScoreSource.file:
+            check_scores_fit(scores, n_layers, heads_per_layer, config.scoring.file)
+        heads = select_heads(score_matrix(scores, config.scoring.rank_by), config.condition,
+                             config.n_heads, config.control_seed)
+    timings["scores_s"] = time.time() - t0
+
+    # ablate + evaluate
+    t0 = time.time()
+    memo_key = f"{sorted(heads)}|{config.ablation.method}|{evaluation_hash(config)}"
+    reused = memo_key in _MEMO
+    if reused:
+        items_df, resumed = _MEMO[memo_key], 0
+        log.info("reusing an identical evaluation from this process (%d items)",
+                 len(items_df))
+    else:
+        items_df, resumed = evaluate_checkpointed(config, out_dir, chash, model_getter, items,
+                                                  heads)
+        _MEMO[memo_key] = items_df
+    timings["eval_s"] = time.time() - t0
+
+    # write
+    results = items_df.assign(
+        n_heads=config.n_heads, condition=config.condition.value,
+        control_seed=config.control_seed, model=config.model.name,
+        quantization=config.quantization.name.value, data=config.data.name.value,
+        babi_task=config.data.task, split=split_name(config), metric=config.eval.metric.value,
+        scope=config.eval.scope.value, ablation=config.ablation.method.value,
+    )[RESULT_COLUMNS]
+    heads_df = pd.DataFrame(columns=HEAD_COLUMNS)
+    if scores is not None:
+        mat = score_matrix(scores, config.scoring.rank_by)
+        heads_df = pd.DataFrame([(la, h, float(mat[la, h]), config.scoring.rank_by.value)
+                                 for la, h in heads], columns=HEAD_COLUMNS)
+    write_csv(out_dir / "results.csv", results)
+    write_csv(out_dir / "heads.csv", heads_df)
+    n_correct = int(results["correct"].sum())
+    timings["total_s"] = time.time() - t_start
+    record = EvaluationRecord(
+        config_hash=chash, n_heads=config.n_heads, condition=config.condition.value,
+        control_seed=config.control_seed, model=config.model.name,
+        quantization=config.quantization.name.value, data=plain(config.data),
+        eval={"metric": config.eval.metric.value, "scope": config.eval.scope.value,
+              "max_new_tokens": config.eval.max_new_tokens},
+        ablation=config.ablation.method.value, rank_by=config.scoring.rank_by.value,
+        n_items=len(results), n_correct=n_correct,
+        accuracy=n_correct / max(len(results), 1),
+        n_decoded=int((results["decided_by"] != "forward").sum()),
+        heads=[list(h) for h in heads], reused_evaluation=reused, resumed_chunks=resumed,
+        timings={k: round(v, 3) for k, v in timings.items()},
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+    write_record(out_dir, record)
+    shutil.rmtree(out_dir / "partial", ignore_errors=True)
+    log.info("n_heads=%s condition=%s control_seed=%s: %d/%d correct (%.1f%%)",
+             config.n_heads, config.condition, config.control_seed, n_correct, len(results),
+             100 * record.accuracy)
+    return record
+
+
+def model_shape(config: Config) -> tuple[int, int]:
+    """(layers, query heads per layer) from the model's config file alone (no weights)."""
+    from ..model_loading import load_config
+
+    model_config = load_config(plain(config.model))
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") \
+        else model_config
+    n_layers = getattr(text, "num_hidden_layers", None) or text.n_layer
+    heads = getattr(text, "num_attention_heads", None) or text.n_head
+    return int(n_layers), int(heads)
+
+
+def split_name(config: Config) -> str:
+    """``data.split``, or ``generated`` for the built-in generator's stories."""
+    return "generated" if config.data.name == "babi_generated" else config.data.split.value
+
+
+def evaluation_hash(config: Config) -> str:
+    """Hash of what an evaluation depends on apart from which heads are ablated."""
+    sem = semantic_config(config)
+    for key in ("n_heads", "condition", "control_seed", "job", "scoring"):
+        sem.pop(key, None)
+    return hashlib.sha256(json.dumps(sem, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
+                          model_getter: Callable[[], tuple[Any, Any]], items: Sequence,
+                          heads: list[tuple[int, int]]) -> tuple[pd.DataFrame, int]:
+    """Evaluate in chunks of ``eval.checkpoint_items``, each written atomically to
+    ``partial/``; a rerun after a kill (preemption, timeout, SIGKILL) reuses finished chunks,
+    so rows are neither lost nor duplicated. Returns (ITEM_COLUMNS rows, chunks reused)."""
+    from ..ablation import ablate_heads, head_means
+    from ..evaluation import evaluate
+
+    part = out_dir / "partial"
+    size = config.eval.checkpoint_items
+    state = {"config_hash": chash, "chunk_items": size, "n_items": len(items)}
+    if (part / "state.json").is_file() and read_json(part / "state.json") != state:
+        log.info("discarding partial results of a different config in %s", part)
+        shutil.rmtree(part)
+    part.mkdir(parents=True, exist_ok=True)
+    write_json(part / "state.json", state)
+    frames, resumed, means = [], 0, None
+    starts = range(0, len(items), size)
+    for c, start in enumerate(starts):
+        chunk_file = part / f"chunk-{c:05d}.csv"
+        if chunk_file.is_file():
+            frames.append(pd.read_csv(chunk_file, keep_default_na=False))
+            resumed += 1
+            continue
+        model, tokenizer = model_getter()
+        if config.ablation.method == AblationMethod.mean and heads and means is None:
+            means = head_means(model, reference_batches(tokenizer, items,
+                                                        config.ablation.n_reference, model))
+        with ablate_heads(model, heads, config.ablation.method, means):
+            res = evaluate(model, tokenizer, items[start:start + size], config.eval)
+        df = pd.DataFrame([(r.item.story_index, r.item.question_index, r.item.line,
+                            r.item.examples_before, r.item.answer, r.continuation,
+                            bool(r.correct), r.decided_by) for r in res], columns=ITEM_COLUMNS)
+        write_csv(chunk_file, df)
+        frames.append(df)
+        if len(starts) > 1:
+            log.info("chunk %d/%d done", c + 1, len(starts))
+    if resumed:
+        log.info("resumed: %d of %d chunks were already done", resumed, len(starts))
+    return pd.concat(frames, ignore_index=True), resumed
+
+
+def reference_batches(tokenizer, items: Sequence, n: int, model, batch_size: int = 16
+                      ) -> list[dict]:
+    """Tokenized reference prompts for mean ablation (the first ``n`` evaluated prompts)."""
+    import torch
+
+    device = next(model.parameters()).device
+    prompts = [it.prompt for it in items[:n]]
+    batches = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+        batches.append({k: v.to(device) for k, v in enc.items() if isinstance(v, torch.Tensor)
+                        and k in ("input_ids", "attention_mask")})
+    return batches
+

@@ -1,0 +1,140 @@
+"""What a job leaves behind: its record (``job.json``) and the columns of its CSV files.
+
+The writer (:mod:`ih_sweep.jobs`) and the reader (:mod:`ih_sweep.summarize`) both use these
+definitions; nothing else knows the layout of a job folder.
+
+results.csv (one row per evaluated bAbI question)
+-------------------------------------------------
+story            index of the story in the data set (0-based)
+question_index   index of the question within the story (0-based)
+line             the question's line number in the story (bAbI's own numbering)
+examples_before  answered questions shown before this one in the prompt
+answer           the gold answer (comma-separated parts for multi-word answers)
+continuation     the model's greedy continuation (at most ``eval.max_new_tokens`` tokens)
+correct          whether ``continuation`` scores as ``answer`` under ``metric``
+decided_by       forward (the teacher-forced pass settled it), decode (greedy decoding from
+                 its cache) or generate (``model.generate``, for models whose cache cannot
+                 be reused exactly)
+n_heads, condition, control_seed   the job's ablation
+model, quantization                ``model.name``, ``quantization.name``
+data, babi_task, split             ``data.name``, ``data.task``, ``data.split`` (generated
+                                   stories: ``generated``)
+metric, scope, ablation            ``eval.metric``, ``eval.scope``, ``ablation.method``
+
+heads.csv (one row per ablated head; empty for condition=none)
+--------------------------------------------------------------
+layer, head      0-based; ``head`` is the query head within the layer
+score            the head's score under ``rank_by`` (the notebook's file: its own score)
+rank_by          ``scoring.rank_by``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io_utils import read_json, write_json
+
+ITEM_COLUMNS = ["story", "question_index", "line", "examples_before", "answer",
+                "continuation", "correct", "decided_by"]
+JOB_COLUMNS = ["n_heads", "condition", "control_seed", "model", "quantization", "data",
+               "babi_task", "split", "metric", "scope", "ablation"]
+RESULT_COLUMNS = ITEM_COLUMNS + JOB_COLUMNS
+HEAD_COLUMNS = ["layer", "head", "score", "rank_by"]
+RECORD_FILE = "job.json"
+COMPLETE = "complete"
+
+
+class RecordError(ValueError):
+    """A job.json that is missing, unreadable or not an ih_sweep record."""
+
+
+@dataclass
+class EvaluationRecord:
+    """``job.json`` of an ``evaluate`` job: what it ran and what it found."""
+
+    config_hash: str
+    n_heads: int
+    condition: str
+    control_seed: int
+    model: str
+    quantization: str
+    data: dict[str, Any]  # the data config (name, task, split, lang, n_stories, seed, path)
+    eval: dict[str, Any]  # metric, scope, max_new_tokens
+    ablation: str
+    rank_by: str
+    n_items: int
+    n_correct: int
+    accuracy: float
+    n_decoded: int  # items decided past the teacher-forced pass
+    heads: list[list[int]]  # [[layer, head], ...] in selection order
+    reused_evaluation: bool = False  # the same evaluation ran earlier in this process
+    resumed_chunks: int = 0  # checkpointed chunks a previous (killed) run had finished
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    slurm_job_id: str | None = None
+    host: str = field(default_factory=platform.node)
+    status: str = COMPLETE
+    job: str = "evaluate"
+
+
+@dataclass
+class ScanRecord:
+    """``job.json`` of a ``scan`` job."""
+
+    config_hash: str
+    model: str
+    layers: list[int]
+    n_items: int
+    rank_by: str
+    stats: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    host: str = field(default_factory=platform.node)
+    status: str = COMPLETE
+    job: str = "scan"
+
+
+Record = EvaluationRecord | ScanRecord
+_KINDS: dict[str, type] = {"evaluate": EvaluationRecord, "scan": ScanRecord}
+
+
+def write_record(out_dir: Path, record: Record) -> Path:
+    """``out_dir/job.json``, atomically."""
+    return write_json(Path(out_dir) / RECORD_FILE, dataclasses.asdict(record))
+
+
+def read_record(out_dir: Path) -> Record:
+    """The record in ``out_dir/job.json``. Raises :class:`RecordError` if it is missing,
+    not JSON, of an unknown job kind or lacks a field."""
+    path = Path(out_dir) / RECORD_FILE
+    if not path.is_file():
+        raise RecordError(f"{path}: no job record")
+    try:
+        raw = read_json(path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RecordError(f"{path}: not JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise RecordError(f"{path}: not a job record")
+    cls = _KINDS.get(raw.get("job", "evaluate"))
+    if cls is None:
+        raise RecordError(f"{path}: unknown job kind {raw.get('job')!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in raw.items() if k in names})
+    except TypeError as err:
+        raise RecordError(f"{path}: incomplete record ({err})") from None
+
+
+def finished_record(out_dir: Path, config_hash: str, output: str) -> Record | None:
+    """The record of a job already complete in ``out_dir`` for this config hash, whose
+    ``output`` file exists; None when the job has to run."""
+    try:
+        record = read_record(out_dir)
+    except RecordError:
+        return None
+    if record.status != COMPLETE or record.config_hash != config_hash or \
+            not (Path(out_dir) / output).is_file():
+        return None
+    return record

@@ -1,0 +1,72 @@
+"""The job record and column definitions shared by the jobs (writer) and the summary."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ih_sweep.records import (
+    COMPLETE,
+    RESULT_COLUMNS,
+    EvaluationRecord,
+    RecordError,
+    ScanRecord,
+    finished_record,
+    read_record,
+    write_record,
+)
+
+
+def _record(**kw) -> EvaluationRecord:
+    base = dict(config_hash="abc", n_heads=4, condition="high", control_seed=0, model="tiny",
+                quantization="none", data={"name": "babi_generated", "task": 1},
+                eval={"metric": "contains", "scope": "last", "max_new_tokens": 3},
+                ablation="zero", rank_by="prefix", n_items=2, n_correct=1, accuracy=0.5,
+                n_decoded=0, heads=[[1, 2]])
+    return EvaluationRecord(**{**base, **kw})
+
+
+def test_records_round_trip_by_kind(tmp_path):
+    write_record(tmp_path / "a", _record())
+    assert read_record(tmp_path / "a") == _record()
+    scan = ScanRecord(config_hash="x", model="tiny", layers=[0, 1], n_items=3,
+                      rank_by="prefix", stats={"rho": 0.5})
+    write_record(tmp_path / "b", scan)
+    assert read_record(tmp_path / "b") == scan
+    assert (tmp_path / "a" / "job.json").stat().st_size > 0
+
+
+@pytest.mark.parametrize("text,why", [
+    ("{not json", "not JSON"), ("[1, 2]", "not a job record"),
+    ('{"job": "dance"}', "unknown job kind 'dance'"),
+    ('{"job": "evaluate", "n_heads": 4}', "incomplete record"),
+    ("\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), "not JSON"),
+])
+def test_damaged_records_are_refused_with_the_reason(tmp_path, text, why):
+    (tmp_path / "job.json").write_text(text, encoding="latin-1")
+    with pytest.raises(RecordError, match=why):
+        read_record(tmp_path)
+
+
+def test_missing_record(tmp_path):
+    with pytest.raises(RecordError, match="no job record"):
+        read_record(tmp_path)
+
+
+def test_a_finished_job_needs_its_hash_status_and_output(tmp_path):
+    write_record(tmp_path, _record())
+    assert finished_record(tmp_path, "abc", "results.csv") is None  # no output yet
+    (tmp_path / "results.csv").write_text("x\n")
+    assert finished_record(tmp_path, "abc", "results.csv") == _record()
+    assert finished_record(tmp_path, "other", "results.csv") is None
+    write_record(tmp_path, dataclasses.replace(_record(), status="failed"))
+    assert finished_record(tmp_path, "abc", "results.csv") is None
+    assert COMPLETE == "complete"
+
+
+def test_result_columns_are_documented_in_the_module():
+    import ih_sweep.records as records
+
+    for column in RESULT_COLUMNS:
+        assert column in records.__doc__, column
