@@ -4,7 +4,7 @@
 # job), slurmctld and slurmd. Idempotent.
 #
 #   scripts/slurm_local.sh start    # install if needed, start everything, wait until idle
-#   scripts/slurm_local.sh stop     # stop every daemon
+#   scripts/slurm_local.sh stop     # stop the daemons `start` started (and nothing else)
 #   scripts/slurm_local.sh status   # exit 0 when the node answers
 #   scripts/slurm_local.sh env      # print the export line for SLURM_CONF
 #
@@ -19,7 +19,14 @@ CTLD_PORT=${IH_SLURM_CTLD_PORT:-6817}
 SLURMD_PORT=${IH_SLURM_SLURMD_PORT:-6818}
 export SLURM_CONF=$CONF
 
+STARTED=$DIR/run/started   # "<name> <pid file>" of each daemon this script started
+
 log() { echo "[slurm_local] $*" >&2; }
+
+started() {  # started NAME PIDFILE: remember that this script started the daemon
+  mkdir -p "$DIR/run"
+  echo "$1 $2" >>"$STARTED"
+}
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   local limit=$1 what=$2
@@ -108,8 +115,9 @@ start_munge() {
   fi
   chown munge:munge /etc/munge/munge.key
   chmod 400 /etc/munge/munge.key
-  runuser -u munge -- /usr/sbin/munged --force
+  runuser -u munge -- /usr/sbin/munged --force --pid-file=/run/munge/munged.pid
   wait_for 10 munge munge -n
+  started munged /run/munge/munged.pid
 }
 
 start_mariadb() {
@@ -124,6 +132,7 @@ start_mariadb() {
      --bind-address=127.0.0.1 --pid-file="$DIR/run/mariadb.pid" \
      --log-error="$DIR/log/mariadb.log" >/dev/null 2>&1 &)
   wait_for 30 mariadb mariadb -S "$sock" -u root -e 'select 1'
+  started mariadbd "$DIR/run/mariadb.pid"
   mariadb -S "$sock" -u root <<'EOF'
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
 CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
@@ -136,15 +145,18 @@ EOF
 start_slurm() {
   if ! pgrep -x slurmdbd >/dev/null; then
     /usr/sbin/slurmdbd
+    started slurmdbd "$DIR/run/slurmdbd.pid"
     wait_for 30 slurmdbd sacctmgr -n list cluster
   fi
   sacctmgr -i -Q add cluster ihsweep >/dev/null 2>&1 || true
   if ! pgrep -x slurmctld >/dev/null; then
     /usr/sbin/slurmctld
+    started slurmctld "$DIR/run/slurmctld.pid"
     wait_for 30 slurmctld scontrol ping
   fi
   if ! pgrep -x slurmd >/dev/null; then
     /usr/sbin/slurmd -N localhost
+    started slurmd "$DIR/run/slurmd.pid"
   fi
   wait_for 60 "an idle node" bash -c "sinfo -h -o '%t' | grep -qE '^(idle|mix|alloc)'"
   scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true
@@ -160,24 +172,38 @@ cmd_start() {
   log "cluster up (SLURM_CONF=$CONF)"
 }
 
-kill_pidfile() {
-  local f=$1
-  [ -f "$f" ] || return 0
-  kill "$(cat "$f")" 2>/dev/null || true
-  rm -f "$f"
+alive() {  # alive PID: running (a zombie has ended: only its parent has yet to reap it)
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
+stop_started() {  # stop_started NAME PIDFILE: TERM the recorded process, then wait for it
+  local name=$1 file=$2 pid
+  [ -s "$file" ] || { log "$name: no pid file $file (already stopped?)"; return 0; }
+  pid=$(cat "$file")
+  # the pid must still be the daemon we started, not a process that reused the number
+  if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != "$name" ]; then
+    log "$name: pid $pid from $file is not running $name; nothing to stop"
+    return 0
+  fi
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 40); do
+    if ! alive "$pid"; then log "stopped $name (pid $pid)"; return 0; fi
+    sleep 0.25
+  done
+  log "$name (pid $pid) ignored TERM for 10 s: KILL"
+  kill -9 "$pid" 2>/dev/null || true
 }
 
 cmd_stop() {
-  if [ -f "$CONF" ]; then scontrol shutdown >/dev/null 2>&1 || true; fi
-  sleep 1
-  kill_pidfile "$DIR/run/slurmd.pid"
-  kill_pidfile "$DIR/run/slurmctld.pid"
-  kill_pidfile "$DIR/run/slurmdbd.pid"
-  kill_pidfile "$DIR/run/mariadb.pid"
-  pkill -x slurmd 2>/dev/null || true
-  pkill -x slurmctld 2>/dev/null || true
-  pkill -x slurmdbd 2>/dev/null || true
-  log "stopped"
+  [ -f "$STARTED" ] || { log "nothing was started by this script"; return 0; }
+  local name file
+  # the reverse of the order they were started in: slurmd before slurmctld before munged
+  while read -r name file; do
+    stop_started "$name" "$file"
+  done < <(tac "$STARTED")
+  rm -f "$STARTED"
 }
 
 cmd_status() {
