@@ -1,80 +1,102 @@
-"""Statistics for paired per-item outcomes: pure functions, no I/O."""
+"""Statistics for paired per-item outcomes, from the field's libraries (scipy, statsmodels).
+
+Each function names the library call it wraps and the source of the method; only
+:func:`empirical_p` is this project's own (no library has it). Pure functions, no I/O.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
+NAN = float("nan")
 
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k/n (95% by default)."""
+
+def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the proportion ``k / n`` (Wilson 1927), from
+    ``statsmodels.stats.proportion.proportion_confint(method="wilson")``.
+
+    Returns (low, high) as fractions; (nan, nan) when ``n`` is 0. The bounds are clipped so
+    that ``low <= k / n <= high`` exactly: at 0 of n and n of n the closed form can land a
+    rounding error on the wrong side of the point."""
     if n <= 0:
-        return (float("nan"), float("nan"))
+        return (NAN, NAN)
+    from statsmodels.stats.proportion import proportion_confint
+
+    low, high = proportion_confint(k, n, alpha=1 - level, method="wilson")
     p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant counts b (only A right) and c
-    (only B right): a binomial test of b against Binomial(b + c, 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return (float(min(max(low, 0.0), p)), float(max(min(high, 1.0), p)))
 
 
 def discordant(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int]:
-    """(#items A right and B wrong, #items A wrong and B right)."""
+    """(#items A right and B wrong, #items A wrong and B right) of paired outcomes."""
     x = np.asarray(a, dtype=bool)
     y = np.asarray(b, dtype=bool)
     return int((x & ~y).sum()), int((~x & y).sum())
 
 
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts ``b`` and ``c`` (McNemar
+    1947; the exact binomial form), from ``statsmodels.stats.contingency_tables.mcnemar(
+    exact=True)``. 1.0 when there are no discordant pairs."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    return float(mcnemar([[0, b], [c, 0]], exact=True).pvalue)
+
+
 def paired_bootstrap_ci(a: Sequence[bool], b: Sequence[bool], n_boot: int = 2000,
                         seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of mean(a) - mean(b), resampling items (pairs) together."""
-    x = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if len(x) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
-    means = x[idx].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return (float(lo), float(hi))
+    """Bootstrap interval of ``mean(a) - mean(b)`` resampling items as pairs, from
+    ``scipy.stats.bootstrap(paired=True, method="percentile")`` (Efron & Tibshirani 1993).
+
+    Percentile, not BCa: outcomes here are often all correct in both jobs (a ceiling), and
+    BCa's acceleration is then undefined (scipy returns nan); the percentile interval of a
+    constant difference is that constant. (nan, nan) with fewer than 2 pairs."""
+    x = np.asarray(a, dtype=float)
+    y = np.asarray(b, dtype=float)
+    if len(x) < 2:
+        return (NAN, NAN)
+    from scipy.stats import bootstrap
+
+    def mean_difference(u: np.ndarray, v: np.ndarray, axis: int = -1) -> np.ndarray:
+        return u.mean(axis=axis) - v.mean(axis=axis)
+
+    ci = bootstrap((x, y), mean_difference, paired=True, vectorized=True, n_resamples=n_boot,
+                   confidence_level=level, method="percentile",
+                   rng=np.random.default_rng(seed)).confidence_interval
+    return (float(ci.low), float(ci.high))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (NaN entries are left out and stay NaN)."""
+    """Holm's step-down adjusted p-values (Holm 1979), from
+    ``statsmodels.stats.multitest.multipletests(method="holm")``. NaN entries are left out
+    of the family and stay NaN."""
     p = np.asarray(pvalues, dtype=float)
     out = np.full_like(p, np.nan)
-    valid = np.flatnonzero(~np.isnan(p))
-    m = len(valid)
-    order = valid[np.argsort(p[valid], kind="stable")]
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        out[i] = running
+    valid = ~np.isnan(p)
+    if valid.any():
+        from statsmodels.stats.multitest import multipletests
+
+        out[valid] = multipletests(p[valid], method="holm")[1]
     return out.tolist()
 
 
 def empirical_p(observed: float, null: Sequence[float]) -> float:
-    """One-sided empirical p that an effect this negative (or more) arises under the null:
-    (1 + #null <= observed) / (1 + #null)."""
-    null = np.asarray(null, dtype=float)
-    return float((1 + (null <= observed).sum()) / (1 + len(null)))
+    """One-sided empirical p that a value this low (or lower) arises under the null draws:
+    ``(1 + #{null <= observed}) / (1 + #null)``, which never gives 0 for a finite null
+    (Davison & Hinkley 1997, eq. 4.11; Phipson & Smyth 2010). No library computes it."""
+    draws = np.asarray(null, dtype=float)
+    return float((1 + (draws <= observed).sum()) / (1 + len(draws)))
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    import pandas as pd
+    """Spearman's rank correlation (average ranks for ties), from
+    ``scipy.stats.spearmanr``; nan when either side is constant."""
+    from scipy.stats import spearmanr
 
-    rx = pd.Series(x, dtype=float).rank()
-    ry = pd.Series(y, dtype=float).rank()
-    return float(np.corrcoef(rx, ry)[0, 1])
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return NAN
+    return float(spearmanr(x, y).statistic)

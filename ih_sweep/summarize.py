@@ -6,7 +6,8 @@ folders are read through :mod:`ih_sweep.records` (the same definitions the jobs 
 
 summary.csv columns
 -------------------
-group            model/quantization/data/babi_task/split/metric/scope/ablation/rank_by key;
+group            the settings its jobs share, ``model=..., quantization=..., data=...,
+                 babi_task=..., split=..., metric=..., scope=..., ablation=..., rank_by=...``;
                  only rows of one group are compared with each other
 model, quantization, data, babi_task, split, metric, scope, ablation, rank_by
 n_heads, condition, control_seed
@@ -130,8 +131,7 @@ def summarize_jobs(jobs: list[FinishedJob]) -> pd.DataFrame:
     rows = []
     groups: dict[str, list[FinishedJob]] = {}
     for job in jobs:
-        g = _group_of(job)
-        groups.setdefault("/".join(str(g[k]) for k in GROUP_KEYS), []).append(job)
+        groups.setdefault(group_title(_group_of(job)), []).append(job)
     for gname, gjobs in groups.items():
         gjobs = sorted(gjobs, key=lambda j: (j.record.n_heads, j.record.condition,
                                              j.record.control_seed))
@@ -193,52 +193,107 @@ def icl_curve(jobs: list[FinishedJob]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- rendering
-def _fmt(x, pct: bool = False) -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return ""
-    if pct:
-        return f"{100 * x:.1f}"
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    return str(x)
+# How numbers are shown, in one place: accuracies and differences in percent (points) with
+# one decimal, intervals as [low, high], p-values with three significant digits.
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and np.isnan(x))
 
 
-def to_markdown(df: pd.DataFrame, problems: list[tuple[str, str]], notes: list[str]) -> str:
-    lines = ["# Sweep summary", ""]
-    for note in notes:
-        lines.append(f"> {note}")
-    if notes:
-        lines.append("")
+def percent(x) -> str:
+    return "" if _missing(x) else f"{100 * x:.1f}"
+
+
+def interval(low, high) -> str:
+    return "" if _missing(low) or _missing(high) else f"[{percent(low)}, {percent(high)}]"
+
+
+def p_value(p) -> str:
+    return "" if _missing(p) else f"{p:.3g}"
+
+
+def _vs_none(row, text: str) -> str:
+    return "" if row.condition == "none" else text  # `none` against itself means nothing
+
+
+# (markdown header, LaTeX header, cell of a summary row)
+_DISPLAY = [
+    ("N", "$N$", lambda r: "" if r.condition == "none" else str(r.n_heads)),
+    ("condition", "condition", lambda r: r.condition),
+    ("control seed", "control seed",
+     lambda r: str(r.control_seed) if r.condition == "random" else ""),
+    ("items", "items", lambda r: str(r.n_items)),
+    ("accuracy %", r"accuracy (\%)", lambda r: percent(r.accuracy)),
+    ("95% CI", r"95\% CI", lambda r: interval(r.ci_low, r.ci_high)),
+    ("Δ vs none (pts)", r"$\Delta$ vs none (pts)", lambda r: _vs_none(r, percent(r.delta_vs_none))),
+    ("95% CI of Δ", r"95\% CI of $\Delta$",
+     lambda r: _vs_none(r, interval(r.delta_ci_low, r.delta_ci_high))),
+    ("p vs none", "$p$ vs none", lambda r: _vs_none(r, p_value(r.p_vs_none))),
+    ("Holm p", "Holm $p$", lambda r: p_value(r.p_vs_none_holm)),
+    ("Δ vs low (pts)", r"$\Delta$ vs low (pts)", lambda r: percent(r.delta_vs_low)),
+    ("p vs low", "$p$ vs low", lambda r: p_value(r.p_vs_low)),
+    ("p vs random", "$p$ vs random", lambda r: p_value(r.p_vs_random)),
+]
+
+LEGEND = [
+    "**N**: heads ablated. **condition**: `high` = the top-N heads by score (induction "
+    "heads); `low` = for each layer holding k of them, its k lowest-scoring heads (the "
+    "notebook's control); `random` = layer-matched random heads outside the top-N, drawn "
+    "with **control seed**; `none` = unablated (one row: every N evaluates the same model).",
+    "**accuracy %** with its **95% CI**: Wilson score interval.",
+    "**Δ vs none**: accuracy minus the unablated accuracy on the same items, in percentage "
+    "points; **95% CI of Δ**: paired percentile bootstrap over items (2,000 resamples).",
+    "**p vs none**: exact McNemar test of the paired per-item outcomes; **Holm p**: "
+    "Holm-adjusted over every comparison with `none` in this summary.",
+    "**Δ vs low**, **p vs low** (rows `high`): against the `low` control at the same N "
+    "(exact McNemar).",
+    "**p vs random** (rows `high`): empirical p of the `high` accuracy among the `random` "
+    "draws at the same N, (1 + #draws at or below it) / (1 + #draws).",
+]
+
+
+def display_table(df: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
+    """The rows a reader sees, as strings: the unablated job once (every N of ``none``
+    evaluates the same model), empty cells where a number would mean nothing."""
+    none = df[df.condition == "none"]
+    rows = pd.concat([none.head(1), df[df.condition != "none"]])
+    headers = [(tex if latex else md) for md, tex, _ in _DISPLAY]
+    return pd.DataFrame([[cell(r) for _, _, cell in _DISPLAY] for r in rows.itertuples()],
+                        columns=headers)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A display table as GitHub markdown: text left, numbers right, no reparsing."""
+    align = ["left" if c in ("condition",) else "right" for c in table.columns]
+    return table.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
+def group_title(group: dict) -> str:
+    """``key=value`` for every setting a group shares."""
+    return ", ".join(f"{k}={group[k]}" for k in GROUP_KEYS)
+
+
+def to_markdown(df: pd.DataFrame, problems: list[tuple[str, str]], notes: list[str],
+                title: str = "Sweep summary") -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"> {note}" for note in notes] + ([""] if notes else [])
     for gname, g in df.groupby("group", sort=False):
-        lines += [f"## {gname}", "",
-                  "| N | condition | seed | items | accuracy % | 95% CI | Δ vs none (pts) | "
-                  "95% CI | p vs none | Holm p | Δ vs low | p vs low | p vs random |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for _, r in g.iterrows():
-            lines.append(
-                f"| {r.n_heads} | {r.condition} | {r.control_seed} | {r.n_items} | "
-                f"{_fmt(r.accuracy, True)} | {_fmt(r.ci_low, True)}–{_fmt(r.ci_high, True)} | "
-                f"{_fmt(r.delta_vs_none, True)} | {_fmt(r.delta_ci_low, True)}–"
-                f"{_fmt(r.delta_ci_high, True)} | {_fmt(r.p_vs_none)} | "
-                f"{_fmt(r.p_vs_none_holm)} | {_fmt(r.delta_vs_low, True)} | "
-                f"{_fmt(r.p_vs_low)} | {_fmt(r.p_vs_random)} |")
-        lines.append("")
+        lines += [f"## {gname}", "", markdown_table(display_table(g)), ""]
+    lines += ["### Legend", ""] + [f"- {item}" for item in LEGEND] + [""]
     if problems:
         lines += ["## Jobs left out", ""] + [f"- `{f}`: {why}" for f, why in problems] + [""]
     return "\n".join(lines)
 
 
 def to_latex(df: pd.DataFrame) -> str:
-    lines = [r"\begin{tabular}{rlrrrrl}", r"\toprule",
-             r"$N$ & condition & seed & accuracy (\%) & 95\% CI & $\Delta$ vs none & $p$ \\",
-             r"\midrule"]
-    for _, r in df.iterrows():
-        lines.append(f"{r.n_heads} & {r.condition} & {r.control_seed} & "
-                     f"{_fmt(r.accuracy, True)} & [{_fmt(r.ci_low, True)}, "
-                     f"{_fmt(r.ci_high, True)}] & {_fmt(r.delta_vs_none, True)} & "
-                     f"{_fmt(r.p_vs_none)} \\\\")
-    lines += [r"\bottomrule", r"\end{tabular}", ""]
-    return "\n".join(lines)
+    """One booktabs table per group (pandas' Styler.to_latex), each under a comment line
+    naming the group's settings."""
+    parts = []
+    for gname, g in df.groupby("group", sort=False):
+        table = display_table(g, latex=True)
+        styler = table.style.hide(axis="index").format(escape="latex")
+        parts.append(f"% {gname}\n" + styler.to_latex(hrules=True,
+                                                       column_format="r" * table.shape[1]))
+    return "\n".join(parts)
 
 
 def plot_accuracy_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
@@ -363,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     except SummaryError as err:
         print(f"ih_sweep.summarize: {err}", file=sys.stderr)
         return 2
-    print(df[["n_heads", "condition", "control_seed", "n_items", "accuracy", "delta_vs_none",
-              "p_vs_none"]].to_string(index=False))
+    for gname, g in df.groupby("group", sort=False):
+        print(f"{gname}\n{markdown_table(display_table(g))}")
     return 0
 
 

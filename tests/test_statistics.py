@@ -60,3 +60,34 @@ def test_empirical_p():
 def test_spearman():
     assert st.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert st.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("k,n,expected", [
+    (0, 10, (0.0, 0.2775)), (10, 10, (0.7225, 1.0)),  # Agresti & Coull (1998), table 1
+    (1, 1, (0.2065, 1.0)), (0, 1, (0.0, 0.7935)),  # n = 1: z^2/(n+z^2) = 0.7935
+])
+def test_wilson_edges_never_cross_the_point(k, n, expected):
+    lo, hi = st.wilson_interval(k, n)
+    assert (lo, hi) == pytest.approx(expected, abs=5e-4)
+    assert lo <= k / n <= hi  # exactly, not within a rounding error: the plots' error bars
+    assert 0.0 <= lo and hi <= 1.0
+
+
+def test_no_discordant_pairs_and_one_pair():
+    assert st.mcnemar_exact(*st.discordant([1, 0, 1], [1, 0, 1])) == 1.0
+    assert all(math.isnan(v) for v in st.paired_bootstrap_ci([1], [0]))
+    assert all(math.isnan(v) for v in st.paired_bootstrap_ci([], []))
+    assert st.paired_bootstrap_ci([1, 1, 1], [0, 0, 0]) == (1.0, 1.0)
+
+
+def test_holm_of_no_p_values():
+    assert all(math.isnan(v) for v in st.holm([float("nan")] * 3))
+    assert st.holm([]) == []
+
+
+def test_spearman_textbook_value_and_constants():
+    # Wikipedia, "Spearman's rank correlation coefficient", IQ vs hours of TV: -29/165
+    iq = [106, 86, 100, 101, 99, 103, 97, 113, 112, 110]
+    tv = [7, 0, 27, 50, 28, 29, 20, 12, 6, 17]
+    assert st.spearman(iq, tv) == pytest.approx(-29 / 165)
+    assert math.isnan(st.spearman([1, 1, 1], [1, 2, 3]))

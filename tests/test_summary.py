@@ -57,6 +57,7 @@ def test_summary_values(sweep):
     root, base, high, low = sweep
     df = summarize(root).set_index(["condition", "control_seed"])
     h = df.loc[("high", 0)]
+    high_acc = high.mean()
     assert h.n_items == 200 and h.n_correct == high.sum()
     assert h.accuracy == pytest.approx(high.mean())
     assert h.ci_low < h.accuracy < h.ci_high
@@ -80,7 +81,22 @@ def test_summary_values(sweep):
     for name in ("summary.csv", "summary.md", "summary.tex", "accuracy_vs_n.png"):
         assert (root / name).is_file()
     md = (root / "summary.md").read_text()
-    assert "| 4 | high | 0 | 200 |" in md
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in md.splitlines() if line.startswith("|")]
+    header = rows[0]
+    high = next(r for r in rows if r[1] == "high")
+    assert dict(zip(header, high)) == {
+        "N": "4", "condition": "high", "control seed": "", "items": "200",
+        "accuracy %": f"{100 * high_acc:.1f}", "95% CI": f"[{100 * h.ci_low:.1f}, "
+        f"{100 * h.ci_high:.1f}]", "Δ vs none (pts)": f"{100 * h.delta_vs_none:.1f}",
+        "95% CI of Δ": f"[{100 * h.delta_ci_low:.1f}, {100 * h.delta_ci_high:.1f}]",
+        "p vs none": f"{h.p_vs_none:.3g}", "Holm p": f"{h.p_vs_none_holm:.3g}",
+        "Δ vs low (pts)": f"{100 * h.delta_vs_low:.1f}", "p vs low": f"{h.p_vs_low:.3g}",
+        "p vs random": f"{h.p_vs_random:.3g}"}
+    none_rows = [r for r in rows if r[1] == "none"]
+    assert len(none_rows) == 1 and none_rows[0][0] == "" and none_rows[0][6:] == [""] * 7
+    assert [r[2] for r in rows if r[1] == "random"] == ["0", "1", "2", "3", "4"]
+    assert "### Legend" in md and "Wilson score interval" in md
     assert "\\toprule" in (root / "summary.tex").read_text()
 
 
