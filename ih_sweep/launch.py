@@ -97,9 +97,13 @@ class SummarizeCallback(Callback):
         if not config.get("summarize", True) or \
                 str(config.get("job", "evaluate")) not in ("evaluate", "scan"):
             return
-        from .summarize import summarize
+        from .summarize import console_report, summarize
 
+        sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            summarize(Path(config.hydra.sweep.dir))
+            df = summarize(sweep_dir)
         except Exception as err:  # a summary problem must not hide the jobs' results
-            log.error("summary of %s failed: %s", config.hydra.sweep.dir, err)
+            log.error("summary of %s failed: %s", sweep_dir, err)
+            return
+        if not df.empty:
+            print(console_report(df, sweep_dir), flush=True)

@@ -267,6 +267,13 @@ def markdown_table(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
+def _short_title(row) -> str:
+    """A figure title: the model and the data, the metric and the ablation."""
+    split = "" if row.split == "generated" else f" {row.split}"
+    return (f"{row.model} ({row.quantization}), bAbI task {row.babi_task}{split} "
+            f"({row.data}), {row.metric}, {row.scope} question, {row.ablation} ablation")
+
+
 def group_title(group: dict) -> str:
     """``key=value`` for every setting a group shares."""
     return ", ".join(f"{k}={group[k]}" for k in GROUP_KEYS)
@@ -296,52 +303,103 @@ def to_latex(df: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def plot_accuracy_vs_n(df: pd.DataFrame, path: Path) -> Path | None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+COLORS = {"high": "tab:red", "low": "tab:blue", "random": "tab:grey", "none": "black"}
+
+
+def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | None:
+    """Accuracy against N per condition with 95% Wilson CIs; the unablated accuracy as a
+    line and band; the random draws as their 2.5-97.5% band (or points, for < 3 draws)."""
     if df.empty:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     none = df[df.condition == "none"]
     if not none.empty:
         r = none.iloc[0]
-        ax.axhspan(100 * r.ci_low, 100 * r.ci_high, color="grey", alpha=0.25,
-                   label=f"none ({100 * r.accuracy:.1f}%)")
-        ax.axhline(100 * r.accuracy, color="grey", lw=1)
-    for cond, g in df[df.condition != "none"].groupby("condition"):
-        g = g.groupby("n_heads").agg(accuracy=("accuracy", "mean"), ci_low=("ci_low", "mean"),
-                                     ci_high=("ci_high", "mean")).reset_index()
+        ax.axhspan(100 * r.ci_low, 100 * r.ci_high, color="black", alpha=0.12, lw=0)
+        ax.axhline(100 * r.accuracy, color="black", lw=1, ls="--",
+                   label=f"unablated {100 * r.accuracy:.1f}% [{100 * r.ci_low:.1f}, "
+                         f"{100 * r.ci_high:.1f}]")
+    random = df[df.condition == "random"]
+    if not random.empty:
+        by_n = random.groupby("n_heads")["accuracy"]
+        draws = int(by_n.size().min())
+        if draws >= 3:
+            band = by_n.quantile([0.025, 0.975]).unstack()
+            ax.fill_between(band.index, 100 * band[0.025], 100 * band[0.975],
+                            color=COLORS["random"], alpha=0.3, lw=0,
+                            label=f"random heads: 2.5-97.5% of {draws} draws")
+            ax.plot(band.index, 100 * by_n.median(), color=COLORS["random"], lw=1)
+        else:
+            ax.plot(random.n_heads, 100 * random.accuracy, "o", color=COLORS["random"],
+                    ms=5, clip_on=False, label=f"random heads ({len(random)} draws)")
+    measured = sorted(int(n) for n in df.loc[df.condition != "none", "n_heads"].unique())
+    dodge = 0.012 * max(1, measured[-1] - measured[0]) if measured else 0
+    for cond, shift in (("high", -dodge), ("low", dodge)):  # side by side where they meet
+        g = df[df.condition == cond].sort_values("n_heads")
+        if g.empty:
+            continue
         y = 100 * g.accuracy
-        ax.errorbar(g.n_heads, y, yerr=[y - 100 * g.ci_low, 100 * g.ci_high - y], marker="o",
-                    capsize=3, label=cond)
+        yerr = np.clip([y - 100 * g.ci_low, 100 * g.ci_high - y], 0, None)
+        ax.errorbar(g.n_heads + shift, y, yerr=yerr, marker="o", ms=5, capsize=3,
+                    color=COLORS[cond], clip_on=False, zorder=3,
+                    label={"high": "top-N by score (induction heads)",
+                           "low": "layer-matched lowest-N (control)"}[cond])
+    if measured:
+        ax.set_xticks(measured)
+        pad = max(1.0, 0.06 * (measured[-1] - measured[0]))
+        ax.set_xlim(measured[0] - pad, measured[-1] + pad)
+    ax.set_ylim(-3, 103)  # a point at 0% or 100% and its marker stay inside the frame
     ax.set_xlabel("heads ablated (N)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend()
-    ax.set_title("bAbI accuracy vs number of ablated heads")
+    ax.set_ylabel("accuracy (%), error bars: 95% Wilson CI")
+    ax.set_title(title or "bAbI accuracy vs number of ablated heads", fontsize=10)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=8, loc="lower left")
     write_figure(path, fig)
     plt.close(fig)
     return path
 
 
-def plot_icl(curve: pd.DataFrame, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_icl(curve: pd.DataFrame, path: Path, title: str = "") -> Path | None:
+    """Accuracy by answered examples before the question, one line per (condition, N),
+    with 95% Wilson CIs as bands."""
     if curve.empty:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (n, cond, seed), g in curve.groupby(["n_heads", "condition", "control_seed"]):
-        label = "none" if cond == "none" else f"{cond} N={n}" + (f" s{seed}" if seed else "")
-        ax.plot(g.examples_before, 100 * g.accuracy, marker="o", label=label)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    curve = curve.drop_duplicates(["condition", "n_heads", "control_seed", "examples_before"])
+    lines = curve[curve.condition != "none"].groupby(["condition", "n_heads", "control_seed"])
+    none = curve[curve.condition == "none"]
+    series = ([(("none", 0, 0), none[none.n_heads == none.n_heads.min()])] if not none.empty
+              else []) + list(lines)
+    cmap = plt.get_cmap("tab10")
+    for i, ((cond, n, seed), g) in enumerate(series):
+        g = g.sort_values("examples_before")
+        bounds = np.array([st.wilson_interval(int(round(a * m)), int(m))
+                           for a, m in zip(g.accuracy, g.n_items)])
+        label = "unablated" if cond == "none" else (
+            f"{cond} N={n}" + (f" (control seed {seed})" if cond == "random" else ""))
+        color = "black" if cond == "none" else cmap(i % 10)
+        ax.plot(g.examples_before, 100 * g.accuracy, marker="o", ms=4, color=color,
+                label=label, clip_on=False)
+        ax.fill_between(g.examples_before, 100 * bounds[:, 0], 100 * bounds[:, 1],
+                        color=color, alpha=0.15, lw=0)
+    ticks = sorted(int(x) for x in curve.examples_before.unique())
+    ax.set_xticks(ticks)
+    ax.set_ylim(-3, 103)
     ax.set_xlabel("answered examples before the question")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%), bands: 95% Wilson CI")
+    ax.set_title(title or "In-context learning curve", fontsize=10)
+    ax.grid(alpha=0.25)
     ax.legend(fontsize=7)
     write_figure(path, fig)
     plt.close(fig)
@@ -392,11 +450,10 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
     write_csv(sweep_dir / "summary.csv", df)
     write_text(sweep_dir / "summary.md", to_markdown(df, found.problems, notes))
     write_text(sweep_dir / "summary.tex", to_latex(df))
-    if df["group"].nunique() <= 1:
-        plot_accuracy_vs_n(df, sweep_dir / "accuracy_vs_n.png")
-    else:
-        for i, (_, g) in enumerate(df.groupby("group", sort=False)):
-            plot_accuracy_vs_n(g, sweep_dir / f"accuracy_vs_n_{i}.png")
+    groups = list(df.groupby("group", sort=False))
+    for i, (_, g) in enumerate(groups):
+        name = "accuracy_vs_n.png" if len(groups) == 1 else f"accuracy_vs_n_{i}.png"
+        plot_accuracy_vs_n(g, sweep_dir / name, title=_short_title(g.iloc[0]))
     curve = icl_curve(found.jobs)
     if not curve.empty:
         write_csv(sweep_dir / "icl_curve.csv", curve)
@@ -404,6 +461,15 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
     log.info("summary of %d jobs written to %s (%d left out)", len(found.jobs), sweep_dir,
              len(found.problems))
     return df
+
+
+def console_report(df: pd.DataFrame, sweep_dir: Path) -> str:
+    """What a sweep prints when it ends: each group's table and where the files are."""
+    parts = [f"\n{gname}\n{markdown_table(display_table(g))}"
+             for gname, g in df.groupby("group", sort=False)]
+    parts.append(f"\nSummary (summary.md, summary.csv, summary.tex, figures) and one folder "
+                 f"per job in: {sweep_dir}")
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     except SummaryError as err:
         print(f"ih_sweep.summarize: {err}", file=sys.stderr)
         return 2
-    for gname, g in df.groupby("group", sort=False):
-        print(f"{gname}\n{markdown_table(display_table(g))}")
+    print(console_report(df, Path(args.sweep_dir)))
     return 0
 
 
