@@ -1,4 +1,5 @@
-"""Atomic writes: a reader (or a killed job) never sees half a file."""
+"""Atomic writes: a reader (or a killed job) never sees half a file. Files get the usual
+mode for new files (0666 less the umask: 0644 under umask 022), as ``open()`` would give."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600, and the rename keeps the mode
     os.close(fd)
     try:
         write(Path(tmp))
@@ -25,6 +27,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -31,12 +31,17 @@ rank_by          ``scoring.rank_by``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import platform
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io_utils import read_json, write_json
+from .io_utils import atomic_write, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 ITEM_COLUMNS = ["story", "question_index", "line", "examples_before", "answer",
                 "continuation", "correct", "decided_by"]
@@ -71,6 +76,8 @@ class EvaluationRecord:
     accuracy: float
     n_decoded: int  # items decided past the teacher-forced pass
     heads: list[list[int]]  # [[layer, head], ...] in selection order
+    results_sha256: str = ""  # of results.csv as written: a damaged file is not trusted
+    settings: dict[str, Any] = field(default_factory=dict)  # schema.semantic_config
     reused_evaluation: bool = False  # the same evaluation ran earlier in this process
     resumed_chunks: int = 0  # checkpointed chunks a previous (killed) run had finished
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
@@ -127,14 +134,102 @@ def read_record(out_dir: Path) -> Record:
         raise RecordError(f"{path}: incomplete record ({err})") from None
 
 
-def finished_record(out_dir: Path, config_hash: str, output: str) -> Record | None:
-    """The record of a job already complete in ``out_dir`` for this config hash, whose
-    ``output`` file exists; None when the job has to run."""
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def problem_with(out_dir: Path, record: Record) -> str | None:
+    """Why the files in ``out_dir`` do not match ``record`` (None when they do): an
+    evaluation's results.csv must have the recorded checksum, row count, unique
+    (story, question_index) pairs and correct count, and heads.csv its heads."""
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    if isinstance(record, ScanRecord):
+        return None if (out_dir / "scan.csv").is_file() else "scan.csv is missing"
+    results, heads = out_dir / "results.csv", out_dir / "heads.csv"
+    for path in (results, heads):
+        if not path.is_file():
+            return f"{path.name} is missing"
+    if record.results_sha256 and sha256(results) != record.results_sha256:
+        return "results.csv differs from the file the job wrote (checksum)"
+    try:
+        df = pd.read_csv(results, keep_default_na=False)
+        head_rows = pd.read_csv(heads)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        return f"unreadable CSV ({err})"
+    if list(df.columns) != RESULT_COLUMNS:
+        return "results.csv does not have the result columns"
+    if len(df) != record.n_items:
+        return f"results.csv has {len(df)} rows, job.json says {record.n_items}"
+    if df.duplicated(["story", "question_index"]).any():
+        return "results.csv repeats a (story, question_index)"
+    correct = int(df["correct"].astype(str).str.lower().eq("true").sum())
+    if correct != record.n_correct:
+        return f"results.csv has {correct} correct, job.json says {record.n_correct}"
+    pairs = [[int(a), int(b)] for a, b in zip(head_rows.get("layer", []),
+                                               head_rows.get("head", []))]
+    if pairs != record.heads:
+        return "heads.csv does not list the recorded heads"
+    return None
+
+
+def finished_record(out_dir: Path, config_hash: str, output: str = "results.csv"
+                    ) -> Record | None:
+    """The record of a job already complete in ``out_dir`` for this config hash whose files
+    match it (:func:`problem_with`); None when the job has to run. A complete record whose
+    files do not match is reported in one warning line and not trusted."""
+    out_dir = Path(out_dir)
+    if not (out_dir / RECORD_FILE).is_file():
+        return None
     try:
         record = read_record(out_dir)
-    except RecordError:
+    except RecordError as err:
+        log.warning("redoing %s: %s", out_dir, err)
         return None
-    if record.status != COMPLETE or record.config_hash != config_hash or \
-            not (Path(out_dir) / output).is_file():
+    if record.status != COMPLETE or record.config_hash != config_hash:
         return None
+    if not (out_dir / output).is_file():
+        log.warning("redoing %s: %s is missing", out_dir, output)
+        return None
+    problem = problem_with(out_dir, record)
+    if problem:
+        log.warning("redoing %s: %s", out_dir, problem)
+        return None
+    return record
+
+
+# --------------------------------------------------------------------------- the store
+# Every finished evaluation is also kept under <paths.cache_dir>/jobs/<config hash>/, so a
+# rerun of the same command (in a new timestamped sweep folder) reuses it.
+STORED_FILES = ("results.csv", "heads.csv", RECORD_FILE)
+
+
+def store_dir(cache_dir: str | Path, config_hash: str) -> Path:
+    return Path(cache_dir) / "jobs" / config_hash
+
+
+def store(out_dir: Path, cache_dir: str | Path, config_hash: str) -> Path:
+    """Copy a finished job's files into the store (each file atomically, the record last)."""
+    target = store_dir(cache_dir, config_hash)
+    for name in STORED_FILES:
+        atomic_write(target / name, lambda tmp, src=Path(out_dir) / name: shutil.copyfile(
+            src, tmp))
+    return target
+
+
+def restore(cache_dir: str | Path, config_hash: str, out_dir: Path) -> Record | None:
+    """The stored job of this config hash copied into ``out_dir`` (record last), if the
+    store has one whose files match its record; None otherwise."""
+    source = store_dir(cache_dir, config_hash)
+    record = finished_record(source, config_hash)
+    if record is None:
+        return None
+    for name in STORED_FILES:
+        atomic_write(Path(out_dir) / name, lambda tmp, src=source / name: shutil.copyfile(
+            src, tmp))
     return record

@@ -342,8 +342,19 @@ def plain(node: Any) -> Any:
 
 
 def semantic_config(cfg: DictConfig | Config) -> dict:
-    """The resolved config as plain data, minus Hydra's node and every speed key."""
+    """What determines a job's results, as plain data: the resolved config minus Hydra's
+    node, every speed key, and the settings that cannot matter for this job: the control
+    seed of a condition other than ``random``, and for an unablated job (``condition=none``
+    or ``n_heads=0``) which heads would have been chosen and how (``n_heads`` becomes 0,
+    ``scoring`` and ``ablation`` go). Two jobs with the same semantic config compute the
+    same results."""
     container = _semantic(cfg)
+    if container.get("condition") != "random":
+        container.pop("control_seed", None)
+    if container.get("condition") == "none" or container.get("n_heads") == 0:
+        container.update(n_heads=0, condition="none")
+        container.pop("scoring", None)
+        container.pop("ablation", None)
     for dotted in speed_keys():
         node = container
         *parents, leaf = dotted.split(".")

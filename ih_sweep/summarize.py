@@ -126,20 +126,101 @@ def _paired(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return x.loc[common].to_numpy(), y.loc[common].to_numpy()
 
 
-def summarize_jobs(jobs: list[FinishedJob]) -> pd.DataFrame:
-    """One row per (group, n_heads, condition, control_seed) with the statistics above."""
-    rows = []
-    groups: dict[str, list[FinishedJob]] = {}
+_SELECTION = ("n_heads", "condition", "control_seed", "job")
+_ARM = ("scoring", "ablation")  # how heads are chosen and ablated: absent for `none`
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _settings_of(record: EvaluationRecord) -> dict:
+    """The job's settings (its semantic config); for records without them (older jobs)
+    what the record says of the model, data, evaluation and ablation."""
+    if record.settings:
+        return record.settings
+    return {"model": {"name": record.model}, "quantization": {"name": record.quantization},
+            "data": record.data, "eval": record.eval,
+            "ablation": {"method": record.ablation}, "scoring": {"rank_by": record.rank_by}}
+
+
+def _settings_key(record: EvaluationRecord, keys: tuple[str, ...]) -> str:
+    """The job's settings except ``keys``, as a comparable string."""
+    import json
+
+    return json.dumps({k: v for k, v in _settings_of(record).items() if k not in keys},
+                      sort_keys=True, default=str)
+
+
+def group_jobs(jobs: list[FinishedJob]) -> tuple[list[list[FinishedJob]], list[str]]:
+    """Jobs that may be compared: same settings but for which heads are ablated. The
+    unablated job joins every group with its evaluation settings. Returns (groups, notes
+    saying what was merged and why groups differ)."""
+    by_eval: dict[str, dict[str | None, list[FinishedJob]]] = {}
     for job in jobs:
-        groups.setdefault(group_title(_group_of(job)), []).append(job)
-    for gname, gjobs in groups.items():
+        unablated = job.record.condition == "none" or job.record.n_heads == 0
+        arm = None if unablated else _settings_key(job.record, ())
+        arms = by_eval.setdefault(_settings_key(job.record, _SELECTION + _ARM), {})
+        arms.setdefault(arm, []).append(job)
+    groups = []
+    for arms in by_eval.values():
+        none = arms.pop(None, [])
+        groups += [none + ablated for ablated in arms.values()] if arms else [none]
+    notes = []
+    if len(groups) > 1:
+        differing = _differing_settings(groups)
+        notes.append("Jobs differ in " + ", ".join(differing) + "; each group is "
+                     "summarized on its own and never pooled.")
+    return groups, notes
+
+
+def _differing_settings(groups: list[list[FinishedJob]]) -> list[str]:
+    flats = [_flat({k: v for k, v in _settings_of(g[-1].record).items()
+                    if k not in _SELECTION}) for g in groups]
+    keys = sorted(set().union(*flats))
+    return [k for k in keys if len({str(f.get(k)) for f in flats}) > 1]
+
+
+def summarize_jobs(jobs: list[FinishedJob]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per distinct job of each group (:func:`group_jobs`) with the statistics
+    above, and notes on what was merged: jobs with the same config hash (e.g. ``none`` at
+    every N, or non-random conditions crossed with control seeds) are one row."""
+    rows, notes = [], []
+    groups, group_notes = group_jobs(jobs)
+    notes += group_notes
+    differing = _differing_settings(groups) if len(groups) > 1 else []
+    for gjobs in groups:
         gjobs = sorted(gjobs, key=lambda j: (j.record.n_heads, j.record.condition,
                                              j.record.control_seed))
-        none = next((j for j in gjobs if j.record.condition == "none"
-                     or j.record.n_heads == 0), None)
-        by_cell = {(j.record.n_heads, j.record.condition, j.record.control_seed): j
-                   for j in gjobs}
-        group_rows = []
+        base = _group_of(gjobs[-1])
+        settings = _flat(_settings_of(gjobs[-1].record))
+        gname = group_title(base) + "".join(f", {k}={settings.get(k)}" for k in differing
+                                            if k not in base)
+        by_cell: dict[tuple[int, str, int], FinishedJob] = {}
+        merged: dict[tuple[int, str, int], list[FinishedJob]] = {}
+        for j in gjobs:
+            r = j.record
+            if r.condition == "none" or r.n_heads == 0:
+                cell = (0, "none", 0)
+            else:
+                cell = (r.n_heads, r.condition, r.control_seed if r.condition == "random" else 0)
+            if cell in by_cell:
+                merged.setdefault(cell, [by_cell[cell]]).append(j)
+            else:
+                by_cell[cell] = j
+        for (n, cond, seed), same in merged.items():
+            folders = ", ".join(str(j.path.name) for j in same)
+            what = "the unablated model (no head is ablated at any N)" if cond == "none" \
+                else f"{cond} N={n}" + (" (the control seed only draws random heads)"
+                                        if cond != "random" else f" seed {seed}")
+            notes.append(f"{len(same)} jobs evaluate {what}: one row ({folders}).")
+        none = by_cell.get((0, "none", 0))
         for (n, cond, seed), job in by_cell.items():
             res = job.results
             k, total = int(res["correct"].sum()), len(res)
@@ -148,14 +229,13 @@ def summarize_jobs(jobs: list[FinishedJob]) -> pd.DataFrame:
                    "control_seed": seed, "n_items": total, "n_correct": k,
                    "accuracy": k / total if total else float("nan"), "ci_low": lo,
                    "ci_high": hi}
-            if none is not None:
+            if none is not None and cond != "none":
                 a, b = _paired(res, none.results)
                 row["delta_vs_none"] = float(a.mean() - b.mean()) if len(a) else np.nan
                 row["delta_ci_low"], row["delta_ci_high"] = st.paired_bootstrap_ci(a, b)
                 row["p_vs_none"] = st.mcnemar_exact(*st.discordant(a, b))
             if cond == "high":
-                low = next((j for (nn, c, _), j in by_cell.items() if nn == n and c == "low"),
-                           None)
+                low = by_cell.get((n, "low", 0))
                 if low is not None:
                     a, b = _paired(res, low.results)
                     row["delta_vs_low"] = float(a.mean() - b.mean())
@@ -165,17 +245,21 @@ def summarize_jobs(jobs: list[FinishedJob]) -> pd.DataFrame:
                     null = [j.results["correct"].mean() for j in draws]
                     row["p_vs_random"] = st.empirical_p(row["accuracy"], null)
                     row["n_random"] = len(draws)
-            group_rows.append(row)
-        rows.extend(group_rows)
+            rows.append(row)
+        conditions = {c for _, c, _ in by_cell}
+        if conditions == {"random"}:
+            notes.append(f"{gname}: only random draws, so nothing is compared: add "
+                         "condition=none (the unablated model) and condition=high (the "
+                         "induction heads) to the sweep to test the random draws against.")
     # one family across tasks, N values and conditions of the whole sweep
-    ps = [r.get("p_vs_none", np.nan) if r["condition"] != "none" else np.nan for r in rows]
+    ps = [r.get("p_vs_none", np.nan) for r in rows]
     for r, adj in zip(rows, st.holm(ps)):
         r["p_vs_none_holm"] = adj
     df = pd.DataFrame(rows)
     for col in SUMMARY_COLUMNS:
         if col not in df.columns:
             df[col] = np.nan
-    return df[SUMMARY_COLUMNS]
+    return df[SUMMARY_COLUMNS], notes
 
 
 def icl_curve(jobs: list[FinishedJob]) -> pd.DataFrame:
@@ -254,8 +338,7 @@ LEGEND = [
 def display_table(df: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
     """The rows a reader sees, as strings: the unablated job once (every N of ``none``
     evaluates the same model), empty cells where a number would mean nothing."""
-    none = df[df.condition == "none"]
-    rows = pd.concat([none.head(1), df[df.condition != "none"]])
+    rows = df
     headers = [(tex if latex else md) for md, tex, _ in _DISPLAY]
     return pd.DataFrame([[cell(r) for _, _, cell in _DISPLAY] for r in rows.itertuples()],
                         columns=headers)
@@ -441,12 +524,7 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
         merge_scan(sweep_dir, found.scan_parts)
         if not found.jobs:
             return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    df = summarize_jobs(found.jobs)
-    notes = []
-    if df["group"].nunique() > 1:
-        notes.append("Jobs differ in model, data, metric, scope, ablation or ranking; each "
-                     "group is summarized on its own and never pooled: "
-                     + "; ".join(df["group"].unique()))
+    df, notes = summarize_jobs(found.jobs)
     write_csv(sweep_dir / "summary.csv", df)
     write_text(sweep_dir / "summary.md", to_markdown(df, found.problems, notes))
     write_text(sweep_dir / "summary.tex", to_latex(df))
@@ -458,8 +536,10 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
     if not curve.empty:
         write_csv(sweep_dir / "icl_curve.csv", curve)
         plot_icl(curve, sweep_dir / "icl_curve.png")
-    log.info("summary of %d jobs written to %s (%d left out)", len(found.jobs), sweep_dir,
-             len(found.problems))
+    for note in notes:
+        log.info("%s", note)
+    log.info("summary of %d jobs (%d rows) written to %s (%d left out)", len(found.jobs),
+             len(df), sweep_dir, len(found.problems))
     return df
 
 

@@ -128,7 +128,7 @@ def test_config_hash_ignores_every_speed_key_and_nothing_else():
     for key, value in changed.items():
         assert config_hash(compose(f"{key}={value}")) == base, key
     for override in ("n_heads=4", "data.n_stories=10", "condition=low", "eval.metric=exact",
-                     "scoring.seq_len=20", "ablation=mean", "control_seed=1"):
+                     "scoring.seq_len=20", "ablation=mean"):
         assert config_hash(compose(override)) != base, override
     assert config_hash(settings(compose())) == base  # the typed config hashes the same
 
@@ -149,3 +149,16 @@ def test_importing_the_schema_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout.strip()
     assert out == "False"
+
+
+def test_settings_that_cannot_change_a_job_leave_its_hash_alone():
+    """The control seed only matters for random heads; an unablated job is the same job
+    whatever N, scoring or ablation would have chosen."""
+    assert config_hash(compose("control_seed=3")) == config_hash(compose())
+    assert config_hash(compose("condition=random", "control_seed=3")) != \
+        config_hash(compose("condition=random"))
+    none = config_hash(compose("condition=none", "n_heads=4"))
+    for other in (("condition=none", "n_heads=16"), ("condition=none", "ablation=mean"),
+                  ("condition=none", "scoring=combined"), ("condition=high", "n_heads=0"),
+                  ("condition=low", "n_heads=0", "control_seed=2")):
+        assert config_hash(compose(*other)) == none, other

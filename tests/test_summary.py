@@ -11,7 +11,8 @@ from ih_sweep.records import RESULT_COLUMNS, EvaluationRecord, write_record
 from ih_sweep.summarize import SummaryError, summarize
 
 
-def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", examples=None):
+def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", examples=None,
+             settings=None, config_hash="0" * 16):
     folder = root / name
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text("{}\n")
@@ -26,7 +27,7 @@ def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", e
                      "ablation": "zero"})
     pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(folder / "results.csv", index=False)
     write_record(folder, EvaluationRecord(
-        config_hash="0" * 16, n_heads=n, condition=cond, control_seed=seed, model=model,
+        config_hash=config_hash, settings=settings or {}, n_heads=n, condition=cond, control_seed=seed, model=model,
         quantization="none",
         data={"name": "babi_generated", "task": 1, "n_stories": len(correct), "seed": 0},
         eval={"metric": "contains", "scope": scope, "max_new_tokens": 3}, ablation="zero",
@@ -130,8 +131,10 @@ def test_different_models_are_not_pooled(tmp_path):
     make_job(tmp_path, "b", 4, "high", [False] * 20, model="other")
     df = summarize(tmp_path)
     assert df["group"].nunique() == 2
-    assert df["delta_vs_none"].isna().sum() == 1  # 'other' has no none to compare with
-    assert "never pooled" in (tmp_path / "summary.md").read_text()
+    assert df["delta_vs_none"].isna().all()  # 'other' has no none to compare with
+    md = (tmp_path / "summary.md").read_text()
+    assert "Jobs differ in model.name; each group is summarized on its own and never pooled" \
+        in md
 
 
 def test_icl_curve(tmp_path):
@@ -156,3 +159,56 @@ def test_empty_or_foreign_folder_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ih_sweep.summarize", str(tmp_path / "x")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "not a folder" in proc.stderr
+
+
+def _settings(cond, n, data_seed=0, seed=0):
+    out = {"job": "evaluate", "n_heads": n, "condition": cond, "model": {"name": "tiny"},
+           "data": {"name": "babi_generated", "task": 1, "seed": data_seed},
+           "eval": {"metric": "contains", "scope": "last"}}
+    if cond == "random":
+        out["control_seed"] = seed
+    if cond != "none":
+        out |= {"scoring": {"rank_by": "prefix"}, "ablation": {"method": "zero"}}
+    return out
+
+
+def test_a_setting_that_differs_separates_rows_and_is_named(tmp_path):
+    """-m n_heads=8 condition=high,none data.seed=0,1: four jobs, four rows in two groups."""
+    rng = np.random.default_rng(0)
+    for data_seed in (0, 1):
+        for cond in ("high", "none"):
+            make_job(tmp_path, f"{cond}{data_seed}", 8, cond, rng.random(30) < 0.7,
+                     settings=_settings(cond, 8, data_seed), config_hash=f"{cond}{data_seed}")
+    df = summarize(tmp_path)
+    assert len(df) == 4 and df["group"].nunique() == 2
+    assert sorted(g.split("data.seed=")[1] for g in df["group"].unique()) == ["0", "1"]
+    assert df[df.condition == "high"]["delta_vs_none"].notna().all()
+    assert "Jobs differ in data.seed" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_same_job_twice_is_one_row_and_said_so(tmp_path, caplog):
+    """control_seed crossed with condition=high: the same job three times, one row."""
+    caplog.set_level("INFO")
+    base = np.random.default_rng(1).random(40) < 0.8
+    make_job(tmp_path, "none", 4, "none", base, settings=_settings("none", 4),
+             config_hash="n")
+    for seed in range(3):
+        make_job(tmp_path, f"high_s{seed}", 4, "high", base & (np.arange(40) > 5), seed=seed,
+                 settings=_settings("high", 4), config_hash="h")
+    df = summarize(tmp_path)
+    assert sorted(df.condition) == ["high", "none"]
+    assert df.p_vs_none_holm.notna().sum() == 1  # Holm's family: the one distinct comparison
+    note = ("3 jobs evaluate high N=4 (the control seed only draws random heads): one row "
+            "(high_s0, high_s1, high_s2).")
+    assert note in (tmp_path / "summary.md").read_text() and note in caplog.text
+
+
+def test_a_random_only_sweep_says_what_it_cannot_compare(tmp_path):
+    rng = np.random.default_rng(2)
+    for seed in range(3):
+        make_job(tmp_path, f"r{seed}", 8, "random", rng.random(30) < 0.5, seed=seed,
+                 settings=_settings("random", 8, seed=seed), config_hash=f"r{seed}")
+    df = summarize(tmp_path)
+    assert len(df) == 3 and df.delta_vs_none.isna().all()
+    assert "only random draws, so nothing is compared: add condition=none" in \
+        (tmp_path / "summary.md").read_text()

@@ -25,6 +25,9 @@ from ..records import (
     RESULT_COLUMNS,
     EvaluationRecord,
     finished_record,
+    restore,
+    sha256,
+    store,
     write_record,
 )
 from ..schema import (
@@ -51,6 +54,11 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     if previous is not None:
         log.info("skipping %s: complete results exist for this config", out_dir)
         return previous  # type: ignore[return-value]
+    stored = restore(config.paths.cache_dir, chash, out_dir)
+    if stored is not None:
+        log.info("reusing the finished evaluation %s (%s) for %s", chash,
+                 Path(config.paths.cache_dir) / "jobs" / chash, _describe(config))
+        return stored  # type: ignore[return-value]
     from ..data import load_stories, make_items
     from ..model_loading import load_model
     from ..score_table import check_scores_fit, get_scores
@@ -133,15 +141,22 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
         n_items=len(results), n_correct=n_correct,
         accuracy=n_correct / max(len(results), 1),
         n_decoded=int((results["decided_by"] != "forward").sum()),
-        heads=[list(h) for h in heads], reused_evaluation=reused, resumed_chunks=resumed,
-        timings={k: round(v, 3) for k, v in timings.items()},
-        slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+        heads=[[int(la), int(h)] for la, h in heads], reused_evaluation=reused,
+        resumed_chunks=resumed, timings={k: round(v, 3) for k, v in timings.items()},
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config))
     write_record(out_dir, record)
+    store(out_dir, config.paths.cache_dir, chash)
     shutil.rmtree(out_dir / "partial", ignore_errors=True)
-    log.info("n_heads=%s condition=%s control_seed=%s: %d/%d correct (%.1f%%)",
-             config.n_heads, config.condition, config.control_seed, n_correct, len(results),
-             100 * record.accuracy)
+    log.info("%s: %d/%d correct (%.1f%%), written to %s", _describe(config), n_correct,
+             len(results), 100 * record.accuracy, out_dir)
     return record
+
+
+def _describe(config: Config) -> str:
+    """The job in one phrase for log lines: its ablation, with the control seed if drawn."""
+    seed = f" control_seed={config.control_seed}" if config.condition == "random" else ""
+    return f"n_heads={config.n_heads} condition={config.condition}{seed}"
 
 
 def model_shape(config: Config) -> tuple[int, int]:
