@@ -18,6 +18,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .runtime import keep_freed_memory
@@ -50,12 +51,19 @@ def preflight(config: Config) -> None:
         raise ConfigError(f"scoring.file={config.scoring.file}: no such score file")
 
 
+def check_job(cfg: DictConfig) -> Config:
+    """The typed config of one job, checked as far as it can be without a model: the
+    schema's rules and the files it names. Raises :class:`ConfigError`."""
+    config = settings(cfg)
+    preflight(config)
+    return config
+
+
 def run(cfg: DictConfig) -> Any:
     """Check the config, then run ``config.job`` into this job's folder."""
     from .jobs import evaluate, scan, score, train_tiny
 
-    config = settings(cfg)
-    preflight(config)
+    config = check_job(cfg)
     keep_freed_memory()  # each job's process: no page faults on every new activation
     out_dir = output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +82,8 @@ def main(cfg: DictConfig) -> Any:
     try:
         return run(cfg)
     except ConfigError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # one job of a sweep: the launcher reports it among the sweep's failures
         print(f"ih_sweep: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

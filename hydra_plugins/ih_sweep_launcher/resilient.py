@@ -1,4 +1,9 @@
-"""SLURM through hydra-submitit-launcher, with faults that lose nothing.
+"""Launchers whose faults lose nothing: the basic (in-process) one and SLURM/local through
+hydra-submitit-launcher.
+
+Before any job runs, every job's config is composed and checked (``ih_sweep.launch.
+check_job``): one bad combination (``-m n_heads=4,abc``, ``n_heads=65`` on a 64-head model
+is found later) means nothing runs, with one line per bad job and exit status 2.
 
 The stock launcher returns ``[j.results()[0] for j in jobs]``: the first cancelled job raises
 while later jobs may still run, and Hydra then skips ``on_multirun_end``, so no summary is
@@ -19,8 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
@@ -57,6 +64,72 @@ def slurm_knows(job_id: str) -> bool | None:
     return job_id in acct.stdout.split()
 
 
+def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> None:
+    """Compose and check every job's config before any runs; on a bad one, one line per bad
+    job on stderr and exit status 2 (a user's mistake)."""
+    import sys
+
+    from omegaconf import open_dict
+
+    from ih_sweep.launch import check_job
+    from ih_sweep.schema import ConfigError
+
+    bad = []
+    for overrides in job_overrides:
+        try:
+            cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config,
+                                                                        list(overrides))
+            with open_dict(cfg):
+                del cfg["hydra"]
+            check_job(cfg)
+        except (ConfigError, HydraException) as err:
+            why = str(err).strip().splitlines()
+            bad.append(f"{' '.join(filter_overrides(overrides))}: "
+                       + " ".join(line.strip() for line in why[:2]))
+    if bad:
+        print(f"ih_sweep: config error: {len(bad)} of {len(job_overrides)} jobs of this sweep "
+              "are wrong, so none ran:\n  " + "\n  ".join(bad), file=sys.stderr)
+        raise SystemExit(2)
+
+
+def summarize_partial(config: Any, sweep_dir: Path, failures: list[tuple[str, str]]) -> None:
+    """The summary of the jobs that finished, listing those that did not."""
+    if not config.get("summarize", True):
+        return
+    from ih_sweep.summarize import summarize
+
+    try:
+        summarize(sweep_dir, not_finished=failures)
+    except Exception as err:  # the failure report matters more
+        log.error("summary of %s failed: %s", sweep_dir, err)
+
+
+class ResilientBasicLauncher(BasicLauncher):
+    """Hydra's basic launcher (jobs one after another in this process) that checks every
+    job first, runs every job even when one fails, writes the summary of those that
+    finished, and then fails with one line per failed job."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+               ) -> Sequence[JobReturn]:
+        check_all_jobs(self, job_overrides)
+        returns = super().launch(job_overrides, initial_job_idx)
+        failures = []
+        for ret in returns:
+            if ret.status == JobStatus.FAILED:
+                err = ret._return_value
+                first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+                failures.append((" ".join(filter_overrides(ret.overrides or [])),
+                                 f"{type(err).__name__}: {first}"))
+        if failures:
+            sweep_dir = Path(str(self.config.hydra.sweep.dir))
+            summarize_partial(self.config, sweep_dir, failures)
+            raise SweepIncomplete(
+                f"{len(failures)} of {len(returns)} jobs failed; the finished jobs' results and "
+                f"the summary of them are in {sweep_dir}.\n  "
+                + "\n  ".join(f"{job}: {why}" for job, why in failures))
+        return returns
+
+
 class _ResilientMixin:
     """Replaces launch(): submit the array, wait for all, summarize, then report failures."""
 
@@ -82,6 +155,7 @@ class _ResilientMixin:
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
         assert self.config is not None and len(job_overrides) > 0
+        check_all_jobs(self, job_overrides)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info("submitit '%s' sweep output dir: %s", self._EXECUTOR, sweep_dir)
@@ -107,7 +181,7 @@ class _ResilientMixin:
                 first = str(err).strip().splitlines()[0][:200]
                 failures.append((name, f"{state}: {first}"))
         if failures:
-            self._summarize_partial(sweep_dir, failures)
+            summarize_partial(self.config, sweep_dir, failures)
             raise SweepIncomplete(
                 f"{len(failures)} of {len(jobs)} SLURM jobs did not finish; the finished jobs' "
                 f"results and the summary of them are in {sweep_dir}; rerun the same command "
@@ -134,16 +208,6 @@ class _ResilientMixin:
                             "s (an array task cancelled before any task started has no record)")
                         log.error("job %s: %s", job.job_id, lost[job.job_id])
             time.sleep(POLL_S)
-
-    def _summarize_partial(self, sweep_dir: Path, failures: list[tuple[str, str]]) -> None:
-        if not self.config.get("summarize", True):
-            return
-        from ih_sweep.summarize import summarize
-
-        try:
-            summarize(sweep_dir, not_finished=failures)
-        except Exception as err:  # the failure report below matters more
-            log.error("summary of %s failed: %s", sweep_dir, err)
 
 
 def _job_state(job) -> str:
