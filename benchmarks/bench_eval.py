@@ -24,7 +24,6 @@ from _results import REPEATS, RESULTS, ratio, rounds, save
 from ih_sweep import data
 from ih_sweep.ablation import ablate_heads
 from ih_sweep.evaluation import (
-    EvalSettings,
     build_rows,
     evaluate,
     generate_one_at_a_time,
@@ -32,14 +31,15 @@ from ih_sweep.evaluation import (
 )
 from ih_sweep.model_loading import eager_attention, load_model
 from ih_sweep.runtime import keep_freed_memory
+from ih_sweep.schema import EvalConfig
 
 
 def seed_method(model, tok, items):
     return [generate_one_at_a_time(model, tok, it) for it in items]
 
 
-def engine(model, tok, items, batch_size, cpu_workers=None):
-    return evaluate(model, tok, items, EvalSettings(
+def engine(model, tok, items, batch_size, cpu_workers="auto"):
+    return evaluate(model, tok, items, EvalConfig(
         progress=False, batch_size=batch_size, cpu_workers=cpu_workers))
 
 
@@ -122,7 +122,7 @@ def run(n_stories: int, threads: int, batch_size: int, heads: list) -> dict:
     with ablate_heads(model, heads):
         for scope in ("last", "all"):
             items = data.make_items(stories, scope)
-            evaluate(model, tok, items[:8], EvalSettings(progress=False))  # warm up
+            evaluate(model, tok, items[:8], EvalConfig(progress=False))  # warm up
             got, times = rounds(methods(model, tok, items, batch_size, eager=not heads))
             ref, res, n_tok = got["seed"], got["engine"], got["bare"]
             t_seed, t_eng, t_one, t_bare = (min(times[k]) for k in

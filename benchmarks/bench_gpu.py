@@ -28,12 +28,12 @@ from _results import RESULTS, save
 
 from ih_sweep import data
 from ih_sweep.evaluation import (
-    EvalSettings,
     build_rows,
     evaluate,
     generate_one_at_a_time,
     is_correct,
 )
+from ih_sweep.schema import EvalConfig
 from ih_sweep.tiny_model import build_tokenizer
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -104,7 +104,7 @@ def bench(model, tok, stories, seed_subset: int, batch_size: int, device: str,
           flops_token: float) -> dict:
     items = data.make_items(stories, "last")
     n_tokens = sum(len(r) for r, _ in build_rows(tok, items, 3))
-    settings = EvalSettings(progress=False, batch_size=batch_size)
+    settings = EvalConfig(progress=False, batch_size=batch_size)
     evaluate(model, tok, items[:batch_size], settings)  # warm up
     _sync(device)
     t0 = time.perf_counter()

@@ -13,14 +13,15 @@ import torch
 from _results import REPEATS, best_of, save
 
 from ih_sweep import data
-from ih_sweep.evaluation import EvalSettings, evaluate
+from ih_sweep.evaluation import evaluate
 from ih_sweep.model_loading import load_model
 from ih_sweep.runtime import keep_freed_memory
+from ih_sweep.schema import EvalConfig
 
 
 def timed(model, tok, stories) -> tuple[float, int]:
     items = data.make_items(stories, "last")
-    _, seconds = best_of(lambda: evaluate(model, tok, items, EvalSettings(progress=False)))
+    _, seconds = best_of(lambda: evaluate(model, tok, items, EvalConfig(progress=False)))
     return seconds, sum(len(tok(it.prompt)["input_ids"]) for it in items)
 
 

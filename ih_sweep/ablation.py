@@ -137,10 +137,7 @@ def zero_attention_probs(model, heads: Sequence[tuple[int, int]]) -> Iterator[No
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionMaskInterface.register(name, eager_mask)
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
+    from .architecture import attention_implementation
+
+    with attention_implementation(model, name):
         yield
-    finally:
-        config._attn_implementation = previous

@@ -23,23 +23,42 @@ evaluation time).
 plain one. Batches evaluated in several threads at once therefore share one installation.
 
 Keys may begin with a cached prefix shared by every row (no padding in it): query i then sits
-at key position ``offset + i``. Any call that does not fit (dropout, a sliding window shorter
-than the row, softcapping, attention sinks, position biases) goes to transformers' sdpa
+at key position ``offset + i``. Which calls take a shortcut is decided by allow-lists
+(:func:`_fits`, :func:`_takes_shortcut`): only calls whose keyword arguments, shapes and module
+state are all in the handled set; anything else (dropout, training mode, a sliding window
+shorter than the row, softcapping, attention sinks, position biases, a non-causal module, a
+keyword this module does not know) goes to transformers' sdpa / the layer's own forward
 unchanged.
+
+The two parts differ in what they rely on. The AttentionInterface function is transformers'
+public extension point (switched to with ``set_attn_implementation``, see
+:func:`.architecture.attention_implementation`). The patched layer forwards are copies of
+transformers' Llama-family internals (decoder layer and attention forward, their keyword
+arguments, ``apply_rotary_pos_emb``): they are on only where asked (``layers=True``) or, by
+default, where the installed transformers is a version the tests cover
+(:data:`TESTED_TRANSFORMERS`); see :func:`layers_wanted`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+
 NAME = "ih_sweep_eval"
 CPU_QUERY_BLOCK = 32  # 32-64 equally fast for ~150-token rows on 2 cores; unblocked 18% slower
-_READ: ContextVar[torch.Tensor | None] = ContextVar("ih_sweep_read_positions", default=None)
+# transformers (major, minor) series whose Llama-family internals the patched layer forwards
+# copy and the tests run on; keep pyproject.toml's upper bound in step
+TESTED_TRANSFORMERS = ((5, 24),)
+# (positions [rows, k], rows, largest position) of the pass running in this context
+_READ: ContextVar[tuple[torch.Tensor, int, int] | None] = ContextVar(
+    "ih_sweep_read_positions", default=None)
 _registered = False
 
 
@@ -55,43 +74,115 @@ def _register() -> None:
     _registered = True
 
 
+def transformers_version() -> str:
+    """The installed transformers' version (read at each installation)."""
+    import transformers
+
+    return transformers.__version__
+
+
+def _version_tested(version: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(version).release
+    except InvalidVersion:
+        return False
+    return tuple(release[:2]) in TESTED_TRANSFORMERS
+
+
+def layers_wanted(requested: bool | None) -> bool:
+    """Whether the patched layer forwards go on: ``requested`` (``eval.fast_layers``) when
+    given, else (None: auto) only on a transformers version the tests cover. Off by auto
+    outside that range logs one line saying why; forced on outside it logs a warning."""
+    version = transformers_version()
+    tested = _version_tested(version)
+    series = ", ".join(f"{a}.{b}.x" for a, b in TESTED_TRANSFORMERS)
+    if requested is None:
+        if not tested:
+            log.info("eval.fast_layers=auto: the patched layer forwards are off, transformers "
+                     "%s is not a version the tests cover (%s)", version, series)
+        return tested
+    if requested and not tested:
+        log.warning("eval.fast_layers=true on transformers %s, which the tests do not cover "
+                    "(%s): the patched layer forwards copy its internals and may not match "
+                    "them (the evaluator's run-time check falls back if they do not)",
+                    version, series)
+    return bool(requested)
+
+
+class FastPath:
+    """What :func:`fast_attention` installed on a model: true while its attention is on.
+    ``layers``: whether the Llama-family layer forwards are patched too. :meth:`off` takes
+    everything off (for good); :meth:`suspended` for a while (nothing may run a pass on the
+    model in another thread meanwhile)."""
+
+    def __init__(self, model, layers: bool):
+        self.model = model
+        self.want_layers = layers
+        self.on = False
+        self.layers = False
+        self._stack: ExitStack | None = None
+
+    def __bool__(self) -> bool:
+        return self.on
+
+    def _install(self) -> None:
+        from .architecture import AttentionSwitchError, attention_implementation
+
+        _register()
+        stack = ExitStack()
+        try:
+            stack.enter_context(attention_implementation(self.model, NAME))
+        except AttentionSwitchError as error:
+            log.debug("evaluator's attention not installed: %s", error)
+            return
+        patched = _patch_layers(self.model) if self.want_layers else []
+        stack.callback(_unpatch_all, patched)
+        self._stack, self.on, self.layers = stack, True, bool(patched)
+
+    def off(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack, self.on, self.layers = None, False, False
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        was_on = self.on
+        self.off()
+        try:
+            yield
+        finally:
+            if was_on:
+                self._install()
+
+
 @contextmanager
-def fast_attention(model) -> Iterator[bool]:
-    """Install the evaluator's attention on ``model`` while inside; yields whether it is on.
+def fast_attention(model, layers: bool | None = None) -> Iterator[FastPath]:
+    """Install the evaluator's attention on ``model`` while inside; yields a :class:`FastPath`
+    (true when on). ``layers``: also patch the Llama-family layer forwards (None: see
+    :func:`layers_wanted`).
 
     Installed, it changes nothing by itself: only forward passes run inside
     :func:`read_at` (in the same thread) take the shortcuts; every other call gets sdpa and
     the layers' own forwards, as before. So one installation can serve batches evaluated in
     several threads at once. Models on another attention kernel (eager, flash-attention,
-    flex) keep theirs, and so do models that do not route attention through transformers'
-    AttentionInterface. Re-entrant: an inner call on an installed model changes nothing."""
-    config = model.config
-    previous = config._attn_implementation
+    flex) keep theirs, and so do models whose attention does not go through transformers'
+    AttentionInterface. Re-entrant: an inner call on an installed model changes nothing
+    (it yields a FastPath that is on but owns nothing)."""
+    previous = model.config._attn_implementation
     if previous == NAME:
-        yield True
+        inner = FastPath(model, False)
+        inner.on = True
+        yield inner
         return
-    if previous not in ("sdpa", None) or \
-            not getattr(model, "_supports_attention_backend", False):
-        yield False
-        return
-    _register()
-    config._attn_implementation = NAME
-    layers = _llama_layers(model)
-    patched = []  # (module, what to put back)
-    for i, layer in enumerate(layers):
-        if layer is None:
-            continue
-        if i == len(layers) - 1:
-            patched.append((layer, _patch(layer, _read_only_layer(layer, layer.forward))))
-        else:
-            attn = layer.self_attn
-            patched.append((attn, _patch(attn, _read_only_attention(attn, attn.forward))))
+    fast = FastPath(model, layers_wanted(layers))
+    if previous in ("sdpa", None):
+        fast._install()
     try:
-        yield True
+        yield fast
     finally:
-        for module, own in reversed(patched):
-            _unpatch(module, own)
-        config._attn_implementation = previous
+        fast.off()
 
 
 @contextmanager
@@ -100,7 +191,10 @@ def read_at(positions: torch.Tensor) -> Iterator[None]:
     :func:`fast_attention`, over right-padded rows (after, optionally, a cached prefix shared
     by all rows), is exact at ``positions`` [rows, k] of its input and at every position
     before the last layer."""
-    token = _READ.set(positions)
+    if positions.dim() != 2 or positions.numel() == 0 or int(positions.min()) < 0:
+        raise ValueError(f"read positions must be a non-empty [rows, k] tensor of indices, "
+                         f"got shape {tuple(positions.shape)}")
+    token = _READ.set((positions, positions.shape[0], int(positions.max())))
     try:
         yield
     finally:
@@ -108,14 +202,46 @@ def read_at(positions: torch.Tensor) -> Iterator[None]:
 
 
 @contextmanager
-def read_only_at(model, positions: torch.Tensor) -> Iterator[bool]:
+def read_only_at(model, positions: torch.Tensor, layers: bool | None = None
+                 ) -> Iterator[FastPath]:
     """:func:`fast_attention` and :func:`read_at` together, for one forward pass."""
-    with fast_attention(model) as on, read_at(positions):
-        yield on
+    with fast_attention(model, layers) as fast, read_at(positions):
+        yield fast
 
 
-# --------------------------------------------------------------------------- last layer
-LLAMA_FAMILY_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+# --------------------------------------------------------------------------- patched layers
+def _llama_family() -> dict[type, type]:
+    """The decoder layer classes whose forward (and their attention's) this module re-runs,
+    each with its attention class: exactly these classes, not subclasses (which may change
+    the forward)."""
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.mistral import modeling_mistral as mistral
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+    return {llama.LlamaDecoderLayer: llama.LlamaAttention,
+            mistral.MistralDecoderLayer: mistral.MistralAttention,
+            qwen2.Qwen2DecoderLayer: qwen2.Qwen2Attention}
+
+
+def _patch_layers(model) -> list:
+    """Patch the Llama-family layers (the last one's whole forward, the others' attention
+    forward); returns (module, what to put back) pairs."""
+    layers = _llama_layers(model)
+    patched = []
+    for i, layer in enumerate(layers):
+        if layer is None:
+            continue
+        if i == len(layers) - 1:
+            patched.append((layer, _patch(layer, _read_only_layer(layer, layer.forward))))
+        else:
+            attn = layer.self_attn
+            patched.append((attn, _patch(attn, _read_only_attention(attn, attn.forward))))
+    return patched
+
+
+def _unpatch_all(patched: list) -> None:
+    for module, own in reversed(patched):
+        _unpatch(module, own)
 
 
 def _llama_layers(model) -> list:
@@ -127,12 +253,13 @@ def _llama_layers(model) -> list:
         layers = list(head_sites(model).layers)
     except UnsupportedArchitecture:
         return []
-    return [layer if _is_plain_llama_layer(layer) else None for layer in layers]
+    family = _llama_family()
+    return [layer if _is_plain_llama_layer(layer, family) else None for layer in layers]
 
 
-def _is_plain_llama_layer(layer) -> bool:
+def _is_plain_llama_layer(layer, family: dict[type, type]) -> bool:
     attn = getattr(layer, "self_attn", None)
-    if type(layer).__name__ not in LLAMA_FAMILY_LAYERS or attn is None or \
+    if family.get(type(layer)) is not type(attn) or \
             any(hasattr(m, "_hf_hook") for m in (layer, attn)) or \
             any(hasattr(attn, name) for name in ("q_norm", "k_norm")):
         return False
@@ -183,16 +310,43 @@ def _cache_of(kwargs: dict):
     return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
-def _takes_shortcut(module, attn, hidden: torch.Tensor, args: tuple, embeddings, cache,
-                    rope) -> bool:
-    """Whether a call of a patched layer / attention forward fits the shortcut: inside
-    :func:`read_at`, evaluation mode, keyword arguments as the decoder passes them, and no
-    sliding window shorter than the cached plus new keys."""
-    if _READ.get() is None or args or rope is None or embeddings is None or module.training:
+# keyword arguments the decoder passes a layer / the layer passes its attention (transformers
+# 5.24) that the shortcut handles: the cache (either name), ``use_cache``, and positions that
+# ``position_embeddings`` already encodes. The attention mask is dropped by design (read_at's
+# contract: right-padded rows). Any other keyword: the original forward.
+_LAYER_KWARGS = frozenset({"attention_mask", "position_embeddings", "position_ids", "cache",
+                           "past_key_values", "use_cache", "cache_position"})
+
+
+def _takes_shortcut(module, attn, hidden: torch.Tensor, args: tuple, kwargs: dict,
+                    embeddings, cache, rope) -> bool:
+    """Whether a call of a patched layer / attention forward fits the shortcut (an
+    allow-list): inside :func:`read_at`, evaluation mode, keyword arguments only and all of
+    them in :data:`_LAYER_KWARGS`, [B, T, width] hidden states with a read position row per
+    batch row inside T, a rotary table for T positions, and no sliding window shorter than
+    the cached plus new keys."""
+    read = _READ.get()
+    if read is None or args or rope is None or module.training or attn.training or \
+            not set(kwargs) <= _LAYER_KWARGS or not _is_cache(cache) or \
+            not isinstance(embeddings, tuple) or len(embeddings) != 2 or hidden.dim() != 3:
+        return False
+    batch, length = hidden.shape[:2]
+    cos, sin = embeddings
+    _, rows, top = read
+    if rows != batch or top >= length or cos.dim() != 3 or cos.shape != sin.shape or \
+            cos.shape[1] != length or cos.shape[0] not in (1, batch):
         return False
     window = getattr(attn.config, "sliding_window", None)
     past = 0 if cache is None else cache.get_seq_length(attn.layer_idx)
-    return not window or window >= past + hidden.shape[1]
+    return not window or window >= past + length
+
+
+def _is_cache(cache) -> bool:
+    if cache is None:
+        return True
+    from transformers import DynamicCache
+
+    return type(cache) is DynamicCache
 
 
 def _keys_values(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope, cache
@@ -215,8 +369,8 @@ def _read_only_attention(attn, original):
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         cache = _cache_of(kwargs)
-        if not _takes_shortcut(attn, attn, hidden_states, args, position_embeddings, cache,
-                               rope):
+        if not _takes_shortcut(attn, attn, hidden_states, args, kwargs, position_embeddings,
+                               cache, rope):
             return original(hidden_states, position_embeddings, attention_mask, *args,
                             **kwargs)
         return attention_at_all(attn, hidden_states, position_embeddings, cache, rope), None
@@ -247,10 +401,10 @@ def _read_only_layer(layer, original):
     def forward(hidden_states, *args, **kwargs):
         embeddings = kwargs.get("position_embeddings")
         cache = _cache_of(kwargs)
-        if not _takes_shortcut(layer, layer.self_attn, hidden_states, args, embeddings, cache,
-                               rope):
+        if not _takes_shortcut(layer, layer.self_attn, hidden_states, args, kwargs, embeddings,
+                               cache, rope):
             return original(hidden_states, *args, **kwargs)
-        return last_layer_at(layer, hidden_states, embeddings, _READ.get(), cache, rope)
+        return last_layer_at(layer, hidden_states, embeddings, _READ.get()[0], cache, rope)
 
     return forward
 
@@ -286,13 +440,43 @@ def _plain_sdpa(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _fits(query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs: dict) -> bool:
-    length = query.shape[2]
-    window = kwargs.get("sliding_window")
-    return (key.shape[2] >= length and not dropout
-            and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "position_bias"))
-            and kwargs.get("is_causal", True) is not False
-            and (not window or window >= key.shape[2]))
+# keyword arguments of an AttentionInterface call that the shortcut handles. Inert ones
+# (sdpa_attention_forward ignores them too): positions and cache flags the decoder passes on.
+_INERT_KWARGS = frozenset({"position_ids", "use_cache", "cache_position"})
+# ones the shortcut handles for some values only: see _fits
+_OFF_WHEN_NONE = frozenset({"softcap", "s_aux", "position_bias"})
+
+
+def _fits(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+          dropout: float, kwargs: dict, read: tuple[torch.Tensor, int, int]) -> bool:
+    """Whether an AttentionInterface call takes the shortcut (an allow-list): every keyword
+    argument is inert, or ``sliding_window`` (None/0 or covering every key), ``is_causal``
+    (None or True), or softcap / s_aux / position_bias set to None; no dropout, the module
+    in evaluation mode and causal; [B, H, T, D] query with key/value [B, KV, >= T, D] of one
+    dtype and device, H a multiple of KV; one read-position row per batch row, inside T."""
+    for name, value_ in kwargs.items():
+        if name in _INERT_KWARGS:
+            continue
+        if name in _OFF_WHEN_NONE and value_ is None:
+            continue
+        if name == "sliding_window" and (not value_ or value_ >= key.shape[2]):
+            continue
+        if name == "is_causal" and value_ in (None, True):
+            continue
+        return False
+    if dropout or getattr(module, "training", True) or \
+            getattr(module, "is_causal", True) is not True:
+        return False
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape or \
+            not query.dtype == key.dtype == value.dtype or \
+            not query.device == key.device == value.device:
+        return False
+    batch, heads, length, dim = query.shape
+    if key.shape[0] != batch or key.shape[3] != dim or key.shape[2] < length or \
+            heads % key.shape[1]:
+        return False
+    _, rows, top = read
+    return rows == batch and top < length
 
 
 def _is_last_layer(module) -> bool:
@@ -307,10 +491,11 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
               scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """An AttentionInterface function: [B, H, T, D] query, [B, KV, T, D] key/value in,
     [B, T, H, D] out (transformers' convention)."""
-    positions = _READ.get()
-    if positions is None or not _fits(query, key, dropout, kwargs):
+    read = _READ.get()
+    if read is None or not _fits(module, query, key, value, dropout, kwargs, read):
         return _plain_sdpa(module, query, key, value, attention_mask, dropout=dropout,
                            scaling=scaling, **kwargs)
+    positions = read[0]
     groups = query.shape[1] // key.shape[1]
     if _is_last_layer(module):
         return selected_queries(query, key, value, positions, scaling, groups), None

@@ -9,6 +9,11 @@ prefix), or, for models whose cache cannot be reused exactly, by ``generate``. E
 outcome is what one-story-at-a-time ``generate`` gives. With scope ``all``, every question
 of a story whose prompt tokenizes as a prefix of the story's full text is read off one shared
 forward pass.
+
+The evaluator's speed shortcuts (:mod:`.eval_attention`) are checked at run time: the first
+batch's teacher-forced logits at the read positions are compared with the plain forward's
+(:func:`_check_first_batch`); where they differ beyond the dtype's tolerance the evaluation
+goes on without the shortcuts.
 """
 
 from __future__ import annotations
@@ -27,23 +32,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Item
-from .eval_attention import fast_attention, read_at
+from .eval_attention import FastPath, fast_attention, read_at
+from .schema import EvalConfig, Metric, Scope
 
 log = logging.getLogger(__name__)
 
-METRICS = ("contains", "exact")
-SCOPES = ("last", "all")
 _WORD = re.compile(r"\w+")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    metric: str = "contains"
-    scope: str = "last"
-    max_new_tokens: int = 3
-    batch_size: int = 32
-    progress: bool = True
-    cpu_workers: int | None = None  # batches at once on CPU; None: torch's thread count
+__all__ = ["EvalConfig", "ItemResult", "Metric", "Scope", "evaluate", "is_correct"]
 
 
 @dataclass
@@ -64,11 +59,15 @@ def is_correct(continuation: str, answer: str, metric: str) -> bool:
     ``\\w+`` words of the continuation; ``exact``: the first words equal the answer parts."""
     parts = [p.strip() for p in answer.split(",") if p.strip()]
     got = words(continuation)
-    if metric == "contains":
+    if metric == Metric.contains:
         return all(p in got for p in parts)
-    if metric == "exact":
+    if metric == Metric.exact:
         return got[:len(parts)] == parts
-    raise ValueError(f"eval.metric={metric!r}; allowed values: {', '.join(METRICS)}")
+    raise ValueError(f"eval.metric={metric!r}; allowed values: {_allowed(Metric)}")
+
+
+def _allowed(choices) -> str:
+    return ", ".join(str(c) for c in choices)
 
 
 def decide_partial(text: str, answer: str, metric: str) -> bool | None:
@@ -78,7 +77,7 @@ def decide_partial(text: str, answer: str, metric: str) -> bool | None:
     if text and (text[-1].isalnum() or text[-1] == "_"):
         got = got[:-1]  # the last word may still grow
     parts = [p.strip() for p in answer.split(",") if p.strip()]
-    if metric == "contains":
+    if metric == Metric.contains:
         return True if all(p in got for p in parts) else None
     if len(got) >= len(parts):
         return got[:len(parts)] == parts
@@ -190,17 +189,22 @@ def shared_prefix_length(rows) -> int:
 
 
 _LOGITS_AT: ContextVar[torch.Tensor | None] = ContextVar("ih_sweep_logits_at", default=None)
+# per-query logits at the read positions, recorded by the passes of the batch being checked
+_RECORD: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("ih_sweep_record",
+                                                                  default=None)
 _INSTALLED = "_ih_sweep_evaluating"
 
 
 @contextmanager
-def installed(model) -> Iterator[None]:
+def installed(model, layers: bool | None = None) -> Iterator[FastPath]:
     """The evaluator's shortcuts on ``model`` while inside: its attention (see
-    :mod:`.eval_attention`) and logits computed only at the positions the calling thread
-    asks for. Both act only on passes that ask, so batches in other threads and decoding
-    steps see the plain model. Re-entrant (an inner call changes nothing)."""
-    if getattr(model, _INSTALLED, False):
-        yield
+    :mod:`.eval_attention`; ``layers``: ``eval.fast_layers``) and logits computed only at the
+    positions the calling thread asks for. Both act only on passes that ask, so batches in
+    other threads and decoding steps see the plain model. Yields the attention's
+    :class:`.eval_attention.FastPath`. Re-entrant (an inner call changes nothing)."""
+    outer = getattr(model, _INSTALLED, None)
+    if outer is not None:
+        yield outer
         return
 
     def pick(module, args):
@@ -213,9 +217,9 @@ def installed(model) -> Iterator[None]:
 
     handle = model.get_output_embeddings().register_forward_pre_hook(pick)
     try:
-        with fast_attention(model):
-            setattr(model, _INSTALLED, True)
-            yield
+        with fast_attention(model, layers) as fast:
+            setattr(model, _INSTALLED, fast)
+            yield fast
     finally:
         vars(model).pop(_INSTALLED, None)
         handle.remove()
@@ -259,20 +263,22 @@ def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
     kwargs = {"use_cache": False}
     if cache is not None:
         kwargs = {"use_cache": True, _cache_argument(model): cache}
-    with installed(model):
-        if shared:  # the common prefix once, its key/values copied to every row
-            model(input_ids=ids[:1, :shared].to(device), logits_to_keep=1, **kwargs)
-            cache.batch_repeat_interleave(len(rows))
-        with read_at(gather), _logits_at(gather):
-            logits = model(input_ids=ids[:, shared:].to(device),
-                           attention_mask=mask.to(device), **kwargs).logits
+    if shared:  # the common prefix once, its key/values copied to every row
+        model(input_ids=ids[:1, :shared].to(device), logits_to_keep=1, **kwargs)
+        cache.batch_repeat_interleave(len(rows))
+    with read_at(gather), _logits_at(gather):
+        logits = model(input_ids=ids[:, shared:].to(device),
+                       attention_mask=mask.to(device), **kwargs).logits
     top = logits.argmax(-1).cpu()
+    record = _RECORD.get()
     out: dict[int, list[int]] = {}
     for b, (_, queries) in enumerate(rows):
         cursor = 0
         for q in queries:
             n = min(max_new_tokens, len(q.teacher) + 1)
             out[q.index] = top[b, cursor:cursor + n].tolist()
+            if record is not None:
+                record[q.index] = logits[b, cursor:cursor + n].float().cpu()
             cursor += n
     return out
 
@@ -355,15 +361,19 @@ def _device(model) -> torch.device:
 
 
 def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool,
-                 workers: int = 1):
+                 workers: int = 1, bar=None):
     """Apply fn to batches of work; on CUDA out-of-memory halve the batch and go on.
-    With ``workers`` > 1 (CPU), that many batches run at once (see :func:`_in_threads`)."""
+    With ``workers`` > 1 (CPU), that many batches run at once (see :func:`_in_threads`).
+    ``bar``: a progress bar to update (left open) instead of one of its own."""
     bs = max(1, batch_size)
-    bar = tqdm(total=len(work), desc=desc, disable=not progress, leave=False)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=len(work), desc=desc, disable=not progress, leave=False)
     if workers > 1 and len(work) > bs:
         results = _in_threads(fn, [work[i:i + bs] for i in range(0, len(work), bs)],
                               workers, bar)
-        bar.close()
+        if own_bar:
+            bar.close()
         return results
     results = []
     start = 0
@@ -380,7 +390,8 @@ def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool,
             continue
         start += len(chunk)
         bar.update(len(chunk))
-    bar.close()
+    if own_bar:
+        bar.close()
     return results
 
 
@@ -423,7 +434,7 @@ def _in_threads(fn, chunks: list, workers: int, bar) -> list:
     return results
 
 
-def _final_or_verdict(text: str, toks: list[int], answer: str, settings: EvalSettings,
+def _final_or_verdict(text: str, toks: list[int], answer: str, settings: EvalConfig,
                       eos: int | None) -> bool | None:
     """Outcome from known greedy tokens, or None when later tokens could still change it."""
     if len(toks) >= settings.max_new_tokens or (eos is not None and toks[-1] == eos):
@@ -431,7 +442,7 @@ def _final_or_verdict(text: str, toks: list[int], answer: str, settings: EvalSet
     return decide_partial(text, answer, settings.metric)
 
 
-def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: EvalSettings,
+def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: EvalConfig,
                    device) -> dict[int, ItemResult]:
     """One batch: the teacher-forced pass, then decoding for what it left undecided."""
     budget = settings.max_new_tokens
@@ -468,26 +479,122 @@ def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: Eval
     return results
 
 
-def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalSettings
+@torch.no_grad()
+def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig
              ) -> list[ItemResult]:
-    """Greedy-decoding outcome of every item, identical to one-at-a-time ``generate``."""
-    if settings.metric not in METRICS:
-        raise ValueError(f"eval.metric={settings.metric!r}; allowed values: {', '.join(METRICS)}")
+    """Greedy-decoding outcome of every item, identical to one-at-a-time ``generate``.
+    ``settings``: the ``eval`` group of the config (:class:`.schema.EvalConfig`)."""
+    if settings.metric not in tuple(Metric):
+        raise ValueError(f"eval.metric={settings.metric!r}; allowed values: "
+                         f"{_allowed(Metric)}")
     t0 = time.time()
     device = _device(model)
     rows = build_rows(tokenizer, items, settings.max_new_tokens)
     rows.sort(key=lambda r: len(r[0]))  # similar lengths together: less padding
-    workers = 1 if device.type != "cpu" else (settings.cpu_workers or torch.get_num_threads())
+    workers = 1 if device.type != "cpu" else \
+        (settings.cpu_worker_count() or torch.get_num_threads())
     results: dict[int, ItemResult] = {}
-    with installed(model):
-        for part in _run_batches(
-                lambda chunk: _evaluate_rows(model, tokenizer, items, chunk, settings, device),
-                rows, settings.batch_size, "evaluate", settings.progress, workers):
-            results.update(part)
+    bs = max(1, settings.batch_size)
+
+    def run(chunk):
+        return _evaluate_rows(model, tokenizer, items, chunk, settings, device)
+
+    bar = tqdm(total=len(rows), desc="evaluate", disable=not settings.progress, leave=False)
+    try:
+        with installed(model, settings.fast_layers) as fast:
+            first = rows[:bs]
+            if fast.on and first:  # before any thread starts: nothing runs alongside
+                parts = _check_first_batch(model, tokenizer, first, fast, run, bs, settings,
+                                           device, bar)
+            else:
+                parts = _run_batches(run, first, bs, "evaluate", settings.progress, 1, bar)
+            parts += _run_batches(run, rows[bs:], bs, "evaluate", settings.progress,
+                                  workers, bar)
+            for part in parts:
+                results.update(part)
+    finally:
+        bar.close()
     decoded = sum(r.decided_by != "forward" for r in results.values())
     log.info("evaluated %d items in %.1f s (%d decoded past the teacher-forced pass)",
              len(items), time.time() - t0, decoded)
     return [results[i] for i in range(len(items))]
+
+
+# --------------------------------------------------------------------------- run-time check
+# Largest difference allowed between the shortcuts' logits and the plain forward's at the read
+# positions, as a fraction of the logit scale (the largest |logit| there), by the dtype the
+# model computes in. Rounding alone moves a logit by a few units of the dtype's precision times
+# the scale (float32: eps 1.2e-7, bfloat16: 7.8e-3, float16: 9.8e-4) per layer, and the
+# shortcuts reorder sums (blocked softmax, gathered queries, a rotary on another layout): in
+# float32 they differ by ~1e-6 of the scale (measured: tiny model and the test models), so
+# 1e-4 leaves a wide margin while a wrong shortcut (a mask, a position, a rotary off) moves
+# logits by a sizeable fraction of the scale. The half-precision bounds are a few units of
+# their precision, for the same reason.
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 5e-2,
+                   torch.float16: 1e-2}
+
+
+def check_tolerance(model) -> float:
+    """:data:`CHECK_TOLERANCE` of the least precise dtype among the model's embedding and
+    unembedding weights (they stay in the compute dtype under 4/8-bit quantization)."""
+    dtypes = {m.weight.dtype for m in (model.get_input_embeddings(),
+                                       model.get_output_embeddings())
+              if m is not None and m.weight.is_floating_point()}
+    return max((CHECK_TOLERANCE.get(d, 5e-2) for d in dtypes), default=5e-2)
+
+
+def compare_logits(fast: torch.Tensor, plain: torch.Tensor, tolerance: float) -> str | None:
+    """None where ``fast`` [n, vocab] matches ``plain`` within ``tolerance`` of the logit
+    scale and picks the same token at every position, or one whose plain logit is within
+    ``tolerance`` x scale of the plain maximum (a near-tie); else what differs, in words.
+    (Within the first condition a flipped pick can only trail by up to twice the tolerance;
+    the second accepts only half of that band.)"""
+    scale = max(float(plain.abs().max()), 1e-6)
+    diff = float((fast - plain).abs().max())
+    if diff > tolerance * scale:
+        return f"logits differ by {diff:.3g} (tolerance {tolerance:g} x scale {scale:.3g})"
+    picked = fast.argmax(-1)
+    best = plain.max(-1).values
+    behind = best - plain.gather(-1, picked[:, None])[:, 0]
+    if bool((behind > tolerance * scale).any()):
+        return "the greedy token differs where the plain forward has no near-tie"
+    return None
+
+
+def _check_first_batch(model, tokenizer, rows, fast: FastPath, run, bs: int,
+                       settings: EvalConfig, device, bar) -> list:
+    """The first batch with the shortcuts, its read-position logits recorded; the same rows
+    through the plain forward (the attention shortcuts suspended: sdpa and the layers' own
+    forwards, no cache, no shared prefix; only the unembedding still runs at the read
+    positions alone, an exact gather); on a
+    mismatch, one warning, the shortcuts off for the rest of the evaluation, and the batch
+    again without them. Runs before any other batch (no thread shares the model then)."""
+    shortcut: dict[int, torch.Tensor] = {}
+    token = _RECORD.set(shortcut)
+    try:
+        parts = _run_batches(run, rows, bs, "evaluate", settings.progress, 1, bar)
+    finally:
+        _RECORD.reset(token)
+    plain: dict[int, torch.Tensor] = {}
+    token = _RECORD.set(plain)
+    try:
+        with fast.suspended():
+            _run_batches(lambda chunk: _greedy_from_forward(
+                model, chunk, _pad_id(tokenizer), settings.max_new_tokens, device),
+                rows, bs, "check", False, 1)
+    finally:
+        _RECORD.reset(token)
+    order = sorted(plain)
+    got = torch.cat([shortcut[i] for i in order])
+    ref = torch.cat([plain[i] for i in order])
+    problem = compare_logits(got, ref, check_tolerance(model))
+    if problem is None:
+        return parts
+    log.warning("the evaluator's shortcuts (eval_attention%s) do not reproduce the plain "
+                "forward on the first batch (%s): evaluating without them",
+                ", fast_layers" if fast.layers else "", problem)
+    fast.off()
+    return _run_batches(run, rows, bs, "evaluate", False, 1)
 
 
 @torch.no_grad()

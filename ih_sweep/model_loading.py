@@ -126,14 +126,13 @@ def clear_cache() -> None:
 
 @contextmanager
 def eager_attention(model) -> Iterator[None]:
-    """Temporarily use eager attention: sdpa returns no attention probabilities."""
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = "eager"
-    try:
+    """Temporarily use eager attention: sdpa returns no attention probabilities.
+    (:func:`.architecture.attention_implementation`: restored on exit; a model that cannot
+    switch raises AttentionSwitchError.)"""
+    from .architecture import attention_implementation
+
+    with attention_implementation(model, "eager"):
         yield
-    finally:
-        config._attn_implementation = previous
 
 
 def model_slug(model_cfg: dict, quant_cfg: dict | None = None) -> str:

@@ -7,14 +7,15 @@ import torch
 
 from ih_sweep import data, evaluation
 from ih_sweep.ablation import ablate_heads
+from ih_sweep.architecture import attention_implementation
 from ih_sweep.evaluation import (
-    EvalSettings,
     _known_greedy,
     decide_partial,
     evaluate,
     generate_one_at_a_time,
     is_correct,
 )
+from ih_sweep.schema import EvalConfig, Metric
 from ih_sweep.selection import select_heads
 
 
@@ -57,7 +58,7 @@ def test_per_item_equality_with_one_at_a_time_generate(tiny, tiny_prefix, scope)
                            scope)
     for heads in ([], select_heads(tiny_prefix, "high", 16)):
         with ablate_heads(model, heads):
-            got = evaluate(model, tok, items, EvalSettings(progress=False, batch_size=7))
+            got = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=7))
             ref = [generate_one_at_a_time(model, tok, it) for it in items]
         for r, c in zip(got, ref):
             assert r.correct == is_correct(c, r.item.answer, "contains")
@@ -74,9 +75,9 @@ def test_generate_fallback_gives_the_same_outcomes(tiny, tiny_prefix, monkeypatc
     model, tok = tiny
     items = data.make_items(data.generate_stories(12, seed=78), "all")
     with ablate_heads(model, select_heads(tiny_prefix, "high", 16)):
-        cached = evaluate(model, tok, items, EvalSettings(progress=False, batch_size=5))
+        cached = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=5))
         monkeypatch.setattr(evaluation, "_reusable_cache", lambda *a: None)
-        fallback = evaluate(model, tok, items, EvalSettings(progress=False, batch_size=5))
+        fallback = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=5))
     assert {r.decided_by for r in cached} == {"forward", "decode"}
     assert {r.decided_by for r in fallback} == {"forward", "generate"}
     assert [(r.correct, r.continuation) for r in cached] == \
@@ -101,7 +102,7 @@ def test_shared_prefix_changes_nothing(tiny, tiny_prefix, monkeypatch):
     with ablate_heads(model, select_heads(tiny_prefix, "high", 8)):
         for minimum in (default, 10**6):
             monkeypatch.setattr(evaluation, "MIN_SHARED_PREFIX", minimum)
-            runs.append(evaluate(model, tok, items, EvalSettings(progress=False, batch_size=8)))
+            runs.append(evaluate(model, tok, items, EvalConfig(progress=False, batch_size=8)))
     assert [(r.correct, r.continuation, r.decided_by) for r in runs[0]] == \
         [(r.correct, r.continuation, r.decided_by) for r in runs[1]]
     rows = evaluation.build_rows(tok, items, 3)
@@ -122,7 +123,7 @@ def test_exact_metric_equality(tiny, tiny_prefix):
     model, tok = tiny
     items = data.make_items(data.generate_stories(8, seed=5), "all")
     with ablate_heads(model, select_heads(tiny_prefix, "high", 8)):
-        got = evaluate(model, tok, items, EvalSettings(metric="exact", progress=False))
+        got = evaluate(model, tok, items, EvalConfig(metric="exact", progress=False))
         ref = [generate_one_at_a_time(model, tok, it) for it in items]
     assert [r.correct for r in got] == [is_correct(c, it.answer, "exact")
                                        for c, it in zip(ref, items)]
@@ -131,8 +132,8 @@ def test_exact_metric_equality(tiny, tiny_prefix):
 def test_batch_size_does_not_change_results(tiny):
     model, tok = tiny
     items = data.make_items(data.generate_stories(20, seed=9), "last")
-    a = evaluate(model, tok, items, EvalSettings(batch_size=1, progress=False))
-    b = evaluate(model, tok, items, EvalSettings(batch_size=64, progress=False))
+    a = evaluate(model, tok, items, EvalConfig(batch_size=1, progress=False))
+    b = evaluate(model, tok, items, EvalConfig(batch_size=64, progress=False))
     assert [r.correct for r in a] == [r.correct for r in b]
 
 
@@ -159,31 +160,33 @@ def _put_back(model, threads: int) -> None:
 def test_batches_in_threads_give_the_same_outcomes(tiny, tiny_prefix, monkeypatch):
     """cpu_workers: batches evaluated in threads at the same time (one intra-op thread
     each) give the outcomes of one batch at a time, also while one thread decodes from its
-    cache as another runs its teacher-forced pass; afterwards everything is put back."""
+    cache as another runs its teacher-forced pass; afterwards everything is put back. The
+    first batch runs alone first, on all threads (the shortcuts' run-time check)."""
     model, tok = tiny
     items = data.make_items(data.generate_stories(24, seed=80), "all")
     threads = torch.get_num_threads()
-    together = threading.Barrier(2, timeout=60)  # the first two batches must overlap
+    together = threading.Barrier(2, timeout=60)  # the first two in threads must overlap
     inside: list[tuple[int, bool]] = []
     lock = threading.Lock()
 
     def each():
         with lock:
             inside.append((torch.get_num_threads(), torch.is_grad_enabled()))
-            first_two = len(inside) <= 2
+            first_two = len(inside) in (2, 3)
         if first_two:
             together.wait()
 
     with ablate_heads(model, select_heads(tiny_prefix, "high", 16)):
         one = evaluate(model, tok, items,
-                       EvalSettings(progress=False, batch_size=4, cpu_workers=1))
+                       EvalConfig(progress=False, batch_size=4, cpu_workers=1))
         _spy_batches(monkeypatch, each)
         many = evaluate(model, tok, items,
-                        EvalSettings(progress=False, batch_size=4, cpu_workers=3))
+                        EvalConfig(progress=False, batch_size=4, cpu_workers=3))
     assert [(r.correct, r.continuation, r.decided_by) for r in many] == \
         [(r.correct, r.continuation, r.decided_by) for r in one]
     assert {r.decided_by for r in many} == {"forward", "decode"}
-    assert inside == [(max(1, threads // 3), False)] * 6  # 24 story rows / 4
+    # 24 story rows / 4: the checked first batch, then 5 in threads
+    assert inside == [(threads, False)] + [(max(1, threads // 3), False)] * 5
     _put_back(model, threads)
 
 
@@ -203,5 +206,107 @@ def test_a_failing_batch_fails_the_evaluation_and_puts_everything_back(tiny, mon
         calls.clear()
         with pytest.raises(RuntimeError, match="batch 2 failed"):
             evaluate(model, tok, items,
-                     EvalSettings(progress=False, batch_size=3, cpu_workers=workers))
+                     EvalConfig(progress=False, batch_size=3, cpu_workers=workers))
         _put_back(model, threads)
+
+
+# --------------------------------------------------------------------------- run-time check
+def test_compare_logits_tolerance_and_near_ties():
+    plain = torch.tensor([[10.0, 2.0, -3.0], [1.0, 4.0, 3.99999]])
+    assert evaluation.compare_logits(plain.clone(), plain, 1e-4) is None
+    assert evaluation.compare_logits(plain + 5e-4, plain, 1e-4) is None  # 5e-4 < 1e-4 x 10
+    assert "differ by" in evaluation.compare_logits(plain + 2e-3, plain, 1e-4)
+    tie = plain.clone()
+    tie[1, 2] += 2e-5  # the near-tie flips: still the plain path's choice within tolerance
+    assert tie[1].argmax() != plain[1].argmax()
+    assert evaluation.compare_logits(tie, plain, 1e-4) is None
+    # within the tolerance (1e-3 x 10) everywhere, but the pick flips where the plain
+    # forward's lead (0.015) is more than the tolerance: not a near-tie
+    plain = torch.tensor([[10.0, 2.0, -3.0], [1.0, 4.0, 3.985]])
+    flipped = torch.tensor([[10.0, 2.0, -3.0], [1.0, 3.993, 3.994]])
+    assert evaluation.compare_logits(flipped, plain, 1e-3) == \
+        "the greedy token differs where the plain forward has no near-tie"
+    assert evaluation.compare_logits(flipped, plain, 2e-3) is None
+    # the tolerance follows the model's dtype
+    model = torch.nn.Module()
+    emb = torch.nn.Embedding(3, 2).to(torch.bfloat16)
+    model.get_input_embeddings = lambda: emb
+    model.get_output_embeddings = lambda: torch.nn.Linear(2, 3)
+    assert evaluation.check_tolerance(model) == evaluation.CHECK_TOLERANCE[torch.bfloat16]
+
+
+def _noisy_last_layer(monkeypatch, calls):
+    from ih_sweep import eval_attention
+
+    real = eval_attention.last_layer_at
+
+    def noisy(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        g = torch.Generator().manual_seed(len(calls))
+        return out + 0.3 * torch.randn(out.shape, generator=g)
+
+    monkeypatch.setattr(eval_attention, "last_layer_at", noisy)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_wrong_shortcut_is_caught_on_the_first_batch(tiny, tiny_prefix, monkeypatch, caplog,
+                                                        workers):
+    """A patched forward that is off (noise in the last layer): one warning, the rest of the
+    evaluation on the plain path (the noisy forward never runs again), and the outcomes of
+    one-at-a-time generate."""
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(16, seed=82), "last")
+    calls: list[int] = []
+    _noisy_last_layer(monkeypatch, calls)
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation")
+    threads = torch.get_num_threads()
+    with ablate_heads(model, select_heads(tiny_prefix, "high", 16)):
+        got = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=5,
+                                                     cpu_workers=workers, fast_layers=True))
+        ref = [generate_one_at_a_time(model, tok, it) for it in items]
+    assert calls == [1]  # the first batch only
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "do not reproduce the plain forward" in warnings[0]
+    assert "fast_layers" in warnings[0] and "differ" in warnings[0]
+    for r, c in zip(got, ref):
+        assert r.correct == is_correct(c, r.item.answer, "contains")
+        assert c.startswith(r.continuation)
+    _put_back(model, threads)
+
+
+def test_correct_shortcuts_pass_the_check_and_stay_on(tiny, monkeypatch, caplog):
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(12, seed=83), "last")
+    checked, layer_calls = [], []
+    real_compare = evaluation.compare_logits
+    from ih_sweep import eval_attention
+
+    real_layer = eval_attention.last_layer_at
+    monkeypatch.setattr(evaluation, "compare_logits",
+                        lambda *a: checked.append(real_compare(*a)) or checked[-1])
+    monkeypatch.setattr(eval_attention, "last_layer_at",
+                        lambda *a, **k: layer_calls.append(1) or real_layer(*a, **k))
+    caplog.set_level("WARNING")
+    evaluate(model, tok, items, EvalConfig(progress=False, batch_size=4, cpu_workers=1))
+    assert checked == [None] and not caplog.records
+    assert len(layer_calls) == 3  # 12 rows / 4: the shortcut stayed on after the check
+
+
+def test_without_shortcuts_there_is_no_check(tiny, monkeypatch):
+    from ih_sweep import eval_attention
+
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(6, seed=84), "last")
+    monkeypatch.setattr(evaluation, "compare_logits", lambda *a: pytest.fail("checked"))
+    with attention_implementation(model, "eager"):  # the shortcuts compute sdpa only
+        with eval_attention.fast_attention(model) as fast:
+            assert not fast.on
+        evaluate(model, tok, items, EvalConfig(progress=False))
+
+
+def test_metric_accepts_the_enum_and_plain_strings():
+    assert is_correct("the hallway", "hallway", Metric.contains)
+    assert not is_correct("the hallway", "hallway", Metric.exact)
+    with pytest.raises(ValueError, match="allowed values: contains, exact"):
+        evaluate(None, None, [], EvalConfig(metric="fuzzy"))

@@ -7,6 +7,7 @@ from ih_sweep import data, evaluation
 from ih_sweep.ablation import ablate_heads
 from ih_sweep.architecture import head_sites
 from ih_sweep.model_loading import load_model, quantization_config, resolve_path
+from ih_sweep.schema import EvalConfig
 
 TINY = {"name": "tiny", "path": "builtin:tiny", "dtype": "float32"}
 
@@ -52,7 +53,7 @@ def test_quantized_models_ablate_and_restore(quant):
     # the seed's outcomes, item by item
     items = data.make_items(data.generate_stories(10, seed=3), "all")
     with ablate_heads(model, [(1, h) for h in range(0, 32, 2)]):
-        got = evaluation.evaluate(model, tok, items, evaluation.EvalSettings(
+        got = evaluation.evaluate(model, tok, items, EvalConfig(
             progress=False, batch_size=3, cpu_workers=2))
         ref = [evaluation.generate_one_at_a_time(model, tok, it) for it in items]
     assert [r.correct for r in got] == [evaluation.is_correct(c, it.answer, "contains")

@@ -11,14 +11,15 @@ from conftest import BABI, needs_babi
 
 from ih_sweep import data
 from ih_sweep.ablation import ablate_heads
-from ih_sweep.evaluation import EvalSettings, evaluate
+from ih_sweep.evaluation import evaluate
+from ih_sweep.schema import EvalConfig
 from ih_sweep.selection import select_heads
 from ih_sweep.tiny_model import ASSET_DIR, HELD_OUT_SEED, TrainSettings, train_tiny
 
 
 def _accuracy(model, tok, items, heads=()):
     with ablate_heads(model, list(heads)):
-        res = evaluate(model, tok, items, EvalSettings(progress=False, batch_size=64))
+        res = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=64))
     return sum(r.correct for r in res) / len(res)
 
 
