@@ -22,6 +22,7 @@ import inspect
 import logging
 import re
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -502,14 +503,19 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig
     bar = tqdm(total=len(rows), desc="evaluate", disable=not settings.progress, leave=False)
     try:
         with installed(model, settings.fast_layers) as fast:
-            first = rows[:bs]
-            if fast.on and first:  # before any thread starts: nothing runs alongside
-                parts = _check_first_batch(model, tokenizer, first, fast, run, bs, settings,
-                                           device, bar)
+            key = fast.layers
+            verdict = _VERIFIED.get(model, {}).get(key) if fast.on else None
+            if verdict is False:
+                fast.off()  # found wrong on this model earlier in this process
+            if fast.on and verdict is None and rows:
+                # before any thread starts: nothing runs alongside
+                parts = _check_first_batch(model, tokenizer, rows[:bs], fast, run, bs,
+                                           settings, device, bar)
+                _VERIFIED.setdefault(model, {})[key] = fast.on
+                rest = rows[bs:]
             else:
-                parts = _run_batches(run, first, bs, "evaluate", settings.progress, 1, bar)
-            parts += _run_batches(run, rows[bs:], bs, "evaluate", settings.progress,
-                                  workers, bar)
+                parts, rest = [], rows
+            parts += _run_batches(run, rest, bs, "evaluate", settings.progress, workers, bar)
             for part in parts:
                 results.update(part)
     finally:
@@ -530,6 +536,10 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig
 # 1e-4 leaves a wide margin while a wrong shortcut (a mask, a position, a rotary off) moves
 # logits by a sizeable fraction of the scale. The half-precision bounds are a few units of
 # their precision, for the same reason.
+# models whose shortcuts were checked in this process: {model: {fast_layers: passed}}. The
+# check compares attention paths; ablation hooks act on the o_proj input alike in both, so
+# one check per model and setting covers every later evaluation of it.
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 5e-2,
                    torch.float16: 1e-2}
 

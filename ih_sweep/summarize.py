@@ -165,7 +165,7 @@ def group_jobs(jobs: list[FinishedJob]) -> tuple[list[list[FinishedJob]], list[s
     by_eval: dict[str, dict[str | None, list[FinishedJob]]] = {}
     for job in jobs:
         unablated = job.record.condition == "none" or job.record.n_heads == 0
-        arm = None if unablated else _settings_key(job.record, ())
+        arm = None if unablated else _settings_key(job.record, _SELECTION)
         arms = by_eval.setdefault(_settings_key(job.record, _SELECTION + _ARM), {})
         arms.setdefault(arm, []).append(job)
     groups = []
@@ -173,8 +173,8 @@ def group_jobs(jobs: list[FinishedJob]) -> tuple[list[list[FinishedJob]], list[s
         none = arms.pop(None, [])
         groups += [none + ablated for ablated in arms.values()] if arms else [none]
     notes = []
-    if len(groups) > 1:
-        differing = _differing_settings(groups)
+    differing = _differing_settings(groups) if len(groups) > 1 else []
+    if differing:
         notes.append("Jobs differ in " + ", ".join(differing) + "; each group is "
                      "summarized on its own and never pooled.")
     return groups, notes

@@ -160,8 +160,9 @@ def _put_back(model, threads: int) -> None:
 def test_batches_in_threads_give_the_same_outcomes(tiny, tiny_prefix, monkeypatch):
     """cpu_workers: batches evaluated in threads at the same time (one intra-op thread
     each) give the outcomes of one batch at a time, also while one thread decodes from its
-    cache as another runs its teacher-forced pass; afterwards everything is put back. The
-    first batch runs alone first, on all threads (the shortcuts' run-time check)."""
+    cache as another runs its teacher-forced pass; afterwards everything is put back. (The
+    first evaluation checked the shortcuts on this model, so the second runs every batch in
+    threads.)"""
     model, tok = tiny
     items = data.make_items(data.generate_stories(24, seed=80), "all")
     threads = torch.get_num_threads()
@@ -172,7 +173,7 @@ def test_batches_in_threads_give_the_same_outcomes(tiny, tiny_prefix, monkeypatc
     def each():
         with lock:
             inside.append((torch.get_num_threads(), torch.is_grad_enabled()))
-            first_two = len(inside) in (2, 3)
+            first_two = len(inside) in (1, 2)
         if first_two:
             together.wait()
 
@@ -185,8 +186,8 @@ def test_batches_in_threads_give_the_same_outcomes(tiny, tiny_prefix, monkeypatc
     assert [(r.correct, r.continuation, r.decided_by) for r in many] == \
         [(r.correct, r.continuation, r.decided_by) for r in one]
     assert {r.decided_by for r in many} == {"forward", "decode"}
-    # 24 story rows / 4: the checked first batch, then 5 in threads
-    assert inside == [(threads, False)] + [(max(1, threads // 3), False)] * 5
+    # 24 story rows / 4: 6 batches, all in threads
+    assert inside == [(max(1, threads // 3), False)] * 6
     _put_back(model, threads)
 
 
@@ -233,6 +234,14 @@ def test_compare_logits_tolerance_and_near_ties():
     model.get_input_embeddings = lambda: emb
     model.get_output_embeddings = lambda: torch.nn.Linear(2, 3)
     assert evaluation.check_tolerance(model) == evaluation.CHECK_TOLERANCE[torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _unchecked(monkeypatch):
+    """Each test starts with no model checked (the check runs once per model in a process)."""
+    import weakref
+
+    monkeypatch.setattr(evaluation, "_VERIFIED", weakref.WeakKeyDictionary())
 
 
 def _noisy_last_layer(monkeypatch, calls):
@@ -291,6 +300,21 @@ def test_correct_shortcuts_pass_the_check_and_stay_on(tiny, monkeypatch, caplog)
     evaluate(model, tok, items, EvalConfig(progress=False, batch_size=4, cpu_workers=1))
     assert checked == [None] and not caplog.records
     assert len(layer_calls) == 3  # 12 rows / 4: the shortcut stayed on after the check
+    evaluate(model, tok, items, EvalConfig(progress=False, batch_size=4, cpu_workers=1))
+    assert checked == [None] and len(layer_calls) == 6  # checked once per model and setting
+
+
+def test_a_shortcut_found_wrong_stays_off_for_that_model(tiny, monkeypatch, caplog):
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(8, seed=85), "last")
+    calls: list[int] = []
+    _noisy_last_layer(monkeypatch, calls)
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation")
+    settings = EvalConfig(progress=False, batch_size=4, cpu_workers=1, fast_layers=True)
+    first = evaluate(model, tok, items, settings)
+    second = evaluate(model, tok, items, settings)
+    assert calls == [1] and len(caplog.records) == 1  # no second check, no second warning
+    assert [r.correct for r in first] == [r.correct for r in second]
 
 
 def test_without_shortcuts_there_is_no_check(tiny, monkeypatch):

@@ -114,10 +114,14 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
         _MEMO[memo_key] = items_df
     timings["eval_s"] = time.time() - t0
 
-    # write
+    # write: an unablated job ablates 0 heads whatever N was asked, and the control seed
+    # is 0 unless it drew the heads (condition=random), as in the config hash
+    n_heads, condition, control_seed = len(heads), config.condition.value, \
+        (config.control_seed if config.condition == Condition.random else 0)
+    if not heads:
+        condition = Condition.none.value
     results = items_df.assign(
-        n_heads=config.n_heads, condition=config.condition.value,
-        control_seed=config.control_seed, model=config.model.name,
+        n_heads=n_heads, condition=condition, control_seed=control_seed, model=config.model.name,
         quantization=config.quantization.name.value, data=config.data.name.value,
         babi_task=config.data.task, split=split_name(config), metric=config.eval.metric.value,
         scope=config.eval.scope.value, ablation=config.ablation.method.value,
@@ -132,8 +136,8 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     n_correct = int(results["correct"].sum())
     timings["total_s"] = time.time() - t_start
     record = EvaluationRecord(
-        config_hash=chash, n_heads=config.n_heads, condition=config.condition.value,
-        control_seed=config.control_seed, model=config.model.name,
+        config_hash=chash, n_heads=n_heads, condition=condition, control_seed=control_seed,
+        model=config.model.name,
         quantization=config.quantization.name.value, data=plain(config.data),
         eval={"metric": config.eval.metric.value, "scope": config.eval.scope.value,
               "max_new_tokens": config.eval.max_new_tokens},
