@@ -51,10 +51,12 @@ def test_main_sweep_writes_one_folder_per_job(main_sweep):
         heads = pd.read_csv(folder / "heads.csv")
         n, cond = rec["n_heads"], rec["condition"]
         cells.add((n, cond))
-        assert len(heads) == (0 if cond == "none" else n)
+        assert len(heads) == n and (n == 0) == (cond == "none")
+        assert rec["settings"]["condition"] == cond
+        assert (folder / "results.csv").stat().st_mode & 0o777 == 0o644
         assert rec["accuracy"] == pytest.approx(res["correct"].mean())
         assert (folder / ".hydra" / "config.yaml").is_file()
-    assert cells == {(n, c) for n in (4, 8, 16) for c in ("high", "low", "none")}
+    assert cells == {(n, c) for n in (4, 8, 16) for c in ("high", "low")} | {(0, "none")}
     for n in (4, 8, 16):
         hi = pd.read_csv(next(out.glob(f"condition=high,*n_heads={n}*/heads.csv")))
         lo = pd.read_csv(next(out.glob(f"condition=low,*n_heads={n}*/heads.csv")))
@@ -65,10 +67,12 @@ def test_main_sweep_writes_one_folder_per_job(main_sweep):
         assert hi.score.min() >= lo.score.max()
 
 
-def test_none_is_evaluated_once_per_process(main_sweep):
-    out, _, _ = main_sweep
+def test_none_is_evaluated_once(main_sweep):
+    """The unablated job is the same at every N: evaluated once, then reused by its hash."""
+    out, _, first = main_sweep
     recs = [json.loads(p.read_text()) for p in out.glob("condition=none*/job.json")]
-    assert sorted(r["reused_evaluation"] for r in recs) == [False, True, True]
+    assert len(recs) == 3 and len({r["config_hash"] for r in recs}) == 1
+    assert first.stderr.count("reusing the finished evaluation") == 2
 
 
 def test_summary_written_by_callback(main_sweep):
@@ -76,7 +80,8 @@ def test_summary_written_by_callback(main_sweep):
     for name in ("summary.csv", "summary.md", "summary.tex", "accuracy_vs_n.png"):
         assert (out / name).is_file(), name
     df = pd.read_csv(out / "summary.csv")
-    assert len(df) == 9
+    assert len(df) == 7  # the three `none` jobs are one row
+    assert "| condition" in main_sweep[2].stdout and str(out) in main_sweep[2].stdout
 
 
 def test_rerun_skips_finished_jobs(main_sweep):
