@@ -39,7 +39,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         for layer in range(sites.n_layers):
-            for head in range(sites.n_heads):
+            for head in range(sites.heads_per_layer):
                 with ablate_heads(model, [(layer, head)]):
                     model(input_ids=probe.ids, attention_mask=probe.mask)
     out["naive_full_reruns_s"] = round(time.perf_counter() - t0, 2)

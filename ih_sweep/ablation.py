@@ -30,9 +30,9 @@ def _columns(sites: HeadSites, heads: Sequence[int]) -> torch.Tensor:
 def _validate(sites: HeadSites, heads: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
-        if not (0 <= layer < sites.n_layers and 0 <= head < sites.n_heads):
+        if not (0 <= layer < sites.n_layers and 0 <= head < sites.heads_per_layer):
             raise AblationError(f"head ({layer}, {head}) is outside the model's "
-                                f"{sites.n_layers} layers x {sites.n_heads} heads")
+                                f"{sites.n_layers} layers x {sites.heads_per_layer} heads")
         by_layer[int(layer)].append(int(head))
     return by_layer
 
@@ -42,7 +42,7 @@ def ablate_heads(model, heads: Sequence[tuple[int, int]], method: str = "zero",
                  means: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
     """Replace the listed (layer, query head) outputs by zero or by their mean while inside.
 
-    ``means[layer]`` is a [n_heads * head_dim] vector (see :func:`head_means`).
+    ``means[layer]`` is a [heads_per_layer * head_dim] vector (see :func:`head_means`).
     """
     if method not in METHODS:
         raise AblationError(f"ablation.method={method!r}; allowed values: {', '.join(METHODS)}")

@@ -33,7 +33,7 @@ class HeadSites:
     layers: list[nn.Module]
     out_proj: list[nn.Module]
     n_layers: int
-    n_heads: int
+    heads_per_layer: int  # query heads per layer (not the config's n_heads: heads to ablate)
     head_dim: int
     final_norm: nn.Module | None
     unembed: nn.Module
@@ -42,9 +42,10 @@ class HeadSites:
         return slice(head * self.head_dim, (head + 1) * self.head_dim)
 
     def w_o(self, layer: int) -> torch.Tensor:
-        """Output projection of a layer as [n_heads, head_dim, hidden] (dequantized, float32)."""
-        weight = linear_weight(self.out_proj[layer])  # [hidden, n_heads * head_dim]
-        return weight.float().T.reshape(self.n_heads, self.head_dim, -1)
+        """Output projection of a layer as [heads_per_layer, head_dim, hidden] (dequantized,
+        float32)."""
+        weight = linear_weight(self.out_proj[layer])  # [hidden, heads_per_layer * head_dim]
+        return weight.float().T.reshape(self.heads_per_layer, self.head_dim, -1)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -109,19 +110,19 @@ def head_sites(model: nn.Module) -> HeadSites:
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     n_layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers")
-    n_heads = _config_value(config, "num_attention_heads", "n_head")
+    heads = _config_value(config, "num_attention_heads", "n_head")
     hidden = _config_value(config, "hidden_size", "n_embd", "d_model")
-    if n_layers is None or n_heads is None or hidden is None:
+    if n_layers is None or heads is None or hidden is None:
         raise UnsupportedArchitecture(f"{type(model).__name__}: config lacks layer/head counts")
-    head_dim = _config_value(config, "head_dim") or hidden // n_heads
+    head_dim = _config_value(config, "head_dim") or hidden // heads
     name = type(model).__name__
     layers = _find_layers(model, n_layers)
     out_proj = [_find_out_proj(layer, i, name) for i, layer in enumerate(layers)]
     in_features = linear_in_features(out_proj[0])
-    if in_features != n_heads * head_dim:
+    if in_features != heads * head_dim:
         raise UnsupportedArchitecture(
-            f"{name}: output projection takes {in_features} inputs, expected n_heads*head_dim = "
-            f"{n_heads}*{head_dim}")
+            f"{name}: output projection takes {in_features} inputs, expected heads*head_dim = "
+            f"{heads}*{head_dim}")
     final_norm = None
     for module_name, module in model.named_modules():
         if module_name.split(".")[-1] in _FINAL_NORM_NAMES and module_name.count(".") <= 2:
@@ -129,7 +130,7 @@ def head_sites(model: nn.Module) -> HeadSites:
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise UnsupportedArchitecture(f"{name}: no output embedding (unembedding) found")
-    return HeadSites(layers, out_proj, n_layers, n_heads, head_dim, final_norm, unembed)
+    return HeadSites(layers, out_proj, n_layers, heads, head_dim, final_norm, unembed)
 
 
 def linear_in_features(module: nn.Module) -> int:

@@ -133,7 +133,7 @@ class _Tail:
         hidden = hidden.repeat(reps, 1, 1)
         kw = {k: _repeat(v, reps, b) for k, v in kwargs.items() if k != "hidden_states"}
         hd = self.sites.head_dim
-        mask = torch.ones(reps, self.sites.n_heads * hd, device=hidden.device,
+        mask = torch.ones(reps, self.sites.heads_per_layer * hd, device=hidden.device,
                           dtype=hidden.dtype)
         for r, h in enumerate(heads):
             mask[r, h * hd:(h + 1) * hd] = 0
@@ -169,7 +169,8 @@ def exact_scan(model, probes: dict[str, Probe], layers: Sequence[int] | None = N
     sites = head_sites(model)
     tail = _Tail(model, sites)
     layers = list(range(sites.n_layers)) if layers is None else list(layers)
-    rows = {(la, h): {"layer": la, "head": h} for la in layers for h in range(sites.n_heads)}
+    rows = {(la, h): {"layer": la, "head": h} for la in layers
+            for h in range(sites.heads_per_layer)}
     for name, probe in probes.items():
         store, clean_logits = tail.capture(probe)
         c_lp, c_hit = _readout(clean_logits, probe)
@@ -177,8 +178,8 @@ def exact_scan(model, probes: dict[str, Probe], layers: Sequence[int] | None = N
         base_lp = (c_lp[0] * valid).sum() / valid.sum()
         base_hit = (c_hit[0] & valid).sum() / valid.sum()
         for la in layers:
-            for start in range(0, sites.n_heads, heads_per_pass):
-                hs = list(range(start, min(start + heads_per_pass, sites.n_heads)))
+            for start in range(0, sites.heads_per_layer, heads_per_pass):
+                hs = list(range(start, min(start + heads_per_pass, sites.heads_per_layer)))
                 lg = tail.run_from(la, store, probe, hs)
                 lp, hit = _readout(lg, probe, len(hs))
                 for r, h in enumerate(hs):
@@ -230,8 +231,9 @@ def attribution_scan(model, probe: Probe, layers: Sequence[int] | None = None
         z = acts[la]
         g = z.grad
         b, t, _ = z.shape
-        contrib = -(g * z).detach().reshape(b, t, sites.n_heads, sites.head_dim).sum((0, 1, 3))
-        for h in range(sites.n_heads):
+        contrib = -(g * z).detach().reshape(b, t, sites.heads_per_layer,
+                                            sites.head_dim).sum((0, 1, 3))
+        for h in range(sites.heads_per_layer):
             rows.append({"layer": la, "head": h, "attr_d_logprob": float(contrib[h])})
     return pd.DataFrame(rows)
 

@@ -154,7 +154,7 @@ def score_heads(model, tokenizer, settings: ScoringSettings, model_name: str = "
                                   candidates, bos, settings.seed)
     plain, _ = random_sequences(settings.n_sequences, settings.seq_len, 1, candidates, bos,
                                 settings.seed + 1)
-    L, H = sites.n_layers, sites.n_heads
+    L, H = sites.n_layers, sites.heads_per_layer
     prefix_sum = torch.zeros(L, H, dtype=torch.float64)
     copy_sum = torch.zeros(L, H, dtype=torch.float64)
     n_query = 0
@@ -240,8 +240,8 @@ def score_matrix(scores: pd.DataFrame, column: str = "prefix") -> np.ndarray:
     if column not in RANK_BY:
         raise ValueError(f"scoring.rank_by={column!r}; allowed values: {', '.join(RANK_BY)}")
     n_layers = int(scores["layer"].max()) + 1
-    n_heads = int(scores["head"].max()) + 1
-    mat = np.full((n_layers, n_heads), np.nan)
+    heads_per_layer = int(scores["head"].max()) + 1
+    mat = np.full((n_layers, heads_per_layer), np.nan)
     mat[scores["layer"].to_numpy(), scores["head"].to_numpy()] = scores[column].to_numpy()
     return mat
 

@@ -66,7 +66,7 @@ def test_hook_equals_weight_surgery_and_hooks_come_off(name):
     sites = head_sites(model)
     assert sites.n_layers == 2
     base = _logits(model)
-    layer, head = 1, sites.n_heads - 1
+    layer, head = 1, sites.heads_per_layer - 1
     with ablate_heads(model, [(layer, head)]):
         ablated = _logits(model)
     assert not torch.allclose(ablated, base)
@@ -77,7 +77,7 @@ def test_hook_equals_weight_surgery_and_hooks_come_off(name):
 def test_query_heads_under_grouped_query_attention():
     model = FAMILIES["mistral"].eval()
     sites = head_sites(model)
-    assert (sites.n_heads, sites.head_dim) == (8, 8)  # query heads, head_dim from config
+    assert (sites.heads_per_layer, sites.head_dim) == (8, 8)  # query heads, head_dim from config
     assert sites.w_o(0).shape == (8, 8, 32)
     base = _logits(model)
     # two query heads that share a key/value head have distinct effects

@@ -64,7 +64,7 @@ def test_attribution_is_minus_grad_dot_z(tiny, probes):
     from ih_sweep.architecture import head_sites
 
     sites = head_sites(model)
-    alpha = torch.ones(sites.n_heads, requires_grad=True)
+    alpha = torch.ones(sites.heads_per_layer, requires_grad=True)
     hd = sites.head_dim
     h = sites.out_proj[1].register_forward_pre_hook(
         lambda m, a: (a[0] * alpha.repeat_interleave(hd), *a[1:]))
