@@ -1,5 +1,6 @@
 """Head ablation at the right place: the head's slice of the attention output projection's
-input (a forward pre-hook on o_proj / c_proj / dense / out_proj).
+input (o_proj / c_proj / dense / out_proj; TransformerLens's ``hook_z``, see
+:func:`ih_sweep.architecture.hook_z`).
 
 The seed hooked ``post_attention_layernorm``'s output (the MLP input), which is not a head.
 Hooks always come off, also when the body raises.
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .architecture import HeadSites, head_sites
+from .architecture import HeadSites, head_sites, hook_z
 
 METHODS = ("zero", "mean")
 
@@ -50,29 +51,21 @@ def ablate_heads(model, heads: Sequence[tuple[int, int]], method: str = "zero",
         raise AblationError("ablation.method=mean needs head means (head_means())")
     sites = head_sites(model)
     by_layer = _validate(sites, heads)
-    handles = []
-    try:
-        for layer, layer_heads in by_layer.items():
-            cols = _columns(sites, layer_heads)
-            fill = None if method == "zero" else means[layer][cols]
-            handles.append(sites.out_proj[layer].register_forward_pre_hook(
-                _make_hook(cols, fill)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    cols = {layer: _columns(sites, layer_heads) for layer, layer_heads in by_layer.items()}
+    fills = {layer: None if method == "zero" else means[layer][c] for layer, c in cols.items()}
 
-
-def _make_hook(cols: torch.Tensor, fill: torch.Tensor | None):
-    def hook(module, args):
-        x = args[0].clone()
-        c = cols.to(x.device)
+    def replace(layer: int, z: torch.Tensor) -> torch.Tensor:
+        x = z.clone()
+        c = cols[layer].to(x.device)
+        fill = fills[layer]
         if fill is None:
             x[..., c] = 0
         else:
             x[..., c] = fill.to(device=x.device, dtype=x.dtype)
-        return (x, *args[1:])
-    return hook
+        return x
+
+    with hook_z(sites, replace, by_layer):
+        yield
 
 
 @torch.no_grad()
@@ -83,23 +76,17 @@ def head_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> dict[int, t
     count = 0
     current_mask: list[torch.Tensor] = []
 
-    def make(i: int):
-        def hook(module, args):
-            x = args[0].float()
-            m = current_mask[0].to(x.device, x.dtype)[..., None]
-            s = (x * m).sum((0, 1)).cpu()
-            sums[i] = s if sums[i] is None else sums[i] + s
-        return hook
+    def add(i: int, z: torch.Tensor) -> None:
+        x = z.float()
+        m = current_mask[0].to(x.device, x.dtype)[..., None]
+        s = (x * m).sum((0, 1)).cpu()
+        sums[i] = s if sums[i] is None else sums[i] + s
 
-    handles = [p.register_forward_pre_hook(make(i)) for i, p in enumerate(sites.out_proj)]
-    try:
+    with hook_z(sites, add):
         for batch in batches:
             current_mask[:] = [batch["attention_mask"]]
             model(**batch, use_cache=False)
             count += int(batch["attention_mask"].sum())
-    finally:
-        for h in handles:
-            h.remove()
     if count == 0:
         raise AblationError("mean ablation needs at least one reference token")
     return {i: s / count for i, s in enumerate(sums)}

@@ -4,10 +4,13 @@ Ablation and scoring both need, per layer, the module whose *input* is the conca
 the query heads' outputs (o_proj / c_proj / dense / out_proj), the head count and head size,
 the final norm and the unembedding. Finding them from the model's structure keeps every
 family on one code path; an unknown structure gets a clear error instead of a silent no-op.
+Code that reads or changes the heads' outputs goes through one hook helper, :func:`hook_z`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +49,46 @@ class HeadSites:
         float32)."""
         weight = linear_weight(self.out_proj[layer])  # [hidden, heads_per_layer * head_dim]
         return weight.float().T.reshape(self.heads_per_layer, self.head_dim, -1)
+
+
+ZHook = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+
+@contextmanager
+def hook_z(model_or_sites: nn.Module | HeadSites, fn: ZHook,
+           layers: Iterable[int] | None = None) -> Iterator[HeadSites]:
+    """Call ``fn(layer, z)`` on every forward pass at the attention output projection's input.
+
+    ``z`` is the input of o_proj / c_proj / dense / out_proj: the query heads' outputs side
+    by side, [batch, pos, heads_per_layer * head_dim] (head h in columns
+    ``HeadSites.head_slice(h)``). This is the site TransformerLens calls ``hook_z``
+    (``blocks.{layer}.attn.hook_z``, shape [batch, pos, head_index, d_head] there; flattened
+    here). ``fn`` returns a replacement tensor or None to leave ``z`` as it is.
+
+    Forward pre-hooks on the given layers (default: all) while inside, yielding the model's
+    :class:`HeadSites`; they always come off, also when the body raises.
+    """
+    sites = model_or_sites if isinstance(model_or_sites, HeadSites) else \
+        head_sites(model_or_sites)
+    layers = range(sites.n_layers) if layers is None else [int(i) for i in layers]
+    for i in layers:
+        if not 0 <= i < sites.n_layers:
+            raise IndexError(f"layer {i} is outside the model's {sites.n_layers} layers")
+
+    def make(layer: int):
+        def hook(module, args):
+            out = fn(layer, args[0])
+            return None if out is None else (out, *args[1:])
+        return hook
+
+    handles = []
+    try:
+        for i in layers:
+            handles.append(sites.out_proj[i].register_forward_pre_hook(make(i)))
+        yield sites
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .architecture import HeadSites, head_sites
+from .architecture import HeadSites, head_sites, hook_z
 from .data import Item
 from .scoring import candidate_token_ids, random_sequences
 
@@ -138,15 +138,11 @@ class _Tail:
         for r, h in enumerate(heads):
             mask[r, h * hd:(h + 1) * hd] = 0
         mask = mask.repeat_interleave(b, 0)[:, None, :]
-        proj = self.sites.out_proj[layer]
-        handle = proj.register_forward_pre_hook(lambda m, a: (a[0] * mask, *a[1:]))
-        try:
-            x = hidden
+        x = hidden
+        with hook_z(self.sites, lambda _, z: z * mask, [layer]):
             for i in range(layer, self.sites.n_layers):
                 out = self.sites.layers[i](x, **kw)
                 x = out[0] if isinstance(out, tuple) else out
-        finally:
-            handle.remove()
         if self.sites.final_norm is not None:
             x = self.sites.final_norm(x)
         pos = probe.pos.to(x.device).repeat(reps, 1)
@@ -202,19 +198,15 @@ def attribution_scan(model, probe: Probe, layers: Sequence[int] | None = None
     device = next(model.parameters()).device
     acts: dict[int, torch.Tensor] = {}
 
-    def make(i):
-        def hook(module, args):
-            z = args[0]
-            z.retain_grad()
-            acts[i] = z
-        return hook
+    def keep(i: int, z: torch.Tensor) -> None:
+        z.retain_grad()
+        acts[i] = z
 
-    handles = [sites.out_proj[i].register_forward_pre_hook(make(i)) for i in layers]
     # gradients flow from the embedding output on: no parameter gradients are allocated
-    handles.append(model.get_input_embeddings().register_forward_hook(
-        lambda m, a, out: out.requires_grad_(True)))
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: out.requires_grad_(True))
     try:
-        with torch.enable_grad():
+        with hook_z(sites, keep, layers), torch.enable_grad():
             logits = model(input_ids=probe.ids.to(device),
                            attention_mask=probe.mask.to(device), use_cache=False).logits
             pos = probe.pos.to(device)
@@ -224,8 +216,7 @@ def attribution_scan(model, probe: Probe, layers: Sequence[int] | None = None
             objective = (lp[0] * valid).sum() / valid.sum()
             objective.backward()
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     rows = []
     for la in layers:
         z = acts[la]

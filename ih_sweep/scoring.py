@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .architecture import HeadSites, head_sites
+from .architecture import HeadSites, head_sites, hook_z
 
 log = logging.getLogger(__name__)
 
@@ -126,18 +126,6 @@ class ScoringSettings:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _capture_o_proj_inputs(sites: HeadSites) -> tuple[list, list[torch.Tensor]]:
-    store: list[torch.Tensor] = [None] * sites.n_layers  # type: ignore[list-item]
-
-    def make(i: int):
-        def hook(module, args):
-            store[i] = args[0].detach()
-        return hook
-
-    handles = [p.register_forward_pre_hook(make(i)) for i, p in enumerate(sites.out_proj)]
-    return handles, store
-
-
 @torch.no_grad()
 def score_heads(model, tokenizer, settings: ScoringSettings, model_name: str = "model",
                 progress: bool = False) -> pd.DataFrame:
@@ -163,6 +151,7 @@ def score_heads(model, tokenizer, settings: ScoringSettings, model_name: str = "
     unembed_w = _unembed_weight(sites).to(device)  # [V, hidden]
     mean_row = unembed_w.mean(0)  # mean logit = mean_row . x
     bs = settings.batch_size
+    store: dict[int, torch.Tensor] = {}  # each layer's o_proj input (hook_z), per batch
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, settings.n_sequences, bs), desc="scoring", disable=not progress):
@@ -180,12 +169,8 @@ def score_heads(model, tokenizer, settings: ScoringSettings, model_name: str = "
         n_query += weight
         # copying on non-repeated sequences, through the head's real direct path
         tok = plain[start:start + bs].to(device)
-        handles, store = _capture_o_proj_inputs(sites)
-        try:
+        with hook_z(sites, lambda i, z: store.__setitem__(i, z.detach())):
             out = model(input_ids=tok, output_attentions=True, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
         b, t = tok.shape
         pos = slice(1 if bos is not None else 0, t)
         for layer in range(L):

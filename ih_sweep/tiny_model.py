@@ -15,12 +15,14 @@ import logging
 import math
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import data as babi
+from .architecture import hook_z
 
 log = logging.getLogger(__name__)
 
@@ -215,39 +217,35 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
         m = torch.zeros(settings.heads)
         m[keep] = 1
         masks.append(m.repeat_interleave(head_dim))
-    handles = [layer.self_attn.o_proj.register_forward_pre_hook(
-        lambda mod, args, m=m: (args[0] * m,)) for layer, m in zip(model.model.layers, masks)]
     history: list[dict] = []
     t0 = time.time()
-    for step in range(total):
-        if step == settings.warmup_steps + settings.task_masked_steps:
-            for h in handles:
-                h.remove()
-            handles = []
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        if step < settings.warmup_steps:
-            n_rep = settings.batch_size
-            pairs = _repeat_batch(rng, n_rep, settings, candidates, bos)
-        else:
-            n_rep = int(round(settings.batch_size * settings.repeat_share))
-            pairs = (_repeat_batch(rng, n_rep, settings, candidates, bos)
-                     + _babi_batch(rng, settings.batch_size - n_rep, tokenizer, answer_ids,
-                                   settings.uniform_actor_questions))
-        ids, mask, attn = _collate(pairs, pad)
-        is_repeat = torch.arange(len(pairs)) < n_rep
-        loss = _loss(model, ids, _weights(mask, is_repeat, settings.repeat_weight), attn)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % settings.log_every == 0 or step == total - 1:
-            rec = {"step": step, "loss": round(loss.item(), 4),
-                   "seconds": round(time.time() - t0, 1)}
-            history.append(rec)
-            log.info("step %d loss %.4f (%.0f s)", step, loss.item(), time.time() - t0)
-    for h in handles:
-        h.remove()
+    with ExitStack() as head_mask:
+        head_mask.enter_context(hook_z(model, lambda layer, z: z * masks[layer]))
+        for step in range(total):
+            if step == settings.warmup_steps + settings.task_masked_steps:
+                head_mask.close()  # every head trains from here on
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            if step < settings.warmup_steps:
+                n_rep = settings.batch_size
+                pairs = _repeat_batch(rng, n_rep, settings, candidates, bos)
+            else:
+                n_rep = int(round(settings.batch_size * settings.repeat_share))
+                pairs = (_repeat_batch(rng, n_rep, settings, candidates, bos)
+                         + _babi_batch(rng, settings.batch_size - n_rep, tokenizer, answer_ids,
+                                       settings.uniform_actor_questions))
+            ids, mask, attn = _collate(pairs, pad)
+            is_repeat = torch.arange(len(pairs)) < n_rep
+            loss = _loss(model, ids, _weights(mask, is_repeat, settings.repeat_weight), attn)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % settings.log_every == 0 or step == total - 1:
+                rec = {"step": step, "loss": round(loss.item(), 4),
+                       "seconds": round(time.time() - t0, 1)}
+                history.append(rec)
+                log.info("step %d loss %.4f (%.0f s)", step, loss.item(), time.time() - t0)
     model.eval()
     record = {"settings": asdict(settings), "history": history,
               "train_seconds": round(time.time() - t0, 1),

@@ -5,7 +5,7 @@ import torch
 import transformers as tf
 
 from ih_sweep.ablation import AblationError, ablate_heads, head_means, zero_attention_probs
-from ih_sweep.architecture import UnsupportedArchitecture, head_sites
+from ih_sweep.architecture import UnsupportedArchitecture, head_sites, hook_z
 
 V = 97
 
@@ -72,6 +72,48 @@ def test_hook_equals_weight_surgery_and_hooks_come_off(name):
     assert not torch.allclose(ablated, base)
     assert torch.allclose(ablated, _surgery_logits(model, layer, head), atol=1e-5)
     assert torch.equal(_logits(model), base)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_hook_z_sees_and_replaces_the_projection_input(name):
+    model = FAMILIES[name].eval()
+    sites = head_sites(model)
+    base = _logits(model)
+    seen = []
+    with hook_z(model, lambda layer, z: seen.append((layer, tuple(z.shape)))) as got:
+        assert torch.equal(_logits(model), base)  # returning None changes nothing
+    assert got.out_proj == sites.out_proj
+    width = sites.heads_per_layer * sites.head_dim
+    assert seen == [(0, (*IDS.shape, width)), (1, (*IDS.shape, width))]
+    # a replacement goes into the projection: zeroing all of layer 1's z is ablating every head
+    seen.clear()
+    with hook_z(sites, lambda layer, z: seen.append(layer) or torch.zeros_like(z), [1]):
+        replaced = _logits(model)
+    assert seen == [1]
+    with ablate_heads(model, [(1, h) for h in range(sites.heads_per_layer)]):
+        assert torch.equal(replaced, _logits(model))
+    assert not torch.equal(replaced, base)
+    assert torch.equal(_logits(model), base)
+    assert all(not p._forward_pre_hooks for p in sites.out_proj)
+
+
+def test_hook_z_removes_its_hooks_on_errors():
+    model = FAMILIES["llama"].eval()
+    sites = head_sites(model)
+
+    def bad(layer, z):
+        raise ValueError("bad z")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with hook_z(model, lambda layer, z: z * 0):
+            raise RuntimeError("boom")
+    with pytest.raises(ValueError, match="bad z"):
+        with hook_z(model, bad):
+            _logits(model)
+    with pytest.raises(IndexError, match="layer 2 is outside the model's 2 layers"):
+        with hook_z(model, lambda layer, z: None, [0, 2]):
+            pass
+    assert all(not p._forward_pre_hooks for p in sites.out_proj)
 
 
 def test_query_heads_under_grouped_query_attention():
