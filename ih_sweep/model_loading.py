@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ import torch
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
+ASSET_DIR = Path(__file__).parent / "assets" / "tiny"  # builtin:tiny (see tiny_model.py)
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _CACHE: dict[str, tuple[Any, Any]] = {}
@@ -25,8 +27,6 @@ _CACHE: dict[str, tuple[Any, Any]] = {}
 def resolve_path(path: str) -> str:
     """``builtin:tiny`` -> the packaged weights; anything else is a hub id or local folder."""
     if path.startswith(BUILTIN_PREFIX):
-        from .tiny_model import ASSET_DIR
-
         name = path[len(BUILTIN_PREFIX):]
         if name != "tiny":
             raise ValueError(f"model.path={path!r}: the only built-in model is builtin:tiny")

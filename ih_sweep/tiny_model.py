@@ -23,10 +23,13 @@ import torch
 
 from . import data as babi
 from .architecture import hook_z
+from .model_loading import (
+    ASSET_DIR,  # noqa: F401  (the shipped model's folder, re-exported)
+    eager_attention,
+)
 
 log = logging.getLogger(__name__)
 
-ASSET_DIR = Path(__file__).parent / "assets" / "tiny"
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
 NEWLINE = "\u00b6"  # the tokenizer maps "\n" to this visible word
 N_FILLER = 256
@@ -271,7 +274,6 @@ def describe(model, tokenizer, n_stories: int = 1000) -> dict:
     """Measured facts for the model card: held-out accuracy, head scores, ablation effects."""
     from .ablation import ablate_heads
     from .evaluation import EvalSettings, evaluate
-    from .model_loading import eager_attention
     from .scoring import ScoringSettings, score_heads, score_matrix
     from .selection import select_heads
 
