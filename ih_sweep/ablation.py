@@ -15,8 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from .architecture import HeadSites, head_sites, hook_z
-
-METHODS = ("zero", "mean")
+from .schema import AblationMethod
 
 
 class AblationError(ValueError):
@@ -39,20 +38,23 @@ def _validate(sites: HeadSites, heads: Sequence[tuple[int, int]]) -> dict[int, l
 
 
 @contextmanager
-def ablate_heads(model, heads: Sequence[tuple[int, int]], method: str = "zero",
+def ablate_heads(model, heads: Sequence[tuple[int, int]],
+                 method: AblationMethod | str = AblationMethod.zero,
                  means: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
     """Replace the listed (layer, query head) outputs by zero or by their mean while inside.
 
     ``means[layer]`` is a [heads_per_layer * head_dim] vector (see :func:`head_means`).
     """
-    if method not in METHODS:
-        raise AblationError(f"ablation.method={method!r}; allowed values: {', '.join(METHODS)}")
-    if method == "mean" and means is None:
+    allowed = [m.value for m in AblationMethod]
+    if method not in allowed:
+        raise AblationError(f"ablation.method={method!r}; allowed values: {', '.join(allowed)}")
+    if method == AblationMethod.mean and means is None:
         raise AblationError("ablation.method=mean needs head means (head_means())")
     sites = head_sites(model)
     by_layer = _validate(sites, heads)
     cols = {layer: _columns(sites, layer_heads) for layer, layer_heads in by_layer.items()}
-    fills = {layer: None if method == "zero" else means[layer][c] for layer, c in cols.items()}
+    fills = {layer: None if method == AblationMethod.zero else means[layer][c]
+             for layer, c in cols.items()}
 
     def replace(layer: int, z: torch.Tensor) -> torch.Tensor:
         x = z.clone()

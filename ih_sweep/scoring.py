@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import pickle
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,13 @@ import pandas as pd
 import torch
 
 from .architecture import HeadSites, head_sites, hook_z
+from .schema import RankBy, ScoringConfig
 
 log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ["model", "layer", "head", "prefix", "copying", "combined", "n_sequences",
                  "seed"]
-RANK_BY = ("prefix", "copying", "combined")
+SCORE_NAMES = [m.value for m in RankBy]  # the score columns a ranking can use
 
 
 # --------------------------------------------------------------------------- pure maths
@@ -112,22 +112,19 @@ def random_sequences(n: int, length: int, repeats: int, candidates: list[int], b
 
 
 # --------------------------------------------------------------------------- model passes
-@dataclass(frozen=True)
-class ScoringSettings:
-    n_sequences: int = 16
-    seq_len: int = 25
-    repeats: int = 4
-    seed: int = 0
-    batch_size: int = 8
-    exclude_frequent_frac: float = 0.0
-    exclude_rare_frac: float = 0.0
+_KEY_FIELDS = ("n_sequences", "seq_len", "repeats", "seed", "batch_size",
+               "exclude_frequent_frac", "exclude_rare_frac")
 
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+def scores_key(settings: ScoringConfig) -> str:
+    """10 hex digits naming the fields that make a score table (the score cache's file name
+    part until now; :meth:`ScoringConfig.key` is the schema's, a different hash)."""
+    fields = {k: getattr(settings, k) for k in _KEY_FIELDS}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 @torch.no_grad()
-def score_heads(model, tokenizer, settings: ScoringSettings, model_name: str = "model",
+def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "model",
                 progress: bool = False) -> pd.DataFrame:
     """Prefix and copying scores for every query head of every layer (one row each).
 
@@ -222,8 +219,8 @@ def _apply_norm(sites: HeadSites, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- score tables
 def score_matrix(scores: pd.DataFrame, column: str = "prefix") -> np.ndarray:
     """[layers, heads] array of one score column."""
-    if column not in RANK_BY:
-        raise ValueError(f"scoring.rank_by={column!r}; allowed values: {', '.join(RANK_BY)}")
+    if column not in SCORE_NAMES:
+        raise ValueError(f"scoring.rank_by={column!r}; allowed values: {', '.join(SCORE_NAMES)}")
     n_layers = int(scores["layer"].max()) + 1
     heads_per_layer = int(scores["head"].max()) + 1
     mat = np.full((n_layers, heads_per_layer), np.nan)
@@ -288,9 +285,9 @@ def load_score_file(path: str | Path, model_name: str | None = None) -> pd.DataF
         raise FileNotFoundError(f"{path}: no such score file")
     df = pd.read_csv(path)
     missing = {"layer", "head"} - set(df.columns)
-    if missing or not set(RANK_BY) & set(df.columns):
+    if missing or not set(SCORE_NAMES) & set(df.columns):
         raise ValueError(f"{path}: a score table needs columns layer, head and one of "
-                         f"{', '.join(RANK_BY)}")
+                         f"{', '.join(SCORE_NAMES)}")
     for col in SCORE_COLUMNS:
         if col not in df.columns:
             df[col] = np.nan

@@ -16,7 +16,8 @@ import math
 import random
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from .model_loading import (
     ASSET_DIR,  # noqa: F401  (the shipped model's folder, re-exported)
     eager_attention,
 )
+from .schema import Schedule, ScoringConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,36 +83,14 @@ def build_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int 
                          eos_token_id=2, pad_token_id=0)
 
 
-@dataclass
-class TrainSettings:
-    seed: int = 0
-    threads: int = 2
-    hidden: int = 64
-    heads: int = 32
-    kv_heads: int = 8
-    head_dim: int = 16
-    intermediate: int = 256
-    layers: int = 2
-    rope_theta: float = 10000.0
-    warmup_steps: int = 1200
-    warmup_active_heads: int = 12
-    task_steps: int = 1600
-    task_masked_steps: int = 0  # task steps that keep the warm-up head mask (then all heads)
-    repeat_share: float = 0.3
-    uniform_actor_questions: bool = False  # train on questions about any mentioned actor
-    repeat_weight: float = 0.5  # loss = answer-token mean + repeat_weight * repeat-token mean
-    batch_size: int = 32
-    lr: float = 3e-3
-    task_lr: float | None = None  # task-phase peak rate (None: same as lr)
-    schedule: str = "cosine"  # cosine over all steps | wsd: constant, linear decay at the end
-    decay_frac: float = 0.25  # wsd: share of steps in the final decay
-    weight_decay: float = 0.01
-    repeat_len: tuple[int, int] = (10, 60)
-    repeat_count: tuple[int, int] = (2, 3)
-    log_every: int = 100
+def recipe(settings: TrainConfig) -> dict:
+    """The settings as plain data for training.json: every field but ``out_dir`` (where the
+    run is written is no part of the recipe), Enums as their values."""
+    return {k: v.value if isinstance(v, Enum) else v for k, v in asdict(settings).items()
+            if k != "out_dir"}
 
 
-def _repeat_batch(rng: random.Random, n: int, settings: TrainSettings, candidates: list[int],
+def _repeat_batch(rng: random.Random, n: int, settings: TrainConfig, candidates: list[int],
                   bos: int) -> list[tuple[list[int], list[int]]]:
     """(tokens, loss mask) pairs of [BOS] + R repeated; loss on repeats 2.. only."""
     out = []
@@ -175,8 +155,9 @@ def _weights(mask: torch.Tensor, is_repeat: torch.Tensor, repeat_weight: float) 
     return w
 
 
-def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> dict:
-    """Train from scratch; returns a record of the run. Saves model + tokenizer if out_dir."""
+def train_tiny(settings: TrainConfig, out_dir: str | Path | None = None) -> dict:
+    """Train from scratch; returns a record of the run. Saves model + tokenizer if out_dir
+    (``settings.out_dir`` is the command line's; this function writes only where told)."""
     from transformers import MistralForCausalLM
 
     torch.set_num_threads(settings.threads)
@@ -200,7 +181,7 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
     def lr_at(step: int) -> float:
         if step < 100:
             return settings.lr * (step + 1) / 100
-        if settings.schedule == "wsd":
+        if settings.schedule == Schedule.wsd:
             peak = settings.lr
             if step >= settings.warmup_steps and settings.task_lr is not None:
                 peak = settings.task_lr
@@ -250,7 +231,7 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
                 history.append(rec)
                 log.info("step %d loss %.4f (%.0f s)", step, loss.item(), time.time() - t0)
     model.eval()
-    record = {"settings": asdict(settings), "history": history,
+    record = {"settings": recipe(settings), "history": history,
               "train_seconds": round(time.time() - t0, 1),
               "n_parameters": sum(p.numel() for p in model.parameters())}
     if out_dir is not None:
@@ -274,7 +255,7 @@ def describe(model, tokenizer, n_stories: int = 1000) -> dict:
     """Measured facts for the model card: held-out accuracy, head scores, ablation effects."""
     from .ablation import ablate_heads
     from .evaluation import EvalSettings, evaluate
-    from .scoring import ScoringSettings, score_heads, score_matrix
+    from .scoring import score_heads, score_matrix
     from .selection import select_heads
 
     items = babi.make_items(babi.generate_stories(n_stories, HELD_OUT_SEED), "last")
@@ -286,7 +267,7 @@ def describe(model, tokenizer, n_stories: int = 1000) -> dict:
         return sum(r.correct for r in res) / len(res)
 
     with eager_attention(model):
-        scores = score_heads(model, tokenizer, ScoringSettings(), "tiny")
+        scores = score_heads(model, tokenizer, ScoringConfig(), "tiny")
     mat = score_matrix(scores, "prefix")
     facts: dict = {"held_out_accuracy": accuracy([]), "n_held_out": len(items),
                    "n_prefix_ge_0.5": int((mat >= 0.5).sum()),
@@ -360,7 +341,7 @@ def model_card(record: dict, facts: dict) -> str:
     return "\n".join(lines)
 
 
-def train_and_describe(settings: TrainSettings, out_dir: str | Path) -> dict:
+def train_and_describe(settings: TrainConfig, out_dir: str | Path) -> dict:
     """Train, measure, and write weights + tokenizer + training.json + README.md (card)."""
     from .io_utils import write_json, write_text
 

@@ -6,6 +6,7 @@ import transformers as tf
 
 from ih_sweep.ablation import AblationError, ablate_heads, head_means, zero_attention_probs
 from ih_sweep.architecture import UnsupportedArchitecture, head_sites, hook_z
+from ih_sweep.schema import AblationMethod
 
 V = 97
 
@@ -177,6 +178,8 @@ def test_mean_ablation_uses_reference_means():
         m0 = _logits(model)
     with ablate_heads(model, [(1, 2)], "mean", means):
         m = _logits(model)
+    with ablate_heads(model, [(1, 2)], AblationMethod.mean, means):
+        assert torch.equal(_logits(model), m)
     assert torch.allclose(z, m0) and not torch.allclose(z, m)
 
 

@@ -7,6 +7,7 @@ from ih_sweep import data, evaluation
 from ih_sweep.ablation import ablate_heads
 from ih_sweep.architecture import head_sites
 from ih_sweep.model_loading import load_model, quantization_config, resolve_path
+from ih_sweep.schema import DType, Quantization
 
 TINY = {"name": "tiny", "path": "builtin:tiny", "dtype": "float32"}
 
@@ -19,6 +20,12 @@ def test_nf4_is_the_seeds_setting():
     assert quantization_config({"name": "none"}) is None
     with pytest.raises(ValueError, match="allowed values: none, nf4, int8"):
         quantization_config({"name": "int3"})
+    # the schema's Enums are accepted as they come from the config
+    assert quantization_config({"name": Quantization.int8}).load_in_8bit
+    qc = quantization_config({"name": Quantization.nf4, "compute_dtype": DType.float16})
+    assert qc.bnb_4bit_compute_dtype == torch.float16
+    with pytest.raises(ValueError, match="allowed values: auto, float32, bfloat16, float16"):
+        quantization_config({"name": "nf4", "compute_dtype": "float8"})
 
 
 def test_model_is_loaded_once_per_process(tiny):

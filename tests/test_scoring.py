@@ -90,6 +90,17 @@ def test_score_matrix_and_bad_column():
         scoring.score_matrix(df, "best")
 
 
+def test_scores_key_is_the_cache_key_so_far():
+    from ih_sweep.schema import RankBy, ScoreSource, ScoringConfig
+
+    # the values ScoringSettings.key() gave: score files cached under them stay valid
+    assert scoring.scores_key(ScoringConfig()) == "9ef4849ab7"
+    assert scoring.scores_key(ScoringConfig(n_sequences=4, exclude_rare_frac=0.1)) == "70337410ab"
+    other = ScoringConfig(rank_by=RankBy.combined, source=ScoreSource.file, file="x.csv")
+    assert scoring.scores_key(other) == "9ef4849ab7"  # how scores are used, not made
+    assert scoring.scores_key(ScoringConfig(seed=1)) != "9ef4849ab7"
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("pwned",))

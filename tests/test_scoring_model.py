@@ -11,8 +11,8 @@ import transformers as tf
 
 from ih_sweep.architecture import head_sites
 from ih_sweep.model_loading import eager_attention
+from ih_sweep.schema import ScoringConfig
 from ih_sweep.scoring import (
-    ScoringSettings,
     copying_from_logits,
     random_sequences,
     score_heads,
@@ -45,7 +45,7 @@ def _gqa_model():
 
 def test_gqa_heads_scored_per_query_head():
     model = _gqa_model()
-    df = score_heads(model, _Tok(64), ScoringSettings(n_sequences=4, seq_len=10, batch_size=2))
+    df = score_heads(model, _Tok(64), ScoringConfig(n_sequences=4, seq_len=10, batch_size=2))
     assert len(df) == 16 and sorted(df["head"].unique()) == list(range(8))
     mat = score_matrix(df, "prefix")
     # query heads sharing a key/value head still get their own scores
@@ -58,7 +58,7 @@ def test_copying_matches_brute_force_full_vocabulary():
     """Direct path through the head's W_O columns, final norm and unembedding, with the
     full-vocabulary mean computed explicitly."""
     model = _gqa_model()
-    settings = ScoringSettings(n_sequences=3, seq_len=12, batch_size=3, seed=4)
+    settings = ScoringConfig(n_sequences=3, seq_len=12, batch_size=3, seed=4)
     df = score_heads(model, _Tok(64), settings)
     sites = head_sites(model)
     cands = [i for i in range(64) if i not in (0, 1, 2)]
@@ -105,7 +105,7 @@ def test_shipped_model_has_induction_heads_that_matter(tiny):
     more than zeroing the same number of lowest-scoring heads."""
     model, tok = tiny
     with eager_attention(model):
-        df = score_heads(model, tok, ScoringSettings())
+        df = score_heads(model, tok, ScoringConfig())
     mat = score_matrix(df, "prefix")
     strong = [(int(a), int(b)) for a, b in zip(*np.nonzero(mat >= 0.5))]
     assert len(strong) >= 4
@@ -127,7 +127,7 @@ def test_scoring_needs_eager(tiny):
     model, tok = tiny
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(RuntimeError, match="eager"):
-        score_heads(model, tok, ScoringSettings(n_sequences=2))
+        score_heads(model, tok, ScoringConfig(n_sequences=2))
 
 
 def test_score_cache_computed_once_under_concurrency(tmp_path, tiny):
