@@ -122,10 +122,6 @@ def load_model(model_cfg: dict, quant_cfg: dict | None = None, device: str = "au
     return model, tokenizer
 
 
-def clear_cache() -> None:
-    _CACHE.clear()
-
-
 @contextmanager
 def eager_attention(model) -> Iterator[None]:
     """Temporarily use eager attention: sdpa returns no attention probabilities."""
