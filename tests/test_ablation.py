@@ -148,14 +148,18 @@ def test_second_mechanism_zeroing_attention_probabilities_agrees(name):
     model = FAMILIES[name].eval()
     model.config._attn_implementation = "eager"
     heads = [(0, 1), (1, 0), (1, 3)]
+    base = _logits(model)
     with ablate_heads(model, heads):
         hooked = _logits(model)
     with zero_attention_probs(model, heads):
         probs = _logits(model)
     assert model.config._attn_implementation == "eager"
+    assert not torch.allclose(hooked, base)
     assert torch.allclose(hooked, probs, atol=1e-5)
+    # no heads: the recomputed attention is the model's own; leaving restores the model
     with zero_attention_probs(model, []):
-        assert torch.allclose(_logits(model), _logits(model))
+        assert torch.allclose(_logits(model), base, atol=1e-6)
+    assert torch.equal(_logits(model), base)
 
 
 def test_mean_ablation_uses_reference_means():
