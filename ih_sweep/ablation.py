@@ -2,7 +2,7 @@
 input (o_proj / c_proj / dense / out_proj; TransformerLens's ``hook_z``, see
 :func:`ih_sweep.architecture.hook_z`).
 
-The seed hooked ``post_attention_layernorm``'s output (the MLP input), which is not a head.
+The notebook hooked ``post_attention_layernorm``'s output (the MLP input), which is not a head.
 Hooks always come off, also when the body raises.
 """
 

@@ -38,7 +38,7 @@ def resolve_path(path: str) -> str:
 
 
 def quantization_config(quant: dict):
-    """BitsAndBytesConfig for ``nf4`` (the seed's: 4-bit nf4, double quant, bf16 compute)."""
+    """BitsAndBytesConfig for ``nf4`` (the notebook's: 4-bit nf4, double quant, bf16 compute)."""
     name = quant.get("name", Quantization.none)
     if name == Quantization.none:
         return None

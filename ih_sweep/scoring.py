@@ -30,7 +30,7 @@ SCORE_NAMES = [m.value for m in RankBy]  # the score columns a ranking can use
 
 # --------------------------------------------------------------------------- pure maths
 def combined_score(prefix: np.ndarray | float, copying: np.ndarray | float):
-    """The seed's combined score: sqrt(prefix^2 + ((copying - 0.035) / 0.03)^2)."""
+    """The notebook's combined score: sqrt(prefix^2 + ((copying - 0.035) / 0.03)^2)."""
     return np.sqrt(np.square(prefix) + np.square((np.asarray(copying) - 0.035) / 0.03))
 
 
@@ -251,10 +251,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def load_seed_scores(path: str | Path, model_name: str = "seed") -> pd.DataFrame:
-    """Read the seed's ``ih_scores_dict.pkl`` (layer -> per-head scores) without plain
+    """Read the notebook's ``ih_scores_dict.pkl`` (layer -> per-head scores) without plain
     ``pickle.load``: only numpy reconstructors may appear in the file.
 
-    The seed's numbers are its combined score; they go in every score column so any
+    The notebook's numbers are its combined score; they go in every score column so any
     ``rank_by`` reproduces its ranking, and ``n_sequences``/``seed`` are left empty.
     """
     path = Path(path)
@@ -277,7 +277,7 @@ def load_seed_scores(path: str | Path, model_name: str = "seed") -> pd.DataFrame
 
 
 def load_score_file(path: str | Path, model_name: str | None = None) -> pd.DataFrame:
-    """A user-supplied score table: our CSV, or the seed's pickle format."""
+    """A user-supplied score table: our CSV, or the notebook's pickle format."""
     path = Path(path)
     if path.suffix in (".pkl", ".pickle"):
         return load_seed_scores(path, model_name or "seed")

@@ -306,7 +306,7 @@ def model_card(record: dict, facts: dict) -> str:
         f"{s['warmup_active_heads']} randomly chosen heads per layer active (the rest zeroed at "
         "the o_proj input) so that induction concentrates in few heads.",
         f"- Phase 2 ({s['task_steps']} steps): {int(s['repeat_share'] * 100)}% repeated "
-        "sequences, the rest generated qa1 prompts (the seed's format) with loss on the answer "
+        "sequences, the rest generated qa1 prompts (the notebook's format) with loss on the answer "
         f"words only; loss = answer-token mean + {s['repeat_weight']} x repeat-token mean. The "
         f"warm-up head mask stays on for the first {s['task_masked_steps']} of these steps, then "
         "every head trains.",
@@ -317,7 +317,7 @@ def model_card(record: dict, facts: dict) -> str:
         "",
         "## Measured",
         f"- Greedy accuracy, last question, {facts['n_held_out']} held-out generated stories "
-        f"(seed {HELD_OUT_SEED}), seed's prompt and `contains` metric: "
+        f"(seed {HELD_OUT_SEED}), the notebook's prompt and `contains` metric: "
         f"{100 * facts['held_out_accuracy']:.1f}%.",
         f"- Heads with prefix-matching score >= 0.5: {facts['n_prefix_ge_0.5']}; ablating all "
         f"of them ({facts['ablate_prefix_ge_0.5']['heads']}) gives "

@@ -12,7 +12,7 @@ from ih_sweep.schema import DType, Quantization
 TINY = {"name": "tiny", "path": "builtin:tiny", "dtype": "float32"}
 
 
-def test_nf4_is_the_seeds_setting():
+def test_nf4_is_the_notebooks_setting():
     qc = quantization_config({"name": "nf4", "double_quant": True, "compute_dtype": "bfloat16"})
     assert qc.load_in_4bit and qc.bnb_4bit_quant_type == "nf4"
     assert qc.bnb_4bit_use_double_quant and qc.bnb_4bit_compute_dtype == torch.bfloat16
@@ -56,7 +56,7 @@ def test_quantized_models_ablate_and_restore(quant):
         after = model(input_ids=ids).logits
     assert not torch.allclose(base, ablated) and torch.equal(base, after)
     # the evaluation engine's fast path on quantized layers, batches in 2 threads at once:
-    # the seed's outcomes, item by item
+    # the notebook's method's outcomes, item by item
     items = data.make_items(data.generate_stories(10, seed=3), "all")
     with ablate_heads(model, [(1, h) for h in range(0, 32, 2)]):
         got = evaluation.evaluate(model, tok, items, evaluation.EvalSettings(
