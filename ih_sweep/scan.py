@@ -105,6 +105,7 @@ class _Tail:
     def capture(self, probe: Probe):
         """Inputs (args, kwargs) of every decoder layer, and the clean readout."""
         store: dict[int, tuple] = {}
+        # the decoder layers' own inputs (hidden states, mask, rotary cos/sin), not hook_z
         handles = [layer.register_forward_pre_hook(
             lambda m, a, kw, i=i: store.__setitem__(i, (a, kw)), with_kwargs=True)
             for i, layer in enumerate(self.sites.layers)]
