@@ -166,13 +166,14 @@ def main() -> None:
     args = p.parse_args()
     results = {"unablated": run(args.stories, args.threads, args.batch_size, []),
                "top16_ablated": None}
-    from ih_sweep.scoring import ScoringSettings, score_heads, score_matrix
+    from ih_sweep.schema import ScoringConfig
+    from ih_sweep.scoring import score_heads, score_matrix
     from ih_sweep.selection import select_heads
 
     model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
                             {"name": "none"}, "cpu")
     with eager_attention(model):
-        mat = score_matrix(score_heads(model, tok, ScoringSettings()), "prefix")
+        mat = score_matrix(score_heads(model, tok, ScoringConfig()), "prefix")
     results["top16_ablated"] = run(args.stories, args.threads, args.batch_size,
                                    select_heads(mat, "high", 16))
     save("eval.json", results, args.out)

@@ -14,10 +14,10 @@ import torch
 from _results import save
 
 from ih_sweep import data, scan
-from ih_sweep.ablation import ablate_heads
 from ih_sweep.architecture import head_sites
 from ih_sweep.model_loading import load_model
 from ih_sweep.runtime import keep_freed_memory
+from ih_sweep.testing import scan_by_full_reruns
 
 
 def main() -> None:
@@ -36,12 +36,9 @@ def main() -> None:
         t0 = time.perf_counter()
         exact = scan.exact_scan(model, {"babi": probe}, heads_per_pass=per_pass)
         out["exact_s"][per_pass] = round(time.perf_counter() - t0, 2)
+    heads = [(la, h) for la in range(sites.n_layers) for h in range(sites.heads_per_layer)]
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for layer in range(sites.n_layers):
-            for head in range(sites.n_heads):
-                with ablate_heads(model, [(layer, head)]):
-                    model(input_ids=probe.ids, attention_mask=probe.mask)
+    scan_by_full_reruns(model, {"babi": probe}, heads)
     out["naive_full_reruns_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     attr = scan.attribution_scan(model, probe)

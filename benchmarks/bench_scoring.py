@@ -15,7 +15,8 @@ from _results import RESULTS, save
 
 from ih_sweep.model_loading import eager_attention, load_model
 from ih_sweep.runtime import keep_freed_memory
-from ih_sweep.scoring import ScoringSettings, score_heads
+from ih_sweep.schema import ScoringConfig
+from ih_sweep.scoring import score_heads
 
 
 def timed(model, tok, settings) -> float:
@@ -34,18 +35,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
                             {"name": "none"}, "cpu")
-    timed(model, tok, ScoringSettings(n_sequences=2))  # warm up
-    out: dict = {"threads": args.threads, "tiny_default_s": timed(model, tok, ScoringSettings()),
+    timed(model, tok, ScoringConfig(n_sequences=2))  # warm up
+    out: dict = {"threads": args.threads, "tiny_default_s": timed(model, tok, ScoringConfig()),
                  "by_sequences": {}, "by_layers": {}}
     for n in (8, 16, 32, 64):
-        out["by_sequences"][n] = round(timed(model, tok, ScoringSettings(n_sequences=n)), 3)
+        out["by_sequences"][n] = round(timed(model, tok, ScoringConfig(n_sequences=n)), 3)
     for layers in (2, 4, 8):
         cfg = model.config.to_dict()
         cfg.update(num_hidden_layers=layers)
         cfg.pop("architectures", None)
         rnd = tf.MistralForCausalLM(tf.MistralConfig(**cfg)).eval()
         rnd.config._attn_implementation = "sdpa"
-        out["by_layers"][layers] = round(timed(rnd, tok, ScoringSettings()), 3)
+        out["by_layers"][layers] = round(timed(rnd, tok, ScoringConfig()), 3)
     out["tiny_default_s"] = round(out["tiny_default_s"], 3)
     save("scoring.json", out, args.out)
 

@@ -1,7 +1,8 @@
 """Head ablation at the right place: the head's slice of the attention output projection's
-input (a forward pre-hook on o_proj / c_proj / dense / out_proj).
+input (o_proj / c_proj / dense / out_proj; TransformerLens's ``hook_z``, see
+:func:`ih_sweep.architecture.hook_z`).
 
-The seed hooked ``post_attention_layernorm``'s output (the MLP input), which is not a head.
+The notebook hooked ``post_attention_layernorm``'s output (the MLP input), which is not a head.
 Hooks always come off, also when the body raises.
 """
 
@@ -13,9 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .architecture import HeadSites, head_sites
-
-METHODS = ("zero", "mean")
+from .architecture import HeadSites, head_sites, hook_z
+from .schema import AblationMethod
 
 
 class AblationError(ValueError):
@@ -30,49 +30,44 @@ def _columns(sites: HeadSites, heads: Sequence[int]) -> torch.Tensor:
 def _validate(sites: HeadSites, heads: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
-        if not (0 <= layer < sites.n_layers and 0 <= head < sites.n_heads):
+        if not (0 <= layer < sites.n_layers and 0 <= head < sites.heads_per_layer):
             raise AblationError(f"head ({layer}, {head}) is outside the model's "
-                                f"{sites.n_layers} layers x {sites.n_heads} heads")
+                                f"{sites.n_layers} layers x {sites.heads_per_layer} heads")
         by_layer[int(layer)].append(int(head))
     return by_layer
 
 
 @contextmanager
-def ablate_heads(model, heads: Sequence[tuple[int, int]], method: str = "zero",
+def ablate_heads(model, heads: Sequence[tuple[int, int]],
+                 method: AblationMethod | str = AblationMethod.zero,
                  means: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
     """Replace the listed (layer, query head) outputs by zero or by their mean while inside.
 
-    ``means[layer]`` is a [n_heads * head_dim] vector (see :func:`head_means`).
+    ``means[layer]`` is a [heads_per_layer * head_dim] vector (see :func:`head_means`).
     """
-    if method not in METHODS:
-        raise AblationError(f"ablation.method={method!r}; allowed values: {', '.join(METHODS)}")
-    if method == "mean" and means is None:
+    allowed = [m.value for m in AblationMethod]
+    if method not in allowed:
+        raise AblationError(f"ablation.method={method!r}; allowed values: {', '.join(allowed)}")
+    if method == AblationMethod.mean and means is None:
         raise AblationError("ablation.method=mean needs head means (head_means())")
     sites = head_sites(model)
     by_layer = _validate(sites, heads)
-    handles = []
-    try:
-        for layer, layer_heads in by_layer.items():
-            cols = _columns(sites, layer_heads)
-            fill = None if method == "zero" else means[layer][cols]
-            handles.append(sites.out_proj[layer].register_forward_pre_hook(
-                _make_hook(cols, fill)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    cols = {layer: _columns(sites, layer_heads) for layer, layer_heads in by_layer.items()}
+    fills = {layer: None if method == AblationMethod.zero else means[layer][c]
+             for layer, c in cols.items()}
 
-
-def _make_hook(cols: torch.Tensor, fill: torch.Tensor | None):
-    def hook(module, args):
-        x = args[0].clone()
-        c = cols.to(x.device)
+    def replace(layer: int, z: torch.Tensor) -> torch.Tensor:
+        x = z.clone()
+        c = cols[layer].to(x.device)
+        fill = fills[layer]
         if fill is None:
             x[..., c] = 0
         else:
             x[..., c] = fill.to(device=x.device, dtype=x.dtype)
-        return (x, *args[1:])
-    return hook
+        return x
+
+    with hook_z(sites, replace, by_layer):
+        yield
 
 
 @torch.no_grad()
@@ -83,61 +78,17 @@ def head_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> dict[int, t
     count = 0
     current_mask: list[torch.Tensor] = []
 
-    def make(i: int):
-        def hook(module, args):
-            x = args[0].float()
-            m = current_mask[0].to(x.device, x.dtype)[..., None]
-            s = (x * m).sum((0, 1)).cpu()
-            sums[i] = s if sums[i] is None else sums[i] + s
-        return hook
+    def add(i: int, z: torch.Tensor) -> None:
+        x = z.float()
+        m = current_mask[0].to(x.device, x.dtype)[..., None]
+        s = (x * m).sum((0, 1)).cpu()
+        sums[i] = s if sums[i] is None else sums[i] + s
 
-    handles = [p.register_forward_pre_hook(make(i)) for i, p in enumerate(sites.out_proj)]
-    try:
+    with hook_z(sites, add):
         for batch in batches:
             current_mask[:] = [batch["attention_mask"]]
             model(**batch, use_cache=False)
             count += int(batch["attention_mask"].sum())
-    finally:
-        for h in handles:
-            h.remove()
     if count == 0:
         raise AblationError("mean ablation needs at least one reference token")
     return {i: s / count for i, s in enumerate(sums)}
-
-
-# --------------------------------------------------------------------------- independent check
-@contextmanager
-def zero_attention_probs(model, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
-    """A second mechanism for the same ablation: zero the heads' attention probabilities.
-
-    Eager attention recomputed with the selected heads' probability rows set to zero, via
-    transformers' AttentionInterface. Used to check the o_proj hook, not in the sweep.
-    """
-    from transformers import AttentionInterface
-    from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv
-
-    sites = head_sites(model)
-    by_layer = _validate(sites, heads)
-    layer_of = {id(layer.self_attn): i for i, layer in enumerate(sites.layers)}
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        _, weights = eager_attention_forward(module, query, key, value, attention_mask,
-                                             scaling=scaling, dropout=0.0, **kw)
-        layer = layer_of[id(module)]
-        if by_layer.get(layer):
-            weights = weights.clone()
-            weights[:, by_layer[layer]] = 0
-        v = repeat_kv(value, module.num_key_value_groups)
-        out = torch.matmul(weights, v).transpose(1, 2).contiguous()
-        return out, weights
-
-    name = "ih_sweep_zero_probs"
-    AttentionInterface.register(name, attention)
-    # a custom attention name gets no causal mask unless a mask function is registered too
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionMaskInterface.register(name, eager_mask)
-    from .architecture import attention_implementation
-
-    with attention_implementation(model, name):
-        yield

@@ -4,10 +4,13 @@ Ablation and scoring both need, per layer, the module whose *input* is the conca
 the query heads' outputs (o_proj / c_proj / dense / out_proj), the head count and head size,
 the final norm and the unembedding. Finding them from the model's structure keeps every
 family on one code path; an unknown structure gets a clear error instead of a silent no-op.
+Code that reads or changes the heads' outputs goes through one hook helper, :func:`hook_z`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +36,7 @@ class HeadSites:
     layers: list[nn.Module]
     out_proj: list[nn.Module]
     n_layers: int
-    n_heads: int
+    heads_per_layer: int  # query heads per layer (not the config's n_heads: heads to ablate)
     head_dim: int
     final_norm: nn.Module | None
     unembed: nn.Module
@@ -42,9 +45,50 @@ class HeadSites:
         return slice(head * self.head_dim, (head + 1) * self.head_dim)
 
     def w_o(self, layer: int) -> torch.Tensor:
-        """Output projection of a layer as [n_heads, head_dim, hidden] (dequantized, float32)."""
-        weight = linear_weight(self.out_proj[layer])  # [hidden, n_heads * head_dim]
-        return weight.float().T.reshape(self.n_heads, self.head_dim, -1)
+        """Output projection of a layer as [heads_per_layer, head_dim, hidden] (dequantized,
+        float32)."""
+        weight = linear_weight(self.out_proj[layer])  # [hidden, heads_per_layer * head_dim]
+        return weight.float().T.reshape(self.heads_per_layer, self.head_dim, -1)
+
+
+ZHook = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+
+@contextmanager
+def hook_z(model_or_sites: nn.Module | HeadSites, fn: ZHook,
+           layers: Iterable[int] | None = None) -> Iterator[HeadSites]:
+    """Call ``fn(layer, z)`` on every forward pass at the attention output projection's input.
+
+    ``z`` is the input of o_proj / c_proj / dense / out_proj: the query heads' outputs side
+    by side, [batch, pos, heads_per_layer * head_dim] (head h in columns
+    ``HeadSites.head_slice(h)``). This is the site TransformerLens calls ``hook_z``
+    (``blocks.{layer}.attn.hook_z``, shape [batch, pos, head_index, d_head] there; flattened
+    here). ``fn`` returns a replacement tensor or None to leave ``z`` as it is.
+
+    Forward pre-hooks on the given layers (default: all) while inside, yielding the model's
+    :class:`HeadSites`; they always come off, also when the body raises.
+    """
+    sites = model_or_sites if isinstance(model_or_sites, HeadSites) else \
+        head_sites(model_or_sites)
+    layers = range(sites.n_layers) if layers is None else [int(i) for i in layers]
+    for i in layers:
+        if not 0 <= i < sites.n_layers:
+            raise IndexError(f"layer {i} is outside the model's {sites.n_layers} layers")
+
+    def make(layer: int):
+        def hook(module, args):
+            out = fn(layer, args[0])
+            return None if out is None else (out, *args[1:])
+        return hook
+
+    handles = []
+    try:
+        for i in layers:
+            handles.append(sites.out_proj[i].register_forward_pre_hook(make(i)))
+        yield sites
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -109,19 +153,19 @@ def head_sites(model: nn.Module) -> HeadSites:
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     n_layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers")
-    n_heads = _config_value(config, "num_attention_heads", "n_head")
+    heads = _config_value(config, "num_attention_heads", "n_head")
     hidden = _config_value(config, "hidden_size", "n_embd", "d_model")
-    if n_layers is None or n_heads is None or hidden is None:
+    if n_layers is None or heads is None or hidden is None:
         raise UnsupportedArchitecture(f"{type(model).__name__}: config lacks layer/head counts")
-    head_dim = _config_value(config, "head_dim") or hidden // n_heads
+    head_dim = _config_value(config, "head_dim") or hidden // heads
     name = type(model).__name__
     layers = _find_layers(model, n_layers)
     out_proj = [_find_out_proj(layer, i, name) for i, layer in enumerate(layers)]
     in_features = linear_in_features(out_proj[0])
-    if in_features != n_heads * head_dim:
+    if in_features != heads * head_dim:
         raise UnsupportedArchitecture(
-            f"{name}: output projection takes {in_features} inputs, expected n_heads*head_dim = "
-            f"{n_heads}*{head_dim}")
+            f"{name}: output projection takes {in_features} inputs, expected heads*head_dim = "
+            f"{heads}*{head_dim}")
     final_norm = None
     for module_name, module in model.named_modules():
         if module_name.split(".")[-1] in _FINAL_NORM_NAMES and module_name.count(".") <= 2:
@@ -129,7 +173,7 @@ def head_sites(model: nn.Module) -> HeadSites:
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise UnsupportedArchitecture(f"{name}: no output embedding (unembedding) found")
-    return HeadSites(layers, out_proj, n_layers, n_heads, head_dim, final_norm, unembed)
+    return HeadSites(layers, out_proj, n_layers, heads, head_dim, final_norm, unembed)
 
 
 def linear_in_features(module: nn.Module) -> int:

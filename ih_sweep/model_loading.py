@@ -10,56 +10,58 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .schema import DType, Quantization
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-QUANTIZATIONS = ("none", "nf4", "int8")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+ASSET_DIR = Path(__file__).parent / "assets" / "tiny"  # builtin:tiny (see tiny_model.py)
 _CACHE: dict[str, tuple[Any, Any]] = {}
 
 
 def resolve_path(path: str) -> str:
     """``builtin:tiny`` -> the packaged weights; anything else is a hub id or local folder."""
     if path.startswith(BUILTIN_PREFIX):
-        from .tiny_model import ASSET_DIR
-
         name = path[len(BUILTIN_PREFIX):]
         if name != "tiny":
             raise ValueError(f"model.path={path!r}: the only built-in model is builtin:tiny")
         if not (ASSET_DIR / "config.json").is_file():
             raise FileNotFoundError(f"{ASSET_DIR}: the tiny model's files are missing; retrain "
-                                    "with `python -m ih_sweep task=train_tiny`")
+                                    "with `ih-sweep job=train_tiny`")
         return str(ASSET_DIR)
     return path
 
 
 def quantization_config(quant: dict):
-    """BitsAndBytesConfig for ``nf4`` (the seed's: 4-bit nf4, double quant, bf16 compute)."""
-    name = quant.get("name", "none")
-    if name == "none":
+    """BitsAndBytesConfig for ``nf4`` (the notebook's: 4-bit nf4, double quant, bf16 compute)."""
+    name = quant.get("name", Quantization.none)
+    if name == Quantization.none:
         return None
     from transformers import BitsAndBytesConfig
 
-    if name == "nf4":
+    if name == Quantization.nf4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
                                   bnb_4bit_compute_dtype=_dtype(quant.get("compute_dtype",
                                                                           "bfloat16")))
-    if name == "int8":
+    if name == Quantization.int8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"quantization.name={name!r}; allowed values: {', '.join(QUANTIZATIONS)}")
+    allowed = ", ".join(m.value for m in Quantization)
+    raise ValueError(f"quantization.name={name!r}; allowed values: {allowed}")
 
 
 def _dtype(name: str | None):
-    if name in (None, "auto"):
+    if name is None or name == DType.auto:
         return "auto"
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r}; allowed values: {', '.join(DTYPES)}")
-    return getattr(torch, name)
+    allowed = [m.value for m in DType]
+    if name not in allowed:
+        raise ValueError(f"model.dtype={name!r}; allowed values: {', '.join(allowed)}")
+    return getattr(torch, DType(name).value)
 
 
 def pick_device(requested: str | None = "auto") -> str:
@@ -118,10 +120,6 @@ def load_model(model_cfg: dict, quant_cfg: dict | None = None, device: str = "au
         tokenizer.pad_token = tokenizer.eos_token
     _CACHE[key] = (model, tokenizer)
     return model, tokenizer
-
-
-def clear_cache() -> None:
-    _CACHE.clear()
 
 
 @contextmanager

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .architecture import HeadSites, head_sites
+from .architecture import HeadSites, head_sites, hook_z
 from .data import Item
 from .scoring import candidate_token_ids, random_sequences
 
@@ -105,6 +105,7 @@ class _Tail:
     def capture(self, probe: Probe):
         """Inputs (args, kwargs) of every decoder layer, and the clean readout."""
         store: dict[int, tuple] = {}
+        # the decoder layers' own inputs (hidden states, mask, rotary cos/sin), not hook_z
         handles = [layer.register_forward_pre_hook(
             lambda m, a, kw, i=i: store.__setitem__(i, (a, kw)), with_kwargs=True)
             for i, layer in enumerate(self.sites.layers)]
@@ -133,20 +134,16 @@ class _Tail:
         hidden = hidden.repeat(reps, 1, 1)
         kw = {k: _repeat(v, reps, b) for k, v in kwargs.items() if k != "hidden_states"}
         hd = self.sites.head_dim
-        mask = torch.ones(reps, self.sites.n_heads * hd, device=hidden.device,
+        mask = torch.ones(reps, self.sites.heads_per_layer * hd, device=hidden.device,
                           dtype=hidden.dtype)
         for r, h in enumerate(heads):
             mask[r, h * hd:(h + 1) * hd] = 0
         mask = mask.repeat_interleave(b, 0)[:, None, :]
-        proj = self.sites.out_proj[layer]
-        handle = proj.register_forward_pre_hook(lambda m, a: (a[0] * mask, *a[1:]))
-        try:
-            x = hidden
+        x = hidden
+        with hook_z(self.sites, lambda _, z: z * mask, [layer]):
             for i in range(layer, self.sites.n_layers):
                 out = self.sites.layers[i](x, **kw)
                 x = out[0] if isinstance(out, tuple) else out
-        finally:
-            handle.remove()
         if self.sites.final_norm is not None:
             x = self.sites.final_norm(x)
         pos = probe.pos.to(x.device).repeat(reps, 1)
@@ -169,7 +166,8 @@ def exact_scan(model, probes: dict[str, Probe], layers: Sequence[int] | None = N
     sites = head_sites(model)
     tail = _Tail(model, sites)
     layers = list(range(sites.n_layers)) if layers is None else list(layers)
-    rows = {(la, h): {"layer": la, "head": h} for la in layers for h in range(sites.n_heads)}
+    rows = {(la, h): {"layer": la, "head": h} for la in layers
+            for h in range(sites.heads_per_layer)}
     for name, probe in probes.items():
         store, clean_logits = tail.capture(probe)
         c_lp, c_hit = _readout(clean_logits, probe)
@@ -177,8 +175,8 @@ def exact_scan(model, probes: dict[str, Probe], layers: Sequence[int] | None = N
         base_lp = (c_lp[0] * valid).sum() / valid.sum()
         base_hit = (c_hit[0] & valid).sum() / valid.sum()
         for la in layers:
-            for start in range(0, sites.n_heads, heads_per_pass):
-                hs = list(range(start, min(start + heads_per_pass, sites.n_heads)))
+            for start in range(0, sites.heads_per_layer, heads_per_pass):
+                hs = list(range(start, min(start + heads_per_pass, sites.heads_per_layer)))
                 lg = tail.run_from(la, store, probe, hs)
                 lp, hit = _readout(lg, probe, len(hs))
                 for r, h in enumerate(hs):
@@ -201,19 +199,15 @@ def attribution_scan(model, probe: Probe, layers: Sequence[int] | None = None
     device = next(model.parameters()).device
     acts: dict[int, torch.Tensor] = {}
 
-    def make(i):
-        def hook(module, args):
-            z = args[0]
-            z.retain_grad()
-            acts[i] = z
-        return hook
+    def keep(i: int, z: torch.Tensor) -> None:
+        z.retain_grad()
+        acts[i] = z
 
-    handles = [sites.out_proj[i].register_forward_pre_hook(make(i)) for i in layers]
     # gradients flow from the embedding output on: no parameter gradients are allocated
-    handles.append(model.get_input_embeddings().register_forward_hook(
-        lambda m, a, out: out.requires_grad_(True)))
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: out.requires_grad_(True))
     try:
-        with torch.enable_grad():
+        with hook_z(sites, keep, layers), torch.enable_grad():
             logits = model(input_ids=probe.ids.to(device),
                            attention_mask=probe.mask.to(device), use_cache=False).logits
             pos = probe.pos.to(device)
@@ -223,15 +217,15 @@ def attribution_scan(model, probe: Probe, layers: Sequence[int] | None = None
             objective = (lp[0] * valid).sum() / valid.sum()
             objective.backward()
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     rows = []
     for la in layers:
         z = acts[la]
         g = z.grad
         b, t, _ = z.shape
-        contrib = -(g * z).detach().reshape(b, t, sites.n_heads, sites.head_dim).sum((0, 1, 3))
-        for h in range(sites.n_heads):
+        contrib = -(g * z).detach().reshape(b, t, sites.heads_per_layer,
+                                            sites.head_dim).sum((0, 1, 3))
+        for h in range(sites.heads_per_layer):
             rows.append({"layer": la, "head": h, "attr_d_logprob": float(contrib[h])})
     return pd.DataFrame(rows)
 

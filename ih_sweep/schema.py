@@ -189,9 +189,11 @@ class ScoringConfig:
     exclude_rare_frac: float = 0.0  # ... and the highest
 
     def key(self) -> str:
-        """Short hash of what determines the scores (the cache file name part)."""
-        return _digest({k: v for k, v in _semantic(self).items() if k not in
-                        ("source", "file", "rank_by")})[:12]
+        """Short hash of what determines the scores (the cache file name part): every
+        field but how the scores are used (source, file, rank_by) and speed fields."""
+        skip = {"source", "file", "rank_by"} | {f.name for f in dataclasses.fields(self)
+                                                if f.metadata.get("semantic") is False}
+        return _digest({k: v for k, v in _semantic(self).items() if k not in skip})[:12]
 
 
 @dataclass

@@ -6,12 +6,9 @@ model-facing code that runs the batched forward passes, then the cached score ta
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import pickle
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +16,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .architecture import HeadSites, head_sites
+from .architecture import HeadSites, head_sites, hook_z
+from .schema import RankBy, ScoringConfig
 
 log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ["model", "layer", "head", "prefix", "copying", "combined", "n_sequences",
                  "seed"]
-RANK_BY = ("prefix", "copying", "combined")
+SCORE_NAMES = [m.value for m in RankBy]  # the score columns a ranking can use
 
 
 # --------------------------------------------------------------------------- pure maths
 def combined_score(prefix: np.ndarray | float, copying: np.ndarray | float):
-    """The seed's combined score: sqrt(prefix^2 + ((copying - 0.035) / 0.03)^2)."""
+    """The notebook's combined score: sqrt(prefix^2 + ((copying - 0.035) / 0.03)^2)."""
     return np.sqrt(np.square(prefix) + np.square((np.asarray(copying) - 0.035) / 0.03))
 
 
@@ -112,34 +110,8 @@ def random_sequences(n: int, length: int, repeats: int, candidates: list[int], b
 
 
 # --------------------------------------------------------------------------- model passes
-@dataclass(frozen=True)
-class ScoringSettings:
-    n_sequences: int = 16
-    seq_len: int = 25
-    repeats: int = 4
-    seed: int = 0
-    batch_size: int = 8
-    exclude_frequent_frac: float = 0.0
-    exclude_rare_frac: float = 0.0
-
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-
-def _capture_o_proj_inputs(sites: HeadSites) -> tuple[list, list[torch.Tensor]]:
-    store: list[torch.Tensor] = [None] * sites.n_layers  # type: ignore[list-item]
-
-    def make(i: int):
-        def hook(module, args):
-            store[i] = args[0].detach()
-        return hook
-
-    handles = [p.register_forward_pre_hook(make(i)) for i, p in enumerate(sites.out_proj)]
-    return handles, store
-
-
 @torch.no_grad()
-def score_heads(model, tokenizer, settings: ScoringSettings, model_name: str = "model",
+def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "model",
                 progress: bool = False) -> pd.DataFrame:
     """Prefix and copying scores for every query head of every layer (one row each).
 
@@ -154,7 +126,7 @@ def score_heads(model, tokenizer, settings: ScoringSettings, model_name: str = "
                                   candidates, bos, settings.seed)
     plain, _ = random_sequences(settings.n_sequences, settings.seq_len, 1, candidates, bos,
                                 settings.seed + 1)
-    L, H = sites.n_layers, sites.n_heads
+    L, H = sites.n_layers, sites.heads_per_layer
     prefix_sum = torch.zeros(L, H, dtype=torch.float64)
     copy_sum = torch.zeros(L, H, dtype=torch.float64)
     n_query = 0
@@ -163,6 +135,7 @@ def score_heads(model, tokenizer, settings: ScoringSettings, model_name: str = "
     unembed_w = _unembed_weight(sites).to(device)  # [V, hidden]
     mean_row = unembed_w.mean(0)  # mean logit = mean_row . x
     bs = settings.batch_size
+    store: dict[int, torch.Tensor] = {}  # each layer's o_proj input (hook_z), per batch
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, settings.n_sequences, bs), desc="scoring", disable=not progress):
@@ -180,12 +153,8 @@ def score_heads(model, tokenizer, settings: ScoringSettings, model_name: str = "
         n_query += weight
         # copying on non-repeated sequences, through the head's real direct path
         tok = plain[start:start + bs].to(device)
-        handles, store = _capture_o_proj_inputs(sites)
-        try:
+        with hook_z(sites, lambda i, z: store.__setitem__(i, z.detach())):
             out = model(input_ids=tok, output_attentions=True, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
         b, t = tok.shape
         pos = slice(1 if bos is not None else 0, t)
         for layer in range(L):
@@ -237,11 +206,11 @@ def _apply_norm(sites: HeadSites, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- score tables
 def score_matrix(scores: pd.DataFrame, column: str = "prefix") -> np.ndarray:
     """[layers, heads] array of one score column."""
-    if column not in RANK_BY:
-        raise ValueError(f"scoring.rank_by={column!r}; allowed values: {', '.join(RANK_BY)}")
+    if column not in SCORE_NAMES:
+        raise ValueError(f"scoring.rank_by={column!r}; allowed values: {', '.join(SCORE_NAMES)}")
     n_layers = int(scores["layer"].max()) + 1
-    n_heads = int(scores["head"].max()) + 1
-    mat = np.full((n_layers, n_heads), np.nan)
+    heads_per_layer = int(scores["head"].max()) + 1
+    mat = np.full((n_layers, heads_per_layer), np.nan)
     mat[scores["layer"].to_numpy(), scores["head"].to_numpy()] = scores[column].to_numpy()
     return mat
 
@@ -269,10 +238,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def load_seed_scores(path: str | Path, model_name: str = "seed") -> pd.DataFrame:
-    """Read the seed's ``ih_scores_dict.pkl`` (layer -> per-head scores) without plain
+    """Read the notebook's ``ih_scores_dict.pkl`` (layer -> per-head scores) without plain
     ``pickle.load``: only numpy reconstructors may appear in the file.
 
-    The seed's numbers are its combined score; they go in every score column so any
+    The notebook's numbers are its combined score; they go in every score column so any
     ``rank_by`` reproduces its ranking, and ``n_sequences``/``seed`` are left empty.
     """
     path = Path(path)
@@ -295,7 +264,7 @@ def load_seed_scores(path: str | Path, model_name: str = "seed") -> pd.DataFrame
 
 
 def load_score_file(path: str | Path, model_name: str | None = None) -> pd.DataFrame:
-    """A user-supplied score table: our CSV, or the seed's pickle format."""
+    """A user-supplied score table: our CSV, or the notebook's pickle format."""
     path = Path(path)
     if path.suffix in (".pkl", ".pickle"):
         return load_seed_scores(path, model_name or "seed")
@@ -303,9 +272,9 @@ def load_score_file(path: str | Path, model_name: str | None = None) -> pd.DataF
         raise FileNotFoundError(f"{path}: no such score file")
     df = pd.read_csv(path)
     missing = {"layer", "head"} - set(df.columns)
-    if missing or not set(RANK_BY) & set(df.columns):
+    if missing or not set(SCORE_NAMES) & set(df.columns):
         raise ValueError(f"{path}: a score table needs columns layer, head and one of "
-                         f"{', '.join(RANK_BY)}")
+                         f"{', '.join(SCORE_NAMES)}")
     for col in SCORE_COLUMNS:
         if col not in df.columns:
             df[col] = np.nan

@@ -5,7 +5,7 @@ alone never forms induction heads, so the recipe first trains on repeated random
 with only a few heads per layer switched on (so induction concentrates in few, clean heads),
 then mixes repeats with bAbI prompts, scoring the loss on answer tokens only.
 
-Retrain with ``python -m ih_sweep task=train_tiny`` (see conf/train/tiny.yaml).
+Retrain with ``ih-sweep job=train_tiny`` (see conf/train/tiny.yaml).
 """
 
 from __future__ import annotations
@@ -15,16 +15,20 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
+from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 
 import torch
 
 from . import data as babi
+from .architecture import hook_z
+from .model_loading import eager_attention
+from .schema import Schedule, ScoringConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
-ASSET_DIR = Path(__file__).parent / "assets" / "tiny"
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
 NEWLINE = "\u00b6"  # the tokenizer maps "\n" to this visible word
 N_FILLER = 256
@@ -76,36 +80,14 @@ def build_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int 
                          eos_token_id=2, pad_token_id=0)
 
 
-@dataclass
-class TrainSettings:
-    seed: int = 0
-    threads: int = 2
-    hidden: int = 64
-    heads: int = 32
-    kv_heads: int = 8
-    head_dim: int = 16
-    intermediate: int = 256
-    layers: int = 2
-    rope_theta: float = 10000.0
-    warmup_steps: int = 1200
-    warmup_active_heads: int = 12
-    task_steps: int = 1600
-    task_masked_steps: int = 0  # task steps that keep the warm-up head mask (then all heads)
-    repeat_share: float = 0.3
-    uniform_actor_questions: bool = False  # train on questions about any mentioned actor
-    repeat_weight: float = 0.5  # loss = answer-token mean + repeat_weight * repeat-token mean
-    batch_size: int = 32
-    lr: float = 3e-3
-    task_lr: float | None = None  # task-phase peak rate (None: same as lr)
-    schedule: str = "cosine"  # cosine over all steps | wsd: constant, linear decay at the end
-    decay_frac: float = 0.25  # wsd: share of steps in the final decay
-    weight_decay: float = 0.01
-    repeat_len: tuple[int, int] = (10, 60)
-    repeat_count: tuple[int, int] = (2, 3)
-    log_every: int = 100
+def recipe(settings: TrainConfig) -> dict:
+    """The settings as plain data for training.json: every field but ``out_dir`` (where the
+    run is written is no part of the recipe), Enums as their values."""
+    return {k: v.value if isinstance(v, Enum) else v for k, v in asdict(settings).items()
+            if k != "out_dir"}
 
 
-def _repeat_batch(rng: random.Random, n: int, settings: TrainSettings, candidates: list[int],
+def _repeat_batch(rng: random.Random, n: int, settings: TrainConfig, candidates: list[int],
                   bos: int) -> list[tuple[list[int], list[int]]]:
     """(tokens, loss mask) pairs of [BOS] + R repeated; loss on repeats 2.. only."""
     out = []
@@ -170,8 +152,9 @@ def _weights(mask: torch.Tensor, is_repeat: torch.Tensor, repeat_weight: float) 
     return w
 
 
-def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> dict:
-    """Train from scratch; returns a record of the run. Saves model + tokenizer if out_dir."""
+def train_tiny(settings: TrainConfig, out_dir: str | Path | None = None) -> dict:
+    """Train from scratch; returns a record of the run. Saves model + tokenizer if out_dir
+    (``settings.out_dir`` is the command line's; this function writes only where told)."""
     from transformers import MistralForCausalLM
 
     torch.set_num_threads(settings.threads)
@@ -181,8 +164,8 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
     config = build_config(len(tokenizer), settings.hidden, settings.layers, settings.heads,
                           settings.kv_heads, settings.head_dim, settings.intermediate,
                           settings.rope_theta)
-    config._attn_implementation = "sdpa"
     model = MistralForCausalLM(config)
+    model.set_attn_implementation("sdpa")
     model.train()
     special = set(tokenizer.all_special_ids)
     candidates = [i for i in range(len(tokenizer)) if i not in special]
@@ -195,7 +178,7 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
     def lr_at(step: int) -> float:
         if step < 100:
             return settings.lr * (step + 1) / 100
-        if settings.schedule == "wsd":
+        if settings.schedule == Schedule.wsd:
             peak = settings.lr
             if step >= settings.warmup_steps and settings.task_lr is not None:
                 peak = settings.task_lr
@@ -215,41 +198,37 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
         m = torch.zeros(settings.heads)
         m[keep] = 1
         masks.append(m.repeat_interleave(head_dim))
-    handles = [layer.self_attn.o_proj.register_forward_pre_hook(
-        lambda mod, args, m=m: (args[0] * m,)) for layer, m in zip(model.model.layers, masks)]
     history: list[dict] = []
     t0 = time.time()
-    for step in range(total):
-        if step == settings.warmup_steps + settings.task_masked_steps:
-            for h in handles:
-                h.remove()
-            handles = []
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        if step < settings.warmup_steps:
-            n_rep = settings.batch_size
-            pairs = _repeat_batch(rng, n_rep, settings, candidates, bos)
-        else:
-            n_rep = int(round(settings.batch_size * settings.repeat_share))
-            pairs = (_repeat_batch(rng, n_rep, settings, candidates, bos)
-                     + _babi_batch(rng, settings.batch_size - n_rep, tokenizer, answer_ids,
-                                   settings.uniform_actor_questions))
-        ids, mask, attn = _collate(pairs, pad)
-        is_repeat = torch.arange(len(pairs)) < n_rep
-        loss = _loss(model, ids, _weights(mask, is_repeat, settings.repeat_weight), attn)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % settings.log_every == 0 or step == total - 1:
-            rec = {"step": step, "loss": round(loss.item(), 4),
-                   "seconds": round(time.time() - t0, 1)}
-            history.append(rec)
-            log.info("step %d loss %.4f (%.0f s)", step, loss.item(), time.time() - t0)
-    for h in handles:
-        h.remove()
+    with ExitStack() as head_mask:
+        head_mask.enter_context(hook_z(model, lambda layer, z: z * masks[layer]))
+        for step in range(total):
+            if step == settings.warmup_steps + settings.task_masked_steps:
+                head_mask.close()  # every head trains from here on
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            if step < settings.warmup_steps:
+                n_rep = settings.batch_size
+                pairs = _repeat_batch(rng, n_rep, settings, candidates, bos)
+            else:
+                n_rep = int(round(settings.batch_size * settings.repeat_share))
+                pairs = (_repeat_batch(rng, n_rep, settings, candidates, bos)
+                         + _babi_batch(rng, settings.batch_size - n_rep, tokenizer, answer_ids,
+                                       settings.uniform_actor_questions))
+            ids, mask, attn = _collate(pairs, pad)
+            is_repeat = torch.arange(len(pairs)) < n_rep
+            loss = _loss(model, ids, _weights(mask, is_repeat, settings.repeat_weight), attn)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % settings.log_every == 0 or step == total - 1:
+                rec = {"step": step, "loss": round(loss.item(), 4),
+                       "seconds": round(time.time() - t0, 1)}
+                history.append(rec)
+                log.info("step %d loss %.4f (%.0f s)", step, loss.item(), time.time() - t0)
     model.eval()
-    record = {"settings": asdict(settings), "history": history,
+    record = {"settings": recipe(settings), "history": history,
               "train_seconds": round(time.time() - t0, 1),
               "n_parameters": sum(p.numel() for p in model.parameters())}
     if out_dir is not None:
@@ -260,7 +239,7 @@ def train_tiny(settings: TrainSettings, out_dir: str | Path | None = None) -> di
 def save_tiny(model, tokenizer, out_dir: str | Path, record: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -272,13 +251,13 @@ HELD_OUT_SEED = 10_000  # generated evaluation stories; training draws from its 
 def describe(model, tokenizer, n_stories: int = 1000) -> dict:
     """Measured facts for the model card: held-out accuracy, head scores, ablation effects."""
     from .ablation import ablate_heads
-    from .evaluation import EvalSettings, evaluate
-    from .model_loading import eager_attention
-    from .scoring import ScoringSettings, score_heads, score_matrix
+    from .evaluation import evaluate
+    from .schema import EvalConfig
+    from .scoring import score_heads, score_matrix
     from .selection import select_heads
 
     items = babi.make_items(babi.generate_stories(n_stories, HELD_OUT_SEED), "last")
-    settings = EvalSettings(progress=False)
+    settings = EvalConfig(progress=False)
 
     def accuracy(heads) -> float:
         with ablate_heads(model, heads):
@@ -286,7 +265,7 @@ def describe(model, tokenizer, n_stories: int = 1000) -> dict:
         return sum(r.correct for r in res) / len(res)
 
     with eager_attention(model):
-        scores = score_heads(model, tokenizer, ScoringSettings(), "tiny")
+        scores = score_heads(model, tokenizer, ScoringConfig(), "tiny")
     mat = score_matrix(scores, "prefix")
     facts: dict = {"held_out_accuracy": accuracy([]), "n_held_out": len(items),
                    "n_prefix_ge_0.5": int((mat >= 0.5).sum()),
@@ -306,7 +285,7 @@ def model_card(record: dict, facts: dict) -> str:
         "# ih_sweep tiny model",
         "",
         "A small Mistral-architecture causal LM (transformers `MistralForCausalLM`) with a",
-        "word-level tokenizer, trained by `python -m ih_sweep task=train_tiny` so that the",
+        "word-level tokenizer, trained by `ih-sweep job=train_tiny` so that the",
         "induction-head ablation sweep means something offline on a CPU.",
         "",
         "## Architecture",
@@ -325,7 +304,7 @@ def model_card(record: dict, facts: dict) -> str:
         f"{s['warmup_active_heads']} randomly chosen heads per layer active (the rest zeroed at "
         "the o_proj input) so that induction concentrates in few heads.",
         f"- Phase 2 ({s['task_steps']} steps): {int(s['repeat_share'] * 100)}% repeated "
-        "sequences, the rest generated qa1 prompts (the seed's format) with loss on the answer "
+        "sequences, the rest generated qa1 prompts (the notebook's format) with loss on the answer "
         f"words only; loss = answer-token mean + {s['repeat_weight']} x repeat-token mean. The "
         f"warm-up head mask stays on for the first {s['task_masked_steps']} of these steps, then "
         "every head trains.",
@@ -336,7 +315,7 @@ def model_card(record: dict, facts: dict) -> str:
         "",
         "## Measured",
         f"- Greedy accuracy, last question, {facts['n_held_out']} held-out generated stories "
-        f"(seed {HELD_OUT_SEED}), seed's prompt and `contains` metric: "
+        f"(seed {HELD_OUT_SEED}), the notebook's prompt and `contains` metric: "
         f"{100 * facts['held_out_accuracy']:.1f}%.",
         f"- Heads with prefix-matching score >= 0.5: {facts['n_prefix_ge_0.5']}; ablating all "
         f"of them ({facts['ablate_prefix_ge_0.5']['heads']}) gives "
@@ -353,14 +332,14 @@ def model_card(record: dict, facts: dict) -> str:
               for r in top]
     lines += ["", "All per-head scores are in `training.json` (`facts.scores`).", "",
               "## Retrain", "",
-              "```", "python -m ih_sweep task=train_tiny train.out_dir=ih_sweep/assets/tiny",
+              "```", "ih-sweep job=train_tiny train.out_dir=ih_sweep/assets/tiny",
               "```", "",
               "Runs with other thread counts are not bit-identical; the recipe fixes "
               "`train.threads`.", ""]
     return "\n".join(lines)
 
 
-def train_and_describe(settings: TrainSettings, out_dir: str | Path) -> dict:
+def train_and_describe(settings: TrainConfig, out_dir: str | Path) -> dict:
     """Train, measure, and write weights + tokenizer + training.json + README.md (card)."""
     from .io_utils import write_json, write_text
 

@@ -32,8 +32,9 @@ def tiny():
 def tiny_prefix(tiny):
     """[layers, heads] prefix-matching scores of the shipped tiny model."""
     from ih_sweep.model_loading import eager_attention
-    from ih_sweep.scoring import ScoringSettings, score_heads, score_matrix
+    from ih_sweep.schema import ScoringConfig
+    from ih_sweep.scoring import score_heads, score_matrix
 
     model, tok = tiny
     with eager_attention(model):
-        return score_matrix(score_heads(model, tok, ScoringSettings()), "prefix")
+        return score_matrix(score_heads(model, tok, ScoringConfig()), "prefix")

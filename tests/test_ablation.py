@@ -4,8 +4,10 @@ import pytest
 import torch
 import transformers as tf
 
-from ih_sweep.ablation import AblationError, ablate_heads, head_means, zero_attention_probs
-from ih_sweep.architecture import UnsupportedArchitecture, head_sites
+from ih_sweep.ablation import AblationError, ablate_heads, head_means
+from ih_sweep.architecture import UnsupportedArchitecture, head_sites, hook_z
+from ih_sweep.schema import AblationMethod
+from ih_sweep.testing import zero_attention_probs
 
 V = 97
 
@@ -66,7 +68,7 @@ def test_hook_equals_weight_surgery_and_hooks_come_off(name):
     sites = head_sites(model)
     assert sites.n_layers == 2
     base = _logits(model)
-    layer, head = 1, sites.n_heads - 1
+    layer, head = 1, sites.heads_per_layer - 1
     with ablate_heads(model, [(layer, head)]):
         ablated = _logits(model)
     assert not torch.allclose(ablated, base)
@@ -74,10 +76,52 @@ def test_hook_equals_weight_surgery_and_hooks_come_off(name):
     assert torch.equal(_logits(model), base)
 
 
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_hook_z_sees_and_replaces_the_projection_input(name):
+    model = FAMILIES[name].eval()
+    sites = head_sites(model)
+    base = _logits(model)
+    seen = []
+    with hook_z(model, lambda layer, z: seen.append((layer, tuple(z.shape)))) as got:
+        assert torch.equal(_logits(model), base)  # returning None changes nothing
+    assert got.out_proj == sites.out_proj
+    width = sites.heads_per_layer * sites.head_dim
+    assert seen == [(0, (*IDS.shape, width)), (1, (*IDS.shape, width))]
+    # a replacement goes into the projection: zeroing all of layer 1's z is ablating every head
+    seen.clear()
+    with hook_z(sites, lambda layer, z: seen.append(layer) or torch.zeros_like(z), [1]):
+        replaced = _logits(model)
+    assert seen == [1]
+    with ablate_heads(model, [(1, h) for h in range(sites.heads_per_layer)]):
+        assert torch.equal(replaced, _logits(model))
+    assert not torch.equal(replaced, base)
+    assert torch.equal(_logits(model), base)
+    assert all(not p._forward_pre_hooks for p in sites.out_proj)
+
+
+def test_hook_z_removes_its_hooks_on_errors():
+    model = FAMILIES["llama"].eval()
+    sites = head_sites(model)
+
+    def bad(layer, z):
+        raise ValueError("bad z")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with hook_z(model, lambda layer, z: z * 0):
+            raise RuntimeError("boom")
+    with pytest.raises(ValueError, match="bad z"):
+        with hook_z(model, bad):
+            _logits(model)
+    with pytest.raises(IndexError, match="layer 2 is outside the model's 2 layers"):
+        with hook_z(model, lambda layer, z: None, [0, 2]):
+            pass
+    assert all(not p._forward_pre_hooks for p in sites.out_proj)
+
+
 def test_query_heads_under_grouped_query_attention():
     model = FAMILIES["mistral"].eval()
     sites = head_sites(model)
-    assert (sites.n_heads, sites.head_dim) == (8, 8)  # query heads, head_dim from config
+    assert (sites.heads_per_layer, sites.head_dim) == (8, 8)  # query heads, head_dim from config
     assert sites.w_o(0).shape == (8, 8, 32)
     base = _logits(model)
     # two query heads that share a key/value head have distinct effects
@@ -104,14 +148,18 @@ def test_second_mechanism_zeroing_attention_probabilities_agrees(name):
     model = FAMILIES[name].eval()
     model.config._attn_implementation = "eager"
     heads = [(0, 1), (1, 0), (1, 3)]
+    base = _logits(model)
     with ablate_heads(model, heads):
         hooked = _logits(model)
     with zero_attention_probs(model, heads):
         probs = _logits(model)
     assert model.config._attn_implementation == "eager"
+    assert not torch.allclose(hooked, base)
     assert torch.allclose(hooked, probs, atol=1e-5)
+    # no heads: the recomputed attention is the model's own; leaving restores the model
     with zero_attention_probs(model, []):
-        assert torch.allclose(_logits(model), _logits(model))
+        assert torch.allclose(_logits(model), base, atol=1e-6)
+    assert torch.equal(_logits(model), base)
 
 
 def test_mean_ablation_uses_reference_means():
@@ -135,6 +183,8 @@ def test_mean_ablation_uses_reference_means():
         m0 = _logits(model)
     with ablate_heads(model, [(1, 2)], "mean", means):
         m = _logits(model)
+    with ablate_heads(model, [(1, 2)], AblationMethod.mean, means):
+        assert torch.equal(_logits(model), m)
     assert torch.allclose(z, m0) and not torch.allclose(z, m)
 
 

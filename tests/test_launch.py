@@ -113,7 +113,7 @@ def test_a_mistyped_key_is_one_line_and_exit_2(tmp_path):
 
 def _weightless_model(tmp_path: Path) -> Path:
     """A model folder with the tiny config but no weights: loading it would fail loudly."""
-    from ih_sweep.tiny_model import ASSET_DIR
+    from ih_sweep.model_loading import ASSET_DIR
 
     folder = tmp_path / "noweights"
     folder.mkdir()

@@ -7,12 +7,12 @@ from ih_sweep import data, evaluation
 from ih_sweep.ablation import ablate_heads
 from ih_sweep.architecture import head_sites
 from ih_sweep.model_loading import load_model, quantization_config, resolve_path
-from ih_sweep.schema import EvalConfig
+from ih_sweep.schema import DType, EvalConfig, Quantization
 
 TINY = {"name": "tiny", "path": "builtin:tiny", "dtype": "float32"}
 
 
-def test_nf4_is_the_seeds_setting():
+def test_nf4_is_the_notebooks_setting():
     qc = quantization_config({"name": "nf4", "double_quant": True, "compute_dtype": "bfloat16"})
     assert qc.load_in_4bit and qc.bnb_4bit_quant_type == "nf4"
     assert qc.bnb_4bit_use_double_quant and qc.bnb_4bit_compute_dtype == torch.bfloat16
@@ -20,6 +20,12 @@ def test_nf4_is_the_seeds_setting():
     assert quantization_config({"name": "none"}) is None
     with pytest.raises(ValueError, match="allowed values: none, nf4, int8"):
         quantization_config({"name": "int3"})
+    # the schema's Enums are accepted as they come from the config
+    assert quantization_config({"name": Quantization.int8}).load_in_8bit
+    qc = quantization_config({"name": Quantization.nf4, "compute_dtype": DType.float16})
+    assert qc.bnb_4bit_compute_dtype == torch.float16
+    with pytest.raises(ValueError, match="allowed values: auto, float32, bfloat16, float16"):
+        quantization_config({"name": "nf4", "compute_dtype": "float8"})
 
 
 def test_model_is_loaded_once_per_process(tiny):
@@ -50,7 +56,7 @@ def test_quantized_models_ablate_and_restore(quant):
         after = model(input_ids=ids).logits
     assert not torch.allclose(base, ablated) and torch.equal(base, after)
     # the evaluation engine's fast path on quantized layers, batches in 2 threads at once:
-    # the seed's outcomes, item by item
+    # the notebook's method's outcomes, item by item
     items = data.make_items(data.generate_stories(10, seed=3), "all")
     with ablate_heads(model, [(1, h) for h in range(0, 32, 2)]):
         got = evaluation.evaluate(model, tok, items, EvalConfig(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ih_sweep import data, scan
-from ih_sweep.ablation import ablate_heads
+from ih_sweep.testing import scan_by_full_reruns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,26 +28,15 @@ def exact(tiny, probes):
     return scan.exact_scan(tiny[0], probes, heads_per_pass=11)
 
 
-def _full(model, probe, heads):
-    with ablate_heads(model, heads), torch.no_grad():
-        lg = model(input_ids=probe.ids, attention_mask=probe.mask).logits
-    lg = torch.gather(lg, 1, probe.pos[..., None].expand(-1, -1, lg.shape[-1]))
-    lp, hit = scan._readout(lg, probe)
-    v = probe.valid
-    return float((lp[0] * v).sum() / v.sum()), float((hit[0] & v).sum() / v.sum())
-
-
-@pytest.mark.parametrize("layer,head", [(0, 0), (0, 13), (1, 4), (1, 31)])
-def test_scan_effects_equal_separate_full_model_ablation(tiny, probes, exact, layer, head):
-    model, _ = tiny
-    row = exact[(exact.layer == layer) & (exact["head"] == head)].iloc[0]
-    b_lp, b_acc = _full(model, probes["babi"], [])
-    lp, acc = _full(model, probes["babi"], [(layer, head)])
-    assert row.d_logprob == pytest.approx(lp - b_lp, abs=1e-4)
-    assert row.d_accuracy == pytest.approx(acc - b_acc, abs=1e-9)
-    r_lp, _ = _full(model, probes["repeat"], [])
-    r_abl, _ = _full(model, probes["repeat"], [(layer, head)])
-    assert row.d_repeat_loss == pytest.approx(r_lp - r_abl, abs=1e-4)
+def test_scan_effects_equal_separate_full_model_ablation(tiny, probes, exact):
+    heads = [(0, 0), (0, 13), (1, 4), (1, 31)]
+    ref = scan_by_full_reruns(tiny[0], probes, heads).set_index(["layer", "head"])
+    got = exact.set_index(["layer", "head"]).loc[heads]
+    assert got.d_logprob.to_numpy() == pytest.approx(ref.d_logprob.to_numpy(), abs=1e-4)
+    assert got.d_accuracy.to_numpy() == pytest.approx(ref.d_accuracy.to_numpy(), abs=1e-9)
+    assert got.d_repeat_loss.to_numpy() == pytest.approx(ref.d_repeat_loss.to_numpy(),
+                                                         abs=1e-4)
+    assert (ref.d_repeat_loss.abs() > 1e-3).any()  # the heads do something
 
 
 def test_layer0_heads_the_circuit_needs_show_up(exact):
@@ -64,7 +53,7 @@ def test_attribution_is_minus_grad_dot_z(tiny, probes):
     from ih_sweep.architecture import head_sites
 
     sites = head_sites(model)
-    alpha = torch.ones(sites.n_heads, requires_grad=True)
+    alpha = torch.ones(sites.heads_per_layer, requires_grad=True)
     hd = sites.head_dim
     h = sites.out_proj[1].register_forward_pre_hook(
         lambda m, a: (a[0] * alpha.repeat_interleave(hd), *a[1:]))
@@ -94,7 +83,7 @@ def test_bootstrap_spearman():
 def test_scan_task_split_by_layer_and_merged(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
-        [sys.executable, "-m", "ih_sweep", "-m", "task=scan", "scan.layers=[0],[1]",
+        [sys.executable, "-m", "ih_sweep", "-m", "job=scan", "scan.layers=[0],[1]",
          "scan.n_stories=30", "scan.repeat_sequences=4", f"hydra.sweep.dir={tmp_path}",
          f"paths.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=env, capture_output=True,
         text=True, timeout=900)

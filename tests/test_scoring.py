@@ -48,7 +48,7 @@ def test_copying_score_known_values():
                                        torch.tensor([[-1.0, -2.0]])).item() == 0.0
 
 
-def test_combined_score_matches_seed_formula():
+def test_combined_score_matches_notebook_formula():
     assert scoring.combined_score(0.6, 0.035) == pytest.approx(0.6)
     assert scoring.combined_score(0.0, 0.065) == pytest.approx(1.0)
 
@@ -115,7 +115,7 @@ def test_restricted_unpickler_reads_numpy(tmp_path):
 
 
 @needs_seed
-def test_seed_file_loads():
+def test_notebook_score_file_loads():
     df = scoring.load_seed_scores(SEED_SCORES)
     assert len(df) == 256 and sorted(df["layer"].unique()) == list(range(3, 32, 4))
     assert df["combined"].max() == pytest.approx(1.084303, abs=1e-6)

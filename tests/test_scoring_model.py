@@ -9,16 +9,15 @@ import pandas as pd
 import torch
 import transformers as tf
 
-from ih_sweep.architecture import head_sites
 from ih_sweep.model_loading import eager_attention
+from ih_sweep.schema import ScoringConfig
 from ih_sweep.scoring import (
-    ScoringSettings,
-    copying_from_logits,
     random_sequences,
     score_heads,
     score_matrix,
 )
 from ih_sweep.selection import select_heads
+from ih_sweep.testing import copying_by_brute_force
 
 
 class _Tok:
@@ -45,7 +44,7 @@ def _gqa_model():
 
 def test_gqa_heads_scored_per_query_head():
     model = _gqa_model()
-    df = score_heads(model, _Tok(64), ScoringSettings(n_sequences=4, seq_len=10, batch_size=2))
+    df = score_heads(model, _Tok(64), ScoringConfig(n_sequences=4, seq_len=10, batch_size=2))
     assert len(df) == 16 and sorted(df["head"].unique()) == list(range(8))
     mat = score_matrix(df, "prefix")
     # query heads sharing a key/value head still get their own scores
@@ -53,41 +52,20 @@ def test_gqa_heads_scored_per_query_head():
     assert ((mat >= 0) & (mat <= 1)).all()
 
 
-@torch.no_grad()
 def test_copying_matches_brute_force_full_vocabulary():
     """Direct path through the head's W_O columns, final norm and unembedding, with the
-    full-vocabulary mean computed explicitly."""
+    full-vocabulary mean computed explicitly (testing.copying_by_brute_force)."""
     model = _gqa_model()
-    settings = ScoringSettings(n_sequences=3, seq_len=12, batch_size=3, seed=4)
-    df = score_heads(model, _Tok(64), settings)
-    sites = head_sites(model)
+    # a final norm with unequal channel weights: with all ones it only rescales each
+    # position, which the copying score's ratio cannot see
+    torch.nn.init.uniform_(model.model.norm.weight, 0.2, 2.0)
+    settings = ScoringConfig(n_sequences=3, seq_len=12, batch_size=3, seed=4)
+    got = score_matrix(score_heads(model, _Tok(64), settings), "copying")
     cands = [i for i in range(64) if i not in (0, 1, 2)]
     tok, _ = random_sequences(3, 12, 1, cands, 1, settings.seed + 1)
-    store = {}
-    hooks = [p.register_forward_pre_hook(lambda m, a, i=i: store.__setitem__(i, a[0]))
-             for i, p in enumerate(sites.out_proj)]
-    out = model(input_ids=tok, output_attentions=True)
-    for h in hooks:
-        h.remove()
-    for layer in range(2):
-        w = model.model.layers[layer].self_attn.o_proj.weight  # [hidden, heads*dim]
-        for head in range(8):
-            sl = slice(head * 8, (head + 1) * 8)
-            z = store[layer][..., sl]  # [b, T, 8]
-            direct = z @ w[:, sl].T
-            logits = model.lm_head(model.model.norm(direct))[:, 1:]  # [b, q, V]
-            attn = out.attentions[layer][:, head, 1:]  # [b, q, T]
-            att_tok = torch.gather(tok, 1, attn.argmax(-1))
-            vals = []
-            for b in range(3):
-                uniq = torch.unique(tok[b, 1:])
-                lg = logits[b]
-                mean = lg.mean(-1)
-                vals.append(copying_from_logits(mean, lg.gather(1, att_tok[b][:, None])[:, 0],
-                                                lg[:, uniq]))
-            ref = torch.cat(vals).mean().item()
-            got = df[(df.layer == layer) & (df["head"] == head)]["copying"].item()
-            assert abs(got - ref) < 1e-5, (layer, head, got, ref)
+    ref = copying_by_brute_force(model, tok)
+    assert ref.shape == (2, 8) and (ref > 0).any()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
 def _second_repeat_loss(model, tok, heads):
@@ -105,7 +83,7 @@ def test_shipped_model_has_induction_heads_that_matter(tiny):
     more than zeroing the same number of lowest-scoring heads."""
     model, tok = tiny
     with eager_attention(model):
-        df = score_heads(model, tok, ScoringSettings())
+        df = score_heads(model, tok, ScoringConfig())
     mat = score_matrix(df, "prefix")
     strong = [(int(a), int(b)) for a, b in zip(*np.nonzero(mat >= 0.5))]
     assert len(strong) >= 4
@@ -127,7 +105,7 @@ def test_scoring_needs_eager(tiny):
     model, tok = tiny
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(RuntimeError, match="eager"):
-        score_heads(model, tok, ScoringSettings(n_sequences=2))
+        score_heads(model, tok, ScoringConfig(n_sequences=2))
 
 
 def test_score_cache_computed_once_under_concurrency(tmp_path, tiny):

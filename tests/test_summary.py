@@ -27,8 +27,8 @@ def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", e
                      "ablation": "zero"})
     pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(folder / "results.csv", index=False)
     write_record(folder, EvaluationRecord(
-        config_hash=config_hash, settings=settings or {}, n_heads=n, condition=cond, control_seed=seed, model=model,
-        quantization="none",
+        config_hash=config_hash, settings=settings or {}, n_heads=n, condition=cond,
+        control_seed=seed, model=model, quantization="none",
         data={"name": "babi_generated", "task": 1, "n_stories": len(correct), "seed": 0},
         eval={"metric": "contains", "scope": scope, "max_new_tokens": 3}, ablation="zero",
         rank_by="prefix", n_items=len(correct), n_correct=int(sum(correct)),

@@ -12,9 +12,10 @@ from conftest import BABI, needs_babi
 from ih_sweep import data
 from ih_sweep.ablation import ablate_heads
 from ih_sweep.evaluation import evaluate
-from ih_sweep.schema import EvalConfig
+from ih_sweep.model_loading import ASSET_DIR
+from ih_sweep.schema import EvalConfig, TrainConfig
 from ih_sweep.selection import select_heads
-from ih_sweep.tiny_model import ASSET_DIR, HELD_OUT_SEED, TrainSettings, train_tiny
+from ih_sweep.tiny_model import HELD_OUT_SEED, recipe, train_tiny
 
 
 def _accuracy(model, tok, items, heads=()):
@@ -39,6 +40,11 @@ def test_architecture_and_size(tiny):
         assert needed in card
     record = json.loads((ASSET_DIR / "training.json").read_text())
     assert record["facts"]["held_out_accuracy"] >= 0.95
+
+
+def test_default_recipe_is_the_shipped_models():
+    shipped = json.loads((ASSET_DIR / "training.json").read_text())["settings"]
+    assert recipe(TrainConfig()) == shipped
 
 
 def test_held_out_generated_accuracy(tiny):
@@ -82,8 +88,8 @@ def test_top_n_costs_10_points_more_than_layer_matched_low(tiny, prefix, n):
 
 
 def _smoke(tmp_path=None):
-    s = TrainSettings(seed=3, threads=1, warmup_steps=4, task_steps=4, batch_size=4,
-                      warmup_active_heads=4, log_every=1)
+    s = TrainConfig(seed=3, threads=1, warmup_steps=4, task_steps=4, batch_size=4,
+                    warmup_active_heads=4, log_every=1)
     return train_tiny(s, tmp_path)
 
 
