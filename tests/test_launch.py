@@ -72,7 +72,7 @@ def test_none_is_evaluated_once(main_sweep):
     out, _, first = main_sweep
     recs = [json.loads(p.read_text()) for p in out.glob("condition=none*/job.json")]
     assert len(recs) == 3 and len({r["config_hash"] for r in recs}) == 1
-    assert first.stderr.count("reusing the finished evaluation") == 2
+    assert (first.stdout + first.stderr).count("reusing the finished evaluation") == 2
 
 
 def test_summary_written_by_callback(main_sweep):
@@ -95,7 +95,7 @@ def test_rerun_skips_finished_jobs(main_sweep):
 
 def test_a_value_outside_the_schema_is_refused_at_compose_time(tmp_path):
     """Also with --cfg job, which prints the config without running a job."""
-    proc = cli("condition=best", "--cfg", "job", f"hydra.run.dir={tmp_path}", check=False)
+    proc = cli("condition=best", f"hydra.run.dir={tmp_path}", "--cfg", "job", check=False)
     assert proc.returncode == 2
     assert "Invalid value 'best', expected one of [high, low, random, none]" in proc.stderr
     assert "Traceback" not in proc.stderr and not proc.stdout.strip()

@@ -15,12 +15,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_wheel_ships_configs_and_model_and_runs_installed(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)],
-                   check=True, capture_output=True, cwd=tmp_path)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                            "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)],
+                           check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert "absent from the `packages` configuration" not in build.stdout + build.stderr
     wheel = next((tmp_path / "dist").glob("ih_sweep-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("ih_sweep/conf/config.yaml", "ih_sweep/conf/model/tiny.yaml",
+                   "ih_sweep/jobs/evaluate.py", "ih_sweep/conf/hydra/help/ih_sweep.yaml",
+                   "ih_sweep/conf/hydra/launcher/resilient.yaml",
                    "ih_sweep/conf/experiment/notebook_replication.yaml",
                    "ih_sweep/assets/tiny/model.safetensors", "ih_sweep/assets/tiny/README.md",
                    "ih_sweep/assets/tiny/tokenizer.json"):

@@ -54,10 +54,22 @@ def test_missing_record(tmp_path):
         read_record(tmp_path)
 
 
+def _files(folder, correct=(True, False), heads=((1, 2),)):
+    import pandas as pd
+
+    rows = [[i, 0, 5, 0, "office", "office" if c else "garden", c, "forward", 4, "high", 0,
+             "tiny", "none", "babi_generated", 1, "generated", "contains", "last", "zero"]
+            for i, c in enumerate(correct)]
+    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(folder / "results.csv", index=False)
+    pd.DataFrame([(la, h, 0.5, "prefix") for la, h in heads],
+                 columns=["layer", "head", "score", "rank_by"]).to_csv(folder / "heads.csv",
+                                                                       index=False)
+
+
 def test_a_finished_job_needs_its_hash_status_and_output(tmp_path):
     write_record(tmp_path, _record())
     assert finished_record(tmp_path, "abc", "results.csv") is None  # no output yet
-    (tmp_path / "results.csv").write_text("x\n")
+    _files(tmp_path)
     assert finished_record(tmp_path, "abc", "results.csv") == _record()
     assert finished_record(tmp_path, "other", "results.csv") is None
     write_record(tmp_path, dataclasses.replace(_record(), status="failed"))

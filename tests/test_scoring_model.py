@@ -109,13 +109,12 @@ def test_scoring_needs_eager(tiny):
 
 
 def test_score_cache_computed_once_under_concurrency(tmp_path, tiny):
-    from hydra import compose, initialize_config_dir
+    from compose_config import compose
 
-    from ih_sweep.launch import config_dir, get_scores
+    from ih_sweep.schema import settings
+    from ih_sweep.score_table import get_scores
 
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"paths.cache_dir={tmp_path}",
-                                                       "scoring.n_sequences=4"])
+    cfg = settings(compose(f"paths.cache_dir={tmp_path}", "scoring.n_sequences=4"))
     calls = []
 
     def getter():
