@@ -515,7 +515,8 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
     if not sweep_dir.is_dir():
         raise SummaryError(f"{sweep_dir}: not a folder")
     found = find_jobs(sweep_dir)
-    found.problems.extend(not_finished or [])
+    known = dict(not_finished or [])  # what the launcher knows beats "no job.json"
+    found.problems = [(f, known.pop(f, why)) for f, why in found.problems] + list(known.items())
     if not found.jobs and not found.problems and not found.scan_parts:
         raise SummaryError(f"{sweep_dir}: no ih_sweep jobs here (no job.json or .hydra/)")
     for folder, why in found.problems:

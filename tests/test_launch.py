@@ -153,3 +153,39 @@ def test_random_and_mean_conditions_run(tmp_path):
     assert len(recs) == 2 and all(r["n_items"] == 100 for r in recs)
     assert recs[0]["heads"] != recs[1]["heads"]
     assert (tmp_path / "icl_curve.png").is_file()
+
+
+def test_help_says_what_the_tool_does():
+    out = cli("--help").stdout
+    for needed in ("induction heads", "ih-sweep -m n_heads=4,8,16 condition=high,low,none",
+                   "-m (--multirun)", "high    the top-N heads", "model: ", "scoring: ",
+                   "outputs/multirun/", "ih_sweep/schema.py"):
+        assert needed in out, needed
+
+
+def test_one_bad_job_of_a_sweep_means_none_runs(tmp_path):
+    proc = cli("-m", "n_heads=-1,4", "debug=fast", f"hydra.sweep.dir={tmp_path}/s",
+               f"paths.cache_dir={tmp_path}/c", check=False)
+    assert proc.returncode == 2
+    assert "ih_sweep: config error: 1 of 2 jobs of this sweep are wrong, so none ran:\n" \
+           "  n_heads=-1 debug=fast" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("s/*/job.json"))
+
+
+def test_a_job_failing_at_run_time_stops_no_other(tmp_path):
+    """n_heads=65 passes the config check (the schema does not know the model) and fails
+    when the model's 64 heads are known: the other job still runs, the summary of it is
+    written, and the sweep exits 1 naming the failed job and why."""
+    proc = cli("-m", "n_heads=65,4", "debug=fast", f"hydra.sweep.dir={tmp_path}/s",
+               f"paths.cache_dir={tmp_path}/c", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        f"ih_sweep: 1 of 2 jobs failed; the finished jobs' results and the summary of them "
+        f"are in {tmp_path}/s.",
+        "  debug=fast,n_heads=65: ConfigError: n_heads=65 is larger than the model's 64 heads "
+        "(2 x 32)"]
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "s/debug=fast,n_heads=4/job.json").read_text())["n_items"] == 20
+    md = (tmp_path / "s/summary.md").read_text()
+    assert "## Jobs left out" in md and "`debug=fast,n_heads=65`: ConfigError" in md

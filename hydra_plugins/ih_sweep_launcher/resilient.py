@@ -40,8 +40,13 @@ LOST_AFTER_S = 30.0  # continuous absence from squeue and sacct (accounting lags
 POLL_S = 2.0
 
 
-class SweepIncomplete(RuntimeError):
-    pass
+def fail_sweep(message: str) -> None:
+    """End the sweep with ``message`` on stderr and exit status 1, without Hydra's
+    traceback: what failed and why is all the reader needs."""
+    import sys
+
+    print(f"ih_sweep: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def slurm_knows(job_id: str) -> bool | None:
@@ -113,20 +118,22 @@ class ResilientBasicLauncher(BasicLauncher):
                ) -> Sequence[JobReturn]:
         check_all_jobs(self, job_overrides)
         returns = super().launch(job_overrides, initial_job_idx)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
         failures = []
         for ret in returns:
             if ret.status == JobStatus.FAILED:
                 err = ret._return_value
                 first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-                failures.append((" ".join(filter_overrides(ret.overrides or [])),
-                                 f"{type(err).__name__}: {first}"))
+                folder = Path(OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir",
+                                               default=None) or sweep_dir)
+                name = str(folder.relative_to(sweep_dir)) if folder.is_relative_to(
+                    sweep_dir) else " ".join(filter_overrides(ret.overrides or []))
+                failures.append((name, f"{type(err).__name__}: {first}"))
         if failures:
-            sweep_dir = Path(str(self.config.hydra.sweep.dir))
             summarize_partial(self.config, sweep_dir, failures)
-            raise SweepIncomplete(
-                f"{len(failures)} of {len(returns)} jobs failed; the finished jobs' results and "
-                f"the summary of them are in {sweep_dir}.\n  "
-                + "\n  ".join(f"{job}: {why}" for job, why in failures))
+            fail_sweep(f"{len(failures)} of {len(returns)} jobs failed; the finished jobs' "
+                       f"results and the summary of them are in {sweep_dir}.\n  "
+                       + "\n  ".join(f"{job}: {why}" for job, why in failures))
         return returns
 
 
@@ -182,7 +189,7 @@ class _ResilientMixin:
                 failures.append((name, f"{state}: {first}"))
         if failures:
             summarize_partial(self.config, sweep_dir, failures)
-            raise SweepIncomplete(
+            fail_sweep(
                 f"{len(failures)} of {len(jobs)} SLURM jobs did not finish; the finished jobs' "
                 f"results and the summary of them are in {sweep_dir}; rerun the same command "
                 "to run only what is missing.\n  "
