@@ -77,6 +77,7 @@ class EvaluationRecord:
     n_decoded: int  # items decided past the teacher-forced pass
     heads: list[list[int]]  # [[layer, head], ...] in selection order
     results_sha256: str = ""  # of results.csv as written: a damaged file is not trusted
+    scores_file: str | None = None  # the score table the heads were chosen from
     settings: dict[str, Any] = field(default_factory=dict)  # schema.semantic_config
     reused_evaluation: bool = False  # the same evaluation ran earlier in this process
     resumed_chunks: int = 0  # checkpointed chunks a previous (killed) run had finished

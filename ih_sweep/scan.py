@@ -232,18 +232,11 @@ def attribution_scan(model, probe: Probe, layers: Sequence[int] | None = None
 
 def bootstrap_spearman(x: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0
                        ) -> tuple[float, float, float]:
-    """Spearman correlation with a percentile bootstrap 95% interval over heads."""
-    from .statistics import spearman
+    """Spearman correlation over heads with its bootstrap 95% interval (heads resampled;
+    :func:`ih_sweep.statistics.spearman_ci`)."""
+    from .statistics import spearman, spearman_ci
 
-    rng = np.random.default_rng(seed)
-    rho = spearman(x, y)
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(x), len(x))
-        if np.ptp(x[idx]) > 0 and np.ptp(y[idx]) > 0:
-            boots.append(spearman(x[idx], y[idx]))
-    lo, hi = np.quantile(boots, [0.025, 0.975]) if boots else (np.nan, np.nan)
-    return rho, float(lo), float(hi)
+    return (spearman(x, y), *spearman_ci(x, y, n_boot=n_boot, seed=seed))
 
 
 def plot_scatter(df: pd.DataFrame, score: str, effect: str, path, title: str) -> dict:
@@ -272,26 +265,11 @@ def plot_scatter(df: pd.DataFrame, score: str, effect: str, path, title: str) ->
 
 
 def plot_heatmap(df: pd.DataFrame, effect: str, path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .io_utils import write_figure
+    """The effect of ablating each head on its own, layer x head (0 = no effect)."""
+    from .figures import head_heatmap
 
     mat = df.pivot(index="layer", columns="head", values=effect)
-    lim = float(np.nanmax(np.abs(mat.to_numpy()))) or 1.0
-    fig, ax = plt.subplots(figsize=(max(4, mat.shape[1] * 0.25 + 2), max(2.5, mat.shape[0] * 0.3
-                                                                         + 1.5)))
-    im = ax.imshow(mat.to_numpy(), aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim,
-                   interpolation="nearest")
-    ax.set_yticks(range(len(mat.index)), [str(i) for i in mat.index])
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
-    write_figure(path, fig)
-    plt.close(fig)
+    head_heatmap(mat.to_numpy(), path, title, effect, diverging=True, layers=list(mat.index))
 
 
 def write_scan_outputs(df: pd.DataFrame, out_dir, rank_by: str, title: str) -> dict:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from .io_utils import write_csv, write_figure
+from .io_utils import write_csv
 from .schema import Config, ConfigError, ScoreSource, plain
 
 log = logging.getLogger(__name__)
@@ -66,23 +66,11 @@ def check_scores_fit(scores: pd.DataFrame, n_layers: int, heads_per_layer: int,
             f"layers x {heads_per_layer} heads")
 
 
-def save_heatmap(scores: pd.DataFrame, column: str, path: Path, title: str) -> Path:
-    """A [layer, head] heatmap of one score column as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def save_heatmap(scores: pd.DataFrame, column: str, path: Path, title: str,
+                 marks: dict[str, list[tuple[int, int]]] | None = None) -> Path:
+    """The [layer, head] heatmap of one score column (PNG), ablated heads marked."""
+    from .figures import head_heatmap
     from .scoring import score_matrix
 
-    mat = score_matrix(scores, column)
-    fig, ax = plt.subplots(figsize=(max(4, mat.shape[1] * 0.25 + 2),
-                                    max(2.5, mat.shape[0] * 0.3 + 1.5)))
-    im = ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(f"{title}: {column} score")
-    fig.colorbar(im, ax=ax)
-    write_figure(path, fig)
-    plt.close(fig)
-    return path
+    return head_heatmap(score_matrix(scores, str(column)), path,
+                        f"{title}: {column} score of every head", f"{column} score", marks)

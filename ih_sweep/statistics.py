@@ -100,3 +100,27 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
         return NAN
     return float(spearmanr(x, y).statistic)
+
+
+def spearman_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed: int = 0,
+                level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of Spearman's correlation, resampling (x, y) pairs, from
+    ``scipy.stats.bootstrap(paired=True, method="percentile")``; resamples in which either
+    side is constant (no correlation defined) are left out. (nan, nan) with < 3 pairs."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
+        return (NAN, NAN)
+    import warnings
+
+    from scipy.stats import bootstrap
+
+    with warnings.catch_warnings():  # constant resamples: scipy warns, spearman gives nan
+        warnings.simplefilter("ignore")
+        draws = bootstrap((x, y), spearman, paired=True, vectorized=False,
+                          n_resamples=n_boot, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed)).bootstrap_distribution
+    if np.isnan(draws).all():
+        return (NAN, NAN)
+    low, high = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)])
+    return (float(low), float(high))

@@ -489,6 +489,38 @@ def plot_icl(curve: pd.DataFrame, path: Path, title: str = "") -> Path | None:
     return path
 
 
+def plot_ablated_heads(jobs: list[FinishedJob], sweep_dir: Path) -> list[Path]:
+    """For each score table the sweep's jobs ranked by: its heatmap with the heads ablated
+    at the largest N marked (top-N, the layer-matched control and one random draw), as
+    ``heads_<rank_by>.png`` (``heads_<rank_by>_<i>.png`` for several tables)."""
+    from .score_table import save_heatmap
+
+    by_table: dict[tuple[str, str], list[FinishedJob]] = {}
+    for job in jobs:
+        r = job.record
+        if r.scores_file and r.heads:
+            by_table.setdefault((r.scores_file, r.rank_by), []).append(job)
+    paths = []
+    for i, ((table, rank_by), tjobs) in enumerate(sorted(by_table.items())):
+        try:
+            scores = pd.read_csv(table)
+        except (OSError, ValueError) as err:
+            log.warning("no heatmap of %s: %s", table, err)
+            continue
+        n = max(j.record.n_heads for j in tjobs)
+        marks = {}
+        for cond, label in (("high", "top-N"), ("low", "layer-matched low"),
+                            ("random", "random draw")):
+            job = next((j for j in sorted(tjobs, key=lambda j: j.record.control_seed)
+                        if j.record.condition == cond and j.record.n_heads == n), None)
+            if job is not None:
+                marks[f"{label} (N={n})"] = [tuple(h) for h in job.record.heads]
+        name = f"heads_{rank_by}.png" if len(by_table) == 1 else f"heads_{rank_by}_{i}.png"
+        model = tjobs[0].record.model
+        paths.append(save_heatmap(scores, rank_by, sweep_dir / name, model, marks))
+    return paths
+
+
 def merge_scan(sweep_dir: Path, parts: list[Path]) -> pd.DataFrame:
     """Merge per-layer scan jobs (SLURM splits) into one scan.csv with plots."""
     from .scan import write_scan_outputs
@@ -533,6 +565,7 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
     for i, (_, g) in enumerate(groups):
         name = "accuracy_vs_n.png" if len(groups) == 1 else f"accuracy_vs_n_{i}.png"
         plot_accuracy_vs_n(g, sweep_dir / name, title=_short_title(g.iloc[0]))
+    heatmaps = plot_ablated_heads(found.jobs, sweep_dir)
     curve = icl_curve(found.jobs)
     if not curve.empty:
         write_csv(sweep_dir / "icl_curve.csv", curve)
@@ -541,6 +574,8 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
         log.info("%s", note)
     log.info("summary of %d jobs (%d rows) written to %s (%d left out)", len(found.jobs),
              len(df), sweep_dir, len(found.problems))
+    if heatmaps:
+        log.info("ablated heads on their scores: %s", ", ".join(p.name for p in heatmaps))
     return df
 
 

@@ -91,3 +91,14 @@ def test_spearman_textbook_value_and_constants():
     tv = [7, 0, 27, 50, 28, 29, 20, 12, 6, 17]
     assert st.spearman(iq, tv) == pytest.approx(-29 / 165)
     assert math.isnan(st.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_spearman_ci_covers_and_leaves_out_constant_resamples():
+    rng = np.random.default_rng(0)
+    x = np.arange(64.0)
+    y = x + rng.normal(0, 20, 64)
+    lo, hi = st.spearman_ci(x, y)
+    assert lo < st.spearman(x, y) < hi and 0 < lo and hi < 1
+    lo, hi = st.spearman_ci([1, 2, 3, 4], [1, 3, 2, 4])  # many resamples are constant
+    assert -1 <= lo <= hi <= 1
+    assert all(math.isnan(v) for v in st.spearman_ci([1, 2], [2, 1]))

@@ -91,9 +91,10 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
 
     # scores -> select
     t0 = time.time()
-    scores, heads = None, []
+    scores, heads, scores_file = None, [], None
     if config.condition != Condition.none and config.n_heads > 0:
-        scores, _ = get_scores(config, model_getter, progress=config.eval.progress)
+        scores, cached = get_scores(config, model_getter, progress=config.eval.progress)
+        scores_file = str(cached or Path(config.scoring.file).resolve())
         if config.scoring.source == ScoreSource.file:
             check_scores_fit(scores, n_layers, heads_per_layer, config.scoring.file)
         heads = select_heads(score_matrix(scores, config.scoring.rank_by), config.condition,
@@ -148,7 +149,8 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
         heads=[[int(la), int(h)] for la, h in heads], reused_evaluation=reused,
         resumed_chunks=resumed, timings={k: round(v, 3) for k, v in timings.items()},
         slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-        results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config))
+        results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config),
+        scores_file=scores_file)
     write_record(out_dir, record)
     store(out_dir, config.paths.cache_dir, chash)
     shutil.rmtree(out_dir / "partial", ignore_errors=True)
