@@ -15,11 +15,13 @@ from contextlib import contextmanager
 import torch
 
 from .architecture import HeadSites, head_sites, hook_z
-from .schema import AblationMethod
+from .schema import AblationMethod, UserError
 
 
-class AblationError(ValueError):
-    pass
+class AblationError(UserError):
+    """Heads or an ablation method the model cannot take."""
+
+    kind = "config"
 
 
 def _columns(sites: HeadSites, heads: Sequence[int]) -> torch.Tensor:

@@ -16,9 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .schema import UserError
 
-class UnsupportedArchitecture(ValueError):
-    pass
+
+class UnsupportedArchitecture(UserError):
+    """A model whose structure the tool cannot find its heads in."""
+
+    kind = "model"
 
 
 # (attention submodule name, output projection name) pairs seen in the supported families:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
-from .schema import DataConfig, DataSource, Scope
+from .schema import DataConfig, DataSource, Scope, UserError
 
 
 class Story(TypedDict):
@@ -27,8 +27,10 @@ class Story(TypedDict):
     answer: list[str]
 
 
-class DataError(ValueError):
-    """Bad input data, with a one-line message naming the file and line."""
+class DataError(UserError):
+    """A bAbI file or folder that cannot be read as bAbI."""
+
+    kind = "data"
 
 
 ACTORS = ("Mary", "John", "Sandra", "Daniel")

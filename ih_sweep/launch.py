@@ -3,8 +3,9 @@ into the typed :class:`~ih_sweep.schema.Config`, run the job's recipe (:mod:`ih_
 and summarize a multirun when it ends (:class:`SummarizeCallback`).
 
 A user mistake ends with exit status 2: a value the schema does not allow is refused by
-Hydra while it composes (its own message); one that breaks a rule of
-:func:`ih_sweep.schema.check` ends in one line on stderr, ``ih_sweep: config error: ...``.
+Hydra while it composes (its own message); any other (a rule of
+:func:`ih_sweep.schema.check`, a data or score file, a model path, a device) ends in one
+line on stderr, ``ih_sweep: <kind> error: ...`` (:class:`~ih_sweep.schema.UserError`).
 Heavy imports (torch, transformers) stay inside the jobs, so config errors come first.
 """
 
@@ -22,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .runtime import keep_freed_memory
-from .schema import Config, ConfigError, Job, ScoreSource, register, settings
+from .schema import Config, ConfigError, Job, ScoreSource, UserError, register, settings
 
 log = logging.getLogger("ih_sweep")
 register()  # the schema in Hydra's ConfigStore, before @hydra.main composes
@@ -45,10 +46,32 @@ def output_dir() -> Path:
         return Path.cwd()
 
 
+class DeviceError(UserError):
+    kind = "device"
+
+
 def preflight(config: Config) -> None:
-    """Checks on the inputs a config names that need the file system but no model."""
+    """Checks on what a config names that need the file system or torch but no model: the
+    score file, the model path's shape (a folder must hold a model), the device."""
+    from .model_loading import resolve_path
+
     if config.scoring.source == ScoreSource.file and not Path(config.scoring.file).is_file():
         raise ConfigError(f"scoring.file={config.scoring.file}: no such score file")
+    resolve_path(config.model.path)
+    device = config.device
+    if device.startswith("cuda") or device == "mps":
+        import torch
+
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise DeviceError("device=mps: no Apple GPU (MPS) is available to torch here; "
+                              "use device=cpu or device=auto")
+        if device.startswith("cuda"):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(device.split(":")[1]) if ":" in device else 0
+            if index >= count:
+                raise DeviceError(f"device={device}: torch sees {count} CUDA device(s) here "
+                                  f"(torch {torch.__version__}); use device=cpu or "
+                                  "device=auto")
 
 
 def check_job(cfg: DictConfig) -> Config:
@@ -81,10 +104,10 @@ def main(cfg: DictConfig) -> Any:
     _started = True
     try:
         return run(cfg)
-    except ConfigError as err:
+    except UserError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one job of a sweep: the launcher reports it among the sweep's failures
-        print(f"ih_sweep: config error: {err}", file=sys.stderr)
+        print(f"ih_sweep: {err.kind} error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -1,4 +1,5 @@
-"""Loading models and tokenizers: the bundled tiny model and any Hugging Face causal LM,
+"""Loading models and tokenizers (torch and transformers are imported when a model is, so
+that checking a model path is cheap): the bundled tiny model and any Hugging Face causal LM,
 optionally 4-bit (nf4) or 8-bit quantized, through the same ``from_pretrained`` path.
 
 Loaded models are cached per process, so a basic-launcher multirun loads each model once.
@@ -8,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .schema import DType, Quantization
+from .schema import DType, Quantization, UserError
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +24,81 @@ ASSET_DIR = Path(__file__).parent / "assets" / "tiny"  # builtin:tiny (see tiny_
 _CACHE: dict[str, tuple[Any, Any]] = {}
 
 
+class ModelPathError(UserError):
+    """A model.path that names no usable model (a local path without one, or a hub id the
+    hub cannot provide here)."""
+
+    kind = "model"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
 def resolve_path(path: str) -> str:
-    """``builtin:tiny`` -> the packaged weights; anything else is a hub id or local folder."""
+    """``builtin:tiny`` -> the packaged weights; a local folder must hold a model's
+    ``config.json``; anything else must look like a hub id (``org/name``). Raises
+    :class:`ModelPathError` naming ``model.path`` otherwise."""
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX):]
         if name != "tiny":
-            raise ValueError(f"model.path={path!r}: the only built-in model is builtin:tiny")
+            raise ModelPathError(f"model.path={path}: the only built-in model is builtin:tiny")
         if not (ASSET_DIR / "config.json").is_file():
-            raise FileNotFoundError(f"{ASSET_DIR}: the tiny model's files are missing; retrain "
-                                    "with `ih-sweep job=train_tiny`")
+            raise ModelPathError(f"{ASSET_DIR}: the tiny model's files are missing; retrain "
+                                 "with `ih-sweep job=train_tiny`")
         return str(ASSET_DIR)
+    local = Path(path).expanduser()
+    if local.exists():
+        if local.is_file():
+            raise ModelPathError(f"model.path={path}: is a file; give the model's folder (the "
+                                 "one holding config.json and the weights) or a hub id")
+        if not (local / "config.json").is_file():
+            raise ModelPathError(f"model.path={path}: the folder holds no config.json; give "
+                                 "a model folder as save_pretrained writes it, or a hub id")
+        return str(local)
+    if not _HUB_ID.match(path) or path.startswith((".", "/", "~")):
+        raise ModelPathError(f"model.path={path}: no such folder, and not a hub id "
+                             "(org/name)")
     return path
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` s (so an
+    offline machine fails in seconds, not after the hub client's retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub(load, path: str, what: str):
+    """``load(local_files_only)`` for a hub id: the local Hugging Face cache first, then
+    the hub if it answers; a :class:`ModelPathError` naming model.path when neither has it."""
+    from huggingface_hub import constants
+
+    try:
+        return load(True)
+    except OSError:
+        pass
+    if constants.HF_HUB_OFFLINE or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else \
+            "the Hugging Face hub does not answer from here"
+        raise ModelPathError(
+            f"model.path={path}: {what} is not in the local Hugging Face cache and {why}; "
+            f"download it where there is network (hf download {path} --local-dir DIR) and "
+            "give that folder: model.path=DIR") from None
+    try:
+        return load(False)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelPathError(f"model.path={path}: the hub could not provide {what} "
+                             f"({first})") from None
 
 
 def quantization_config(quant: dict):
@@ -61,22 +125,54 @@ def _dtype(name: str | None):
     allowed = [m.value for m in DType]
     if name not in allowed:
         raise ValueError(f"model.dtype={name!r}; allowed values: {', '.join(allowed)}")
+    import torch
+
     return getattr(torch, DType(name).value)
 
 
 def pick_device(requested: str | None = "auto") -> str:
     if requested in (None, "auto"):
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
 
 
+def _load_files(load, path: str, given: str, what: str):
+    """``load(local_files_only)`` from a local folder (a :class:`ModelPathError` naming
+    model.path when the folder lacks the files) or from the hub (:func:`_from_hub`)."""
+    if Path(path).is_dir():
+        try:
+            return load(True)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ModelPathError(f"model.path={given}: the folder does not hold {what} "
+                                 f"({first})") from None
+    return _from_hub(load, path, what)
+
+
 def load_config(model_cfg: dict):
-    """The model's config alone (no weights): head counts, for checks before loading."""
+    """The model's config alone (no weights): head counts, for checks before loading.
+    Raises :class:`ModelPathError` for a path or hub id that gives none."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_path(model_cfg["path"]),
-                                      revision=model_cfg.get("revision"),
-                                      trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+    path = resolve_path(model_cfg["path"])
+
+    def load(local_only: bool):
+        return AutoConfig.from_pretrained(
+            path, revision=model_cfg.get("revision"), local_files_only=local_only,
+            trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+
+    return _load_files(load, path, model_cfg["path"], "its config")
+
+
+def model_shape(model_cfg: dict) -> tuple[int, int]:
+    """(layers, query heads per layer) from the model's config file alone (no weights)."""
+    config = load_config(model_cfg)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = getattr(text, "num_hidden_layers", None) or text.n_layer
+    heads = getattr(text, "num_attention_heads", None) or text.n_head
+    return int(n_layers), int(heads)
 
 
 def cache_key(model_cfg: dict, quant_cfg: dict, device: str) -> str:
@@ -108,14 +204,16 @@ def load_model(model_cfg: dict, quant_cfg: dict | None = None, device: str = "au
     if device_map is not None:
         kwargs["device_map"] = device_map
     log.info("loading %s (quantization=%s, device=%s)", path, quant_cfg.get("name"), device)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = _load_files(lambda local: AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=local, **kwargs), path, model_cfg["path"], "its weights")
     if device_map is None:
         model = model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_cfg.get("revision"),
-                                              trust_remote_code=bool(
-                                                  model_cfg.get("trust_remote_code")))
+    tokenizer = _load_files(lambda local: AutoTokenizer.from_pretrained(
+        path, revision=model_cfg.get("revision"), local_files_only=local,
+        trust_remote_code=bool(model_cfg.get("trust_remote_code"))), path, model_cfg["path"],
+        "its tokenizer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     _CACHE[key] = (model, tokenizer)

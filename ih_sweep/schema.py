@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -26,8 +27,18 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 
-class ConfigError(ValueError):
-    """A user mistake in the config or its inputs: reported in one line, exit status 2."""
+class UserError(ValueError):
+    """A mistake in what the user gave (a config value, a file, a model path, a device):
+    reported in one line, ``ih_sweep: <kind> error: <key or file>: <what is wrong>; <what is
+    allowed or what to do>``, exit status 2. Anything else that fails is a bug."""
+
+    kind = "input"
+
+
+class ConfigError(UserError):
+    """A config value that breaks a rule (see :func:`check`)."""
+
+    kind = "config"
 
 
 class Choice(str, Enum):
@@ -126,6 +137,7 @@ class Schedule(Choice):
 LANGS = ("en", "en-10k", "hn", "hn-10k", "shuffled", "shuffled-10k", "en-valid", "en-valid-10k")
 BABI_TASKS = tuple(range(1, 21))
 SPEED = {"semantic": False}  # field metadata: see the module docstring
+MAX_STORIES = 1_000_000  # bAbI's largest split holds 10,000 stories
 
 
 @dataclass
@@ -390,9 +402,17 @@ def check(cfg: Config) -> None:
     :class:`ConfigError` naming the first bad key, its value and what is allowed. Cheap:
     reads no file, loads no model."""
     _at_least("n_heads", cfg.n_heads, 0)
+    _at_least("control_seed", cfg.control_seed, 0)
+    _need(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device)), "device", cfg.device,
+          "allowed: auto, cpu, cuda, cuda:<index>, mps")
+    _need(bool(cfg.paths.cache_dir.strip()), "paths.cache_dir", cfg.paths.cache_dir,
+          "allowed: a folder for the score tables and finished jobs")
+    _need(bool(cfg.model.path.strip()), "model.path", cfg.model.path,
+          "allowed: a hub id (org/name), a local model folder, or builtin:tiny")
     data = cfg.data
     if data.n_stories is not None:
-        _at_least("data.n_stories", data.n_stories, 1)
+        _need(1 <= data.n_stories <= MAX_STORIES, "data.n_stories", data.n_stories,
+              f"allowed: 1 to {MAX_STORIES:,} (or null: every story of the file)")
     if data.name == DataSource.babi_generated:
         _need(data.task == 1, "data.task", data.task,
               "allowed with data=babi_generated: 1 (use data=babi_files for tasks 1-20)")

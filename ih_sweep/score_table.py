@@ -4,66 +4,193 @@ model once and cached (``paths.cache_dir/scores/``) for every job that needs the
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from .io_utils import write_csv
-from .schema import Config, ConfigError, ScoreSource, plain
+from .io_utils import write_csv, write_text
+from .schema import Config, ScoreSource, UserError, plain
 
 log = logging.getLogger(__name__)
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "config.json")
+
+
+def weights_fingerprint(model_path: str) -> dict[str, Any]:
+    """What identifies the weights behind ``model.path``: for a local folder (or
+    builtin:tiny) the name, size and modification time of each weight file and of
+    config.json, so changed weights are rescored; for a hub id, the id alone (its revision
+    is in the model config)."""
+    from .model_loading import resolve_path
+
+    folder = Path(resolve_path(model_path))
+    if not folder.is_dir():
+        return {"hub": model_path}
+    files = sorted({f for pattern in WEIGHT_FILES for f in folder.glob(pattern)})
+    return {"folder": str(folder.resolve()),
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def cache_key(config: Config) -> dict[str, Any]:
+    """Everything that determines a computed score table: the model (path, its weights'
+    fingerprint, revision, dtype), its quantization and the scoring settings."""
+    scoring = {k: v for k, v in plain(config.scoring).items()
+               if k not in ("source", "file", "rank_by", "batch_size")}
+    model = plain(config.model)
+    return {"model": {k: model[k] for k in ("path", "revision", "dtype")},
+            "weights": weights_fingerprint(config.model.path),
+            "quantization": plain(config.quantization), "scoring": scoring}
+
+
 def cache_path(config: Config) -> Path:
-    """Where the computed table for this model, quantization and scoring settings lives."""
+    """Where the computed table for this model, its weights, quantization and scoring
+    settings lives: ``<paths.cache_dir>/scores/<model>-<hash of cache_key>.csv``."""
+    import hashlib
+    import json
+
     from .model_loading import model_slug
 
     slug = model_slug(plain(config.model), plain(config.quantization))
-    return Path(config.paths.cache_dir) / "scores" / f"{slug}-{config.scoring.key()}.csv"
+    digest = hashlib.sha256(json.dumps(cache_key(config), sort_keys=True).encode())
+    return Path(config.paths.cache_dir) / "scores" / f"{slug}-{digest.hexdigest()[:12]}.csv"
+
+
+def problem_with_cache(path: Path, n_layers: int, heads_per_layer: int) -> str | None:
+    """Why a cached table cannot be trusted (None when it can): its checksum (written
+    beside it), every layer x head once, finite scores."""
+    from .records import sha256
+    from .scoring import SCORE_COLUMNS, SCORE_NAMES
+
+    digest = path.with_name(path.name + ".sha256")
+    if not digest.is_file() or digest.read_text().strip() != sha256(path):
+        return "its checksum does not match (damaged, or written by an older version)"
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        return f"unreadable ({err})"
+    if list(df.columns) != SCORE_COLUMNS:
+        return "it lacks the score columns"
+    cells = set(zip(df["layer"], df["head"]))
+    if len(df) != n_layers * heads_per_layer or len(cells) != len(df) or \
+            cells != {(la, h) for la in range(n_layers) for h in range(heads_per_layer)}:
+        return f"it does not hold each of the model's {n_layers} x {heads_per_layer} heads once"
+    if not np.isfinite(df[SCORE_NAMES].to_numpy(dtype=float)).all():
+        return "it holds scores that are not finite"
+    return None
 
 
 def get_scores(config: Config, model_getter: Callable[[], tuple[Any, Any]],
-               progress: bool = False) -> tuple[pd.DataFrame, Path | None]:
+               progress: bool = False, shape: tuple[int, int] | None = None
+               ) -> tuple[pd.DataFrame, Path | None]:
     """(score table, cache file or None for a user's file). Columns: scoring.SCORE_COLUMNS.
 
-    A file lock makes concurrent jobs wait for the one that computes; the CSV is written
-    atomically, so a reader never sees a partial table."""
-    from filelock import FileLock
+    A computed table is cached for every job that needs the same one, checked each time it
+    is read (:func:`problem_with_cache`; a bad one is recomputed with a warning), and read
+    without a lock from a cache folder this process cannot write. ``shape``: the model's
+    (layers, heads per layer), if known. A file lock makes concurrent jobs wait for the one
+    that computes; files are written atomically, so a reader never sees a partial table."""
+    from filelock import FileLock, Timeout
 
-    from .scoring import load_score_file, score_heads
+    from .scoring import load_score_file
 
     if config.scoring.source == ScoreSource.file:
         return load_score_file(config.scoring.file, config.model.name), None
     path = cache_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.is_file():
-            log.info("reusing scores %s", path)
+    shape = shape or _model_shape(config)
+    if path.is_file() and not os.access(path.parent, os.W_OK):  # a read-only cache
+        problem = problem_with_cache(path, *shape)
+        if problem is None:
+            log.info("reusing scores %s (read-only cache)", path)
             return pd.read_csv(path), path
-        from .model_loading import eager_attention
-
-        model, tokenizer = model_getter()
-        t0 = time.time()
-        with eager_attention(model):
-            df = score_heads(model, tokenizer, config.scoring, config.model.name,
-                             progress=progress)
-        log.info("scored %d heads in %.1f s", len(df), time.time() - t0)
+        raise CacheError(f"paths.cache_dir={config.paths.cache_dir}: the cached table {path} "
+                         f"is not usable ({problem}) and the folder is not writable; give a "
+                         "writable paths.cache_dir")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except (OSError, Timeout) as err:
+        raise CacheError(f"paths.cache_dir={config.paths.cache_dir}: cannot write there "
+                         f"({err})") from None
+    try:
+        _remove_stale_temporaries(path.parent)
+        if path.is_file():
+            problem = problem_with_cache(path, *shape)
+            if problem is None:
+                log.info("reusing scores %s", path)
+                df = pd.read_csv(path)
+                if not path.with_suffix(".png").is_file():
+                    save_heatmap(df, config.scoring.rank_by, path.with_suffix(".png"),
+                                 config.model.name)
+                return df, path
+            log.warning("rescoring: the cached table %s is not used: %s", path, problem)
+        df = _compute(config, model_getter, progress)
         write_csv(path, df)
+        from .records import sha256
+
+        write_text(path.with_name(path.name + ".sha256"), sha256(path) + "\n")
         save_heatmap(df, config.scoring.rank_by, path.with_suffix(".png"), config.model.name)
+    finally:
+        lock.release()
     return df, path
+
+
+class CacheError(UserError):
+    kind = "config"
+
+
+def _model_shape(config: Config) -> tuple[int, int]:
+    from .model_loading import model_shape
+
+    return model_shape(plain(config.model))
+
+
+def _compute(config: Config, model_getter, progress: bool) -> pd.DataFrame:
+    from .model_loading import eager_attention
+    from .scoring import score_heads
+
+    model, tokenizer = model_getter()
+    t0 = time.time()
+    with eager_attention(model):
+        df = score_heads(model, tokenizer, config.scoring, config.model.name,
+                         progress=progress)
+    log.info("scored %d heads in %.1f s", len(df), time.time() - t0)
+    return df
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files a killed write left behind (the writer of this folder holds the
+    lock, so none is being written now)."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted write", tmp)
 
 
 def check_scores_fit(scores: pd.DataFrame, n_layers: int, heads_per_layer: int,
                      source: str) -> None:
-    """A supplied table may cover some layers only (the notebook's does), not other shapes."""
-    if int(scores["layer"].max()) >= n_layers or scores["head"].nunique() != heads_per_layer:
-        raise ConfigError(
-            f"scoring.file={source}: the table has layers up to {int(scores['layer'].max())} "
-            f"and {scores['head'].nunique()} heads per layer, but the model has {n_layers} "
-            f"layers x {heads_per_layer} heads")
+    """A supplied table may cover some layers only (the notebook's scored every 4th), but
+    every layer it has must be one of the model's and hold all of its heads. Raises
+    :class:`~ih_sweep.scoring.ScoreFileError`."""
+    from .scoring import ScoreFileError
+
+    top_layer, top_head = int(scores["layer"].max()), int(scores["head"].max())
+    if top_layer >= n_layers or top_head >= heads_per_layer:
+        raise ScoreFileError(
+            f"scoring.file={source}: it has layers up to {top_layer} and heads up to "
+            f"{top_head}, but the model has {n_layers} layers x {heads_per_layer} heads "
+            "(ids are 0-based); is it the score file of another model?")
+    counts = scores.groupby("layer")["head"].nunique()
+    short = counts[counts != heads_per_layer]
+    if not short.empty:
+        raise ScoreFileError(
+            f"scoring.file={source}: layer {int(short.index[0])} has {int(short.iloc[0])} of "
+            f"the model's {heads_per_layer} heads; a layer in the table needs all of them")
 
 
 def save_heatmap(scores: pd.DataFrame, column: str, path: Path, title: str,

@@ -6,6 +6,7 @@ model-facing code that runs the batched forward passes, then the cached score ta
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import pickle
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 
 from .architecture import HeadSites, head_sites, hook_z
-from .schema import RankBy, ScoringConfig
+from .schema import RankBy, ScoringConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,18 @@ def score_matrix(scores: pd.DataFrame, column: str = "prefix") -> np.ndarray:
     return mat
 
 
+class ScoreFileError(UserError):
+    """A score file a user gave (scoring.file) that cannot be used as a score table."""
+
+    kind = "score file"
+
+
+MAX_SCORE_FILE_BYTES = 64 << 20  # a 1,024-head table is ~100 KB; the notebook's pickle 10 KB
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that refuses every global except numpy's array/scalar/dtype reconstructors."""
+    """Unpickler that refuses every global except numpy's array/scalar/dtype reconstructors
+    (and ``_codecs.encode``, which protocols 0-2 use to write bytes)."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
@@ -227,54 +238,134 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
-            f"refusing to load global {module}.{name} from a score pickle: only numpy arrays, "
-            "scalars and dtypes are allowed")
+            f"it asks for {module}.{name}, and a score pickle may hold only numpy arrays, "
+            "scalars and dtypes (nothing else is loaded)")
 
 
-def load_seed_scores(path: str | Path, model_name: str = "seed") -> pd.DataFrame:
-    """Read the notebook's ``ih_scores_dict.pkl`` (layer -> per-head scores) without plain
-    ``pickle.load``: only numpy reconstructors may appear in the file.
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise ScoreFileError(f"scoring.file={path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ScoreFileError(f"scoring.file={path}: the file is empty")
+    if size > MAX_SCORE_FILE_BYTES:
+        raise ScoreFileError(f"scoring.file={path}: {size:,} bytes; a score table is far "
+                             f"smaller (at most {MAX_SCORE_FILE_BYTES:,} bytes are read)")
+    return path.read_bytes()
+
+
+def load_seed_scores(path: str | Path, model_name: str = "notebook") -> pd.DataFrame:
+    """Read the notebook's ``ih_scores_dict.pkl`` (layer -> per-head scores, pickle
+    protocols 0-5) without plain ``pickle.load``: only numpy reconstructors may appear in
+    the file; anything else, a truncated file or another structure is refused with a
+    :class:`ScoreFileError`.
 
     The notebook's numbers are its combined score; they go in every score column so any
     ``rank_by`` reproduces its ranking, and ``n_sequences``/``seed`` are left empty.
     """
     path = Path(path)
+    blob = _read_bytes(path)
     try:
-        with path.open("rb") as fh:
-            obj = _NumpyOnlyUnpickler(fh).load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such score file") from None
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: {err}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of layer -> scores, got {type(obj).__name__}")
+        obj = _NumpyOnlyUnpickler(io.BytesIO(blob)).load()
+    except (pickle.UnpicklingError, EOFError) as err:
+        why = str(err) or "the pickle ends early (truncated)"
+        raise ScoreFileError(f"scoring.file={path}: not loaded: {why}") from None
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
+            OverflowError, RecursionError, UnicodeDecodeError) as err:
+        raise ScoreFileError(f"scoring.file={path}: not a readable score pickle "
+                             f"({type(err).__name__}: {str(err)[:120]})") from None
+    if not isinstance(obj, dict) or not obj:
+        raise ScoreFileError(f"scoring.file={path}: expected a non-empty dict of layer -> "
+                             f"per-head scores, got {type(obj).__name__}")
     rows = []
-    for layer in sorted(obj):
-        for head, value in enumerate(np.asarray(obj[layer], dtype=float).ravel()):
+    lengths = set()
+    for layer in obj:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
+            raise ScoreFileError(f"scoring.file={path}: layer key {layer!r} is not an "
+                                 "integer >= 0")
+        try:
+            values = np.asarray(obj[layer], dtype=float).ravel()
+        except (TypeError, ValueError):
+            raise ScoreFileError(f"scoring.file={path}: layer {layer}: the scores are not "
+                                 "numbers") from None
+        lengths.add(len(values))
+        for head, value in enumerate(values):
             rows.append({"model": model_name, "layer": int(layer), "head": head,
                          "prefix": float(value), "copying": float("nan"),
                          "combined": float(value), "n_sequences": None, "seed": None})
-    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+    if len(lengths) != 1:
+        raise ScoreFileError(f"scoring.file={path}: layers hold different numbers of heads "
+                             f"({sorted(lengths)})")
+    df = pd.DataFrame(rows, columns=SCORE_COLUMNS).sort_values(["layer", "head"])
+    return check_score_table(df.reset_index(drop=True), path)
+
+
+def check_score_table(df: pd.DataFrame, source: str | Path, first_line: int = 2
+                      ) -> pd.DataFrame:
+    """A score table's own consistency: integer layer and head ids >= 0, each (layer, head)
+    once, numeric scores, some score finite. Raises :class:`ScoreFileError` naming the
+    file and the first bad line (CSV line numbers: the header is line 1)."""
+    def line(i) -> str:
+        return f"{source}:{int(i) + first_line}"
+
+    def shown(value) -> str:
+        return repr(value.item() if hasattr(value, "item") else value)
+
+    for col in ("layer", "head"):
+        ids = pd.to_numeric(df[col], errors="coerce")
+        bad = ids.isna() | (ids < 0) | (ids != ids.round())
+        if bad.any():
+            i = bad.idxmax()
+            raise ScoreFileError(f"scoring.file={line(i)}: {col}={shown(df[col][i])}; ids are "
+                                 "integers >= 0 (0-based)")
+        df[col] = ids.astype(int)
+    dup = df.duplicated(["layer", "head"])
+    if dup.any():
+        i = dup.idxmax()
+        raise ScoreFileError(f"scoring.file={line(i)}: layer {df.layer[i]} head {df['head'][i]} "
+                             "appears twice; each head needs exactly one row")
+    present = [c for c in SCORE_NAMES if c in df.columns]
+    for col in present:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() & df[col].notna() & (df[col].astype(str).str.strip() != "")
+        if bad.any():
+            i = bad.idxmax()
+            raise ScoreFileError(f"scoring.file={line(i)}: {col}={shown(df[col][i])} is not a "
+                                 "number")
+        df[col] = values
+    if not np.isfinite(df[present].to_numpy(dtype=float)).any():
+        raise ScoreFileError(f"scoring.file={source}: no finite score in "
+                             f"{', '.join(present)}")
+    return df
 
 
 def load_score_file(path: str | Path, model_name: str | None = None) -> pd.DataFrame:
-    """A user-supplied score table: our CSV, or the notebook's pickle format."""
+    """A user-supplied score table: our CSV (columns ``layer``, ``head`` and one or more of
+    prefix/copying/combined), or the notebook's pickle. Raises :class:`ScoreFileError`."""
     path = Path(path)
     if path.suffix in (".pkl", ".pickle"):
-        return load_seed_scores(path, model_name or "seed")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such score file")
-    df = pd.read_csv(path)
+        return load_seed_scores(path, model_name or "notebook")
+    blob = _read_bytes(path)
+    try:
+        df = pd.read_csv(io.BytesIO(blob))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ScoreFileError(f"scoring.file={path}: not a CSV table ({str(err)[:120]})"
+                             ) from None
     missing = {"layer", "head"} - set(df.columns)
     if missing or not set(SCORE_NAMES) & set(df.columns):
-        raise ValueError(f"{path}: a score table needs columns layer, head and one of "
-                         f"{', '.join(SCORE_NAMES)}")
+        raise ScoreFileError(f"scoring.file={path}: a score table needs columns layer, head "
+                             f"and one of {', '.join(SCORE_NAMES)}; it has "
+                             f"{', '.join(map(str, df.columns)) or 'none'}")
+    if df.empty:
+        raise ScoreFileError(f"scoring.file={path}: the table has a header but no rows")
+    df = check_score_table(df, path)
     for col in SCORE_COLUMNS:
         if col not in df.columns:
             df[col] = np.nan

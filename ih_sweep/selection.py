@@ -10,13 +10,15 @@ from collections import Counter
 
 import numpy as np
 
-from .schema import Condition
+from .schema import Condition, UserError
 
 Head = tuple[int, int]
 
 
-class SelectionError(ValueError):
-    pass
+class SelectionError(UserError):
+    """A condition, N or score table from which no heads can be chosen."""
+
+    kind = "config"
 
 
 def _check(scores: np.ndarray, n: int, condition: str) -> None:

@@ -66,6 +66,45 @@ class SweepJobs:
     scan_parts: list[Path] = field(default_factory=list)  # job=scan folders
 
 
+DEFAULT_SUBDIR = "${path_safe:${hydra.job.override_dirname}}"
+
+
+def expected_jobs(sweep_dir: Path) -> tuple[int, list[str]] | None:
+    """(how many jobs the sweep's ``multirun.yaml`` launched, their folder names where the
+    job folders have the default names), or None without a readable multirun.yaml. The jobs
+    are expanded from its overrides the way Hydra's basic sweeper does."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from .schema import register, speed_keys
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None
+    register()
+    try:
+        cfg = OmegaConf.load(path)
+        args = list(cfg.hydra.overrides.task)
+        params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+        given = {a.split("=", 1)[0].lstrip("+~") for a in args}
+        args += [f"{k}={v}" for k, v in params.items() if k not in given]
+        overrides = OverridesParser.create().parse_overrides(args)
+        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None)
+                for job in batch]
+    except Exception as err:  # a multirun.yaml of another tool or version
+        log.warning("cannot read the jobs of %s: %s", path, err)
+        return None
+    if OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir") != DEFAULT_SUBDIR:
+        return len(jobs), []  # folders named otherwise: only the count can be checked
+    exclude = set(speed_keys())
+    names = []
+    for job in jobs:
+        lines = sorted(o for o in job if o.split("=", 1)[0].lstrip("+~") not in exclude)
+        names.append(",".join(lines).replace("/", "_") or "default")
+    return len(jobs), names
+
+
 def find_jobs(sweep_dir: Path) -> SweepJobs:
     """Find job folders (those with a .hydra/ or job.json) and sort good from broken."""
     out = SweepJobs()
@@ -549,6 +588,18 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
     found = find_jobs(sweep_dir)
     known = dict(not_finished or [])  # what the launcher knows beats "no job.json"
     found.problems = [(f, known.pop(f, why)) for f, why in found.problems] + list(known.items())
+    expected = expected_jobs(sweep_dir)
+    if expected is not None:
+        count, names = expected
+        present = {str(j.path.relative_to(sweep_dir)) for j in found.jobs} | \
+            {str(p.relative_to(sweep_dir)) for p in found.scan_parts} | \
+            {f for f, _ in found.problems}
+        missing = [n for n in names if n not in present]
+        found.problems += [(n, "multirun.yaml lists this job, but its folder is missing "
+                               "(never ran, or deleted)") for n in missing]
+        if not names and count > len(present):
+            found.problems.append((str(sweep_dir), f"multirun.yaml lists {count} jobs, "
+                                                   f"{len(present)} folders were found"))
     if not found.jobs and not found.problems and not found.scan_parts:
         raise SummaryError(f"{sweep_dir}: no ih_sweep jobs here (no job.json or .hydra/)")
     for folder, why in found.problems:

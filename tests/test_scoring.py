@@ -98,11 +98,11 @@ class Evil:
 def test_restricted_unpickler_refuses_other_globals(tmp_path):
     bad = tmp_path / "evil.pkl"
     bad.write_bytes(pickle.dumps({0: Evil()}))
-    with pytest.raises(ValueError, match="refusing to load global builtins.print"):
+    with pytest.raises(scoring.ScoreFileError, match="it asks for builtins.print"):
         scoring.load_seed_scores(bad)
     also_bad = tmp_path / "os.pkl"
     also_bad.write_bytes(pickle.dumps({0: np.ones(3), 1: pytest.approx}))  # any other global
-    with pytest.raises(ValueError, match="refusing to load global"):
+    with pytest.raises(scoring.ScoreFileError, match="may hold only numpy arrays"):
         scoring.load_seed_scores(also_bad)
 
 
@@ -131,5 +131,62 @@ def test_score_file_csv_roundtrip(tmp_path):
     pd.DataFrame({"a": [1]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match="needs columns layer, head"):
         scoring.load_score_file(tmp_path / "bad.csv")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(scoring.ScoreFileError, match="no such file"):
         scoring.load_score_file(tmp_path / "missing.csv")
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_numpy_pickles_of_every_protocol_load(tmp_path, protocol):
+    path = tmp_path / "scores.pkl"
+    path.write_bytes(pickle.dumps({0: np.array([0.1, 0.5], dtype=np.float32),
+                                   4: np.array([np.nan, 0.2])}, protocol=protocol))
+    df = scoring.load_seed_scores(path)
+    assert df["layer"].tolist() == [0, 0, 4, 4] and np.isnan(df["combined"][2])
+
+
+class Touch:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.target}",))
+
+
+@pytest.mark.parametrize("payload,match", [
+    (lambda t: b"", "the file is empty"),
+    (lambda t: pickle.dumps({0: np.ones(32)})[:40], "truncated|not loaded"),
+    (lambda t: pickle.dumps({0: Touch(t)}), "it asks for posix.system|it asks for os.system"),
+    (lambda t: pickle.dumps([1, 2, 3]), "expected a non-empty dict"),
+    (lambda t: pickle.dumps({-1: np.ones(2)}), "layer key -1 is not an integer >= 0"),
+    (lambda t: pickle.dumps({0: np.ones(2), 1: np.ones(3)}), "different numbers of heads"),
+    # a BINBYTES8 opcode declaring 2**62 bytes: refused, nothing that size is allocated
+    (lambda t: b"\x80\x04\x8e" + (1 << 62).to_bytes(8, "little") + b"x", "not loaded|not a"),
+])
+def test_bad_score_pickles_are_refused_in_one_line(tmp_path, payload, match):
+    target = tmp_path / "PWNED"
+    path = tmp_path / "scores.pkl"
+    path.write_bytes(payload(target))
+    with pytest.raises(scoring.ScoreFileError, match=match) as err:
+        scoring.load_seed_scores(path)
+    assert "\n" not in str(err.value) and not target.exists()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "the file is empty"),
+    ("layer,head,prefix\n", "a header but no rows"),
+    ("layer,head,prefix\n0,0,\n0,1,\n", "no finite score in prefix"),
+    ("layer,head,prefix\n0,0,0.5\n0,1,high\n", r"s.csv:3: prefix='high' is not a number"),
+    ("layer,head,prefix\n0,0,0.5\n0,0,0.7\n", r"s.csv:3: layer 0 head 0 appears twice"),
+    ("layer,head,prefix\n-1,0,0.5\n", r"s.csv:2: layer=-1; ids are integers >= 0"),
+    ("layer,head,prefix\n0,x,0.5\n", r"s.csv:2: head='x'"),
+    ("layer,head,prefix\n0,1.5,0.5\n", r"s.csv:2: head=1.5"),
+    ("a,b\n1,2\n", "needs columns layer, head"),
+    ("\x00\x01\xff\xfe", "not a CSV table|needs columns"),
+])
+def test_bad_score_csvs_are_refused_naming_the_line(tmp_path, text, match):
+    path = tmp_path / "s.csv"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(scoring.ScoreFileError, match=match):
+        scoring.load_score_file(path)

@@ -212,3 +212,27 @@ def test_a_random_only_sweep_says_what_it_cannot_compare(tmp_path):
     assert len(df) == 3 and df.delta_vs_none.isna().all()
     assert "only random draws, so nothing is compared: add condition=none" in \
         (tmp_path / "summary.md").read_text()
+
+
+def test_jobs_that_multirun_yaml_lists_but_are_missing_are_named(tmp_path):
+    """A sweep folder written by the real CLI (multirun.yaml lists 4 jobs), one job folder
+    deleted afterwards: the summary says 3 jobs and names the missing one."""
+    import shutil
+
+    from compose_config import compose
+    from omegaconf import OmegaConf
+
+    cfg = compose("n_heads=4", return_hydra_config=True)
+    OmegaConf.update(cfg, "hydra.overrides.task", ["n_heads=4,8", "condition=high,none"],
+                     force_add=True)
+    (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml(cfg))
+    rng = np.random.default_rng(3)
+    for n in (4, 8):
+        for cond in ("high", "none"):
+            make_job(tmp_path, f"condition={cond},n_heads={n}", n, cond, rng.random(20) < 0.8,
+                     settings=_settings(cond, n), config_hash=f"{cond}{n}")
+    shutil.rmtree(tmp_path / "condition=high,n_heads=8")
+    summarize(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    assert "`condition=high,n_heads=8`: multirun.yaml lists this job, but its folder is " \
+           "missing" in md

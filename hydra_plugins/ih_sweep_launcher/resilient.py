@@ -77,7 +77,7 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
     from omegaconf import open_dict
 
     from ih_sweep.launch import check_job
-    from ih_sweep.schema import ConfigError
+    from ih_sweep.schema import UserError
 
     bad = []
     for overrides in job_overrides:
@@ -87,7 +87,7 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
             with open_dict(cfg):
                 del cfg["hydra"]
             check_job(cfg)
-        except (ConfigError, HydraException) as err:
+        except (UserError, HydraException) as err:
             why = str(err).strip().splitlines()
             bad.append(f"{' '.join(filter_overrides(overrides))}: "
                        + " ".join(line.strip() for line in why[:2]))

@@ -60,7 +60,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
                  Path(config.paths.cache_dir) / "jobs" / chash, _describe(config))
         return stored  # type: ignore[return-value]
     from ..data import load_stories, make_items
-    from ..model_loading import load_model
+    from ..model_loading import load_model, model_shape
     from ..score_table import check_scores_fit, get_scores
     from ..scoring import score_matrix
     from ..selection import select_heads
@@ -68,7 +68,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     t_start, timings = time.time(), {}
 
     # check: what can be checked without weights comes first
-    n_layers, heads_per_layer = model_shape(config)
+    n_layers, heads_per_layer = model_shape(plain(config.model))
     if config.n_heads > n_layers * heads_per_layer:
         raise ConfigError(f"n_heads={config.n_heads} is larger than the model's "
                           f"{n_layers * heads_per_layer} heads ({n_layers} x "
@@ -93,7 +93,8 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     t0 = time.time()
     scores, heads, scores_file = None, [], None
     if config.condition != Condition.none and config.n_heads > 0:
-        scores, cached = get_scores(config, model_getter, progress=config.eval.progress)
+        scores, cached = get_scores(config, model_getter, progress=config.eval.progress,
+                                    shape=(n_layers, heads_per_layer))
         scores_file = str(cached or Path(config.scoring.file).resolve())
         if config.scoring.source == ScoreSource.file:
             check_scores_fit(scores, n_layers, heads_per_layer, config.scoring.file)
@@ -163,18 +164,6 @@ def _describe(config: Config) -> str:
     """The job in one phrase for log lines: its ablation, with the control seed if drawn."""
     seed = f" control_seed={config.control_seed}" if config.condition == "random" else ""
     return f"n_heads={config.n_heads} condition={config.condition}{seed}"
-
-
-def model_shape(config: Config) -> tuple[int, int]:
-    """(layers, query heads per layer) from the model's config file alone (no weights)."""
-    from ..model_loading import load_config
-
-    model_config = load_config(plain(config.model))
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") \
-        else model_config
-    n_layers = getattr(text, "num_hidden_layers", None) or text.n_layer
-    heads = getattr(text, "num_attention_heads", None) or text.n_head
-    return int(n_layers), int(heads)
 
 
 def split_name(config: Config) -> str:
