@@ -362,17 +362,18 @@ def _device(model) -> torch.device:
 
 
 def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool,
-                 workers: int = 1, bar=None):
+                 workers: int = 1, bar=None, weight=len):
     """Apply fn to batches of work; on CUDA out-of-memory halve the batch and go on.
     With ``workers`` > 1 (CPU), that many batches run at once (see :func:`_in_threads`).
-    ``bar``: a progress bar to update (left open) instead of one of its own."""
+    ``bar``: a progress bar to update (left open) instead of one of its own, by
+    ``weight(batch)`` per batch done."""
     bs = max(1, batch_size)
     own_bar = bar is None
     if own_bar:
         bar = tqdm(total=len(work), desc=desc, disable=not progress, leave=False)
     if workers > 1 and len(work) > bs:
         results = _in_threads(fn, [work[i:i + bs] for i in range(0, len(work), bs)],
-                              workers, bar)
+                              workers, bar, weight)
         if own_bar:
             bar.close()
         return results
@@ -390,7 +391,7 @@ def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool,
             log.warning("CUDA out of memory: batch size halved to %d", bs)
             continue
         start += len(chunk)
-        bar.update(len(chunk))
+        bar.update(weight(chunk))
     if own_bar:
         bar.close()
     return results
@@ -407,7 +408,7 @@ def intra_op_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _in_threads(fn, chunks: list, workers: int, bar) -> list:
+def _in_threads(fn, chunks: list, workers: int, bar, weight=len) -> list:
     """Batches in ``workers`` threads at once, the cores split between them.
 
     Why: on CPU the evaluator's operators are small (a 2-layer model, 16-dim heads) and
@@ -422,7 +423,7 @@ def _in_threads(fn, chunks: list, workers: int, bar) -> list:
             return fn(chunk)
 
     with intra_op_threads(per_worker), ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(run, c): len(c) for c in chunks}
+        futures = {pool.submit(run, c): weight(c) for c in chunks}
         results = []
         try:
             for future in as_completed(futures):
@@ -481,10 +482,16 @@ def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: Eval
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig
+def _items_in(rows) -> int:
+    return sum(len(queries) for _, queries in rows)
+
+
+def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=None
              ) -> list[ItemResult]:
     """Greedy-decoding outcome of every item, identical to one-at-a-time ``generate``.
-    ``settings``: the ``eval`` group of the config (:class:`.schema.EvalConfig`)."""
+    ``settings``: the ``eval`` group of the config (:class:`.schema.EvalConfig`). ``bar``:
+    a progress bar (in items) to advance instead of one of its own, so that a job that
+    evaluates in checkpointed chunks shows one bar."""
     if settings.metric not in tuple(Metric):
         raise ValueError(f"eval.metric={settings.metric!r}; allowed values: "
                          f"{_allowed(Metric)}")
@@ -500,7 +507,10 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig
     def run(chunk):
         return _evaluate_rows(model, tokenizer, items, chunk, settings, device)
 
-    bar = tqdm(total=len(rows), desc="evaluate", disable=not settings.progress, leave=False)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=len(items), desc="evaluate", unit="item",
+                   disable=not settings.progress, leave=False)
     try:
         with installed(model, settings.fast_layers) as fast:
             key = fast.layers
@@ -515,11 +525,13 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig
                 rest = rows[bs:]
             else:
                 parts, rest = [], rows
-            parts += _run_batches(run, rest, bs, "evaluate", settings.progress, workers, bar)
+            parts += _run_batches(run, rest, bs, "evaluate", settings.progress, workers, bar,
+                                  _items_in)
             for part in parts:
                 results.update(part)
     finally:
-        bar.close()
+        if own_bar:
+            bar.close()
     decoded = sum(r.decided_by != "forward" for r in results.values())
     log.info("evaluated %d items in %.1f s (%d decoded past the teacher-forced pass)",
              len(items), time.time() - t0, decoded)
@@ -582,7 +594,7 @@ def _check_first_batch(model, tokenizer, rows, fast: FastPath, run, bs: int,
     shortcut: dict[int, torch.Tensor] = {}
     token = _RECORD.set(shortcut)
     try:
-        parts = _run_batches(run, rows, bs, "evaluate", settings.progress, 1, bar)
+        parts = _run_batches(run, rows, bs, "evaluate", settings.progress, 1, bar, _items_in)
     finally:
         _RECORD.reset(token)
     plain: dict[int, torch.Tensor] = {}

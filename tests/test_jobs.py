@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -39,9 +40,11 @@ def test_a_finished_job_is_reused_from_the_store_in_a_new_folder(tmp_path, caplo
     caplog.clear()
     again = run_job(tmp_path / "b" / "job", *FAST, "n_heads=4", "eval.batch_size=3",
                     f"paths.cache_dir={tmp_path}/c")
-    assert again == first
     assert f"reusing the finished evaluation {first.config_hash}" in caplog.text
-    for name in ("results.csv", "heads.csv", "job.json"):
+    assert again.reused_evaluation and not first.reused_evaluation
+    assert dataclasses.replace(again, reused_evaluation=False, timings=first.timings) == first
+    assert read_record(tmp_path / "b" / "job") == again
+    for name in ("results.csv", "heads.csv"):
         assert (tmp_path / "a/job" / name).read_bytes() == (tmp_path / "b/job" / name).read_bytes()
 
 

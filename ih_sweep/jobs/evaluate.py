@@ -6,10 +6,12 @@ complete for the same config is reused; a killed job resumes from its last check
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from ..io_utils import read_json, write_csv, write_json
 from ..records import (
@@ -49,6 +52,7 @@ _MEMO: dict[str, pd.DataFrame] = {}
 
 def run(config: Config, out_dir: Path) -> EvaluationRecord:
     """Run the job into ``out_dir`` (results.csv, heads.csv, job.json); returns its record."""
+    t_start = time.time()
     chash = config_hash(config)
     previous = finished_record(out_dir, chash, "results.csv")
     if previous is not None:
@@ -58,14 +62,18 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     if stored is not None:
         log.info("reusing the finished evaluation %s (%s) for %s", chash,
                  Path(config.paths.cache_dir) / "jobs" / chash, _describe(config))
-        return stored  # type: ignore[return-value]
+        record = dataclasses.replace(  # this job's own bookkeeping, the stored results
+            stored, reused_evaluation=True, slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            host=platform.node(), timings={"total_s": round(time.time() - t_start, 3)})
+        write_record(out_dir, record)
+        return record
     from ..data import load_stories, make_items
     from ..model_loading import load_model, model_shape
     from ..score_table import check_scores_fit, get_scores
     from ..scoring import score_matrix
     from ..selection import select_heads
 
-    t_start, timings = time.time(), {}
+    timings: dict[str, float] = {}
 
     # check: what can be checked without weights comes first
     n_layers, heads_per_layer = model_shape(plain(config.model))
@@ -196,12 +204,17 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
         shutil.rmtree(part)
     part.mkdir(parents=True, exist_ok=True)
     write_json(part / "state.json", state)
+    for stale in [*out_dir.glob(".*.tmp"), *part.glob(".*.tmp")]:  # left by a killed write
+        stale.unlink(missing_ok=True)
     frames, resumed, means = [], 0, None
     starts = range(0, len(items), size)
+    bar = tqdm(total=len(items), desc=_describe(config), unit="item",
+               disable=not config.eval.progress, leave=False)
     for c, start in enumerate(starts):
         chunk_file = part / f"chunk-{c:05d}.csv"
         if chunk_file.is_file():
             frames.append(pd.read_csv(chunk_file, keep_default_na=False))
+            bar.update(len(frames[-1]))
             resumed += 1
             continue
         model, tokenizer = model_getter()
@@ -209,7 +222,7 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
             means = head_means(model, reference_batches(tokenizer, items,
                                                         config.ablation.n_reference, model))
         with ablate_heads(model, heads, config.ablation.method, means):
-            res = evaluate(model, tokenizer, items[start:start + size], config.eval)
+            res = evaluate(model, tokenizer, items[start:start + size], config.eval, bar)
         df = pd.DataFrame([(r.item.story_index, r.item.question_index, r.item.line,
                             r.item.examples_before, r.item.answer, r.continuation,
                             bool(r.correct), r.decided_by) for r in res], columns=ITEM_COLUMNS)
@@ -217,6 +230,7 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
         frames.append(df)
         if len(starts) > 1:
             log.info("chunk %d/%d done", c + 1, len(starts))
+    bar.close()
     if resumed:
         log.info("resumed: %d of %d chunks were already done", resumed, len(starts))
     return pd.concat(frames, ignore_index=True), resumed
