@@ -44,7 +44,7 @@ def head_heatmap(matrix: np.ndarray, path: Path, title: str, colorbar_label: str
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label=colorbar_label)
-    styles = [("x", "red"), ("o", "white"), ("s", "orange"), ("^", "cyan")]
+    styles = [("x", "red"), ("o", "deepskyblue"), ("s", "orange"), ("^", "white")]
     row = {la: i for i, la in enumerate(layers)}
     for (label, heads), (marker, color) in zip((marks or {}).items(), styles):
         pts = [(h, row[la]) for la, h in heads if la in row]

@@ -393,7 +393,8 @@ def _short_title(row) -> str:
     """A figure title: the model and the data, the metric and the ablation."""
     split = "" if row.split == "generated" else f" {row.split}"
     return (f"{row.model} ({row.quantization}), bAbI task {row.babi_task}{split} "
-            f"({row.data}), {row.metric}, {row.scope} question, {row.ablation} ablation")
+            f"({row.data}), {row.metric}, {'last' if row.scope == 'last' else 'every'} "
+            f"question, {row.ablation} ablation")
 
 
 def group_title(group: dict) -> str:
@@ -460,7 +461,8 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
             ax.fill_between(band.index, 100 * band[0.025], 100 * band[0.975],
                             color=COLORS["random"], alpha=0.3, lw=0,
                             label=f"random heads: 2.5-97.5% of {draws} draws")
-            ax.plot(band.index, 100 * by_n.median(), color=COLORS["random"], lw=1)
+            ax.plot(band.index, 100 * by_n.median(), color=COLORS["random"], lw=1, marker="s",
+                    ms=4, clip_on=False, zorder=4)
         else:
             ax.plot(random.n_heads, 100 * random.accuracy, "o", color=COLORS["random"],
                     ms=5, clip_on=False, label=f"random heads ({len(random)} draws)")
@@ -492,37 +494,46 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
 
 
 def plot_icl(curve: pd.DataFrame, path: Path, title: str = "") -> Path | None:
-    """Accuracy by answered examples before the question, one line per (condition, N),
-    with 95% Wilson CIs as bands."""
+    """Accuracy by answered examples before the question: one line per (condition, N), the
+    random draws of an N pooled, with 95% Wilson CIs as bands; colour = condition,
+    line style = N."""
     if curve.empty:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
     curve = curve.drop_duplicates(["condition", "n_heads", "control_seed", "examples_before"])
-    lines = curve[curve.condition != "none"].groupby(["condition", "n_heads", "control_seed"])
+    curve = curve.assign(n_correct=(curve.accuracy * curve.n_items).round())
     none = curve[curve.condition == "none"]
-    series = ([(("none", 0, 0), none[none.n_heads == none.n_heads.min()])] if not none.empty
-              else []) + list(lines)
-    cmap = plt.get_cmap("tab10")
-    for i, ((cond, n, seed), g) in enumerate(series):
-        g = g.sort_values("examples_before")
-        bounds = np.array([st.wilson_interval(int(round(a * m)), int(m))
-                           for a, m in zip(g.accuracy, g.n_items)])
-        label = "unablated" if cond == "none" else (
-            f"{cond} N={n}" + (f" (control seed {seed})" if cond == "random" else ""))
-        color = "black" if cond == "none" else cmap(i % 10)
-        ax.plot(g.examples_before, 100 * g.accuracy, marker="o", ms=4, color=color,
-                label=label, clip_on=False)
-        ax.fill_between(g.examples_before, 100 * bounds[:, 0], 100 * bounds[:, 1],
-                        color=color, alpha=0.15, lw=0)
-    ticks = sorted(int(x) for x in curve.examples_before.unique())
-    ax.set_xticks(ticks)
+    none = none[none.n_heads == none.n_heads.min()]
+    pooled = pd.concat([none, curve[curve.condition != "none"]]).groupby(
+        ["condition", "n_heads", "examples_before"], as_index=False)[["n_correct",
+                                                                      "n_items"]].sum()
+    draws = curve[curve.condition == "random"].groupby("n_heads").control_seed.nunique()
+    ns = sorted(int(n) for n in pooled.loc[pooled.condition != "none", "n_heads"].unique())
+    styles = dict(zip(reversed(ns), ["-", "--", ":", "-."] * 4))
+    order = {"none": 0, "high": 1, "low": 2, "random": 3}
+    keys = sorted(pooled.groupby(["condition", "n_heads"]).groups,
+                  key=lambda k: (order.get(k[0], 9), k[1]))
+    for i, (cond, n) in enumerate(keys):
+        g = pooled[(pooled.condition == cond) & (pooled.n_heads == n)].sort_values(
+            "examples_before")
+        bounds = np.array([st.wilson_interval(int(k), int(m))
+                           for k, m in zip(g.n_correct, g.n_items)])
+        label = "unablated" if cond == "none" else f"{cond} N={n}" + (
+            f" ({draws[n]} draws pooled)" if cond == "random" else "")
+        x = g.examples_before + 0.04 * (i - (len(keys) - 1) / 2)  # lines at 100% side by side
+        color = COLORS.get(cond, "tab:green")
+        ax.plot(x, 100 * g.n_correct / g.n_items, marker="o", ms=4, color=color,
+                ls="-" if cond == "none" else styles[int(n)], label=label, clip_on=False)
+        ax.fill_between(x, 100 * bounds[:, 0], 100 * bounds[:, 1], color=color, alpha=0.12,
+                        lw=0)
+    ax.set_xticks(sorted(int(v) for v in curve.examples_before.unique()))
     ax.set_ylim(-3, 103)
     ax.set_xlabel("answered examples before the question")
     ax.set_ylabel("accuracy (%), bands: 95% Wilson CI")
     ax.set_title(title or "In-context learning curve", fontsize=10)
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     write_figure(path, fig)
     plt.close(fig)
     return path
@@ -620,7 +631,8 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
     curve = icl_curve(found.jobs)
     if not curve.empty:
         write_csv(sweep_dir / "icl_curve.csv", curve)
-        plot_icl(curve, sweep_dir / "icl_curve.png")
+        plot_icl(curve, sweep_dir / "icl_curve.png",
+                 title="In-context learning curve: " + _short_title(df.iloc[0]))
     for note in notes:
         log.info("%s", note)
     log.info("summary of %d jobs (%d rows) written to %s (%d left out)", len(found.jobs),
