@@ -118,50 +118,82 @@ _LINE = re.compile(r"^(\d+) (.*)$")
 
 
 def parse_babi_lines(lines: Iterable[str], source: str = "<input>") -> list[Story]:
-    """Parse the original release format (``ID text`` / ``ID question\\tanswer\\tsupport``)."""
+    """Parse the original release format (``ID text`` / ``ID question\tanswer\tsupport``),
+    as files are saved by other editors and platforms too: a byte-order mark, Windows or old
+    Mac line endings, spaces around fields and blank lines are accepted. Raises
+    :class:`DataError` naming ``source:line`` for anything else, and for a story without a
+    question or a file without a story."""
     stories: list[Story] = []
     story: Story | None = None
+    starts: list[int] = []
+    lineno = 0
     for lineno, raw in enumerate(lines, start=1):
-        line = raw.rstrip("\n").rstrip("\r")
+        line = raw.lstrip("\ufeff") if lineno == 1 else raw
+        line = line.rstrip("\r\n").strip(" ")
         if not line.strip():
             continue
         m = _LINE.match(line)
         if m is None:
-            raise DataError(f"{source}:{lineno}: expected 'ID text', got {line[:60]!r}")
+            raise DataError(f"{source}:{lineno}: expected 'ID text' (a line number, a space, "
+                            f"the text), got {line[:60]!r}")
         line_id, rest = m.group(1), m.group(2)
         if line_id == "1" or story is None:
             if line_id != "1":
                 raise DataError(f"{source}:{lineno}: a story must start at id 1, got {line_id}")
             story = {"id": [], "type": [], "text": [], "supporting_ids": [], "answer": []}
             stories.append(story)
+            starts.append(lineno)
         if "\t" in rest:
-            parts = rest.split("\t")
-            if len(parts) != 3 or not parts[1]:
+            parts = [p.strip() for p in rest.split("\t")]
+            if len(parts) != 3 or not parts[0] or not parts[1]:
                 raise DataError(f"{source}:{lineno}: a question line needs "
                                 f"'question<TAB>answer<TAB>supporting ids', got {line[:60]!r}")
             question, answer, support = parts
-            _append(story, int(line_id), 1, question.strip(), support.split(), answer.strip())
+            _append(story, int(line_id), 1, question, support.split(), answer)
         else:
             _append(story, int(line_id), 0, rest.strip(), [], "")
+    if not stories:
+        raise DataError(f"{source}: no story in it ({lineno} lines); a bAbI file holds lines "
+                        "'1 text', '2 text', ..., 'N question<TAB>answer<TAB>ids'")
+    for start, st in zip(starts, stories):
+        if 1 not in st["type"]:
+            raise DataError(f"{source}:{start}: the story starting here has no question "
+                            "(a line 'ID question<TAB>answer<TAB>supporting ids')")
     return stories
 
 
 def babi_file(root: str | Path, lang: str, task: int, split: str) -> Path:
-    """Path of one task file in an extracted release (``root/lang/qaN_name_split.txt``)."""
+    """Path of one task file in an extracted v1.2 release: ``root/lang/qaN_name_split.txt``,
+    or ``root/lang/qaN_split.txt`` as the ``en-valid`` folders name them."""
     _check_task_split(task, split)
-    path = Path(root) / lang / f"qa{task}_{TASK_NAMES[task]}_{split}.txt"
-    if not path.is_file():
-        raise DataError(f"{path}: no such bAbI file (data.path={root}, data.lang={lang}, "
-                        f"data.task={task}, data.split={split})")
-    return path
+    folder = Path(root) / lang
+    names = [f"qa{task}_{TASK_NAMES[task]}_{split}.txt", f"qa{task}_{split}.txt"]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    if not folder.is_dir():
+        there = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) \
+            if Path(root).is_dir() else []
+        raise DataError(f"data.path={root}: no folder {lang}/ in it (data.lang={lang}); "
+                        + (f"it holds {', '.join(there)}" if there else "it is empty or missing")
+                        + "; give the folder of the extracted release (tasks_1-20_v1-2)")
+    raise DataError(f"{folder}: no {' or '.join(names)} (data.task={task}, data.split={split})")
 
 
 def load_babi_file(path: str | Path) -> list[Story]:
+    """The stories of one task file (UTF-8, with or without a byte-order mark)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as fh:
-        return parse_babi_lines(fh, source=str(path))
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); a bAbI task file is "
+                        "plain text") from None
+    if "\x00" in text:
+        raise DataError(f"{path}: holds NUL bytes; a bAbI task file is plain text")
+    return parse_babi_lines(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"),
+                            source=str(path))
 
 
 def load_babi_archive(archive: str | Path, lang: str, task: int, split: str) -> list[Story]:
@@ -182,8 +214,8 @@ def load_babi_archive(archive: str | Path, lang: str, task: int, split: str) -> 
 def _check_task_split(task: int, split: str) -> None:
     if task not in TASK_NAMES:
         raise DataError(f"data.task={task} is unknown; allowed values: 1..20")
-    if split not in ("train", "test"):
-        raise DataError(f"data.split={split!r} is unknown; allowed values: train, test")
+    if split not in ("train", "valid", "test"):
+        raise DataError(f"data.split={split!r} is unknown; allowed values: train, valid, test")
 
 
 # --------------------------------------------------------------------------- the hub

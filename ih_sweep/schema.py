@@ -99,6 +99,7 @@ class DataSource(Choice):
 
 class Split(Choice):
     train = "train"
+    valid = "valid"  # the en-valid / en-valid-10k folders' held-out part of train
     test = "test"
 
 

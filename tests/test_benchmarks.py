@@ -59,3 +59,15 @@ def test_evaluation_benchmark_smoke_run(tmp_path):
             assert abs(sum(r["engine_time_by_operator"].values()) - 1) < 0.01
         assert ("speedup_vs_seed_eager" in out[condition]["last"]) == (condition == "unablated")
     assert out["top16_ablated"]["all"]["decoded_past_forward"] > 0
+
+
+def test_fast_path_benchmark_smoke_run(tmp_path):
+    """bench_fast_path.py on a few stories: three timings, identical outcomes."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fast_path.py"),
+                           "--stories", "8", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "fast_path.json").read_text())
+    assert out["identical_outcomes"] is True
+    assert set(out["median_s"]) == {"no_shortcut", "attention_interface_only",
+                                    "with_layer_forwards"}

@@ -86,7 +86,11 @@ def test_missing_file_and_unknown_task(tmp_path):
         data.load_babi_file(tmp_path / "nope.txt")
     with pytest.raises(data.DataError, match="data.task=21 is unknown"):
         data.babi_file(tmp_path, "en", 21, "train")
-    with pytest.raises(data.DataError, match="no such bAbI file"):
+    with pytest.raises(data.DataError, match="no folder en/ in it"):
+        data.babi_file(tmp_path, "en", 1, "train")
+    (tmp_path / "en").mkdir()
+    with pytest.raises(data.DataError, match="no qa1_single-supporting-fact_train.txt or "
+                                             "qa1_train.txt"):
         data.babi_file(tmp_path, "en", 1, "train")
     with pytest.raises(data.DataError, match="data.split='dev'"):
         data.babi_file(tmp_path, "en", 1, "dev")
@@ -231,3 +235,50 @@ def test_rng_story_uses_all_phrases_on_first_mention():
         s = data.generate_qa1_story(rng)
         firsts[" ".join(s["text"][0].rstrip(".").split()[1:-2])] += 1
     assert set(firsts) == set(data.MOVE_PHRASES)
+
+
+QA1 = (FIXTURES / "qa1_tiny.txt").read_text()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: t.replace("\n", "\r\n"),  # Windows
+    lambda t: t.replace("\n", "\r"),  # old Mac
+    lambda t: "\ufeff" + t,  # a byte-order mark
+    lambda t: t + "\n\n\n",  # trailing blank lines
+    lambda t: t.replace("\n", " \n"),  # trailing spaces
+    lambda t: t.replace("\t", " \t "),  # spaces around the tabs
+])
+def test_files_as_other_editors_save_them_parse_alike(tmp_path, edit):
+    path = tmp_path / "qa1.txt"
+    path.write_bytes(edit(QA1).encode("utf-8"))
+    assert data.load_babi_file(path) == data.load_babi_file(FIXTURES / "qa1_tiny.txt")
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "no story in it"), (b"\n\n", "no story in it"),
+    (b"\x00\x01\x02\xff\xfe", "not UTF-8 text"), (b"1 a\x00b\n", "NUL bytes"),
+    (b"1 Mary went to the office.\n2 John went home.\n", r"qa1.txt:1: the story starting "
+                                                          r"here has no question"),
+    (b"1 Where is Mary?\t\t1\n", r"qa1.txt:1: a question line needs"),
+])
+def test_damaged_files_name_file_and_line(tmp_path, content, match):
+    path = tmp_path / "qa1.txt"
+    path.write_bytes(content)
+    with pytest.raises(data.DataError, match=match):
+        data.load_babi_file(path)
+
+
+def test_the_en_valid_layout_and_split(tmp_path):
+    folder = tmp_path / "en-valid"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        (folder / f"qa1_{split}.txt").write_text(QA1)
+    for split in ("train", "valid", "test"):
+        assert data.babi_file(tmp_path, "en-valid", 1, split) == folder / f"qa1_{split}.txt"
+
+
+@needs_babi
+def test_every_real_file_loads():
+    for path in sorted(BABI.glob("*/qa*_*.txt")):
+        stories = data.load_babi_file(path)
+        assert stories and all(1 in s["type"] for s in stories), path
