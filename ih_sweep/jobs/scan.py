@@ -24,10 +24,16 @@ def run(config: Config, out_dir: Path) -> ScanRecord:
     from dataclasses import replace
 
     from ..data import load_stories, make_items
-    from ..model_loading import load_model
+    from ..model_loading import load_model, model_shape
     from ..scan import attribution_scan, babi_probe, exact_scan, repeat_probe, write_scan_outputs
+    from ..schema import ConfigError
     from ..score_table import get_scores
 
+    n_layers, _ = model_shape(plain(config.model))
+    outside = [la for la in config.scan.layers or [] if la >= n_layers]
+    if outside:
+        raise ConfigError(f"scan.layers={list(config.scan.layers)}: the model has {n_layers} "
+                          f"layers; allowed: layer indices 0 to {n_layers - 1}")
     t0 = time.time()
     model, tokenizer = load_model(plain(config.model), plain(config.quantization),
                                   config.device)
