@@ -26,12 +26,12 @@ from ih_sweep.ablation import ablate_heads
 from ih_sweep.evaluation import (
     build_rows,
     evaluate,
-    generate_one_at_a_time,
     is_correct,
 )
 from ih_sweep.model_loading import eager_attention, load_model
 from ih_sweep.runtime import keep_freed_memory
 from ih_sweep.schema import EvalConfig
+from ih_sweep.testing import generate_one_at_a_time
 
 
 def seed_method(model, tok, items):

@@ -30,10 +30,10 @@ from ih_sweep import data
 from ih_sweep.evaluation import (
     build_rows,
     evaluate,
-    generate_one_at_a_time,
     is_correct,
 )
 from ih_sweep.schema import EvalConfig
+from ih_sweep.testing import generate_one_at_a_time
 from ih_sweep.tiny_model import build_tokenizer
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

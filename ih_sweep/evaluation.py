@@ -617,15 +617,3 @@ def _check_first_batch(model, tokenizer, rows, fast: FastPath, run, bs: int,
                 ", fast_layers" if fast.layers else "", problem)
     fast.off()
     return _run_batches(run, rows, bs, "evaluate", False, 1)
-
-
-@torch.no_grad()
-def generate_one_at_a_time(model, tokenizer, item: Item, max_new_tokens: int = 3) -> str:
-    """The seed's method for one item (reference for tests and benchmarks)."""
-    device = _device(model)
-    enc = torch.tensor([_encode(tokenizer, item.prompt)], device=device)
-    out = model.generate(enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         pad_token_id=_pad_id(tokenizer), temperature=None, top_p=None,
-                         top_k=None)
-    return _decode(tokenizer, _cut_at_eos(out[0, enc.shape[1]:].tolist(),
-                                          tokenizer.eos_token_id))

@@ -119,3 +119,18 @@ def scan_by_full_reruns(model, probes: dict[str, Probe],
             else:
                 rows[(la, h)]["d_repeat_loss"] = base_lp - lp
     return pd.DataFrame(list(rows.values()))
+
+
+@torch.no_grad()
+def generate_one_at_a_time(model, tokenizer, item, max_new_tokens: int = 3) -> str:
+    """The notebook's method for one item: ``model.generate`` on the prompt alone, greedy
+    (the reference the evaluator's outcomes must equal)."""
+    from .evaluation import _cut_at_eos, _decode, _device, _encode, _pad_id
+
+    device = _device(model)
+    enc = torch.tensor([_encode(tokenizer, item.prompt)], device=device)
+    out = model.generate(enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         pad_token_id=_pad_id(tokenizer), temperature=None, top_p=None,
+                         top_k=None)
+    return _decode(tokenizer, _cut_at_eos(out[0, enc.shape[1]:].tolist(),
+                                          tokenizer.eos_token_id))

@@ -12,11 +12,11 @@ from ih_sweep.evaluation import (
     _known_greedy,
     decide_partial,
     evaluate,
-    generate_one_at_a_time,
     is_correct,
 )
 from ih_sweep.schema import EvalConfig, Metric
 from ih_sweep.selection import select_heads
+from ih_sweep.testing import generate_one_at_a_time
 
 
 def test_metric_contains_is_the_seeds():

@@ -8,6 +8,7 @@ from ih_sweep.ablation import ablate_heads
 from ih_sweep.architecture import head_sites
 from ih_sweep.model_loading import load_model, quantization_config, resolve_path
 from ih_sweep.schema import DType, EvalConfig, Quantization
+from ih_sweep.testing import generate_one_at_a_time
 
 TINY = {"name": "tiny", "path": "builtin:tiny", "dtype": "float32"}
 
@@ -61,7 +62,7 @@ def test_quantized_models_ablate_and_restore(quant):
     with ablate_heads(model, [(1, h) for h in range(0, 32, 2)]):
         got = evaluation.evaluate(model, tok, items, EvalConfig(
             progress=False, batch_size=3, cpu_workers=2))
-        ref = [evaluation.generate_one_at_a_time(model, tok, it) for it in items]
+        ref = [generate_one_at_a_time(model, tok, it) for it in items]
     assert [r.correct for r in got] == [evaluation.is_correct(c, it.answer, "contains")
                                        for c, it in zip(ref, items)]
 
