@@ -8,6 +8,7 @@ Every story is a dict of parallel lists in the schema of the Hugging Face
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import tarfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from .schema import DataConfig, DataSource, Scope, UserError
+
+log = logging.getLogger(__name__)
 
 
 class Story(TypedDict):
@@ -246,6 +249,27 @@ def load_babi_hub(lang: str, task: int, split: str) -> list[Story]:  # pragma: n
     release archive stored in the same dataset repository.
     """
     _check_task_split(task, split)
+    try:
+        return _from_hub(lang, task, split)
+    except DataError:
+        raise
+    except Exception as err:  # the hub client's many network and format errors
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise DataError(f"data=babi_hub: {HUB_DATASET} could not be loaded "
+                        f"({type(err).__name__}: {first}); without network use the release "
+                        "files: data=babi_files data.path=<folder holding en/, en-10k/>"
+                        ) from None
+
+
+def _from_hub(lang: str, task: int, split: str) -> list[Story]:  # pragma: no cover - network
+    from huggingface_hub import constants
+
+    from .model_loading import hub_reachable
+
+    if constants.HF_HUB_OFFLINE or not hub_reachable():
+        raise DataError("data=babi_hub: the Hugging Face hub does not answer from here "
+                        "(or HF_HUB_OFFLINE is set); use the release files: data=babi_files "
+                        "data.path=<folder holding en/, en-10k/>")
     if task == 1:
         from datasets import load_dataset
 
@@ -338,4 +362,7 @@ def load_stories(data: DataConfig) -> list[Story]:
         stories = load_babi_file(babi_file(data.path, data.lang, data.task, data.split))
     else:
         stories = load_babi_hub(data.lang, data.task, data.split)
+    if n and n > len(stories):
+        log.warning("data.n_stories=%d, but the file holds %d stories: evaluating all %d", n,
+                    len(stories), len(stories))
     return stories[:n] if n else stories

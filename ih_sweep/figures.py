@@ -50,8 +50,9 @@ def head_heatmap(matrix: np.ndarray, path: Path, title: str, colorbar_label: str
         pts = [(h, row[la]) for la, h in heads if la in row]
         if pts:
             xs, ys = zip(*pts)
-            ax.scatter(xs, ys, marker=marker, s=40, facecolors="none" if marker != "x"
-                       else color, edgecolors=color, linewidths=1.5, label=label)
+            style = {"c": color} if marker == "x" else {"facecolors": "none",
+                                                         "edgecolors": color}
+            ax.scatter(xs, ys, marker=marker, s=40, linewidths=1.5, label=label, **style)
     if marks:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.18), ncol=2,
                   frameon=False)

@@ -58,6 +58,15 @@ def preflight(config: Config) -> None:
     if config.scoring.source == ScoreSource.file and not Path(config.scoring.file).is_file():
         raise ConfigError(f"scoring.file={config.scoring.file}: no such score file")
     resolve_path(config.model.path)
+    if config.job == Job.train_tiny:
+        out = Path(config.train.out_dir)
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
+                out / "training.json").is_file())):
+            raise ConfigError(f"train.out_dir={config.train.out_dir}: "
+                              + ("is a file" if not out.is_dir() else
+                                 "is a folder with other files in it (no tiny model)")
+                              + "; give a new folder, or the folder of a tiny model to "
+                                "replace")
     device = config.device
     if device.startswith("cuda") or device == "mps":
         import torch
@@ -95,13 +104,18 @@ def run(cfg: DictConfig) -> Any:
     return recipe(config, out_dir)
 
 
-_started = False  # set once Hydra has composed a config and called the job
+_started = False  # set once Hydra has composed the config and a job or launcher started
+
+
+def mark_started() -> None:
+    """From here on an exit status 1 is a failure of the work, not of the command line."""
+    global _started
+    _started = True
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> Any:
-    global _started
-    _started = True
+    mark_started()
     try:
         return run(cfg)
     except UserError as err:

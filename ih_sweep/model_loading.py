@@ -61,7 +61,7 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def _hub_reachable(timeout: float = 5.0) -> bool:
+def hub_reachable(timeout: float = 5.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection within ``timeout`` s (so an
     offline machine fails in seconds, not after the hub client's retries)."""
     import socket
@@ -86,7 +86,7 @@ def _from_hub(load, path: str, what: str):
         return load(True)
     except OSError:
         pass
-    if constants.HF_HUB_OFFLINE or not _hub_reachable():
+    if constants.HF_HUB_OFFLINE or not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else \
             "the Hugging Face hub does not answer from here"
         raise ModelPathError(

@@ -79,7 +79,7 @@ class EvaluationRecord:
     results_sha256: str = ""  # of results.csv as written: a damaged file is not trusted
     scores_file: str | None = None  # the score table the heads were chosen from
     settings: dict[str, Any] = field(default_factory=dict)  # schema.semantic_config
-    reused_evaluation: bool = False  # the same evaluation ran earlier in this process
+    reused_evaluation: bool = False  # results restored from the store (a finished job)
     resumed_chunks: int = 0  # checkpointed chunks a previous (killed) run had finished
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     slurm_job_id: str | None = None
@@ -172,6 +172,8 @@ def problem_with(out_dir: Path, record: Record) -> str | None:
     correct = int(df["correct"].astype(str).str.lower().eq("true").sum())
     if correct != record.n_correct:
         return f"results.csv has {correct} correct, job.json says {record.n_correct}"
+    if abs(record.accuracy - correct / max(len(df), 1)) > 1e-9:
+        return f"job.json's accuracy {record.accuracy} is not {correct}/{len(df)}"
     pairs = [[int(a), int(b)] for a, b in zip(head_rows.get("layer", []),
                                                head_rows.get("head", []))]
     if pairs != record.heads:

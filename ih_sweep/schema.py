@@ -410,6 +410,12 @@ def check(cfg: Config) -> None:
           "allowed: a folder for the score tables and finished jobs")
     _need(bool(cfg.model.path.strip()), "model.path", cfg.model.path,
           "allowed: a hub id (org/name), a local model folder, or builtin:tiny")
+    _need(bool(cfg.model.name.strip()), "model.name", cfg.model.name,
+          "allowed: a non-empty name for the model in results and caches")
+    dm = cfg.model.device_map
+    _need(dm is None or bool(re.fullmatch(r"auto|balanced|balanced_low_0|sequential|cpu|mps|"
+                                          r"cuda(:\d+)?", dm)), "model.device_map", dm,
+          "allowed: null, auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:<index>")
     data = cfg.data
     if data.n_stories is not None:
         _need(1 <= data.n_stories <= MAX_STORIES, "data.n_stories", data.n_stories,
@@ -443,6 +449,8 @@ def check(cfg: Config) -> None:
     scan = cfg.scan
     for key in ("n_stories", "heads_per_pass", "repeat_sequences"):
         _at_least(f"scan.{key}", getattr(scan, key), 1)
+    _need(scan.layers is None or len(scan.layers) > 0, "scan.layers", scan.layers,
+          "allowed: null (every layer) or a non-empty list of layer indices")
     for layer in scan.layers or []:
         _at_least("scan.layers[]", layer, 0)
     tr = cfg.train
@@ -457,6 +465,21 @@ def check(cfg: Config) -> None:
         pair = getattr(tr, key)
         _need(len(pair) == 2 and 1 <= pair[0] <= pair[1], f"train.{key}", pair,
               "allowed: [min, max] with 1 <= min <= max")
+    _need(tr.heads % tr.kv_heads == 0, "train.kv_heads", tr.kv_heads,
+          f"allowed: a divisor of train.heads={tr.heads} (grouped-query attention)")
+    _need(tr.warmup_active_heads <= tr.heads, "train.warmup_active_heads",
+          tr.warmup_active_heads, f"allowed: 0 to train.heads={tr.heads}")
+    for key in ("lr", "rope_theta"):
+        _need(getattr(tr, key) > 0, f"train.{key}", getattr(tr, key), "allowed: a number > 0")
+    _need(tr.task_lr is None or tr.task_lr > 0, "train.task_lr", tr.task_lr,
+          "allowed: null (train.lr) or a number > 0")
+    for key in ("repeat_share", "decay_frac"):
+        _need(0 <= getattr(tr, key) <= 1, f"train.{key}", getattr(tr, key),
+              "allowed: 0 <= value <= 1")
+    for key in ("repeat_weight", "weight_decay"):
+        _need(getattr(tr, key) >= 0, f"train.{key}", getattr(tr, key), "allowed: >= 0")
+    _need(bool(tr.out_dir.strip()), "train.out_dir", tr.out_dir,
+          "allowed: a folder for the trained model (new, or one holding a tiny model)")
 
 
 def _unknown_keys(node: DictConfig, cls: type, prefix: str = "") -> list[str]:
@@ -484,6 +507,9 @@ def settings(cfg: DictConfig) -> Config:
 
     Raises :class:`ConfigError` for a missing mandatory value (e.g. ``model.path`` of
     ``model=hub``) or a broken rule."""
+    if cfg.get("model") is None or not isinstance(cfg.model, DictConfig):
+        raise ConfigError("model is missing; choose one, e.g. model=tiny or model=hub "
+                          "model.path=EleutherAI/pythia-160m")
     if OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError("model.path is missing; give a hub id or a local folder, e.g. "
                           "model.path=EleutherAI/pythia-160m")

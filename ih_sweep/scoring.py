@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .architecture import HeadSites, head_sites, hook_z
-from .schema import RankBy, ScoringConfig, UserError
+from .schema import ConfigError, RankBy, ScoringConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,10 @@ def random_sequences(n: int, length: int, repeats: int, candidates: list[int], b
     """[n, (bos) + length*repeats] tokens of R repeated, R drawn without replacement, and the
     mask of query positions in repeats 2.. ."""
     if len(candidates) < length:
-        raise ValueError(f"need {length} distinct candidate tokens, tokenizer offers "
-                         f"{len(candidates)}")
+        raise ConfigError(f"scoring.seq_len={length}: a sequence of distinct random tokens "
+                          f"this long needs {length} candidate tokens and the tokenizer "
+                          f"offers {len(candidates)} (after scoring.exclude_*_frac); allowed: "
+                          f"seq_len <= {len(candidates)}")
     gen = torch.Generator().manual_seed(seed)
     cand = torch.tensor(candidates, dtype=torch.long)
     rows = [cand[torch.randperm(len(cand), generator=gen)[:length]] for _ in range(n)]
@@ -340,7 +342,12 @@ def check_score_table(df: pd.DataFrame, source: str | Path, first_line: int = 2
             raise ScoreFileError(f"scoring.file={line(i)}: {col}={shown(df[col][i])} is not a "
                                  "number")
         df[col] = values
-    if not np.isfinite(df[present].to_numpy(dtype=float)).any():
+    values = df[present].to_numpy(dtype=float)
+    if np.isinf(values).any():
+        i = int(np.argwhere(np.isinf(values))[0][0])
+        raise ScoreFileError(f"scoring.file={line(i)}: an infinite score; scores are finite "
+                             "numbers (an empty cell: an unscored head)")
+    if not np.isfinite(values).any():
         raise ScoreFileError(f"scoring.file={source}: no finite score in "
                              f"{', '.join(present)}")
     return df

@@ -81,6 +81,21 @@ CONFIG_CASES = [
     (["train.repeat_len=[5]"], "train.repeat_len=[5] is not allowed"),
     (["train.layers=0"], "train.layers=0"), (["train.lr=fast"], HYDRA),
     (["debug=slow"], HYDRA), (["experiment=foo"], HYDRA), (["hydra/launcher=foo"], HYDRA),
+    (["~model"], "model is missing; choose one"), (["model.device_map=banana"],
+                                                   "model.device_map='banana' is not allowed"),
+    (["model.name="], "model.name='' is not allowed"), (["scan.layers=[]"], "scan.layers=[]"),
+    (["train.lr=-0.1"], "train.lr=-0.1 is not allowed"),
+    (["train.heads=30"], "train.kv_heads=8 is not allowed; allowed: a divisor of"),
+    (["train.rope_theta=-1"], "train.rope_theta=-1.0 is not allowed"),
+    (["train.warmup_active_heads=100"], "train.warmup_active_heads=100 is not allowed"),
+    (["train.repeat_share=1.5"], "train.repeat_share=1.5 is not allowed"),
+    (["train.decay_frac=2"], "train.decay_frac=2.0 is not allowed"),
+    (["train.out_dir="], "train.out_dir='' is not allowed"),
+    (["job=train_tiny", f"train.out_dir={Path(__file__)}"], "is a file; give a new folder"),
+    (["job=train_tiny", f"train.out_dir={Path(__file__).parent}"],
+     "is a folder with other files in it"),
+    (["job=score", "scoring.exclude_frequent_frac=0.5", "scoring.seq_len=200"],
+     "scoring.seq_len=200: a sequence of distinct"),
 ]
 
 
@@ -151,6 +166,7 @@ def _files(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
                "layers up to 99")
     score_case("head 40", ".csv", b"layer,head,prefix\n0,40,1\n", "heads up to 40")
     score_case("no score column", ".csv", b"layer,head,x\n0,0,1\n", "needs columns")
+    score_case("infinite score", ".csv", b"layer,head,prefix\n0,0,inf\n", "an infinite score")
     score_case("empty pickle", ".pkl", b"", "the file is empty")
     score_case("truncated pickle", ".pkl", pickle.dumps({3: np.ones(32)})[:30], "not loaded")
     score_case("wrong structure", ".pkl", pickle.dumps([1, 2]), "expected a non-empty dict")
@@ -174,7 +190,8 @@ FILE_CASES = ["babi empty", "babi binary", "babi malformed", "babi no question",
               "babi starts at 2", "babi empty folder", "babi no such folder",
               "scores empty csv", "scores header only", "scores all nan", "scores text scores",
               "scores duplicate rows", "scores negative layer", "scores layer 99",
-              "scores head 40", "scores no score column", "scores empty pickle",
+              "scores head 40", "scores no score column", "scores infinite score",
+              "scores empty pickle",
               "scores truncated pickle", "scores wrong structure", "scores malicious pickle",
               "model path a file", "model path empty folder", "model path missing",
               "model no weights", "model hub offline"]

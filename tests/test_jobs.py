@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -64,6 +65,10 @@ def _damage_results(folder: Path, how: str) -> None:
         (folder / "heads.csv").unlink()
     elif how == "record garbage":
         (folder / "job.json").write_text("{garbage")
+    elif how == "record says another accuracy":
+        record = json.loads((folder / "job.json").read_text())
+        record["accuracy"] = 0.1
+        (folder / "job.json").write_text(json.dumps(record))
     elif how == "record says more correct":
         record = json.loads((folder / "job.json").read_text())
         record["n_correct"] += 1
@@ -74,6 +79,7 @@ def _damage_results(folder: Path, how: str) -> None:
     ("truncated", "checksum"), ("emptied", "checksum"), ("flipped", "checksum"),
     ("duplicated", "checksum"), ("heads deleted", "heads.csv is missing"),
     ("record garbage", "not JSON"), ("record says more correct", "correct, job.json says"),
+    ("record says another accuracy", "job.json's accuracy 0.1 is not"),
 ])
 def test_a_damaged_finished_job_is_redone_and_says_why(tmp_path, caplog, how, why):
     caplog.set_level(logging.INFO)
@@ -110,3 +116,31 @@ def test_score_job_says_where_it_wrote(tmp_path, caplog):
 def test_compose_of_the_debug_group():
     cfg = compose(*FAST)
     assert cfg.data.n_stories == 20 and cfg.eval.progress is False
+
+
+@pytest.mark.parametrize("how,why", [
+    ("garbage", "it does not have the item columns"),
+    ("short", "it holds 5 rows, not the chunk's 10 items once each"),
+    ("duplicated", "it holds 11 rows"),
+])
+def test_a_damaged_checkpoint_chunk_is_redone(tmp_path, caplog, how, why):
+    """A killed job's checkpointed chunk is used on the rerun only if it holds exactly its
+    items; a damaged one is evaluated again (and the job's result is complete)."""
+    caplog.set_level(logging.WARNING)
+    args = (*FAST, "n_heads=4", "eval.checkpoint_items=10", f"paths.cache_dir={tmp_path}/c")
+    clean = run_job(tmp_path / "clean", *args)
+    out = tmp_path / "job"
+    part = out / "partial"
+    part.mkdir(parents=True)
+    chunk = pd.read_csv(tmp_path / "clean" / "results.csv", keep_default_na=False).iloc[:10, :8]
+    bad = {"garbage": pd.DataFrame({"x": [1]}), "short": chunk.head(5),
+           "duplicated": pd.concat([chunk, chunk.head(1)])}[how]
+    bad.to_csv(part / "chunk-00000.csv", index=False)
+    from ih_sweep.io_utils import write_json
+
+    write_json(part / "state.json", {"config_hash": clean.config_hash, "chunk_items": 10,
+                                     "n_items": 20})
+    shutil.rmtree(tmp_path / "c" / "jobs")  # no stored copy: the job must run
+    record = run_job(out, *args)
+    assert why in caplog.text
+    assert record.n_items == 20 and record.n_correct == clean.n_correct

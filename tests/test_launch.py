@@ -189,3 +189,16 @@ def test_a_job_failing_at_run_time_stops_no_other(tmp_path):
     assert json.loads((tmp_path / "s/debug=fast,n_heads=4/job.json").read_text())["n_items"] == 20
     md = (tmp_path / "s/summary.md").read_text()
     assert "## Jobs left out" in md and "`debug=fast,n_heads=65`: ConfigError" in md
+
+
+def test_slurm_that_cannot_submit_says_so_in_one_line(tmp_path):
+    env_conf = {"SLURM_CONF": str(tmp_path / "no-such-slurm.conf")}
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep", "-m", "hydra/launcher=slurm",
+                           "debug=fast", f"hydra.sweep.dir={tmp_path}/s"], cwd=ROOT,
+                          env={**os.environ, **env_conf, "PATH": os.environ["PATH"]},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ih_sweep: the slurm jobs could not be submitted (") and \
+        last.endswith("Nothing ran."), last
+    assert "Traceback" not in proc.stderr

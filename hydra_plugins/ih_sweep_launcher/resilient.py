@@ -76,7 +76,7 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
 
     from omegaconf import open_dict
 
-    from ih_sweep.launch import check_job
+    from ih_sweep.launch import check_job, mark_started
     from ih_sweep.schema import UserError
 
     bad = []
@@ -95,6 +95,7 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
         print(f"ih_sweep: config error: {len(bad)} of {len(job_overrides)} jobs of this sweep "
               "are wrong, so none ran:\n  " + "\n  ".join(bad), file=sys.stderr)
         raise SystemExit(2)
+    mark_started()
 
 
 def summarize_partial(config: Any, sweep_dir: Path, failures: list[tuple[str, str]]) -> None:
@@ -172,7 +173,17 @@ class _ResilientMixin:
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
                            Singleton.get_state()))
-        jobs = self._executor().map_array(self, *zip(*params))
+        try:
+            jobs = self._executor().map_array(self, *zip(*params))
+        except (subprocess.CalledProcessError, OSError, FailedJobError) as err:
+            detail = getattr(err, "stderr", None) or getattr(err, "output", None) or err
+            if isinstance(detail, bytes):
+                detail = detail.decode(errors="replace")
+            lines = str(detail).strip().splitlines()
+            first = lines[-1] if lines else type(err).__name__  # sbatch's last word: the fatal
+            fail_sweep(f"the {self._EXECUTOR} jobs could not be submitted ({first}); is "
+                       f"{'SLURM' if self._EXECUTOR == 'slurm' else 'submitit'} set up here "
+                       "(sbatch on PATH, SLURM_CONF)? Nothing ran.")
         lost = self._wait(jobs)
         returns: list[JobReturn] = []
         failures: list[tuple[str, str]] = []

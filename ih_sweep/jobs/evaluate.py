@@ -7,8 +7,6 @@ complete for the same config is reused; a killed job resumes from its last check
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import platform
@@ -45,9 +43,6 @@ from ..schema import (
 )
 
 log = logging.getLogger("ih_sweep")
-# evaluations already run in this process (a basic-launcher multirun): the three `none`
-# jobs of the main sweep, for example, evaluate once
-_MEMO: dict[str, pd.DataFrame] = {}
 
 
 def run(config: Config, out_dir: Path) -> EvaluationRecord:
@@ -112,16 +107,8 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
 
     # ablate + evaluate
     t0 = time.time()
-    memo_key = f"{sorted(heads)}|{config.ablation.method}|{evaluation_hash(config)}"
-    reused = memo_key in _MEMO
-    if reused:
-        items_df, resumed = _MEMO[memo_key], 0
-        log.info("reusing an identical evaluation from this process (%d items)",
-                 len(items_df))
-    else:
-        items_df, resumed = evaluate_checkpointed(config, out_dir, chash, model_getter, items,
-                                                  heads)
-        _MEMO[memo_key] = items_df
+    items_df, resumed = evaluate_checkpointed(config, out_dir, chash, model_getter, items,
+                                              heads)
     timings["eval_s"] = time.time() - t0
 
     # write: an unablated job ablates 0 heads whatever N was asked, and the control seed
@@ -155,7 +142,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
         n_items=len(results), n_correct=n_correct,
         accuracy=n_correct / max(len(results), 1),
         n_decoded=int((results["decided_by"] != "forward").sum()),
-        heads=[[int(la), int(h)] for la, h in heads], reused_evaluation=reused,
+        heads=[[int(la), int(h)] for la, h in heads], reused_evaluation=False,
         resumed_chunks=resumed, timings={k: round(v, 3) for k, v in timings.items()},
         slurm_job_id=os.environ.get("SLURM_JOB_ID"),
         results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config),
@@ -177,14 +164,6 @@ def _describe(config: Config) -> str:
 def split_name(config: Config) -> str:
     """``data.split``, or ``generated`` for the built-in generator's stories."""
     return "generated" if config.data.name == "babi_generated" else config.data.split.value
-
-
-def evaluation_hash(config: Config) -> str:
-    """Hash of what an evaluation depends on apart from which heads are ablated."""
-    sem = semantic_config(config)
-    for key in ("n_heads", "condition", "control_seed", "job", "scoring"):
-        sem.pop(key, None)
-    return hashlib.sha256(json.dumps(sem, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
@@ -212,17 +191,21 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
                disable=not config.eval.progress, leave=False)
     for c, start in enumerate(starts):
         chunk_file = part / f"chunk-{c:05d}.csv"
+        chunk_items = items[start:start + size]
         if chunk_file.is_file():
-            frames.append(pd.read_csv(chunk_file, keep_default_na=False))
-            bar.update(len(frames[-1]))
-            resumed += 1
-            continue
+            done, problem = _read_chunk(chunk_file, chunk_items)
+            if problem is None:
+                frames.append(done)
+                bar.update(len(done))
+                resumed += 1
+                continue
+            log.warning("redoing %s: %s", chunk_file, problem)
         model, tokenizer = model_getter()
         if config.ablation.method == AblationMethod.mean and heads and means is None:
             means = head_means(model, reference_batches(tokenizer, items,
                                                         config.ablation.n_reference, model))
         with ablate_heads(model, heads, config.ablation.method, means):
-            res = evaluate(model, tokenizer, items[start:start + size], config.eval, bar)
+            res = evaluate(model, tokenizer, chunk_items, config.eval, bar)
         df = pd.DataFrame([(r.item.story_index, r.item.question_index, r.item.line,
                             r.item.examples_before, r.item.answer, r.continuation,
                             bool(r.correct), r.decided_by) for r in res], columns=ITEM_COLUMNS)
@@ -236,12 +219,31 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     return pd.concat(frames, ignore_index=True), resumed
 
 
+def _read_chunk(path: Path, chunk_items: Sequence) -> tuple[pd.DataFrame | None, str | None]:
+    """A checkpointed chunk and None, or None and why it cannot be trusted: it must hold
+    exactly the chunk's items, once each, in the item columns."""
+    try:
+        df = pd.read_csv(path, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        return None, f"unreadable ({err})"
+    if list(df.columns) != ITEM_COLUMNS:
+        return None, "it does not have the item columns"
+    want = [(it.story_index, it.question_index) for it in chunk_items]
+    got = list(zip(df["story"], df["question_index"]))
+    if sorted(got) != sorted(want) or len(set(got)) != len(got):
+        return None, f"it holds {len(got)} rows, not the chunk's {len(want)} items once each"
+    return df, None
+
+
 def reference_batches(tokenizer, items: Sequence, n: int, model, batch_size: int = 16
                       ) -> list[dict]:
     """Tokenized reference prompts for mean ablation (the first ``n`` evaluated prompts)."""
     import torch
 
     device = next(model.parameters()).device
+    if n > len(items):
+        log.warning("ablation.n_reference=%d, but the job has %d prompts: the mean is taken "
+                    "over all %d", n, len(items), len(items))
     prompts = [it.prompt for it in items[:n]]
     batches = []
     for i in range(0, len(prompts), batch_size):
