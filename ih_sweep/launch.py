@@ -57,7 +57,10 @@ def preflight(config: Config) -> None:
 
     if config.scoring.source == ScoreSource.file and not Path(config.scoring.file).is_file():
         raise ConfigError(f"scoring.file={config.scoring.file}: no such score file")
-    resolve_path(config.model.path)
+    if Path(resolve_path(config.model.path)).is_dir() and config.model.revision:
+        raise ConfigError(f"model.revision={config.model.revision}: model.path="
+                          f"{config.model.path} is a local folder, which has no revisions; "
+                          "a revision applies to hub ids only")
     if config.job == Job.train_tiny:
         out = Path(config.train.out_dir)
         if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (

@@ -423,6 +423,13 @@ def check(cfg: Config) -> None:
     if data.name == DataSource.babi_generated:
         _need(data.task == 1, "data.task", data.task,
               "allowed with data=babi_generated: 1 (use data=babi_files for tasks 1-20)")
+        _need(data.n_stories is not None, "data.n_stories", data.n_stories,
+              "allowed with data=babi_generated: a number of stories to generate")
+        for key, default in (("lang", DataConfig.lang), ("path", DataConfig.path),
+                             ("split", DataConfig.split)):
+            _need(getattr(data, key) == default, f"data.{key}", getattr(data, key),
+                  "it applies to data=babi_files and data=babi_hub only (the generator makes "
+                  "task 1 stories of its own)")
     else:
         _need(data.task in BABI_TASKS, "data.task", data.task, "allowed: 1 to 20")
         _need(data.lang in LANGS, "data.lang", data.lang, f"allowed: {', '.join(LANGS)}")
@@ -436,6 +443,8 @@ def check(cfg: Config) -> None:
     sc = cfg.scoring
     _need(sc.source != ScoreSource.file or bool(sc.file), "scoring.file", sc.file,
           "scoring.source=file needs the path of a score CSV or the notebook's pickle")
+    _need(sc.source == ScoreSource.file or sc.file is None, "scoring.file", sc.file,
+          "it is read with scoring.source=file only (now: compute)")
     for key in ("n_sequences", "seq_len", "batch_size"):
         _at_least(f"scoring.{key}", getattr(sc, key), 1)
     _at_least("scoring.repeats", sc.repeats, 2)

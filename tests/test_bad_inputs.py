@@ -94,6 +94,12 @@ CONFIG_CASES = [
     (["job=train_tiny", f"train.out_dir={Path(__file__)}"], "is a file; give a new folder"),
     (["job=train_tiny", f"train.out_dir={Path(__file__).parent}"],
      "is a folder with other files in it"),
+    (["data.n_stories=null"], "data.n_stories=None is not allowed; allowed with data=babi_gen"),
+    (["data.lang=fr"], "data.lang='fr' is not allowed; it applies to data=babi_files"),
+    (["data.path=/tmp"], "data.path='/tmp' is not allowed; it applies to data=babi_files"),
+    (["data.split=test"], "data.split"),
+    (["scoring.file=/tmp/x.csv"], "scoring.file='/tmp/x.csv' is not allowed; it is read with"),
+    (["model.revision=main"], "model.revision=main: model.path=builtin:tiny is a local folder"),
     (["job=score", "scoring.exclude_frequent_frac=0.5", "scoring.seq_len=200"],
      "scoring.seq_len=200: a sequence of distinct"),
 ]
