@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .data import Item
 from .eval_attention import FastPath, fast_attention, read_at
-from .schema import EvalConfig, Metric, Scope
+from .schema import EvalConfig, Metric, Scope, UserError
 
 log = logging.getLogger(__name__)
 
@@ -481,11 +481,47 @@ def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: Eval
     return results
 
 
-@torch.no_grad()
+class PromptTooLong(UserError):
+    """A prompt (plus the tokens to generate) longer than the model's positions."""
+
+    kind = "data"
+
+
+def position_limit(model) -> int | None:
+    """How many positions the model takes (``max_position_embeddings`` / ``n_positions``),
+    or None when its config names no limit (e.g. rotary models without one)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                         None)
+    return int(limit) if limit else None
+
+
+def check_prompt_lengths(model, tokenizer, items: Sequence[Item], max_new_tokens: int
+                         ) -> None:
+    """Every prompt plus ``max_new_tokens`` must fit the model's positions: raises
+    :class:`PromptTooLong` naming the longest prompt, the limit and what to do, before any
+    evaluation (a longer input indexes past the position table)."""
+    limit = position_limit(model)
+    if limit is None or not items:
+        return
+    lengths = [len(ids) for ids in _encode_all(tokenizer, [it.prompt for it in items])]
+    longest = max(range(len(items)), key=lengths.__getitem__)
+    if lengths[longest] + max_new_tokens > limit:
+        item = items[longest]
+        raise PromptTooLong(
+            f"story {item.story_index} question {item.question_index}: the prompt has "
+            f"{lengths[longest]} tokens and eval.max_new_tokens={max_new_tokens} more are "
+            f"generated, but the model takes {limit} positions; use a model with more "
+            "positions, or a bAbI task with shorter stories (eval.scope=all does not shorten "
+            "the last question's prompt)")
+
+
 def _items_in(rows) -> int:
     return sum(len(queries) for _, queries in rows)
 
 
+@torch.no_grad()
 def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=None
              ) -> list[ItemResult]:
     """Greedy-decoding outcome of every item, identical to one-at-a-time ``generate``.

@@ -236,4 +236,10 @@ def model_slug(model_cfg: dict, quant_cfg: dict | None = None) -> str:
     base = str(model_cfg.get("name") or model_cfg["path"]).replace("/", "__").replace(":", "_")
     q = (quant_cfg or {}).get("name", "none")
     rev = model_cfg.get("revision")
-    return base + (f"@{rev}" if rev else "") + ("" if q == "none" else f"-{q}")
+    slug = base + (f"@{rev}" if rev else "") + ("" if q == "none" else f"-{q}")
+    if len(slug.encode()) > 120:  # a long local path: keep its end and a hash of the whole
+        import hashlib
+
+        tail = slug.encode()[-90:].decode(errors="ignore")
+        slug = f"{hashlib.sha256(slug.encode()).hexdigest()[:12]}~{tail}"
+    return slug

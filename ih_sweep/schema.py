@@ -297,9 +297,24 @@ def register() -> None:
     if not OmegaConf.has_resolver("ih_sweep.speed_keys"):
         OmegaConf.register_new_resolver("ih_sweep.speed_keys", speed_keys)
     if not OmegaConf.has_resolver("path_safe"):
-        # job folder names come from overrides: a hub id or a path must not nest folders
-        OmegaConf.register_new_resolver("path_safe",
-                                        lambda s: str(s).replace("/", "_") or "default")
+        OmegaConf.register_new_resolver("path_safe", folder_name)
+
+
+MAX_FOLDER_BYTES = 200  # file systems allow 255 bytes a name; room for Hydra's own suffixes
+
+
+def folder_name(overrides: str) -> str:
+    """A job folder's name from its ``override_dirname``: no ``/`` (a hub id or a path must
+    not nest folders), and at most :data:`MAX_FOLDER_BYTES` bytes: a longer name keeps its
+    start and ends in ``~`` and 12 hex digits of the full name's sha256 (the full overrides
+    are in the folder's ``.hydra/overrides.yaml``)."""
+    name = str(overrides).replace("/", "_") or "default"
+    raw = name.encode()
+    if len(raw) <= MAX_FOLDER_BYTES:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    head = raw[:MAX_FOLDER_BYTES - 13].decode(errors="ignore")
+    return f"{head}~{digest}"
 
 
 # --------------------------------------------------------------------------- speed fields

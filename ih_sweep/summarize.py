@@ -77,7 +77,7 @@ def expected_jobs(sweep_dir: Path) -> tuple[int, list[str]] | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from .schema import register, speed_keys
+    from .schema import folder_name, register, speed_keys
 
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():
@@ -101,7 +101,7 @@ def expected_jobs(sweep_dir: Path) -> tuple[int, list[str]] | None:
     names = []
     for job in jobs:
         lines = sorted(o for o in job if o.split("=", 1)[0].lstrip("+~") not in exclude)
-        names.append(",".join(lines).replace("/", "_") or "default")
+        names.append(folder_name(",".join(lines)))
     return len(jobs), names
 
 

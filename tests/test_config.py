@@ -162,3 +162,14 @@ def test_settings_that_cannot_change_a_job_leave_its_hash_alone():
                   ("condition=none", "scoring=combined"), ("condition=high", "n_heads=0"),
                   ("condition=low", "n_heads=0", "control_seed=2")):
         assert config_hash(compose(*other)) == none, other
+
+
+def test_long_job_folder_names_stay_under_the_file_system_limit():
+    """A 217-character model.path in the overrides: the folder name is shortened with a hash
+    of the whole name (distinct names stay distinct), in bytes, UTF-8 included."""
+    long = "model.path=/" + "very_long_folder/" * 12 + "x,n_heads=4"
+    name = schema.folder_name(long)
+    assert len(name.encode()) <= schema.MAX_FOLDER_BYTES and "/" not in name
+    assert name != schema.folder_name(long.replace("n_heads=4", "n_heads=8"))
+    assert schema.folder_name("condition=high,n_heads=4") == "condition=high,n_heads=4"
+    assert len(schema.folder_name("data.lang=" + "ह" * 120).encode()) <= 200

@@ -144,3 +144,26 @@ def test_a_damaged_checkpoint_chunk_is_redone(tmp_path, caplog, how, why):
     record = run_job(out, *args)
     assert why in caplog.text
     assert record.n_items == 20 and record.n_correct == clean.n_correct
+
+
+def test_prompts_longer_than_the_model_are_refused_before_evaluating(tmp_path):
+    """A GPT-2-layout model with 128 positions and the tiny tokenizer: bAbI prompts of
+    ~150 tokens do not fit, and the job says so in one line instead of an IndexError."""
+    import shutil as sh
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ih_sweep.evaluation import PromptTooLong
+    from ih_sweep.model_loading import ASSET_DIR
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=296, n_positions=128, n_embd=32, n_layer=1,
+                               n_head=2, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        sh.copy(ASSET_DIR / name, folder / name)
+    with pytest.raises(PromptTooLong, match=r"the prompt has \d+ tokens and "
+                                            r"eval.max_new_tokens=3 more are generated, but "
+                                            r"the model takes 128 positions"):
+        run_job(tmp_path / "job", *FAST, "model=hub", f"model.path={folder}",
+                "condition=none")
+    assert not (tmp_path / "job" / "results.csv").exists()

@@ -202,3 +202,20 @@ def test_slurm_that_cannot_submit_says_so_in_one_line(tmp_path):
     assert last.startswith("ih_sweep: the slurm jobs could not be submitted (") and \
         last.endswith("Nothing ran."), last
     assert "Traceback" not in proc.stderr
+
+
+def test_a_long_override_makes_a_short_job_folder(tmp_path):
+    """-m with a model.path of 217 characters: a folder name over 255 bytes used to fail
+    (OSError: File name too long); it is shortened and summarize finds the job."""
+    import shutil as sh
+
+    from ih_sweep.model_loading import ASSET_DIR
+
+    model = tmp_path / ("m" * 200) / "tiny"
+    sh.copytree(ASSET_DIR, model)
+    cli("-m", "model=hub", f"model.path={model}", "n_heads=4", "condition=high,none",
+        "debug=fast", f"hydra.sweep.dir={tmp_path}/s", f"paths.cache_dir={tmp_path}/c")
+    folders = [p.parent for p in (tmp_path / "s").glob("*/job.json")]
+    assert len(folders) == 2 and all(len(f.name.encode()) <= 200 for f in folders)
+    assert len(pd.read_csv(tmp_path / "s/summary.csv")) == 2
+    assert "missing" not in (tmp_path / "s/summary.md").read_text()

@@ -72,7 +72,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
 
     # check: what can be checked without weights comes first
     n_layers, heads_per_layer = model_shape(plain(config.model))
-    if config.n_heads > n_layers * heads_per_layer:
+    if config.condition != Condition.none and config.n_heads > n_layers * heads_per_layer:
         raise ConfigError(f"n_heads={config.n_heads} is larger than the model's "
                           f"{n_layers * heads_per_layer} heads ({n_layers} x "
                           f"{heads_per_layer})")
@@ -173,7 +173,7 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     ``partial/``; a rerun after a kill (preemption, timeout, SIGKILL) reuses finished chunks,
     so rows are neither lost nor duplicated. Returns (ITEM_COLUMNS rows, chunks reused)."""
     from ..ablation import ablate_heads, head_means
-    from ..evaluation import evaluate
+    from ..evaluation import check_prompt_lengths, evaluate
 
     part = out_dir / "partial"
     size = config.eval.checkpoint_items
@@ -185,7 +185,7 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     write_json(part / "state.json", state)
     for stale in [*out_dir.glob(".*.tmp"), *part.glob(".*.tmp")]:  # left by a killed write
         stale.unlink(missing_ok=True)
-    frames, resumed, means = [], 0, None
+    frames, resumed, means, checked = [], 0, None, False
     starts = range(0, len(items), size)
     bar = tqdm(total=len(items), desc=_describe(config), unit="item",
                disable=not config.eval.progress, leave=False)
@@ -201,6 +201,9 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
                 continue
             log.warning("redoing %s: %s", chunk_file, problem)
         model, tokenizer = model_getter()
+        if not checked:  # before any evaluation: every prompt fits the model's positions
+            check_prompt_lengths(model, tokenizer, items, config.eval.max_new_tokens)
+            checked = True
         if config.ablation.method == AblationMethod.mean and heads and means is None:
             means = head_means(model, reference_batches(tokenizer, items,
                                                         config.ablation.n_reference, model))
