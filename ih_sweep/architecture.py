@@ -147,6 +147,29 @@ def _config_value(config, *names: str) -> int | None:
     return None
 
 
+def text_config(config):
+    """The decoder's config of a model config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def config_shape(config) -> tuple[int, int]:
+    """(layers, query heads per layer) from a model config, under any family's key names.
+    Raises :class:`UnsupportedArchitecture` when it names neither."""
+    text = text_config(config)
+    n_layers = _config_value(text, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _config_value(text, "num_attention_heads", "n_head")
+    if n_layers is None or heads is None:
+        raise UnsupportedArchitecture(f"{type(config).__name__}: config lacks layer/head "
+                                      "counts")
+    return n_layers, heads
+
+
+def position_limit(config) -> int | None:
+    """How many positions a model config allows (``max_position_embeddings`` /
+    ``n_positions``), or None when it names no limit."""
+    return _config_value(text_config(config), "max_position_embeddings", "n_positions")
+
+
 def head_sites(model: nn.Module) -> HeadSites:
     """Locate layers, per-layer output projections and head geometry from the config."""
     config = getattr(model, "config", None)
@@ -154,13 +177,11 @@ def head_sites(model: nn.Module) -> HeadSites:
         raise UnsupportedArchitecture(f"{type(model).__name__} has no .config: not a Hugging "
                                       "Face model; supported families: Llama/Mistral/Qwen2/"
                                       "Gemma, GPT-2, GPT-NeoX (Pythia), OPT")
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    n_layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers")
-    heads = _config_value(config, "num_attention_heads", "n_head")
+    n_layers, heads = config_shape(config)
+    config = text_config(config)
     hidden = _config_value(config, "hidden_size", "n_embd", "d_model")
-    if n_layers is None or heads is None or hidden is None:
-        raise UnsupportedArchitecture(f"{type(model).__name__}: config lacks layer/head counts")
+    if hidden is None:
+        raise UnsupportedArchitecture(f"{type(model).__name__}: config lacks the hidden size")
     head_dim = _config_value(config, "head_dim") or hidden // heads
     name = type(model).__name__
     layers = _find_layers(model, n_layers)

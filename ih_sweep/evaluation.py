@@ -487,22 +487,14 @@ class PromptTooLong(UserError):
     kind = "data"
 
 
-def position_limit(model) -> int | None:
-    """How many positions the model takes (``max_position_embeddings`` / ``n_positions``),
-    or None when its config names no limit (e.g. rotary models without one)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
-                                                                         None)
-    return int(limit) if limit else None
-
-
 def check_prompt_lengths(model, tokenizer, items: Sequence[Item], max_new_tokens: int
                          ) -> None:
     """Every prompt plus ``max_new_tokens`` must fit the model's positions: raises
     :class:`PromptTooLong` naming the longest prompt, the limit and what to do, before any
     evaluation (a longer input indexes past the position table)."""
-    limit = position_limit(model)
+    from .architecture import position_limit
+
+    limit = position_limit(model.config)
     if limit is None or not items:
         return
     lengths = [len(ids) for ids in _encode_all(tokenizer, [it.prompt for it in items])]

@@ -168,11 +168,9 @@ def load_config(model_cfg: dict):
 
 def model_shape(model_cfg: dict) -> tuple[int, int]:
     """(layers, query heads per layer) from the model's config file alone (no weights)."""
-    config = load_config(model_cfg)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n_layers = getattr(text, "num_hidden_layers", None) or text.n_layer
-    heads = getattr(text, "num_attention_heads", None) or text.n_head
-    return int(n_layers), int(heads)
+    from .architecture import config_shape
+
+    return config_shape(load_config(model_cfg))
 
 
 def cache_key(model_cfg: dict, quant_cfg: dict, device: str) -> str:

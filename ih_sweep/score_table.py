@@ -154,20 +154,17 @@ def _model_shape(config: Config) -> tuple[int, int]:
 def check_sequences_fit(config: Config) -> None:
     """A repeated sequence ([BOS] + seq_len tokens x repeats) must fit the model's
     positions; raises :class:`~ih_sweep.schema.ConfigError` naming scoring.seq_len."""
+    from .architecture import position_limit
     from .model_loading import load_config
     from .schema import ConfigError
 
-    model_config = load_config(plain(config.model))
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") \
-        else model_config
-    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions",
-                                                                       None)
+    limit = position_limit(load_config(plain(config.model)))
     length = 1 + config.scoring.seq_len * config.scoring.repeats
-    if limit and length > int(limit):
+    if limit and length > limit:
         raise ConfigError(f"scoring.seq_len={config.scoring.seq_len}: a repeated sequence of "
                           f"1 + {config.scoring.seq_len} x {config.scoring.repeats} = {length} "
-                          f"tokens is longer than the model's {int(limit)} positions; allowed: "
-                          f"seq_len <= {(int(limit) - 1) // config.scoring.repeats}")
+                          f"tokens is longer than the model's {limit} positions; allowed: "
+                          f"seq_len <= {(limit - 1) // config.scoring.repeats}")
 
 
 def _compute(config: Config, model_getter, progress: bool) -> pd.DataFrame:
