@@ -216,23 +216,26 @@ def store_dir(cache_dir: str | Path, config_hash: str) -> Path:
     return Path(cache_dir) / "jobs" / config_hash
 
 
+def _copy(names: tuple[str, ...], source: Path, target: Path) -> None:
+    for name in names:  # each file atomically, in the order given
+        atomic_write(Path(target) / name, lambda tmp, src=Path(source) / name:
+                     shutil.copyfile(src, tmp))
+
+
 def store(out_dir: Path, cache_dir: str | Path, config_hash: str) -> Path:
-    """Copy a finished job's files into the store (each file atomically, the record last)."""
+    """Copy a finished job's files into the store (the record last)."""
     target = store_dir(cache_dir, config_hash)
-    for name in STORED_FILES:
-        atomic_write(target / name, lambda tmp, src=Path(out_dir) / name: shutil.copyfile(
-            src, tmp))
+    _copy(STORED_FILES, out_dir, target)
     return target
 
 
 def restore(cache_dir: str | Path, config_hash: str, out_dir: Path) -> Record | None:
-    """The stored job of this config hash copied into ``out_dir`` (record last), if the
-    store has one whose files match its record; None otherwise."""
+    """The stored job of this config hash, if the store has one whose files match its
+    record: its results.csv and heads.csv are copied into ``out_dir`` and its record is
+    returned for the caller to write (with its own bookkeeping); None otherwise."""
     source = store_dir(cache_dir, config_hash)
     record = finished_record(source, config_hash)
     if record is None:
         return None
-    for name in STORED_FILES:
-        atomic_write(Path(out_dir) / name, lambda tmp, src=source / name: shutil.copyfile(
-            src, tmp))
+    _copy(tuple(n for n in STORED_FILES if n != RECORD_FILE), source, out_dir)
     return record

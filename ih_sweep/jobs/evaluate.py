@@ -94,15 +94,15 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
 
     # scores -> select
     t0 = time.time()
-    scores, heads, scores_file = None, [], None
+    mat, heads, scores_file = None, [], None
     if config.condition != Condition.none and config.n_heads > 0:
         scores, cached = get_scores(config, model_getter, progress=config.eval.progress,
                                     shape=(n_layers, heads_per_layer))
         scores_file = str(cached or Path(config.scoring.file).resolve())
         if config.scoring.source == ScoreSource.file:
             check_scores_fit(scores, n_layers, heads_per_layer, config.scoring.file)
-        heads = select_heads(score_matrix(scores, config.scoring.rank_by), config.condition,
-                             config.n_heads, config.control_seed)
+        mat = score_matrix(scores, config.scoring.rank_by)
+        heads = select_heads(mat, config.condition, config.n_heads, config.control_seed)
     timings["scores_s"] = time.time() - t0
 
     # ablate + evaluate
@@ -123,11 +123,8 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
         babi_task=config.data.task, split=split_name(config), metric=config.eval.metric.value,
         scope=config.eval.scope.value, ablation=config.ablation.method.value,
     )[RESULT_COLUMNS]
-    heads_df = pd.DataFrame(columns=HEAD_COLUMNS)
-    if scores is not None:
-        mat = score_matrix(scores, config.scoring.rank_by)
-        heads_df = pd.DataFrame([(la, h, float(mat[la, h]), config.scoring.rank_by.value)
-                                 for la, h in heads], columns=HEAD_COLUMNS)
+    heads_df = pd.DataFrame([(la, h, float(mat[la, h]), config.scoring.rank_by.value)
+                             for la, h in heads], columns=HEAD_COLUMNS)
     write_csv(out_dir / "results.csv", results)
     write_csv(out_dir / "heads.csv", heads_df)
     n_correct = int(results["correct"].sum())
