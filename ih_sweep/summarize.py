@@ -199,8 +199,8 @@ def _settings_key(record: EvaluationRecord, keys: tuple[str, ...]) -> str:
 
 def group_jobs(jobs: list[FinishedJob]) -> tuple[list[list[FinishedJob]], list[str]]:
     """Jobs that may be compared: same settings but for which heads are ablated. The
-    unablated job joins every group with its evaluation settings. Returns (groups, notes
-    saying what was merged and why groups differ)."""
+    unablated job joins every group with its evaluation settings. Returns (groups, the
+    dotted settings that differ between groups)."""
     by_eval: dict[str, dict[str | None, list[FinishedJob]]] = {}
     for job in jobs:
         unablated = job.record.condition == "none" or job.record.n_heads == 0
@@ -211,12 +211,7 @@ def group_jobs(jobs: list[FinishedJob]) -> tuple[list[list[FinishedJob]], list[s
     for arms in by_eval.values():
         none = arms.pop(None, [])
         groups += [none + ablated for ablated in arms.values()] if arms else [none]
-    notes = []
-    differing = _differing_settings(groups) if len(groups) > 1 else []
-    if differing:
-        notes.append("Jobs differ in " + ", ".join(differing) + "; each group is "
-                     "summarized on its own and never pooled.")
-    return groups, notes
+    return groups, _differing_settings(groups) if len(groups) > 1 else []
 
 
 def _differing_settings(groups: list[list[FinishedJob]]) -> list[str]:
@@ -231,9 +226,10 @@ def summarize_jobs(jobs: list[FinishedJob]) -> tuple[pd.DataFrame, list[str]]:
     above, and notes on what was merged: jobs with the same config hash (e.g. ``none`` at
     every N, or non-random conditions crossed with control seeds) are one row."""
     rows, notes = [], []
-    groups, group_notes = group_jobs(jobs)
-    notes += group_notes
-    differing = _differing_settings(groups) if len(groups) > 1 else []
+    groups, differing = group_jobs(jobs)
+    if differing:
+        notes.append("Jobs differ in " + ", ".join(differing) + "; each group is "
+                     "summarized on its own and never pooled.")
     for gjobs in groups:
         gjobs = sorted(gjobs, key=lambda j: (j.record.n_heads, j.record.condition,
                                              j.record.control_seed))
