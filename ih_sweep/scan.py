@@ -241,12 +241,10 @@ def bootstrap_spearman(x: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: i
 
 def plot_scatter(df: pd.DataFrame, score: str, effect: str, path, title: str) -> dict:
     """Effect against induction score, with Spearman rho and its bootstrap 95% interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from .figures import pyplot
     from .io_utils import write_figure
+
+    plt = pyplot()
 
     d = df.dropna(subset=[score, effect])
     rho, lo, hi = bootstrap_spearman(d[score].to_numpy(), d[effect].to_numpy())

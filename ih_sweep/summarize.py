@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import statistics as st
+from .figures import pyplot
 from .io_utils import write_csv, write_figure, write_text
 from .records import EvaluationRecord, RecordError, ScanRecord, read_record
 
@@ -422,15 +423,6 @@ def to_latex(df: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 COLORS = {"high": "tab:red", "low": "tab:blue", "random": "tab:grey", "none": "black"}
 
 
@@ -439,7 +431,7 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
     line and band; the random draws as their 2.5-97.5% band (or points, for < 3 draws)."""
     if df.empty:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     none = df[df.condition == "none"]
     if not none.empty:
@@ -495,7 +487,7 @@ def plot_icl(curve: pd.DataFrame, path: Path, title: str = "") -> Path | None:
     line style = N."""
     if curve.empty:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 4.2))
     curve = curve.drop_duplicates(["condition", "n_heads", "control_seed", "examples_before"])
     curve = curve.assign(n_correct=(curve.accuracy * curve.n_items).round())
