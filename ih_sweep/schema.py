@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -318,19 +319,22 @@ def folder_name(overrides: str) -> str:
 
 
 # --------------------------------------------------------------------------- speed fields
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, type | None]]:
+    """Each field of a schema dataclass with the dataclass of its node (a group or
+    ``paths``), read from the type hints; None for a leaf."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else None)
+            for f in dataclasses.fields(cls)}
+
+
 def _speed_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
-    for f in dataclasses.fields(cls):
-        dotted = prefix + f.name
-        is_node = isinstance(f.default_factory, type) and dataclasses.is_dataclass(
-            f.default_factory)
-        if f.metadata.get("semantic", True) is False:
-            if is_node:  # the whole group: every leaf key
-                keys += [f"{dotted}.{g.name}" for g in dataclasses.fields(f.default_factory)]
-            else:
-                keys.append(dotted)
-        elif is_node or f.name in GROUPS:
-            keys += _speed_keys(GROUPS.get(f.name, f.default_factory), dotted + ".")
+    for name, (f, node) in _fields(cls).items():
+        dotted = prefix + name
+        if f.metadata.get("semantic", True) is False:  # a whole group: every leaf key
+            keys += [f"{dotted}.{leaf}" for leaf in _fields(node)] if node else [dotted]
+        elif node:
+            keys += _speed_keys(node, dotted + ".")
     return keys
 
 
@@ -509,17 +513,13 @@ def check(cfg: Config) -> None:
 def _unknown_keys(node: DictConfig, cls: type, prefix: str = "") -> list[str]:
     """Keys in ``node`` that ``cls`` does not declare. Hydra's ``+key=value`` adds a key
     even to a typed node, and ``OmegaConf.to_object`` would then drop it silently."""
-    declared = {f.name: f for f in dataclasses.fields(cls)}
+    declared = _fields(cls)
     unknown = []
     for key in node.keys():
-        f = declared.get(str(key))
-        if f is None:
+        if str(key) not in declared:
             unknown.append(f"{prefix}{key}")
             continue
-        child_cls = GROUPS.get(str(key)) if not prefix else None
-        if child_cls is None and isinstance(f.default_factory, type) and \
-                dataclasses.is_dataclass(f.default_factory):
-            child_cls = f.default_factory
+        child_cls = declared[str(key)][1]
         child = node._get_node(key)
         if child_cls is not None and isinstance(child, DictConfig) and not child._is_missing():
             unknown += _unknown_keys(child, child_cls, f"{prefix}{key}.")
@@ -541,9 +541,11 @@ def settings(cfg: DictConfig) -> Config:
     unknown = _unknown_keys(node, Config)
     if unknown:
         key = unknown[0]
-        parent, _, leaf = key.rpartition(".")
-        cls = {**GROUPS, "paths": PathsConfig, "": Config}.get(parent)
-        known = ", ".join(f.name for f in dataclasses.fields(cls)) if cls else "see --cfg job"
+        parent = key.rpartition(".")[0]
+        cls = Config
+        for part in filter(None, parent.split(".")):
+            cls = _fields(cls)[part][1]
+        known = ", ".join(_fields(cls))
         raise ConfigError(f"{key}={OmegaConf.select(node, key)!r} is not a config key; keys of "
                           f"{parent or 'the top level'}: {known}")
     typed = OmegaConf.to_object(node)
