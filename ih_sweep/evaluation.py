@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .batching import eval_batch_rows
 from .data import Item
 from .eval_attention import FastPath, fast_attention, read_at
 from .schema import EvalConfig, Metric, Scope, UserError
@@ -530,7 +531,7 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=
     workers = 1 if device.type != "cpu" else \
         (settings.cpu_worker_count() or torch.get_num_threads())
     results: dict[int, ItemResult] = {}
-    bs = max(1, settings.batch_size)
+    bs = eval_batch_rows(settings.batch_size, model, rows, settings.max_new_tokens)
 
     def run(chunk):
         return _evaluate_rows(model, tokenizer, items, chunk, settings, device)

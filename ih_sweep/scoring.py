@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from .architecture import HeadSites, head_sites, hook_z
+from .batching import scoring_batch_rows
 from .schema import ConfigError, RankBy, ScoringConfig, UserError
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "mo
     w_o = [sites.w_o(layer).to(device) for layer in range(L)]
     unembed_w = _unembed_weight(sites).to(device)  # [V, hidden]
     mean_row = unembed_w.mean(0)  # mean logit = mean_row . x
-    bs = settings.batch_size
+    bs = scoring_batch_rows(settings, model)
     store: dict[int, torch.Tensor] = {}  # each layer's o_proj input (hook_z), per batch
     from tqdm.auto import tqdm
 
