@@ -632,6 +632,11 @@ def fixed(x, decimals: int = 3) -> str:
     return "" if _missing(x) else f"{x:.{decimals}f}"
 
 
+def draws_text(k: int) -> str:
+    """``1 draw``, ``3 draws``."""
+    return f"{int(k)} draw" + ("" if int(k) == 1 else "s")
+
+
 def value_ci(x, low, high) -> str:
     """``value [low, high]`` of a continuous difference, or its value alone (no CI)."""
     if _missing(x):
@@ -906,7 +911,7 @@ def strata_markdown(table: pd.DataFrame | None) -> list[str]:
                 cells = {v: f"{percent(r.accuracy)} ({r.n_items})"
                          for v, r in zip(arm.value, arm.itertuples())}
                 out.append({"N": "" if cond == "none" else str(n),
-                            "condition": cond + (f" ({draws} draws)" if cond == "random"
+                            "condition": cond + (f" ({draws_text(draws)})" if cond == "random"
                                                  else ""),
                             **{v: cells.get(v, "") for v in values}})
             lines += [f"**{stratum}** ({what}): accuracy % (items)", "",
@@ -934,7 +939,7 @@ def plot_strata(table: pd.DataFrame, path: Path, title: str = "",
         x = g.value.map(position) + 0.04 * (i - (len(keys) - 1) / 2)  # side by side
         draws = int(g.n_draws.iloc[0])
         label = "unablated" if cond == "none" else f"{cond} N={n}" + (
-            f" ({draws} draws pooled)" if cond == "random" else "")
+            f" ({draws_text(draws)} pooled)" if cond == "random" else "")
         color = COLORS.get(cond, "tab:green")
         ax.plot(x, 100 * g.accuracy, marker="o", ms=4, color=color, label=label,
                 ls="-" if cond == "none" else styles[int(n)], clip_on=False)
@@ -982,7 +987,7 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
                     ms=4, clip_on=False, zorder=4)
         else:
             ax.plot(random.n_heads, 100 * random.accuracy, "o", color=COLORS["random"],
-                    ms=5, clip_on=False, label=f"random heads ({len(random)} draws)")
+                    ms=5, clip_on=False, label=f"random heads ({draws_text(len(random))})")
     measured = sorted(int(n) for n in df.loc[df.condition != "none", "n_heads"].unique())
     dodge = 0.012 * max(1, measured[-1] - measured[0]) if measured else 0
     for cond, shift in (("high", -dodge), ("low", dodge)):  # side by side where they meet
@@ -1042,7 +1047,7 @@ def plot_icl(curve: pd.DataFrame, path: Path, title: str = "") -> Path | None:
         bounds = np.array([st.wilson_interval(int(k), int(m))
                            for k, m in zip(g.n_correct, g.n_items)])
         label = "unablated" if cond == "none" else f"{cond} N={n}" + (
-            f" ({draws[n]} draws pooled)" if cond == "random" else "")
+            f" ({draws_text(draws[n])} pooled)" if cond == "random" else "")
         x = g.examples_before + 0.04 * (i - (len(keys) - 1) / 2)  # lines at 100% side by side
         color = COLORS.get(cond, "tab:green")
         ax.plot(x, 100 * g.n_correct / g.n_items, marker="o", ms=4, color=color,
