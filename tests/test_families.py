@@ -61,6 +61,15 @@ def family_configs() -> dict[str, tf.PretrainedConfig]:
 
 CONFIGS = family_configs()
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second
+    spinning thread costs far more than it gains."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def save_model(config, folder: Path, seed: int = 0) -> Path:
     """A random-weight model of ``config`` and the tiny tokenizer in ``folder``. Norm
@@ -84,7 +93,6 @@ def folders(tmp_path_factory):
 
 
 def _load(folder: Path):
-    torch.set_num_threads(2)
     # the schema's defaults: attn_implementation=sdpa (Gemma-2 falls back to eager)
     return load_model({"name": folder.name, "path": str(folder), "dtype": "float32",
                        "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
