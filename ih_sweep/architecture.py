@@ -2,8 +2,11 @@
 
 Ablation and scoring both need, per layer, the module whose *input* is the concatenation of
 the query heads' outputs (o_proj / c_proj / dense / out_proj), the head count and head size,
-the final norm and the unembedding. Finding them from the model's structure keeps every
-family on one code path; an unknown structure gets a clear error instead of a silent no-op.
+and the modules on a head's way to the logits as the model itself applies them (norms on the
+attention output, the final norm where there is one, OPT's project_out, the unembedding,
+Gemma-2's logit softcap). Finding them from the model's structure keeps every family on one
+code path; a structure it cannot place gets a one-line error instead of a silent no-op or a
+wrong score.
 Code that reads or changes the heads' outputs goes through one hook helper, :func:`hook_z`.
 """
 

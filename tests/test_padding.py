@@ -47,11 +47,6 @@ def model_tok(request, models):
     tok.padding_side = before
 
 
-def test_the_items_pad():
-    lengths = {len(it.prompt.split()) for it in ITEMS}
-    assert len(lengths) > 1
-
-
 def test_mean_ablation_reference_means(model_tok):
     model, tok = model_tok
     one = head_means(model, reference_batches(tok, ITEMS, N, model, batch_size=1))
