@@ -183,6 +183,7 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     for stale in [*out_dir.glob(".*.tmp"), *part.glob(".*.tmp")]:  # left by a killed write
         stale.unlink(missing_ok=True)
     frames, resumed, means, checked = [], 0, None, False
+    candidates = sorted({it.answer for it in items})  # the task's answers, for logit_diff
     starts = range(0, len(items), size)
     bar = tqdm(total=len(items), desc=_describe(config), unit="item",
                disable=not config.eval.progress, leave=False)
@@ -205,10 +206,8 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
             means = head_means(model, reference_batches(tokenizer, items,
                                                         config.ablation.n_reference, model))
         with ablate_heads(model, heads, config.ablation.method, means):
-            res = evaluate(model, tokenizer, chunk_items, config.eval, bar)
-        df = pd.DataFrame([(r.item.story_index, r.item.question_index, r.item.line,
-                            r.item.examples_before, r.item.answer, r.continuation,
-                            bool(r.correct), r.decided_by) for r in res], columns=ITEM_COLUMNS)
+            res = evaluate(model, tokenizer, chunk_items, config.eval, bar, candidates)
+        df = item_frame(res)
         write_csv(chunk_file, df)
         frames.append(df)
         if len(starts) > 1:
@@ -217,6 +216,14 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     if resumed:
         log.info("resumed: %d of %d chunks were already done", resumed, len(starts))
     return pd.concat(frames, ignore_index=True), resumed
+
+
+def item_frame(results: Sequence) -> pd.DataFrame:
+    """The ITEM_COLUMNS rows of evaluated items (:class:`.evaluation.ItemResult`)."""
+    return pd.DataFrame([(r.item.story_index, r.item.question_index, r.item.line,
+                          r.item.examples_before, r.item.answer, r.continuation,
+                          bool(r.correct), r.decided_by, r.margin, bool(r.near_tie),
+                          r.gold_logprob, r.logit_diff) for r in results], columns=ITEM_COLUMNS)
 
 
 def _read_chunk(path: Path, chunk_items: Sequence) -> tuple[pd.DataFrame | None, str | None]:
