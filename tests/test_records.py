@@ -57,9 +57,12 @@ def test_missing_record(tmp_path):
 def _files(folder, correct=(True, False), heads=((1, 2),)):
     import pandas as pd
 
-    rows = [[i, 0, 5, 0, "office", "office" if c else "garden", c, "forward", 4, "high", 0,
-             "tiny", "none", "babi_generated", 1, "generated", "contains", "last", "zero"]
-            for i, c in enumerate(correct)]
+    names = ["story", "question_index", "line", "examples_before", "answer", "continuation",
+             "correct", "decided_by", "n_heads", "condition", "control_seed", "model",
+             "quantization", "data", "babi_task", "split", "metric", "scope", "ablation"]
+    rows = [dict(zip(names, [i, 0, 5, 0, "office", "office" if c else "garden", c, "forward",
+                             4, "high", 0, "tiny", "none", "babi_generated", 1, "generated",
+                             "contains", "last", "zero"])) for i, c in enumerate(correct)]
     pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(folder / "results.csv", index=False)
     pd.DataFrame([(la, h, 0.5, "prefix") for la, h in heads],
                  columns=["layer", "head", "score", "rank_by"]).to_csv(folder / "heads.csv",
