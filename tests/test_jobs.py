@@ -14,7 +14,7 @@ import pytest
 from compose_config import CONF, compose, run_job
 from omegaconf import OmegaConf
 
-from ih_sweep.records import RESULT_COLUMNS, read_record
+from ih_sweep.records import ITEM_COLUMNS, RESULT_COLUMNS, read_record
 
 FAST = ("debug=fast",)
 
@@ -132,7 +132,8 @@ def test_a_damaged_checkpoint_chunk_is_redone(tmp_path, caplog, how, why):
     out = tmp_path / "job"
     part = out / "partial"
     part.mkdir(parents=True)
-    chunk = pd.read_csv(tmp_path / "clean" / "results.csv", keep_default_na=False).iloc[:10, :8]
+    chunk = pd.read_csv(tmp_path / "clean" / "results.csv",
+                        keep_default_na=False).iloc[:10][ITEM_COLUMNS]
     bad = {"garbage": pd.DataFrame({"x": [1]}), "short": chunk.head(5),
            "duplicated": pd.concat([chunk, chunk.head(1)])}[how]
     bad.to_csv(part / "chunk-00000.csv", index=False)
