@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .architecture import HeadSites, head_sites, hook_z
+from .architecture import HeadSites, head_sites, hook_z, positions_from_mask
 from .schema import AblationMethod, UserError
 
 
@@ -74,7 +74,12 @@ def ablate_heads(model, heads: Sequence[tuple[int, int]],
 
 @torch.no_grad()
 def head_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
-    """Each layer's mean o_proj input over the real (non-pad) tokens of reference batches."""
+    """Each layer's mean o_proj input [heads_per_layer * head_dim] over the real (non-pad)
+    tokens of reference batches (``input_ids``, ``attention_mask``; padded on either side).
+
+    Each pass gets position ids derived from the mask (:func:`positions_from_mask`), so the
+    means do not depend on the batch size or the tokenizer's padding side (left padding
+    without them shifts GPT-2's and other absolute-position models' positions)."""
     sites = head_sites(model)
     sums = [None] * sites.n_layers
     count = 0
@@ -82,15 +87,16 @@ def head_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> dict[int, t
 
     def add(i: int, z: torch.Tensor) -> None:
         x = z.float()
-        m = current_mask[0].to(x.device, x.dtype)[..., None]
-        s = (x * m).sum((0, 1)).cpu()
+        m = current_mask[0].to(x.device).bool()[..., None]
+        s = torch.where(m, x, 0.0).sum((0, 1)).cpu()  # pads may hold NaN (no key to attend)
         sums[i] = s if sums[i] is None else sums[i] + s
 
     with hook_z(sites, add):
         for batch in batches:
-            current_mask[:] = [batch["attention_mask"]]
-            model(**batch, use_cache=False)
-            count += int(batch["attention_mask"].sum())
+            mask = batch["attention_mask"]
+            current_mask[:] = [mask]
+            model(**batch, position_ids=positions_from_mask(mask), use_cache=False)
+            count += int(mask.sum())
     if count == 0:
         raise AblationError("mean ablation needs at least one reference token")
     return {i: s / count for i, s in enumerate(sums)}

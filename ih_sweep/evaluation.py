@@ -10,6 +10,14 @@ outcome is what one-story-at-a-time ``generate`` gives. With scope ``all``, ever
 of a story whose prompt tokenizes as a prefix of the story's full text is read off one shared
 forward pass.
 
+Per item the same pass also yields continuous measures (no extra pass): ``gold_logprob``
+(the log-probability of every gold answer token given the prompt), ``logit_diff`` (the gold
+answer's first-token logit minus the best other candidate answer's) and, from the greedy
+steps that decided the item, ``margin`` (the smallest top-1 minus top-2 logit gap) and
+``near_tie`` (that gap within the rounding of the model's compute dtype, so that another batch
+size or kernel could flip the outcome: :data:`NEAR_TIE_TOLERANCE`). What a batch needs from
+the device comes back in one copy per forward pass or decoding step.
+
 The evaluator's speed shortcuts (:mod:`.eval_attention`) are checked at run time: the first
 batch's teacher-forced logits at the read positions are compared with the plain forward's
 (:func:`_check_first_batch`); where they differ beyond the dtype's tolerance the evaluation
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import re
 import time
 import weakref
@@ -27,11 +36,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from .batching import eval_batch_rows
 from .data import Item
 from .eval_attention import FastPath, fast_attention, read_at
 from .schema import EvalConfig, Metric, Scope, UserError
@@ -44,10 +54,18 @@ __all__ = ["EvalConfig", "ItemResult", "Metric", "Scope", "evaluate", "is_correc
 
 @dataclass
 class ItemResult:
+    """One item's outcome and its continuous measures (results.csv's columns of the same
+    names, documented in :mod:`.records`)."""
+
     item: Item
     continuation: str
     correct: bool
     decided_by: str  # "forward", "decode" (from the pass's cache) or "generate" (fallback)
+    # logits: smallest top-1 minus top-2 gap over the greedy steps up to the deciding one
+    margin: float = math.nan
+    near_tie: bool = False  # some step up to the deciding one is a near-tie (see margins)
+    gold_logprob: float = math.nan  # nats: sum of log p(gold answer token) given the prompt
+    logit_diff: float = math.nan  # gold first-token logit minus the best other candidate's
 
 
 # --------------------------------------------------------------------------- metric (pure)
@@ -93,22 +111,95 @@ class _Query:
     index: int  # into items
     pos: int  # position of the prompt's last token in the row
     teacher: list[int]  # candidate continuation tokens fed after the prompt
+    # the gold answer's tokens as they follow the prompt in the row (their log-probs are
+    # read at pos, pos + 1, ...), and the first tokens of the other candidate answers
+    answer: list[int] = field(default_factory=list)
+    others: list[int] = field(default_factory=list)
+
+    def greedy_reads(self, max_new_tokens: int) -> int:
+        """Positions whose argmax is a greedy token that may be known from the pass."""
+        return min(max_new_tokens, len(self.teacher) + 1)
+
+    def reads(self, max_new_tokens: int) -> int:
+        """Positions read from the pass: the greedy ones and every gold answer token's."""
+        return max(self.greedy_reads(max_new_tokens), len(self.answer))
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def _encode_all(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def _encode_all(tokenizer, texts: Sequence[str], **kwargs) -> list[list[int]]:
     """One batched tokenizer call (fast tokenizers encode a list in one native call)."""
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
+    return [list(ids) for ids in tokenizer(list(texts), **kwargs)["input_ids"]]
 
 
-def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int
+def _tail(prompt: str) -> str:
+    """The prompt's last line with the newline before it: the context that decides how an
+    answer right after the prompt tokenizes (tokenizers split words at whitespace)."""
+    cut = prompt.rfind("\n")
+    return prompt[cut:] if cut >= 0 else prompt
+
+
+def answer_tokens(tokenizer, tails: Sequence[str], answers: Sequence[str]
+                  ) -> dict[tuple[str, str], tuple[list[int], int]]:
+    """For each (prompt tail, answer): the tokens of the gold continuation ``answer + "\\n"``
+    as they follow a prompt ending in that tail, and how many of them cover the answer.
+
+    Tokenized the way :func:`build_rows` tokenizes the gold continuation: after the context
+    where its tokens extend the context's, else on its own (:func:`_continuation`). The
+    answer's tokens are those of ``context + answer``; where the answer's last token merges
+    with the newline they are the continuation's tokens up to that merged one. The context is
+    the tail (:func:`_tail`), not the whole prompt, so that a task's few answers tokenize once;
+    :func:`build_rows` checks the result against each row (an item whose row disagrees gets its
+    own row of exactly these tokens)."""
+    pairs = sorted({(t, a) for t in tails for a in answers})
+    contexts = sorted({t for t, _ in pairs})
+    texts = contexts + [t + a + "\n" for t, a in pairs] + [t + a for t, a in pairs]
+    enc = dict(zip(texts, _encode_all(tokenizer, texts, add_special_tokens=False)))
+    alone = {}
+    out: dict[tuple[str, str], tuple[list[int], int]] = {}
+    for t, a in pairs:
+        head, cont, short = enc[t], enc[t + a + "\n"], enc[t + a]
+        if cont[:len(head)] == head and short[:len(head)] == head:
+            cont, short = cont[len(head):], short[len(head):]
+        else:
+            if a not in alone:
+                alone[a] = (_continuation(tokenizer, a),
+                            _encode_all(tokenizer, [a], add_special_tokens=False)[0])
+            cont, short = alone[a]
+        n = next((i for i, (x, y) in enumerate(zip(cont, short)) if x != y), len(short))
+        out[t, a] = cont, min(len(cont), n + (n < len(short)))
+    return out
+
+
+def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int,
+               candidates: Sequence[str] | None = None
                ) -> list[tuple[list[int], list[_Query]]]:
-    """Token rows to run, each answering one or more items (shared story prefixes)."""
+    """Token rows to run, each answering one or more items (shared story prefixes).
+
+    Each query reads the greedy positions (prompt end, then each teacher token, up to
+    ``max_new_tokens``) and every gold answer token's position, so a row reaches as far as
+    the longer of the two. ``candidates``: the answers whose first tokens ``logit_diff``
+    compares with the gold's (None: the items' distinct answers)."""
+    if candidates is None:
+        candidates = sorted({it.answer for it in items})
+    tails = [_tail(it.prompt) for it in items]
+    known = answer_tokens(tokenizer, sorted(set(tails)),
+                          sorted(set(candidates) | {it.answer for it in items}))
+    firsts: dict[str, set[int]] = {}
+    for t in set(tails):
+        firsts[t] = {known[t, c][0][0] for c in candidates if known[t, c][0]}
+
+    def gold(i: int) -> tuple[list[int], list[int], list[int]]:
+        """(continuation, answer tokens, other candidates' first tokens) of item i."""
+        cont, n = known[tails[i], items[i].answer]
+        answer = cont[:n]
+        others = sorted(firsts[tails[i]] - {answer[0]}) if answer else []
+        return cont, answer, others
+
     by_story: dict[int, list[int]] = {}
     for i, it in enumerate(items):
         by_story.setdefault(it.story_index, []).append(i)
@@ -116,22 +207,32 @@ def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int
     lasts = [items[g[-1]] for g in groups]
     last_ids = _encode_all(tokenizer, [it.prompt for it in lasts])
     full_ids = _encode_all(tokenizer, [it.prompt + it.answer + "\n" for it in lasts])
-    others = [i for g in groups for i in g[:-1]]
-    other_ids = dict(zip(others, _encode_all(tokenizer, [items[i].prompt for i in others])))
+    others_ = [i for g in groups for i in g[:-1]]
+    other_ids = dict(zip(others_, _encode_all(tokenizer, [items[i].prompt for i in others_])))
     rows: list[tuple[list[int], list[_Query]]] = []
     need = max_new_tokens - 1
+
+    def extent(answer: list[int]) -> int:
+        return max(need, len(answer) - 1)  # tokens fed after the prompt
+
     for idxs, last, prompt_ids, full in zip(groups, lasts, last_ids, full_ids):
-        if full[:len(prompt_ids)] != prompt_ids:
+        cont, answer, others = gold(idxs[-1])
+        p = len(prompt_ids)
+        if full[:p] != prompt_ids:
             full = prompt_ids + _continuation(tokenizer, last.answer)
-        row = full[:len(prompt_ids) + need]
-        queries = [_Query(idxs[-1], len(prompt_ids) - 1, row[len(prompt_ids):])]
+        if full[p:p + len(answer)] != answer:  # the answer tokenizes otherwise in context
+            full = prompt_ids + cont
+        row = full[:p + extent(answer)]
+        queries = [_Query(idxs[-1], p - 1, row[p:], answer, others)]
         for i in idxs[:-1]:
             ids = other_ids[i]
-            if row[:len(ids)] == ids:
-                queries.append(_Query(i, len(ids) - 1, row[len(ids):len(ids) + need]))
+            cont, answer, others = gold(i)
+            q = len(ids)
+            if row[:q] == ids and row[q:q + len(answer)] == answer:
+                queries.append(_Query(i, q - 1, row[q:q + extent(answer)], answer, others))
             else:  # tokenization differs at the boundary: the item gets its own row
-                own = ids + _continuation(tokenizer, items[i].answer)[:need]
-                rows.append((own, [_Query(i, len(ids) - 1, own[len(ids):])]))
+                own = ids + cont[:extent(answer)]
+                rows.append((own, [_Query(i, q - 1, own[q:], answer, others)]))
         rows.append((row, queries))
     return rows
 
@@ -235,87 +336,146 @@ def _logits_at(gather: torch.Tensor) -> Iterator[None]:
         _LOGITS_AT.reset(token)
 
 
+@dataclass
+class _Read:
+    """What one query needs from the teacher-forced pass (host values)."""
+
+    argmax: list[int]  # greedy token at each greedy read position
+    gap: list[float]  # top-1 minus top-2 logit there
+    top: list[float]  # the top-1 logit there (the near-tie scale)
+    gold_logprob: float
+    logit_diff: float
+
+
+def _stats(logits: torch.Tensor, targets: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """Per read position, stacked for one copy to the host: [..., 5] float32 of (argmax,
+    top-1 minus top-2 logit, top-1 logit, log p(target), logit(target) minus the largest
+    logit among ``others`` that are not the target (+inf when none)).
+
+    ``logits`` [..., vocab]; ``targets`` [...] token ids; ``others`` [..., C] token ids (pad
+    with the target: a pad never counts). Token ids stay exact in float32 below 2**24."""
+    top2 = logits.topk(2, -1).values.float()
+    full = logits.float()
+    target = full.gather(-1, targets[..., None])[..., 0]
+    rival = full.gather(-1, others).masked_fill(others == targets[..., None], -math.inf)
+    return torch.stack([logits.argmax(-1).float(), top2[..., 0] - top2[..., 1], top2[..., 0],
+                        target - full.logsumexp(-1), target - rival.amax(-1)], -1)
+
+
+def _step_stats(logits: torch.Tensor) -> torch.Tensor:
+    """[..., 3] float32 of (argmax, top-1 minus top-2, top-1) for greedy decoding steps."""
+    top2 = logits.topk(2, -1).values.float()
+    return torch.stack([logits.argmax(-1).float(), top2[..., 0] - top2[..., 1], top2[..., 0]],
+                       -1)
+
+
 @torch.no_grad()
 def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
-                         cache=None) -> dict[int, list[int]]:
-    """For each query: the argmax tokens at its positions (prompt end, then each teacher).
-    With ``cache``, the pass also fills it (key/values of every row position), and a prefix
-    all rows share (the prompt header) runs once instead of once per row."""
+                         cache=None) -> dict[int, _Read]:
+    """For each query: the argmax tokens at its greedy positions (prompt end, then each
+    teacher), their top-2 gaps, the gold answer's log-probability and first-token logit
+    difference. With ``cache``, the pass also fills it (key/values of every row position),
+    and a prefix all rows share (the prompt header) runs once instead of once per row.
+    The inputs go to the device in one copy and the results come back in one."""
     width = max(len(r) for r, _ in rows)
     shared = shared_prefix_length(rows) if cache is not None else 0
     if shared < MIN_SHARED_PREFIX:
         shared = 0
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    positions: list[list[int]] = []
-    for b, (row, queries) in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row)
-        mask[b, :len(row)] = 1
-        pos = []
-        for q in queries:
-            pos.extend(q.pos - shared + j
-                       for j in range(min(max_new_tokens, len(q.teacher) + 1)))
-        positions.append(pos)
-    k = max(len(p) for p in positions)
-    gather = torch.zeros((len(rows), k), dtype=torch.long)
-    for b, pos in enumerate(positions):
-        gather[b, :len(pos)] = torch.tensor(pos)
-    gather = gather.to(device)
+    n_read = [[q.reads(max_new_tokens) for q in queries] for _, queries in rows]
+    k = max(sum(n) for n in n_read)
+    c = max([1] + [len(q.others) for _, queries in rows for q in queries])
+    # one host tensor, built from lists: ids | mask | read positions | targets | candidates
+    packed = []
+    for (row, queries), reads in zip(rows, n_read):
+        gather, targets, others = [], [], []
+        for q, n in zip(queries, reads):
+            gather += range(q.pos - shared, q.pos - shared + n)
+            answer = q.answer[:n] + [q.answer[-1] if q.answer else 0] * (n - len(q.answer))
+            targets += answer
+            others += [(q.others + [answer[0]] * c)[:c]] + [[t] * c for t in answer[1:]]
+        pad = k - len(gather)
+        packed.append(row + [pad_id] * (width - len(row)) + [1] * len(row)
+                      + [0] * (width - len(row)) + gather + [0] * pad + targets + [0] * pad
+                      + [t for o in others for t in o] + [0] * (pad * c))
+    host = torch.tensor(packed, dtype=torch.long)
+    dev = host.to(device)
+    d_ids, d_mask = dev[:, :width], dev[:, width:2 * width]
+    d_gather = dev[:, 2 * width:2 * width + k]
+    d_targets = dev[:, 2 * width + k:2 * width + 2 * k]
+    d_others = dev[:, 2 * width + 2 * k:].view(len(rows), k, c)
     kwargs = {"use_cache": False}
     if cache is not None:
         kwargs = {"use_cache": True, _cache_argument(model): cache}
     if shared:  # the common prefix once, its key/values copied to every row
-        model(input_ids=ids[:1, :shared].to(device), logits_to_keep=1, **kwargs)
+        model(input_ids=d_ids[:1, :shared], logits_to_keep=1, **kwargs)
         cache.batch_repeat_interleave(len(rows))
-    with read_at(gather), _logits_at(gather):
-        logits = model(input_ids=ids[:, shared:].to(device),
-                       attention_mask=mask.to(device), **kwargs).logits
-    top = logits.argmax(-1).cpu()
+    with read_at(d_gather), _logits_at(d_gather):
+        logits = model(input_ids=d_ids[:, shared:], attention_mask=d_mask, **kwargs).logits
+    stats = _stats(logits, d_targets, d_others).cpu().tolist()
     record = _RECORD.get()
-    out: dict[int, list[int]] = {}
+    recorded = logits.float().cpu() if record is not None else None
+    out: dict[int, _Read] = {}
     for b, (_, queries) in enumerate(rows):
         cursor = 0
-        for q in queries:
-            n = min(max_new_tokens, len(q.teacher) + 1)
-            out[q.index] = top[b, cursor:cursor + n].tolist()
-            if record is not None:
-                record[q.index] = logits[b, cursor:cursor + n].float().cpu()
+        for q, n in zip(queries, n_read[b]):
+            at = stats[b][cursor:cursor + n]
+            g = q.greedy_reads(max_new_tokens)
+            out[q.index] = _Read(
+                [int(s[0]) for s in at[:g]], [s[1] for s in at[:g]], [s[2] for s in at[:g]],
+                math.fsum(s[3] for s in at[:len(q.answer)]),
+                at[0][4] if q.others and math.isfinite(at[0][4]) else math.nan)
+            if recorded is not None:
+                record[q.index] = recorded[b, cursor:cursor + n]
             cursor += n
     return out
 
 
 @torch.no_grad()
 def continue_greedy(model, cache, width: int, starts: Sequence[tuple[int, int, list[int]]],
-                    max_new_tokens: int, eos: int | None, device) -> list[list[int]]:
+                    max_new_tokens: int, eos: int | None, device
+                    ) -> list[tuple[list[int], list[float], list[float]]]:
     """Greedy decoding onward from the teacher-forced pass's cache, batched.
 
     ``starts``: (row in the pass, prompt end position, known greedy tokens). The cache holds
     exact key/values for the prompt and the known tokens but the last (they matched the
     teacher); later columns (other teacher tokens, padding) are masked out, and each new
-    token gets its true position id.
+    token gets its true position id. Returns, per start, the new tokens (after the known
+    ones) with each step's top-1 minus top-2 logit gap and top-1 logit. The mask and the
+    positions are allocated once on the device and updated in place; each step copies its
+    (token, gap, top) triples to the host once.
     """
-    cache.batch_select_indices(torch.tensor([row for row, _, _ in starts], device=device))
-    valid = torch.tensor([pos + len(known) for _, pos, known in starts])
-    mask = (torch.arange(width)[None, :] < valid[:, None]).long()
-    tokens = [list(known) for _, _, known in starts]
-    nxt = torch.tensor([t[-1] for t in tokens])
-    position = valid.clone()
+    steps = max_new_tokens - min(len(known) for _, _, known in starts)
+    host = torch.tensor([[row, pos + len(known), known[-1]] for row, pos, known in starts])
+    dev = host.T.contiguous().to(device)
+    cache.batch_select_indices(dev[0])
+    valid, nxt = dev[1], dev[2]
+    mask = (torch.arange(width + steps, device=device)[None, :] < valid[:, None]).long()
+    position = valid[:, None].clone()
+    lengths = [len(known) for _, _, known in starts]
+    new: list[tuple[list[int], list[float], list[float]]] = [([], [], []) for _ in starts]
     arg = _cache_argument(model)
 
-    def open_(t: list[int]) -> bool:
-        return len(t) < max_new_tokens and (eos is None or t[-1] != eos)
+    def open_(j: int) -> bool:
+        last = new[j][0][-1] if new[j][0] else starts[j][2][-1]
+        return lengths[j] < max_new_tokens and (eos is None or last != eos)
 
-    while any(open_(t) for t in tokens):
-        mask = torch.cat([mask, torch.ones(len(tokens), 1, dtype=torch.long)], 1)
-        logits = model(input_ids=nxt[:, None].to(device), attention_mask=mask.to(device),
-                       position_ids=position[:, None].to(device), use_cache=True,
-                       logits_to_keep=1, **{arg: cache}).logits
-        nxt = logits[:, -1].argmax(-1).cpu()
-        for j, t in enumerate(tokens):
-            if open_(t):
-                t.append(int(nxt[j]))
+    step = 0
+    while any(open_(j) for j in range(len(starts))):
+        mask[:, width + step] = 1
+        logits = model(input_ids=nxt[:, None], attention_mask=mask[:, :width + step + 1],
+                       position_ids=position, use_cache=True, logits_to_keep=1,
+                       **{arg: cache}).logits[:, -1]
+        nxt = logits.argmax(-1)
+        got = _step_stats(logits).cpu().tolist()
+        for j, (token, gap, top) in enumerate(got):
+            if open_(j):
+                new[j][0].append(int(token))
+                new[j][1].append(gap)
+                new[j][2].append(top)
+                lengths[j] += 1
         position += 1
-    return tokens
+        step += 1
+    return new
 
 
 def _known_greedy(argmax: list[int], teacher: list[int], eos: int | None) -> list[int]:
@@ -330,8 +490,11 @@ def _known_greedy(argmax: list[int], teacher: list[int], eos: int | None) -> lis
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                    device) -> list[list[int]]:
-    """Real greedy generation, batched with left padding (the fallback)."""
+                    device) -> list[tuple[list[int], list[float], list[float]]]:
+    """Real greedy generation, batched with left padding (the fallback). Per prompt: the
+    tokens (cut after EOS), each step's top-1 minus top-2 gap and top-1 value of the scores
+    ``generate`` picked from (``output_scores``: the logits after its logits processors,
+    none for plain greedy decoding), copied to the host at once."""
     pad_id = _pad_id(tokenizer)
     encoded = [_encode(tokenizer, p) for p in prompts]
     width = max(len(e) for e in encoded)
@@ -340,11 +503,19 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     for b, e in enumerate(encoded):
         ids[b, width - len(e):] = torch.tensor(e)
         mask[b, width - len(e):] = 1
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+    dev = torch.cat([ids, mask]).to(device)
+    out = model.generate(input_ids=dev[:len(encoded)], attention_mask=dev[len(encoded):],
                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-    gen = out[:, width:].cpu().tolist()
-    return [_cut_at_eos(g, tokenizer.eos_token_id) for g in gen]
+                         pad_token_id=pad_id, temperature=None, top_p=None, top_k=None,
+                         output_scores=True, return_dict_in_generate=True)
+    stats = _step_stats(torch.stack(out.scores, 1))  # [prompts, steps, 3]
+    stats[..., 0] = out.sequences[:, width:]  # the tokens generate chose
+    results = []
+    for row in stats.cpu().tolist():
+        tokens = _cut_at_eos([int(s[0]) for s in row], tokenizer.eos_token_id)
+        results.append((tokens, [s[1] for s in row[:len(tokens)]],
+                        [s[2] for s in row[:len(tokens)]]))
+    return results
 
 
 def _cut_at_eos(tokens: list[int], eos: int | None) -> list[int]:
@@ -444,40 +615,72 @@ def _final_or_verdict(text: str, toks: list[int], answer: str, settings: EvalCon
     return decide_partial(text, answer, settings.metric)
 
 
+def _deciding_length(tokenizer, toks: list[int], answer: str, settings: EvalConfig,
+                     eos: int | None) -> int:
+    """How many of the greedy tokens ``toks`` decided the item: the shortest prefix after
+    which the metric's outcome can no longer change (:func:`_final_or_verdict` on growing
+    prefixes); all of them when no shorter prefix does."""
+    for n in range(1, len(toks)):
+        head = toks[:n]
+        if _final_or_verdict(_decode(tokenizer, head), head, answer, settings, eos) is not None:
+            return n
+    return len(toks)
+
+
+def _result(item: Item, text: str, correct: bool, how: str, steps: tuple[list, list],
+            decided: int, read: _Read, tolerance: float) -> ItemResult:
+    """An :class:`ItemResult` with its measures: ``steps`` (gaps, top logits) of the greedy
+    tokens, of which the first ``decided`` count (:func:`_deciding_length`)."""
+    gaps, tops = steps[0][:decided], steps[1][:decided]
+    return ItemResult(item, text, correct, how, margin=min(gaps, default=math.nan),
+                      near_tie=near_tie(gaps, tops, tolerance),
+                      gold_logprob=read.gold_logprob, logit_diff=read.logit_diff)
+
+
 def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: EvalConfig,
                    device) -> dict[int, ItemResult]:
     """One batch: the teacher-forced pass, then decoding for what it left undecided."""
     budget = settings.max_new_tokens
     eos = tokenizer.eos_token_id
+    tolerance = near_tie_tolerance(model)
     width = max(len(r) for r, _ in rows)
     cache = _reusable_cache(model, width, budget)
-    argmax = _greedy_from_forward(model, rows, _pad_id(tokenizer), budget, device, cache)
+    reads = _greedy_from_forward(model, rows, _pad_id(tokenizer), budget, device, cache)
     results: dict[int, ItemResult] = {}
     pending: list[tuple[int, int, list[int]]] = []  # (row, prompt end, known tokens)
     index_of: list[int] = []
     for b, (_, queries) in enumerate(rows):
         for q in queries:
-            toks = _known_greedy(argmax[q.index], q.teacher, eos)
+            read, answer = reads[q.index], items[q.index].answer
+            toks = _known_greedy(read.argmax, q.teacher, eos)
             text = _decode(tokenizer, toks)
-            verdict = _final_or_verdict(text, toks, items[q.index].answer, settings, eos)
+            verdict = _final_or_verdict(text, toks, answer, settings, eos)
             if verdict is None:
                 pending.append((b, q.pos, toks))
                 index_of.append(q.index)
             else:
-                results[q.index] = ItemResult(items[q.index], text, verdict, "forward")
+                decided = _deciding_length(tokenizer, toks, answer, settings, eos)
+                results[q.index] = _result(items[q.index], text, verdict, "forward",
+                                           (read.gap, read.top), decided, read, tolerance)
     if not pending:
         return results
     if cache is not None:
-        conts = continue_greedy(model, cache, width, pending, budget, eos, device)
+        new = continue_greedy(model, cache, width, pending, budget, eos, device)
+        conts = []
+        for (_, _, known), (toks, gaps, tops) in zip(pending, new):
+            read = reads[index_of[len(conts)]]
+            n = len(known)
+            conts.append((known + toks, read.gap[:n] + gaps, read.top[:n] + tops))
         how = "decode"
     else:
         conts = generate_greedy(model, tokenizer, [items[i].prompt for i in index_of], budget,
                                 device)
         how = "generate"
-    for idx, toks in zip(index_of, conts):
-        text = _decode(tokenizer, toks)
-        results[idx] = ItemResult(items[idx], text,
-                                  is_correct(text, items[idx].answer, settings.metric), how)
+    for idx, (toks, gaps, tops) in zip(index_of, conts):
+        text, answer = _decode(tokenizer, toks), items[idx].answer
+        decided = _deciding_length(tokenizer, toks, answer, settings, eos)
+        results[idx] = _result(items[idx], text, is_correct(text, answer, settings.metric),
+                               how, (gaps, tops), decided, reads[idx], tolerance)
     return results
 
 
@@ -514,23 +717,25 @@ def _items_in(rows) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=None
-             ) -> list[ItemResult]:
-    """Greedy-decoding outcome of every item, identical to one-at-a-time ``generate``.
-    ``settings``: the ``eval`` group of the config (:class:`.schema.EvalConfig`). ``bar``:
-    a progress bar (in items) to advance instead of one of its own, so that a job that
-    evaluates in checkpointed chunks shows one bar."""
+def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=None,
+             candidates: Sequence[str] | None = None) -> list[ItemResult]:
+    """Greedy-decoding outcome of every item, identical to one-at-a-time ``generate``, with
+    its measures (:class:`ItemResult`). ``settings``: the ``eval`` group of the config
+    (:class:`.schema.EvalConfig`). ``bar``: a progress bar (in items) to advance instead of
+    one of its own, so that a job that evaluates in checkpointed chunks shows one bar.
+    ``candidates``: the task's answer vocabulary for ``logit_diff`` (None: the distinct gold
+    answers of ``items``; a job evaluating in chunks passes those of all its items)."""
     if settings.metric not in tuple(Metric):
         raise ValueError(f"eval.metric={settings.metric!r}; allowed values: "
                          f"{_allowed(Metric)}")
     t0 = time.time()
     device = _device(model)
-    rows = build_rows(tokenizer, items, settings.max_new_tokens)
+    rows = build_rows(tokenizer, items, settings.max_new_tokens, candidates)
     rows.sort(key=lambda r: len(r[0]))  # similar lengths together: less padding
     workers = 1 if device.type != "cpu" else \
         (settings.cpu_worker_count() or torch.get_num_threads())
     results: dict[int, ItemResult] = {}
-    bs = max(1, settings.batch_size)
+    bs = eval_batch_rows(settings.batch_size, model, rows, settings.max_new_tokens)
 
     def run(chunk):
         return _evaluate_rows(model, tokenizer, items, chunk, settings, device)
@@ -645,3 +850,43 @@ def _check_first_batch(model, tokenizer, rows, fast: FastPath, run, bs: int,
                 ", fast_layers" if fast.layers else "", problem)
     fast.off()
     return _run_batches(run, rows, bs, "evaluate", False, 1)
+
+
+# --------------------------------------------------------------------------- near-ties
+# A greedy step is a near-tie when its top-1 minus top-2 logit gap is at most this fraction
+# of the top-1 logit's magnitude (at least 1), by the dtype the model computes in: within that
+# band another batch size, padding or kernel (other rounding) can swap the two tokens. An
+# outcome can flip only where the gap is smaller than the change of the gap between two
+# numerically different runs, so the tolerance is the largest such change measured, rounded
+# up. Measured on the tiny model on CPU (2-core x86_64), batch_size=1 against the default 32,
+# 200 stories x {unablated, top-16 ablated} x 2 data seeds, at every greedy step whose
+# context is the same in both runs (``benchmarks/near_ties.py``):
+# - bfloat16: the gap changes by up to 0.036 x |top-1| (0.56 logits at top-1 ~20; bf16's
+#   relative precision is 2**-7 = 0.0078 and two 2-layer runs differ by a few units of it);
+#   3 outcomes flipped, at gaps of 0 to 0.0056 x |top-1|. Tolerance 0.05 (~6 units).
+# - float32: the gap changes by up to 3e-6 x |top-1|, no outcome flipped. Tolerance 1e-4
+#   (as the run-time check's), so that in float32 an item is practically never a near-tie.
+# - float16 (not measured on CPU): bfloat16's scaled by their precisions (2**-10 vs 2**-7).
+# Deeper models accumulate more rounding; a GPU check of a large model may call for more.
+NEAR_TIE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 5e-2,
+                      torch.float16: 5e-2 / 8}
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The least precise floating dtype among the model's embedding and unembedding weights
+    (they stay in the compute dtype under 4/8-bit quantization); float32 when none is."""
+    dtypes = [m.weight.dtype for m in (model.get_input_embeddings(),
+                                       model.get_output_embeddings())
+              if m is not None and m.weight.is_floating_point()]
+    return min(dtypes, key=lambda d: torch.finfo(d).bits, default=torch.float32) \
+        if dtypes else torch.float32
+
+
+def near_tie_tolerance(model) -> float:
+    """:data:`NEAR_TIE_TOLERANCE` of the model's compute dtype (:func:`compute_dtype`)."""
+    return NEAR_TIE_TOLERANCE.get(compute_dtype(model), NEAR_TIE_TOLERANCE[torch.bfloat16])
+
+
+def near_tie(gaps: Sequence[float], tops: Sequence[float], tolerance: float) -> bool:
+    """Whether some step's top-1 minus top-2 gap is within ``tolerance`` x max(|top-1|, 1)."""
+    return any(g <= tolerance * max(abs(t), 1.0) for g, t in zip(gaps, tops))

@@ -141,19 +141,34 @@ def cli() -> None:
 
 
 class SummarizeCallback(Callback):
-    """Summarize the sweep folder when a multirun ends (also after SLURM jobs return)."""
+    """Summarize the sweep folder when a multirun ends (also after SLURM jobs return). A
+    summary that fails, or leaves jobs out, ends the command with exit status 1 and one
+    line on stderr saying what (after printing whatever table it made)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("summarize", True) or \
                 str(config.get("job", "evaluate")) not in ("evaluate", "scan"):
             return
-        from .summarize import console_report, summarize
+        from .summarize import SummaryIncomplete, console_report, summarize
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             df = summarize(sweep_dir)
-        except Exception as err:  # a summary problem must not hide the jobs' results
-            log.error("summary of %s failed: %s", sweep_dir, err)
-            return
+        except SummaryIncomplete as err:
+            if err.table is not None and not err.table.empty:
+                print(console_report(err.table, sweep_dir), flush=True)
+            summary_failed(str(err))
+        except Exception as err:  # SystemExit passes Hydra's callback guard; this would not
+            why = str(err).strip().splitlines()
+            summary_failed(f"the summary of {sweep_dir} failed: {type(err).__name__}"
+                           + (f": {why[0]}" if why else ""))
         if not df.empty:
             print(console_report(df, sweep_dir), flush=True)
+
+
+def summary_failed(message: str) -> None:
+    """End the command with ``message`` as one line on stderr and exit status 1 (the jobs'
+    results stay where they are)."""
+    log.error("%s", message)
+    print(f"ih_sweep: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)

@@ -167,10 +167,71 @@ def load_config(model_cfg: dict):
 
 
 def model_shape(model_cfg: dict) -> tuple[int, int]:
-    """(layers, query heads per layer) from the model's config file alone (no weights)."""
+    """(layers, query heads per layer) from the model's config file alone (no weights),
+    after :func:`check_architecture` (an unsupported structure is refused here, before any
+    work)."""
     from .architecture import config_shape
 
-    return config_shape(load_config(model_cfg))
+    config = load_config(model_cfg)
+    check_architecture(config, bool(model_cfg.get("trust_remote_code")))
+    return config_shape(config)
+
+
+_CHECKED: dict[str, None] = {}  # configs whose structure passed, by their JSON
+
+
+def check_architecture(config, trust_remote_code: bool = False) -> None:
+    """Build the model of ``config`` without weights (on PyTorch's meta device: no memory,
+    well under a second for 7B) and find its heads and their path to the logits
+    (:func:`.architecture.head_sites`), so that a structure the tool cannot handle is
+    refused with one :class:`~.architecture.UnsupportedArchitecture` line before any
+    weights load or any scoring or evaluation runs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .architecture import UnsupportedArchitecture, head_sites
+
+    key = config.to_json_string()
+    if key in _CHECKED:
+        return
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                     attn_implementation="eager")
+    except ValueError as err:  # transformers: no causal-LM class for this config
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsupportedArchitecture(f"{type(config).__name__}: not a causal language model "
+                                      f"transformers can build ({first[:160]})") from None
+    head_sites(model)
+    _CHECKED[key] = None
+
+
+# the class attribute that says whether a transformers model class supports an attention
+# implementation (transformers' PreTrainedModel flags; eager is always supported)
+_ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                    "flex_attention": "_supports_flex_attn"}
+
+
+def supported_attention(config, requested: str) -> str:
+    """``requested`` where the config's causal-LM class supports it, else the first of sdpa,
+    eager it does support, said in one log line (Gemma-2 has no sdpa: its attention logit
+    softcapping needs eager). Remote-code classes are not looked up (``requested``)."""
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if cls is None:
+        return requested
+
+    def supports(name: str) -> bool:
+        flag = _ATTENTION_FLAGS.get(name)
+        return flag is None or bool(getattr(cls, flag, False))
+
+    if supports(requested):
+        return requested
+    chosen = next(name for name in ("sdpa", "eager") if supports(name))
+    log.info("model.attn_implementation=%s: %s does not support it; using %s", requested,
+             cls.__name__, chosen)
+    return chosen
 
 
 def cache_key(model_cfg: dict, quant_cfg: dict, device: str) -> str:
@@ -179,7 +240,11 @@ def cache_key(model_cfg: dict, quant_cfg: dict, device: str) -> str:
 
 
 def load_model(model_cfg: dict, quant_cfg: dict | None = None, device: str = "auto"):
-    """(model, tokenizer), cached per process. Eval mode, no grad needed."""
+    """(model, tokenizer), cached per process. Eval mode, no grad needed.
+
+    The structure is checked first (:func:`check_architecture`), and
+    ``model.attn_implementation`` falls back to one the model supports
+    (:func:`supported_attention`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quant_cfg = quant_cfg or {"name": "none"}
@@ -188,10 +253,13 @@ def load_model(model_cfg: dict, quant_cfg: dict | None = None, device: str = "au
     if key in _CACHE:
         return _CACHE[key]
     path = resolve_path(model_cfg["path"])
+    config = load_config(model_cfg)
+    check_architecture(config, bool(model_cfg.get("trust_remote_code")))
     kwargs: dict[str, Any] = {
         "revision": model_cfg.get("revision"),
         "trust_remote_code": bool(model_cfg.get("trust_remote_code")),
-        "attn_implementation": model_cfg.get("attn_implementation") or "sdpa",
+        "attn_implementation": supported_attention(
+            config, str(model_cfg.get("attn_implementation") or "sdpa")),
         "dtype": _dtype(model_cfg.get("dtype")),
     }
     qc = quantization_config(quant_cfg)

@@ -15,6 +15,21 @@ correct          whether ``continuation`` scores as ``answer`` under ``metric``
 decided_by       forward (the teacher-forced pass settled it), decode (greedy decoding from
                  its cache) or generate (``model.generate``, for models whose cache cannot
                  be reused exactly)
+margin           logits: the smallest top-1 minus top-2 logit gap over the greedy steps up to
+                 the one that decided the item (after which the metric's outcome could no
+                 longer change; later steps do not count)
+near_tie         true when one of those steps' gap is within the rounding of the model's
+                 compute dtype: at most ``evaluation.NEAR_TIE_TOLERANCE`` (float32 1e-4,
+                 bfloat16 0.05, float16 0.00625) x max(|top-1 logit|, 1) there. Another
+                 batch size or kernel can flip such an item's outcome (bfloat16, tiny model:
+                 every item that flipped between batch sizes 1 and 32 was one); in float32
+                 practically none is
+gold_logprob     nats: sum of the log-probabilities of all the gold answer's tokens given the
+                 prompt (teacher-forced, as they tokenize after the prompt)
+logit_diff       logits, at the answer's first position: the gold answer's first token minus
+                 the best other candidate answer's first token; candidates: the distinct gold
+                 answers of the job's items; candidates whose first token is the gold's are
+                 not "other" (empty when none is left: no candidate to compare with)
 support_distance statements back from the question to its latest supporting fact (1 = the
                  statement just before it; questions are not statements); empty when the
                  story names no supporting fact (:mod:`ih_sweep.strata`)
@@ -54,7 +69,8 @@ log = logging.getLogger(__name__)
 
 STRATA_COLUMNS = ["support_distance", "recency_correct", "mentions", "question_position"]
 ITEM_COLUMNS = ["story", "question_index", "line", "examples_before", "answer",
-                "continuation", "correct", "decided_by", *STRATA_COLUMNS]
+                "continuation", "correct", "decided_by", "margin", "near_tie", "gold_logprob",
+                "logit_diff", *STRATA_COLUMNS]
 JOB_COLUMNS = ["n_heads", "condition", "control_seed", "model", "quantization", "data",
                "babi_task", "split", "metric", "scope", "ablation"]
 RESULT_COLUMNS = ITEM_COLUMNS + JOB_COLUMNS

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .architecture import HeadSites, head_sites, hook_z
+from .architecture import HeadSites, head_sites, hook_z, positions_from_mask
 from .data import Item
 from .scoring import candidate_token_ids, random_sequences
 
@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Probe:
-    """A batch of token rows with the positions whose next token is scored."""
+    """A batch of token rows (right-padded) with the positions whose next token is scored.
+    Every pass over it gives explicit mask-derived position ids
+    (:func:`~ih_sweep.architecture.positions_from_mask`), so a row's results do not depend on
+    the rows beside it."""
 
     ids: torch.Tensor  # [b, T]
     mask: torch.Tensor  # [b, T]
@@ -112,7 +115,8 @@ class _Tail:
         try:
             logits = self._logits_at(probe, self.model(
                 input_ids=probe.ids.to(self.device),
-                attention_mask=probe.mask.to(self.device), use_cache=False,
+                attention_mask=probe.mask.to(self.device),
+                position_ids=positions_from_mask(probe.mask).to(self.device), use_cache=False,
                 output_hidden_states=False).logits)
         finally:
             for h in handles:
@@ -144,11 +148,9 @@ class _Tail:
             for i in range(layer, self.sites.n_layers):
                 out = self.sites.layers[i](x, **kw)
                 x = out[0] if isinstance(out, tuple) else out
-        if self.sites.final_norm is not None:
-            x = self.sites.final_norm(x)
         pos = probe.pos.to(x.device).repeat(reps, 1)
         x = torch.gather(x, 1, pos[..., None].expand(-1, -1, x.shape[-1]))
-        return self.sites.unembed(x)
+        return self.sites.logits(x)  # final norm, project_out, unembedding, softcap
 
 
 def _repeat(v, reps: int, b: int):
@@ -209,7 +211,9 @@ def attribution_scan(model, probe: Probe, layers: Sequence[int] | None = None
     try:
         with hook_z(sites, keep, layers), torch.enable_grad():
             logits = model(input_ids=probe.ids.to(device),
-                           attention_mask=probe.mask.to(device), use_cache=False).logits
+                           attention_mask=probe.mask.to(device),
+                           position_ids=positions_from_mask(probe.mask).to(device),
+                           use_cache=False).logits
             pos = probe.pos.to(device)
             lg = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))
             lp, _ = _readout(lg, probe)

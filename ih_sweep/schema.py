@@ -176,7 +176,8 @@ class EvalConfig:
     metric: Metric = Metric.contains
     scope: Scope = Scope.last
     max_new_tokens: int = 3
-    batch_size: int = field(default=32, metadata=SPEED)
+    # rows a batch; auto: 32 on CPU, on CUDA what the free memory holds (ih_sweep.batching)
+    batch_size: int | str = field(default="auto", metadata=SPEED)
     cpu_workers: int | str = field(default="auto", metadata=SPEED)
     progress: bool = field(default=True, metadata=SPEED)
     checkpoint_items: int = field(default=500, metadata=SPEED)
@@ -198,7 +199,8 @@ class ScoringConfig:
     seq_len: int = 25
     repeats: int = 4
     seed: int = 0
-    batch_size: int = field(default=8, metadata=SPEED)
+    # sequences a batch; auto: 8 on CPU, on CUDA what the free memory holds (up to n_sequences)
+    batch_size: int | str = field(default="auto", metadata=SPEED)
     exclude_frequent_frac: float = 0.0  # BPE vocabularies: drop the lowest ids
     exclude_rare_frac: float = 0.0  # ... and the highest
 
@@ -238,7 +240,8 @@ class MechanismConfig:
 class ScanConfig:
     n_stories: int = 200
     layers: list[int] | None = None  # null: every layer
-    heads_per_pass: int = field(default=1, metadata=SPEED)
+    # heads ablated side by side; auto: 1 on CPU, on CUDA what the free memory holds
+    heads_per_pass: int | str = field(default="auto", metadata=SPEED)
     repeat_sequences: int = 16
     seed: int = 0
     attribution: bool = True
@@ -438,6 +441,13 @@ def _at_least(key: str, value: Any, minimum: int) -> None:
     _need(value >= minimum, key, value, f"allowed: an integer >= {minimum}")
 
 
+def _auto_or_at_least(key: str, value: Any, minimum: int = 1) -> None:
+    """``auto`` or an integer >= ``minimum`` (a bool is not an integer here)."""
+    _need(value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                              and value >= minimum), key, value,
+          f"allowed: auto, or an integer >= {minimum}")
+
+
 def check(cfg: Config) -> None:
     """The rules the types cannot say (ranges, fields that depend on each other). Raises
     :class:`ConfigError` naming the first bad key, its value and what is allowed. Cheap:
@@ -475,7 +485,7 @@ def check(cfg: Config) -> None:
         _need(data.lang in LANGS, "data.lang", data.lang, f"allowed: {', '.join(LANGS)}")
     ev = cfg.eval
     _at_least("eval.max_new_tokens", ev.max_new_tokens, 1)
-    _at_least("eval.batch_size", ev.batch_size, 1)
+    _auto_or_at_least("eval.batch_size", ev.batch_size)
     _at_least("eval.checkpoint_items", ev.checkpoint_items, 1)
     workers = ev.cpu_workers
     _need(workers == "auto" or (isinstance(workers, int) and workers >= 1), "eval.cpu_workers",
@@ -485,8 +495,9 @@ def check(cfg: Config) -> None:
           "scoring.source=file needs the path of a score CSV or the notebook's pickle")
     _need(sc.source == ScoreSource.file or sc.file is None, "scoring.file", sc.file,
           "it is read with scoring.source=file only (now: compute)")
-    for key in ("n_sequences", "seq_len", "batch_size"):
+    for key in ("n_sequences", "seq_len"):
         _at_least(f"scoring.{key}", getattr(sc, key), 1)
+    _auto_or_at_least("scoring.batch_size", sc.batch_size)
     _at_least("scoring.repeats", sc.repeats, 2)
     for key in ("exclude_frequent_frac", "exclude_rare_frac"):
         value = getattr(sc, key)
@@ -508,8 +519,9 @@ def check(cfg: Config) -> None:
           "mechanism.exclude_rare_frac", mech.exclude_rare_frac,
           "allowed: exclude_frequent_frac + exclude_rare_frac < 1")
     scan = cfg.scan
-    for key in ("n_stories", "heads_per_pass", "repeat_sequences"):
+    for key in ("n_stories", "repeat_sequences"):
         _at_least(f"scan.{key}", getattr(scan, key), 1)
+    _auto_or_at_least("scan.heads_per_pass", scan.heads_per_pass)
     _need(scan.layers is None or len(scan.layers) > 0, "scan.layers", scan.layers,
           "allowed: null (every layer) or a non-empty list of layer indices")
     for layer in scan.layers or []:

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from .architecture import HeadSites, head_sites, hook_z
+from .batching import scoring_batch_rows
 from .schema import ConfigError, RankBy, ScoringConfig, UserError
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,12 @@ def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "mo
                 progress: bool = False) -> pd.DataFrame:
     """Prefix and copying scores for every query head of every layer (one row each).
 
-    The model must use eager attention (sdpa returns no attention probabilities).
+    The copying score reads each head's direct path as the model computes it
+    (:meth:`~ih_sweep.architecture.HeadSites.direct_path`: W_O columns, attention-output
+    norms where the layer has them, the final norm where the model applies one, OPT's
+    project_out, the unembedding, Gemma-2's logit softcap). The model must use eager
+    attention (sdpa returns no attention probabilities). The sequences have no padding
+    (every row is as long), so positions are the same whatever the batch size.
     """
     sites = head_sites(model)
     device = next(model.parameters()).device
@@ -137,7 +143,7 @@ def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "mo
     w_o = [sites.w_o(layer).to(device) for layer in range(L)]
     unembed_w = _unembed_weight(sites).to(device)  # [V, hidden]
     mean_row = unembed_w.mean(0)  # mean logit = mean_row . x
-    bs = settings.batch_size
+    bs = scoring_batch_rows(settings, model)
     store: dict[int, torch.Tensor] = {}  # each layer's o_proj input (hook_z), per batch
     from tqdm.auto import tqdm
 
@@ -163,18 +169,16 @@ def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "mo
         for layer in range(L):
             z = store[layer].float().reshape(b, t, H, sites.head_dim)[:, pos]  # [b, q, h, d]
             direct = torch.einsum("bqhd,hdm->bqhm", z, w_o[layer])  # [b, q, h, hidden]
-            normed = _apply_norm(sites, direct)
+            normed = sites.direct_path(layer, direct)  # [b, q, h, unembed inputs]
             attn = out.attentions[layer].float()[:, :, pos]  # [b, h, q, T]
             attended = attn.argmax(-1)  # [b, h, q]
             att_tok = torch.gather(tok[:, None, :].expand(-1, H, -1), 2, attended)  # [b, h, q]
-            normed = normed.permute(0, 2, 1, 3)  # [b, h, q, hidden]
-            mean_logit = normed @ mean_row  # [b, h, q]
-            att_logit = (normed * unembed_w[att_tok]).sum(-1)
+            normed = normed.permute(0, 2, 1, 3)  # [b, h, q, unembed inputs]
             scores = []
             for i in range(b):
                 uniq = torch.unique(tok[i, pos])
-                seq_logits = normed[i] @ unembed_w[uniq].T  # [h, q, U]
-                scores.append(copying_from_logits(mean_logit[i], att_logit[i], seq_logits))
+                scores.append(copying_from_logits(*_direct_logits(
+                    sites, normed[i], unembed_w, mean_row, att_tok[i], uniq)))
             copy_sum[layer] += torch.stack(scores).sum((0, 2)).double().cpu()
         n_copy += b * (t - (1 if bos is not None else 0))
     prefix = (prefix_sum / max(n_query, 1)).numpy()
@@ -197,13 +201,24 @@ def _unembed_weight(sites: HeadSites) -> torch.Tensor:
     return linear_weight(sites.unembed).float()
 
 
-def _apply_norm(sites: HeadSites, x: torch.Tensor) -> torch.Tensor:
-    """The final norm applied to a head's direct contribution, in float32."""
-    if sites.final_norm is None:
-        return x
-    norm = sites.final_norm
-    dtype = next(norm.parameters()).dtype if any(True for _ in norm.parameters()) else x.dtype
-    return norm(x.to(dtype)).float()
+def _direct_logits(sites: HeadSites, x: torch.Tensor, unembed_w: torch.Tensor,
+                   mean_row: torch.Tensor, att_tok: torch.Tensor, uniq: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`copying_from_logits` needs of one sequence's direct-path logits
+    ``softcap(x @ unembed_w.T)``: (mean over the vocabulary [h, q], the attended token's
+    logit [h, q], the sequence's distinct tokens' logits [h, q, U]). x: [h, q, d]. Without
+    a softcap the mean is mean_row . x (no [h, q, V] tensor); with one (Gemma-2) the full
+    logits are computed head by head."""
+    if sites.logit_softcap is None:
+        return (x @ mean_row, (x * unembed_w[att_tok]).sum(-1),
+                x @ unembed_w[uniq].T)
+    means, atts, seqs = [], [], []
+    for head in range(x.shape[0]):
+        full = sites.softcap(x[head] @ unembed_w.T)  # [q, V]
+        means.append(full.mean(-1))
+        atts.append(full.gather(-1, att_tok[head][:, None])[:, 0])
+        seqs.append(full[:, uniq])
+    return torch.stack(means), torch.stack(atts), torch.stack(seqs)
 
 
 # --------------------------------------------------------------------------- score tables

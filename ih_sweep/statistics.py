@@ -45,10 +45,12 @@ def mcnemar_exact(b: int, c: int) -> float:
     return float(mcnemar([[0, b], [c, 0]], exact=True).pvalue)
 
 
-def paired_bootstrap_ci(a: Sequence[bool], b: Sequence[bool], n_boot: int = 2000,
+def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
                         seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Bootstrap interval of ``mean(a) - mean(b)`` resampling items as pairs, from
     ``scipy.stats.bootstrap(paired=True, method="percentile")`` (Efron & Tibshirani 1993).
+    ``a``, ``b``: one value per item, aligned (outcomes as 0/1, or a continuous score such
+    as a log-probability); the interval is in the values' unit.
 
     Percentile, not BCa: outcomes here are often all correct in both jobs (a ceiling), and
     BCa's acceleration is then undefined (scipy returns nan); the percentile interval of a
@@ -66,6 +68,40 @@ def paired_bootstrap_ci(a: Sequence[bool], b: Sequence[bool], n_boot: int = 2000
                    confidence_level=level, method="percentile",
                    rng=np.random.default_rng(seed)).confidence_interval
     return (float(ci.low), float(ci.high))
+
+
+def near_tie_range(correct: Sequence[bool], near_tie: Sequence[bool]) -> tuple[float, float]:
+    """The accuracy's range if every near-tie fell the other way: ``(acc - #(near-tie and
+    correct) / n, acc + #(near-tie and wrong) / n)``. A near-tie is an item whose greedy
+    choice was decided by a top-1 minus top-2 logit gap below the evaluator's threshold
+    (results.csv ``near_tie``), so another numeric precision could flip it. This project's
+    own (issue #21 item 4); (nan, nan) for no items."""
+    c = np.asarray(correct, dtype=bool)
+    t = np.asarray(near_tie, dtype=bool)
+    if len(c) == 0:
+        return (NAN, NAN)
+    acc = c.mean()
+    return (float(acc - (t & c).sum() / len(c)), float(acc + (t & ~c).sum() / len(c)))
+
+
+def near_tie_delta_range(correct_a: Sequence[bool], tie_a: Sequence[bool],
+                         correct_b: Sequence[bool], tie_b: Sequence[bool]
+                         ) -> tuple[float, float, bool]:
+    """Paired items (aligned arrays) of jobs A and B: the range of ``acc(A) - acc(B)`` if
+    every near-tie of either job fell the other way (each job's :func:`near_tie_range`
+    combined: A's low minus B's high, A's high minus B's low), and whether the observed
+    difference lies inside the near-tie floor, i.e. near-ties alone could produce it (the
+    range reaches 0 and is not empty: without near-ties nothing is inside). This project's
+    own (issue #21 item 4); (nan, nan, False) for no items."""
+    ca, ta = np.asarray(correct_a, dtype=bool), np.asarray(tie_a, dtype=bool)
+    cb, tb = np.asarray(correct_b, dtype=bool), np.asarray(tie_b, dtype=bool)
+    n = len(ca)
+    if n == 0:
+        return (NAN, NAN, False)
+    # in item counts, so that a range ending exactly at 0 is not lost to rounding
+    low = int(ca.sum() - (ta & ca).sum()) - int(cb.sum() + (tb & ~cb).sum())
+    high = int(ca.sum() + (ta & ~ca).sum()) - int(cb.sum() - (tb & cb).sum())
+    return (low / n, high / n, bool(low < high and low <= 0 <= high))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

@@ -19,6 +19,44 @@ p_vs_none_holm   Holm-adjusted over every p_vs_none of the sweep (all tasks, N, 
 delta_vs_low, p_vs_low        for ``high``: against ``low`` at the same N (McNemar)
 p_vs_random      for ``high``: empirical p against the ``random`` draws at the same N
 n_random         number of random draws behind p_vs_random
+
+Near-tie floor (issue #21 item 4; jobs whose results.csv has ``near_tie``, else empty): a
+near-tie is an item decided by a top-1 minus top-2 logit gap small enough that another
+numeric precision could flip it.
+n_near_tie       items of the job that are near-ties
+near_tie_acc_low, near_tie_acc_high   the accuracy if every near-tie fell the other way:
+                 acc - #(near-tie, correct)/n, acc + #(near-tie, wrong)/n
+delta_vs_none_nt_low, delta_vs_none_nt_high   the range of delta_vs_none if every near-tie
+                 of either job fell the other way (the two jobs' ranges combined)
+within_near_ties_vs_none   whether that range reaches 0 (and is not empty): near-ties alone
+                 could produce the difference; False without near-ties
+delta_vs_low_nt_low, delta_vs_low_nt_high, within_near_ties_vs_low   the same against ``low``
+random_within_near_ties   for ``high``: of the n_random draws, how many differ from it by an
+                 amount near-ties alone could produce
+
+Continuous metrics (issue #17; jobs whose results.csv has the column, else empty), for
+<m> in gold_logprob (nats: summed log-probability of the gold answer's tokens) and
+logit_diff (the gold first token's logit minus the best other candidate answer's):
+<m>              the job's mean over items
+<m>_vs_none, <m>_vs_none_ci_low, <m>_vs_none_ci_high   mean paired difference against
+                 ``none`` (items matched by story and question) with its paired bootstrap
+                 95% interval (percentile, 2,000 resamples)
+<m>_vs_low, ..._ci_low, ..._ci_high      for ``high``: against ``low`` at the same N
+<m>_vs_random, ..._ci_low, ..._ci_high   for ``high``: against the per-item mean of the
+                 ``random`` draws at the same N
+
+Mechanism check (job.json ``mechanism``; empty for jobs without it): repeat_loss,
+repeat_loss_unablated (nats, loss on the repeated half of seeded repeated random-token
+sequences with the job's heads ablated / unablated), icl_score, icl_score_unablated
+(Olsson et al. 2022: loss at a late token minus loss at an early token).
+
+strata.csv (jobs whose results.csv has the stratum columns): accuracy (Wilson 95% CI) and
+the continuous metrics' means per stratum, per group, condition and N (random draws of an N
+pooled), for support_distance (1, 2, 3, 4, 5+), recency_correct, mentions and
+question_position (0-4, 5+).
+
+A step that fails (a table, a figure) does not stop the others; :func:`summarize` then
+raises :class:`SummaryIncomplete` naming it, so the command exits non-zero.
 """
 
 from __future__ import annotations
@@ -26,8 +64,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,14 +81,46 @@ log = logging.getLogger(__name__)
 
 GROUP_KEYS = ["model", "quantization", "data", "babi_task", "split", "metric", "scope",
               "ablation", "rank_by"]
+CONTINUOUS = ["gold_logprob", "logit_diff"]  # results.csv per-item metrics (issue #17)
+MECHANISM_COLUMNS = ["repeat_loss", "repeat_loss_unablated", "icl_score",
+                     "icl_score_unablated"]  # job.json "mechanism"
+NEAR_TIE_COLUMNS = ["n_near_tie", "near_tie_acc_low", "near_tie_acc_high",
+                    "delta_vs_none_nt_low", "delta_vs_none_nt_high", "within_near_ties_vs_none",
+                    "delta_vs_low_nt_low", "delta_vs_low_nt_high", "within_near_ties_vs_low",
+                    "random_within_near_ties"]
+CONTINUOUS_COLUMNS = [f"{m}{suffix}" for m in CONTINUOUS for suffix in
+                      ["", *(f"_vs_{c}{b}" for c in ("none", "low", "random")
+                             for b in ("", "_ci_low", "_ci_high"))]]
 SUMMARY_COLUMNS = ["group", *GROUP_KEYS, "n_heads", "condition", "control_seed", "n_items",
                    "n_correct", "accuracy", "ci_low", "ci_high", "delta_vs_none",
                    "delta_ci_low", "delta_ci_high", "p_vs_none", "p_vs_none_holm",
-                   "delta_vs_low", "p_vs_low", "p_vs_random", "n_random"]
+                   "delta_vs_low", "p_vs_low", "p_vs_random", "n_random",
+                   *NEAR_TIE_COLUMNS, *CONTINUOUS_COLUMNS, *MECHANISM_COLUMNS]
+STRATA = {  # results.csv column: (what it is, for tables and figures; bucket the top at 5+)
+    "support_distance": ("statements back to the supporting fact", True),
+    "recency_correct": ("the most recent location of anyone is the answer", False),
+    "mentions": ("mentions of the asked person before the question", True),
+    "question_position": ("index of the question in its story, 0-based", True),
+}
 
 
 class SummaryError(ValueError):
-    pass
+    """Nothing to summarize (not a folder, no jobs): the user gave the wrong folder."""
+
+
+class SummaryIncomplete(RuntimeError):
+    """The summary was written, but some step failed or some jobs are missing from it.
+    ``table``: the summary table (None where it could not be made); ``failed``: (step,
+    why) for each output not written; ``left_out``: (job folder, why)."""
+
+    def __init__(self, sweep_dir: Path, table: pd.DataFrame | None,
+                 failed: list[tuple[str, str]], left_out: list[tuple[str, str]]):
+        self.table, self.failed, self.left_out = table, failed, left_out
+        parts = [f"{step} failed ({why})" for step, why in failed]
+        if left_out:
+            parts.append(f"{len(left_out)} job(s) left out ("
+                         + "; ".join(f"{f}: {why}" for f, why in left_out) + ")")
+        super().__init__(f"the summary in {sweep_dir} is incomplete: " + "; ".join(parts))
 
 
 @dataclass
@@ -58,6 +130,7 @@ class FinishedJob:
     path: Path
     record: EvaluationRecord
     results: pd.DataFrame
+    mechanism: dict = field(default_factory=dict)  # job.json "mechanism", if recorded
 
 
 @dataclass
@@ -140,8 +213,26 @@ def find_jobs(sweep_dir: Path) -> SweepJobs:
             out.problems.append((rel, f"results.csv has {len(results)} rows, job.json says "
                                       f"{record.n_items}"))
             continue
-        out.jobs.append(FinishedJob(folder, record, results))
+        out.jobs.append(FinishedJob(folder, record, results, _mechanism_of(folder)))
     return out
+
+
+def _mechanism_of(folder: Path) -> dict:
+    """job.json's ``mechanism`` dict (the mechanism check the job ran), {} without one. Read
+    from the file itself, so records of any version carry it."""
+    from .io_utils import read_json
+    from .records import RECORD_FILE
+
+    mechanism = read_json(folder / RECORD_FILE).get("mechanism")
+    return mechanism if isinstance(mechanism, dict) else {}
+
+
+def _number(value) -> float:
+    """A recorded number as float; nan where it is missing or not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _group_of(job: FinishedJob) -> dict:
@@ -222,15 +313,29 @@ def _differing_settings(groups: list[list[FinishedJob]]) -> list[str]:
     return [k for k in keys if len({str(f.get(k)) for f in flats}) > 1]
 
 
-def summarize_jobs(jobs: list[FinishedJob]) -> tuple[pd.DataFrame, list[str]]:
-    """One row per distinct job of each group (:func:`group_jobs`) with the statistics
-    above, and notes on what was merged: jobs with the same config hash (e.g. ``none`` at
-    every N, or non-random conditions crossed with control seeds) are one row."""
-    rows, notes = [], []
+@dataclass
+class Group:
+    """One group of comparable jobs (:func:`group_jobs`): its title and one job per cell
+    ``(n_heads, condition, control_seed)`` (``none`` is the cell ``(0, "none", 0)``)."""
+
+    name: str
+    cells: dict[tuple[int, str, int], FinishedJob]
+
+    def control(self, n: int, condition: str) -> list[FinishedJob]:
+        """The jobs of ``condition`` at ``n`` (every random draw)."""
+        return [j for (nn, c, _), j in self.cells.items() if nn == n and c == condition]
+
+
+def cell_groups(jobs: list[FinishedJob]) -> tuple[list[Group], list[str]]:
+    """The groups of :func:`group_jobs`, each with its title and one job per cell, and
+    notes on what was merged: jobs with the same cell (e.g. ``none`` at every N, or
+    non-random conditions crossed with control seeds) evaluate the same thing: one row."""
+    notes = []
     groups, differing = group_jobs(jobs)
     if differing:
         notes.append("Jobs differ in " + ", ".join(differing) + "; each group is "
                      "summarized on its own and never pooled.")
+    out = []
     for gjobs in groups:
         gjobs = sorted(gjobs, key=lambda j: (j.record.n_heads, j.record.condition,
                                              j.record.control_seed))
@@ -256,37 +361,57 @@ def summarize_jobs(jobs: list[FinishedJob]) -> tuple[pd.DataFrame, list[str]]:
                 else f"{cond} N={n}" + (" (the control seed only draws random heads)"
                                         if cond != "random" else f" seed {seed}")
             notes.append(f"{len(same)} jobs evaluate {what}: one row ({folders}).")
-        none = by_cell.get((0, "none", 0))
-        for (n, cond, seed), job in by_cell.items():
-            res = job.results
-            k, total = int(res["correct"].sum()), len(res)
-            lo, hi = st.wilson_interval(k, total)
-            row = {"group": gname, **_group_of(job), "n_heads": n, "condition": cond,
-                   "control_seed": seed, "n_items": total, "n_correct": k,
-                   "accuracy": k / total if total else float("nan"), "ci_low": lo,
-                   "ci_high": hi}
-            if none is not None and cond != "none":
-                a, b = _paired(res, none.results)
-                row["delta_vs_none"] = float(a.mean() - b.mean()) if len(a) else np.nan
-                row["delta_ci_low"], row["delta_ci_high"] = st.paired_bootstrap_ci(a, b)
-                row["p_vs_none"] = st.mcnemar_exact(*st.discordant(a, b))
-            if cond == "high":
-                low = by_cell.get((n, "low", 0))
-                if low is not None:
-                    a, b = _paired(res, low.results)
-                    row["delta_vs_low"] = float(a.mean() - b.mean())
-                    row["p_vs_low"] = st.mcnemar_exact(*st.discordant(a, b))
-                draws = [j for (nn, c, _), j in by_cell.items() if nn == n and c == "random"]
-                if draws:
-                    null = [j.results["correct"].mean() for j in draws]
-                    row["p_vs_random"] = st.empirical_p(row["accuracy"], null)
-                    row["n_random"] = len(draws)
-            rows.append(row)
-        conditions = {c for _, c, _ in by_cell}
-        if conditions == {"random"}:
+        if {c for _, c, _ in by_cell} == {"random"}:
             notes.append(f"{gname}: only random draws, so nothing is compared: add "
                          "condition=none (the unablated model) and condition=high (the "
                          "induction heads) to the sweep to test the random draws against.")
+        out.append(Group(gname, by_cell))
+    return out, notes
+
+
+def _accuracy_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
+    """Accuracy, its Wilson interval and the paired tests against ``none`` and (rows
+    ``high``) against ``low`` and the ``random`` draws at the same N."""
+    res = job.results
+    k, total = int(res["correct"].sum()), len(res)
+    lo, hi = st.wilson_interval(k, total)
+    row = {"n_items": total, "n_correct": k,
+           "accuracy": k / total if total else float("nan"), "ci_low": lo, "ci_high": hi}
+    none = group.cells.get((0, "none", 0))
+    if none is not None and cond != "none":
+        a, b = _paired(res, none.results)
+        row["delta_vs_none"] = float(a.mean() - b.mean()) if len(a) else np.nan
+        row["delta_ci_low"], row["delta_ci_high"] = st.paired_bootstrap_ci(a, b)
+        row["p_vs_none"] = st.mcnemar_exact(*st.discordant(a, b))
+    if cond == "high":
+        low = group.cells.get((n, "low", 0))
+        if low is not None:
+            a, b = _paired(res, low.results)
+            row["delta_vs_low"] = float(a.mean() - b.mean()) if len(a) else np.nan
+            row["p_vs_low"] = st.mcnemar_exact(*st.discordant(a, b))
+        draws = group.control(n, "random")
+        if draws:
+            null = [j.results["correct"].mean() for j in draws]
+            row["p_vs_random"] = st.empirical_p(row["accuracy"], null)
+            row["n_random"] = len(draws)
+    return row
+
+
+def summarize_jobs(jobs: list[FinishedJob]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per distinct job of each group (:func:`cell_groups`) with the statistics of
+    the module docstring: accuracy and its tests, the near-tie floor, the continuous
+    metrics and the mechanism check (the last three where the jobs recorded them)."""
+    rows = []
+    groups, notes = cell_groups(jobs)
+    for group in groups:
+        for (n, cond, seed), job in group.cells.items():
+            row = {"group": group.name, **_group_of(job), "n_heads": n, "condition": cond,
+                   "control_seed": seed}
+            row |= _accuracy_row(job, group, n, cond)
+            row |= _near_tie_row(job, group, n, cond)
+            row |= _continuous_row(job, group, n, cond)
+            row |= {k: _number(job.mechanism.get(k)) for k in MECHANISM_COLUMNS}
+            rows.append(row)
     # one family across tasks, N values and conditions of the whole sweep
     ps = [r.get("p_vs_none", np.nan) for r in rows]
     for r, adj in zip(rows, st.holm(ps)):
@@ -296,6 +421,113 @@ def summarize_jobs(jobs: list[FinishedJob]) -> tuple[pd.DataFrame, list[str]]:
         if col not in df.columns:
             df[col] = np.nan
     return df[SUMMARY_COLUMNS], notes
+
+
+# --------------------------------------------------------------------------- near-ties
+def has_column(results: pd.DataFrame, column: str) -> bool:
+    """Whether a job's results.csv has ``column`` (jobs written before it was recorded
+    lack it) with at least one value."""
+    return column in results.columns and results[column].notna().any()
+
+
+def _as_bool(values: pd.Series) -> np.ndarray:
+    """A CSV column of booleans (True/False, read as bool or as text; empty = False)."""
+    if values.dtype == bool:
+        return values.to_numpy()
+    return values.astype(str).str.strip().str.lower().isin(("true", "1", "1.0")).to_numpy()
+
+
+def _aligned(a: pd.DataFrame, b: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The items both jobs evaluated, matched by (story, question_index): ``<col>_a`` and
+    ``<col>_b`` for each of ``columns``."""
+    key = ["story", "question_index"]
+    return a[key + columns].merge(b[key + columns], on=key, suffixes=("_a", "_b"))
+
+
+def _near_tie_comparison(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, bool]:
+    """:func:`ih_sweep.statistics.near_tie_delta_range` of A minus B on their paired items."""
+    m = _aligned(a, b, ["correct", "near_tie"])
+    return st.near_tie_delta_range(_as_bool(m.correct_a), _as_bool(m.near_tie_a),
+                                   _as_bool(m.correct_b), _as_bool(m.near_tie_b))
+
+
+def _near_tie_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
+    """The job's near-tie count and accuracy range, and for each comparison the range of
+    the difference if every near-tie fell the other way and whether the difference lies
+    inside it (empty where either job has no ``near_tie`` column)."""
+    res = job.results
+    if not has_column(res, "near_tie"):
+        return {}
+    tie = _as_bool(res["near_tie"])
+    low, high = st.near_tie_range(_as_bool(res["correct"]), tie)
+    row = {"n_near_tie": int(tie.sum()), "near_tie_acc_low": low, "near_tie_acc_high": high}
+    none = group.cells.get((0, "none", 0))
+    if none is not None and cond != "none" and has_column(none.results, "near_tie"):
+        row["delta_vs_none_nt_low"], row["delta_vs_none_nt_high"], \
+            row["within_near_ties_vs_none"] = _near_tie_comparison(res, none.results)
+    if cond == "high":
+        low_job = group.cells.get((n, "low", 0))
+        if low_job is not None and has_column(low_job.results, "near_tie"):
+            row["delta_vs_low_nt_low"], row["delta_vs_low_nt_high"], \
+                row["within_near_ties_vs_low"] = _near_tie_comparison(res, low_job.results)
+        draws = [j for j in group.control(n, "random") if has_column(j.results, "near_tie")]
+        if draws:
+            row["random_within_near_ties"] = sum(
+                _near_tie_comparison(res, j.results)[2] for j in draws)
+    return row
+
+
+# --------------------------------------------------------------------------- continuous
+def _paired_metric(a: pd.DataFrame, b: pd.DataFrame, column: str
+                   ) -> tuple[float, float, float]:
+    """Mean paired difference of ``column`` (A minus B, items matched by (story,
+    question_index), non-finite values left out) and its paired bootstrap 95% CI."""
+    m = _aligned(a, b, [column])
+    x = pd.to_numeric(m[f"{column}_a"], errors="coerce").to_numpy(dtype=float)
+    y = pd.to_numeric(m[f"{column}_b"], errors="coerce").to_numpy(dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if not len(x):
+        return (np.nan, np.nan, np.nan)
+    return (float(x.mean() - y.mean()), *st.paired_bootstrap_ci(x, y))
+
+
+def _item_means(jobs: list[FinishedJob], column: str) -> pd.DataFrame:
+    """Per item (story, question_index), the mean of ``column`` over ``jobs`` (the random
+    draws at one N: the matched random control of each item)."""
+    key = ["story", "question_index"]
+    frames = [j.results[key + [column]].assign(**{column: pd.to_numeric(
+        j.results[column], errors="coerce")}) for j in jobs]
+    return pd.concat(frames).groupby(key, as_index=False)[column].mean()
+
+
+def _continuous_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
+    """Per metric of :data:`CONTINUOUS`: the job's mean, and its paired difference (with
+    bootstrap CI) against ``none``, and for rows ``high`` against ``low`` at the same N and
+    the per-item mean of the ``random`` draws at the same N."""
+    row: dict = {}
+    res = job.results
+    for metric in CONTINUOUS:
+        if not has_column(res, metric):
+            continue
+        values = pd.to_numeric(res[metric], errors="coerce")
+        row[metric] = float(values[np.isfinite(values)].mean())
+        controls = {}
+        none = group.cells.get((0, "none", 0))
+        if cond != "none" and none is not None:
+            controls["none"] = none.results
+        if cond == "high":
+            low = group.cells.get((n, "low", 0))
+            if low is not None:
+                controls["low"] = low.results
+            draws = [j for j in group.control(n, "random") if has_column(j.results, metric)]
+            if draws:
+                controls["random"] = _item_means(draws, metric)
+        for name, other in controls.items():
+            if has_column(other, metric):
+                row[f"{metric}_vs_{name}"], row[f"{metric}_vs_{name}_ci_low"], \
+                    row[f"{metric}_vs_{name}_ci_high"] = _paired_metric(res, other, metric)
+    return row
 
 
 def icl_curve(jobs: list[FinishedJob]) -> pd.DataFrame:
@@ -374,10 +606,147 @@ LEGEND = [
 def display_table(df: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
     """The rows a reader sees, as strings: the unablated job once (every N of ``none``
     evaluates the same model), empty cells where a number would mean nothing."""
-    rows = df
-    headers = [(tex if latex else md) for md, tex, _ in _DISPLAY]
-    return pd.DataFrame([[cell(r) for _, _, cell in _DISPLAY] for r in rows.itertuples()],
-                        columns=headers)
+    return _display(df, _DISPLAY, latex)
+
+
+def _display(df: pd.DataFrame, spec: list, latex: bool = False,
+             keep: int | None = None) -> pd.DataFrame:
+    """``df``'s rows through ``spec`` ((markdown header, LaTeX header, cell) triples);
+    ``keep``: columns after the first ``keep`` that are empty in every row are dropped."""
+    headers = [(tex if latex else md) for md, tex, _ in spec]
+    table = pd.DataFrame([[cell(r) for _, _, cell in spec] for r in df.itertuples()],
+                         columns=headers)
+    if keep is not None:
+        table = table[[c for i, c in enumerate(table.columns)
+                       if i < keep or table[c].astype(bool).any()]]
+    return table
+
+
+def number(x, digits: int = 3) -> str:
+    """A continuous value (nats, logits) with ``digits`` significant digits."""
+    return "" if _missing(x) else f"{x:.{digits}g}"
+
+
+def fixed(x, decimals: int = 3) -> str:
+    """A loss in nats with ``decimals`` decimals (values of one scale, compared by row)."""
+    return "" if _missing(x) else f"{x:.{decimals}f}"
+
+
+def draws_text(k: int) -> str:
+    """``1 draw``, ``3 draws``."""
+    return f"{int(k)} draw" + ("" if int(k) == 1 else "s")
+
+
+def value_ci(x, low, high) -> str:
+    """``value [low, high]`` of a continuous difference, or its value alone (no CI)."""
+    if _missing(x):
+        return ""
+    ci = "" if _missing(low) or _missing(high) else f" [{number(low)}, {number(high)}]"
+    return number(x) + ci
+
+
+def inside(flag) -> str:
+    """Whether a difference lies within the near-tie floor: inside / outside."""
+    return "" if _missing(flag) else ("inside" if bool(flag) else "outside")
+
+
+_ROW_KEYS = _DISPLAY[:3]  # N, condition, control seed: how every table names its rows
+
+_NEAR_TIES = [
+    *_ROW_KEYS,
+    ("items", "items", lambda r: str(r.n_items)),
+    ("near-ties", "near-ties", lambda r: "" if _missing(r.n_near_tie) else str(int(r.n_near_tie))),
+    ("accuracy % if near-ties flip", r"accuracy (\%) if near-ties flip",
+     lambda r: interval(r.near_tie_acc_low, r.near_tie_acc_high)),
+    ("Δ vs none if near-ties flip", r"$\Delta$ vs none if near-ties flip",
+     lambda r: _vs_none(r, interval(r.delta_vs_none_nt_low, r.delta_vs_none_nt_high))),
+    ("Δ vs none within near-ties", r"$\Delta$ vs none within near-ties",
+     lambda r: _vs_none(r, inside(r.within_near_ties_vs_none))),
+    ("Δ vs low if near-ties flip", r"$\Delta$ vs low if near-ties flip",
+     lambda r: interval(r.delta_vs_low_nt_low, r.delta_vs_low_nt_high)),
+    ("Δ vs low within near-ties", r"$\Delta$ vs low within near-ties",
+     lambda r: inside(r.within_near_ties_vs_low)),
+    ("random draws inside", "random draws inside",
+     lambda r: "" if _missing(r.random_within_near_ties) or _missing(r.n_random) else
+     f"{int(r.random_within_near_ties)} of {int(r.n_random)}"),
+]
+
+_CONTINUOUS = [*_ROW_KEYS]
+for _m, _name, _tex in (("gold_logprob", "gold log-prob", "gold log-prob"),
+                        ("logit_diff", "logit diff", "logit diff")):
+    _CONTINUOUS.append((f"mean {_name}", f"mean {_tex}",
+                        lambda r, m=_m: number(getattr(r, m))))
+    for _c in ("none", "low", "random"):
+        _CONTINUOUS.append((f"{_name} Δ vs {_c} [95% CI]", rf"{_tex} $\Delta$ vs {_c} [95\% CI]",
+                            lambda r, m=_m, c=_c: value_ci(getattr(r, f"{m}_vs_{c}"),
+                                                           getattr(r, f"{m}_vs_{c}_ci_low"),
+                                                           getattr(r, f"{m}_vs_{c}_ci_high"))))
+
+_MECHANISM = [
+    *_ROW_KEYS,
+    ("repeat loss (nats)", "repeat loss (nats)", lambda r: fixed(r.repeat_loss)),
+    ("repeat loss unablated", "repeat loss unablated",
+     lambda r: fixed(r.repeat_loss_unablated)),
+    ("ICL score (nats)", "ICL score (nats)", lambda r: fixed(r.icl_score)),
+    ("ICL score unablated", "ICL score unablated", lambda r: fixed(r.icl_score_unablated)),
+]
+
+
+@dataclass
+class Section:
+    """A table beside the main one, shown for a group only where its jobs recorded what it
+    needs (``present``); otherwise one line saying why it is left out."""
+
+    title: str
+    spec: list
+    present: Callable[[pd.DataFrame], bool]
+    absent: str  # why the section is left out
+    legend: list[str]
+
+
+SECTIONS = [
+    Section("Near-tie floor", _NEAR_TIES, lambda g: g.n_near_tie.notna().any(),
+            "no job's results.csv has a `near_tie` column (evaluated before near-ties were "
+            "recorded)",
+            ["**near-ties**: items decided by a top-1 minus top-2 logit gap small enough "
+             "that another numeric precision could flip them (results.csv `near_tie`); "
+             "**accuracy % if near-ties flip**: [acc - near-ties correct / n, acc + "
+             "near-ties wrong / n].",
+             "**Δ vs none / vs low if near-ties flip**: the range of Δ if every near-tie of "
+             "either job fell the other way; **within near-ties**: `inside` when that range "
+             "reaches 0, so near-ties alone could produce the difference, `outside` when "
+             "they could not (always so without near-ties); **random draws inside** (rows "
+             "`high`): of the random draws at the same N, those whose difference from "
+             "`high` is inside."]),
+    Section("Continuous metrics", _CONTINUOUS,
+            lambda g: g[CONTINUOUS].notna().any().any(),
+            "no job's results.csv has `gold_logprob` or `logit_diff` (evaluated before they "
+            "were recorded)",
+            ["**gold log-prob**: summed log-probability (nats) of the gold answer's tokens "
+             "given the prompt; **logit diff**: the gold answer's first-token logit minus "
+             "the best other candidate answer's; **mean** over the job's items.",
+             "**Δ vs none / low / random [95% CI]**: mean paired difference (this job minus "
+             "the other, items matched by story and question) with its paired percentile "
+             "bootstrap interval (2,000 resamples); `low` at the same N; `random`: the "
+             "per-item mean of the random draws at the same N."]),
+    Section("Mechanism check", _MECHANISM,
+            lambda g: g[MECHANISM_COLUMNS].notna().any().any(),
+            "no job.json has a `mechanism` record (evaluated before the mechanism check "
+            "was run)",
+            ["**repeat loss**: mean loss (nats) on the repeated half of seeded repeated "
+             "random-token sequences with the job's heads ablated (**repeat loss unablated**: "
+             "the same model without ablation); **ICL score**: loss at a late token minus "
+             "loss at an early token (Olsson et al. 2022), ablated and **unablated**. "
+             "Induction heads ablated should raise the repeat loss and the ICL score more "
+             "than the control."]),
+]
+
+
+def section_tables(g: pd.DataFrame, latex: bool = False
+                   ) -> list[tuple[Section, pd.DataFrame | None]]:
+    """Each section of one group: its display table, or None where it is left out."""
+    return [(sec, _display(g, sec.spec, latex, keep=len(_ROW_KEYS)) if sec.present(g)
+             else None) for sec in SECTIONS]
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -400,27 +769,192 @@ def group_title(group: dict) -> str:
 
 
 def to_markdown(df: pd.DataFrame, problems: list[tuple[str, str]], notes: list[str],
-                title: str = "Sweep summary") -> str:
+                title: str = "Sweep summary", strata: pd.DataFrame | None = None) -> str:
+    """The summary page: per group its main table and the sections of :data:`SECTIONS`
+    (each left out with one line where its jobs did not record it), the difficulty strata
+    (:func:`strata_markdown`), a legend of every column shown, the jobs left out."""
     lines = [f"# {title}", ""]
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
+    shown = set()
     for gname, g in df.groupby("group", sort=False):
         lines += [f"## {gname}", "", markdown_table(display_table(g)), ""]
-    lines += ["### Legend", ""] + [f"- {item}" for item in LEGEND] + [""]
+        for sec, table in section_tables(g):
+            if table is None:
+                lines += [f"*{sec.title}: left out: {sec.absent}.*", ""]
+            else:
+                shown.add(sec.title)
+                lines += [f"### {sec.title}", "", markdown_table(table), ""]
+    lines += strata_markdown(strata)
+    legend = LEGEND + [item for sec in SECTIONS if sec.title in shown for item in sec.legend]
+    if strata is not None and not strata.empty:
+        legend += STRATA_LEGEND
+    lines += ["### Legend", ""] + [f"- {item}" for item in legend] + [""]
     if problems:
         lines += ["## Jobs left out", ""] + [f"- `{f}`: {why}" for f, why in problems] + [""]
     return "\n".join(lines)
 
 
+def _latex(table: pd.DataFrame) -> str:
+    styler = table.style.hide(axis="index").format(escape="latex")
+    return styler.to_latex(hrules=True, column_format="r" * table.shape[1])
+
+
 def to_latex(df: pd.DataFrame) -> str:
-    """One booktabs table per group (pandas' Styler.to_latex), each under a comment line
-    naming the group's settings."""
+    """One booktabs table per group and section (pandas' Styler.to_latex), each under a
+    comment line naming the group's settings (and the section)."""
     parts = []
     for gname, g in df.groupby("group", sort=False):
-        table = display_table(g, latex=True)
-        styler = table.style.hide(axis="index").format(escape="latex")
-        parts.append(f"% {gname}\n" + styler.to_latex(hrules=True,
-                                                       column_format="r" * table.shape[1]))
+        parts.append(f"% {gname}\n" + _latex(display_table(g, latex=True)))
+        parts += [f"% {gname}: {sec.title}\n" + _latex(table)
+                  for sec, table in section_tables(g, latex=True) if table is not None]
     return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- strata
+STRATA_LEGEND = [
+    "**Difficulty strata** (strata.csv, strata.png): accuracy % per stratum of the items, "
+    "(n) items; `support_distance`: statements back from the question to the most recent "
+    "supporting fact (1 = the statement just before; 5+ pooled); `recency_correct`: whether "
+    "\"the most recent location of anyone\" answers correctly; `mentions`: times the asked "
+    "person is mentioned before the question; `question_position`: the question's index in "
+    "its story. Random draws of an N are pooled. strata.csv also has the means of "
+    "`gold_logprob` and `logit_diff` per stratum.",
+]
+
+
+def _bucket(values: pd.Series, top: bool) -> tuple[pd.Series, pd.Series]:
+    """(label, sort order) per item: integers with 5 and more pooled as ``5+`` (``top``),
+    or booleans as no/yes; missing values stay missing."""
+    if not top:
+        flag = pd.Series(_as_bool(values), index=values.index).where(values.notna())
+        order = flag.map({False: 0, True: 1})
+        return order.map({0: "no", 1: "yes"}), order
+    v = pd.to_numeric(values, errors="coerce")
+    order = v.clip(upper=5)
+    label = order.map(lambda x: np.nan if pd.isna(x) else
+                      ("5+" if x >= 5 else str(int(x))))
+    return label, order
+
+
+def strata_table(jobs: list[FinishedJob]) -> pd.DataFrame:
+    """Accuracy (Wilson 95% CI) and the means of the continuous metrics per stratum of
+    :data:`STRATA`, per group, condition and N: one row per (group, condition, N, stratum,
+    value); the unablated model once per group; the random draws of an N pooled
+    (``n_draws``). Strata a job's results.csv lacks are left out; empty when none has any."""
+    rows = []
+    groups, _ = cell_groups(jobs)
+    for group in groups:
+        arms: dict[tuple[int, str], list[FinishedJob]] = {}
+        for (n, cond, _), job in group.cells.items():
+            arms.setdefault((n, cond), []).append(job)
+        for (n, cond), arm in sorted(arms.items(), key=lambda kv: (
+                _ORDER.get(kv[0][1], 9), kv[0][0])):
+            res = pd.concat([j.results for j in arm], ignore_index=True)
+            for column, (_, top) in STRATA.items():
+                if not has_column(res, column):
+                    continue
+                label, order = _bucket(res[column], top)
+                frame = res.assign(value=label, order=order).dropna(subset=["value"])
+                for (value, o), part in frame.groupby(["value", "order"], sort=False):
+                    k, total = int(part["correct"].sum()), len(part)
+                    lo, hi = st.wilson_interval(k, total)
+                    row = {"group": group.name, "n_heads": n, "condition": cond,
+                           "n_draws": len(arm), "stratum": column, "value": value,
+                           "order": int(o), "n_items": total, "n_correct": k,
+                           "accuracy": k / total, "ci_low": lo, "ci_high": hi}
+                    for metric in CONTINUOUS:
+                        row[metric] = float(pd.to_numeric(part[metric], errors="coerce")
+                                            .mean()) if metric in part else np.nan
+                    rows.append(row)
+    columns = ["group", "n_heads", "condition", "n_draws", "stratum", "value", "order",
+               "n_items", "n_correct", "accuracy", "ci_low", "ci_high", *CONTINUOUS]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    return pd.DataFrame(rows, columns=columns).sort_values(
+        ["group", "stratum", "condition", "n_heads", "order"], key=_sort_key,
+        kind="stable").reset_index(drop=True)
+
+
+_ORDER = {"none": 0, "high": 1, "low": 2, "random": 3}
+
+
+def _sort_key(col: pd.Series) -> pd.Series:
+    if col.name == "condition":
+        return col.map(lambda c: _ORDER.get(c, 9))
+    if col.name in ("group", "stratum"):  # the order they came in
+        return col.map({v: i for i, v in enumerate(dict.fromkeys(col))})
+    return col
+
+
+def strata_markdown(table: pd.DataFrame | None) -> list[str]:
+    """The strata section of summary.md: per group and stratum a table of accuracy %
+    (items), one row per condition and N, one column per stratum value; one line saying
+    why where the jobs have no stratum columns."""
+    if table is None:
+        return []
+    if table.empty:
+        return ["## Difficulty strata", "",
+                "*Left out: no job's results.csv has the stratum columns (`support_distance`, "
+                "`recency_correct`, `mentions`, `question_position`; evaluated before they "
+                "were recorded).*", ""]
+    lines = ["## Difficulty strata", ""]
+    groups = list(table.groupby("group", sort=False))
+    for gname, g in groups:
+        if len(groups) > 1:
+            lines += [f"### {gname}", ""]
+        for stratum, part in g.groupby("stratum", sort=False):
+            what = STRATA.get(stratum, ("", True))[0]
+            values = part.drop_duplicates("value").sort_values("order")["value"].tolist()
+            out = []
+            for (cond, n), arm in part.groupby(["condition", "n_heads"], sort=False):
+                draws = int(arm.n_draws.iloc[0])
+                cells = {v: f"{percent(r.accuracy)} ({r.n_items})"
+                         for v, r in zip(arm.value, arm.itertuples())}
+                out.append({"N": "" if cond == "none" else str(n),
+                            "condition": cond + (f" ({draws_text(draws)})" if cond == "random"
+                                                 else ""),
+                            **{v: cells.get(v, "") for v in values}})
+            lines += [f"**{stratum}** ({what}): accuracy % (items)", "",
+                      markdown_table(pd.DataFrame(out)), ""]
+    return lines
+
+
+def plot_strata(table: pd.DataFrame, path: Path, title: str = "",
+                stratum: str = "support_distance") -> Path | None:
+    """Accuracy by ``stratum`` (default: support distance, 1-4 and 5+): one line per
+    condition and N (colour = condition, line style = N; random draws pooled), 95% Wilson
+    CIs as bands. None when the table has no rows of that stratum."""
+    part = table[table.stratum == stratum] if not table.empty else table
+    if part.empty:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    ticks = part.drop_duplicates("value").sort_values("order")
+    position = {v: i for i, v in enumerate(ticks.value)}
+    ns = sorted(int(n) for n in part.loc[part.condition != "none", "n_heads"].unique())
+    styles = dict(zip(reversed(ns), ["-", "--", ":", "-."] * 4))
+    keys = list(dict.fromkeys(zip(part.condition, part.n_heads)))
+    for i, (cond, n) in enumerate(keys):
+        g = part[(part.condition == cond) & (part.n_heads == n)].sort_values("order")
+        x = g.value.map(position) + 0.04 * (i - (len(keys) - 1) / 2)  # side by side
+        draws = int(g.n_draws.iloc[0])
+        label = "unablated" if cond == "none" else f"{cond} N={n}" + (
+            f" ({draws_text(draws)} pooled)" if cond == "random" else "")
+        color = COLORS.get(cond, "tab:green")
+        ax.plot(x, 100 * g.accuracy, marker="o", ms=4, color=color, label=label,
+                ls="-" if cond == "none" else styles[int(n)], clip_on=False)
+        ax.fill_between(x, 100 * g.ci_low, 100 * g.ci_high, color=color, alpha=0.12, lw=0)
+    ax.set_xticks(range(len(position)), list(position))
+    ax.set_xlim(-0.3, len(position) - 0.7)
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel(f"{stratum.replace('_', ' ')}: {STRATA.get(stratum, ('', True))[0]}")
+    ax.set_ylabel("accuracy (%), bands: 95% Wilson CI")
+    ax.set_title(title or f"Accuracy by {stratum.replace('_', ' ')}", fontsize=10)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    write_figure(path, fig)
+    plt.close(fig)
+    return path
 
 
 COLORS = {"high": "tab:red", "low": "tab:blue", "random": "tab:grey", "none": "black"}
@@ -453,7 +987,7 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
                     ms=4, clip_on=False, zorder=4)
         else:
             ax.plot(random.n_heads, 100 * random.accuracy, "o", color=COLORS["random"],
-                    ms=5, clip_on=False, label=f"random heads ({len(random)} draws)")
+                    ms=5, clip_on=False, label=f"random heads ({draws_text(len(random))})")
     measured = sorted(int(n) for n in df.loc[df.condition != "none", "n_heads"].unique())
     dodge = 0.012 * max(1, measured[-1] - measured[0]) if measured else 0
     for cond, shift in (("high", -dodge), ("low", dodge)):  # side by side where they meet
@@ -470,12 +1004,17 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
         ax.set_xticks(measured)
         pad = max(1.0, 0.06 * (measured[-1] - measured[0]))
         ax.set_xlim(measured[0] - pad, measured[-1] + pad)
+        ax.set_xlabel("heads ablated (N)")
+    else:  # only the unablated model: no N to put on the axis
+        ax.set_xticks([])
+        ax.set_xlabel("heads ablated (N): no ablated job in this group")
     ax.set_ylim(-3, 103)  # a point at 0% or 100% and its marker stay inside the frame
-    ax.set_xlabel("heads ablated (N)")
     ax.set_ylabel("accuracy (%), error bars: 95% Wilson CI")
     ax.set_title(title or "bAbI accuracy vs number of ablated heads", fontsize=10)
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=8, loc="lower left")
+    # below the axes: inside, it would cover the points at 0% (or 100%)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+              frameon=False)
     write_figure(path, fig)
     plt.close(fig)
     return path
@@ -508,7 +1047,7 @@ def plot_icl(curve: pd.DataFrame, path: Path, title: str = "") -> Path | None:
         bounds = np.array([st.wilson_interval(int(k), int(m))
                            for k, m in zip(g.n_correct, g.n_items)])
         label = "unablated" if cond == "none" else f"{cond} N={n}" + (
-            f" ({draws[n]} draws pooled)" if cond == "random" else "")
+            f" ({draws_text(draws[n])} pooled)" if cond == "random" else "")
         x = g.examples_before + 0.04 * (i - (len(keys) - 1) / 2)  # lines at 100% side by side
         color = COLORS.get(cond, "tab:green")
         ax.plot(x, 100 * g.n_correct / g.n_items, marker="o", ms=4, color=color,
@@ -527,12 +1066,17 @@ def plot_icl(curve: pd.DataFrame, path: Path, title: str = "") -> Path | None:
     return path
 
 
-def plot_ablated_heads(jobs: list[FinishedJob], sweep_dir: Path) -> list[Path]:
+def plot_ablated_heads(jobs: list[FinishedJob], sweep_dir: Path,
+                       step: Callable[[str, Callable[[], Any]], Any] | None = None
+                       ) -> list[Path]:
     """For each score table the sweep's jobs ranked by: its heatmap with the heads ablated
     at the largest N marked (top-N, the layer-matched control and one random draw), as
-    ``heads_<rank_by>.png`` (``heads_<rank_by>_<i>.png`` for several tables)."""
+    ``heads_<rank_by>.png`` (``heads_<rank_by>_<i>.png`` for several tables). ``step``
+    runs each figure (:func:`summarize`'s: a failure, e.g. an unreadable score table, is
+    recorded and the others go on); without it a failure raises."""
     from .score_table import save_heatmap
 
+    step = step or (lambda name, make: make())
     by_table: dict[tuple[str, str], list[FinishedJob]] = {}
     for job in jobs:
         r = job.record
@@ -540,11 +1084,6 @@ def plot_ablated_heads(jobs: list[FinishedJob], sweep_dir: Path) -> list[Path]:
             by_table.setdefault((r.scores_file, r.rank_by), []).append(job)
     paths = []
     for i, ((table, rank_by), tjobs) in enumerate(sorted(by_table.items())):
-        try:
-            scores = pd.read_csv(table)
-        except (OSError, ValueError) as err:
-            log.warning("no heatmap of %s: %s", table, err)
-            continue
         n = max(j.record.n_heads for j in tjobs)
         marks = {}
         for cond, label in (("high", "top-N"), ("low", "layer-matched low"),
@@ -555,7 +1094,17 @@ def plot_ablated_heads(jobs: list[FinishedJob], sweep_dir: Path) -> list[Path]:
                 marks[f"{label} (N={n})"] = [tuple(h) for h in job.record.heads]
         name = f"heads_{rank_by}.png" if len(by_table) == 1 else f"heads_{rank_by}_{i}.png"
         model = tjobs[0].record.model
-        paths.append(save_heatmap(scores, rank_by, sweep_dir / name, model, marks))
+
+        def heatmap(table=table, rank_by=rank_by, name=name, model=model, marks=marks):
+            try:
+                scores = pd.read_csv(table)
+            except (OSError, ValueError) as err:
+                raise SummaryError(f"score table {table} unreadable: {_why(err)}") from None
+            return save_heatmap(scores, rank_by, sweep_dir / name, model, marks)
+
+        path = step(f"{name} (heads on the score table)", heatmap)
+        if path is not None:
+            paths.append(path)
     return paths
 
 
@@ -574,12 +1123,22 @@ def merge_scan(sweep_dir: Path, parts: list[Path]) -> pd.DataFrame:
     return df
 
 
+def _why(err: BaseException) -> str:
+    """An error as one line: its type and the first line of its message."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else \
+        type(err).__name__
+
+
 def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None = None
               ) -> pd.DataFrame:
-    """Write summary.csv/.md/.tex and plots into ``sweep_dir``; return the table.
+    """Write summary.csv/.md/.tex, strata.csv and the figures into ``sweep_dir``; return
+    the table.
 
     ``not_finished`` lists (job, why) pairs the launcher knows failed, including jobs that
-    never started and so left no folder behind.
+    never started and so left no folder behind. Raises :class:`SummaryError` when there is
+    nothing to summarize, and :class:`SummaryIncomplete` (after writing every output it
+    could) when a step failed or jobs are left out.
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -603,44 +1162,91 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
         raise SummaryError(f"{sweep_dir}: no ih_sweep jobs here (no job.json or .hydra/)")
     for folder, why in found.problems:
         log.warning("left out %s: %s", folder, why)
+    failed: list[tuple[str, str]] = []
+
+    def step(name: str, make: Callable[[], Any]) -> Any:
+        """Run one output step; a failure is recorded (and logged) and the others go on."""
+        try:
+            return make()
+        except Exception as err:
+            log.error("summary: %s failed: %s", name, _why(err), exc_info=log.isEnabledFor(
+                logging.DEBUG))
+            failed.append((name, _why(err)))
+            return None
+
+    def finish(df: pd.DataFrame | None) -> pd.DataFrame:
+        if failed or found.problems:
+            raise SummaryIncomplete(sweep_dir, df, failed, found.problems)
+        return df
+
     if found.scan_parts:
-        merge_scan(sweep_dir, found.scan_parts)
+        step("scan.csv (merging the scan jobs)", lambda: merge_scan(sweep_dir,
+                                                                    found.scan_parts))
         if not found.jobs:
-            return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    df, notes = summarize_jobs(found.jobs)
-    write_csv(sweep_dir / "summary.csv", df)
-    write_text(sweep_dir / "summary.md", to_markdown(df, found.problems, notes))
-    write_text(sweep_dir / "summary.tex", to_latex(df))
+            return finish(pd.DataFrame(columns=SUMMARY_COLUMNS))
+    made = step("statistics (summary table)", lambda: summarize_jobs(found.jobs))
+    if made is None:
+        return finish(None)
+    df, notes = made
+    strata = step("strata.csv", lambda: strata_table(found.jobs))
+    if strata is not None and not strata.empty:
+        step("strata.csv", lambda: write_csv(sweep_dir / "strata.csv", strata))
+    step("summary.csv", lambda: write_csv(sweep_dir / "summary.csv", df))
+    step("summary.md", lambda: write_text(sweep_dir / "summary.md",
+                                          to_markdown(df, found.problems, notes,
+                                                      strata=strata)))
+    step("summary.tex", lambda: write_text(sweep_dir / "summary.tex", to_latex(df)))
     groups = list(df.groupby("group", sort=False))
     for i, (_, g) in enumerate(groups):
         name = "accuracy_vs_n.png" if len(groups) == 1 else f"accuracy_vs_n_{i}.png"
-        plot_accuracy_vs_n(g, sweep_dir / name, title=_short_title(g.iloc[0]))
-    heatmaps = plot_ablated_heads(found.jobs, sweep_dir)
-    curve = icl_curve(found.jobs)
-    if not curve.empty:
-        write_csv(sweep_dir / "icl_curve.csv", curve)
-        plot_icl(curve, sweep_dir / "icl_curve.png",
-                 title="In-context learning curve: " + _short_title(df.iloc[0]))
+        step(name, lambda g=g, name=name: plot_accuracy_vs_n(
+            g, sweep_dir / name, title=_short_title(g.iloc[0])))
+    if strata is not None and not strata.empty:
+        parts = list(strata.groupby("group", sort=False))
+        for i, (gname, part) in enumerate(parts):
+            name = "strata.png" if len(parts) == 1 else f"strata_{i}.png"
+            row = df[df.group == gname].iloc[0]
+            step(name, lambda part=part, name=name, row=row: plot_strata(
+                part, sweep_dir / name, title="Accuracy by support distance: "
+                + _short_title(row)))
+    heatmaps = plot_ablated_heads(found.jobs, sweep_dir, step)
+    curve = step("icl_curve.csv", lambda: icl_curve(found.jobs))
+    if curve is not None and not curve.empty:
+        step("icl_curve.csv", lambda: write_csv(sweep_dir / "icl_curve.csv", curve))
+        step("icl_curve.png", lambda: plot_icl(
+            curve, sweep_dir / "icl_curve.png",
+            title="In-context learning curve: " + _short_title(df.iloc[0])))
     for note in notes:
         log.info("%s", note)
     log.info("summary of %d jobs (%d rows) written to %s (%d left out)", len(found.jobs),
              len(df), sweep_dir, len(found.problems))
     if heatmaps:
         log.info("ablated heads on their scores: %s", ", ".join(p.name for p in heatmaps))
-    return df
+    return finish(df)
 
 
 def console_report(df: pd.DataFrame, sweep_dir: Path) -> str:
-    """What a sweep prints when it ends: each group's table and where the files are."""
-    parts = [f"\n{gname}\n{markdown_table(display_table(g))}"
-             for gname, g in df.groupby("group", sort=False)]
-    parts.append(f"\nSummary (summary.md, summary.csv, summary.tex, figures) and one folder "
-                 f"per job in: {sweep_dir}")
+    """What a sweep prints when it ends: each group's main table, then its near-tie floor
+    and mechanism check (or one line each saying why they are left out), and where the
+    files are."""
+    console = {"Near-tie floor", "Mechanism check"}
+    parts = []
+    for gname, g in df.groupby("group", sort=False):
+        parts.append(f"\n{gname}\n{markdown_table(display_table(g))}")
+        for sec, table in section_tables(g):
+            if sec.title not in console:
+                continue
+            parts.append(f"{sec.title}: left out: {sec.absent}." if table is None else
+                         f"\n{sec.title}\n{markdown_table(table)}")
+    parts.append(f"\nSummary (summary.md with the continuous metrics and strata, summary.csv, "
+                 f"summary.tex, figures) and one folder per job in: {sweep_dir}")
     return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ih_sweep.summarize <sweep dir>``: (re)build a sweep's summary files."""
+    """``python -m ih_sweep.summarize <sweep dir>``: (re)build a sweep's summary files.
+    Exit status 0; 2 when there is nothing to summarize; 1 when the summary is incomplete
+    (a step failed, jobs left out), with one line on stderr saying what."""
     parser = argparse.ArgumentParser(prog="python -m ih_sweep.summarize",
                                      description="Summarize an ih_sweep multirun folder.")
     parser.add_argument("sweep_dir", help="the multirun folder (hydra.sweep.dir)")
@@ -651,6 +1257,11 @@ def main(argv: list[str] | None = None) -> int:
     except SummaryError as err:
         print(f"ih_sweep.summarize: {err}", file=sys.stderr)
         return 2
+    except SummaryIncomplete as err:
+        if err.table is not None and not err.table.empty:
+            print(console_report(err.table, Path(args.sweep_dir)), flush=True)
+        print(f"ih_sweep.summarize: {err}", file=sys.stderr)
+        return 1
     print(console_report(df, Path(args.sweep_dir)))
     return 0
 

@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
     """bench_gpu.py end to end on a small Mistral shape on CPU, bf16 and nf4 (bitsandbytes
-    runs 4-bit on CPU): every number it reports is there and the outcomes match the seed's
-    method on the subset. The real run needs a CUDA GPU."""
+    runs 4-bit on CPU): every number it reports is there (the plain forward's time and the
+    evaluator's overhead over it too) and the outcomes match the seed's method on the
+    subset. The real run needs a CUDA GPU."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu",
          "--shape", "small", "--stories", "12", "--seed-subset", "4", "--batch-size", "8",
@@ -27,6 +28,9 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
         assert r["engine_stories_per_s"] > 0 and r["seed_method_stories_per_s"] > 0
         assert r["subset_outcomes_identical"] is True
         assert 0 <= r["decoded_past_forward"] <= 12
+        assert r["batch_size"] == 8
+        assert r["plain_forward_s"] > 0 and r["plain_forward_tokens_per_s"] > 0
+        assert r["overhead_vs_plain"] > 0
 
 
 def test_gpu_benchmark_refuses_without_cuda_by_default(tmp_path):

@@ -86,7 +86,7 @@ def test_a_damaged_finished_job_is_redone_and_says_why(tmp_path, caplog, how, wh
     out = tmp_path / "job"
     args = (*FAST, "n_heads=4", "paths.cache_dir=" + str(tmp_path / "c"))
     first = run_job(out, *args)
-    clean = (out / "results.csv").read_bytes()
+    clean = pd.read_csv(out / "results.csv", keep_default_na=False)
     # damage the store's copy the same way, so the rerun cannot restore from it either
     store = tmp_path / "c" / "jobs" / first.config_hash
     _damage_results(out, how)
@@ -95,7 +95,11 @@ def test_a_damaged_finished_job_is_redone_and_says_why(tmp_path, caplog, how, wh
     again = run_job(out, *args)
     assert f"redoing {out}" in caplog.text and why in caplog.text
     assert "skipping" not in caplog.text
-    assert again.n_correct == first.n_correct and (out / "results.csv").read_bytes() == clean
+    assert again.n_correct == first.n_correct
+    # the float measures (margin, gold_logprob, logit_diff) may differ in float32's last bits:
+    # the CPU kernels' blocking follows memory alignment, which differs between the two runs
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv", keep_default_na=False),
+                                  clean, check_exact=False, rtol=0, atol=1e-4)
     assert read_record(out) == again
 
 
@@ -133,7 +137,7 @@ def test_a_damaged_checkpoint_chunk_is_redone(tmp_path, caplog, how, why):
     part = out / "partial"
     part.mkdir(parents=True)
     chunk = pd.read_csv(tmp_path / "clean" / "results.csv",
-                        keep_default_na=False).iloc[:10][ITEM_COLUMNS]
+                        keep_default_na=False)[ITEM_COLUMNS].iloc[:10]
     bad = {"garbage": pd.DataFrame({"x": [1]}), "short": chunk.head(5),
            "duplicated": pd.concat([chunk, chunk.head(1)])}[how]
     bad.to_csv(part / "chunk-00000.csv", index=False)

@@ -32,8 +32,14 @@ def _readme_table() -> dict[tuple[str, str], str]:
 
 
 def _printed_table(stdout: str) -> dict[tuple[str, str], str]:
+    """The first table printed (the accuracy table; the near-tie floor and mechanism check
+    follow it as tables of their own)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")),
+               len(lines))
     rows = [[c.strip() for c in line.strip().strip("|").split("|")]
-            for line in stdout.splitlines() if line.startswith("|")]
+            for line in lines[start:end]]
     header, body = rows[0], rows[2:]
     col = {name: i for i, name in enumerate(header)}
     out = {}

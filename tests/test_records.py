@@ -63,7 +63,9 @@ def _files(folder, correct=(True, False), heads=((1, 2),)):
     rows = [dict(zip(names, [i, 0, 5, 0, "office", "office" if c else "garden", c, "forward",
                              4, "high", 0, "tiny", "none", "babi_generated", 1, "generated",
                              "contains", "last", "zero"])) for i, c in enumerate(correct)]
-    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(folder / "results.csv", index=False)
+    # the measure columns (margin, ...) are 0 here
+    pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS, fill_value=0).to_csv(
+        folder / "results.csv", index=False)
     pd.DataFrame([(la, h, 0.5, "prefix") for la, h in heads],
                  columns=["layer", "head", "score", "rank_by"]).to_csv(folder / "heads.csv",
                                                                        index=False)

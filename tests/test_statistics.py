@@ -102,3 +102,37 @@ def test_spearman_ci_covers_and_leaves_out_constant_resamples():
     lo, hi = st.spearman_ci([1, 2, 3, 4], [1, 3, 2, 4])  # many resamples are constant
     assert -1 <= lo <= hi <= 1
     assert all(math.isnan(v) for v in st.spearman_ci([1, 2], [2, 1]))
+
+
+def test_near_tie_range_known_values():
+    # 10 items, 7 right; near-ties: 2 of the right ones, 1 of the wrong ones
+    correct = [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+    tie = [1, 1, 0, 0, 0, 0, 0, 1, 0, 0]
+    assert st.near_tie_range(correct, tie) == pytest.approx((0.5, 0.8))
+    assert st.near_tie_range(correct, [0] * 10) == pytest.approx((0.7, 0.7))  # float32: none
+    assert st.near_tie_range([1, 1], [1, 1]) == (0.0, 1.0)
+    assert all(math.isnan(v) for v in st.near_tie_range([], []))
+
+
+def test_near_tie_delta_range_inside_and_outside():
+    # A wrong on its 2 near-ties, B right everywhere without near-ties: flipped, A = B
+    a, ta = [0, 0, 1, 1, 1], [1, 1, 0, 0, 0]
+    b, tb = [1] * 5, [0] * 5
+    assert st.near_tie_delta_range(a, ta, b, tb) == (-0.4, 0.0, True)
+    # one near-tie of the two wrong items: A can only reach -0.2
+    assert st.near_tie_delta_range(a, [1, 0, 0, 0, 0], b, tb) == (-0.4, -0.2, False)
+    # B's near-ties count too: B's right near-tie can drop B to A's level
+    assert st.near_tie_delta_range([0, 1], [0, 0], [1, 1], [1, 0]) == (-0.5, 0.0, True)
+    # no near-ties at all: nothing is inside, not even an equal pair
+    assert st.near_tie_delta_range([1, 0], [0, 0], [1, 0], [0, 0]) == (0.0, 0.0, False)
+    # equal accuracy with near-ties: the range straddles 0
+    assert st.near_tie_delta_range([1, 0], [1, 1], [1, 0], [0, 0]) == (-0.5, 0.5, True)
+    assert st.near_tie_delta_range([], [], [], [])[2] is False
+
+
+def test_paired_bootstrap_ci_of_a_continuous_score():
+    rng = np.random.default_rng(2)
+    a = rng.normal(-1.0, 0.5, 400)
+    b = a + 0.3 + rng.normal(0, 0.1, 400)  # b is 0.3 nats higher on every item, give or take
+    lo, hi = st.paired_bootstrap_ci(a, b)
+    assert lo < (a - b).mean() < hi and -0.32 < lo < hi < -0.28

@@ -7,12 +7,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ih_sweep.io_utils import read_json, write_json
 from ih_sweep.records import RESULT_COLUMNS, EvaluationRecord, write_record
-from ih_sweep.summarize import SummaryError, summarize
+from ih_sweep.summarize import SummaryError, SummaryIncomplete, summarize
 
 
 def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", examples=None,
-             settings=None, config_hash="0" * 16):
+             settings=None, config_hash="0" * 16, extra=None, mechanism=None, scores_file=None):
+    """A finished job folder written through the project's records. ``extra``: per-item
+    columns beyond the writer's (near_tie, gold_logprob, strata, ...: {column: values});
+    ``mechanism``: job.json's mechanism dict."""
     folder = root / name
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text("{}\n")
@@ -25,14 +29,20 @@ def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", e
                      "quantization": "none", "data": "babi_generated", "babi_task": 1,
                      "split": "generated", "metric": "contains", "scope": scope,
                      "ablation": "zero"})
-    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(folder / "results.csv", index=False)
+        rows[-1] |= {k: v[i] for k, v in (extra or {}).items()}
+    columns = RESULT_COLUMNS + [k for k in (extra or {}) if k not in RESULT_COLUMNS]
+    pd.DataFrame(rows, columns=columns).to_csv(folder / "results.csv", index=False)
     write_record(folder, EvaluationRecord(
         config_hash=config_hash, settings=settings or {}, n_heads=n, condition=cond,
         control_seed=seed, model=model, quantization="none",
         data={"name": "babi_generated", "task": 1, "n_stories": len(correct), "seed": 0},
         eval={"metric": "contains", "scope": scope, "max_new_tokens": 3}, ablation="zero",
         rank_by="prefix", n_items=len(correct), n_correct=int(sum(correct)),
-        accuracy=float(np.mean(correct)), n_decoded=0, heads=[]))
+        accuracy=float(np.mean(correct)), n_decoded=0, scores_file=scores_file,
+        heads=[[0, h] for h in range(n)] if scores_file else []))
+    if mechanism is not None:
+        record = read_json(folder / "job.json")
+        write_json(folder / "job.json", record | {"mechanism": mechanism})
     return folder
 
 
@@ -117,8 +127,12 @@ def test_missing_failed_and_half_written_jobs_are_listed(sweep, caplog):
         (half / "results.csv").read_text().splitlines()[0] + "\n1,4\n")
     broken = make_job(root, "broken", 8, "low", [True] * 10)
     (broken / "job.json").write_text("{not json")
-    df = summarize(root)
-    assert len(df) == 8
+    with pytest.raises(SummaryIncomplete) as caught:
+        summarize(root)
+    df = caught.value.table  # written all the same, with the jobs that finished
+    assert len(df) == 8 and not caught.value.failed
+    assert [f for f, _ in caught.value.left_out] == ["broken", "crashed", "half"]
+    assert pd.read_csv(root / "summary.csv").shape[0] == 8
     md = (root / "summary.md").read_text()
     assert "## Jobs left out" in md
     for name in ("crashed", "half", "broken"):
@@ -232,7 +246,9 @@ def test_jobs_that_multirun_yaml_lists_but_are_missing_are_named(tmp_path):
             make_job(tmp_path, f"condition={cond},n_heads={n}", n, cond, rng.random(20) < 0.8,
                      settings=_settings(cond, n), config_hash=f"{cond}{n}")
     shutil.rmtree(tmp_path / "condition=high,n_heads=8")
-    summarize(tmp_path)
+    with pytest.raises(SummaryIncomplete, match="1 job.s. left out .condition=high,n_heads=8: "
+                                                "multirun.yaml lists this job"):
+        summarize(tmp_path)
     md = (tmp_path / "summary.md").read_text()
     assert "`condition=high,n_heads=8`: multirun.yaml lists this job, but its folder is " \
            "missing" in md

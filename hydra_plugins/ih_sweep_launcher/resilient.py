@@ -98,16 +98,27 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
     mark_started()
 
 
-def summarize_partial(config: Any, sweep_dir: Path, failures: list[tuple[str, str]]) -> None:
-    """The summary of the jobs that finished, listing those that did not."""
-    if not config.get("summarize", True):
-        return
-    from ih_sweep.summarize import summarize
+def summarize_partial(config: Any, sweep_dir: Path, failures: list[tuple[str, str]]) -> str:
+    """The summary of the jobs that finished, listing those that did not. Returns a line
+    for the failure report when the summary itself failed (a step, not the jobs already
+    reported), else ""."""
+    if not config.get("summarize", True) or \
+            str(config.get("job", "evaluate")) not in ("evaluate", "scan"):
+        return ""
+    from ih_sweep.summarize import SummaryError, SummaryIncomplete, summarize
 
     try:
         summarize(sweep_dir, not_finished=failures)
-    except Exception as err:  # the failure report matters more
+    except SummaryIncomplete as err:
+        if err.failed:
+            return "\n  summary: " + "; ".join(f"{step} failed ({why})"
+                                               for step, why in err.failed)
+    except SummaryError:  # no finished job at all: the failures say everything
+        return ""
+    except Exception as err:
         log.error("summary of %s failed: %s", sweep_dir, err)
+        return f"\n  summary: failed ({type(err).__name__}: {err})"
+    return ""
 
 
 class ResilientBasicLauncher(BasicLauncher):
@@ -131,10 +142,10 @@ class ResilientBasicLauncher(BasicLauncher):
                     sweep_dir) else " ".join(filter_overrides(ret.overrides or []))
                 failures.append((name, f"{type(err).__name__}: {first}"))
         if failures:
-            summarize_partial(self.config, sweep_dir, failures)
+            summary = summarize_partial(self.config, sweep_dir, failures)
             fail_sweep(f"{len(failures)} of {len(returns)} jobs failed; the finished jobs' "
                        f"results and the summary of them are in {sweep_dir}.\n  "
-                       + "\n  ".join(f"{job}: {why}" for job, why in failures))
+                       + "\n  ".join(f"{job}: {why}" for job, why in failures) + summary)
         return returns
 
 
@@ -199,12 +210,12 @@ class _ResilientMixin:
                 first = str(err).strip().splitlines()[0][:200]
                 failures.append((name, f"{state}: {first}"))
         if failures:
-            summarize_partial(self.config, sweep_dir, failures)
+            summary = summarize_partial(self.config, sweep_dir, failures)
             fail_sweep(
                 f"{len(failures)} of {len(jobs)} SLURM jobs did not finish; the finished jobs' "
                 f"results and the summary of them are in {sweep_dir}; rerun the same command "
                 "to run only what is missing.\n  "
-                + "\n  ".join(f"{job}: {why}" for job, why in failures))
+                + "\n  ".join(f"{job}: {why}" for job, why in failures) + summary)
         return returns
 
     def _wait(self, jobs) -> dict[str, str]:

@@ -193,6 +193,7 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     for stale in [*out_dir.glob(".*.tmp"), *part.glob(".*.tmp")]:  # left by a killed write
         stale.unlink(missing_ok=True)
     frames, resumed, means, checked = [], 0, None, False
+    candidates = sorted({it.answer for it in items})  # the task's answers, for logit_diff
     starts = range(0, len(items), size)
     bar = tqdm(total=len(items), desc=_describe(config), unit="item",
                disable=not config.eval.progress, leave=False)
@@ -215,13 +216,9 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
             means = head_means(model, reference_batches(tokenizer, items,
                                                         config.ablation.n_reference, model))
         with ablate_heads(model, heads, config.ablation.method, means):
-            res = evaluate(model, tokenizer, chunk_items, config.eval, bar)
-        df = pd.DataFrame([(r.item.story_index, r.item.question_index, r.item.line,
-                            r.item.examples_before, r.item.answer, r.continuation,
-                            bool(r.correct), r.decided_by) for r in res],
-                          columns=[c for c in ITEM_COLUMNS if c not in STRATA_COLUMNS])
-        df = pd.concat([df, strata_frame(stories, [r.item for r in res])], axis=1
-                       )[ITEM_COLUMNS]
+            res = evaluate(model, tokenizer, chunk_items, config.eval, bar, candidates)
+        df = pd.concat([item_frame(res), strata_frame(stories, [r.item for r in res])],
+                       axis=1)[ITEM_COLUMNS]
         write_csv(chunk_file, df)
         frames.append(df)
         if len(starts) > 1:
@@ -254,6 +251,16 @@ def run_mechanism(config: Config, model_getter: Callable[[], tuple[Any, Any]],
     return mechanism_check(model, tokenizer, config.mechanism,
                            texts_for(stories, config.mechanism.n_texts), heads,
                            config.ablation.method, means, model_key=key)
+
+
+def item_frame(results: Sequence) -> pd.DataFrame:
+    """The ITEM_COLUMNS rows of evaluated items (:class:`.evaluation.ItemResult`) but the
+    difficulty strata (:func:`ih_sweep.strata.strata_frame` adds them)."""
+    return pd.DataFrame([(r.item.story_index, r.item.question_index, r.item.line,
+                          r.item.examples_before, r.item.answer, r.continuation,
+                          bool(r.correct), r.decided_by, r.margin, bool(r.near_tie),
+                          r.gold_logprob, r.logit_diff) for r in results],
+                        columns=[c for c in ITEM_COLUMNS if c not in STRATA_COLUMNS])
 
 
 def _read_chunk(path: Path, chunk_items: Sequence) -> tuple[pd.DataFrame | None, str | None]:

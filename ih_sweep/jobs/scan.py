@@ -23,6 +23,7 @@ def run(config: Config, out_dir: Path) -> ScanRecord:
         return previous  # type: ignore[return-value]
     from dataclasses import replace
 
+    from ..batching import scan_heads_per_pass
     from ..data import load_stories, make_items
     from ..model_loading import load_model, model_shape
     from ..scan import attribution_scan, babi_probe, exact_scan, repeat_probe, write_scan_outputs
@@ -45,7 +46,8 @@ def run(config: Config, out_dir: Path) -> ScanRecord:
               "repeat": repeat_probe(tokenizer, config.scan.repeat_sequences,
                                      seed=config.scan.seed)}
     t_exact = time.time()
-    df = exact_scan(model, probes, layers, config.scan.heads_per_pass)
+    df = exact_scan(model, probes, layers,
+                    scan_heads_per_pass(config.scan.heads_per_pass, model, probes))
     t_exact = time.time() - t_exact
     if config.scan.attribution:
         df = df.merge(attribution_scan(model, probes["babi"], layers), on=["layer", "head"])
