@@ -219,6 +219,24 @@ class AblationConfig:
 
 
 @dataclass
+class MechanismConfig:
+    """The evaluate job's mechanism check (:mod:`ih_sweep.mechanism`): repeat loss and ICL
+    score with the job's heads ablated and without, written to job.json."""
+
+    enabled: bool = True
+    n_sequences: int = 16  # repeated random sequences, [BOS] + R x repeats
+    seq_len: int = 25
+    repeats: int = 2  # R + R: the loss on the repeated half
+    seed: int = 1000  # apart from scoring's seeds (seed, seed + 1): not the ranked sequences
+    exclude_frequent_frac: float = 0.0  # as scoring's: BPE vocabularies' lowest ids
+    exclude_rare_frac: float = 0.0  # ... and highest
+    n_texts: int = 64  # stories of the job's data whose text gives the ICL score
+    icl_window: int | None = None  # tokens averaged at each ICL position (null: 1/10 of the
+    # text; 1: Olsson et al.'s single tokens)
+    batch_size: int = field(default=32, metadata=SPEED)
+
+
+@dataclass
 class ScanConfig:
     n_stories: int = 200
     layers: list[int] | None = None  # null: every layer
@@ -281,6 +299,7 @@ class Config:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mechanism: MechanismConfig = field(default_factory=MechanismConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     # the tiny model's recipe does not change what an evaluation or scan computes
     train: TrainConfig = field(default_factory=TrainConfig, metadata=SPEED)
@@ -402,6 +421,8 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
     for group in ("paths", "train"):
         if not container.get(group):
             container.pop(group, None)
+    if container.get("mechanism", {}).get("enabled") is False:  # its settings change nothing
+        container["mechanism"] = {"enabled": False}
     return container
 
 
@@ -485,6 +506,18 @@ def check(cfg: Config) -> None:
           "scoring.exclude_rare_frac", sc.exclude_rare_frac,
           "allowed: exclude_frequent_frac + exclude_rare_frac < 1")
     _at_least("ablation.n_reference", cfg.ablation.n_reference, 1)
+    mech = cfg.mechanism
+    for key in ("n_sequences", "seq_len", "n_texts", "batch_size"):
+        _at_least(f"mechanism.{key}", getattr(mech, key), 1)
+    _at_least("mechanism.repeats", mech.repeats, 2)
+    if mech.icl_window is not None:
+        _at_least("mechanism.icl_window", mech.icl_window, 1)
+    for key in ("exclude_frequent_frac", "exclude_rare_frac"):
+        value = getattr(mech, key)
+        _need(0 <= value < 1, f"mechanism.{key}", value, "allowed: 0 <= value < 1")
+    _need(mech.exclude_frequent_frac + mech.exclude_rare_frac < 1,
+          "mechanism.exclude_rare_frac", mech.exclude_rare_frac,
+          "allowed: exclude_frequent_frac + exclude_rare_frac < 1")
     scan = cfg.scan
     for key in ("n_stories", "repeat_sequences"):
         _at_least(f"scan.{key}", getattr(scan, key), 1)

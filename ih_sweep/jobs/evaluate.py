@@ -24,6 +24,7 @@ from ..records import (
     HEAD_COLUMNS,
     ITEM_COLUMNS,
     RESULT_COLUMNS,
+    STRATA_COLUMNS,
     EvaluationRecord,
     finished_record,
     restore,
@@ -79,7 +80,8 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
 
     # data
     t0 = time.time()
-    items = make_items(load_stories(config.data), config.eval.scope)
+    stories = load_stories(config.data)
+    items = make_items(stories, config.eval.scope)
     timings["data_s"] = time.time() - t0
 
     loaded: dict[str, Any] = {}
@@ -108,8 +110,13 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     # ablate + evaluate
     t0 = time.time()
     items_df, resumed = evaluate_checkpointed(config, out_dir, chash, model_getter, items,
-                                              heads)
+                                              heads, stories)
     timings["eval_s"] = time.time() - t0
+
+    # mechanism check: repeat loss and ICL score with these heads ablated and without
+    t0 = time.time()
+    mechanism = run_mechanism(config, model_getter, stories, items, heads)
+    timings["mechanism_s"] = time.time() - t0
 
     # write: an unablated job ablates 0 heads whatever N was asked, and the control seed
     # is 0 unless it drew the heads (condition=random), as in the config hash
@@ -143,7 +150,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
         resumed_chunks=resumed, timings={k: round(v, 3) for k, v in timings.items()},
         slurm_job_id=os.environ.get("SLURM_JOB_ID"),
         results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config),
-        scores_file=scores_file)
+        scores_file=scores_file, mechanism=mechanism)
     write_record(out_dir, record)
     store(out_dir, config.paths.cache_dir, chash)
     shutil.rmtree(out_dir / "partial", ignore_errors=True)
@@ -165,12 +172,15 @@ def split_name(config: Config) -> str:
 
 def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
                           model_getter: Callable[[], tuple[Any, Any]], items: Sequence,
-                          heads: list[tuple[int, int]]) -> tuple[pd.DataFrame, int]:
+                          heads: list[tuple[int, int]], stories: Sequence
+                          ) -> tuple[pd.DataFrame, int]:
     """Evaluate in chunks of ``eval.checkpoint_items``, each written atomically to
     ``partial/``; a rerun after a kill (preemption, timeout, SIGKILL) reuses finished chunks,
-    so rows are neither lost nor duplicated. Returns (ITEM_COLUMNS rows, chunks reused)."""
+    so rows are neither lost nor duplicated. Returns (ITEM_COLUMNS rows, chunks reused);
+    ``stories``: those the items ask about (their difficulty strata)."""
     from ..ablation import ablate_heads, head_means
     from ..evaluation import check_prompt_lengths, evaluate
+    from ..strata import strata_frame
 
     part = out_dir / "partial"
     size = config.eval.checkpoint_items
@@ -207,7 +217,8 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
                                                         config.ablation.n_reference, model))
         with ablate_heads(model, heads, config.ablation.method, means):
             res = evaluate(model, tokenizer, chunk_items, config.eval, bar, candidates)
-        df = item_frame(res)
+        df = pd.concat([item_frame(res), strata_frame(stories, [r.item for r in res])],
+                       axis=1)[ITEM_COLUMNS]
         write_csv(chunk_file, df)
         frames.append(df)
         if len(starts) > 1:
@@ -218,12 +229,38 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     return pd.concat(frames, ignore_index=True), resumed
 
 
+def run_mechanism(config: Config, model_getter: Callable[[], tuple[Any, Any]],
+                  stories: Sequence, items: Sequence, heads: list[tuple[int, int]]
+                  ) -> dict[str, Any]:
+    """job.json's ``mechanism`` (:func:`ih_sweep.mechanism.mechanism_check`) with the job's
+    heads and ablation method, on the first ``mechanism.n_texts`` stories; empty with
+    ``mechanism.enabled=false``. Mean ablation takes its means over the same reference
+    prompts as the evaluation."""
+    if not config.mechanism.enabled:
+        return {}
+    from ..ablation import head_means
+    from ..mechanism import mechanism_check, texts_for
+    from ..model_loading import cache_key
+
+    model, tokenizer = model_getter()
+    means = None
+    if config.ablation.method == AblationMethod.mean and heads:
+        means = head_means(model, reference_batches(tokenizer, items,
+                                                    config.ablation.n_reference, model))
+    key = cache_key(plain(config.model), plain(config.quantization), config.device)
+    return mechanism_check(model, tokenizer, config.mechanism,
+                           texts_for(stories, config.mechanism.n_texts), heads,
+                           config.ablation.method, means, model_key=key)
+
+
 def item_frame(results: Sequence) -> pd.DataFrame:
-    """The ITEM_COLUMNS rows of evaluated items (:class:`.evaluation.ItemResult`)."""
+    """The ITEM_COLUMNS rows of evaluated items (:class:`.evaluation.ItemResult`) but the
+    difficulty strata (:func:`ih_sweep.strata.strata_frame` adds them)."""
     return pd.DataFrame([(r.item.story_index, r.item.question_index, r.item.line,
                           r.item.examples_before, r.item.answer, r.continuation,
                           bool(r.correct), r.decided_by, r.margin, bool(r.near_tie),
-                          r.gold_logprob, r.logit_diff) for r in results], columns=ITEM_COLUMNS)
+                          r.gold_logprob, r.logit_diff) for r in results],
+                        columns=[c for c in ITEM_COLUMNS if c not in STRATA_COLUMNS])
 
 
 def _read_chunk(path: Path, chunk_items: Sequence) -> tuple[pd.DataFrame | None, str | None]:
