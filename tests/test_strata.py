@@ -3,13 +3,12 @@ test file, the per-stratum table and its figure, and the columns of a job's resu
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 from conftest import BABI, needs_babi
 
 from ih_sweep.data import Item, generate_stories, load_babi_file, make_items, parse_babi_lines
 from ih_sweep.records import STRATA_COLUMNS
-from ih_sweep.strata import bucket, item_strata, plot_strata, strata_frame, stratum_table
+from ih_sweep.strata import item_strata, strata_frame
 
 STORY = parse_babi_lines("""\
 1 Mary moved to the bathroom.
@@ -105,41 +104,3 @@ def test_the_real_qa1_test_file_has_plausible_strata():
     assert df["recency_correct"].mean() > last.mean()
     assert df["mentions"].ge(1).all() and df["mentions"].max() <= 10
     assert set(df["question_position"]) == {0, 1, 2, 3, 4}
-
-
-def _results() -> pd.DataFrame:
-    """Two jobs' results as read back from CSV (text bools, empty strata)."""
-    rows = []
-    for cond, n in (("none", 0), ("high", 16)):
-        for d in (1, 2, 3, 4, 5, 6, ""):
-            for k in range(4):
-                correct = cond == "none" or (d != "" and d <= 2 and k < 3) or k == 0
-                rows.append({"condition": cond, "n_heads": n, "correct": str(correct),
-                             "support_distance": str(d), "recency_correct":
-                             "" if d == "" else str(d == 1), "mentions": "2",
-                             "question_position": str(k), "gold_logprob": -0.5 * k})
-    return pd.DataFrame(rows)
-
-
-def test_stratum_table_buckets_and_counts():
-    table = stratum_table(_results())
-    sd = table[(table["stratum"] == "support_distance") & (table["condition"] == "high")]
-    assert sd["level"].tolist() == ["1", "2", "3", "4", "5+"]
-    assert sd["n_items"].tolist() == [4, 4, 4, 4, 8]  # 5 and 6 pooled; empties left out
-    assert sd["accuracy"].tolist() == [0.75, 0.75, 0.25, 0.25, 0.25]
-    assert sd["mean_gold_logprob"].tolist() == pytest.approx([-0.75] * 5)
-    assert "mean_logit_diff" not in table.columns
-    rc = table[(table["stratum"] == "recency_correct") & (table["condition"] == "none")]
-    assert rc.set_index("level")["n_items"].to_dict() == {"False": 20, "True": 4}
-    assert set(table["stratum"]) == set(STRATA_COLUMNS)
-    assert [bucket(v) for v in (0, 4, 5, 9, None)] == ["0", "4", "5+", "5+", None]
-
-
-def test_the_strata_figure(tmp_path):
-    """Written for a reader; tests/test_strata.py leaves it at tmp_path/strata.png (viewed
-    by eye when the figure changes)."""
-    path = plot_strata(stratum_table(_results()), tmp_path / "strata.png",
-                       title="tiny model, generated qa1")
-    assert path.is_file() and path.stat().st_size > 10_000
-    with pytest.raises(ValueError, match="empty"):
-        plot_strata(stratum_table(_results().drop(columns=STRATA_COLUMNS)), tmp_path / "x.png")
