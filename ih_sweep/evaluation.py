@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -34,12 +33,13 @@ from tqdm.auto import tqdm
 
 from .data import Item
 from .eval_attention import FastPath, fast_attention, read_at
+from .metrics import cut_at_stop, decide_partial, final_or_verdict, is_correct, stop_seen, words
 from .schema import EvalConfig, Metric, Scope, UserError
 
 log = logging.getLogger(__name__)
 
-_WORD = re.compile(r"\w+")
-__all__ = ["EvalConfig", "ItemResult", "Metric", "Scope", "evaluate", "is_correct"]
+__all__ = ["EvalConfig", "ItemResult", "Metric", "Scope", "decide_partial", "evaluate",
+           "is_correct", "words"]
 
 
 @dataclass
@@ -48,43 +48,6 @@ class ItemResult:
     continuation: str
     correct: bool
     decided_by: str  # "forward", "decode" (from the pass's cache) or "generate" (fallback)
-
-
-# --------------------------------------------------------------------------- metric (pure)
-def words(text: str) -> list[str]:
-    return _WORD.findall(text)
-
-
-def is_correct(continuation: str, answer: str, metric: str) -> bool:
-    """``contains`` (the seed's): every comma-separated part of the answer is one of the
-    ``\\w+`` words of the continuation; ``exact``: the first words equal the answer parts."""
-    parts = [p.strip() for p in answer.split(",") if p.strip()]
-    got = words(continuation)
-    if metric == Metric.contains:
-        return all(p in got for p in parts)
-    if metric == Metric.exact:
-        return got[:len(parts)] == parts
-    raise ValueError(f"eval.metric={metric!r}; allowed values: {_allowed(Metric)}")
-
-
-def _allowed(choices) -> str:
-    return ", ".join(str(c) for c in choices)
-
-
-def decide_partial(text: str, answer: str, metric: str) -> bool | None:
-    """Outcome from a known *prefix* of the greedy continuation, or None if later tokens could
-    still change it. Words followed by a non-word character can no longer change."""
-    got = words(text)
-    if text and (text[-1].isalnum() or text[-1] == "_"):
-        got = got[:-1]  # the last word may still grow
-    parts = [p.strip() for p in answer.split(",") if p.strip()]
-    if metric == Metric.contains:
-        return True if all(p in got for p in parts) else None
-    if len(got) >= len(parts):
-        return got[:len(parts)] == parts
-    if got and got != parts[:len(got)]:
-        return False
-    return None
 
 
 # --------------------------------------------------------------------------- rows
@@ -115,14 +78,14 @@ def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int
     groups = [sorted(idxs, key=lambda i: items[i].line) for idxs in by_story.values()]
     lasts = [items[g[-1]] for g in groups]
     last_ids = _encode_all(tokenizer, [it.prompt for it in lasts])
-    full_ids = _encode_all(tokenizer, [it.prompt + it.answer + "\n" for it in lasts])
+    full_ids = _encode_all(tokenizer, [it.prompt + it.target + "\n" for it in lasts])
     others = [i for g in groups for i in g[:-1]]
     other_ids = dict(zip(others, _encode_all(tokenizer, [items[i].prompt for i in others])))
     rows: list[tuple[list[int], list[_Query]]] = []
     need = max_new_tokens - 1
     for idxs, last, prompt_ids, full in zip(groups, lasts, last_ids, full_ids):
         if full[:len(prompt_ids)] != prompt_ids:
-            full = prompt_ids + _continuation(tokenizer, last.answer)
+            full = prompt_ids + _continuation(tokenizer, last.target)
         row = full[:len(prompt_ids) + need]
         queries = [_Query(idxs[-1], len(prompt_ids) - 1, row[len(prompt_ids):])]
         for i in idxs[:-1]:
@@ -130,14 +93,14 @@ def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int
             if row[:len(ids)] == ids:
                 queries.append(_Query(i, len(ids) - 1, row[len(ids):len(ids) + need]))
             else:  # tokenization differs at the boundary: the item gets its own row
-                own = ids + _continuation(tokenizer, items[i].answer)[:need]
+                own = ids + _continuation(tokenizer, items[i].target)[:need]
                 rows.append((own, [_Query(i, len(ids) - 1, own[len(ids):])]))
         rows.append((row, queries))
     return rows
 
 
-def _continuation(tokenizer, answer: str) -> list[int]:
-    return list(tokenizer(answer + "\n", add_special_tokens=False)["input_ids"])
+def _continuation(tokenizer, target: str) -> list[int]:
+    return list(tokenizer(target + "\n", add_special_tokens=False)["input_ids"])
 
 
 # --------------------------------------------------------------------------- model passes
@@ -286,13 +249,15 @@ def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
 
 @torch.no_grad()
 def continue_greedy(model, cache, width: int, starts: Sequence[tuple[int, int, list[int]]],
-                    max_new_tokens: int, eos: int | None, device) -> list[list[int]]:
+                    max_new_tokens: int, eos: int | None, device,
+                    finished: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Greedy decoding onward from the teacher-forced pass's cache, batched.
 
     ``starts``: (row in the pass, prompt end position, known greedy tokens). The cache holds
     exact key/values for the prompt and the known tokens but the last (they matched the
     teacher); later columns (other teacher tokens, padding) are masked out, and each new
-    token gets its true position id.
+    token gets its true position id. ``finished``: tokens after which a sequence needs no
+    more (a stop string generated), or None.
     """
     cache.batch_select_indices(torch.tensor([row for row, _, _ in starts], device=device))
     valid = torch.tensor([pos + len(known) for _, pos, known in starts])
@@ -303,7 +268,8 @@ def continue_greedy(model, cache, width: int, starts: Sequence[tuple[int, int, l
     arg = _cache_argument(model)
 
     def open_(t: list[int]) -> bool:
-        return len(t) < max_new_tokens and (eos is None or t[-1] != eos)
+        return len(t) < max_new_tokens and (eos is None or t[-1] != eos) and \
+            (finished is None or not finished(t))
 
     while any(open_(t) for t in tokens):
         mask = torch.cat([mask, torch.ones(len(tokens), 1, dtype=torch.long)], 1)
@@ -436,12 +402,8 @@ def _in_threads(fn, chunks: list, workers: int, bar, weight=len) -> list:
     return results
 
 
-def _final_or_verdict(text: str, toks: list[int], answer: str, settings: EvalConfig,
-                      eos: int | None) -> bool | None:
-    """Outcome from known greedy tokens, or None when later tokens could still change it."""
-    if len(toks) >= settings.max_new_tokens or (eos is not None and toks[-1] == eos):
-        return is_correct(text, answer, settings.metric)
-    return decide_partial(text, answer, settings.metric)
+def _allowed(choices) -> str:
+    return ", ".join(str(c) for c in choices)
 
 
 def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: EvalConfig,
@@ -459,16 +421,19 @@ def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: Eval
         for q in queries:
             toks = _known_greedy(argmax[q.index], q.teacher, eos)
             text = _decode(tokenizer, toks)
-            verdict = _final_or_verdict(text, toks, items[q.index].answer, settings, eos)
+            verdict = final_or_verdict(text, toks, items[q.index].target, settings, eos)
             if verdict is None:
                 pending.append((b, q.pos, toks))
                 index_of.append(q.index)
             else:
-                results[q.index] = ItemResult(items[q.index], text, verdict, "forward")
+                results[q.index] = ItemResult(items[q.index], cut_at_stop(text, settings.stop),
+                                              verdict, "forward")
     if not pending:
         return results
     if cache is not None:
-        conts = continue_greedy(model, cache, width, pending, budget, eos, device)
+        finished = (lambda t: stop_seen(_decode(tokenizer, t), settings.stop)) \
+            if settings.stop else None
+        conts = continue_greedy(model, cache, width, pending, budget, eos, device, finished)
         how = "decode"
     else:
         conts = generate_greedy(model, tokenizer, [items[i].prompt for i in index_of], budget,
@@ -476,8 +441,9 @@ def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: Eval
         how = "generate"
     for idx, toks in zip(index_of, conts):
         text = _decode(tokenizer, toks)
-        results[idx] = ItemResult(items[idx], text,
-                                  is_correct(text, items[idx].answer, settings.metric), how)
+        results[idx] = ItemResult(items[idx], cut_at_stop(text, settings.stop),
+                                  is_correct(text, items[idx].target, settings.metric,
+                                             settings.stop), how)
     return results
 
 
