@@ -63,7 +63,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
             host=platform.node(), timings={"total_s": round(time.time() - t_start, 3)})
         write_record(out_dir, record)
         return record
-    from ..data import load_stories, make_items
+    from ..data import items_for, load_stories
     from ..model_loading import load_model, model_shape
     from ..score_table import check_scores_fit, get_scores
     from ..scoring import score_matrix
@@ -81,7 +81,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     # data
     t0 = time.time()
     stories = load_stories(config.data)
-    items = make_items(stories, config.eval.scope)
+    items = items_for(config.data, config.eval, stories)
     timings["data_s"] = time.time() - t0
 
     loaded: dict[str, Any] = {}
@@ -141,7 +141,9 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
         model=config.model.name,
         quantization=config.quantization.name.value, data=plain(config.data),
         eval={"metric": config.eval.metric.value, "scope": config.eval.scope.value,
-              "max_new_tokens": config.eval.max_new_tokens},
+              "max_new_tokens": config.eval.max_new_tokens,
+              "format": config.eval.format.value, "n_shots": config.eval.n_shots,
+              "stop": list(config.eval.stop)},
         ablation=config.ablation.method.value, rank_by=config.scoring.rank_by.value,
         n_items=len(results), n_correct=n_correct,
         accuracy=n_correct / max(len(results), 1),
