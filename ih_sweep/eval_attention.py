@@ -34,9 +34,9 @@ The two parts differ in what they rely on. The AttentionInterface function is tr
 public extension point (switched to with ``set_attn_implementation``, see
 :func:`.architecture.attention_implementation`). The patched layer forwards are copies of
 transformers' Llama-family internals (decoder layer and attention forward, their keyword
-arguments, ``apply_rotary_pos_emb``): they are on only where asked (``layers=True``) or, by
-default, where the installed transformers is a version the tests cover
-(:data:`TESTED_TRANSFORMERS`); see :func:`layers_wanted`.
+arguments, ``apply_rotary_pos_emb``). Both are on, by default, only where the installed
+transformers is a release the tests cover (:data:`TESTED_TRANSFORMERS`, pyproject.toml's
+range; elsewhere the plain forward, with one line saying so); see :func:`parts_wanted`.
 """
 
 from __future__ import annotations
@@ -53,13 +53,17 @@ log = logging.getLogger(__name__)
 
 NAME = "ih_sweep_eval"
 CPU_QUERY_BLOCK = 32  # 32-64 equally fast for ~150-token rows on 2 cores; unblocked 18% slower
-# transformers (major, minor) series whose Llama-family internals the patched layer forwards
-# copy and the tests run on; keep pyproject.toml's upper bound in step
-TESTED_TRANSFORMERS = ((5, 24),)
+# The transformers releases the shortcuts are tested on: [lowest, upper) as in pyproject.toml's
+# requirement, whose bound must equal it (a test checks). CI runs the evaluator's tests on the
+# newest release below `upper` and on `lowest` (scripts/test.sh). Both parts rely on
+# transformers' internals (the AttentionInterface call's keyword arguments, the cache keyword,
+# the Llama-family layer forwards the patched ones copy), hence the gate (see parts_wanted).
+TESTED_TRANSFORMERS = ("5.0", "5.25")
 # (positions [rows, k], rows, largest position) of the pass running in this context
 _READ: ContextVar[tuple[torch.Tensor, int, int] | None] = ContextVar(
     "ih_sweep_read_positions", default=None)
 _registered = False
+_told: set[tuple[str, bool | None]] = set()  # gate lines already logged in this process
 
 
 def _register() -> None:
@@ -81,34 +85,50 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
+def tested_range() -> str:
+    """:data:`TESTED_TRANSFORMERS` as a requirement specifier, e.g. ``>=5.0,<5.25``."""
+    lowest, upper = TESTED_TRANSFORMERS
+    return f">={lowest},<{upper}"
+
+
 def _version_tested(version: str) -> bool:
+    """Whether ``version`` is a release in :data:`TESTED_TRANSFORMERS` (pre-releases and
+    development builds are not: PEP 440 specifiers exclude them)."""
+    from packaging.specifiers import SpecifierSet
     from packaging.version import InvalidVersion, Version
 
     try:
-        release = Version(version).release
+        return Version(version) in SpecifierSet(tested_range())
     except InvalidVersion:
         return False
-    return tuple(release[:2]) in TESTED_TRANSFORMERS
 
 
-def layers_wanted(requested: bool | None) -> bool:
-    """Whether the patched layer forwards go on: ``requested`` (``eval.fast_layers``) when
-    given, else (None: auto) only on a transformers version the tests cover. Off by auto
-    outside that range logs one line saying why; forced on outside it logs a warning."""
+def parts_wanted(requested: bool | None) -> tuple[bool, bool]:
+    """Which parts of the fast path go on: (the AttentionInterface function, the patched
+    layer forwards). ``requested`` is ``eval.fast_layers``.
+
+    On a transformers release in :data:`TESTED_TRANSFORMERS`: the attention part, and the
+    layers unless ``requested`` is False. Outside it: nothing unless ``requested`` is True
+    (both parts, with a warning; the evaluator's run-time check still falls back where they
+    do not match), the plain forward instead; one line says so (once per process and
+    version)."""
     version = transformers_version()
-    tested = _version_tested(version)
-    series = ", ".join(f"{a}.{b}.x" for a, b in TESTED_TRANSFORMERS)
-    if requested is None:
-        if not tested:
-            log.info("eval.fast_layers=auto: the patched layer forwards are off, transformers "
-                     "%s is not a version the tests cover (%s)", version, series)
-        return tested
-    if requested and not tested:
-        log.warning("eval.fast_layers=true on transformers %s, which the tests do not cover "
-                    "(%s): the patched layer forwards copy its internals and may not match "
-                    "them (the evaluator's run-time check falls back if they do not)",
-                    version, series)
-    return bool(requested)
+    if _version_tested(version):
+        return True, requested is not False
+    told = (version, requested) in _told
+    _told.add((version, requested))
+    if requested:
+        if not told:
+            log.warning("eval.fast_layers=true on transformers %s, which the tests do not "
+                        "cover (%s): the evaluator's shortcuts rely on its internals and may "
+                        "not match them (its run-time check falls back if they do not)",
+                        version, tested_range())
+        return True, True
+    if not told:
+        log.info("the evaluator's shortcuts are off (plain forward, slower): transformers %s "
+                 "is not a release the tests cover (%s; eval.fast_layers=true forces them)",
+                 version, tested_range())
+    return False, False
 
 
 class FastPath:
@@ -160,8 +180,8 @@ class FastPath:
 @contextmanager
 def fast_attention(model, layers: bool | None = None) -> Iterator[FastPath]:
     """Install the evaluator's attention on ``model`` while inside; yields a :class:`FastPath`
-    (true when on). ``layers``: also patch the Llama-family layer forwards (None: see
-    :func:`layers_wanted`).
+    (true when on). ``layers``: also patch the Llama-family layer forwards (``eval.fast_layers``;
+    which parts go on, by the installed transformers' version: :func:`parts_wanted`).
 
     Installed, it changes nothing by itself: only forward passes run inside
     :func:`read_at` (in the same thread) take the shortcuts; every other call gets sdpa and
@@ -176,8 +196,9 @@ def fast_attention(model, layers: bool | None = None) -> Iterator[FastPath]:
         inner.on = True
         yield inner
         return
-    fast = FastPath(model, layers_wanted(layers))
-    if previous in ("sdpa", None):
+    attention_on, layers_on = parts_wanted(layers)
+    fast = FastPath(model, layers_on)
+    if attention_on and previous in ("sdpa", None):
         fast._install()
     try:
         yield fast

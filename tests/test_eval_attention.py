@@ -8,6 +8,7 @@ import transformers as tf
 from ih_sweep import architecture, eval_attention
 from ih_sweep.architecture import attention_implementation
 from ih_sweep.eval_attention import causal, last_layer_at, read_only_at, selected_queries
+from ih_sweep.evaluation import _cache_argument
 
 V = 61
 
@@ -102,12 +103,14 @@ def test_read_positions_after_a_shared_cached_prefix(name):
     read = torch.tensor([[39, 20], [32, 9], [11, 11], [9, 30]])
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits
-        cache = tf.DynamicCache(config=model.config)
-        model(input_ids=ids[:1, :shared], cache=cache, use_cache=True)
-        cache.batch_repeat_interleave(len(ids))
+        # the forward's own keyword: `cache` from transformers 5.24, `past_key_values` before
+        # (an unknown keyword is swallowed by **kwargs: the pass would run without the cache)
+        arg = {_cache_argument(model): tf.DynamicCache(config=model.config)}
+        model(input_ids=ids[:1, :shared], use_cache=True, **arg)
+        next(iter(arg.values())).batch_repeat_interleave(len(ids))
         with read_only_at(model, read - shared):
-            got = model(input_ids=ids[:, shared:], attention_mask=mask, cache=cache,
-                        use_cache=True).logits
+            got = model(input_ids=ids[:, shared:], attention_mask=mask, use_cache=True,
+                        **arg).logits
     idx = read[:, :, None].expand(-1, -1, V)
     torch.testing.assert_close(torch.gather(got, 1, idx - shared), torch.gather(ref, 1, idx),
                                atol=2e-5, rtol=1e-4)
@@ -279,43 +282,78 @@ def test_a_model_that_cannot_switch_raises_a_clear_error_and_stays_as_it_was():
 
 
 # --------------------------------------------------------------------------- version gate
-@pytest.mark.parametrize("version, requested, patched, message", [
-    ("5.24.0", None, True, None),
-    ("5.24.3", None, True, None),
-    ("5.25.0", None, False, ("INFO", "not a version the tests cover")),
-    ("5.23.1", None, False, ("INFO", "not a version the tests cover")),
-    ("5.25.0.dev0", None, False, ("INFO", "not a version the tests cover")),
-    ("5.25.0", True, True, ("WARNING", "which the tests do not cover")),
-    ("5.24.0", False, False, None),
-    ("5.30.0", False, False, None),
+@pytest.mark.parametrize("version, requested, parts, message", [
+    ("5.24.0", None, (True, True), None),
+    ("5.24.3", None, (True, True), None),
+    ("5.0.0", None, (True, True), None),
+    ("5.17.0", False, (True, False), None),
+    ("5.25.0", None, (False, False), ("INFO", "not a release the tests cover")),
+    ("4.57.6", None, (False, False), ("INFO", "not a release the tests cover")),
+    ("5.0.0rc1", None, (False, False), ("INFO", "not a release the tests cover")),
+    ("5.25.0.dev0", None, (False, False), ("INFO", "not a release the tests cover")),
+    ("5.30.0", False, (False, False), ("INFO", "not a release the tests cover")),
+    ("5.25.0", True, (True, True), ("WARNING", "which the tests do not cover")),
 ])
-def test_patched_layers_follow_the_tested_version_range(version, requested, patched, message,
+def test_the_fast_path_follows_the_tested_version_range(version, requested, parts, message,
                                                         monkeypatch, caplog):
-    """fast_layers=None (auto): the layer patching is on only on a transformers version the
-    tests cover, else off with one line saying why; True forces it on with a warning; the
-    AttentionInterface part is on either way."""
+    """Inside the tested transformers range: the AttentionInterface part on, the layer
+    patching too unless fast_layers=false. Outside it: both off (the plain forward) with one
+    line naming the version and the range, unless fast_layers=true forces both on with a
+    warning. The line comes once per process, not once per evaluation."""
     monkeypatch.setattr(eval_attention, "transformers_version", lambda: version)
+    monkeypatch.setattr(eval_attention, "_told", set())
     model = MODELS["llama"].eval()
     last = model.model.layers[-1]
     caplog.set_level("INFO", logger="ih_sweep.eval_attention")
-    with eval_attention.fast_attention(model, requested) as fast:
-        assert fast.on and fast.layers == patched
-        assert ("forward" in vars(last)) == patched
-    assert "forward" not in vars(last)
+    for _ in range(2):
+        with eval_attention.fast_attention(model, requested) as fast:
+            assert (fast.on, fast.layers) == parts
+            assert (model.config._attn_implementation == eval_attention.NAME) == parts[0]
+            assert ("forward" in vars(last)) == parts[1]
+        assert "forward" not in vars(last) and model.config._attn_implementation == "sdpa"
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     if message is None:
         assert lines == []
     else:
         assert len(lines) == 1 and lines[0][0] == message[0] and message[1] in lines[0][1]
-        assert version in lines[0][1]
+        assert version in lines[0][1] and ">=5.0,<5.25" in lines[0][1]
+
+
+def test_outside_the_tested_range_the_evaluation_runs_the_plain_forward(tiny, monkeypatch,
+                                                                         caplog):
+    """Off by the gate, an evaluation neither installs the attention nor patches a layer, and
+    its outcomes are those of the fast path."""
+    from ih_sweep import data, evaluation
+    from ih_sweep.schema import EvalConfig
+
+    model, tok = tiny
+    items = data.make_items(data.generate_stories(6, seed=3), "all")
+    settings = EvalConfig(progress=False, batch_size=4, cpu_workers=1)
+    fast = evaluation.evaluate(model, tok, items, settings)
+    seen = []
+    real = evaluation._greedy_from_forward
+
+    def spy(model_, *args, **kwargs):
+        seen.append((model_.config._attn_implementation,
+                     "forward" in vars(model_.model.layers[-1])))
+        return real(model_, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_greedy_from_forward", spy)
+    monkeypatch.setattr(eval_attention, "transformers_version", lambda: "5.99.0")
+    monkeypatch.setattr(eval_attention, "_told", set())
+    caplog.set_level("INFO", logger="ih_sweep.eval_attention")
+    plain = evaluation.evaluate(model, tok, items, settings)
+    assert seen and set(seen) == {("sdpa", False)}
+    assert [(r.correct, r.continuation) for r in plain] == \
+        [(r.correct, r.continuation) for r in fast]
+    assert len(caplog.records) == 1 and "5.99.0" in caplog.records[0].getMessage()
 
 
 def test_the_pyproject_bound_matches_the_tested_range():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    (major, minor), = eval_attention.TESTED_TRANSFORMERS
-    assert f'"transformers>=5.0,<{major}.{minor + 1}"' in text
+    assert f'"transformers{eval_attention.tested_range()}"' in text
     assert eval_attention._version_tested(tf.__version__)  # the tests run on a tested one
 
 

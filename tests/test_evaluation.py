@@ -147,13 +147,21 @@ def _spy_batches(monkeypatch, each):
     monkeypatch.setattr(evaluation, "_evaluate_rows", spy)
 
 
+def _own_forward(module) -> bool:
+    """No instance forward, or one that is the class's own bound forward (transformers < 5.?
+    leaves that behind after an ``output_attentions`` pass: its output recorder "restores"
+    ``module.forward = original_forward``; the scoring fixture runs one)."""
+    own = vars(module).get("forward")
+    return own is None or getattr(own, "__func__", None) is type(module).forward
+
+
 def _put_back(model, threads: int) -> None:
     """Nothing of an evaluation stays on the model or in torch's settings."""
     assert torch.get_num_threads() == threads
     assert not model.get_output_embeddings()._forward_pre_hooks
     assert model.config._attn_implementation == "sdpa"
     for layer in model.model.layers:
-        assert "forward" not in vars(layer) and "forward" not in vars(layer.self_attn)
+        assert _own_forward(layer) and _own_forward(layer.self_attn)
     assert not hasattr(model, evaluation._INSTALLED)
 
 
