@@ -148,9 +148,9 @@ def _spy_batches(monkeypatch, each):
 
 
 def _own_forward(module) -> bool:
-    """No instance forward, or one that is the class's own bound forward (transformers < 5.?
-    leaves that behind after an ``output_attentions`` pass: its output recorder "restores"
-    ``module.forward = original_forward``; the scoring fixture runs one)."""
+    """No instance forward, or one that is the class's own bound forward (transformers 5.0,
+    not 5.9 on, leaves that behind after an ``output_attentions`` pass: its output recorder
+    "restores" ``module.forward = original_forward``; the scoring fixture runs one)."""
     own = vars(module).get("forward")
     return own is None or getattr(own, "__func__", None) is type(module).forward
 
