@@ -735,7 +735,71 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=
     decoded = sum(r.decided_by != "forward" for r in results.values())
     log.info("evaluated %d items in %.1f s (%d decoded past the teacher-forced pass)",
              len(items), time.time() - t0, decoded)
-    return [results[i] for i in range(len(items))]
+    # the model's own generation settings (tfrange, #22 item 3): where they change greedy
+    # output, the outcomes are generate's, one item at a time (see _by_model_generate)
+    return _by_model_generate(model, tokenizer, [results[i] for i in range(len(items))],
+                              settings)
+
+
+# the generation-config lines logged in this process, by model (each line once per model)
+_TOLD_GENERATION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _by_model_generate(model, tokenizer, results: list[ItemResult], settings: EvalConfig
+                       ) -> list[ItemResult]:
+    """``results`` (the fast path's) where the model's generation config changes nothing
+    that greedy decoding returns; else each item's outcome by ``model.generate`` on its
+    prompt alone with that config (the notebook's method, exact by construction; slower):
+    continuation, correctness, ``decided_by="generate"``, and ``margin``/``near_tie`` from
+    generate's scores (the logits after its processors, those the greedy choice is made
+    from), up to the deciding step. ``gold_logprob`` and ``logit_diff`` stay the forward
+    pass's (they are read off the model's own distribution, before any processor).
+
+    Which settings count: :mod:`.generation_settings`. Decoding modes other than greedy
+    search in the config (sampling, beams, ...) are overridden: the tool evaluates
+    greedily by design. One log line per model says which settings were found."""
+    from dataclasses import replace
+
+    from . import generation_settings as gs
+
+    config = getattr(model, "generation_config", None)
+    eos = tokenizer.eos_token_id
+    changing, ignored = gs.greedy_changing(config, eos), gs.not_greedy(config)
+    told = _TOLD_GENERATION.setdefault(model, set())
+    lines = []
+    if ignored:
+        lines.append(f"the model's generation config asks for {gs.describe(ignored)}: the "
+                     "tool evaluates greedily by design (do_sample=False, num_beams=1)")
+    if changing and results:
+        lines.append(f"the model's generation config sets {gs.describe(changing)}, which "
+                     "changes greedy output: items are evaluated by model.generate with it, "
+                     "one at a time (exact, slower than the fast path)")
+    for line in lines:
+        if line not in told:
+            log.warning("%s", line)
+            told.add(line)
+    if not changing or not results:
+        return results
+    device = _device(model)
+    tolerance = near_tie_tolerance(model)
+    greedy = gs.greedy_config(config, settings.max_new_tokens, _pad_id(tokenizer))
+    out = []
+    for r in tqdm(results, desc="generate", unit="item", disable=not settings.progress,
+                  leave=False):
+        ids = torch.tensor([_encode(tokenizer, r.item.prompt)], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             generation_config=greedy, tokenizer=tokenizer)
+        steps = _step_stats(torch.stack(gen.scores, 1))[0].cpu().tolist()
+        toks = _cut_at_eos(gen.sequences[0, ids.shape[1]:].tolist(), eos)
+        text = _decode(tokenizer, toks)
+        decided = _deciding_length(tokenizer, toks, r.item.answer, settings, eos)
+        gaps, tops = [s[1] for s in steps[:decided]], [s[2] for s in steps[:decided]]
+        out.append(replace(r, continuation=text, decided_by="generate",
+                           correct=is_correct(text, r.item.answer, settings.metric),
+                           margin=min(gaps, default=math.nan),
+                           near_tie=near_tie(gaps, tops, tolerance)))
+    return out
 
 
 # --------------------------------------------------------------------------- run-time check
