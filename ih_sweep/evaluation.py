@@ -789,17 +789,37 @@ def _by_model_generate(model, tokenizer, results: list[ItemResult], settings: Ev
                   leave=False):
         ids = torch.tensor([_encode(tokenizer, r.item.prompt)], device=device)
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             generation_config=greedy, tokenizer=tokenizer)
+                             generation_config=greedy, tokenizer=tokenizer,
+                             stopping_criteria=_stop_criteria(tokenizer, ids.shape[1],
+                                                              settings.stop))
         steps = _step_stats(torch.stack(gen.scores, 1))[0].cpu().tolist()
         toks = _cut_at_eos(gen.sequences[0, ids.shape[1]:].tolist(), eos)
-        text = _decode(tokenizer, toks)
-        decided = _deciding_length(tokenizer, toks, r.item.answer, settings, eos)
+        text, answer = _decode(tokenizer, toks), r.item.target
+        decided = _deciding_length(tokenizer, toks, answer, settings, eos)
         gaps, tops = [s[1] for s in steps[:decided]], [s[2] for s in steps[:decided]]
-        out.append(replace(r, continuation=text, decided_by="generate",
-                           correct=is_correct(text, r.item.answer, settings.metric),
+        out.append(replace(r, continuation=cut_at_stop(text, settings.stop),
+                           decided_by="generate",
+                           correct=is_correct(text, answer, settings.metric, settings.stop),
                            margin=min(gaps, default=math.nan),
                            near_tie=near_tie(gaps, tops, tolerance)))
     return out
+
+
+def _stop_criteria(tokenizer, start: int, stop: Sequence[str]):
+    """``generate`` ends once the decoded new text (after ``start``) holds one of the tool's
+    stop strings (``eval.stop``) that later tokens cannot change (:func:`.metrics.stop_seen`:
+    the cut is then the same as after the whole budget); None without stop strings."""
+    if not stop:
+        return None
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Seen(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = stop_seen(_decode(tokenizer, input_ids[0, start:].tolist()), stop)
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool,
+                              device=input_ids.device)
+
+    return StoppingCriteriaList([_Seen()])
 
 
 # --------------------------------------------------------------------------- run-time check

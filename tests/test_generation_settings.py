@@ -242,6 +242,26 @@ def test_generation_config_file_is_read(tiny, tmp_path, caplog):
     assert [r.continuation for r in got] == _generate_each(loaded, ltok, items)
 
 
+def test_a_routed_format_with_stop_strings_gives_generates_outcomes(tiny, monkeypatch):
+    """HELM's prompt, 5 tokens, cut at a newline, quasi-exact: routed outcomes and the cut
+    continuations are those of generate (with the model's repetition penalty) stopped and
+    cut the same way."""
+    from ih_sweep.schema import DataConfig
+    from ih_sweep.testing import generate_one_at_a_time
+
+    model, tok = tiny
+    helm = EvalConfig(format="helm", metric="quasi_exact", scope="all", max_new_tokens=5,
+                      n_shots=2, stop=["\n"], progress=False, batch_size=8, cpu_workers=1)
+    items = data.items_for(DataConfig(n_stories=4, seed=77), helm)[:20]
+    _with(model, monkeypatch, repetition_penalty=1.3)
+    got = evaluate(model, tok, items, helm)
+    ref = [generate_one_at_a_time(model, tok, it, 5, helm.stop) for it in items]
+    assert [r.continuation for r in got] == ref
+    assert [r.correct for r in got] == [is_correct(c, it.target, "quasi_exact", helm.stop)
+                                        for c, it in zip(ref, items)]
+    assert {r.decided_by for r in got} == {"generate"}
+
+
 def test_margins_are_generates_processed_scores(tiny, monkeypatch):
     """margin: the smallest top-1 minus top-2 gap of generate's scores (after its
     processors) over the steps up to the deciding one."""
