@@ -76,7 +76,7 @@ def test_evaluation_teacher_forced_pass_and_outcomes(model_tok):
         record: dict[int, torch.Tensor] = {}
         token = evaluation._RECORD.set(record)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), evaluation.installed(model):  # logits at the read positions
                 evaluation._greedy_from_forward(model, batch, pad, 3, torch.device("cpu"))
         finally:
             evaluation._RECORD.reset(token)
@@ -101,7 +101,11 @@ def test_evaluation_generate_fallback(model_tok):
     prompts = [it.prompt for it in ITEMS]
     cpu = torch.device("cpu")
     one = [evaluation.generate_greedy(model, tok, [p], 3, cpu)[0] for p in prompts]
-    assert evaluation.generate_greedy(model, tok, prompts, 3, cpu) == one
+    many = evaluation.generate_greedy(model, tok, prompts, 3, cpu)
+    assert [toks for toks, _, _ in many] == [toks for toks, _, _ in one]
+    for (_, gaps, tops), (_, gaps1, tops1) in zip(many, one):  # each step's logit gap, top
+        torch.testing.assert_close(torch.tensor([gaps, tops]), torch.tensor([gaps1, tops1]),
+                                   **TOL)
 
 
 def test_scan(model_tok):
