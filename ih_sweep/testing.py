@@ -124,13 +124,16 @@ def scan_by_full_reruns(model, probes: dict[str, Probe],
 @torch.no_grad()
 def generate_one_at_a_time(model, tokenizer, item, max_new_tokens: int = 3) -> str:
     """The notebook's method for one item: ``model.generate`` on the prompt alone, greedy
-    (the reference the evaluator's outcomes must equal)."""
+    (the reference the evaluator's outcomes must equal). Its one row holds the item's story
+    (:func:`ih_sweep.ablation.sequence_keys`, for resample ablation)."""
+    from .ablation import sequence_keys
     from .evaluation import _cut_at_eos, _decode, _device, _encode, _pad_id
 
     device = _device(model)
     enc = torch.tensor([_encode(tokenizer, item.prompt)], device=device)
-    out = model.generate(enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         pad_token_id=_pad_id(tokenizer), temperature=None, top_p=None,
-                         top_k=None)
+    with sequence_keys([item.story_index]):
+        out = model.generate(enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=_pad_id(tokenizer), temperature=None,
+                             top_p=None, top_k=None)
     return _decode(tokenizer, _cut_at_eos(out[0, enc.shape[1]:].tolist(),
                                           tokenizer.eos_token_id))
