@@ -368,7 +368,7 @@ def position_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> Positio
             mask = batch["attention_mask"]
             pos = positions_from_mask(mask)
             current[:] = [(mask, pos)]
-            model(**batch, position_ids=pos, use_cache=False)
+            model(**batch, position_ids=pos, use_cache=False, logits_to_keep=1)
             p = pos[mask.bool()].cpu()
             c = torch.bincount(p, minlength=int(p.max()) + 1 if p.numel() else 0)
             if c.numel() > counts.numel():
@@ -459,7 +459,8 @@ def resample_donors(model, tokenizer, texts: Mapping[int, str],
             mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in chunk])
             current[:] = [slice(start, start + len(chunk))]
             model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                  position_ids=positions_from_mask(mask).to(device), use_cache=False)
+                  position_ids=positions_from_mask(mask).to(device), use_cache=False,
+                  logits_to_keep=1)  # only the heads' outputs are read
     lengths = torch.tensor([len(e) for e in encoded])
     for layer, v in values.items():  # pads' outputs are never read: zero them for clarity
         valid = torch.arange(longest, device=v.device)[None, :] < lengths.to(v.device)[:, None]

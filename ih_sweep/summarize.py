@@ -463,10 +463,11 @@ def _ablation_families(groups: list[Group]) -> list[tuple[str, list[tuple[str, G
         if len(members) < 2:
             continue
         keys = sorted(set().union(*(a for a, _ in members)) - {"method"})
-        differ = [k for k in keys if len({str(a.get(k)) for a, _ in members}) > 1]
+        # settings that differ where set (resample's seed is absent from other methods')
+        differ = [k for k in keys if len({str(a[k]) for a, _ in members if k in a}) > 1]
         labelled = []
         for ablation, g in members:
-            extra = ", ".join(f"{k}={ablation.get(k)}" for k in differ)
+            extra = ", ".join(f"{k}={ablation[k]}" for k in differ if k in ablation)
             labelled.append((str(ablation["method"]) + (f" ({extra})" if extra else ""), g))
         out.append((_ABLATION_KEY.sub("", members[0][1].name), labelled))
     return out

@@ -264,8 +264,8 @@ def ablation_fill(config: Config, model, tokenizer, items: Sequence,
     donors = resample_donors(model, tokenizer, texts, heads, config.ablation.seed, means,
                              needed)
     past = {k: n for k, n in donors.past_end.items() if n}
-    log.info("resample ablation: donors drawn with ablation.seed=%d among %d stories; %d "
-             "stories are fed up to %d positions past their donor's text (those get the "
+    log.info("resample ablation: donors drawn with ablation.seed=%d among %d stories; %d of "
+             "them feed positions past their donor's text (at most %d; those get the "
              "position-wise mean)", config.ablation.seed, len(texts), len(past),
              max(past.values(), default=0))
     return donors
