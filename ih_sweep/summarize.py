@@ -875,7 +875,7 @@ def section_tables(g: pd.DataFrame, latex: bool = False
 
 def markdown_table(table: pd.DataFrame) -> str:
     """A display table as GitHub markdown: text left, numbers right, no reparsing."""
-    align = ["left" if c in ("condition",) else "right" for c in table.columns]
+    align = ["left" if c in ("condition", "ablation") else "right" for c in table.columns]
     return table.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
