@@ -29,10 +29,9 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import re
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -45,12 +44,13 @@ from .ablation import row_dependent, sequence_keys
 from .batching import eval_batch_rows
 from .data import Item
 from .eval_attention import FastPath, fast_attention, read_at
+from .metrics import cut_at_stop, decide_partial, final_or_verdict, is_correct, stop_seen, words
 from .schema import EvalConfig, Metric, Scope, UserError
 
 log = logging.getLogger(__name__)
 
-_WORD = re.compile(r"\w+")
-__all__ = ["EvalConfig", "ItemResult", "Metric", "Scope", "evaluate", "is_correct"]
+__all__ = ["EvalConfig", "ItemResult", "Metric", "Scope", "decide_partial", "evaluate",
+           "is_correct", "words"]
 
 
 @dataclass
@@ -67,43 +67,6 @@ class ItemResult:
     near_tie: bool = False  # some step up to the deciding one is a near-tie (see margins)
     gold_logprob: float = math.nan  # nats: sum of log p(gold answer token) given the prompt
     logit_diff: float = math.nan  # gold first-token logit minus the best other candidate's
-
-
-# --------------------------------------------------------------------------- metric (pure)
-def words(text: str) -> list[str]:
-    return _WORD.findall(text)
-
-
-def is_correct(continuation: str, answer: str, metric: str) -> bool:
-    """``contains`` (the seed's): every comma-separated part of the answer is one of the
-    ``\\w+`` words of the continuation; ``exact``: the first words equal the answer parts."""
-    parts = [p.strip() for p in answer.split(",") if p.strip()]
-    got = words(continuation)
-    if metric == Metric.contains:
-        return all(p in got for p in parts)
-    if metric == Metric.exact:
-        return got[:len(parts)] == parts
-    raise ValueError(f"eval.metric={metric!r}; allowed values: {_allowed(Metric)}")
-
-
-def _allowed(choices) -> str:
-    return ", ".join(str(c) for c in choices)
-
-
-def decide_partial(text: str, answer: str, metric: str) -> bool | None:
-    """Outcome from a known *prefix* of the greedy continuation, or None if later tokens could
-    still change it. Words followed by a non-word character can no longer change."""
-    got = words(text)
-    if text and (text[-1].isalnum() or text[-1] == "_"):
-        got = got[:-1]  # the last word may still grow
-    parts = [p.strip() for p in answer.split(",") if p.strip()]
-    if metric == Metric.contains:
-        return True if all(p in got for p in parts) else None
-    if len(got) >= len(parts):
-        return got[:len(parts)] == parts
-    if got and got != parts[:len(got)]:
-        return False
-    return None
 
 
 # --------------------------------------------------------------------------- rows
@@ -186,18 +149,19 @@ def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int,
     ``max_new_tokens``) and every gold answer token's position, so a row reaches as far as
     the longer of the two. ``candidates``: the answers whose first tokens ``logit_diff``
     compares with the gold's (None: the items' distinct answers)."""
-    if candidates is None:
-        candidates = sorted({it.answer for it in items})
+    lead = items[0].lead if items else ""  # the format's, the same for every item
+    candidates = sorted({lead + c for c in (candidates if candidates is not None
+                                            else {it.answer for it in items})})
     tails = [_tail(it.prompt) for it in items]
     known = answer_tokens(tokenizer, sorted(set(tails)),
-                          sorted(set(candidates) | {it.answer for it in items}))
+                          sorted(set(candidates) | {it.target for it in items}))
     firsts: dict[str, set[int]] = {}
     for t in set(tails):
         firsts[t] = {known[t, c][0][0] for c in candidates if known[t, c][0]}
 
     def gold(i: int) -> tuple[list[int], list[int], list[int]]:
         """(continuation, answer tokens, other candidates' first tokens) of item i."""
-        cont, n = known[tails[i], items[i].answer]
+        cont, n = known[tails[i], items[i].target]
         answer = cont[:n]
         others = sorted(firsts[tails[i]] - {answer[0]}) if answer else []
         return cont, answer, others
@@ -208,7 +172,7 @@ def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int,
     groups = [sorted(idxs, key=lambda i: items[i].line) for idxs in by_story.values()]
     lasts = [items[g[-1]] for g in groups]
     last_ids = _encode_all(tokenizer, [it.prompt for it in lasts])
-    full_ids = _encode_all(tokenizer, [it.prompt + it.answer + "\n" for it in lasts])
+    full_ids = _encode_all(tokenizer, [it.prompt + it.target + "\n" for it in lasts])
     others_ = [i for g in groups for i in g[:-1]]
     other_ids = dict(zip(others_, _encode_all(tokenizer, [items[i].prompt for i in others_])))
     rows: list[tuple[list[int], list[_Query]]] = []
@@ -221,7 +185,7 @@ def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int,
         cont, answer, others = gold(idxs[-1])
         p = len(prompt_ids)
         if full[:p] != prompt_ids:
-            full = prompt_ids + _continuation(tokenizer, last.answer)
+            full = prompt_ids + _continuation(tokenizer, last.target)
         if full[p:p + len(answer)] != answer:  # the answer tokenizes otherwise in context
             full = prompt_ids + cont
         row = full[:p + extent(answer)]
@@ -241,8 +205,8 @@ def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int,
     return rows
 
 
-def _continuation(tokenizer, answer: str) -> list[int]:
-    return list(tokenizer(answer + "\n", add_special_tokens=False)["input_ids"])
+def _continuation(tokenizer, target: str) -> list[int]:
+    return list(tokenizer(target + "\n", add_special_tokens=False)["input_ids"])
 
 
 # --------------------------------------------------------------------------- model passes
@@ -437,7 +401,8 @@ def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
 
 @torch.no_grad()
 def continue_greedy(model, cache, width: int, starts: Sequence[tuple[int, int, list[int]]],
-                    max_new_tokens: int, eos: int | None, device
+                    max_new_tokens: int, eos: int | None, device,
+                    finished: Callable[[list[int]], bool] | None = None
                     ) -> list[tuple[list[int], list[float], list[float]]]:
     """Greedy decoding onward from the teacher-forced pass's cache, batched.
 
@@ -447,7 +412,8 @@ def continue_greedy(model, cache, width: int, starts: Sequence[tuple[int, int, l
     token gets its true position id. Returns, per start, the new tokens (after the known
     ones) with each step's top-1 minus top-2 logit gap and top-1 logit. The mask and the
     positions are allocated once on the device and updated in place; each step copies its
-    (token, gap, top) triples to the host once.
+    (token, gap, top) triples to the host once. ``finished``: whether a start's known plus
+    new tokens need no more (a stop string generated), or None.
     """
     steps = max_new_tokens - min(len(known) for _, _, known in starts)
     host = torch.tensor([[row, pos + len(known), known[-1]] for row, pos, known in starts])
@@ -462,7 +428,8 @@ def continue_greedy(model, cache, width: int, starts: Sequence[tuple[int, int, l
 
     def open_(j: int) -> bool:
         last = new[j][0][-1] if new[j][0] else starts[j][2][-1]
-        return lengths[j] < max_new_tokens and (eos is None or last != eos)
+        return lengths[j] < max_new_tokens and (eos is None or last != eos) and \
+            (finished is None or not finished(starts[j][2] + new[j][0]))
 
     step = 0
     while any(open_(j) for j in range(len(starts))):
@@ -612,22 +579,18 @@ def _in_threads(fn, chunks: list, workers: int, bar, weight=len) -> list:
     return results
 
 
-def _final_or_verdict(text: str, toks: list[int], answer: str, settings: EvalConfig,
-                      eos: int | None) -> bool | None:
-    """Outcome from known greedy tokens, or None when later tokens could still change it."""
-    if len(toks) >= settings.max_new_tokens or (eos is not None and toks[-1] == eos):
-        return is_correct(text, answer, settings.metric)
-    return decide_partial(text, answer, settings.metric)
+def _allowed(choices) -> str:
+    return ", ".join(str(c) for c in choices)
 
 
 def _deciding_length(tokenizer, toks: list[int], answer: str, settings: EvalConfig,
                      eos: int | None) -> int:
     """How many of the greedy tokens ``toks`` decided the item: the shortest prefix after
-    which the metric's outcome can no longer change (:func:`_final_or_verdict` on growing
+    which the metric's outcome can no longer change (:func:`.metrics.final_or_verdict` on growing
     prefixes); all of them when no shorter prefix does."""
     for n in range(1, len(toks)):
         head = toks[:n]
-        if _final_or_verdict(_decode(tokenizer, head), head, answer, settings, eos) is not None:
+        if final_or_verdict(_decode(tokenizer, head), head, answer, settings, eos) is not None:
             return n
     return len(toks)
 
@@ -656,22 +619,25 @@ def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: Eval
     index_of: list[int] = []
     for b, (_, queries) in enumerate(rows):
         for q in queries:
-            read, answer = reads[q.index], items[q.index].answer
+            read, answer = reads[q.index], items[q.index].target
             toks = _known_greedy(read.argmax, q.teacher, eos)
             text = _decode(tokenizer, toks)
-            verdict = _final_or_verdict(text, toks, answer, settings, eos)
+            verdict = final_or_verdict(text, toks, answer, settings, eos)
             if verdict is None:
                 pending.append((b, q.pos, toks))
                 index_of.append(q.index)
             else:
                 decided = _deciding_length(tokenizer, toks, answer, settings, eos)
-                results[q.index] = _result(items[q.index], text, verdict, "forward",
+                results[q.index] = _result(items[q.index], cut_at_stop(text, settings.stop),
+                                           verdict, "forward",
                                            (read.gap, read.top), decided, read, tolerance)
     if not pending:
         return results
     if cache is not None:
+        finished = (lambda t: stop_seen(_decode(tokenizer, t), settings.stop)) \
+            if settings.stop else None
         with sequence_keys([rows[b][1][0].story for b, _, _ in pending]):
-            new = continue_greedy(model, cache, width, pending, budget, eos, device)
+            new = continue_greedy(model, cache, width, pending, budget, eos, device, finished)
         conts = []
         for (_, _, known), (toks, gaps, tops) in zip(pending, new):
             read = reads[index_of[len(conts)]]
@@ -684,10 +650,11 @@ def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: Eval
                                     budget, device)
         how = "generate"
     for idx, (toks, gaps, tops) in zip(index_of, conts):
-        text, answer = _decode(tokenizer, toks), items[idx].answer
+        text, answer = _decode(tokenizer, toks), items[idx].target
         decided = _deciding_length(tokenizer, toks, answer, settings, eos)
-        results[idx] = _result(items[idx], text, is_correct(text, answer, settings.metric),
-                               how, (gaps, tops), decided, reads[idx], tolerance)
+        correct = is_correct(text, answer, settings.metric, settings.stop)
+        results[idx] = _result(items[idx], cut_at_stop(text, settings.stop), correct, how,
+                               (gaps, tops), decided, reads[idx], tolerance)
     return results
 
 

@@ -30,6 +30,15 @@ logit_diff       logits, at the answer's first position: the gold answer's first
                  the best other candidate answer's first token; candidates: the distinct gold
                  answers of the job's items; candidates whose first token is the gold's are
                  not "other" (empty when none is left: no candidate to compare with)
+support_distance statements back from the question to its latest supporting fact (1 = the
+                 statement just before it; questions are not statements); empty when the
+                 story names no supporting fact (:mod:`ih_sweep.strata`)
+recency_correct  whether the location in the last statement before the question (the most
+                 recent location of anyone) is the gold answer; empty unless the question is
+                 ``Where is <Name>?`` and that statement is a bAbI task-1 move
+mentions         statements before the question that name the asked person (a capitalized
+                 word of the question); empty when the question names no single person
+question_position  0-based index of the question among the story's questions
 n_heads, condition, control_seed   the job's ablation
 model, quantization                ``model.name``, ``quantization.name``
 data, babi_task, split             ``data.name``, ``data.task``, ``data.split`` (generated
@@ -58,9 +67,10 @@ from .io_utils import atomic_write, read_json, write_json
 
 log = logging.getLogger(__name__)
 
+STRATA_COLUMNS = ["support_distance", "recency_correct", "mentions", "question_position"]
 ITEM_COLUMNS = ["story", "question_index", "line", "examples_before", "answer",
                 "continuation", "correct", "decided_by", "margin", "near_tie", "gold_logprob",
-                "logit_diff"]
+                "logit_diff", *STRATA_COLUMNS]
 JOB_COLUMNS = ["n_heads", "condition", "control_seed", "model", "quantization", "data",
                "babi_task", "split", "metric", "scope", "ablation"]
 RESULT_COLUMNS = ITEM_COLUMNS + JOB_COLUMNS
@@ -102,6 +112,10 @@ class EvaluationRecord:
     host: str = field(default_factory=platform.node)
     status: str = COMPLETE
     job: str = "evaluate"
+    # the mechanism check (ih_sweep.mechanism.mechanism_check): repeat_loss,
+    # repeat_loss_unablated, icl_score, icl_score_unablated (nats), positions and settings;
+    # empty with mechanism.enabled=false
+    mechanism: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

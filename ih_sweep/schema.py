@@ -105,8 +105,20 @@ class Split(Choice):
 
 
 class Metric(Choice):
-    contains = "contains"  # the notebook's: every answer part is a word of the continuation
-    exact = "exact"  # the first words are the answer
+    """How a continuation is scored (:mod:`ih_sweep.metrics` defines each)."""
+
+    contains = "contains"  # the notebook's: every answer word is a word of the continuation
+    exact = "exact"  # the first words are the answer's words
+    quasi_exact = "quasi_exact"  # HELM's quasi_exact_match: equal after HELM's normalize_text
+    verbatim = "verbatim"  # lm-eval's exact_match: equal character for character, no changes
+
+
+class PromptFormat(Choice):
+    """How a question is put to the model (:mod:`ih_sweep.data` builds each)."""
+
+    notebook = "notebook"  # the notebook's header and story, earlier answers shown
+    helm = "helm"  # HELM babi_qa: Passage/Question/Answer blocks, fixed in-context demos
+    lm_eval = "lm_eval"  # lm-evaluation-harness babi: the same blocks, demos per question
 
 
 class Scope(Choice):
@@ -181,6 +193,11 @@ class EvalConfig:
     metric: Metric = Metric.contains
     scope: Scope = Scope.last
     max_new_tokens: int = 3
+    format: PromptFormat = PromptFormat.notebook  # the prompt (ih_sweep.data)
+    n_shots: int = 0  # helm, lm_eval: answered demo questions before the asked one
+    demo_seed: int = 0  # helm, lm_eval: seed of the demo draw (HELM: 0, lm-eval: 1234)
+    # the continuation is cut at the first of these before it is scored ([]: never cut)
+    stop: list[str] = field(default_factory=list)
     # rows a batch; auto: 32 on CPU, on CUDA what the free memory holds (ih_sweep.batching)
     batch_size: int | str = field(default="auto", metadata=SPEED)
     cpu_workers: int | str = field(default="auto", metadata=SPEED)
@@ -223,6 +240,24 @@ class AblationConfig:
     # mean, position_mean (and resample past a donor's end): prompts the means are taken over
     n_reference: int = 64
     seed: int = 0  # resample: the draw of each story's donor story (ignored otherwise)
+
+
+@dataclass
+class MechanismConfig:
+    """The evaluate job's mechanism check (:mod:`ih_sweep.mechanism`): repeat loss and ICL
+    score with the job's heads ablated and without, written to job.json."""
+
+    enabled: bool = True
+    n_sequences: int = 16  # repeated random sequences, [BOS] + R x repeats
+    seq_len: int = 25
+    repeats: int = 2  # R + R: the loss on the repeated half
+    seed: int = 1000  # apart from scoring's seeds (seed, seed + 1): not the ranked sequences
+    exclude_frequent_frac: float = 0.0  # as scoring's: BPE vocabularies' lowest ids
+    exclude_rare_frac: float = 0.0  # ... and highest
+    n_texts: int = 64  # stories of the job's data whose text gives the ICL score
+    icl_window: int | None = None  # tokens averaged at each ICL position (null: 1/10 of the
+    # text; 1: Olsson et al.'s single tokens)
+    batch_size: int = field(default=32, metadata=SPEED)
 
 
 @dataclass
@@ -288,6 +323,7 @@ class Config:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mechanism: MechanismConfig = field(default_factory=MechanismConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     # the tiny model's recipe does not change what an evaluation or scan computes
     train: TrainConfig = field(default_factory=TrainConfig, metadata=SPEED)
@@ -412,6 +448,8 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
     for group in ("paths", "train"):
         if not container.get(group):
             container.pop(group, None)
+    if container.get("mechanism", {}).get("enabled") is False:  # its settings change nothing
+        container["mechanism"] = {"enabled": False}
     return container
 
 
@@ -474,6 +512,16 @@ def check(cfg: Config) -> None:
         _need(data.lang in LANGS, "data.lang", data.lang, f"allowed: {', '.join(LANGS)}")
     ev = cfg.eval
     _at_least("eval.max_new_tokens", ev.max_new_tokens, 1)
+    _at_least("eval.n_shots", ev.n_shots, 0)
+    _at_least("eval.demo_seed", ev.demo_seed, 0)
+    _need(ev.format != PromptFormat.notebook or ev.n_shots == 0, "eval.n_shots", ev.n_shots,
+          "eval.format=notebook shows a story's earlier questions instead of demos; allowed: 0 "
+          "(demos: eval=helm or eval=lm_eval)")
+    _need(all(ev.stop), "eval.stop", list(ev.stop), "allowed: a list of non-empty strings")
+    clash = _overlapping_stops(list(ev.stop))
+    _need(clash is None, "eval.stop", list(ev.stop),
+          f"{clash}: the cut would then depend on the order of the list; allowed: stop strings "
+          "none of which can overlap another")
     _auto_or_at_least("eval.batch_size", ev.batch_size)
     _at_least("eval.checkpoint_items", ev.checkpoint_items, 1)
     workers = ev.cpu_workers
@@ -503,6 +551,18 @@ def check(cfg: Config) -> None:
     _need(method != AblationMethod.resample or data.n_stories is None or data.n_stories >= 2,
           "ablation.method", method.value, f"resample needs donor stories: data.n_stories="
           f"{data.n_stories} leaves none (at least 2)")
+    mech = cfg.mechanism
+    for key in ("n_sequences", "seq_len", "n_texts", "batch_size"):
+        _at_least(f"mechanism.{key}", getattr(mech, key), 1)
+    _at_least("mechanism.repeats", mech.repeats, 2)
+    if mech.icl_window is not None:
+        _at_least("mechanism.icl_window", mech.icl_window, 1)
+    for key in ("exclude_frequent_frac", "exclude_rare_frac"):
+        value = getattr(mech, key)
+        _need(0 <= value < 1, f"mechanism.{key}", value, "allowed: 0 <= value < 1")
+    _need(mech.exclude_frequent_frac + mech.exclude_rare_frac < 1,
+          "mechanism.exclude_rare_frac", mech.exclude_rare_frac,
+          "allowed: exclude_frequent_frac + exclude_rare_frac < 1")
     scan = cfg.scan
     for key in ("n_stories", "repeat_sequences"):
         _at_least(f"scan.{key}", getattr(scan, key), 1)
@@ -538,6 +598,22 @@ def check(cfg: Config) -> None:
         _need(getattr(tr, key) >= 0, f"train.{key}", getattr(tr, key), "allowed: >= 0")
     _need(bool(tr.out_dir.strip()), "train.out_dir", tr.out_dir,
           "allowed: a folder for the trained model (new, or one holding a tiny model)")
+
+
+def _overlapping_stops(stops: list[str]) -> str | None:
+    """Why two stop strings could overlap in a text, or None. Where none can (no string
+    contains another, no proper suffix of one begins another), cutting at the earliest
+    occurrence of any equals HELM's and lm-eval's cut, one string after the other in list
+    order (helm ``clients/client.py`` truncate_sequence, lm-eval ``models/utils.py``
+    postprocess_generated_text), which :mod:`ih_sweep.metrics` relies on."""
+    for a in stops:
+        for b in stops:
+            if a != b and a in b:
+                return f"{a!r} is part of {b!r}"
+            for x in range(1, len(b)):
+                if a != b and (a.startswith(b[x:]) or b[x:].startswith(a)):
+                    return f"the end of {b!r} can begin {a!r}"
+    return None
 
 
 def _unknown_keys(node: DictConfig, cls: type, prefix: str = "") -> list[str]:

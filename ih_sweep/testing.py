@@ -122,18 +122,38 @@ def scan_by_full_reruns(model, probes: dict[str, Probe],
 
 
 @torch.no_grad()
-def generate_one_at_a_time(model, tokenizer, item, max_new_tokens: int = 3) -> str:
+def generate_one_at_a_time(model, tokenizer, item, max_new_tokens: int = 3,
+                           stop: Sequence[str] = ()) -> str:
     """The notebook's method for one item: ``model.generate`` on the prompt alone, greedy
-    (the reference the evaluator's outcomes must equal). Its one row holds the item's story
-    (:func:`ih_sweep.ablation.sequence_keys`, for resample ablation)."""
+    (the reference the evaluator's outcomes must equal). With ``stop``, generation ends once
+    the decoded new text holds a stop string, and the text is cut before it, one string after
+    the other as lm-eval's ``postprocess_generated_text`` does (``text.split(s)[0]``).
+    (transformers' own ``stop_strings`` cannot read a word-level vocabulary such as the tiny
+    model's: its ``StopStringCriteria`` looks for a probe text the tokenizer maps to [UNK].)
+    Its one row holds the item's story (:func:`ih_sweep.ablation.sequence_keys`, for
+    resample ablation)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
     from .ablation import sequence_keys
     from .evaluation import _cut_at_eos, _decode, _device, _encode, _pad_id
 
     device = _device(model)
     enc = torch.tensor([_encode(tokenizer, item.prompt)], device=device)
+    start = enc.shape[1]
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            text = _decode(tokenizer, input_ids[0, start:].tolist())
+            done = any(s in text for s in stop)
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool,
+                              device=input_ids.device)
+
+    criteria = StoppingCriteriaList([StopAfter()]) if stop else None
     with sequence_keys([item.story_index]):
         out = model.generate(enc, max_new_tokens=max_new_tokens, do_sample=False,
                              num_beams=1, pad_token_id=_pad_id(tokenizer), temperature=None,
-                             top_p=None, top_k=None)
-    return _decode(tokenizer, _cut_at_eos(out[0, enc.shape[1]:].tolist(),
-                                          tokenizer.eos_token_id))
+                             top_p=None, top_k=None, stopping_criteria=criteria)
+    text = _decode(tokenizer, _cut_at_eos(out[0, start:].tolist(), tokenizer.eos_token_id))
+    for s in stop:
+        text = text.split(s)[0]
+    return text

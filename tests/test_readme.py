@@ -1,8 +1,11 @@
-"""The README's result table is what its command prints: the command is run as written (its
-output folders moved to a temporary place) and every number of the table is compared."""
+"""The README's result tables are what its command prints and writes: the command is run as
+written (its output folders moved to a temporary place); every number of the accuracy table
+is compared with the console, and every number of the tables marked ``<!-- summary.md:
+<heading> -->`` with the table under that heading in the run's summary.md."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -29,6 +32,44 @@ def _readme_table() -> dict[tuple[str, str], str]:
                 cells[(parts[0], condition)] = cell
     assert len(cells) == 9
     return cells
+
+
+def _rows(lines: list[str], start: int) -> tuple[list[str], dict[tuple[str, str], list[str]]]:
+    """The markdown table starting at or after ``lines[start]``: its header and its body
+    rows keyed by (N, condition)."""
+    i = next(j for j in range(start, len(lines)) if lines[j].startswith("|"))
+    table = []
+    while i < len(lines) and lines[i].startswith("|"):
+        table.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+        i += 1
+    header, body = table[0], table[2:]
+    at = {name: k for k, name in enumerate(header)}
+    return header, {(r[at["N"]], r[at["condition"]]): r for r in body}
+
+
+def _pinned_tables(readme: str) -> dict[str, tuple[list[str], dict]]:
+    lines = readme.splitlines()
+    return {m.group(1): _rows(lines, i + 1) for i, line in enumerate(lines)
+            if (m := re.fullmatch(r"<!-- summary\.md: (.+) -->", line.strip()))}
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def _same_numbers(shown: str, written: str) -> bool:
+    """Every number of ``shown`` (the README) equals the one in the same place of
+    ``written`` (summary.md) to within one unit of the README's last digit: the last bit
+    of a float32 sum may differ between runs, and a rounding may then go the other way."""
+    a, b = _NUMBER.findall(shown), _NUMBER.findall(written)
+    if len(a) != len(b) or _NUMBER.sub("#", shown) != _NUMBER.sub("#", written):
+        return False
+    for x, y in zip(a, b):
+        mantissa, _, exp = x.partition("e")
+        digits = len(mantissa.partition(".")[2])
+        unit = 10.0 ** (-digits + (int(exp) if exp else 0))
+        if not math.isclose(float(x), float(y), abs_tol=1.01 * unit):
+            return False
+    return True
 
 
 def _printed_table(stdout: str) -> dict[tuple[str, str], str]:
@@ -67,3 +108,22 @@ def test_the_readme_table_is_what_its_command_prints(tmp_path):
     text = (ROOT / "README.md").read_text()
     assert re.search(rf"N=16: {re.escape(delta)} points, exact McNemar p = {re.escape(p)}\)",
                      text), (delta, p)
+
+    # the tables copied from summary.md, and the near-tie claim
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    pinned = _pinned_tables(text)
+    assert len(pinned) == 3, list(pinned)
+    lines = summary.splitlines()
+    for heading, (header, rows) in pinned.items():
+        start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+        full_header, written = _rows(lines, start + 1)
+        assert set(rows) == set(written), (heading, sorted(rows), sorted(written))
+        for key, row in rows.items():
+            for name, cell in zip(header[2:], row[2:]):
+                got = written[key][full_header.index(name)]
+                assert _same_numbers(cell, got), (heading, key, name, cell, got)
+    import pandas as pd
+
+    near_ties = pd.read_csv(tmp_path / "sweep" / "summary.csv")["n_near_tie"]
+    assert (near_ties == 0).all() and len(near_ties) == 7, near_ties.tolist()
+    assert "0 in each of the 7 evaluations" in text

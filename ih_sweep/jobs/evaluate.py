@@ -24,6 +24,7 @@ from ..records import (
     HEAD_COLUMNS,
     ITEM_COLUMNS,
     RESULT_COLUMNS,
+    STRATA_COLUMNS,
     EvaluationRecord,
     finished_record,
     restore,
@@ -62,7 +63,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
             host=platform.node(), timings={"total_s": round(time.time() - t_start, 3)})
         write_record(out_dir, record)
         return record
-    from ..data import load_stories, make_items
+    from ..data import items_for, load_stories
     from ..model_loading import load_model, model_shape
     from ..score_table import check_scores_fit, get_scores
     from ..scoring import score_matrix
@@ -79,7 +80,8 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
 
     # data
     t0 = time.time()
-    items = make_items(load_stories(config.data), config.eval.scope)
+    stories = load_stories(config.data)
+    items = items_for(config.data, config.eval, stories)
     timings["data_s"] = time.time() - t0
 
     loaded: dict[str, Any] = {}
@@ -108,8 +110,13 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     # ablate + evaluate
     t0 = time.time()
     items_df, resumed = evaluate_checkpointed(config, out_dir, chash, model_getter, items,
-                                              heads)
+                                              heads, stories)
     timings["eval_s"] = time.time() - t0
+
+    # mechanism check: repeat loss and ICL score with these heads ablated and without
+    t0 = time.time()
+    mechanism = run_mechanism(config, model_getter, stories, items, heads)
+    timings["mechanism_s"] = time.time() - t0
 
     # write: an unablated job ablates 0 heads whatever N was asked, and the control seed
     # is 0 unless it drew the heads (condition=random), as in the config hash
@@ -134,7 +141,9 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
         model=config.model.name,
         quantization=config.quantization.name.value, data=plain(config.data),
         eval={"metric": config.eval.metric.value, "scope": config.eval.scope.value,
-              "max_new_tokens": config.eval.max_new_tokens},
+              "max_new_tokens": config.eval.max_new_tokens,
+              "format": config.eval.format.value, "n_shots": config.eval.n_shots,
+              "stop": list(config.eval.stop)},
         ablation=config.ablation.method.value, rank_by=config.scoring.rank_by.value,
         n_items=len(results), n_correct=n_correct,
         accuracy=n_correct / max(len(results), 1),
@@ -143,7 +152,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
         resumed_chunks=resumed, timings={k: round(v, 3) for k, v in timings.items()},
         slurm_job_id=os.environ.get("SLURM_JOB_ID"),
         results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config),
-        scores_file=scores_file)
+        scores_file=scores_file, mechanism=mechanism)
     write_record(out_dir, record)
     store(out_dir, config.paths.cache_dir, chash)
     shutil.rmtree(out_dir / "partial", ignore_errors=True)
@@ -165,12 +174,15 @@ def split_name(config: Config) -> str:
 
 def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
                           model_getter: Callable[[], tuple[Any, Any]], items: Sequence,
-                          heads: list[tuple[int, int]]) -> tuple[pd.DataFrame, int]:
+                          heads: list[tuple[int, int]], stories: Sequence
+                          ) -> tuple[pd.DataFrame, int]:
     """Evaluate in chunks of ``eval.checkpoint_items``, each written atomically to
     ``partial/``; a rerun after a kill (preemption, timeout, SIGKILL) reuses finished chunks,
-    so rows are neither lost nor duplicated. Returns (ITEM_COLUMNS rows, chunks reused)."""
+    so rows are neither lost nor duplicated. Returns (ITEM_COLUMNS rows, chunks reused);
+    ``stories``: those the items ask about (their difficulty strata)."""
     from ..ablation import ablate_heads
     from ..evaluation import check_prompt_lengths, evaluate
+    from ..strata import strata_frame
 
     part = out_dir / "partial"
     size = config.eval.checkpoint_items
@@ -206,7 +218,8 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
             means = ablation_fill(config, model, tokenizer, items, heads)
         with ablate_heads(model, heads, config.ablation.method, means):
             res = evaluate(model, tokenizer, chunk_items, config.eval, bar, candidates)
-        df = item_frame(res)
+        df = pd.concat([item_frame(res), strata_frame(stories, [r.item for r in res])],
+                       axis=1)[ITEM_COLUMNS]
         write_csv(chunk_file, df)
         frames.append(df)
         if len(starts) > 1:
@@ -217,12 +230,47 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     return pd.concat(frames, ignore_index=True), resumed
 
 
+def run_mechanism(config: Config, model_getter: Callable[[], tuple[Any, Any]],
+                  stories: Sequence, items: Sequence, heads: list[tuple[int, int]]
+                  ) -> dict[str, Any]:
+    """job.json's ``mechanism`` (:func:`ih_sweep.mechanism.mechanism_check`) with the job's
+    heads and ablation method, on the first ``mechanism.n_texts`` stories; empty with
+    ``mechanism.enabled=false``. Mean and position-wise mean ablation take their means over
+    the same reference prompts as the evaluation. Resample ablation is not measured here
+    (its donors are bAbI stories, which the mechanism's random-token sequences have none
+    of): the ablated entries are null, with ``ablated_not_measured`` saying why."""
+    if not config.mechanism.enabled:
+        return {}
+    from ..mechanism import mechanism_check, texts_for
+    from ..model_loading import cache_key
+
+    model, tokenizer = model_getter()
+    method = config.ablation.method
+    resample = method == AblationMethod.resample and bool(heads)
+    means = None
+    if heads and method in (AblationMethod.mean, AblationMethod.position_mean):
+        means = ablation_fill(config, model, tokenizer, items, heads)
+    key = cache_key(plain(config.model), plain(config.quantization), config.device)
+    out = mechanism_check(model, tokenizer, config.mechanism,
+                          texts_for(stories, config.mechanism.n_texts),
+                          [] if resample else heads, method, means, model_key=key)
+    if resample:
+        log.info("mechanism check: the ablated repeat loss and ICL score are not measured "
+                 "under resample ablation (no donor story for its texts)")
+        out |= {"repeat_loss": None, "icl_score": None,
+                "ablated_not_measured": "resample ablation: the mechanism's texts have no "
+                                        "donor stories"}
+    return out
+
+
 def item_frame(results: Sequence) -> pd.DataFrame:
-    """The ITEM_COLUMNS rows of evaluated items (:class:`.evaluation.ItemResult`)."""
+    """The ITEM_COLUMNS rows of evaluated items (:class:`.evaluation.ItemResult`) but the
+    difficulty strata (:func:`ih_sweep.strata.strata_frame` adds them)."""
     return pd.DataFrame([(r.item.story_index, r.item.question_index, r.item.line,
                           r.item.examples_before, r.item.answer, r.continuation,
                           bool(r.correct), r.decided_by, r.margin, bool(r.near_tie),
-                          r.gold_logprob, r.logit_diff) for r in results], columns=ITEM_COLUMNS)
+                          r.gold_logprob, r.logit_diff) for r in results],
+                        columns=[c for c in ITEM_COLUMNS if c not in STRATA_COLUMNS])
 
 
 def _read_chunk(path: Path, chunk_items: Sequence) -> tuple[pd.DataFrame | None, str | None]:
@@ -274,14 +322,14 @@ def ablation_fill(config: Config, model, tokenizer, items: Sequence,
 def donor_texts(tokenizer, items: Sequence, max_new_tokens: int
                 ) -> tuple[dict[int, str], dict[int, int]]:
     """Per story of ``items``: the text it donates in resample ablation (its last evaluated
-    question's prompt followed by the gold answer and a newline), and the positions its
-    own evaluation feeds (its longest prompt's tokens plus ``max_new_tokens - 1`` generated
-    ones)."""
+    question's prompt followed by its gold continuation and a newline, as the evaluator
+    feeds it), and the positions its own evaluation feeds (its longest prompt's tokens plus
+    ``max_new_tokens - 1`` generated ones)."""
     last: dict[int, Any] = {}
     for it in items:
         if it.story_index not in last or it.line > last[it.story_index].line:
             last[it.story_index] = it
-    texts = {k: it.prompt + it.answer + "\n" for k, it in last.items()}
+    texts = {k: it.prompt + it.target + "\n" for k, it in last.items()}
     lengths = tokenizer([it.prompt for it in last.values()])["input_ids"]
     needed = {k: len(ids) + max_new_tokens - 1 for k, ids in zip(last, lengths)}
     return texts, needed
