@@ -29,9 +29,9 @@ forward pass while :func:`ablate_heads` is on:
   every position the story's evaluation feeds, so that the alignment rarely runs out; the
   draw does not depend on batches, chunks or item order. The donor's outputs come from one
   clean (unablated) forward pass over the donor's text (:func:`resample_donors`; the
-  evaluation job uses the donor story's last evaluated prompt followed by its gold answer
-  and a newline). Positions are aligned absolutely: the token at position p (its index
-  among its row's real tokens, BOS = 0) gets the donor text's output at position p; past
+  evaluation job uses the donor story's last evaluated prompt followed by its gold
+  continuation and a newline). Positions are aligned absolutely: the token at position p
+  (its index among its row's real tokens, BOS = 0) gets the donor text's output at p; past
   the donor text's end (only where no other story's text is long enough), the
   position-wise mean at p (``position_mean``'s value, with its own fallback). Every
   question of a story shares its donor.
