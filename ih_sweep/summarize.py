@@ -353,8 +353,9 @@ def cell_groups(jobs: list[FinishedJob]) -> tuple[list[Group], list[str]]:
                                              j.record.control_seed))
         base = _group_of(gjobs[-1])
         settings = _flat(_settings_of(gjobs[-1].record))
+        # a setting the group's jobs do not have (resample's ablation.seed) names nothing
         gname = group_title(base) + "".join(f", {k}={settings.get(k)}" for k in differing
-                                            if k not in base)
+                                            if k not in base and k in settings)
         by_cell: dict[tuple[int, str, int], FinishedJob] = {}
         merged: dict[tuple[int, str, int], list[FinishedJob]] = {}
         for j in gjobs:

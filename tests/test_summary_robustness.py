@@ -104,3 +104,7 @@ def test_other_ablation_settings_label_the_rows(tmp_path):
                                       "resample (n_reference=64)", "zero (n_reference=64)"]
     assert table.accuracy_low.isna().all() and table.accuracy_none.eq(1.0).all()
     assert table.delta_high_vs_none.to_numpy() == pytest.approx([-0.1] * 4)
+    titles = [line for line in (tmp_path / "summary.md").read_text().splitlines()
+              if line.startswith("## model=")]
+    assert len(titles) == 4 and sum("ablation.seed=0" in t for t in titles) == 1
+    assert not any("seed=None" in t for t in titles)
