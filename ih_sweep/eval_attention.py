@@ -434,6 +434,8 @@ def last_layer_at(layer, hidden: torch.Tensor, embeddings: tuple[torch.Tensor, t
                   positions: torch.Tensor, cache, rope) -> torch.Tensor:
     """The Llama-family decoder layer's output at ``positions`` [B, k], zeros elsewhere;
     fills ``cache`` with its key/values at every position."""
+    from .architecture import z_positions_at
+
     attn = layer.self_attn
     batch, length, width = hidden.shape
     pos = positions.to(hidden.device)
@@ -449,7 +451,8 @@ def last_layer_at(layer, hidden: torch.Tensor, embeddings: tuple[torch.Tensor, t
     query = query.transpose(1, 2)
     out = _attend_at(query, key, value, pos, length, attn.scaling,
                      query.shape[1] // key.shape[1])
-    out = attn.o_proj(out.transpose(1, 2).reshape(batch, k, -1))
+    with z_positions_at(pos):  # o_proj sees the read positions only (hook_z's positions)
+        out = attn.o_proj(out.transpose(1, 2).reshape(batch, k, -1))
     h = torch.gather(hidden, 1, take.expand(batch, k, width)) + out
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     return hidden.new_zeros(hidden.shape).scatter_(1, take.expand(batch, k, width), h)

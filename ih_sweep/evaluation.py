@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .ablation import row_dependent, sequence_keys
 from .batching import eval_batch_rows
 from .data import Item
 from .eval_attention import FastPath, fast_attention, read_at
@@ -78,6 +79,7 @@ class _Query:
     # read at pos, pos + 1, ...), and the first tokens of the other candidate answers
     answer: list[int] = field(default_factory=list)
     others: list[int] = field(default_factory=list)
+    story: int = -1  # the item's story index: which sequence its row holds (resample ablation)
 
     def greedy_reads(self, max_new_tokens: int) -> int:
         """Positions whose argmax is a greedy token that may be known from the pass."""
@@ -187,16 +189,18 @@ def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int,
         if full[p:p + len(answer)] != answer:  # the answer tokenizes otherwise in context
             full = prompt_ids + cont
         row = full[:p + extent(answer)]
-        queries = [_Query(idxs[-1], p - 1, row[p:], answer, others)]
+        queries = [_Query(idxs[-1], p - 1, row[p:], answer, others, last.story_index)]
         for i in idxs[:-1]:
             ids = other_ids[i]
             cont, answer, others = gold(i)
             q = len(ids)
             if row[:q] == ids and row[q:q + len(answer)] == answer:
-                queries.append(_Query(i, q - 1, row[q:q + extent(answer)], answer, others))
+                queries.append(_Query(i, q - 1, row[q:q + extent(answer)], answer, others,
+                                      last.story_index))
             else:  # tokenization differs at the boundary: the item gets its own row
                 own = ids + cont[:extent(answer)]
-                rows.append((own, [_Query(i, q - 1, own[q:], answer, others)]))
+                rows.append((own, [_Query(i, q - 1, own[q:], answer, others,
+                                          last.story_index)]))
         rows.append((row, queries))
     return rows
 
@@ -343,7 +347,7 @@ def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
     The inputs go to the device in one copy and the results come back in one."""
     width = max(len(r) for r, _ in rows)
     shared = shared_prefix_length(rows) if cache is not None else 0
-    if shared < MIN_SHARED_PREFIX:
+    if shared < MIN_SHARED_PREFIX or row_dependent(model):  # resample: rows differ from BOS on
         shared = 0
     n_read = [[q.reads(max_new_tokens) for q in queries] for _, queries in rows]
     k = max(sum(n) for n in n_read)
@@ -370,11 +374,12 @@ def _greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
     kwargs = {"use_cache": False}
     if cache is not None:
         kwargs = {"use_cache": True, _cache_argument(model): cache}
-    if shared:  # the common prefix once, its key/values copied to every row
-        model(input_ids=d_ids[:1, :shared], logits_to_keep=1, **kwargs)
-        cache.batch_repeat_interleave(len(rows))
-    with read_at(d_gather), _logits_at(d_gather):
-        logits = model(input_ids=d_ids[:, shared:], attention_mask=d_mask, **kwargs).logits
+    with sequence_keys([queries[0].story for _, queries in rows]):
+        if shared:  # the common prefix once, its key/values copied to every row
+            model(input_ids=d_ids[:1, :shared], logits_to_keep=1, **kwargs)
+            cache.batch_repeat_interleave(len(rows))
+        with read_at(d_gather), _logits_at(d_gather):
+            logits = model(input_ids=d_ids[:, shared:], attention_mask=d_mask, **kwargs).logits
     stats = _stats(logits, d_targets, d_others).cpu().tolist()
     record = _RECORD.get()
     recorded = logits.float().cpu() if record is not None else None
@@ -631,7 +636,8 @@ def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: Eval
     if cache is not None:
         finished = (lambda t: stop_seen(_decode(tokenizer, t), settings.stop)) \
             if settings.stop else None
-        new = continue_greedy(model, cache, width, pending, budget, eos, device, finished)
+        with sequence_keys([rows[b][1][0].story for b, _, _ in pending]):
+            new = continue_greedy(model, cache, width, pending, budget, eos, device, finished)
         conts = []
         for (_, _, known), (toks, gaps, tops) in zip(pending, new):
             read = reads[index_of[len(conts)]]
@@ -639,8 +645,9 @@ def _evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: Eval
             conts.append((known + toks, read.gap[:n] + gaps, read.top[:n] + tops))
         how = "decode"
     else:
-        conts = generate_greedy(model, tokenizer, [items[i].prompt for i in index_of], budget,
-                                device)
+        with sequence_keys([items[i].story_index for i in index_of]):
+            conts = generate_greedy(model, tokenizer, [items[i].prompt for i in index_of],
+                                    budget, device)
         how = "generate"
     for idx, (toks, gaps, tops) in zip(index_of, conts):
         text, answer = _decode(tokenizer, toks), items[idx].target

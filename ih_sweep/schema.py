@@ -138,8 +138,13 @@ class RankBy(Choice):
 
 
 class AblationMethod(Choice):
+    """What replaces an ablated head's output (definitions and sources:
+    :mod:`ih_sweep.ablation`)."""
+
     zero = "zero"
-    mean = "mean"
+    mean = "mean"  # the head's mean output over the reference prompts' tokens
+    position_mean = "position_mean"  # ... at the token's absolute position
+    resample = "resample"  # the head's output on a donor story at the same position
 
 
 class Schedule(Choice):
@@ -232,7 +237,9 @@ class ScoringConfig:
 @dataclass
 class AblationConfig:
     method: AblationMethod = AblationMethod.zero
-    n_reference: int = 64  # mean ablation: prompts the mean is taken over
+    # mean, position_mean (and resample past a donor's end): prompts the means are taken over
+    n_reference: int = 64
+    seed: int = 0  # resample: the draw of each story's donor story (ignored otherwise)
 
 
 @dataclass
@@ -428,6 +435,9 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
         container.update(n_heads=0, condition="none")
         container.pop("scoring", None)
         container.pop("ablation", None)
+    ablation = container.get("ablation")
+    if isinstance(ablation, dict) and ablation.get("method") != "resample":
+        ablation.pop("seed", None)  # only resample draws anything
     for dotted in speed_keys():
         node = container
         *parents, leaf = dotted.split(".")
@@ -533,6 +543,14 @@ def check(cfg: Config) -> None:
           "scoring.exclude_rare_frac", sc.exclude_rare_frac,
           "allowed: exclude_frequent_frac + exclude_rare_frac < 1")
     _at_least("ablation.n_reference", cfg.ablation.n_reference, 1)
+    _at_least("ablation.seed", cfg.ablation.seed, 0)
+    method = cfg.ablation.method
+    _need(cfg.job != Job.scan or method == AblationMethod.zero, "ablation.method",
+          method.value, "job=scan zeroes each head (its exact scan and attribution patching "
+          "estimate zero ablation); the other methods apply to job=evaluate")
+    _need(method != AblationMethod.resample or data.n_stories is None or data.n_stories >= 2,
+          "ablation.method", method.value, f"resample needs donor stories: data.n_stories="
+          f"{data.n_stories} leaves none (at least 2)")
     mech = cfg.mechanism
     for key in ("n_sequences", "seq_len", "n_texts", "batch_size"):
         _at_least(f"mechanism.{key}", getattr(mech, key), 1)

@@ -55,6 +55,17 @@ the continuous metrics' means per stratum, per group, condition and N (random dr
 pooled), for support_distance (1, 2, 3, 4, 5+), recency_correct, mentions and
 question_position (0-4, 5+).
 
+robustness.csv (sweeps whose groups differ only in the ablation settings, e.g.
+``ablation=zero,mean,position_mean,resample``): one row per such family, N and ablation
+family          the settings the family's groups share (every group key but ablation)
+n_heads, ablation   N; the group's ablation method (with its other ablation settings where
+                 the family's groups differ in them, e.g. ``mean (n_reference=128)``)
+n_items, accuracy_high, accuracy_low, accuracy_none
+delta_high_vs_none, ..._ci_low, ..._ci_high, p_high_vs_none   ``high`` minus ``none`` on
+                 the same items, paired bootstrap 95% CI, exact McNemar p (as in summary.csv)
+delta_high_vs_low, ..._ci_low, ..._ci_high, p_high_vs_low     ``high`` minus the ``low``
+                 control at the same N, the same statistics
+
 A step that fails (a table, a figure) does not stop the others; :func:`summarize` then
 raises :class:`SummaryIncomplete` naming it, so the command exits non-zero.
 """
@@ -63,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -341,8 +353,9 @@ def cell_groups(jobs: list[FinishedJob]) -> tuple[list[Group], list[str]]:
                                              j.record.control_seed))
         base = _group_of(gjobs[-1])
         settings = _flat(_settings_of(gjobs[-1].record))
+        # a setting the group's jobs do not have (resample's ablation.seed) names nothing
         gname = group_title(base) + "".join(f", {k}={settings.get(k)}" for k in differing
-                                            if k not in base)
+                                            if k not in base and k in settings)
         by_cell: dict[tuple[int, str, int], FinishedJob] = {}
         merged: dict[tuple[int, str, int], list[FinishedJob]] = {}
         for j in gjobs:
@@ -421,6 +434,118 @@ def summarize_jobs(jobs: list[FinishedJob]) -> tuple[pd.DataFrame, list[str]]:
         if col not in df.columns:
             df[col] = np.nan
     return df[SUMMARY_COLUMNS], notes
+
+
+# --------------------------------------------------------------------------- robustness
+ROBUSTNESS_COLUMNS = ["family", "n_heads", "ablation", "n_items", "accuracy_high",
+                      "accuracy_low", "accuracy_none",
+                      *(f"delta_high_vs_{c}{s}" for c in ("none", "low")
+                        for s in ("", "_ci_low", "_ci_high")),
+                      "p_high_vs_none", "p_high_vs_low"]
+_ABLATION_KEY = re.compile(r", ablation(\.[\w.]+)?=[^,]*")
+
+
+def _ablation_families(groups: list[Group]) -> list[tuple[str, list[tuple[str, Group]]]]:
+    """Groups that differ only in their ablation settings, as (family title, [(ablation
+    label, group)]) for families of at least two groups. The label is the method, with the
+    other ablation settings in which the family's groups differ."""
+    found: dict[str, list[tuple[dict, Group]]] = {}
+    for g in groups:
+        ablated = [j for (_, c, _), j in g.cells.items() if c != "none"]
+        if not ablated:
+            continue
+        record = ablated[0].record
+        ablation = _flat(_settings_of(record).get("ablation") or {"method": record.ablation})
+        ablation.setdefault("method", record.ablation)
+        key = _settings_key(record, _SELECTION + ("ablation",))
+        found.setdefault(key, []).append((ablation, g))
+    out = []
+    for members in found.values():
+        if len(members) < 2:
+            continue
+        keys = sorted(set().union(*(a for a, _ in members)) - {"method"})
+        # settings that differ where set (resample's seed is absent from other methods')
+        differ = [k for k in keys if len({str(a[k]) for a, _ in members if k in a}) > 1]
+        labelled = []
+        for ablation, g in members:
+            extra = ", ".join(f"{k}={ablation[k]}" for k in differ if k in ablation)
+            labelled.append((str(ablation["method"]) + (f" ({extra})" if extra else ""), g))
+        out.append((_ABLATION_KEY.sub("", members[0][1].name), labelled))
+    return out
+
+
+def robustness_table(jobs: list[FinishedJob]) -> pd.DataFrame:
+    """Per family of groups that differ only in how heads are ablated
+    (:func:`_ablation_families`), per N and ablation: the ``high`` - ``none`` and ``high``
+    - ``low`` accuracy effects with paired bootstrap 95% CIs and exact McNemar p (the
+    statistics of :func:`_accuracy_row`). Empty when the sweep has no such family."""
+    rows = []
+    groups, _ = cell_groups(jobs)
+    for family, members in _ablation_families(groups):
+        for label, g in members:
+            none = g.cells.get((0, "none", 0))
+            for n in sorted({n for (n, c, _) in g.cells if c == "high"}):
+                high, low = g.cells[(n, "high", 0)], g.cells.get((n, "low", 0))
+                row = {"family": family, "n_heads": n, "ablation": label,
+                       "n_items": len(high.results),
+                       "accuracy_high": float(high.results["correct"].mean())}
+                for name, other in (("none", none), ("low", low)):
+                    if other is None:
+                        continue
+                    row[f"accuracy_{name}"] = float(other.results["correct"].mean())
+                    a, b = _paired(high.results, other.results)
+                    row[f"delta_high_vs_{name}"] = float(a.mean() - b.mean()) if len(a) \
+                        else np.nan
+                    row[f"delta_high_vs_{name}_ci_low"], \
+                        row[f"delta_high_vs_{name}_ci_high"] = st.paired_bootstrap_ci(a, b)
+                    row[f"p_high_vs_{name}"] = st.mcnemar_exact(*st.discordant(a, b))
+                rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in ROBUSTNESS_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    return df[ROBUSTNESS_COLUMNS]
+
+
+_ROBUSTNESS = [
+    ("N", "$N$", lambda r: str(r.n_heads)),
+    ("ablation", "ablation", lambda r: r.ablation),
+    ("items", "items", lambda r: str(r.n_items)),
+    ("high %", r"high (\%)", lambda r: percent(r.accuracy_high)),
+    ("low %", r"low (\%)", lambda r: percent(r.accuracy_low)),
+    ("none %", r"none (\%)", lambda r: percent(r.accuracy_none)),
+    ("Δ high vs none (pts)", r"$\Delta$ high vs none (pts)",
+     lambda r: percent(r.delta_high_vs_none)),
+    ("95% CI of Δ vs none", r"95\% CI of $\Delta$ vs none",
+     lambda r: interval(r.delta_high_vs_none_ci_low, r.delta_high_vs_none_ci_high)),
+    ("p vs none", "$p$ vs none", lambda r: p_value(r.p_high_vs_none)),
+    ("Δ high vs low (pts)", r"$\Delta$ high vs low (pts)",
+     lambda r: percent(r.delta_high_vs_low)),
+    ("95% CI of Δ vs low", r"95\% CI of $\Delta$ vs low",
+     lambda r: interval(r.delta_high_vs_low_ci_low, r.delta_high_vs_low_ci_high)),
+    ("p vs low", "$p$ vs low", lambda r: p_value(r.p_high_vs_low)),
+]
+
+ROBUSTNESS_LEGEND = [
+    "**Robustness across ablation methods** (robustness.csv): for groups that differ only in "
+    "how heads are ablated, per N and **ablation** method (`zero`: the head's output set to "
+    "0; `mean`: its mean over the reference prompts; `position_mean`: its mean at the same "
+    "absolute position; `resample`: its output on a donor story at the same position; see "
+    "ih_sweep/ablation.py): the accuracy of `high`, `low` (at that N) and `none` in %, "
+    "**Δ high vs none** and **Δ high vs low** in points with paired percentile bootstrap "
+    "95% CIs (2,000 resamples) and exact McNemar p (not Holm-adjusted). An effect that keeps "
+    "its sign and size across methods does not hinge on the ablation choice.",
+]
+
+
+def robustness_markdown(table: pd.DataFrame | None) -> list[str]:
+    """summary.md's robustness section: one table per family (none without one)."""
+    if table is None or table.empty:
+        return []
+    lines = ["## Robustness across ablation methods", ""]
+    for family, part in table.groupby("family", sort=False):
+        lines += [f"### {family}", "", markdown_table(_display(part, _ROBUSTNESS)), ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- near-ties
@@ -751,7 +876,7 @@ def section_tables(g: pd.DataFrame, latex: bool = False
 
 def markdown_table(table: pd.DataFrame) -> str:
     """A display table as GitHub markdown: text left, numbers right, no reparsing."""
-    align = ["left" if c in ("condition",) else "right" for c in table.columns]
+    align = ["left" if c in ("condition", "ablation") else "right" for c in table.columns]
     return table.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
@@ -769,7 +894,8 @@ def group_title(group: dict) -> str:
 
 
 def to_markdown(df: pd.DataFrame, problems: list[tuple[str, str]], notes: list[str],
-                title: str = "Sweep summary", strata: pd.DataFrame | None = None) -> str:
+                title: str = "Sweep summary", strata: pd.DataFrame | None = None,
+                robustness: pd.DataFrame | None = None) -> str:
     """The summary page: per group its main table and the sections of :data:`SECTIONS`
     (each left out with one line where its jobs did not record it), the difficulty strata
     (:func:`strata_markdown`), a legend of every column shown, the jobs left out."""
@@ -784,8 +910,11 @@ def to_markdown(df: pd.DataFrame, problems: list[tuple[str, str]], notes: list[s
             else:
                 shown.add(sec.title)
                 lines += [f"### {sec.title}", "", markdown_table(table), ""]
+    lines += robustness_markdown(robustness)
     lines += strata_markdown(strata)
     legend = LEGEND + [item for sec in SECTIONS if sec.title in shown for item in sec.legend]
+    if robustness is not None and not robustness.empty:
+        legend += ROBUSTNESS_LEGEND
     if strata is not None and not strata.empty:
         legend += STRATA_LEGEND
     lines += ["### Legend", ""] + [f"- {item}" for item in legend] + [""]
@@ -1191,10 +1320,15 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
     strata = step("strata.csv", lambda: strata_table(found.jobs))
     if strata is not None and not strata.empty:
         step("strata.csv", lambda: write_csv(sweep_dir / "strata.csv", strata))
+    robustness = step("robustness.csv", lambda: robustness_table(found.jobs))
+    if robustness is not None and not robustness.empty:
+        step("robustness.csv", lambda: write_csv(sweep_dir / "robustness.csv", robustness))
+    elif robustness is not None:  # no longer any family: no stale file from an earlier run
+        (sweep_dir / "robustness.csv").unlink(missing_ok=True)
     step("summary.csv", lambda: write_csv(sweep_dir / "summary.csv", df))
     step("summary.md", lambda: write_text(sweep_dir / "summary.md",
                                           to_markdown(df, found.problems, notes,
-                                                      strata=strata)))
+                                                      strata=strata, robustness=robustness)))
     step("summary.tex", lambda: write_text(sweep_dir / "summary.tex", to_latex(df)))
     groups = list(df.groupby("group", sort=False))
     for i, (_, g) in enumerate(groups):

@@ -129,9 +129,12 @@ def generate_one_at_a_time(model, tokenizer, item, max_new_tokens: int = 3,
     the decoded new text holds a stop string, and the text is cut before it, one string after
     the other as lm-eval's ``postprocess_generated_text`` does (``text.split(s)[0]``).
     (transformers' own ``stop_strings`` cannot read a word-level vocabulary such as the tiny
-    model's: its ``StopStringCriteria`` looks for a probe text the tokenizer maps to [UNK].)"""
+    model's: its ``StopStringCriteria`` looks for a probe text the tokenizer maps to [UNK].)
+    Its one row holds the item's story (:func:`ih_sweep.ablation.sequence_keys`, for
+    resample ablation)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
+    from .ablation import sequence_keys
     from .evaluation import _cut_at_eos, _decode, _device, _encode, _pad_id
 
     device = _device(model)
@@ -146,9 +149,10 @@ def generate_one_at_a_time(model, tokenizer, item, max_new_tokens: int = 3,
                               device=input_ids.device)
 
     criteria = StoppingCriteriaList([StopAfter()]) if stop else None
-    out = model.generate(enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         pad_token_id=_pad_id(tokenizer), temperature=None, top_p=None,
-                         top_k=None, stopping_criteria=criteria)
+    with sequence_keys([item.story_index]):
+        out = model.generate(enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=_pad_id(tokenizer), temperature=None,
+                             top_p=None, top_k=None, stopping_criteria=criteria)
     text = _decode(tokenizer, _cut_at_eos(out[0, start:].tolist(), tokenizer.eos_token_id))
     for s in stop:
         text = text.split(s)[0]

@@ -193,8 +193,9 @@ def test_errors():
     with pytest.raises(AblationError, match="outside the model's 2 layers x 4 heads"):
         with ablate_heads(model, [(2, 0)]):
             pass
-    with pytest.raises(AblationError, match="allowed values: zero, mean"):
-        with ablate_heads(model, [(0, 0)], "resample"):
+    with pytest.raises(AblationError, match="allowed values: zero, mean, position_mean, "
+                                            "resample"):
+        with ablate_heads(model, [(0, 0)], "shuffle"):
             pass
     with pytest.raises(AblationError, match="needs head means"):
         with ablate_heads(model, [(0, 0)], "mean"):

@@ -180,7 +180,7 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     ``partial/``; a rerun after a kill (preemption, timeout, SIGKILL) reuses finished chunks,
     so rows are neither lost nor duplicated. Returns (ITEM_COLUMNS rows, chunks reused);
     ``stories``: those the items ask about (their difficulty strata)."""
-    from ..ablation import ablate_heads, head_means
+    from ..ablation import ablate_heads
     from ..evaluation import check_prompt_lengths, evaluate
     from ..strata import strata_frame
 
@@ -214,9 +214,8 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
         if not checked:  # before any evaluation: every prompt fits the model's positions
             check_prompt_lengths(model, tokenizer, items, config.eval.max_new_tokens)
             checked = True
-        if config.ablation.method == AblationMethod.mean and heads and means is None:
-            means = head_means(model, reference_batches(tokenizer, items,
-                                                        config.ablation.n_reference, model))
+        if config.ablation.method != AblationMethod.zero and heads and means is None:
+            means = ablation_fill(config, model, tokenizer, items, heads)
         with ablate_heads(model, heads, config.ablation.method, means):
             res = evaluate(model, tokenizer, chunk_items, config.eval, bar, candidates)
         df = pd.concat([item_frame(res), strata_frame(stories, [r.item for r in res])],
@@ -236,23 +235,32 @@ def run_mechanism(config: Config, model_getter: Callable[[], tuple[Any, Any]],
                   ) -> dict[str, Any]:
     """job.json's ``mechanism`` (:func:`ih_sweep.mechanism.mechanism_check`) with the job's
     heads and ablation method, on the first ``mechanism.n_texts`` stories; empty with
-    ``mechanism.enabled=false``. Mean ablation takes its means over the same reference
-    prompts as the evaluation."""
+    ``mechanism.enabled=false``. Mean and position-wise mean ablation take their means over
+    the same reference prompts as the evaluation. Resample ablation is not measured here
+    (its donors are bAbI stories, which the mechanism's random-token sequences have none
+    of): the ablated entries are null, with ``ablated_not_measured`` saying why."""
     if not config.mechanism.enabled:
         return {}
-    from ..ablation import head_means
     from ..mechanism import mechanism_check, texts_for
     from ..model_loading import cache_key
 
     model, tokenizer = model_getter()
+    method = config.ablation.method
+    resample = method == AblationMethod.resample and bool(heads)
     means = None
-    if config.ablation.method == AblationMethod.mean and heads:
-        means = head_means(model, reference_batches(tokenizer, items,
-                                                    config.ablation.n_reference, model))
+    if heads and method in (AblationMethod.mean, AblationMethod.position_mean):
+        means = ablation_fill(config, model, tokenizer, items, heads)
     key = cache_key(plain(config.model), plain(config.quantization), config.device)
-    return mechanism_check(model, tokenizer, config.mechanism,
-                           texts_for(stories, config.mechanism.n_texts), heads,
-                           config.ablation.method, means, model_key=key)
+    out = mechanism_check(model, tokenizer, config.mechanism,
+                          texts_for(stories, config.mechanism.n_texts),
+                          [] if resample else heads, method, means, model_key=key)
+    if resample:
+        log.info("mechanism check: the ablated repeat loss and ICL score are not measured "
+                 "under resample ablation (no donor story for its texts)")
+        out |= {"repeat_loss": None, "icl_score": None,
+                "ablated_not_measured": "resample ablation: the mechanism's texts have no "
+                                        "donor stories"}
+    return out
 
 
 def item_frame(results: Sequence) -> pd.DataFrame:
@@ -281,9 +289,56 @@ def _read_chunk(path: Path, chunk_items: Sequence) -> tuple[pd.DataFrame | None,
     return df, None
 
 
+def ablation_fill(config: Config, model, tokenizer, items: Sequence,
+                  heads: list[tuple[int, int]]):
+    """What the job's ``ablation.method`` fills the heads' outputs with
+    (:func:`ih_sweep.ablation.ablate_heads`' ``means``), from the unablated model: ``mean``:
+    the heads' means over the reference prompts (:func:`reference_batches`);
+    ``position_mean``: their position-wise means; ``resample``: the donors' outputs, one
+    donor text per story of the job (:func:`donor_texts`), drawn with ``ablation.seed``,
+    the position-wise means past a donor's end. None for ``zero``."""
+    from ..ablation import head_means, position_means, resample_donors
+
+    method = config.ablation.method
+    if method == AblationMethod.zero:
+        return None
+    references = reference_batches(tokenizer, items, config.ablation.n_reference, model)
+    if method == AblationMethod.mean:
+        return head_means(model, references)
+    means = position_means(model, references)
+    if method == AblationMethod.position_mean:
+        return means
+    texts, needed = donor_texts(tokenizer, items, config.eval.max_new_tokens)
+    donors = resample_donors(model, tokenizer, texts, heads, config.ablation.seed, means,
+                             needed)
+    past = {k: n for k, n in donors.past_end.items() if n}
+    log.info("resample ablation: donors drawn with ablation.seed=%d among %d stories; %d of "
+             "them feed positions past their donor's text (at most %d; those get the "
+             "position-wise mean)", config.ablation.seed, len(texts), len(past),
+             max(past.values(), default=0))
+    return donors
+
+
+def donor_texts(tokenizer, items: Sequence, max_new_tokens: int
+                ) -> tuple[dict[int, str], dict[int, int]]:
+    """Per story of ``items``: the text it donates in resample ablation (its last evaluated
+    question's prompt followed by its gold continuation and a newline, as the evaluator
+    feeds it), and the positions its own evaluation feeds (its longest prompt's tokens plus
+    ``max_new_tokens - 1`` generated ones)."""
+    last: dict[int, Any] = {}
+    for it in items:
+        if it.story_index not in last or it.line > last[it.story_index].line:
+            last[it.story_index] = it
+    texts = {k: it.prompt + it.target + "\n" for k, it in last.items()}
+    lengths = tokenizer([it.prompt for it in last.values()])["input_ids"]
+    needed = {k: len(ids) + max_new_tokens - 1 for k, ids in zip(last, lengths)}
+    return texts, needed
+
+
 def reference_batches(tokenizer, items: Sequence, n: int, model, batch_size: int = 16
                       ) -> list[dict]:
-    """Tokenized reference prompts for mean ablation (the first ``n`` evaluated prompts)."""
+    """Tokenized reference prompts for mean and position-wise mean ablation (the first
+    ``n`` evaluated prompts)."""
     import torch
 
     device = next(model.parameters()).device
