@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from hydra_plugins.ih_sweep_launcher import resilient
@@ -32,6 +33,22 @@ def test_wait_reports_a_job_slurm_never_heard_of_and_no_other(monkeypatch):
             FakeJob("7_2", "UNKNOWN", None), FakeJob("7_3", "UNKNOWN", 0.5)]
     lost = _launcher()._wait(jobs)
     assert list(lost) == ["7_2"] and lost["7_2"].startswith("LOST")
+
+
+def test_a_cancelled_pending_task_submitit_still_calls_pending_is_lost(monkeypatch):
+    """submitit keeps the last state it read: a task read as PENDING, then cancelled before
+    it started, stays PENDING there while SLURM has no record of it (the cause of a hang
+    in test_slurm's cancelled-before-start case). A pending task SLURM still knows waits."""
+    monkeypatch.setattr(resilient, "POLL_S", 0.01)
+    monkeypatch.setattr(resilient, "LOST_AFTER_S", 0.1)
+    monkeypatch.setattr(resilient, "slurm_knows", {"8_0": True, "8_2": False}.get)
+    jobs = [FakeJob("8_0", "PENDING", 0.3), FakeJob("8_2", "PENDING", None)]
+    out: dict = {}
+    waiter = threading.Thread(target=lambda: out.update(_launcher()._wait(jobs)), daemon=True)
+    waiter.start()
+    waiter.join(timeout=30)  # before the fix it waited forever
+    assert not waiter.is_alive(), "the wait never gave up on the cancelled task"
+    assert list(out) == ["8_2"]
 
 
 def test_slurm_knows_cannot_tell_without_slurm(monkeypatch):

@@ -229,7 +229,11 @@ class _ResilientMixin:
             if self._EXECUTOR == "slurm":
                 now = time.monotonic()
                 for job in waiting:
-                    if _job_state(job) != "UNKNOWN" or slurm_knows(job.job_id) is not False:
+                    # submitit's state of a task that was pending can stay PENDING after its
+                    # cancellation removed every record (its watcher keeps the last state it
+                    # read): for UNKNOWN and PENDING only SLURM itself (squeue, sacct) counts
+                    if _job_state(job) not in ("UNKNOWN", "PENDING") or \
+                            slurm_knows(job.job_id) is not False:
                         absent_since.pop(job.job_id, None)
                     elif now - absent_since.setdefault(job.job_id, now) >= LOST_AFTER_S:
                         lost[job.job_id] = (
