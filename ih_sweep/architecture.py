@@ -492,22 +492,24 @@ def head_sites(model: nn.Module) -> HeadSites:
                      attn_out_norms, project_out, float(softcap) if softcap else None)
 
 
-def linear_out_features(module: nn.Module) -> int:
+def _linear_features(module: nn.Module, side: str) -> int:
+    """A linear layer's ``in`` or ``out`` size: GPT-2's Conv1D stores its weight as
+    [in, out], nn.Linear (and bitsandbytes' layers, through :func:`linear_weight`) as
+    [out, in]."""
     if type(module).__name__ == "Conv1D":
-        return int(module.weight.shape[1])
-    out_features = getattr(module, "out_features", None)
-    if out_features is not None:
-        return int(out_features)
-    return int(linear_weight(module).shape[0])
+        return int(module.weight.shape[0 if side == "in" else 1])
+    features = getattr(module, f"{side}_features", None)
+    if features is not None:
+        return int(features)
+    return int(linear_weight(module).shape[1 if side == "in" else 0])
+
+
+def linear_out_features(module: nn.Module) -> int:
+    return _linear_features(module, "out")
 
 
 def linear_in_features(module: nn.Module) -> int:
-    if type(module).__name__ == "Conv1D":
-        return int(module.weight.shape[0])
-    in_features = getattr(module, "in_features", None)
-    if in_features is not None:
-        return int(in_features)
-    return int(linear_weight(module).shape[1])
+    return _linear_features(module, "in")
 
 
 # --------------------------------------------------------------------------- attention kernel

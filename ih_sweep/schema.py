@@ -464,6 +464,17 @@ def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; {allowed}")
 
 
+def _exclusion_fractions(node: str, settings: Any) -> None:
+    """The token-id exclusion fractions of the repeated random sequences (``scoring`` and
+    ``mechanism`` draw them alike): each in [0, 1), their sum below 1."""
+    for key in ("exclude_frequent_frac", "exclude_rare_frac"):
+        value = getattr(settings, key)
+        _need(0 <= value < 1, f"{node}.{key}", value, "allowed: 0 <= value < 1")
+    _need(settings.exclude_frequent_frac + settings.exclude_rare_frac < 1,
+          f"{node}.exclude_rare_frac", settings.exclude_rare_frac,
+          "allowed: exclude_frequent_frac + exclude_rare_frac < 1")
+
+
 def _at_least(key: str, value: Any, minimum: int) -> None:
     _need(value >= minimum, key, value, f"allowed: an integer >= {minimum}")
 
@@ -536,12 +547,7 @@ def check(cfg: Config) -> None:
         _at_least(f"scoring.{key}", getattr(sc, key), 1)
     _auto_or_at_least("scoring.batch_size", sc.batch_size)
     _at_least("scoring.repeats", sc.repeats, 2)
-    for key in ("exclude_frequent_frac", "exclude_rare_frac"):
-        value = getattr(sc, key)
-        _need(0 <= value < 1, f"scoring.{key}", value, "allowed: 0 <= value < 1")
-    _need(sc.exclude_frequent_frac + sc.exclude_rare_frac < 1,
-          "scoring.exclude_rare_frac", sc.exclude_rare_frac,
-          "allowed: exclude_frequent_frac + exclude_rare_frac < 1")
+    _exclusion_fractions("scoring", sc)
     _at_least("ablation.n_reference", cfg.ablation.n_reference, 1)
     _at_least("ablation.seed", cfg.ablation.seed, 0)
     method = cfg.ablation.method
@@ -557,12 +563,7 @@ def check(cfg: Config) -> None:
     _at_least("mechanism.repeats", mech.repeats, 2)
     if mech.icl_window is not None:
         _at_least("mechanism.icl_window", mech.icl_window, 1)
-    for key in ("exclude_frequent_frac", "exclude_rare_frac"):
-        value = getattr(mech, key)
-        _need(0 <= value < 1, f"mechanism.{key}", value, "allowed: 0 <= value < 1")
-    _need(mech.exclude_frequent_frac + mech.exclude_rare_frac < 1,
-          "mechanism.exclude_rare_frac", mech.exclude_rare_frac,
-          "allowed: exclude_frequent_frac + exclude_rare_frac < 1")
+    _exclusion_fractions("mechanism", mech)
     scan = cfg.scan
     for key in ("n_stories", "repeat_sequences"):
         _at_least(f"scan.{key}", getattr(scan, key), 1)

@@ -10,7 +10,6 @@ from ih_sweep.ablation import ablate_heads
 from ih_sweep.architecture import attention_implementation
 from ih_sweep.evaluation import (
     _known_greedy,
-    decide_partial,
     evaluate,
     is_correct,
 )
@@ -32,15 +31,6 @@ def test_metric_exact_is_first_word():
     assert not is_correct("the hallway", "hallway", "exact")
     with pytest.raises(ValueError, match="allowed values: contains, exact"):
         is_correct("x", "x", "fuzzy")
-
-
-def test_partial_decisions_only_when_final():
-    assert decide_partial("hallway ", "hallway", "contains") is True
-    assert decide_partial("hallway", "hallway", "contains") is None  # could become hallways
-    assert decide_partial("kitchen ", "hallway", "contains") is None  # answer may follow
-    assert decide_partial("kitchen ", "hallway", "exact") is False
-    assert decide_partial("hall", "hallway", "exact") is None
-    assert decide_partial("hallway.", "hallway", "exact") is True
 
 
 def test_known_greedy_stops_at_first_disagreement_or_eos():
