@@ -76,7 +76,7 @@ CONFIG_CASES = [
     (["scoring.exclude_frequent_frac=0.6", "scoring.exclude_rare_frac=0.6"],
      "exclude_frequent_frac + exclude_rare_frac < 1"),
     (["scoring.seq_len=100000"], "scoring.seq_len=100000: a repeated sequence of"),
-    (["ablation=drop"], HYDRA), (["ablation.method=resample"], HYDRA),
+    (["ablation=drop"], HYDRA), (["ablation.method=shuffle"], HYDRA),
     (["ablation.n_reference=0"], "ablation.n_reference=0"),
     (["scan.layers=[-1]"], "scan.layers[]=-1"), (["scan.layers=abc"], HYDRA),
     (["job=scan", "scan.layers=[7]"], "scan.layers=[7]: the model has 2 layers"),
