@@ -109,13 +109,14 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
 
     # ablate + evaluate
     t0 = time.time()
+    fill = _once(lambda: ablation_fill(config, *model_getter(), items, heads))
     items_df, resumed = evaluate_checkpointed(config, out_dir, chash, model_getter, items,
-                                              heads, stories)
+                                              heads, stories, fill)
     timings["eval_s"] = time.time() - t0
 
     # mechanism check: repeat loss and ICL score with these heads ablated and without
     t0 = time.time()
-    mechanism = run_mechanism(config, model_getter, stories, items, heads)
+    mechanism = run_mechanism(config, model_getter, stories, heads, fill)
     timings["mechanism_s"] = time.time() - t0
 
     # write: an unablated job ablates 0 heads whatever N was asked, and the control seed
@@ -174,12 +175,13 @@ def split_name(config: Config) -> str:
 
 def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
                           model_getter: Callable[[], tuple[Any, Any]], items: Sequence,
-                          heads: list[tuple[int, int]], stories: Sequence
-                          ) -> tuple[pd.DataFrame, int]:
+                          heads: list[tuple[int, int]], stories: Sequence,
+                          fill: Callable[[], Any]) -> tuple[pd.DataFrame, int]:
     """Evaluate in chunks of ``eval.checkpoint_items``, each written atomically to
     ``partial/``; a rerun after a kill (preemption, timeout, SIGKILL) reuses finished chunks,
     so rows are neither lost nor duplicated. Returns (ITEM_COLUMNS rows, chunks reused);
-    ``stories``: those the items ask about (their difficulty strata)."""
+    ``stories``: those the items ask about (their difficulty strata); ``fill``: the job's
+    :func:`ablation_fill`, computed once when first called."""
     from ..ablation import ablate_heads
     from ..evaluation import check_prompt_lengths, evaluate
     from ..strata import strata_frame
@@ -194,7 +196,7 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     write_json(part / "state.json", state)
     for stale in [*out_dir.glob(".*.tmp"), *part.glob(".*.tmp")]:  # left by a killed write
         stale.unlink(missing_ok=True)
-    frames, resumed, means, checked = [], 0, None, False
+    frames, resumed, checked = [], 0, False
     candidates = sorted({it.answer for it in items})  # the task's answers, for logit_diff
     starts = range(0, len(items), size)
     bar = tqdm(total=len(items), desc=_describe(config), unit="item",
@@ -214,8 +216,7 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
         if not checked:  # before any evaluation: every prompt fits the model's positions
             check_prompt_lengths(model, tokenizer, items, config.eval.max_new_tokens)
             checked = True
-        if config.ablation.method != AblationMethod.zero and heads and means is None:
-            means = ablation_fill(config, model, tokenizer, items, heads)
+        means = fill() if heads else None
         with ablate_heads(model, heads, config.ablation.method, means):
             res = evaluate(model, tokenizer, chunk_items, config.eval, bar, candidates)
         df = pd.concat([item_frame(res), strata_frame(stories, [r.item for r in res])],
@@ -231,14 +232,15 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
 
 
 def run_mechanism(config: Config, model_getter: Callable[[], tuple[Any, Any]],
-                  stories: Sequence, items: Sequence, heads: list[tuple[int, int]]
-                  ) -> dict[str, Any]:
+                  stories: Sequence, heads: list[tuple[int, int]],
+                  fill: Callable[[], Any]) -> dict[str, Any]:
     """job.json's ``mechanism`` (:func:`ih_sweep.mechanism.mechanism_check`) with the job's
     heads and ablation method, on the first ``mechanism.n_texts`` stories; empty with
-    ``mechanism.enabled=false``. Mean and position-wise mean ablation take their means over
-    the same reference prompts as the evaluation. Resample ablation is not measured here
-    (its donors are bAbI stories, which the mechanism's random-token sequences have none
-    of): the ablated entries are null, with ``ablated_not_measured`` saying why."""
+    ``mechanism.enabled=false``. Mean and position-wise mean ablation use the evaluation's
+    own means (``fill``: the job's :func:`ablation_fill`, computed once). Resample ablation
+    is not measured here (its donors are bAbI stories, which the mechanism's random-token
+    sequences have none of): the ablated entries are null, with ``ablated_not_measured``
+    saying why."""
     if not config.mechanism.enabled:
         return {}
     from ..mechanism import mechanism_check, texts_for
@@ -247,9 +249,8 @@ def run_mechanism(config: Config, model_getter: Callable[[], tuple[Any, Any]],
     model, tokenizer = model_getter()
     method = config.ablation.method
     resample = method == AblationMethod.resample and bool(heads)
-    means = None
-    if heads and method in (AblationMethod.mean, AblationMethod.position_mean):
-        means = ablation_fill(config, model, tokenizer, items, heads)
+    means = fill() if heads and method in (AblationMethod.mean,
+                                           AblationMethod.position_mean) else None
     key = cache_key(plain(config.model), plain(config.quantization), config.device)
     out = mechanism_check(model, tokenizer, config.mechanism,
                           texts_for(stories, config.mechanism.n_texts),
@@ -261,6 +262,17 @@ def run_mechanism(config: Config, model_getter: Callable[[], tuple[Any, Any]],
                 "ablated_not_measured": "resample ablation: the mechanism's texts have no "
                                         "donor stories"}
     return out
+
+
+def _once(compute: Callable[[], Any]) -> Callable[[], Any]:
+    """``compute``, run on the first call only; later calls return its result."""
+    done: list = []
+
+    def get():
+        if not done:
+            done.append(compute())
+        return done[0]
+    return get
 
 
 def item_frame(results: Sequence) -> pd.DataFrame:
