@@ -322,12 +322,11 @@ def _stats(logits: torch.Tensor, targets: torch.Tensor, others: torch.Tensor) ->
 
     ``logits`` [..., vocab]; ``targets`` [...] token ids; ``others`` [..., C] token ids (pad
     with the target: a pad never counts). Token ids stay exact in float32 below 2**24."""
-    top2 = logits.topk(2, -1).values.float()
     full = logits.float()
     target = full.gather(-1, targets[..., None])[..., 0]
     rival = full.gather(-1, others).masked_fill(others == targets[..., None], -math.inf)
-    return torch.stack([logits.argmax(-1).float(), top2[..., 0] - top2[..., 1], top2[..., 0],
-                        target - full.logsumexp(-1), target - rival.amax(-1)], -1)
+    return torch.cat([_step_stats(logits), torch.stack([target - full.logsumexp(-1),
+                                                        target - rival.amax(-1)], -1)], -1)
 
 
 def _step_stats(logits: torch.Tensor) -> torch.Tensor:
@@ -938,8 +937,7 @@ def compute_dtype(model) -> torch.dtype:
     dtypes = [m.weight.dtype for m in (model.get_input_embeddings(),
                                        model.get_output_embeddings())
               if m is not None and m.weight.is_floating_point()]
-    return min(dtypes, key=lambda d: torch.finfo(d).bits, default=torch.float32) \
-        if dtypes else torch.float32
+    return min(dtypes, key=lambda d: torch.finfo(d).bits, default=torch.float32)
 
 
 def near_tie_tolerance(model) -> float:
