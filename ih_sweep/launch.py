@@ -140,14 +140,20 @@ def cli() -> None:
         raise
 
 
+def wants_summary(config: Any) -> bool:
+    """Whether a multirun of ``config`` ends in a summary: ``summarize`` is on and its jobs
+    evaluate or scan (score and train_tiny jobs leave nothing to summarize)."""
+    return bool(config.get("summarize", True)) and \
+        str(config.get("job", "evaluate")) in ("evaluate", "scan")
+
+
 class SummarizeCallback(Callback):
     """Summarize the sweep folder when a multirun ends (also after SLURM jobs return). A
     summary that fails, or leaves jobs out, ends the command with exit status 1 and one
     line on stderr saying what (after printing whatever table it made)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.get("summarize", True) or \
-                str(config.get("job", "evaluate")) not in ("evaluate", "scan"):
+        if not wants_summary(config):
             return
         from .summarize import SummaryIncomplete, console_report, summarize
 

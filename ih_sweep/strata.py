@@ -82,6 +82,3 @@ def strata_frame(stories: Sequence[Story], items: Sequence[Any]) -> pd.DataFrame
     df = pd.DataFrame(rows, columns=STRATA_COLUMNS)
     return df.astype({"support_distance": "Int64", "recency_correct": "boolean",
                       "mentions": "Int64", "question_position": "Int64"})
-
-
-# --------------------------------------------------------------------------- aggregation

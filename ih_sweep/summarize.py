@@ -142,7 +142,6 @@ class FinishedJob:
     path: Path
     record: EvaluationRecord
     results: pd.DataFrame
-    mechanism: dict = field(default_factory=dict)  # job.json "mechanism", if recorded
 
 
 @dataclass
@@ -225,18 +224,8 @@ def find_jobs(sweep_dir: Path) -> SweepJobs:
             out.problems.append((rel, f"results.csv has {len(results)} rows, job.json says "
                                       f"{record.n_items}"))
             continue
-        out.jobs.append(FinishedJob(folder, record, results, _mechanism_of(folder)))
+        out.jobs.append(FinishedJob(folder, record, results))
     return out
-
-
-def _mechanism_of(folder: Path) -> dict:
-    """job.json's ``mechanism`` dict (the mechanism check the job ran), {} without one. Read
-    from the file itself, so records of any version carry it."""
-    from .io_utils import read_json
-    from .records import RECORD_FILE
-
-    mechanism = read_json(folder / RECORD_FILE).get("mechanism")
-    return mechanism if isinstance(mechanism, dict) else {}
 
 
 def _number(value) -> float:
@@ -410,12 +399,14 @@ def _accuracy_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
     return row
 
 
-def summarize_jobs(jobs: list[FinishedJob]) -> tuple[pd.DataFrame, list[str]]:
-    """One row per distinct job of each group (:func:`cell_groups`) with the statistics of
-    the module docstring: accuracy and its tests, the near-tie floor, the continuous
-    metrics and the mechanism check (the last three where the jobs recorded them)."""
+def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str]] | None = None
+                   ) -> tuple[pd.DataFrame, list[str]]:
+    """One row per distinct job of each group (:func:`cell_groups`; ``grouped``: its result
+    when already computed) with the statistics of the module docstring: accuracy and its
+    tests, the near-tie floor, the continuous metrics and the mechanism check (the last
+    three where the jobs recorded them)."""
     rows = []
-    groups, notes = cell_groups(jobs)
+    groups, notes = grouped or cell_groups(jobs)
     for group in groups:
         for (n, cond, seed), job in group.cells.items():
             row = {"group": group.name, **_group_of(job), "n_heads": n, "condition": cond,
@@ -423,7 +414,8 @@ def summarize_jobs(jobs: list[FinishedJob]) -> tuple[pd.DataFrame, list[str]]:
             row |= _accuracy_row(job, group, n, cond)
             row |= _near_tie_row(job, group, n, cond)
             row |= _continuous_row(job, group, n, cond)
-            row |= {k: _number(job.mechanism.get(k)) for k in MECHANISM_COLUMNS}
+            mechanism = job.record.mechanism if isinstance(job.record.mechanism, dict) else {}
+            row |= {k: _number(mechanism.get(k)) for k in MECHANISM_COLUMNS}
             rows.append(row)
     # one family across tasks, N values and conditions of the whole sweep
     ps = [r.get("p_vs_none", np.nan) for r in rows]
@@ -474,13 +466,15 @@ def _ablation_families(groups: list[Group]) -> list[tuple[str, list[tuple[str, G
     return out
 
 
-def robustness_table(jobs: list[FinishedJob]) -> pd.DataFrame:
+def robustness_table(jobs: list[FinishedJob], groups: list[Group] | None = None
+                     ) -> pd.DataFrame:
     """Per family of groups that differ only in how heads are ablated
     (:func:`_ablation_families`), per N and ablation: the ``high`` - ``none`` and ``high``
     - ``low`` accuracy effects with paired bootstrap 95% CIs and exact McNemar p (the
-    statistics of :func:`_accuracy_row`). Empty when the sweep has no such family."""
+    statistics of :func:`_accuracy_row`). Empty when the sweep has no such family.
+    ``groups``: :func:`cell_groups` of ``jobs`` when already computed."""
     rows = []
-    groups, _ = cell_groups(jobs)
+    groups = groups if groups is not None else cell_groups(jobs)[0]
     for family, members in _ablation_families(groups):
         for label, g in members:
             none = g.cells.get((0, "none", 0))
@@ -965,13 +959,14 @@ def _bucket(values: pd.Series, top: bool) -> tuple[pd.Series, pd.Series]:
     return label, order
 
 
-def strata_table(jobs: list[FinishedJob]) -> pd.DataFrame:
+def strata_table(jobs: list[FinishedJob], groups: list[Group] | None = None) -> pd.DataFrame:
     """Accuracy (Wilson 95% CI) and the means of the continuous metrics per stratum of
     :data:`STRATA`, per group, condition and N: one row per (group, condition, N, stratum,
     value); the unablated model once per group; the random draws of an N pooled
-    (``n_draws``). Strata a job's results.csv lacks are left out; empty when none has any."""
+    (``n_draws``). Strata a job's results.csv lacks are left out; empty when none has any.
+    ``groups``: :func:`cell_groups` of ``jobs`` when already computed."""
     rows = []
-    groups, _ = cell_groups(jobs)
+    groups = groups if groups is not None else cell_groups(jobs)[0]
     for group in groups:
         arms: dict[tuple[int, str], list[FinishedJob]] = {}
         for (n, cond, _), job in group.cells.items():
@@ -1313,14 +1308,17 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
                                                                     found.scan_parts))
         if not found.jobs:
             return finish(pd.DataFrame(columns=SUMMARY_COLUMNS))
-    made = step("statistics (summary table)", lambda: summarize_jobs(found.jobs))
+    grouped = step("statistics (summary table)", lambda: cell_groups(found.jobs))
+    made = grouped and step("statistics (summary table)",
+                            lambda: summarize_jobs(found.jobs, grouped))
     if made is None:
         return finish(None)
     df, notes = made
-    strata = step("strata.csv", lambda: strata_table(found.jobs))
+    groups = grouped[0]
+    strata = step("strata.csv", lambda: strata_table(found.jobs, groups))
     if strata is not None and not strata.empty:
         step("strata.csv", lambda: write_csv(sweep_dir / "strata.csv", strata))
-    robustness = step("robustness.csv", lambda: robustness_table(found.jobs))
+    robustness = step("robustness.csv", lambda: robustness_table(found.jobs, groups))
     if robustness is not None and not robustness.empty:
         step("robustness.csv", lambda: write_csv(sweep_dir / "robustness.csv", robustness))
     elif robustness is not None:  # no longer any family: no stale file from an earlier run

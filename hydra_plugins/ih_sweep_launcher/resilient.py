@@ -102,8 +102,9 @@ def summarize_partial(config: Any, sweep_dir: Path, failures: list[tuple[str, st
     """The summary of the jobs that finished, listing those that did not. Returns a line
     for the failure report when the summary itself failed (a step, not the jobs already
     reported), else ""."""
-    if not config.get("summarize", True) or \
-            str(config.get("job", "evaluate")) not in ("evaluate", "scan"):
+    from ih_sweep.launch import wants_summary
+
+    if not wants_summary(config):
         return ""
     from ih_sweep.summarize import SummaryError, SummaryIncomplete, summarize
 
