@@ -242,9 +242,9 @@ def ablate_heads(model, heads: Sequence[tuple[int, int]],
                                 "heads than those ablated")
     sites = head_sites(model)
     by_layer = _validate(sites, heads)
-    cols = {layer: _columns(sites, layer_heads) for layer, layer_heads in by_layer.items()}
-    if method == AblationMethod.resample:
-        cols = means.columns  # the same heads (checked), in the donors' column order
+    # resample: the same heads (checked), in the donors' column order
+    cols = means.columns if method == AblationMethod.resample else \
+        {layer: _columns(sites, layer_heads) for layer, layer_heads in by_layer.items()}
     replace = _filler(method, means, cols)
     with ExitStack() as stack:
         if by_layer:
@@ -326,7 +326,8 @@ def head_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> dict[int, t
         for batch in batches:
             mask = batch["attention_mask"]
             current_mask[:] = [mask]
-            model(**batch, position_ids=positions_from_mask(mask), use_cache=False)
+            model(**batch, position_ids=positions_from_mask(mask), use_cache=False,
+                  logits_to_keep=1)  # the hooks read z; no logits are needed
             count += int(mask.sum())
     if count == 0:
         raise AblationError("mean ablation needs at least one reference token")
@@ -344,7 +345,7 @@ def position_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> Positio
     sites = head_sites(model)
     sums: list[torch.Tensor | None] = [None] * sites.n_layers
     counts = torch.zeros(0, dtype=torch.long)
-    current: list[tuple[torch.Tensor, torch.Tensor]] = []
+    current: list = []  # this batch's (mask, positions of its real tokens on the host, n)
 
     def grow(t: torch.Tensor | None, n: int, width: int) -> torch.Tensor:
         out = torch.zeros(n, width, dtype=torch.float64)
@@ -353,11 +354,8 @@ def position_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> Positio
         return out
 
     def add(i: int, z: torch.Tensor) -> None:
-        mask, pos = current[0]
-        real = mask.to(z.device).bool()
-        x = z[real].double().cpu()  # [real tokens, width]; pads may hold NaN
-        p = pos.to(z.device)[real].cpu()
-        n = int(p.max()) + 1 if p.numel() else 0
+        mask, p, n = current
+        x = z[mask.to(z.device).bool()].double().cpu()  # [real tokens, width]; pads: NaN
         s = sums[i]
         if s is None or s.shape[0] < n:
             s = grow(s, n, x.shape[-1])
@@ -367,10 +365,11 @@ def position_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> Positio
         for batch in batches:
             mask = batch["attention_mask"]
             pos = positions_from_mask(mask)
-            current[:] = [(mask, pos)]
+            p = pos[mask.bool()].cpu()  # once per batch, not once per layer
+            n = int(p.max()) + 1 if p.numel() else 0
+            current[:] = [mask, p, n]
             model(**batch, position_ids=pos, use_cache=False, logits_to_keep=1)
-            p = pos[mask.bool()].cpu()
-            c = torch.bincount(p, minlength=int(p.max()) + 1 if p.numel() else 0)
+            c = torch.bincount(p, minlength=n)
             if c.numel() > counts.numel():
                 c[:counts.numel()] += counts
                 counts = c
