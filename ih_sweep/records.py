@@ -39,7 +39,10 @@ recency_correct  whether the location in the last statement before the question 
 mentions         statements before the question that name the asked person (a capitalized
                  word of the question); empty when the question names no single person
 question_position  0-based index of the question among the story's questions
-n_heads, condition, control_seed   the job's ablation
+n_heads, condition, control_seed   the job's ablation (n_heads: the heads ablated, a count)
+n_heads_share    the share of all the model's heads asked for, in percent (``n_heads=10%``:
+                 10.0; n_heads is then its count, ceil(layers x heads x 10 / 100)); empty
+                 when a count was asked or nothing is ablated (older files lack the column)
 model, quantization                ``model.name``, ``quantization.name``
 data, babi_task, split             ``data.name``, ``data.task``, ``data.split`` (generated
                                    stories: ``generated``)
@@ -71,8 +74,8 @@ STRATA_COLUMNS = ["support_distance", "recency_correct", "mentions", "question_p
 ITEM_COLUMNS = ["story", "question_index", "line", "examples_before", "answer",
                 "continuation", "correct", "decided_by", "margin", "near_tie", "gold_logprob",
                 "logit_diff", *STRATA_COLUMNS]
-JOB_COLUMNS = ["n_heads", "condition", "control_seed", "model", "quantization", "data",
-               "babi_task", "split", "metric", "scope", "ablation"]
+JOB_COLUMNS = ["n_heads", "n_heads_share", "condition", "control_seed", "model",
+               "quantization", "data", "babi_task", "split", "metric", "scope", "ablation"]
 RESULT_COLUMNS = ITEM_COLUMNS + JOB_COLUMNS
 HEAD_COLUMNS = ["layer", "head", "score", "rank_by"]
 RECORD_FILE = "job.json"
@@ -102,6 +105,9 @@ class EvaluationRecord:
     accuracy: float
     n_decoded: int  # items decided past the teacher-forced pass
     heads: list[list[int]]  # [[layer, head], ...] in selection order
+    # n_heads=P% asked: P (percent of all the model's heads; n_heads is its count); null for
+    # a count or an unablated job, and in records written before shares existed
+    n_heads_share: float | None = None
     results_sha256: str = ""  # of results.csv as written: a damaged file is not trusted
     scores_file: str | None = None  # the score table the heads were chosen from
     settings: dict[str, Any] = field(default_factory=dict)  # schema.semantic_config

@@ -22,6 +22,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from fractions import Fraction
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -311,7 +312,9 @@ class PathsConfig:
 @dataclass
 class Config:
     job: Job = Job.evaluate
-    n_heads: int = 8  # heads to ablate
+    # heads to ablate: a count (8), or a share of all the model's heads (10%, 0.5%),
+    # resolved per model as ceil(layers x heads x P / 100) (selection.resolve_n_heads)
+    n_heads: int | str = 8
     condition: Condition = Condition.high
     control_seed: int = 0  # the draw of condition=random
     device: str = field(default="auto", metadata=SPEED)  # auto | cpu | cuda | cuda:1 ...
@@ -486,11 +489,31 @@ def _auto_or_at_least(key: str, value: Any, minimum: int = 1) -> None:
           f"allowed: auto, or an integer >= {minimum}")
 
 
+_SHARE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)%")
+
+
+def n_heads_share(value: int | str) -> Fraction | None:
+    """The percentage ``n_heads`` asks for, exactly (``"0.5%"`` -> 1/2: read from the
+    decimal string, never through a float), or None when it is a count. Raises
+    :class:`ConfigError` for anything but an integer >= 0 or ``P%`` with 0 < P <= 100
+    (``0%`` is refused: no ablation is ``n_heads=0`` or ``condition=none``)."""
+    allowed = ("allowed: an integer >= 0 (heads), or a share of all the model's heads "
+               "P% with 0 < P <= 100, e.g. 1%, 0.5% (no ablation: n_heads=0 or "
+               "condition=none)")
+    if isinstance(value, int) and not isinstance(value, bool):
+        _need(value >= 0, "n_heads", value, allowed)
+        return None
+    match = _SHARE.fullmatch(value) if isinstance(value, str) else None
+    share = Fraction(match.group(1)) if match else None
+    _need(share is not None and 0 < share <= 100, "n_heads", value, allowed)
+    return share
+
+
 def check(cfg: Config) -> None:
     """The rules the types cannot say (ranges, fields that depend on each other). Raises
     :class:`ConfigError` naming the first bad key, its value and what is allowed. Cheap:
     reads no file, loads no model."""
-    _at_least("n_heads", cfg.n_heads, 0)
+    n_heads_share(cfg.n_heads)
     _at_least("control_seed", cfg.control_seed, 0)
     _need(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device)), "device", cfg.device,
           "allowed: auto, cpu, cuda, cuda:<index>, mps")

@@ -6,11 +6,12 @@ keep the notebook's (layer, head) order and its file reproduces its choices.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
 
-from .schema import Condition, UserError
+from .schema import Condition, UserError, n_heads_share
 
 Head = tuple[int, int]
 
@@ -19,6 +20,22 @@ class SelectionError(UserError):
     """A condition, N or score table from which no heads can be chosen."""
 
     kind = "config"
+
+
+def resolve_n_heads(n_heads: int | str, n_layers: int, heads_per_layer: int) -> int:
+    """How many heads ``n_heads`` ablates on a model of ``n_layers`` x ``heads_per_layer``
+    query heads: a count as it is; a share ``P%`` as ceil(L x H x P / 100), the rule of
+    Crosbie & Shutova (2025, "Induction Heads as an Essential Mechanism for Pattern
+    Matching in In-context Learning", Findings of NAACL; they ablate 1% and 3% of all
+    heads, ceil(L x H x pct) as issue #18 states it). Exact: P is read as a fraction from
+    its decimal string (:func:`ih_sweep.schema.n_heads_share`), never through a float, so
+    7% of 100 heads is 7, not 8. Every P > 0 ablates at least one head; 100% ablates all.
+    E.g. 64 heads: 1% -> 1, 3% -> 2, 10% -> 7; 1,024 heads (32 x 32): 1% -> 11, 3% -> 31.
+    Raises :class:`ih_sweep.schema.ConfigError` for a value that is neither."""
+    share = n_heads_share(n_heads)
+    if share is None:
+        return int(n_heads)
+    return math.ceil(n_layers * heads_per_layer * share / 100)
 
 
 def _check(scores: np.ndarray, n: int, condition: str) -> None:

@@ -11,6 +11,10 @@ group            the settings its jobs share, ``model=..., quantization=..., dat
                  only rows of one group are compared with each other
 model, quantization, data, babi_task, split, metric, scope, ablation, rank_by
 n_heads, condition, control_seed
+n_heads_share    the share of all the model's heads the job was asked for, in percent
+                 (``n_heads=10%``: 10.0, n_heads then being its count); empty where a count
+                 was asked, for ``none``, and for jobs recorded before shares existed. Tables
+                 show N as ``7 (10%)`` where a share was asked, ``7`` otherwise
 n_items, n_correct, accuracy, ci_low, ci_high   Wilson 95% interval of the accuracy
 delta_vs_none    accuracy minus the unablated accuracy on the same items
 delta_ci_low, delta_ci_high   paired bootstrap 95% interval of delta_vs_none
@@ -103,9 +107,9 @@ NEAR_TIE_COLUMNS = ["n_near_tie", "near_tie_acc_low", "near_tie_acc_high",
 CONTINUOUS_COLUMNS = [f"{m}{suffix}" for m in CONTINUOUS for suffix in
                       ["", *(f"_vs_{c}{b}" for c in ("none", "low", "random")
                              for b in ("", "_ci_low", "_ci_high"))]]
-SUMMARY_COLUMNS = ["group", *GROUP_KEYS, "n_heads", "condition", "control_seed", "n_items",
-                   "n_correct", "accuracy", "ci_low", "ci_high", "delta_vs_none",
-                   "delta_ci_low", "delta_ci_high", "p_vs_none", "p_vs_none_holm",
+SUMMARY_COLUMNS = ["group", *GROUP_KEYS, "n_heads", "n_heads_share", "condition",
+                   "control_seed", "n_items", "n_correct", "accuracy", "ci_low", "ci_high",
+                   "delta_vs_none", "delta_ci_low", "delta_ci_high", "p_vs_none", "p_vs_none_holm",
                    "delta_vs_low", "p_vs_low", "p_vs_random", "n_random",
                    *NEAR_TIE_COLUMNS, *CONTINUOUS_COLUMNS, *MECHANISM_COLUMNS]
 STRATA = {  # results.csv column: (what it is, for tables and figures; bucket the top at 5+)
@@ -234,6 +238,20 @@ def _number(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def _share(job: FinishedJob) -> float:
+    """The share of all heads the job was asked for (percent; ``n_heads=10%``: 10.0), nan
+    where it was asked a count, ablates nothing, or was recorded before shares existed."""
+    r = job.record
+    unablated = r.condition == "none" or r.n_heads == 0
+    return np.nan if unablated else _number(getattr(r, "n_heads_share", None))
+
+
+def n_text(n, share=None) -> str:
+    """How tables show N: the count, with the share of all heads asked for where the job
+    was asked one (``7 (10%)``), else the count alone (``7``)."""
+    return f"{int(n)}" + ("" if _missing(share) else f" ({float(share):.10g}%)")
 
 
 def _group_of(job: FinishedJob) -> dict:
@@ -409,8 +427,8 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
     groups, notes = grouped or cell_groups(jobs)
     for group in groups:
         for (n, cond, seed), job in group.cells.items():
-            row = {"group": group.name, **_group_of(job), "n_heads": n, "condition": cond,
-                   "control_seed": seed}
+            row = {"group": group.name, **_group_of(job), "n_heads": n,
+                   "n_heads_share": _share(job), "condition": cond, "control_seed": seed}
             row |= _accuracy_row(job, group, n, cond)
             row |= _near_tie_row(job, group, n, cond)
             row |= _continuous_row(job, group, n, cond)
@@ -429,7 +447,7 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
 
 
 # --------------------------------------------------------------------------- robustness
-ROBUSTNESS_COLUMNS = ["family", "n_heads", "ablation", "n_items", "accuracy_high",
+ROBUSTNESS_COLUMNS = ["family", "n_heads", "n_heads_share", "ablation", "n_items", "accuracy_high",
                       "accuracy_low", "accuracy_none",
                       *(f"delta_high_vs_{c}{s}" for c in ("none", "low")
                         for s in ("", "_ci_low", "_ci_high")),
@@ -480,7 +498,8 @@ def robustness_table(jobs: list[FinishedJob], groups: list[Group] | None = None
             none = g.cells.get((0, "none", 0))
             for n in sorted({n for (n, c, _) in g.cells if c == "high"}):
                 high, low = g.cells[(n, "high", 0)], g.cells.get((n, "low", 0))
-                row = {"family": family, "n_heads": n, "ablation": label,
+                row = {"family": family, "n_heads": n, "n_heads_share": _share(high),
+                       "ablation": label,
                        "n_items": len(high.results),
                        "accuracy_high": float(high.results["correct"].mean())}
                 for name, other in (("none", none), ("low", low)):
@@ -502,7 +521,7 @@ def robustness_table(jobs: list[FinishedJob], groups: list[Group] | None = None
 
 
 _ROBUSTNESS = [
-    ("N", "$N$", lambda r: str(r.n_heads)),
+    ("N", "$N$", lambda r: n_text(r.n_heads, r.n_heads_share)),
     ("ablation", "ablation", lambda r: r.ablation),
     ("items", "items", lambda r: str(r.n_items)),
     ("high %", r"high (\%)", lambda r: percent(r.accuracy_high)),
@@ -658,6 +677,7 @@ def icl_curve(jobs: list[FinishedJob]) -> pd.DataFrame:
         g = job.results.groupby("examples_before")["correct"].agg(["mean", "size"])
         g = g.reset_index().rename(columns={"mean": "accuracy", "size": "n_items"})
         g["n_heads"], g["condition"] = job.record.n_heads, job.record.condition
+        g["n_heads_share"] = _share(job)
         g["control_seed"] = job.record.control_seed
         parts.append(g)
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
@@ -688,7 +708,8 @@ def _vs_none(row, text: str) -> str:
 
 # (markdown header, LaTeX header, cell of a summary row)
 _DISPLAY = [
-    ("N", "$N$", lambda r: "" if r.condition == "none" else str(r.n_heads)),
+    ("N", "$N$", lambda r: "" if r.condition == "none" else n_text(r.n_heads,
+                                                                     r.n_heads_share)),
     ("condition", "condition", lambda r: r.condition),
     ("control seed", "control seed",
      lambda r: str(r.control_seed) if r.condition == "random" else ""),
@@ -982,7 +1003,8 @@ def strata_table(jobs: list[FinishedJob], groups: list[Group] | None = None) -> 
                 for (value, o), part in frame.groupby(["value", "order"], sort=False):
                     k, total = int(part["correct"].sum()), len(part)
                     lo, hi = st.wilson_interval(k, total)
-                    row = {"group": group.name, "n_heads": n, "condition": cond,
+                    row = {"group": group.name, "n_heads": n,
+                           "n_heads_share": _share(arm[0]), "condition": cond,
                            "n_draws": len(arm), "stratum": column, "value": value,
                            "order": int(o), "n_items": total, "n_correct": k,
                            "accuracy": k / total, "ci_low": lo, "ci_high": hi}
@@ -990,8 +1012,8 @@ def strata_table(jobs: list[FinishedJob], groups: list[Group] | None = None) -> 
                         row[metric] = float(pd.to_numeric(part[metric], errors="coerce")
                                             .mean()) if metric in part else np.nan
                     rows.append(row)
-    columns = ["group", "n_heads", "condition", "n_draws", "stratum", "value", "order",
-               "n_items", "n_correct", "accuracy", "ci_low", "ci_high", *CONTINUOUS]
+    columns = ["group", "n_heads", "n_heads_share", "condition", "n_draws", "stratum", "value",
+               "order", "n_items", "n_correct", "accuracy", "ci_low", "ci_high", *CONTINUOUS]
     if not rows:
         return pd.DataFrame(columns=columns)
     return pd.DataFrame(rows, columns=columns).sort_values(
@@ -1034,7 +1056,8 @@ def strata_markdown(table: pd.DataFrame | None) -> list[str]:
                 draws = int(arm.n_draws.iloc[0])
                 cells = {v: f"{percent(r.accuracy)} ({r.n_items})"
                          for v, r in zip(arm.value, arm.itertuples())}
-                out.append({"N": "" if cond == "none" else str(n),
+                out.append({"N": "" if cond == "none" else n_text(
+                                n, arm.n_heads_share.iloc[0]),
                             "condition": cond + (f" ({draws_text(draws)})" if cond == "random"
                                                  else ""),
                             **{v: cells.get(v, "") for v in values}})
@@ -1062,7 +1085,7 @@ def plot_strata(table: pd.DataFrame, path: Path, title: str = "",
         g = part[(part.condition == cond) & (part.n_heads == n)].sort_values("order")
         x = g.value.map(position) + 0.04 * (i - (len(keys) - 1) / 2)  # side by side
         draws = int(g.n_draws.iloc[0])
-        label = "unablated" if cond == "none" else f"{cond} N={n}" + (
+        label = "unablated" if cond == "none" else f"{cond} N={n_text(n, _first_share(g))}" + (
             f" ({draws_text(draws)} pooled)" if cond == "random" else "")
         color = COLORS.get(cond, "tab:green")
         ax.plot(x, 100 * g.accuracy, marker="o", ms=4, color=color, label=label,
@@ -1081,14 +1104,33 @@ def plot_strata(table: pd.DataFrame, path: Path, title: str = "",
     return path
 
 
+def _first_share(rows: pd.DataFrame) -> float:
+    """The first share of all heads (percent) among ``rows`` (nan: none was asked)."""
+    shares = rows["n_heads_share"].dropna() if "n_heads_share" in rows else []
+    return float(shares.iloc[0]) if len(shares) else np.nan
+
+
+def _dose_axis(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """``df`` with column ``x``, where the accuracy-vs-N figure puts each row: the share of
+    all heads (percent) when every ablated row of the figure was asked as one
+    (``n_heads=1%,3%,10%``), else the count N; and whether it is the share."""
+    ablated = df[df.condition != "none"]
+    by_share = "n_heads_share" in df and not ablated.empty and \
+        bool(ablated.n_heads_share.notna().all())
+    return df.assign(x=df.n_heads_share if by_share else df.n_heads), by_share
+
+
 COLORS = {"high": "tab:red", "low": "tab:blue", "random": "tab:grey", "none": "black"}
 
 
 def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | None:
     """Accuracy against N per condition with 95% Wilson CIs; the unablated accuracy as a
-    line and band; the random draws as their 2.5-97.5% band (or points, for < 3 draws)."""
+    line and band; the random draws as their 2.5-97.5% band (or points, for < 3 draws).
+    The x axis is the share of all heads (%, each tick with its count) when every ablated
+    job of the figure was asked as a share, else the count N (:func:`_dose_axis`)."""
     if df.empty:
         return None
+    df, by_share = _dose_axis(df)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     none = df[df.condition == "none"]
@@ -1100,7 +1142,7 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
                          f"{100 * r.ci_high:.1f}]")
     random = df[df.condition == "random"]
     if not random.empty:
-        by_n = random.groupby("n_heads")["accuracy"]
+        by_n = random.groupby("x")["accuracy"]
         draws = int(by_n.size().min())
         if draws >= 3:
             band = by_n.quantile([0.025, 0.975]).unstack()
@@ -1110,9 +1152,9 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
             ax.plot(band.index, 100 * by_n.median(), color=COLORS["random"], lw=1, marker="s",
                     ms=4, clip_on=False, zorder=4)
         else:
-            ax.plot(random.n_heads, 100 * random.accuracy, "o", color=COLORS["random"],
+            ax.plot(random.x, 100 * random.accuracy, "o", color=COLORS["random"],
                     ms=5, clip_on=False, label=f"random heads ({draws_text(len(random))})")
-    measured = sorted(int(n) for n in df.loc[df.condition != "none", "n_heads"].unique())
+    measured = sorted(df.loc[df.condition != "none", "x"].unique())
     dodge = 0.012 * max(1, measured[-1] - measured[0]) if measured else 0
     for cond, shift in (("high", -dodge), ("low", dodge)):  # side by side where they meet
         g = df[df.condition == cond].sort_values("n_heads")
@@ -1120,11 +1162,17 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
             continue
         y = 100 * g.accuracy
         yerr = np.clip([y - 100 * g.ci_low, 100 * g.ci_high - y], 0, None)
-        ax.errorbar(g.n_heads + shift, y, yerr=yerr, marker="o", ms=5, capsize=3,
+        ax.errorbar(g.x + shift, y, yerr=yerr, marker="o", ms=5, capsize=3,
                     color=COLORS[cond], clip_on=False, zorder=3,
                     label={"high": "top-N by score (induction heads)",
                            "low": "layer-matched lowest-N (control)"}[cond])
-    if measured:
+    if measured and by_share:
+        counts = df[df.condition != "none"].groupby("x").n_heads.first()
+        ax.set_xticks(measured, [f"{x:.10g}%\n(N={counts[x]})" for x in measured])
+        pad = max(0.5, 0.06 * (measured[-1] - measured[0]))
+        ax.set_xlim(measured[0] - pad, measured[-1] + pad)
+        ax.set_xlabel("heads ablated (% of all heads; N: the count)")
+    elif measured:
         ax.set_xticks(measured)
         pad = max(1.0, 0.06 * (measured[-1] - measured[0]))
         ax.set_xlim(measured[0] - pad, measured[-1] + pad)
@@ -1136,9 +1184,10 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
     ax.set_ylabel("accuracy (%), error bars: 95% Wilson CI")
     ax.set_title(title or "bAbI accuracy vs number of ablated heads", fontsize=10)
     ax.grid(alpha=0.25)
-    # below the axes: inside, it would cover the points at 0% (or 100%)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
-              frameon=False)
+    # below the axes: inside, it would cover the points at 0% (or 100%); lower still under
+    # the two-line ticks of a share axis
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2 if by_share else -0.14),
+              ncol=2, frameon=False)
     write_figure(path, fig)
     plt.close(fig)
     return path
@@ -1170,7 +1219,8 @@ def plot_icl(curve: pd.DataFrame, path: Path, title: str = "") -> Path | None:
             "examples_before")
         bounds = np.array([st.wilson_interval(int(k), int(m))
                            for k, m in zip(g.n_correct, g.n_items)])
-        label = "unablated" if cond == "none" else f"{cond} N={n}" + (
+        share = _first_share(curve[(curve.condition == cond) & (curve.n_heads == n)])
+        label = "unablated" if cond == "none" else f"{cond} N={n_text(n, share)}" + (
             f" ({draws_text(draws[n])} pooled)" if cond == "random" else "")
         x = g.examples_before + 0.04 * (i - (len(keys) - 1) / 2)  # lines at 100% side by side
         color = COLORS.get(cond, "tab:green")

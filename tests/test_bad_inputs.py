@@ -21,8 +21,13 @@ HYDRA = "hydra"  # refused by Hydra while composing
 
 # (overrides, expected: HYDRA or a fragment of the one-line message)
 CONFIG_CASES = [
-    (["condition=best"], HYDRA), (["condition=HIGH"], HYDRA), (["n_heads=abc"], HYDRA),
-    (["n_heads=1.5"], HYDRA), (["n_heads=-2"], "n_heads=-2 is not allowed"),
+    (["condition=best"], HYDRA), (["condition=HIGH"], HYDRA),
+    (["n_heads=abc"], "n_heads='abc' is not allowed; allowed: an integer >= 0 (heads), or a "
+                      "share of all the model's heads P% with 0 < P <= 100, e.g. 1%, 0.5%"),
+    (["n_heads=0%"], "n_heads='0%' is not allowed"), (["n_heads=150%"], "n_heads='150%'"),
+    (["n_heads=-5%"], "n_heads='-5%' is not allowed"), (["n_heads=5 %"], "n_heads='5 %'"),
+    (["n_heads=1.5"], HYDRA), (["n_heads=true"], HYDRA),
+    (["n_heads=-2"], "n_heads=-2 is not allowed"),
     (["n_heads=65"], "n_heads=65 is larger than the model's 64 heads"),
     (["control_seed=abc"], HYDRA), (["condition=random", "control_seed=-1"],
                                     "control_seed=-1 is not allowed"),

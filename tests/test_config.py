@@ -29,7 +29,7 @@ def test_defaults_compose_into_the_typed_schema():
     "condition=best", "eval.metric=fuzzy", "eval.scope=first", "scoring.rank_by=best",
     "ablation.method=shuffle", "quantization.name=int4", "job=train", "eval.progress=maybe",
     "summarize=maybe", "model.attn_implementation=magic", "scoring.seed=abc",
-    "eval.cpu_workers=1.5", "n_heads=abc", "data.split=dev", "model.dtype=float8",
+    "eval.cpu_workers=1.5", "n_heads=1.5", "data.split=dev", "model.dtype=float8",
     "scan.layers=abc", "train.schedule=linear",
 ])
 def test_wrong_types_and_values_are_refused_at_compose_time(override):
@@ -52,6 +52,10 @@ def test_unknown_keys_are_refused(override, match):
 
 @pytest.mark.parametrize("override,match", [
     ("n_heads=-2", r"n_heads=-2 is not allowed; allowed: an integer >= 0"),
+    ("n_heads=abc", r"n_heads='abc' is not allowed; allowed: an integer >= 0 \(heads\), or a "
+                    r"share of all the model's heads P% with 0 < P <= 100"),
+    ("n_heads=0%", r"n_heads='0%' is not allowed; .* \(no ablation: n_heads=0 or "
+                   r"condition=none\)"),
     ("data.task=2", r"data.task=2 is not allowed; allowed with data=babi_generated: 1"),
     ("eval.cpu_workers=0", r"eval.cpu_workers=0 is not allowed; allowed: auto, or an "
                            r"integer >= 1"),
@@ -162,6 +166,24 @@ def test_settings_that_cannot_change_a_job_leave_its_hash_alone():
                   ("condition=none", "scoring=combined"), ("condition=high", "n_heads=0"),
                   ("condition=low", "n_heads=0", "control_seed=2")):
         assert config_hash(compose(*other)) == none, other
+
+
+def test_a_share_of_heads_composes_resolves_and_hashes_apart_from_its_count():
+    """n_heads=3% composes as the string '3%' (Hydra's parser keeps it), passes the checks
+    and resolves to 2 of the tiny model's 64 heads; n_heads=10% and n_heads=7 are
+    different configs (kept simple: the hash is of what was asked), but an unablated job
+    is the same job whatever share was asked."""
+    from ih_sweep.selection import resolve_n_heads
+
+    config = settings(compose("n_heads=3%"))
+    assert config.n_heads == "3%"
+    assert resolve_n_heads(config.n_heads, 2, 32) == 2
+    assert settings(compose("n_heads=0.5%")).n_heads == "0.5%"
+    assert config_hash(compose("n_heads=10%")) != config_hash(compose("n_heads=7"))
+    assert config_hash(compose("n_heads=10%")) != config_hash(compose("n_heads=3%"))
+    none = config_hash(compose("condition=none", "n_heads=4"))
+    assert config_hash(compose("condition=none", "n_heads=10%")) == none
+    assert schema.folder_name("condition=high,n_heads=10%") == "condition=high,n_heads=10%"
 
 
 def test_long_job_folder_names_stay_under_the_file_system_limit():

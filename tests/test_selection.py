@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 from conftest import SEED_SCORES, needs_seed
 
+from ih_sweep.schema import ConfigError
 from ih_sweep.selection import (
     SelectionError,
     layer_counts,
     low_matched,
     random_matched,
+    resolve_n_heads,
     select_heads,
     top_heads,
 )
@@ -59,6 +61,28 @@ def test_none_and_zero():
 def test_errors(cond, n, match):
     with pytest.raises(SelectionError, match=match):
         select_heads(SCORES, cond, n)
+
+
+@pytest.mark.parametrize("n_heads,layers,heads,want", [
+    ("1%", 2, 32, 1), ("3%", 2, 32, 2), ("10%", 2, 32, 7),  # the tiny model's 64 heads
+    ("1%", 32, 32, 11), ("3%", 32, 32, 31),  # Mistral-7B / Llama-3-8B: 1,024 heads
+    ("100%", 2, 32, 64), ("100%", 32, 32, 1024), ("0.5%", 2, 32, 1), ("50%", 2, 32, 32),
+    ("10%", 2, 4, 1), ("12.5%", 2, 4, 1), ("12.6%", 2, 4, 2), ("7%", 10, 10, 7),
+    ("0.07%", 100, 100, 7), (".5%", 2, 32, 1), (8, 2, 32, 8), (0, 2, 32, 0),
+])
+def test_a_share_of_heads_resolves_to_the_ceiling_exactly(n_heads, layers, heads, want):
+    """ceil(L x H x P / 100) in exact arithmetic: 7% of 100 heads is 7 (through a float,
+    100 * 0.07 = 7.000000000000001 would round up to 8); 12.5% of 8 heads is exactly 1."""
+    assert resolve_n_heads(n_heads, layers, heads) == want
+
+
+@pytest.mark.parametrize("bad", ["0%", "0.0%", "100.01%", "101%", "-1%", "abc", "10", "10 %",
+                                 "%", "1e1%", "10%%", "", -1, True])
+def test_a_share_outside_0_to_100_or_not_a_share_is_refused(bad):
+    with pytest.raises(ConfigError, match=r"^n_heads=.* is not allowed; allowed: an integer "
+                                          r">= 0 \(heads\), or a share of all the model's "
+                                          r"heads P% with 0 < P <= 100"):
+        resolve_n_heads(bad, 2, 32)
 
 
 def test_unscored_heads_are_never_chosen_and_all_missing_is_an_error():

@@ -39,6 +39,7 @@ from ..schema import (
     ConfigError,
     ScoreSource,
     config_hash,
+    n_heads_share,
     plain,
     semantic_config,
 )
@@ -67,16 +68,23 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     from ..model_loading import load_model, model_shape
     from ..score_table import check_scores_fit, get_scores
     from ..scoring import score_matrix
-    from ..selection import select_heads
+    from ..selection import resolve_n_heads, select_heads
 
     timings: dict[str, float] = {}
 
-    # check: what can be checked without weights comes first
+    # check: what can be checked without weights comes first; a share of heads (n_heads=10%)
+    # becomes its count on this model
     n_layers, heads_per_layer = model_shape(plain(config.model))
-    if config.condition != Condition.none and config.n_heads > n_layers * heads_per_layer:
+    n_ablate = resolve_n_heads(config.n_heads, n_layers, heads_per_layer)
+    share = n_heads_share(config.n_heads)
+    if config.condition != Condition.none and n_ablate > n_layers * heads_per_layer:
         raise ConfigError(f"n_heads={config.n_heads} is larger than the model's "
                           f"{n_layers * heads_per_layer} heads ({n_layers} x "
                           f"{heads_per_layer})")
+    if share is not None and config.condition != Condition.none:
+        log.info("n_heads=%s of the model's %d heads (%d x %d): %d heads (rounded up)",
+                 config.n_heads, n_layers * heads_per_layer, n_layers, heads_per_layer,
+                 n_ablate)
 
     # data
     t0 = time.time()
@@ -97,14 +105,14 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     # scores -> select
     t0 = time.time()
     mat, heads, scores_file = None, [], None
-    if config.condition != Condition.none and config.n_heads > 0:
+    if config.condition != Condition.none and n_ablate > 0:
         scores, cached = get_scores(config, model_getter, progress=config.eval.progress,
                                     shape=(n_layers, heads_per_layer))
         scores_file = str(cached or Path(config.scoring.file).resolve())
         if config.scoring.source == ScoreSource.file:
             check_scores_fit(scores, n_layers, heads_per_layer, config.scoring.file)
         mat = score_matrix(scores, config.scoring.rank_by)
-        heads = select_heads(mat, config.condition, config.n_heads, config.control_seed)
+        heads = select_heads(mat, config.condition, n_ablate, config.control_seed)
     timings["scores_s"] = time.time() - t0
 
     # ablate + evaluate
@@ -119,17 +127,19 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     mechanism = run_mechanism(config, model_getter, stories, heads, fill)
     timings["mechanism_s"] = time.time() - t0
 
-    # write: an unablated job ablates 0 heads whatever N was asked, and the control seed
-    # is 0 unless it drew the heads (condition=random), as in the config hash
+    # write: an unablated job ablates 0 heads whatever N was asked (no share either), and
+    # the control seed is 0 unless it drew the heads (condition=random), as in the config hash
     n_heads, condition, control_seed = len(heads), config.condition.value, \
         (config.control_seed if config.condition == Condition.random else 0)
+    n_share = float(share) if share is not None and heads else None
     if not heads:
         condition = Condition.none.value
     results = items_df.assign(
-        n_heads=n_heads, condition=condition, control_seed=control_seed, model=config.model.name,
-        quantization=config.quantization.name.value, data=config.data.name.value,
-        babi_task=config.data.task, split=split_name(config), metric=config.eval.metric.value,
-        scope=config.eval.scope.value, ablation=config.ablation.method.value,
+        n_heads=n_heads, n_heads_share=n_share, condition=condition, control_seed=control_seed,
+        model=config.model.name, quantization=config.quantization.name.value,
+        data=config.data.name.value, babi_task=config.data.task, split=split_name(config),
+        metric=config.eval.metric.value, scope=config.eval.scope.value,
+        ablation=config.ablation.method.value,
     )[RESULT_COLUMNS]
     heads_df = pd.DataFrame([(la, h, float(mat[la, h]), config.scoring.rank_by.value)
                              for la, h in heads], columns=HEAD_COLUMNS)
@@ -138,8 +148,8 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     n_correct = int(results["correct"].sum())
     timings["total_s"] = time.time() - t_start
     record = EvaluationRecord(
-        config_hash=chash, n_heads=n_heads, condition=condition, control_seed=control_seed,
-        model=config.model.name,
+        config_hash=chash, n_heads=n_heads, n_heads_share=n_share, condition=condition,
+        control_seed=control_seed, model=config.model.name,
         quantization=config.quantization.name.value, data=plain(config.data),
         eval={"metric": config.eval.metric.value, "scope": config.eval.scope.value,
               "max_new_tokens": config.eval.max_new_tokens,
