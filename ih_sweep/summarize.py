@@ -1,8 +1,10 @@
 """Turn a sweep folder into what a researcher reports: tables, paired statistics, plots.
 
 Runs at the end of every multirun (Hydra callback) and standalone:
-``python -m ih_sweep.summarize <sweep dir>``. Idempotent; never drops a job silently. Job
-folders are read through :mod:`ih_sweep.records` (the same definitions the jobs write with).
+``python -m ih_sweep.summarize <sweep dir>``; given several sweep folders, the command writes
+one cross-model table instead (:mod:`ih_sweep.cross_model`). Idempotent; never drops a job
+silently. Job folders are read through :mod:`ih_sweep.records` (the same definitions the jobs
+write with).
 
 summary.csv columns
 -------------------
@@ -1469,9 +1471,14 @@ def main(argv: list[str] | None = None) -> int:
 def _compare_main(sweep_dirs: list[str], out: str | None) -> int:
     """main's several-sweeps branch: :func:`ih_sweep.cross_model.compare`, the same exit
     statuses as one sweep's summary."""
-    from . import cross_model as cm
+    import importlib
 
-    errors = cm.sm  # this module as imported (under `python -m` this file is __main__)
+    # cross_model builds on this module (one direction: tests/test_imports.py); the command
+    # reaches it by name at run time. Its errors are those of ih_sweep.summarize as
+    # imported: under `python -m ih_sweep.summarize` this file runs as a second module,
+    # __main__, whose classes are other objects.
+    cm = importlib.import_module("ih_sweep.cross_model")
+    errors = cm.sm
     out_dir = Path(out) if out is not None else cm.default_out()
     try:
         table = cm.compare(sweep_dirs, out_dir)

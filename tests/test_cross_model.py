@@ -132,6 +132,19 @@ def test_cross_table_equals_each_sweeps_own_summary():
         f"{100 * row.ci_high_high:.1f}]")
 
 
+def test_share_column_is_carried_where_the_summary_has_it():
+    """n_heads_share (the dose as a share of all heads) comes from the sweep's summary
+    when it has the column, and is empty otherwise."""
+    rng = np.random.default_rng(6)
+    jobs, _ = sweep_jobs(rng)
+    groups, notes = cell_groups(jobs)
+    summary, _ = summarize_jobs(jobs, (groups, notes))
+    assert pd.isna(cm.group_rows(summary, groups[0])[0]["n_heads_share"])
+    shared = summary.assign(n_heads_share=np.where(summary.condition == "none", "", "6.25%"))
+    row = cm.group_rows(shared, groups[0])[0]
+    assert row["n_heads_share"] == "6.25%"
+
+
 def test_one_model_in_two_sweeps_is_refused():
     rng = np.random.default_rng(1)
     with pytest.raises(cm.CrossModelError, match="A and B both hold tiny"):
@@ -185,7 +198,7 @@ def _write(root: Path, jobs: list[FinishedJob]) -> Path:
     return root
 
 
-def test_command_error_paths(tmp_path, capsys):
+def test_command_error_paths(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(4)
     a = _write(tmp_path / "a", sweep_jobs(rng)[0])
     b = _write(tmp_path / "b", sweep_jobs(rng, quantization=NF4)[0])
@@ -203,6 +216,11 @@ def test_command_error_paths(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, (argv, err)
     assert not (tmp_path / "x").exists() and not (a / "cmp").exists()
+    monkeypatch.chdir(tmp_path)  # without --out: outputs/compare/<time> here
+    assert main([str(a), str(b)]) == 0
+    made = list((tmp_path / "outputs" / "compare").iterdir())
+    assert len(made) == 1 and (made[0] / "cross_model.csv").is_file()
+    assert f"in: {Path('outputs/compare') / made[0].name}" in capsys.readouterr().out
     assert sorted(p.name for p in a.iterdir()) == sorted(str(j) for j in (
         "tiny-high4-0", "tiny-low4-0", "tiny-none4-0", "tiny-random4-0", "tiny-random4-1",
         "tiny-random4-2"))
