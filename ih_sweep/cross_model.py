@@ -26,7 +26,8 @@ model, quantization, dtype   ``model.name``, ``quantization.name``, ``model.dtyp
 sweep            the sweep folder the row comes from
 group            the sweep's group (summary.csv ``group``): the settings its jobs share
 n_heads          N, heads ablated (0 in a group that has only the unablated job)
-n_heads_share    the share of all heads N stands for, where the sweep's summary has it
+n_heads_share    the share of all the model's heads asked for, in percent (``n_heads=10%``:
+                 10.0; summary.csv ``n_heads_share``), empty where a count was asked
 n_items          items of the unablated job (of the first ablated job without one)
 accuracy_<c>, ci_low_<c>, ci_high_<c>   for c in none, high, low: the accuracy and its
                  Wilson 95% interval (summary.csv ``accuracy``, ``ci_low``, ``ci_high``)
@@ -229,10 +230,6 @@ def _delta(r, other: str) -> str:
     return f"{sm.percent(value)} {ci}".strip()
 
 
-def _share(x) -> str:
-    return "" if sm._missing(x) else str(x)
-
-
 def _random(r) -> str:
     if not r.n_random:
         return ""
@@ -242,8 +239,7 @@ def _random(r) -> str:
 # (markdown header, LaTeX header, cell of a cross_model.csv row); the first two always shown
 _CROSS = [
     ("model", "model", lambda r: r.model_key if r.first else ""),
-    ("N", "$N$", lambda r: "" if r.n_heads == 0 else str(r.n_heads)),
-    ("share", "share", lambda r: _share(r.n_heads_share)),
+    ("N", "$N$", lambda r: "" if r.n_heads == 0 else sm.n_text(r.n_heads, r.n_heads_share)),
     ("items", "items", lambda r: "" if sm._missing(r.n_items) else str(int(r.n_items))),
     ("none % [95% CI]", r"none (\%) [95\% CI]", lambda r: _acc(r, "none")),
     ("high % [95% CI]", r"high (\%) [95\% CI]", lambda r: _acc(r, "high")),
@@ -265,8 +261,8 @@ _CROSS = [
 LEGEND = [
     "**model**: one row group per model: `model.name` and the model or quantization settings "
     "in which the sweeps differ. Rows are never compared across groups.",
-    "**N**: heads ablated (**share**: of all the model's heads, where the sweep records "
-    "it); **items**: items evaluated.",
+    "**N**: heads ablated, with the share of all the model's heads where the sweep asked "
+    "for one (`7 (10%)`); **items**: items evaluated.",
     "**none / high / low %**: accuracy of the unablated model, the top-N heads by score "
     "and the layer-matched lowest-N control, with 95% Wilson intervals; **random %**: mean "
     "over the layer-matched random draws at N.",
@@ -294,7 +290,7 @@ def row_group_labels(table: pd.DataFrame) -> pd.Series:
 
 def display_table(table: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
     """The rows a reader sees: the row group named on its first row, columns empty in
-    every row dropped (share, random, near-ties where the jobs lack them)."""
+    every row dropped (random, near-ties where the jobs lack them)."""
     labels = row_group_labels(table)
     first = ~labels.eq(labels.shift())
     return sm._display(table.assign(model_key=labels, first=first.to_numpy()), _CROSS, latex,
@@ -341,9 +337,14 @@ def plot_cross(table: pd.DataFrame, path: Path) -> Path | None:
     """Accuracy against N, one panel per row group (model, and sweep group where a model
     has several): ``high`` and ``low`` with 95% Wilson error bars, the random draws' mean,
     the unablated accuracy as a dashed line in its band; colours as the sweep's figure
-    (:data:`ih_sweep.summarize.COLORS`). None for an empty table."""
+    (:data:`ih_sweep.summarize.COLORS`). The x axis is the share of all heads (%, each tick
+    with its count) when every ablated row was asked as a share (models of different sizes
+    then meet at the same x), else the count N. None for an empty table."""
     if table.empty:
         return None
+    ablated = table[table.n_heads > 0]
+    by_share = not ablated.empty and bool(ablated.n_heads_share.notna().all())
+    table = table.assign(x=table.n_heads_share if by_share else table.n_heads)
     plt = pyplot()
     panels = list(table.assign(label=row_group_labels(table)).groupby(
         ["label", "sweep", "group"], sort=False))
@@ -361,8 +362,8 @@ def plot_cross(table: pd.DataFrame, path: Path) -> Path | None:
                        alpha=0.12, lw=0)
             labels["none"] = ax.axhline(100 * r.accuracy_none, color=sm.COLORS["none"],
                                         lw=1, ls="--")
-        ns = g.n_heads[g.n_heads > 0].tolist()
-        pad = max(1.0, 0.06 * (ns[-1] - ns[0])) if ns else 0
+        ns = g.x[g.n_heads > 0].tolist()
+        pad = max(0.5 if by_share else 1.0, 0.06 * (ns[-1] - ns[0])) if ns else 0
         dodge = 0.025 * (ns[-1] - ns[0] + 2 * pad) if ns else 0  # ~2.5% of the axis
         for cond, shift in (("high", -dodge), ("low", dodge)):
             part = g[g[f"accuracy_{cond}"].notna()]
@@ -371,20 +372,23 @@ def plot_cross(table: pd.DataFrame, path: Path) -> Path | None:
             y = 100 * part[f"accuracy_{cond}"]
             err = np.clip([y - 100 * part[f"ci_low_{cond}"], 100 * part[f"ci_high_{cond}"] - y],
                           0, None)
-            labels[cond] = ax.errorbar(part.n_heads + shift, y, yerr=err, marker="o", ms=5,
+            labels[cond] = ax.errorbar(part.x + shift, y, yerr=err, marker="o", ms=5,
                                        capsize=3, color=sm.COLORS[cond], clip_on=False,
                                        zorder=3)
         part = g[g.n_random > 0]
         if not part.empty:
-            labels["random"] = ax.plot(part.n_heads, 100 * part.accuracy_random, "s",
+            labels["random"] = ax.plot(part.x, 100 * part.accuracy_random, "s",
                                        color=sm.COLORS["random"], ms=5, clip_on=False)[0]
         if ns:
-            ax.set_xticks(ns)
+            ticks = [f"{x:.10g}%\n(N={n})" for x, n in zip(ns, g.n_heads[g.n_heads > 0])] \
+                if by_share else [str(int(x)) for x in ns]
+            ax.set_xticks(ns, ticks)
             ax.set_xlim(ns[0] - pad, ns[-1] + pad)
         else:
             ax.set_xticks([])
         ax.set_ylim(-3, 103)
-        ax.set_xlabel("heads ablated (N)")
+        ax.set_xlabel("heads ablated (% of all heads; N: the count)" if by_share
+                      else "heads ablated (N)")
         ax.set_title(key if key in set(table.model_key) else f"{key}\n{own[group]}",
                      fontsize=9)
         ax.grid(alpha=0.25)

@@ -126,23 +126,25 @@ def test_cross_table_equals_each_sweeps_own_summary():
     assert row.within_near_ties_vs_none in (True, False)
     assert pd.isna(table.iloc[1].within_near_ties_vs_none)
     shown = cm.display_table(table)
-    assert "Δ vs none within near-ties" in shown.columns and "share" not in shown.columns
+    assert "Δ vs none within near-ties" in shown.columns and shown.N.tolist() == ["4", "4"]
     assert shown["high % [95% CI]"].iloc[0] == (
         f"{100 * row.accuracy_high:.1f} [{100 * row.ci_low_high:.1f}, "
         f"{100 * row.ci_high_high:.1f}]")
 
 
 def test_share_column_is_carried_where_the_summary_has_it():
-    """n_heads_share (the dose as a share of all heads) comes from the sweep's summary
-    when it has the column, and is empty otherwise."""
+    """n_heads_share (the dose as a share of all heads, percent) comes from the sweep's
+    summary, empty where a count was asked; N then shows both."""
     rng = np.random.default_rng(6)
     jobs, _ = sweep_jobs(rng)
     groups, notes = cell_groups(jobs)
     summary, _ = summarize_jobs(jobs, (groups, notes))
     assert pd.isna(cm.group_rows(summary, groups[0])[0]["n_heads_share"])
-    shared = summary.assign(n_heads_share=np.where(summary.condition == "none", "", "6.25%"))
+    shared = summary.assign(n_heads_share=np.where(summary.condition == "none", np.nan, 6.25))
     row = cm.group_rows(shared, groups[0])[0]
-    assert row["n_heads_share"] == "6.25%"
+    assert row["n_heads_share"] == 6.25
+    table = pd.DataFrame([{"model_key": "tiny", "sweep": "A", **row}], columns=cm.CROSS_COLUMNS)
+    assert cm.display_table(table)["N"].tolist() == ["4 (6.25%)"]
 
 
 def test_one_model_in_two_sweeps_is_refused():
