@@ -78,10 +78,8 @@ raises :class:`SummaryIncomplete` naming it, so the command exits non-zero.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1427,73 +1425,9 @@ def console_report(df: pd.DataFrame, sweep_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ih_sweep.summarize <sweep dir>``: (re)build a sweep's summary files;
-    ``python -m ih_sweep.summarize A B [...] [--out OUT]``: one cross-model table of several
-    sweeps (:mod:`ih_sweep.cross_model`). Exit status 0; 2 when there is nothing to
-    summarize (or the sweeps cannot share a table); 1 when the summary is incomplete (a step
-    failed, jobs left out), with one line on stderr saying what."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ih_sweep.summarize",
-        description="Summarize an ih_sweep multirun folder (its summary files are written "
-                    "into it); given several, write one cross-model table and figure with a "
-                    "row group per model (model, quantization, dtype) into --out, leaving "
-                    "the sweeps untouched.")
-    parser.add_argument("sweep_dir", nargs="+", help="the multirun folder(s) "
-                        "(hydra.sweep.dir); several: sweeps of different models or of one "
-                        "model in different quantizations or dtypes, one sweep per model")
-    parser.add_argument("--out", help="several sweeps only: the folder for cross_model.csv, "
-                        ".md, .tex and .png (created; not inside a sweep; default "
-                        "outputs/compare/<time> under the working directory)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if len(args.sweep_dir) > 1:
-        return _compare_main(args.sweep_dir, args.out)
-    if args.out is not None:
-        print("ih_sweep.summarize: --out is for several sweeps; a single sweep's summary is "
-              "written into the sweep folder", file=sys.stderr)
-        return 2
-    args.sweep_dir = args.sweep_dir[0]
-    try:
-        df = summarize(args.sweep_dir)
-    except SummaryError as err:
-        print(f"ih_sweep.summarize: {err}", file=sys.stderr)
-        return 2
-    except SummaryIncomplete as err:
-        if err.table is not None and not err.table.empty:
-            print(console_report(err.table, Path(args.sweep_dir)), flush=True)
-        print(f"ih_sweep.summarize: {err}", file=sys.stderr)
-        return 1
-    print(console_report(df, Path(args.sweep_dir)))
-    return 0
+if __name__ == "__main__":  # python -m ih_sweep.summarize: the command's code is in
+    # summarize_command, which builds on this module and on cross_model (imports in this
+    # block are the script's entry, not this module's: tests/test_imports.py)
+    from ih_sweep.summarize_command import main
 
-
-def _compare_main(sweep_dirs: list[str], out: str | None) -> int:
-    """main's several-sweeps branch: :func:`ih_sweep.cross_model.compare`, the same exit
-    statuses as one sweep's summary."""
-    import importlib
-
-    # cross_model builds on this module (one direction: tests/test_imports.py); the command
-    # reaches it by name at run time. Its errors are those of ih_sweep.summarize as
-    # imported: under `python -m ih_sweep.summarize` this file runs as a second module,
-    # __main__, whose classes are other objects.
-    cm = importlib.import_module("ih_sweep.cross_model")
-    errors = cm.sm
-    out_dir = Path(out) if out is not None else cm.default_out()
-    try:
-        table = cm.compare(sweep_dirs, out_dir)
-    except errors.SummaryError as err:
-        print(f"ih_sweep.summarize: {err}", file=sys.stderr)
-        return 2
-    except errors.SummaryIncomplete as err:
-        if err.table is not None and not err.table.empty:
-            print(cm.markdown_table(cm.display_table(err.table)), flush=True)
-        print(f"ih_sweep.summarize: {err}", file=sys.stderr)
-        return 1
-    print(f"{cm.markdown_table(cm.display_table(table))}\n\nCross-model summary (cross_model.md, "
-          f".csv, .tex, .png) in: {out_dir}")
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -18,7 +18,8 @@ import pytest
 from ih_sweep import cross_model as cm
 from ih_sweep import statistics as st
 from ih_sweep.records import RESULT_COLUMNS, EvaluationRecord
-from ih_sweep.summarize import FinishedJob, cell_groups, main, summarize_jobs
+from ih_sweep.summarize import FinishedJob, cell_groups, summarize_jobs
+from ih_sweep.summarize_command import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"name": "tiny", "path": "builtin:tiny", "dtype": "float32"}

@@ -11,11 +11,29 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "ih_sweep"
 
 
+def _is_script_entry(node: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` at a module's top level."""
+    test = getattr(node, "test", None)
+    return (isinstance(node, ast.If) and isinstance(test, ast.Compare)
+            and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__"
+                    for c in test.comparators))
+
+
+def _without_script_entry(tree: ast.Module) -> ast.Module:
+    """The module without its ``if __name__ == "__main__":`` block: that block runs only
+    when the file is run as a script (``python -m ih_sweep.summarize`` hands over to
+    ``summarize_command`` there), never when the module is imported, so its imports are
+    no dependency of the module."""
+    tree.body = [node for node in tree.body if not _is_script_entry(node)]
+    return tree
+
+
 def _imports(path: Path, modules: set[str]) -> set[str]:
     """The package modules that ``path`` imports anywhere (top level or inside functions),
     relative (``from .x import y``, ``from . import x``) or absolute (``ih_sweep.x``)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_without_script_entry(ast.parse(path.read_text(), str(path)))):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -79,6 +97,8 @@ def test_graph_sees_lazy_relative_and_absolute_imports():
     assert "architecture" in graph["eval_attention"]  # inside a function
     assert "launch" in graph["__main__"]  # absolute
     assert "data" in graph["tiny_model"]  # from . import data as babi
+    assert "summarize_command" not in graph["summarize"]  # only its script entry imports it
+    assert {"summarize", "cross_model"} <= graph["summarize_command"]
 
 
 def test_no_import_cycle_between_package_modules():
