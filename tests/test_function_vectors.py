@@ -376,3 +376,15 @@ def test_fv_scores_on_other_families(tmp_path, family):
                      "scoring.n_sequences=2", "mechanism.enabled=false", "eval.progress=false")
     top = np.argsort(-a.aie, axis=None, kind="stable")[:2]
     assert record.heads == [[int(i // 4), int(i % 4)] for i in top]
+
+
+@pytest.mark.slow
+def test_the_score_job_writes_and_prints_fv_scores(tmp_path, caplog):
+    from compose_config import run_job
+
+    caplog.set_level("INFO")
+    run_job(tmp_path / "job", "job=score", "scoring=fv", "debug=fast")
+    df = pd.read_csv(tmp_path / "job" / "scores.csv")
+    assert np.isfinite(df["fv"]).all() and np.isfinite(df["prefix"]).all() and len(df) == 64
+    assert "top heads by fv" in caplog.text
+    assert list((tmp_path / "cache" / "scores").glob("tiny-fv-*.csv"))
