@@ -136,6 +136,8 @@ class RankBy(Choice):
     prefix = "prefix"  # prefix matching (Olsson et al. 2022)
     copying = "copying"
     combined = "combined"  # the notebook's sqrt(prefix^2 + ((copying - 0.035) / 0.03)^2)
+    fv = "fv"  # function-vector heads: average indirect effect (Todd et al. 2024), on the
+    # job's own prompts (ih_sweep.function_vectors)
 
 
 class AblationMethod(Choice):
@@ -153,6 +155,8 @@ class Schedule(Choice):
     wsd = "wsd"  # warmup-stable-decay
 
 
+FV_KEYS = ("fv_prompts", "fv_mean_prompts", "fv_seed", "fv_correct_only", "fv_batch_size")
+EXCLUSION_KEYS = ("exclude_by", "exclude_share")
 # bAbI v1.2 release folders; not an Enum because the names hold '-'
 LANGS = ("en", "en-10k", "hn", "hn-10k", "shuffled", "shuffled-10k", "en-valid", "en-valid-10k")
 BABI_TASKS = tuple(range(1, 21))
@@ -226,12 +230,29 @@ class ScoringConfig:
     batch_size: int | str = field(default="auto", metadata=SPEED)
     exclude_frequent_frac: float = 0.0  # BPE vocabularies: drop the lowest ids
     exclude_rare_frac: float = 0.0  # ... and the highest
+    # exclusion (Yin & Steinhardt 2025): the top-N by rank_by among the heads outside the
+    # top floor(exclude_share x heads) by exclude_by (null: no exclusion); 0.02 is their
+    # default (kayoyin/icl-heads src/ablate.py --excl_num)
+    exclude_by: RankBy | None = None
+    exclude_share: float = 0.02
+    # FV scores (rank_by or exclude_by = fv; ih_sweep.function_vectors, Todd et al. 2024)
+    fv_prompts: int = 25  # corrupted prompts the indirect effect is averaged over
+    fv_mean_prompts: int = 100  # clean prompts the head means are taken over
+    fv_seed: int = 0  # the prompts' order and each prompt's answer shuffle
+    fv_correct_only: bool = True  # only prompts the model answers right (Todd et al.)
+    # rows a pass; auto: 64 on CPU, on CUDA what the free memory holds
+    fv_batch_size: int | str = field(default="auto", metadata=SPEED)
+
+    def uses(self, score: RankBy) -> bool:
+        """Whether heads are chosen with ``score`` (ranked by it or excluded by it)."""
+        return score in (self.rank_by, self.exclude_by)
 
     def key(self) -> str:
-        """Short hash of what determines the scores (the cache file name part): every
-        field but how the scores are used (source, file, rank_by) and speed fields."""
-        skip = {"source", "file", "rank_by"} | {f.name for f in dataclasses.fields(self)
-                                                if f.metadata.get("semantic") is False}
+        """Short hash of what determines the induction scores (the cache file name part):
+        every field but how the scores are used (source, file, rank_by, the exclusion),
+        the FV settings and speed fields."""
+        skip = {"source", "file", "rank_by", *FV_KEYS, *EXCLUSION_KEYS} | {
+            f.name for f in dataclasses.fields(self) if f.metadata.get("semantic") is False}
         return _digest({k: v for k, v in _semantic(self).items() if k not in skip})[:12]
 
 
@@ -438,6 +459,7 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
         container.update(n_heads=0, condition="none")
         container.pop("scoring", None)
         container.pop("ablation", None)
+    _drop_unused_scoring(container.get("scoring"))
     ablation = container.get("ablation")
     if isinstance(ablation, dict) and ablation.get("method") != "resample":
         ablation.pop("seed", None)  # only resample draws anything
@@ -454,6 +476,20 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
     if container.get("mechanism", {}).get("enabled") is False:  # its settings change nothing
         container["mechanism"] = {"enabled": False}
     return container
+
+
+def _drop_unused_scoring(scoring: Any) -> None:
+    """Scoring settings that choose nothing leave the semantic config (so a job's hash is
+    what it was before they existed): the exclusion's without ``exclude_by``, the FV
+    settings where no ranking or exclusion uses the FV score."""
+    if not isinstance(scoring, dict):
+        return
+    if scoring.get("exclude_by") is None:
+        for key in EXCLUSION_KEYS:
+            scoring.pop(key, None)
+    if "fv" not in (scoring.get("rank_by"), scoring.get("exclude_by")):
+        for key in FV_KEYS:
+            scoring.pop(key, None)
 
 
 def config_hash(cfg: DictConfig | Config) -> str:
@@ -571,6 +607,7 @@ def check(cfg: Config) -> None:
     _auto_or_at_least("scoring.batch_size", sc.batch_size)
     _at_least("scoring.repeats", sc.repeats, 2)
     _exclusion_fractions("scoring", sc)
+    _scoring_choice(cfg)
     _at_least("ablation.n_reference", cfg.ablation.n_reference, 1)
     _at_least("ablation.seed", cfg.ablation.seed, 0)
     method = cfg.ablation.method
@@ -622,6 +659,26 @@ def check(cfg: Config) -> None:
         _need(getattr(tr, key) >= 0, f"train.{key}", getattr(tr, key), "allowed: >= 0")
     _need(bool(tr.out_dir.strip()), "train.out_dir", tr.out_dir,
           "allowed: a folder for the trained model (new, or one holding a tiny model)")
+
+
+def _scoring_choice(cfg: Config) -> None:
+    """The exclusion and FV rules of ``scoring`` (see :class:`ScoringConfig`)."""
+    sc, ev = cfg.scoring, cfg.eval
+    if sc.exclude_by is not None:
+        _need(sc.exclude_by != sc.rank_by, "scoring.exclude_by", sc.exclude_by.value,
+              f"it must differ from scoring.rank_by={sc.rank_by.value} (the top heads by "
+              "another score are excluded)")
+        _need(0 <= sc.exclude_share < 1, "scoring.exclude_share", sc.exclude_share,
+              "allowed: 0 <= share < 1 (0.02: the top 2% of heads)")
+    for key in ("fv_prompts", "fv_mean_prompts"):
+        _at_least(f"scoring.{key}", getattr(sc, key), 1)
+    _at_least("scoring.fv_seed", sc.fv_seed, 0)
+    _auto_or_at_least("scoring.fv_batch_size", sc.fv_batch_size)
+    if sc.uses(RankBy.fv) and sc.source == ScoreSource.compute:
+        key = "rank_by" if sc.rank_by == RankBy.fv else "exclude_by"
+        _need(ev.format == PromptFormat.notebook or ev.n_shots >= 2, "eval.n_shots",
+              ev.n_shots, f"FV scores (scoring.{key}=fv) shuffle the answers of a prompt's "
+              f"demonstrations; allowed with eval.format={ev.format.value}: n_shots >= 2")
 
 
 def _overlapping_stops(stops: list[str]) -> str | None:

@@ -23,8 +23,13 @@ from .schema import ConfigError, RankBy, ScoringConfig, UserError
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ["model", "layer", "head", "prefix", "copying", "combined", "n_sequences",
-                 "seed"]
+# the induction score table (score_heads; its cache's columns)
+INDUCTION_COLUMNS = ["model", "layer", "head", "prefix", "copying", "combined", "n_sequences",
+                     "seed"]
+INDUCTION_NAMES = [RankBy.prefix.value, RankBy.copying.value, RankBy.combined.value]
+# the table a job ranks by: the induction scores and the FV score (ih_sweep.function_vectors;
+# empty where no ranking or exclusion needs it)
+SCORE_COLUMNS = [*INDUCTION_COLUMNS[:6], RankBy.fv.value, *INDUCTION_COLUMNS[6:]]
 SCORE_NAMES = [m.value for m in RankBy]  # the score columns a ranking can use
 
 
@@ -192,7 +197,7 @@ def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "mo
                          "combined": float(combined_score(prefix[layer, head],
                                                           copying[layer, head])),
                          "n_sequences": settings.n_sequences, "seed": settings.seed})
-    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+    return pd.DataFrame(rows, columns=INDUCTION_COLUMNS)
 
 
 def _unembed_weight(sites: HeadSites) -> torch.Tensor:
@@ -370,7 +375,8 @@ def check_score_table(df: pd.DataFrame, source: str | Path, first_line: int = 2
 
 def load_score_file(path: str | Path, model_name: str | None = None) -> pd.DataFrame:
     """A user-supplied score table: our CSV (columns ``layer``, ``head`` and one or more of
-    prefix/copying/combined), or the notebook's pickle. Raises :class:`ScoreFileError`."""
+    prefix/copying/combined/fv), or the notebook's pickle (no fv). Raises
+    :class:`ScoreFileError`."""
     path = Path(path)
     if path.suffix in (".pkl", ".pickle"):
         return load_seed_scores(path, model_name or "notebook")

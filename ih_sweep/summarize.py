@@ -278,6 +278,9 @@ def _paired(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 _SELECTION = ("n_heads", "condition", "control_seed", "job")
 _ARM = ("scoring", "ablation")  # how heads are chosen and ablated: absent for `none`
+# named in a group's title whenever its jobs have them, also in a sweep of one group: an
+# exclusion arm (Yin & Steinhardt's) must not read as plain top-N by rank_by
+_TITLE_ALWAYS = ("scoring.exclude_by", "scoring.exclude_share")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -361,7 +364,8 @@ def cell_groups(jobs: list[FinishedJob]) -> tuple[list[Group], list[str]]:
         base = _group_of(gjobs[-1])
         settings = _flat(_settings_of(gjobs[-1].record))
         # a setting the group's jobs do not have (resample's ablation.seed) names nothing
-        gname = group_title(base) + "".join(f", {k}={settings.get(k)}" for k in differing
+        named = differing + [k for k in _TITLE_ALWAYS if k not in differing]
+        gname = group_title(base) + "".join(f", {k}={settings.get(k)}" for k in named
                                             if k not in base and k in settings)
         by_cell: dict[tuple[int, str, int], FinishedJob] = {}
         merged: dict[tuple[int, str, int], list[FinishedJob]] = {}

@@ -66,8 +66,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
         return record
     from ..data import items_for, load_stories
     from ..model_loading import load_model, model_shape
-    from ..score_table import check_scores_fit, get_scores
-    from ..scoring import score_matrix
+    from ..score_table import check_scores_fit, exclusion, get_scores, matrix_for
     from ..selection import resolve_n_heads, select_heads
 
     timings: dict[str, float] = {}
@@ -107,12 +106,13 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     mat, heads, scores_file = None, [], None
     if config.condition != Condition.none and n_ablate > 0:
         scores, cached = get_scores(config, model_getter, progress=config.eval.progress,
-                                    shape=(n_layers, heads_per_layer))
+                                    shape=(n_layers, heads_per_layer), items=items)
         scores_file = str(cached or Path(config.scoring.file).resolve())
         if config.scoring.source == ScoreSource.file:
             check_scores_fit(scores, n_layers, heads_per_layer, config.scoring.file)
-        mat = score_matrix(scores, config.scoring.rank_by)
-        heads = select_heads(mat, config.condition, n_ablate, config.control_seed)
+        mat = matrix_for(config, scores, config.scoring.rank_by)
+        heads = select_heads(mat, config.condition, n_ablate, config.control_seed,
+                             exclusion(config, scores))
     timings["scores_s"] = time.time() - t0
 
     # ablate + evaluate

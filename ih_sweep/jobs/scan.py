@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..records import ScanRecord, finished_record, write_record
-from ..schema import Config, config_hash, plain
+from ..schema import Config, RankBy, config_hash, plain
 
 log = logging.getLogger("ih_sweep")
 
@@ -51,7 +51,8 @@ def run(config: Config, out_dir: Path) -> ScanRecord:
     t_exact = time.time() - t_exact
     if config.scan.attribution:
         df = df.merge(attribution_scan(model, probes["babi"], layers), on=["layer", "head"])
-    df = df.merge(scores[["layer", "head", "prefix", "copying", "combined"]],
+    fv = ["fv"] if config.scoring.uses(RankBy.fv) else []  # computed for this job only
+    df = df.merge(scores[["layer", "head", "prefix", "copying", "combined", *fv]],
                   on=["layer", "head"], how="left")
     stats = write_scan_outputs(df, out_dir, config.scoring.rank_by.value, config.model.name)
     record = ScanRecord(config_hash=chash, model=config.model.name,
