@@ -691,19 +691,23 @@ def _items_in(rows) -> int:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=None,
-             candidates: Sequence[str] | None = None) -> list[ItemResult]:
+             candidates: Sequence[str] | None = None, rows=None) -> list[ItemResult]:
     """Greedy-decoding outcome of every item, identical to one-at-a-time ``generate``, with
     its measures (:class:`ItemResult`). ``settings``: the ``eval`` group of the config
     (:class:`.schema.EvalConfig`). ``bar``: a progress bar (in items) to advance instead of
     one of its own, so that a job that evaluates in checkpointed chunks shows one bar.
     ``candidates``: the task's answer vocabulary for ``logit_diff`` (None: the distinct gold
-    answers of ``items``; a job evaluating in chunks passes those of all its items)."""
+    answers of ``items``; a job evaluating in chunks passes those of all its items).
+    ``rows``: :func:`build_rows` of these items, ``settings.max_new_tokens`` and
+    ``candidates``, where the caller already has them (a job evaluating several ablations
+    of the same items tokenizes them once); not modified."""
     if settings.metric not in tuple(Metric):
         raise ValueError(f"eval.metric={settings.metric!r}; allowed values: "
                          f"{_allowed(Metric)}")
     t0 = time.time()
     device = _device(model)
-    rows = build_rows(tokenizer, items, settings.max_new_tokens, candidates)
+    rows = list(rows) if rows is not None else \
+        build_rows(tokenizer, items, settings.max_new_tokens, candidates)
     rows.sort(key=lambda r: len(r[0]))  # similar lengths together: less padding
     workers = 1 if device.type != "cpu" else \
         (settings.cpu_worker_count() or torch.get_num_threads())
