@@ -89,12 +89,16 @@ def _same_job(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("ablation", ["zero", "mean", "resample"])
 def test_k_draws_equal_the_single_seed_jobs(tmp_path, ablation):
-    """The K-draw job's draws (mechanism check on, 10 stories, three checkpoint chunks)
-    equal single-seed jobs run on their own with a cache of their own: the shared model,
-    data, means, donors and tokenized rows change nothing. Resample's donors are taken once
-    for the union of the draws' heads and cut per draw."""
+    """The K-draw job's draws (mechanism check on, 10 stories, three checkpoint chunks of
+    two batches) equal single-seed jobs run on their own with a cache of their own: the
+    shared model, data, means, donors and tokenized rows change nothing. Resample's donors
+    are taken once for the union of the draws' heads and cut per draw. Each single-seed
+    job starts as in a fresh process (the evaluator's once-per-process check of its
+    shortcuts runs again on its first batch, which must not change that batch's numbers)."""
+    from ih_sweep import evaluation
+
     args = (*FAST, f"ablation={ablation}", "eval.checkpoint_items=4", "data.n_stories=10",
-            "mechanism.n_texts=8")
+            "mechanism.n_texts=8", "eval.batch_size=2", "eval.cpu_workers=2")
     parent = run_job(tmp_path / "k" / "job", *args, "control_seeds=3",
                      f"paths.cache_dir={tmp_path}/ck")
     assert isinstance(parent, SeedsRecord) and parent.control_seeds == [0, 1, 2]
@@ -107,6 +111,7 @@ def test_k_draws_equal_the_single_seed_jobs(tmp_path, ablation):
     heads = set()
     for seed in range(3):
         single = tmp_path / "single" / str(seed)
+        evaluation._VERIFIED.clear()
         record = run_job(single, *args, f"control_seed={seed}", f"paths.cache_dir={tmp_path}/c1")
         assert not record.reused_evaluation
         _same_job(tmp_path / "k" / "job" / f"control_seed={seed}", single)
