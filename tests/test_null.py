@@ -247,3 +247,20 @@ def test_cli_sweep_with_k_draws_gets_p_and_band(tmp_path):
     assert high.p_vs_random == pytest.approx(st.empirical_p(high.accuracy, null))
     assert (high.random_acc_p2_5, high.random_acc_p97_5) == pytest.approx(st.null_band(null))
     assert (sweep / "accuracy_vs_n.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_null_benchmark_smoke_run(tmp_path):
+    """bench_null.py on 2 draws of 10 stories: each draw's results.csv is the same bytes
+    from the K-draw job, a multirun and separate processes (each its process's first
+    evaluation), and it reports the three timings."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_null.py"),
+                           "--draws", "2", "--stories", "10", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "null.json").read_text())
+    assert out["draws"] == 2 and set(out["wall_s"]) == {"one_job", "multirun", "processes"}
