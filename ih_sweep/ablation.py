@@ -139,6 +139,37 @@ class Donors:
                                 f"{len(self.donor_of)} stories)") from None
         return torch.tensor(rows, dtype=torch.long, device=device)
 
+    def covers(self, heads: Sequence[tuple[int, int]]) -> bool:
+        """Whether these donors hold every one of ``heads``."""
+        held = {(int(la), int(h)) for la, h in self.heads}
+        return all((int(la), int(h)) in held for la, h in heads)
+
+    def subset(self, heads: Sequence[tuple[int, int]]) -> Donors:
+        """The donors of ``heads`` alone (a subset of :attr:`heads`), equal to what
+        :func:`resample_donors` returns for them: the draw does not depend on the heads and
+        a head's outputs come from the same clean passes, so only columns are selected
+        (the same donor draw, lengths and fallback, shared). Raises :class:`AblationError`
+        for a head these donors do not hold."""
+        held: dict[int, list[int]] = defaultdict(list)
+        for la, h in self.heads:
+            held[int(la)].append(int(h))
+        wanted: dict[int, list[int]] = defaultdict(list)
+        for la, h in heads:
+            if int(h) not in held.get(int(la), []):
+                raise AblationError(f"resample ablation: head ({la}, {h}) is not among the "
+                                    "heads these donor outputs were taken for")
+            wanted[int(la)].append(int(h))
+        values, columns = {}, {}
+        for layer, hs in wanted.items():
+            width = len(self.columns[layer]) // len(held[layer])  # head_dim
+            pick = torch.cat([torch.arange(held[layer].index(h) * width,
+                                           (held[layer].index(h) + 1) * width) for h in hs])
+            values[layer] = self.values[layer][..., pick.to(self.values[layer].device)]
+            columns[layer] = self.columns[layer][pick]
+        return Donors(self.donor_of, self.row_of, values, self.lengths,
+                      [(la, h) for la, hs in wanted.items() for h in hs], columns,
+                      self.fallback, self.seed, self.past_end)
+
 
 # --------------------------------------------------------------------------- row identity
 class _Keys:

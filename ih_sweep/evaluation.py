@@ -504,21 +504,34 @@ def _device(model) -> torch.device:
 
 
 def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool,
-                 workers: int = 1, bar=None, weight=len):
+                 workers: int = 1, bar=None, weight=len, threads: int | None = None):
     """Apply fn to batches of work; on CUDA out-of-memory halve the batch and go on.
     With ``workers`` > 1 (CPU), that many batches run at once (see :func:`_in_threads`).
     ``bar``: a progress bar to update (left open) instead of one of its own, by
-    ``weight(batch)`` per batch done."""
+    ``weight(batch)`` per batch done. ``threads``: torch's intra-op threads for each batch
+    (None: as :func:`_in_threads` splits them, or all of them one batch at a time)."""
     bs = max(1, batch_size)
     own_bar = bar is None
     if own_bar:
         bar = tqdm(total=len(work), desc=desc, disable=not progress, leave=False)
     if workers > 1 and len(work) > bs:
         results = _in_threads(fn, [work[i:i + bs] for i in range(0, len(work), bs)],
-                              workers, bar, weight)
+                              workers, bar, weight, threads)
         if own_bar:
             bar.close()
         return results
+    if threads:
+        with intra_op_threads(threads):
+            results = _one_at_a_time(fn, work, bs, bar, weight)
+    else:
+        results = _one_at_a_time(fn, work, bs, bar, weight)
+    if own_bar:
+        bar.close()
+    return results
+
+
+def _one_at_a_time(fn, work: list, bs: int, bar, weight) -> list:
+    """:func:`_run_batches`' batches one after the other, halving on CUDA out-of-memory."""
     results = []
     start = 0
     while start < len(work):
@@ -534,9 +547,20 @@ def _run_batches(fn, work: list, batch_size: int, desc: str, progress: bool,
             continue
         start += len(chunk)
         bar.update(weight(chunk))
-    if own_bar:
-        bar.close()
     return results
+
+
+def batch_threads(workers: int, n_work: int, batch_size: int) -> int:
+    """torch's intra-op threads each batch of ``n_work`` runs on when
+    :func:`_run_batches` spreads them over ``workers``: the cores split among the batches
+    that run at once, or all of them when one batch runs at a time. A function of the
+    whole run only, so that every batch, the first one checked on its own included
+    (:func:`_check_first_batch`), computes with the same threads (sums over another number
+    of threads round differently: a batch's floats would depend on whether it was the
+    process's first)."""
+    threads = torch.get_num_threads()
+    batches = -(-n_work // max(1, batch_size))
+    return max(1, threads // min(workers, batches)) if workers > 1 and batches > 1 else threads
 
 
 @contextmanager
@@ -550,7 +574,8 @@ def intra_op_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _in_threads(fn, chunks: list, workers: int, bar, weight=len) -> list:
+def _in_threads(fn, chunks: list, workers: int, bar, weight=len, threads: int | None = None
+                ) -> list:
     """Batches in ``workers`` threads at once, the cores split between them.
 
     Why: on CPU the evaluator's operators are small (a 2-layer model, 16-dim heads) and
@@ -558,7 +583,7 @@ def _in_threads(fn, chunks: list, workers: int, bar, weight=len) -> list:
     independent: two at once on one thread each evaluate ~1.2x faster than one at a time
     on two (benchmarks/README.md). torch releases the GIL inside its operators."""
     workers = min(workers, len(chunks))
-    per_worker = max(1, torch.get_num_threads() // workers)
+    per_worker = threads or max(1, torch.get_num_threads() // workers)
 
     def run(chunk):
         with torch.no_grad():  # grad mode is per thread
@@ -691,19 +716,23 @@ def _items_in(rows) -> int:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=None,
-             candidates: Sequence[str] | None = None) -> list[ItemResult]:
+             candidates: Sequence[str] | None = None, rows=None) -> list[ItemResult]:
     """Greedy-decoding outcome of every item, identical to one-at-a-time ``generate``, with
     its measures (:class:`ItemResult`). ``settings``: the ``eval`` group of the config
     (:class:`.schema.EvalConfig`). ``bar``: a progress bar (in items) to advance instead of
     one of its own, so that a job that evaluates in checkpointed chunks shows one bar.
     ``candidates``: the task's answer vocabulary for ``logit_diff`` (None: the distinct gold
-    answers of ``items``; a job evaluating in chunks passes those of all its items)."""
+    answers of ``items``; a job evaluating in chunks passes those of all its items).
+    ``rows``: :func:`build_rows` of these items, ``settings.max_new_tokens`` and
+    ``candidates``, where the caller already has them (a job evaluating several ablations
+    of the same items tokenizes them once); not modified."""
     if settings.metric not in tuple(Metric):
         raise ValueError(f"eval.metric={settings.metric!r}; allowed values: "
                          f"{_allowed(Metric)}")
     t0 = time.time()
     device = _device(model)
-    rows = build_rows(tokenizer, items, settings.max_new_tokens, candidates)
+    rows = list(rows) if rows is not None else \
+        build_rows(tokenizer, items, settings.max_new_tokens, candidates)
     rows.sort(key=lambda r: len(r[0]))  # similar lengths together: less padding
     workers = 1 if device.type != "cpu" else \
         (settings.cpu_worker_count() or torch.get_num_threads())
@@ -723,16 +752,19 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=
             verdict = _VERIFIED.get(model, {}).get(key) if fast.on else None
             if verdict is False:
                 fast.off()  # found wrong on this model earlier in this process
+            threads = batch_threads(workers, len(rows), bs)
             if fast.on and verdict is None and rows:
-                # before any thread starts: nothing runs alongside
-                parts = _check_first_batch(model, tokenizer, rows[:bs], fast, run, bs,
-                                           settings, device, bar)
+                # before any thread starts: nothing runs alongside; on the threads the
+                # batch gets without the check, so that its numbers do not depend on it
+                with intra_op_threads(threads):
+                    parts = _check_first_batch(model, tokenizer, rows[:bs], fast, run, bs,
+                                               settings, device, bar)
                 _VERIFIED.setdefault(model, {})[key] = fast.on
                 rest = rows[bs:]
             else:
                 parts, rest = [], rows
             parts += _run_batches(run, rest, bs, "evaluate", settings.progress, workers, bar,
-                                  _items_in)
+                                  _items_in, threads)
             for part in parts:
                 results.update(part)
     finally:

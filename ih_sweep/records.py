@@ -140,8 +140,35 @@ class ScanRecord:
     job: str = "scan"
 
 
-Record = EvaluationRecord | ScanRecord
-_KINDS: dict[str, type] = {"evaluate": EvaluationRecord, "scan": ScanRecord}
+@dataclass
+class SeedsRecord:
+    """``job.json`` of an ``evaluate`` job that drew several random controls in one process
+    (``condition=random control_seeds=K``): each draw is a complete evaluate job folder of
+    its own, ``<job folder>/control_seed=<k>/``, whose record and files are those of the
+    single-seed job ``control_seed=k`` (its config hash included); this record lists them.
+    Written last, once every draw is complete."""
+
+    config_hash: str  # of the K-draw config (control_seeds in it)
+    n_heads: int  # heads each draw ablates (a count)
+    condition: str
+    control_seeds: list[int]  # the draws, in order
+    seed_folders: list[str]  # each draw's job folder, relative to this one
+    seed_hashes: list[str]  # each draw's config hash (its single-seed job's)
+    accuracies: list[float]  # each draw's accuracy
+    model: str
+    n_heads_share: float | None = None  # n_heads=P% asked: P; null for a count
+    reused: list[int] = field(default_factory=list)  # draws already complete or stored
+    shared: list[str] = field(default_factory=list)  # what the draws computed once
+    timings: dict[str, float] = field(default_factory=dict)  # seconds, the whole job
+    slurm_job_id: str | None = None
+    host: str = field(default_factory=platform.node)
+    status: str = COMPLETE
+    job: str = "random_seeds"
+
+
+Record = EvaluationRecord | ScanRecord | SeedsRecord
+_KINDS: dict[str, type] = {"evaluate": EvaluationRecord, "scan": ScanRecord,
+                           "random_seeds": SeedsRecord}
 
 
 def write_record(out_dir: Path, record: Record) -> Path:
@@ -182,12 +209,18 @@ def sha256(path: Path) -> str:
 def problem_with(out_dir: Path, record: Record) -> str | None:
     """Why the files in ``out_dir`` do not match ``record`` (None when they do): an
     evaluation's results.csv must have the recorded checksum, row count, unique
-    (story, question_index) pairs and correct count, and heads.csv its heads."""
+    (story, question_index) pairs and correct count, and heads.csv its heads; a
+    several-draw job's draws must each be complete (:func:`finished_record`)."""
     import pandas as pd
 
     out_dir = Path(out_dir)
     if isinstance(record, ScanRecord):
         return None if (out_dir / "scan.csv").is_file() else "scan.csv is missing"
+    if isinstance(record, SeedsRecord):
+        for folder, chash in zip(record.seed_folders, record.seed_hashes):
+            if finished_record(out_dir / folder, chash) is None:
+                return f"the draw in {folder} is not complete"
+        return None
     results, heads = out_dir / "results.csv", out_dir / "heads.csv"
     for path in (results, heads):
         if not path.is_file():

@@ -338,6 +338,10 @@ class Config:
     n_heads: int | str = 8
     condition: Condition = Condition.high
     control_seed: int = 0  # the draw of condition=random
+    # condition=random: draws control_seed .. control_seed + control_seeds - 1 in one job,
+    # the model loaded once, each draw written as its own job folder (jobs/evaluate.py
+    # run_seeds); other conditions draw nothing and ignore it, as they ignore control_seed
+    control_seeds: int = 1
     device: str = field(default="auto", metadata=SPEED)  # auto | cpu | cuda | cuda:1 ...
     summarize: bool = field(default=True, metadata=SPEED)  # summarize a multirun at its end
     paths: PathsConfig = field(default_factory=PathsConfig, metadata=SPEED)
@@ -448,10 +452,11 @@ def plain(node: Any) -> Any:
 def semantic_config(cfg: DictConfig | Config) -> dict:
     """What determines a job's results, as plain data: the resolved config minus Hydra's
     node, every speed key, and the settings that cannot matter for this job: the control
-    seed of a condition other than ``random``, and for an unablated job (``condition=none``
-    or ``n_heads=0``) which heads would have been chosen and how (``n_heads`` becomes 0,
-    ``scoring`` and ``ablation`` go). Two jobs with the same semantic config compute the
-    same results."""
+    seed of a condition other than ``random``, ``control_seeds`` unless a random job asks
+    for several draws (so each draw of such a job hashes as its single-seed job), and for
+    an unablated job (``condition=none`` or ``n_heads=0``) which heads would have been
+    chosen and how (``n_heads`` becomes 0, ``scoring`` and ``ablation`` go). Two jobs with
+    the same semantic config compute the same results."""
     container = _semantic(cfg)
     if container.get("condition") != "random":
         container.pop("control_seed", None)
@@ -460,6 +465,8 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
         container.pop("scoring", None)
         container.pop("ablation", None)
     _drop_unused_scoring(container.get("scoring"))
+    if container.get("condition") != "random" or container.get("control_seeds") == 1:
+        container.pop("control_seeds", None)  # one draw: the single-seed job's hash
     ablation = container.get("ablation")
     if isinstance(ablation, dict) and ablation.get("method") != "resample":
         ablation.pop("seed", None)  # only resample draws anything
@@ -551,6 +558,7 @@ def check(cfg: Config) -> None:
     reads no file, loads no model."""
     n_heads_share(cfg.n_heads)
     _at_least("control_seed", cfg.control_seed, 0)
+    _at_least("control_seeds", cfg.control_seeds, 1)
     _need(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device)), "device", cfg.device,
           "allowed: auto, cpu, cuda, cuda:<index>, mps")
     _need(bool(cfg.paths.cache_dir.strip()), "paths.cache_dir", cfg.paths.cache_dir,

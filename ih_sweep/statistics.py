@@ -121,9 +121,27 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 def empirical_p(observed: float, null: Sequence[float]) -> float:
     """One-sided empirical p that a value this low (or lower) arises under the null draws:
     ``(1 + #{null <= observed}) / (1 + #null)``, which never gives 0 for a finite null
-    (Davison & Hinkley 1997, eq. 4.11; Phipson & Smyth 2010). No library computes it."""
+    (Davison & Hinkley 1997, eq. 4.11; Phipson & Smyth 2010). No library computes it.
+    "At least as extreme" is one-sided, a null draw at or below the observed value (ties
+    count against the observation): the question is whether ablating the heads lowers
+    accuracy more than ablating random heads does; a condition that hurts less than every
+    draw gets p = 1. nan without null draws or with a nan observation."""
     draws = np.asarray(null, dtype=float)
+    if not len(draws) or np.isnan(observed):
+        return NAN
     return float((1 + (draws <= observed).sum()) / (1 + len(draws)))
+
+
+def null_band(null: Sequence[float], low: float = 2.5, high: float = 97.5
+              ) -> tuple[float, float]:
+    """The ``low``-``high`` percentile band of null draws, from ``numpy.percentile``
+    (linear interpolation between order statistics, Hyndman & Fan 1996 definition 7, as
+    ``pandas.Series.quantile``); (nan, nan) without draws."""
+    draws = np.asarray(null, dtype=float)
+    if not len(draws):
+        return (NAN, NAN)
+    a, b = np.percentile(draws, [low, high])
+    return (float(a), float(b))
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

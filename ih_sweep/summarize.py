@@ -23,8 +23,19 @@ delta_ci_low, delta_ci_high   paired bootstrap 95% interval of delta_vs_none
 p_vs_none        exact McNemar p of the paired outcomes against ``none``
 p_vs_none_holm   Holm-adjusted over every p_vs_none of the sweep (all tasks, N, conditions)
 delta_vs_low, p_vs_low        for ``high``: against ``low`` at the same N (McNemar)
-p_vs_random      for ``high``: empirical p against the ``random`` draws at the same N
-n_random         number of random draws behind p_vs_random
+p_vs_random      every row but ``random`` and ``none`` (``high``, ``low`` and any other
+                 selection of heads), where the group has ``random`` draws at the same N:
+                 empirical p within that null, (1 + #{draws with accuracy <= the row's})
+                 / (1 + n_random); one-sided, a draw at least as extreme is one at or below
+                 the row's accuracy (ties count against the row), so a small p says that
+                 ablating these heads lowers accuracy more than layer-matched random heads
+                 do, and a row that hurts less than every draw gets 1
+                 (:func:`ih_sweep.statistics.empirical_p`). With K draws the smallest
+                 possible p is 1 / (K + 1): K >= 19 can reach 0.05
+n_random         number of random draws (K) behind p_vs_random and the band
+random_acc_p2_5, random_acc_p97_5   the same rows: the 2.5th and 97.5th percentiles of
+                 the draws' accuracies at the same N (the null's 95% band; numpy's linear
+                 interpolation, as the accuracy-vs-N figure draws it)
 
 Near-tie floor (issue #21 item 4; jobs whose results.csv has ``near_tie``, else empty): a
 near-tie is an item decided by a top-1 minus top-2 logit gap small enough that another
@@ -91,7 +102,7 @@ import pandas as pd
 from . import statistics as st
 from .figures import pyplot
 from .io_utils import write_csv, write_figure, write_text
-from .records import EvaluationRecord, RecordError, ScanRecord, read_record
+from .records import EvaluationRecord, RecordError, ScanRecord, SeedsRecord, read_record
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +122,7 @@ SUMMARY_COLUMNS = ["group", *GROUP_KEYS, "n_heads", "n_heads_share", "condition"
                    "control_seed", "n_items", "n_correct", "accuracy", "ci_low", "ci_high",
                    "delta_vs_none", "delta_ci_low", "delta_ci_high", "p_vs_none", "p_vs_none_holm",
                    "delta_vs_low", "p_vs_low", "p_vs_random", "n_random",
+                   "random_acc_p2_5", "random_acc_p97_5",
                    *NEAR_TIE_COLUMNS, *CONTINUOUS_COLUMNS, *MECHANISM_COLUMNS]
 STRATA = {  # results.csv column: (what it is, for tables and figures; bucket the top at 5+)
     "support_distance": ("statements back to the supporting fact", True),
@@ -153,6 +165,7 @@ class SweepJobs:
     jobs: list[FinishedJob] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (folder, why)
     scan_parts: list[Path] = field(default_factory=list)  # job=scan folders
+    seed_parents: list[Path] = field(default_factory=list)  # several-draw jobs' folders
 
 
 DEFAULT_SUBDIR = "${path_safe:${hydra.job.override_dirname}}"
@@ -195,7 +208,10 @@ def expected_jobs(sweep_dir: Path) -> tuple[int, list[str]] | None:
 
 
 def find_jobs(sweep_dir: Path) -> SweepJobs:
-    """Find job folders (those with a .hydra/ or job.json) and sort good from broken."""
+    """Find job folders (those with a .hydra/ or job.json) and sort good from broken. A
+    several-draw job's folder (``control_seeds=K``) lists its draws, each a job folder
+    of its own below it: it is kept apart (:attr:`SweepJobs.seed_parents`), and reported
+    only when a listed draw's folder is missing."""
     out = SweepJobs()
     candidates = sorted({p.parent for p in sweep_dir.rglob("job.json")}
                         | {p.parent.parent for p in sweep_dir.rglob(".hydra/config.yaml")})
@@ -218,6 +234,14 @@ def find_jobs(sweep_dir: Path) -> SweepJobs:
                 out.scan_parts.append(folder)
             else:
                 out.problems.append((rel, "scan job without scan.csv"))
+            continue
+        if isinstance(record, SeedsRecord):  # its draws are job folders of their own
+            gone = [f for f in record.seed_folders if not (folder / f / "job.json").is_file()]
+            if gone:
+                out.problems.append((rel, f"the draw folder(s) {', '.join(gone)} of this "
+                                          "several-draw job are missing"))
+            else:
+                out.seed_parents.append(folder)
             continue
         try:
             results = pd.read_csv(folder / "results.csv")
@@ -394,8 +418,9 @@ def cell_groups(jobs: list[FinishedJob]) -> tuple[list[Group], list[str]]:
 
 
 def _accuracy_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
-    """Accuracy, its Wilson interval and the paired tests against ``none`` and (rows
-    ``high``) against ``low`` and the ``random`` draws at the same N."""
+    """Accuracy, its Wilson interval and the paired tests against ``none``, (rows
+    ``high``) against ``low``, and (every row but ``random`` and ``none``) the empirical
+    p within the ``random`` draws at the same N and their 2.5-97.5% band."""
     res = job.results
     k, total = int(res["correct"].sum()), len(res)
     lo, hi = st.wilson_interval(k, total)
@@ -413,12 +438,21 @@ def _accuracy_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
             a, b = _paired(res, low.results)
             row["delta_vs_low"] = float(a.mean() - b.mean()) if len(a) else np.nan
             row["p_vs_low"] = st.mcnemar_exact(*st.discordant(a, b))
-        draws = group.control(n, "random")
-        if draws:
-            null = [j.results["correct"].mean() for j in draws]
-            row["p_vs_random"] = st.empirical_p(row["accuracy"], null)
-            row["n_random"] = len(draws)
+    row |= _null_row(row["accuracy"], group, n, cond)
     return row
+
+
+def _null_row(accuracy: float, group: Group, n: int, cond: str) -> dict:
+    """``p_vs_random``, ``n_random`` and the null's band for a row of a condition other
+    than ``random`` and ``none``, from the group's ``random`` draws at the same N; empty
+    where there are none."""
+    draws = group.control(n, "random")
+    if cond in ("random", "none") or not draws:
+        return {}
+    null = [j.results["correct"].mean() for j in draws]
+    low, high = st.null_band(null)
+    return {"p_vs_random": st.empirical_p(accuracy, null), "n_random": len(draws),
+            "random_acc_p2_5": low, "random_acc_p97_5": high}
 
 
 def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str]] | None = None
@@ -727,6 +761,9 @@ _DISPLAY = [
     ("Holm p", "Holm $p$", lambda r: p_value(r.p_vs_none_holm)),
     ("Δ vs low (pts)", r"$\Delta$ vs low (pts)", lambda r: percent(r.delta_vs_low)),
     ("p vs low", "$p$ vs low", lambda r: p_value(r.p_vs_low)),
+    ("random 2.5-97.5% (draws)", r"random 2.5--97.5\% (draws)",
+     lambda r: "" if _missing(r.n_random) else
+     f"{interval(r.random_acc_p2_5, r.random_acc_p97_5)} ({int(r.n_random)})"),
     ("p vs random", "$p$ vs random", lambda r: p_value(r.p_vs_random)),
 ]
 
@@ -742,8 +779,13 @@ LEGEND = [
     "Holm-adjusted over every comparison with `none` in this summary.",
     "**Δ vs low**, **p vs low** (rows `high`): against the `low` control at the same N "
     "(exact McNemar).",
-    "**p vs random** (rows `high`): empirical p of the `high` accuracy among the `random` "
-    "draws at the same N, (1 + #draws at or below it) / (1 + #draws).",
+    "**random 2.5-97.5% (draws)**: the null, the accuracies of the `random` draws at the "
+    "same N (in %): their 2.5th and 97.5th percentiles (linear interpolation) and how many "
+    "draws K; **p vs random** (every row but `random` and `none`): empirical p of the row's "
+    "accuracy within those draws, (1 + #draws at or below it) / (1 + K), one-sided (a "
+    "draw at least as extreme is one whose accuracy is at or below the row's; small p: "
+    "these heads hurt more than random heads; the smallest p K draws can give is "
+    "1 / (K + 1)).",
 ]
 
 
@@ -1124,12 +1166,44 @@ def _dose_axis(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     return df.assign(x=df.n_heads_share if by_share else df.n_heads), by_share
 
 
-COLORS = {"high": "tab:red", "low": "tab:blue", "random": "tab:grey", "none": "black"}
+COLORS = {"high": "tab:red", "low": "tab:blue", "random": "tab:purple", "none": "black"}
+NULL_MIN_HEIGHT = 1.5  # points of accuracy: the least height the null's band is drawn with
+
+
+def _plot_null(ax, random: pd.DataFrame) -> None:
+    """The random draws on the accuracy-vs-N axes: at each N a box from the 2.5th to the
+    97.5th percentile of the draws' accuracies (:func:`ih_sweep.statistics.null_band`, as
+    summary.csv's ``random_acc_p2_5``/``random_acc_p97_5``) with the median as a line
+    across it, the boxes joined by a lighter band; a band narrower than
+    :data:`NULL_MIN_HEIGHT` points (draws alike, e.g. all at 100%) is drawn that tall
+    around its centre so that it stays visible. Every draw as a point where an N has fewer
+    than 3 draws. ``random`` has the figure's x positions in column ``x`` (:func:`_dose_axis`)."""
+    color = COLORS["random"]
+    by_n = {float(x): g.accuracy.to_numpy(dtype=float) for x, g in random.groupby("x")}
+    xs = sorted(by_n)
+    sizes = sorted({len(by_n[x]) for x in xs})
+    if sizes[0] < 3:
+        ax.plot(random.x, 100 * random.accuracy, "o", color=color, ms=5, clip_on=False,
+                label=f"random heads ({draws_text(len(random))})")
+        return
+    draws = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    band = 100 * np.array([st.null_band(by_n[x]) for x in xs])
+    median = [100 * float(np.median(by_n[x])) for x in xs]
+    spacing = min(np.diff(xs), default=2)
+    width = 0.3 * spacing
+    tall = np.maximum(band[:, 1] - band[:, 0], NULL_MIN_HEIGHT)
+    bottom = (band[:, 0] + band[:, 1] - tall) / 2
+    if len(xs) > 1:
+        ax.fill_between(xs, bottom, bottom + tall, color=color, alpha=0.15, lw=0, zorder=2)
+    ax.bar(xs, tall, bottom=bottom, width=width, color=color, alpha=0.45, lw=0, zorder=2,
+           label=f"random heads: 2.5-97.5% of {draws} draws (line: median)")
+    ax.hlines(median, [x - width / 2 for x in xs], [x + width / 2 for x in xs], color=color,
+              lw=1.5, zorder=2)
 
 
 def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | None:
     """Accuracy against N per condition with 95% Wilson CIs; the unablated accuracy as a
-    line and band; the random draws as their 2.5-97.5% band (or points, for < 3 draws).
+    line and band; the random draws as their 2.5-97.5% band (:func:`_plot_null`).
     The x axis is the share of all heads (%, each tick with its count) when every ablated
     job of the figure was asked as a share, else the count N (:func:`_dose_axis`)."""
     if df.empty:
@@ -1146,18 +1220,7 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
                          f"{100 * r.ci_high:.1f}]")
     random = df[df.condition == "random"]
     if not random.empty:
-        by_n = random.groupby("x")["accuracy"]
-        draws = int(by_n.size().min())
-        if draws >= 3:
-            band = by_n.quantile([0.025, 0.975]).unstack()
-            ax.fill_between(band.index, 100 * band[0.025], 100 * band[0.975],
-                            color=COLORS["random"], alpha=0.3, lw=0,
-                            label=f"random heads: 2.5-97.5% of {draws} draws")
-            ax.plot(band.index, 100 * by_n.median(), color=COLORS["random"], lw=1, marker="s",
-                    ms=4, clip_on=False, zorder=4)
-        else:
-            ax.plot(random.x, 100 * random.accuracy, "o", color=COLORS["random"],
-                    ms=5, clip_on=False, label=f"random heads ({draws_text(len(random))})")
+        _plot_null(ax, random)
     measured = sorted(df.loc[df.condition != "none", "x"].unique())
     dodge = 0.012 * max(1, measured[-1] - measured[0]) if measured else 0
     for cond, shift in (("high", -dodge), ("low", dodge)):  # side by side where they meet
@@ -1328,7 +1391,7 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
     if expected is not None:
         count, names = expected
         present = {str(j.path.relative_to(sweep_dir)) for j in found.jobs} | \
-            {str(p.relative_to(sweep_dir)) for p in found.scan_parts} | \
+            {str(p.relative_to(sweep_dir)) for p in found.scan_parts + found.seed_parents} | \
             {f for f, _ in found.problems}
         missing = [n for n in names if n not in present]
         found.problems += [(n, "multirun.yaml lists this job, but its folder is missing "

@@ -103,9 +103,10 @@ def test_summary_values(sweep):
         "95% CI of Δ": f"[{100 * h.delta_ci_low:.1f}, {100 * h.delta_ci_high:.1f}]",
         "p vs none": f"{h.p_vs_none:.3g}", "Holm p": f"{h.p_vs_none_holm:.3g}",
         "Δ vs low (pts)": f"{100 * h.delta_vs_low:.1f}", "p vs low": f"{h.p_vs_low:.3g}",
-        "p vs random": f"{h.p_vs_random:.3g}"}
+        "random 2.5-97.5% (draws)": f"[{100 * h.random_acc_p2_5:.1f}, "
+        f"{100 * h.random_acc_p97_5:.1f}] (5)", "p vs random": f"{h.p_vs_random:.3g}"}
     none_rows = [r for r in rows if r[1] == "none"]
-    assert len(none_rows) == 1 and none_rows[0][0] == "" and none_rows[0][6:] == [""] * 7
+    assert len(none_rows) == 1 and none_rows[0][0] == "" and none_rows[0][6:] == [""] * 8
     assert [r[2] for r in rows if r[1] == "random"] == ["0", "1", "2", "3", "4"]
     assert "### Legend" in md and "Wilson score interval" in md
     assert "\\toprule" in (root / "summary.tex").read_text()

@@ -2,6 +2,20 @@
 
 Recipe: check -> data -> scores -> select -> ablate + evaluate -> write. A job already
 complete for the same config is reused; a killed job resumes from its last checkpoint.
+
+``condition=random control_seeds=K`` (K > 1) evaluates the draws ``control_seed`` ..
+``control_seed + K - 1`` in one process (:func:`run_seeds`): each draw is written as the
+complete job folder ``<job folder>/control_seed=<k>/`` that the single-seed job
+``control_seed=k`` writes (same files, same config hash: the store serves either to the
+other), then ``job.json`` of the job folder lists them (:class:`~ih_sweep.records.SeedsRecord`).
+What does not depend on the drawn heads is computed once for all draws (:class:`Shared`):
+the loaded model, the stories and items, the score table, the ablation fill (mean and
+position-wise means cover every head; resample's donor outputs are taken once for the
+union of the draws' heads, within :data:`DONOR_SHARE_BYTES`), the check that every prompt
+fits the model, each checkpoint chunk's tokenized rows; the mechanism check's unablated
+numbers are cached per process anyway (:mod:`ih_sweep.mechanism`), as is the evaluator's
+check of its shortcuts. A killed K-draw job resumes at the draw it reached (finished draws
+are skipped, the current one resumes from its last chunk).
 """
 
 from __future__ import annotations
@@ -13,6 +27,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +36,20 @@ from tqdm.auto import tqdm
 
 from ..io_utils import read_json, write_csv, write_json
 from ..records import (
+    COMPLETE,
     HEAD_COLUMNS,
     ITEM_COLUMNS,
     RESULT_COLUMNS,
     STRATA_COLUMNS,
     EvaluationRecord,
+    RecordError,
+    SeedsRecord,
     finished_record,
+    read_record,
     restore,
     sha256,
     store,
+    store_dir,
     write_record,
 )
 from ..schema import (
@@ -47,8 +67,12 @@ from ..schema import (
 log = logging.getLogger("ih_sweep")
 
 
-def run(config: Config, out_dir: Path) -> EvaluationRecord:
-    """Run the job into ``out_dir`` (results.csv, heads.csv, job.json); returns its record."""
+def run(config: Config, out_dir: Path, shared: Shared | None = None
+        ) -> EvaluationRecord | SeedsRecord:
+    """Run the job into ``out_dir`` (results.csv, heads.csv, job.json); returns its record.
+    ``shared``: what the draws of a several-draw job compute once (:func:`run_seeds`)."""
+    if several_draws(config):
+        return run_seeds(config, out_dir)
     t_start = time.time()
     chash = config_hash(config)
     previous = finished_record(out_dir, chash, "results.csv")
@@ -69,6 +93,7 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     from ..score_table import check_scores_fit, exclusion, get_scores, matrix_for
     from ..selection import resolve_n_heads, select_heads
 
+    shared = shared or Shared()
     timings: dict[str, float] = {}
 
     # check: what can be checked without weights comes first; a share of heads (n_heads=10%)
@@ -87,11 +112,11 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
 
     # data
     t0 = time.time()
-    stories = load_stories(config.data)
-    items = items_for(config.data, config.eval, stories)
+    stories, items = shared.once("data", lambda: (
+        (s := load_stories(config.data)), items_for(config.data, config.eval, s)))
     timings["data_s"] = time.time() - t0
 
-    loaded: dict[str, Any] = {}
+    loaded = shared.loaded
 
     def model_getter():
         if "model" not in loaded:
@@ -103,23 +128,27 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
 
     # scores -> select
     t0 = time.time()
-    mat, heads, scores_file = None, [], None
+    mat, heads, scores_file, draw = None, [], None, None
     if config.condition != Condition.none and n_ablate > 0:
-        scores, cached = get_scores(config, model_getter, progress=config.eval.progress,
-                                    shape=(n_layers, heads_per_layer), items=items)
+        scores, cached = shared.once("scores", lambda: get_scores(
+            config, model_getter, progress=config.eval.progress,
+            shape=(n_layers, heads_per_layer), items=items))
         scores_file = str(cached or Path(config.scoring.file).resolve())
         if config.scoring.source == ScoreSource.file:
             check_scores_fit(scores, n_layers, heads_per_layer, config.scoring.file)
         mat = matrix_for(config, scores, config.scoring.rank_by)
-        heads = select_heads(mat, config.condition, n_ablate, config.control_seed,
-                             exclusion(config, scores))
+        excluded = exclusion(config, scores)
+
+        def draw(seed: int) -> list[tuple[int, int]]:  # this job's heads with another seed
+            return select_heads(mat, config.condition, n_ablate, seed, excluded)
+        heads = draw(config.control_seed)
     timings["scores_s"] = time.time() - t0
 
     # ablate + evaluate
     t0 = time.time()
-    fill = _once(lambda: ablation_fill(config, *model_getter(), items, heads))
+    fill = _once(lambda: shared.fill(config, *model_getter(), items, heads, draw))
     items_df, resumed = evaluate_checkpointed(config, out_dir, chash, model_getter, items,
-                                              heads, stories, fill)
+                                              heads, stories, fill, shared)
     timings["eval_s"] = time.time() - t0
 
     # mechanism check: repeat loss and ICL score with these heads ablated and without
@@ -172,6 +201,142 @@ def run(config: Config, out_dir: Path) -> EvaluationRecord:
     return record
 
 
+# resample ablation in a several-draw job: donor outputs are taken at once for the union of
+# the next draws' heads as long as they fit in this many bytes (of the model's dtype, on its
+# device: every donor text's tokens x head_dim per head), else for fewer draws at a time
+DONOR_SHARE_BYTES = 1 << 30
+SEED_FOLDER = "control_seed={}"
+
+
+def several_draws(config: Config) -> bool:
+    """Whether ``config`` asks one job for several random draws (:func:`run_seeds`)."""
+    return config.condition == Condition.random and config.control_seeds > 1 \
+        and config.n_heads != 0  # a count, or a share P% (P > 0)
+
+
+def seed_configs(config: Config) -> list[Config]:
+    """The single-seed config of each draw of a several-draw ``config``."""
+    return [dataclasses.replace(config, control_seed=k, control_seeds=1)
+            for k in range(config.control_seed, config.control_seed + config.control_seeds)]
+
+
+def run_seeds(config: Config, out_dir: Path) -> SeedsRecord:
+    """``condition=random control_seeds=K``: each draw's job into
+    ``out_dir/control_seed=<k>/`` through :func:`run` with one :class:`Shared` (the module
+    docstring says what is shared), then ``out_dir/job.json`` listing them. Draws complete
+    in their folder or in the store are not evaluated again, so a killed job resumes at
+    the draw it reached, and a later single-seed job reuses any draw (and vice versa)."""
+    t_start = time.time()
+    configs = seed_configs(config)
+    hashes = [config_hash(c) for c in configs]
+    folders = [SEED_FOLDER.format(c.control_seed) for c in configs]
+    done = [_recorded(out_dir / f, h) or _recorded(store_dir(config.paths.cache_dir, h), h)
+            for f, h in zip(folders, hashes)]
+    shared = Shared(pending=[c.control_seed for c, d in zip(configs, done) if not d])
+    log.info("%s: %d draws (control_seed=%d..%d) in one job, %d to evaluate", _describe(config),
+             len(configs), configs[0].control_seed, configs[-1].control_seed,
+             len(shared.pending))
+    records = [run(c, out_dir / f, shared) for c, f in zip(configs, folders)]
+    record = SeedsRecord(
+        config_hash=config_hash(config), n_heads=records[0].n_heads,
+        n_heads_share=records[0].n_heads_share,
+        condition=config.condition.value, control_seeds=[c.control_seed for c in configs],
+        seed_folders=folders, seed_hashes=hashes,
+        accuracies=[r.accuracy for r in records], model=config.model.name,
+        reused=[c.control_seed for c, d in zip(configs, done) if d],
+        shared=sorted(shared.used | ({"model"} if shared.loaded and len(shared.pending) > 1
+                                     else set())),
+        timings={"total_s": round(time.time() - t_start, 3)},
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+    write_record(out_dir, record)
+    acc = [100 * a for a in record.accuracies]
+    log.info("%s: %d draws, accuracy %.1f%% to %.1f%%, written to %s", _describe(config),
+             len(acc), min(acc), max(acc), out_dir)
+    return record
+
+
+def _recorded(folder: Path, chash: str) -> bool:
+    """Whether ``folder`` holds a complete record of this config hash (files unchecked:
+    for planning only; :func:`run` checks them before it trusts them)."""
+    try:
+        record = read_record(folder)
+    except RecordError:
+        return False
+    return record.status == COMPLETE and record.config_hash == chash
+
+
+@dataclass
+class Shared:
+    """What the draws of one several-draw job (:func:`run_seeds`) compute once: the loaded
+    model (:attr:`loaded`), values that do not depend on the drawn heads (:meth:`once`:
+    the data, the score table, the prompt check, each chunk's tokenized rows, the means),
+    and resample's donor outputs for the union of the draws still to evaluate
+    (:attr:`pending`, in order; :meth:`fill`). A single-seed job gets a fresh one."""
+
+    pending: list[int] = dataclasses.field(default_factory=list)
+    loaded: dict[str, Any] = dataclasses.field(default_factory=dict)
+    memo: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    used: set[str] = dataclasses.field(default_factory=set)  # memo keys read a second time
+    donors: Any = None  # the current union's Donors
+
+    def once(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` the first time ``key`` is asked for, the same value after."""
+        if key in self.memo:
+            if key != "fill" or self.memo[key] is not None:  # zero ablation fills nothing
+                self.used.add(key[0] if isinstance(key, tuple) else key)
+            return self.memo[key]
+        value = self.memo[key] = compute()
+        return value
+
+    def fill(self, config: Config, model, tokenizer, items: Sequence,
+             heads: list[tuple[int, int]], draw: Callable[[int], list] | None):
+        """:func:`ablation_fill` of ``heads``: mean and position-wise means once (they
+        cover every head); resample's donors taken for the union of the heads of this draw
+        and the pending draws after it (``draw(seed)``: a draw's heads) within
+        :data:`DONOR_SHARE_BYTES` (this draw's at least), then cut to ``heads``
+        (:meth:`ih_sweep.ablation.Donors.subset`: equal to donors taken for them alone)."""
+        method = config.ablation.method
+        if method != AblationMethod.resample:
+            return self.once("fill", lambda: ablation_fill(config, model, tokenizer, items,
+                                                           heads))
+        from ..ablation import position_means
+
+        if self.donors is None or not self.donors.covers(heads):
+            means = self.once("fill", lambda: position_means(model, reference_batches(
+                tokenizer, items, config.ablation.n_reference, model)))
+            texts = self.once("donor_texts", lambda: donor_texts(
+                tokenizer, items, config.eval.max_new_tokens))
+            union = self._union(heads, config.control_seed, draw,
+                                _bytes_per_head(model, tokenizer, texts[0]))
+            self.donors = None  # the previous union's memory first
+            self.donors = _donors(config, model, tokenizer, union, means, texts)
+        else:
+            self.used.add("donors")
+        return self.donors.subset(heads)
+
+    def _union(self, heads: list, seed: int, draw: Callable[[int], list] | None,
+               per_head: int) -> list:
+        union = list(heads)
+        later = self.pending[self.pending.index(seed) + 1:] if seed in self.pending else []
+        for k in later if draw is not None else []:
+            more = union + [h for h in draw(k) if h not in union]
+            if len(more) * per_head > DONOR_SHARE_BYTES:
+                break
+            union = more
+        return union
+
+
+def _bytes_per_head(model, tokenizer, texts: dict[int, str]) -> int:
+    """Bytes resample's donor outputs take per head: donor texts x the longest one's tokens
+    x head_dim x the compute dtype's size (:func:`ih_sweep.ablation.resample_donors`)."""
+    from ..architecture import head_sites
+    from ..evaluation import compute_dtype
+
+    longest = max((len(ids) for ids in tokenizer(list(texts.values()))["input_ids"]),
+                  default=0)
+    return len(texts) * longest * head_sites(model).head_dim * compute_dtype(model).itemsize
+
+
 def _describe(config: Config) -> str:
     """The job in one phrase for log lines: its ablation, with the control seed if drawn."""
     seed = f" control_seed={config.control_seed}" if config.condition == "random" else ""
@@ -186,15 +351,19 @@ def split_name(config: Config) -> str:
 def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
                           model_getter: Callable[[], tuple[Any, Any]], items: Sequence,
                           heads: list[tuple[int, int]], stories: Sequence,
-                          fill: Callable[[], Any]) -> tuple[pd.DataFrame, int]:
+                          fill: Callable[[], Any], shared: Shared | None = None
+                          ) -> tuple[pd.DataFrame, int]:
     """Evaluate in chunks of ``eval.checkpoint_items``, each written atomically to
     ``partial/``; a rerun after a kill (preemption, timeout, SIGKILL) reuses finished chunks,
     so rows are neither lost nor duplicated. Returns (ITEM_COLUMNS rows, chunks reused);
     ``stories``: those the items ask about (their difficulty strata); ``fill``: the job's
-    :func:`ablation_fill`, computed once when first called."""
+    :func:`ablation_fill`, computed once when first called; ``shared``: where the prompt
+    check and each chunk's tokenized rows are kept for the job's other draws."""
     from ..ablation import ablate_heads
-    from ..evaluation import check_prompt_lengths, evaluate
+    from ..evaluation import build_rows, check_prompt_lengths, evaluate
     from ..strata import strata_frame
+
+    shared = shared or Shared()
 
     part = out_dir / "partial"
     size = config.eval.checkpoint_items
@@ -224,11 +393,14 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
             log.warning("redoing %s: %s", chunk_file, problem)
         model, tokenizer = model_getter()
         if not checked:  # before any evaluation: every prompt fits the model's positions
-            check_prompt_lengths(model, tokenizer, items, config.eval.max_new_tokens)
+            shared.once("prompt_lengths", lambda m=model, t=tokenizer: check_prompt_lengths(
+                m, t, items, config.eval.max_new_tokens))
             checked = True
         means = fill() if heads else None
+        rows = shared.once(("rows", start, size), lambda t=tokenizer, c=chunk_items: build_rows(
+            t, c, config.eval.max_new_tokens, candidates))
         with ablate_heads(model, heads, config.ablation.method, means):
-            res = evaluate(model, tokenizer, chunk_items, config.eval, bar, candidates)
+            res = evaluate(model, tokenizer, chunk_items, config.eval, bar, candidates, rows)
         df = pd.concat([item_frame(res), strata_frame(stories, [r.item for r in res])],
                        axis=1)[ITEM_COLUMNS]
         write_csv(chunk_file, df)
@@ -319,7 +491,7 @@ def ablation_fill(config: Config, model, tokenizer, items: Sequence,
     ``position_mean``: their position-wise means; ``resample``: the donors' outputs, one
     donor text per story of the job (:func:`donor_texts`), drawn with ``ablation.seed``,
     the position-wise means past a donor's end. None for ``zero``."""
-    from ..ablation import head_means, position_means, resample_donors
+    from ..ablation import head_means, position_means
 
     method = config.ablation.method
     if method == AblationMethod.zero:
@@ -330,7 +502,16 @@ def ablation_fill(config: Config, model, tokenizer, items: Sequence,
     means = position_means(model, references)
     if method == AblationMethod.position_mean:
         return means
-    texts, needed = donor_texts(tokenizer, items, config.eval.max_new_tokens)
+    return _donors(config, model, tokenizer, heads, means,
+                   donor_texts(tokenizer, items, config.eval.max_new_tokens))
+
+
+def _donors(config: Config, model, tokenizer, heads: list[tuple[int, int]], means,
+            texts_needed: tuple[dict[int, str], dict[int, int]]):
+    """Resample ablation's donors of ``heads`` (:func:`ablation_fill`), with one log line."""
+    from ..ablation import resample_donors
+
+    texts, needed = texts_needed
     donors = resample_donors(model, tokenizer, texts, heads, config.ablation.seed, means,
                              needed)
     past = {k: n for k, n in donors.past_end.items() if n}
