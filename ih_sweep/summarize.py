@@ -21,7 +21,8 @@ n_items, n_correct, accuracy, ci_low, ci_high   Wilson 95% interval of the accur
 delta_vs_none    accuracy minus the unablated accuracy on the same items
 delta_ci_low, delta_ci_high   paired bootstrap 95% interval of delta_vs_none
 p_vs_none        exact McNemar p of the paired outcomes against ``none``
-p_vs_none_holm   Holm-adjusted over every p_vs_none of the sweep (all tasks, N, conditions)
+p_vs_none_holm   Holm-adjusted over every p_vs_none of the sweep (all tasks, N, conditions
+                 but ``random``: its draws are the null's sample, not hypotheses; empty there)
 delta_vs_low, p_vs_low        for ``high``: against ``low`` at the same N (McNemar)
 p_vs_random      every row but ``random`` and ``none`` (``high``, ``low`` and any other
                  selection of heads), where the group has ``random`` draws at the same N:
@@ -473,8 +474,9 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
             mechanism = job.record.mechanism if isinstance(job.record.mechanism, dict) else {}
             row |= {k: _number(mechanism.get(k)) for k in MECHANISM_COLUMNS}
             rows.append(row)
-    # one family across tasks, N values and conditions of the whole sweep
-    ps = [r.get("p_vs_none", np.nan) for r in rows]
+    # one family across tasks, N values and conditions of the whole sweep; the random draws
+    # are the null's sample, not hypotheses: outside the family (their Holm p stays empty)
+    ps = [np.nan if r["condition"] == "random" else r.get("p_vs_none", np.nan) for r in rows]
     for r, adj in zip(rows, st.holm(ps)):
         r["p_vs_none_holm"] = adj
     df = pd.DataFrame(rows)
@@ -776,7 +778,8 @@ LEGEND = [
     "**Δ vs none**: accuracy minus the unablated accuracy on the same items, in percentage "
     "points; **95% CI of Δ**: paired percentile bootstrap over items (2,000 resamples).",
     "**p vs none**: exact McNemar test of the paired per-item outcomes; **Holm p**: "
-    "Holm-adjusted over every comparison with `none` in this summary.",
+    "Holm-adjusted over every comparison with `none` in this summary but the random draws "
+    "(the null's sample, not hypotheses).",
     "**Δ vs low**, **p vs low** (rows `high`): against the `low` control at the same N "
     "(exact McNemar).",
     "**random 2.5-97.5% (draws)**: the null, the accuracies of the `random` draws at the "

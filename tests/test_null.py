@@ -70,6 +70,11 @@ def test_summary_gives_every_condition_its_p_within_the_null(tmp_path):
     assert shown["high"]["p vs random"] == "0.35" and shown["low"]["p vs random"] == "1"
     assert all(r[-1] == "" for r in rows[2:] if r[1] == "random")
     assert "one-sided" in md and "1 / (K + 1)" in md
+    # the draws are the null's sample, not hypotheses: outside Holm's family, whose members
+    # are high N=4, high N=8 and low N=4 (the smallest of three p values times 3)
+    assert others.loc["random"].p_vs_none_holm.isna().all()
+    tested = df.loc[[("high", 4, 0), ("high", 8, 0), ("low", 4, 0)]]
+    assert tested.p_vs_none_holm.min() == pytest.approx(min(3 * tested.p_vs_none.min(), 1))
 
 
 # --------------------------------------------------------------------------- the job

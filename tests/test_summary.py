@@ -82,13 +82,17 @@ def test_summary_values(sweep):
     assert h.p_vs_random == pytest.approx(1 / 6) and h.n_random == 5
     assert df.loc[("low", 0)].p_vs_none == pytest.approx(1.0)
     assert np.isnan(df.loc[("none", 0)].p_vs_none_holm)
-    # Holm (1979) over the 7 ablated jobs' p-values: the i-th smallest (0-based) times
-    # (7 - i), running maximum, capped at 1
-    raw = df[df.index.get_level_values(0) != "none"].p_vs_none.sort_values()
-    expected = np.minimum(1, np.maximum.accumulate(raw.to_numpy() * (7 - np.arange(7))))
+    # Holm (1979) over the ablated jobs' p-values but the random draws' (the null's sample:
+    # high and low here): the i-th smallest (0-based) times (2 - i), running maximum, capped
+    # at 1
+    conditions = df.index.get_level_values(0)
+    raw = df[~conditions.isin(["none", "random"])].p_vs_none.sort_values()
+    assert len(raw) == 2
+    expected = np.minimum(1, np.maximum.accumulate(raw.to_numpy() * (2 - np.arange(2))))
     got = df.loc[raw.index].p_vs_none_holm.to_numpy()
     assert got == pytest.approx(expected)
-    assert h.p_vs_none_holm == pytest.approx(7 * h.p_vs_none)  # the smallest p: times 7
+    assert h.p_vs_none_holm == pytest.approx(2 * h.p_vs_none)  # the smallest p: times 2
+    assert df[conditions == "random"].p_vs_none_holm.isna().all()
     for name in ("summary.csv", "summary.md", "summary.tex", "accuracy_vs_n.png"):
         assert (root / name).is_file()
     md = (root / "summary.md").read_text()
