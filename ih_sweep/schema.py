@@ -687,6 +687,14 @@ def _scoring_choice(cfg: Config) -> None:
         _need(ev.format == PromptFormat.notebook or ev.n_shots >= 2, "eval.n_shots",
               ev.n_shots, f"FV scores (scoring.{key}=fv) shuffle the answers of a prompt's "
               f"demonstrations; allowed with eval.format={ev.format.value}: n_shots >= 2")
+        need = sc.fv_prompts + sc.fv_mean_prompts
+        # a story gives one prompt under eval.scope=last: too few stories is known now,
+        # before any job runs (the job itself counts the prompts FV can use)
+        _need(cfg.condition == Condition.none or cfg.n_heads == 0 or cfg.data.n_stories is None
+              or ev.scope != Scope.last or cfg.data.n_stories >= need, "data.n_stories",
+              cfg.data.n_stories, f"FV scores (scoring.{key}=fv) take fv_mean_prompts + fv_prompts"
+              f" = {need} prompts, one a story with eval.scope=last; allowed: >= {need}, or "
+              "fewer scoring.fv_prompts / scoring.fv_mean_prompts")
 
 
 def _overlapping_stops(stops: list[str]) -> str | None:

@@ -232,10 +232,21 @@ def test_exclusion_that_leaves_too_few_heads_is_refused():
     (("scoring.exclude_by=fv", "eval=helm", "eval.n_shots=0"), "exclude_by=fv"),
     (("scoring.fv_prompts=0",), "scoring.fv_prompts=0"),
     (("scoring.fv_batch_size=0",), "scoring.fv_batch_size=0"),
+    (("scoring=fv", "data.n_stories=124"), "data.n_stories=124 .*>= 125"),
+    (("scoring=prefix_not_fv", "data.n_stories=50", "scoring.fv_prompts=10"),
+     "data.n_stories=50 .*>= 110"),
 ])
 def test_bad_fv_and_exclusion_settings_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
         settings(compose(*overrides))
+
+
+def test_enough_stories_for_fv_or_no_fv_needed_is_allowed():
+    settings(compose("scoring=fv", "data.n_stories=125"))  # exactly enough
+    settings(compose("scoring=fv", "data.n_stories=10", "condition=none"))  # no heads chosen
+    settings(compose("scoring=fv", "data.n_stories=10", "eval.scope=all"))  # the job counts
+    settings(compose("scoring=fv", "data.n_stories=10", "scoring.fv_prompts=4",
+                     "scoring.fv_mean_prompts=6"))
 
 
 def test_presets_and_hashes():
