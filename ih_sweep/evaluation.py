@@ -964,12 +964,32 @@ NEAR_TIE_TOLERANCE = {torch.float32: 5e-6, torch.float64: 5e-6, torch.bfloat16: 
 
 
 def compute_dtype(model) -> torch.dtype:
-    """The least precise floating dtype among the model's embedding and unembedding weights
-    (they stay in the compute dtype under 4/8-bit quantization); float32 when none is."""
+    """The least precise floating dtype the model computes in: among its embedding and
+    unembedding weights and, under bitsandbytes quantization, its quantized layers' matmuls
+    (:func:`_quantized_compute_dtypes`: nf4's ``bnb_4bit_compute_dtype``, bfloat16 by
+    default, even where the embeddings stay float32); float32 when none is lower."""
     dtypes = [m.weight.dtype for m in (model.get_input_embeddings(),
                                        model.get_output_embeddings())
               if m is not None and m.weight.is_floating_point()]
+    dtypes += _quantized_compute_dtypes(model)
     return min(dtypes, key=lambda d: torch.finfo(d).bits, default=torch.float32)
+
+
+def _quantized_compute_dtypes(model) -> set[torch.dtype]:
+    """The dtypes bitsandbytes layers compute in: a ``Linear4bit``'s ``compute_dtype``
+    (none set: its input's, which the other dtypes already cover); bfloat16 standing for
+    LLM.int8()'s 8-bit matmul, whose rounding (activations in int8, outlier columns
+    chosen over the whole batch) is no finer than bfloat16's."""
+    out = set()
+    for module in model.modules():
+        if not type(module).__module__.startswith("bitsandbytes"):
+            continue
+        if type(module).__name__.startswith("Linear8bit"):
+            out.add(torch.bfloat16)
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            out.add(dtype)
+    return out
 
 
 def near_tie_tolerance(model) -> float:

@@ -80,6 +80,25 @@ def test_near_tie_tolerance_follows_the_compute_dtype():
     assert not evaluation.near_tie([0.9, 0.2], [20.0, 3.0], 1e-4)
 
 
+@pytest.mark.parametrize("quantization,dtype", [("nf4", torch.bfloat16),
+                                                ("int8", torch.bfloat16)])
+def test_quantized_layers_set_the_compute_dtype(tmp_path, quantization, dtype):
+    """The tiny model quantized by bitsandbytes keeps float32 embeddings, but its layers
+    compute in bfloat16 (nf4's compute dtype; int8's 8-bit matmul): the near-tie tolerance
+    is bfloat16's, not float32's."""
+    pytest.importorskip("bitsandbytes")
+    from ih_sweep.model_loading import load_model
+
+    model, _ = load_model({"name": "tiny", "path": "builtin:tiny"},
+                          {"name": quantization, "double_quant": True,
+                           "compute_dtype": "bfloat16"}, "cpu")
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert evaluation.compute_dtype(model) == dtype
+    assert evaluation.near_tie_tolerance(model) == evaluation.NEAR_TIE_TOLERANCE[dtype]
+    plain, _ = load_model({"name": "tiny", "path": "builtin:tiny"}, {"name": "none"}, "cpu")
+    assert evaluation.compute_dtype(plain) == torch.float32
+
+
 # --------------------------------------------------------------------------- references
 @torch.no_grad()
 def _reference_steps(model, tok, item: Item, max_new_tokens: int = 3):
