@@ -104,6 +104,7 @@ from . import statistics as st
 from .figures import pyplot
 from .io_utils import write_csv, write_figure, write_text
 from .records import EvaluationRecord, RecordError, ScanRecord, SeedsRecord, read_record
+from .schema import FV_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -353,11 +354,21 @@ def group_jobs(jobs: list[FinishedJob]) -> tuple[list[list[FinishedJob]], list[s
     return groups, _differing_settings(groups) if len(groups) > 1 else []
 
 
+# dotted settings the base title (group_title) already names under GROUP_KEYS
+_FV = {f"scoring.{key}" for key in FV_KEYS}
+_IN_BASE_TITLE = {"model.name", "quantization.name", "data.name", "data.task", "data.split",
+                  "eval.metric", "eval.scope", "ablation.method", "scoring.rank_by"}
+
+
 def _differing_settings(groups: list[list[FinishedJob]]) -> list[str]:
+    """The dotted settings whose values differ between groups (a setting absent from some
+    groups differs from the value it has in others), but the FV settings
+    (``schema.FV_KEYS``): they differ only where two groups computing FV scores set them
+    apart; an arm that computes none has none, and ``rank_by``/``exclude_by`` name FV."""
     flats = [_flat({k: v for k, v in _settings_of(g[-1].record).items()
                     if k not in _SELECTION}) for g in groups]
     keys = sorted(set().union(*flats))
-    return [k for k in keys if len({str(f.get(k)) for f in flats}) > 1]
+    return [k for k in keys if len({str(f.get(k)) for f in flats if k in f or k not in _FV}) > 1]
 
 
 @dataclass
@@ -389,7 +400,8 @@ def cell_groups(jobs: list[FinishedJob]) -> tuple[list[Group], list[str]]:
         base = _group_of(gjobs[-1])
         settings = _flat(_settings_of(gjobs[-1].record))
         # a setting the group's jobs do not have (resample's ablation.seed) names nothing
-        named = differing + [k for k in _TITLE_ALWAYS if k not in differing]
+        named = [k for k in differing if k not in _IN_BASE_TITLE] + \
+            [k for k in _TITLE_ALWAYS if k not in differing]
         gname = group_title(base) + "".join(f", {k}={settings.get(k)}" for k in named
                                             if k not in base and k in settings)
         by_cell: dict[tuple[int, str, int], FinishedJob] = {}
@@ -788,7 +800,8 @@ LEGEND = [
     "accuracy within those draws, (1 + #draws at or below it) / (1 + K), one-sided (a "
     "draw at least as extreme is one whose accuracy is at or below the row's; small p: "
     "these heads hurt more than random heads; the smallest p K draws can give is "
-    "1 / (K + 1)).",
+    "1 / (K + 1)). Where another row at an N carries a null of 3 or more draws this way, "
+    "the draws' own rows are left out of the tables (each is a row of summary.csv).",
 ]
 
 
@@ -798,13 +811,24 @@ def display_table(df: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
     return _display(df, _DISPLAY, latex)
 
 
+def shown_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one group's summary a table shows: every row, but the ``random`` draws
+    at an N where there are at least 3 and another row carries them as its null
+    (``n_random``: the band and p vs random); K = 20 draws at three N would otherwise bury
+    the conditions among 60 rows."""
+    if not {"n_random", "condition", "n_heads"} <= set(df.columns):
+        return df  # not rows of a sweep's summary (e.g. the cross-model table)
+    carried = set(df.loc[(df.condition != "random") & (df.n_random >= 3), "n_heads"])
+    return df[~((df.condition == "random") & df.n_heads.isin(carried))]
+
+
 def _display(df: pd.DataFrame, spec: list, latex: bool = False,
              keep: int | None = None) -> pd.DataFrame:
     """``df``'s rows through ``spec`` ((markdown header, LaTeX header, cell) triples);
     ``keep``: columns after the first ``keep`` that are empty in every row are dropped."""
     headers = [(tex if latex else md) for md, tex, _ in spec]
-    table = pd.DataFrame([[cell(r) for _, _, cell in spec] for r in df.itertuples()],
-                         columns=headers)
+    table = pd.DataFrame([[cell(r) for _, _, cell in spec]
+                          for r in shown_rows(df).itertuples()], columns=headers)
     if keep is not None:
         table = table[[c for i, c in enumerate(table.columns)
                        if i < keep or table[c].astype(bool).any()]]

@@ -111,7 +111,10 @@ def test_summary_values(sweep):
         f"{100 * h.random_acc_p97_5:.1f}] (5)", "p vs random": f"{h.p_vs_random:.3g}"}
     none_rows = [r for r in rows if r[1] == "none"]
     assert len(none_rows) == 1 and none_rows[0][0] == "" and none_rows[0][6:] == [""] * 8
-    assert [r[2] for r in rows if r[1] == "random"] == ["0", "1", "2", "3", "4"]
+    # the draws are carried by the high and low rows (band, p vs random): not shown on
+    # their own, but every one is a row of summary.csv
+    assert [r for r in rows if r[1] == "random"] == []
+    assert sorted(df.loc["random"].index) == [0, 1, 2, 3, 4]
     assert "### Legend" in md and "Wilson score interval" in md
     assert "\\toprule" in (root / "summary.tex").read_text()
 
@@ -257,3 +260,49 @@ def test_jobs_that_multirun_yaml_lists_but_are_missing_are_named(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "`condition=high,n_heads=8`: multirun.yaml lists this job, but its folder is " \
            "missing" in md
+
+
+def test_arm_titles_name_what_tells_the_arms_apart(tmp_path):
+    """The four arms of Yin & Steinhardt's comparison: titles name rank_by once (not also as
+    scoring.rank_by) and the exclusion, not the FV settings every FV arm shares (an arm
+    without FV has none); FV settings that do differ between FV arms are named."""
+    fv = {"fv_prompts": 25, "fv_mean_prompts": 100, "fv_seed": 0}
+    arms = {"prefix": {"rank_by": "prefix"}, "fv": {"rank_by": "fv", **fv},
+            "prefix_not_fv": {"rank_by": "prefix", "exclude_by": "fv", "exclude_share": 0.02,
+                              **fv},
+            "fv_seed1": {"rank_by": "fv", **fv, "fv_seed": 1}}
+    make_job(tmp_path, "none", 0, "none", [True] * 10, settings={"model": {"name": "tiny"}})
+    for name, scoring in arms.items():
+        make_job(tmp_path, name, 4, "high", [False] * 10,
+                 settings={"model": {"name": "tiny"}, "scoring": scoring})
+    summarize(tmp_path)
+    titles = [line for line in (tmp_path / "summary.md").read_text().splitlines()
+              if line.startswith("## model=")]
+    assert len(titles) == 4
+    assert not any("scoring.rank_by" in t or "fv_prompts" in t or "fv_mean_prompts" in t
+                   for t in titles)
+    assert sum("scoring.exclude_by=fv, scoring.exclude_share=0.02" in t for t in titles) == 1
+    assert sorted(t.count("scoring.fv_seed=") for t in titles) == [0, 1, 1, 1]  # 0 vs 1
+
+
+def test_many_random_draws_are_carried_by_the_rows_they_are_compared_with(tmp_path):
+    """K >= 3 draws at an N with a high row there: the tables show high with the null's
+    band, not the draws (summary.csv keeps each); 2 draws at another N stay shown."""
+    make_job(tmp_path, "none", 0, "none", [True] * 10)
+    make_job(tmp_path, "high4", 4, "high", [False] * 10)
+    make_job(tmp_path, "high8", 8, "high", [False] * 10)
+    for k in range(3):
+        make_job(tmp_path, f"r4-{k}", 4, "random", [True] * (9 + k % 2) + [False] * (1 - k % 2),
+                 seed=k)
+    for k in range(2):
+        make_job(tmp_path, f"r8-{k}", 8, "random", [True] * 10, seed=k)
+    df = summarize(tmp_path)
+    assert (df.condition == "random").sum() == 5
+    md = (tmp_path / "summary.md").read_text()
+    main = md[md.index("## model="):md.index("###")]
+    shown = [[c.strip() for c in line.strip("|").split("|")] for line in main.splitlines()
+             if line.startswith("|")][2:]
+    assert [(r[0], r[1], r[2]) for r in shown if r[1] == "random"] == [("8", "random", "0"),
+                                                                       ("8", "random", "1")]
+    high4 = next(r for r in shown if r[:2] == ["4", "high"])
+    assert high4[-2] == "[90.0, 99.5] (3)"  # of 90, 90, 100 (linear interpolation)
