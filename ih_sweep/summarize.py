@@ -613,6 +613,58 @@ def robustness_markdown(table: pd.DataFrame | None) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------- the null
+def _group_of_row(row) -> str:
+    """The part of a group's title that tells it apart in a table across groups: how its
+    heads are chosen (:func:`heads_phrase`) and the settings the base title does not name."""
+    extra = str(row.group)[len(group_title({k: getattr(row, k) for k in GROUP_KEYS})):]
+    extra = _EXCLUSION.sub("", extra).strip(", ")
+    return heads_phrase(row) + (f" ({extra})" if extra else "")
+
+
+_NULL = [
+    ("arm", "arm", lambda r: r.arm),
+    ("condition", "condition", lambda r: r.condition),
+    ("N", "$N$", lambda r: n_text(r.n_heads, r.n_heads_share)),
+    ("accuracy % [95% CI]", r"accuracy \% [95\% CI]",
+     lambda r: f"{percent(r.accuracy)} {interval(r.ci_low, r.ci_high)}"),
+    ("random 2.5-97.5% (draws)", r"random 2.5--97.5\% (draws)",
+     lambda r: f"{interval(r.random_acc_p2_5, r.random_acc_p97_5)} ({int(r.n_random)})"),
+    ("p vs random", "$p$ vs random", lambda r: p_value(r.p_vs_random)),
+    ("Δ vs none (pts)", r"$\Delta$ vs none (pts)", lambda r: percent(r.delta_vs_none)),
+]
+
+
+def null_markdown(df: pd.DataFrame) -> list[str]:
+    """summary.md's section "Against the random null": every row compared with random
+    draws (``n_random`` >= 1), across the groups of one model and data set, so that the
+    arms (induction heads, FV heads, the exclusions) and the controls read side by side."""
+    rows = df[df.n_random.ge(1) & ~df.condition.isin(["random", "none"])] \
+        if "n_random" in df else df.iloc[:0]
+    if rows.empty:
+        return []
+    lines = ["## Against the random null", ""]
+    shared = [k for k in GROUP_KEYS if k != "rank_by"]  # the arms differ in rank_by
+    setting = rows[shared].astype(str).agg(", ".join, axis=1)
+    for _, part in rows.groupby(setting, sort=False):
+        part = part.assign(arm=part.apply(_group_of_row, axis=1),
+                           cond_order=part.condition.map(_ORDER))
+        part = part.sort_values(["arm", "cond_order", "n_heads"], kind="stable")
+        first = part.iloc[0]
+        lines += [f"### {', '.join(f'{k}={first[k]}' for k in shared)}", "",
+                  markdown_table(_display(part, _NULL)), ""]
+    return lines
+
+
+NULL_LEGEND = [
+    "**Against the random null**: every row compared with layer-matched random draws at its "
+    "N, across the sweep's arms (**arm**: how its `high` heads are chosen, `top-N by "
+    "<score>`, with Yin & Steinhardt's exclusion where the arm has one; its `low` rows are "
+    "its layer-matched lowest-N control, its random draws layer-matched to its top-N, so "
+    "each arm has a null of its own); **random 2.5-97.5% (draws)** and **p vs "
+    "random** as in the main table; **Δ vs none**: accuracy minus the unablated accuracy."]
+
+
 # --------------------------------------------------------------------------- near-ties
 def has_column(results: pd.DataFrame, column: str) -> bool:
     """Whether a job's results.csv has ``column`` (jobs written before it was recorded
@@ -964,16 +1016,40 @@ def section_tables(g: pd.DataFrame, latex: bool = False
 
 def markdown_table(table: pd.DataFrame) -> str:
     """A display table as GitHub markdown: text left, numbers right, no reparsing."""
-    align = ["left" if c in ("condition", "ablation") else "right" for c in table.columns]
+    align = ["left" if c in ("condition", "ablation", "arm") else "right"
+             for c in table.columns]
     return table.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
+_EXCLUSION = re.compile(r"scoring\.exclude_by=(\w+), scoring\.exclude_share=([\d.e-]+)")
+
+
+def heads_phrase(row) -> str:
+    """How a group's ``high`` heads are chosen, for titles and legends: ``top-N by prefix``,
+    with Yin & Steinhardt's exclusion where the group has one (``, outside the top 2% by
+    fv``)."""
+    found = _EXCLUSION.search(str(getattr(row, "group", "")))
+    rank = getattr(row, "rank_by", "")
+    outside = f", outside the top {100 * float(found[2]):.3g}% by {found[1]}" if found else ""
+    return f"top-N by {rank}{outside}" if isinstance(rank, str) and rank else "top-N"
+
+
+def _arm_row(g: pd.DataFrame):
+    """A row of one group that says how its heads were chosen: an ablated one (the
+    unablated job has no scoring settings), else the first."""
+    ablated = g[g.condition != "none"]
+    return (ablated if not ablated.empty else g).iloc[0]
+
+
 def _short_title(row) -> str:
-    """A figure title: the model and the data, the metric and the ablation."""
+    """A figure title: the model and the data, the metric, the ablation and, where they
+    are not the default prefix-matching heads, how the heads are chosen."""
     split = "" if row.split == "generated" else f" {row.split}"
+    phrase = heads_phrase(row)
+    heads = "" if phrase == "top-N by prefix" else f"\n{phrase}"
     return (f"{row.model} ({row.quantization}), bAbI task {row.babi_task}{split} "
             f"({row.data}), {row.metric}, {'last' if row.scope == 'last' else 'every'} "
-            f"question, {row.ablation} ablation")
+            f"question, {row.ablation} ablation{heads}")
 
 
 def group_title(group: dict) -> str:
@@ -998,9 +1074,12 @@ def to_markdown(df: pd.DataFrame, problems: list[tuple[str, str]], notes: list[s
             else:
                 shown.add(sec.title)
                 lines += [f"### {sec.title}", "", markdown_table(table), ""]
+    null = null_markdown(df)
+    lines += null
     lines += robustness_markdown(robustness)
     lines += strata_markdown(strata)
     legend = LEGEND + [item for sec in SECTIONS if sec.title in shown for item in sec.legend]
+    legend += NULL_LEGEND if null else []
     if robustness is not None and not robustness.empty:
         legend += ROBUSTNESS_LEGEND
     if strata is not None and not strata.empty:
@@ -1228,6 +1307,14 @@ def _plot_null(ax, random: pd.DataFrame) -> None:
               lw=1.5, zorder=2)
 
 
+def _high_label(row) -> str:
+    """The legend of a group's ``high`` rows: how its heads are chosen and what they are
+    (induction heads by prefix matching or copying, FV heads by their indirect effect)."""
+    kind = {"fv": "FV heads"}.get(getattr(row, "rank_by", ""), "induction heads")
+    phrase = heads_phrase(row)
+    return f"{phrase} ({kind})" if "outside" not in phrase else f"{phrase}\n({kind})"
+
+
 def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | None:
     """Accuracy against N per condition with 95% Wilson CIs; the unablated accuracy as a
     line and band; the random draws as their 2.5-97.5% band (:func:`_plot_null`).
@@ -1258,7 +1345,7 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
         yerr = np.clip([y - 100 * g.ci_low, 100 * g.ci_high - y], 0, None)
         ax.errorbar(g.x + shift, y, yerr=yerr, marker="o", ms=5, capsize=3,
                     color=COLORS[cond], clip_on=False, zorder=3,
-                    label={"high": "top-N by score (induction heads)",
+                    label={"high": _high_label(g.iloc[0]),
                            "low": "layer-matched lowest-N (control)"}[cond])
     if measured and by_share:
         counts = df[df.condition != "none"].groupby("x").n_heads.first()
@@ -1476,12 +1563,12 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
     for i, (_, g) in enumerate(groups):
         name = "accuracy_vs_n.png" if len(groups) == 1 else f"accuracy_vs_n_{i}.png"
         step(name, lambda g=g, name=name: plot_accuracy_vs_n(
-            g, sweep_dir / name, title=_short_title(g.iloc[0])))
+            g, sweep_dir / name, title=_short_title(_arm_row(g))))
     if strata is not None and not strata.empty:
         parts = list(strata.groupby("group", sort=False))
         for i, (gname, part) in enumerate(parts):
             name = "strata.png" if len(parts) == 1 else f"strata_{i}.png"
-            row = df[df.group == gname].iloc[0]
+            row = _arm_row(df[df.group == gname])
             step(name, lambda part=part, name=name, row=row: plot_strata(
                 part, sweep_dir / name, title="Accuracy by support distance: "
                 + _short_title(row)))

@@ -13,7 +13,8 @@ from ih_sweep.summarize import SummaryError, SummaryIncomplete, summarize
 
 
 def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", examples=None,
-             settings=None, config_hash="0" * 16, extra=None, mechanism=None, scores_file=None):
+             settings=None, config_hash="0" * 16, extra=None, mechanism=None, scores_file=None,
+             rank_by="prefix"):
     """A finished job folder written through the project's records. ``extra``: per-item
     columns beyond the writer's (near_tie, gold_logprob, strata, ...: {column: values});
     ``mechanism``: job.json's mechanism dict."""
@@ -37,7 +38,7 @@ def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", e
         control_seed=seed, model=model, quantization="none",
         data={"name": "babi_generated", "task": 1, "n_stories": len(correct), "seed": 0},
         eval={"metric": "contains", "scope": scope, "max_new_tokens": 3}, ablation="zero",
-        rank_by="prefix", n_items=len(correct), n_correct=int(sum(correct)),
+        rank_by=rank_by, n_items=len(correct), n_correct=int(sum(correct)),
         accuracy=float(np.mean(correct)), n_decoded=0, scores_file=scores_file,
         heads=[[0, h] for h in range(n)] if scores_file else []))
     if mechanism is not None:
@@ -306,3 +307,51 @@ def test_many_random_draws_are_carried_by_the_rows_they_are_compared_with(tmp_pa
                                                                        ("8", "random", "1")]
     high4 = next(r for r in shown if r[:2] == ["4", "high"])
     assert high4[-2] == "[90.0, 99.5] (3)"  # of 90, 90, 100 (linear interpolation)
+
+
+def test_the_null_section_sets_the_arms_side_by_side(tmp_path):
+    """Two arms (induction heads by prefix; FV heads outside the top 2% by prefix), each
+    with high, low and 3 random draws at N=4: one table across the arms, every compared
+    row with its own arm's null; the draws' rows are not in it."""
+    make_job(tmp_path, "none", 0, "none", [True] * 10, settings={"model": {"name": "tiny"}})
+    arms = {"prefix": {"rank_by": "prefix"},
+            "fvx": {"rank_by": "fv", "exclude_by": "prefix", "exclude_share": 0.02}}
+    for name, scoring in arms.items():
+        settings = {"model": {"name": "tiny"}, "scoring": scoring}
+        wrong = 6 if name == "prefix" else 0
+        rank = scoring["rank_by"]
+        make_job(tmp_path, f"{name}-high", 4, "high", [False] * wrong + [True] * (10 - wrong),
+                 settings=settings, rank_by=rank)
+        make_job(tmp_path, f"{name}-low", 4, "low", [True] * 10, settings=settings,
+                 rank_by=rank)
+        for k in range(3):
+            make_job(tmp_path, f"{name}-r{k}", 4, "random", [True] * (9 + k % 2) +
+                     [False] * (1 - k % 2), seed=k, settings=settings, rank_by=rank)
+    summarize(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    section = md[md.index("## Against the random null"):md.index("### Legend")]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("|")]
+    assert rows[0] == ["arm", "condition", "N", "accuracy % [95% CI]",
+                       "random 2.5-97.5% (draws)", "p vs random", "Δ vs none (pts)"]
+    got = {(r[0], r[1]): (r[3].split()[0], r[4], r[5]) for r in rows[2:]}
+    assert got == {
+        ("top-N by fv, outside the top 2% by prefix", "high"): ("100.0", "[90.0, 99.5] (3)", "1"),
+        ("top-N by fv, outside the top 2% by prefix", "low"): ("100.0", "[90.0, 99.5] (3)", "1"),
+        ("top-N by prefix", "high"): ("40.0", "[90.0, 99.5] (3)", "0.25"),
+        ("top-N by prefix", "low"): ("100.0", "[90.0, 99.5] (3)", "1")}
+    assert "**Against the random null**" in md
+
+
+def test_figure_titles_and_legends_say_how_the_heads_were_chosen():
+    from types import SimpleNamespace as Row
+
+    from ih_sweep.summarize import _high_label, heads_phrase
+
+    plain = Row(group="model=tiny, ..., rank_by=prefix", rank_by="prefix")
+    fvx = Row(group="model=tiny, ..., rank_by=fv, scoring.exclude_by=prefix, "
+                    "scoring.exclude_share=0.02", rank_by="fv")
+    assert heads_phrase(plain) == "top-N by prefix"
+    assert heads_phrase(fvx) == "top-N by fv, outside the top 2% by prefix"
+    assert _high_label(plain) == "top-N by prefix (induction heads)"
+    assert _high_label(fvx) == "top-N by fv, outside the top 2% by prefix\n(FV heads)"
