@@ -20,7 +20,7 @@ mkdir -p outputs
 for part in $parts; do
   case $part in
     conditions)
-      run conditions -m n_heads=1%,3%,10% scoring=prefix,fv,prefix_not_fv,fv_not_prefix \
+      run conditions -m n_heads=1%,3%,10%,20% scoring=prefix,fv,prefix_not_fv,fv_not_prefix \
         condition=high,low,random,none control_seeds=20 ;;
     robustness)
       run robustness -m n_heads=8,16 condition=high,low,none \
