@@ -299,7 +299,7 @@ def exclusion(config: Config, scores: pd.DataFrame) -> list[tuple[int, int]]:
     if sc.exclude_by is None:
         return []
     heads = excluded_heads(matrix_for(config, scores, sc.exclude_by), sc.exclude_share)
-    log.info("excluded from the top-%d by %s: the top %d heads by %s (exclude_share=%g): %s",
+    log.info("excluded from the top-%s by %s: the top %d heads by %s (exclude_share=%g): %s",
              config.n_heads, sc.rank_by, len(heads), sc.exclude_by, sc.exclude_share, heads)
     return heads
 

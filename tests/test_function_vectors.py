@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -309,7 +310,7 @@ def test_fv_scores_are_cached_reused_and_keyed_by_the_prompts(tmp_path, tiny):
     assert calls and np.allclose(fixed["fv"], df["fv"])
 
 
-def test_a_score_file_with_an_fv_column_ranks_and_one_without_is_refused(tmp_path):
+def test_a_score_file_with_an_fv_column_ranks_and_one_without_is_refused(tmp_path, caplog):
     rows = [(la, h, float(la * 32 + h), float(-h)) for la in range(2) for h in range(32)]
     with_fv = tmp_path / "with.csv"
     pd.DataFrame(rows, columns=["layer", "head", "prefix", "fv"]).to_csv(with_fv, index=False)
@@ -322,6 +323,11 @@ def test_a_score_file_with_an_fv_column_ranks_and_one_without_is_refused(tmp_pat
                   "scoring=fv_not_prefix", "scoring.exclude_share=0.05")
     out = score_table.exclusion(cfg, df)
     assert out == [(1, 31), (1, 30), (1, 29)]  # the top 3 (floor(0.05 x 64)) by prefix
+    cfg = _config(tmp_path, "scoring.source=file", f"scoring.file={with_fv}",
+                  "scoring=fv_not_prefix", "n_heads=10%")  # N as a share: logged as asked
+    with caplog.at_level(logging.INFO, logger="ih_sweep"):
+        assert score_table.exclusion(cfg, df) == [(1, 31)]
+    assert "excluded from the top-10% by fv: the top 1 heads by prefix" in caplog.messages[-1]
     without = tmp_path / "without.csv"
     pd.DataFrame([r[:3] for r in rows], columns=["layer", "head", "prefix"]).to_csv(
         without, index=False)
