@@ -38,8 +38,8 @@ p_high_vs_none_holm   ``high`` minus ``none`` on the same items, its paired boot
                  ``delta_vs_none``, ``delta_ci_low``, ``delta_ci_high``, ``p_vs_none``,
                  ``p_vs_none_holm`` of the ``high`` row)
 delta_high_vs_low, delta_high_vs_low_ci_low, ..._ci_high, p_high_vs_low   ``high`` minus
-                 ``low`` at N: summary.csv ``delta_vs_low`` and ``p_vs_low``, with the same
-                 paired bootstrap interval (``statistics.paired_bootstrap_ci``)
+                 ``low`` at N: summary.csv ``delta_vs_low``, ``delta_vs_low_ci_low``,
+                 ``delta_vs_low_ci_high`` and ``p_vs_low``
 p_high_vs_random empirical p of ``high`` among the random draws at N (summary.csv)
 within_near_ties_vs_none, within_near_ties_vs_low   the near-tie floor's verdict on the
                  two deltas (summary.csv, empty where the jobs have no ``near_tie``):
@@ -64,7 +64,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import statistics as st
 from . import summarize as sm
 from .figures import pyplot
 from .io_utils import write_csv, write_figure, write_text
@@ -132,9 +131,7 @@ def _frame(row: pd.Series | None, column: str) -> Any:
 def group_rows(summary: pd.DataFrame, group: sm.Group) -> list[dict]:
     """One row per N of a sweep group: the accuracy of each condition and the high-vs-none
     and high-vs-low statistics, read from the group's rows of the sweep's summary table
-    (:func:`ih_sweep.summarize.summarize_jobs`); only the interval of ``high`` minus ``low``
-    is computed here (summary.csv has its delta and p, not its interval), with
-    :func:`ih_sweep.statistics.paired_bootstrap_ci` on the same paired items."""
+    (:func:`ih_sweep.summarize.summarize_jobs`)."""
     rows_of = summary[summary.group == group.name]
 
     def one(n: int, cond: str) -> pd.Series | None:
@@ -163,16 +160,14 @@ def group_rows(summary: pd.DataFrame, group: sm.Group) -> list[dict]:
                          ("delta_ci_low", "delta_high_vs_none_ci_low"),
                          ("delta_ci_high", "delta_high_vs_none_ci_high"),
                          ("p_vs_none", "p_high_vs_none"), ("p_vs_none_holm", "p_high_vs_none_holm"),
-                         ("delta_vs_low", "delta_high_vs_low"), ("p_vs_low", "p_high_vs_low"),
+                         ("delta_vs_low", "delta_high_vs_low"),
+                         ("delta_vs_low_ci_low", "delta_high_vs_low_ci_low"),
+                         ("delta_vs_low_ci_high", "delta_high_vs_low_ci_high"),
+                         ("p_vs_low", "p_high_vs_low"),
                          ("p_vs_random", "p_high_vs_random"),
                          ("within_near_ties_vs_none", "within_near_ties_vs_none"),
                          ("within_near_ties_vs_low", "within_near_ties_vs_low")):
             row[dst] = _frame(high, src)
-        high_job, low_job = group.cells.get((n, "high", 0)), group.cells.get((n, "low", 0))
-        if high_job is not None and low_job is not None:
-            a, b = sm._paired(high_job.results, low_job.results)
-            row["delta_high_vs_low_ci_low"], row["delta_high_vs_low_ci_high"] = \
-                st.paired_bootstrap_ci(a, b)
         out.append(row)
     return out
 

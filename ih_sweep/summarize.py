@@ -24,6 +24,7 @@ p_vs_none        exact McNemar p of the paired outcomes against ``none``
 p_vs_none_holm   Holm-adjusted over every p_vs_none of the sweep (all tasks, N, conditions
                  but ``random``: its draws are the null's sample, not hypotheses; empty there)
 delta_vs_low, p_vs_low        for ``high``: against ``low`` at the same N (McNemar)
+delta_vs_low_ci_low, delta_vs_low_ci_high   paired bootstrap 95% interval of delta_vs_low
 p_vs_random      every row but ``random`` and ``none`` (``high``, ``low`` and any other
                  selection of heads), where the group has ``random`` draws at the same N:
                  empirical p within that null, (1 + #{draws with accuracy <= the row's})
@@ -123,7 +124,8 @@ CONTINUOUS_COLUMNS = [f"{m}{suffix}" for m in CONTINUOUS for suffix in
 SUMMARY_COLUMNS = ["group", *GROUP_KEYS, "n_heads", "n_heads_share", "condition",
                    "control_seed", "n_items", "n_correct", "accuracy", "ci_low", "ci_high",
                    "delta_vs_none", "delta_ci_low", "delta_ci_high", "p_vs_none", "p_vs_none_holm",
-                   "delta_vs_low", "p_vs_low", "p_vs_random", "n_random",
+                   "delta_vs_low", "delta_vs_low_ci_low", "delta_vs_low_ci_high", "p_vs_low",
+                   "p_vs_random", "n_random",
                    "random_acc_p2_5", "random_acc_p97_5",
                    *NEAR_TIE_COLUMNS, *CONTINUOUS_COLUMNS, *MECHANISM_COLUMNS]
 STRATA = {  # results.csv column: (what it is, for tables and figures; bucket the top at 5+)
@@ -450,6 +452,8 @@ def _accuracy_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
         if low is not None:
             a, b = _paired(res, low.results)
             row["delta_vs_low"] = float(a.mean() - b.mean()) if len(a) else np.nan
+            row["delta_vs_low_ci_low"], row["delta_vs_low_ci_high"] = \
+                st.paired_bootstrap_ci(a, b)
             row["p_vs_low"] = st.mcnemar_exact(*st.discordant(a, b))
     row |= _null_row(row["accuracy"], group, n, cond)
     return row

@@ -113,11 +113,13 @@ def test_cross_table_equals_each_sweeps_own_summary():
                              ("delta_high_vs_none_ci_low", "delta_ci_low"),
                              ("delta_high_vs_none_ci_high", "delta_ci_high"),
                              ("p_high_vs_none", "p_vs_none"), ("delta_high_vs_low", "delta_vs_low"),
+                             ("delta_high_vs_low_ci_low", "delta_vs_low_ci_low"),
+                             ("delta_high_vs_low_ci_high", "delta_vs_low_ci_high"),
                              ("p_high_vs_low", "p_vs_low"), ("p_high_vs_random", "p_vs_random")):
             assert row[mine] == high[theirs], (name, mine)
         assert row.n_random == 3
         assert row.accuracy_random == pytest.approx(own.loc["random"].accuracy.mean())
-    # the one number summary.csv lacks: high - low's paired bootstrap interval
+    # high - low's paired bootstrap interval (summary.csv's delta_vs_low_ci_*)
     row = table.iloc[0]
     ci = st.paired_bootstrap_ci(outcomes["high"], outcomes["low"])
     assert (row.delta_high_vs_low_ci_low, row.delta_high_vs_low_ci_high) == ci
@@ -312,6 +314,8 @@ def test_end_to_end_over_three_sweeps(sweeps):
                              ("delta_high_vs_none_ci_low", "delta_ci_low"),
                              ("delta_high_vs_none_ci_high", "delta_ci_high"),
                              ("p_high_vs_none", "p_vs_none"), ("delta_high_vs_low", "delta_vs_low"),
+                             ("delta_high_vs_low_ci_low", "delta_vs_low_ci_low"),
+                             ("delta_high_vs_low_ci_high", "delta_vs_low_ci_high"),
                              ("p_high_vs_low", "p_vs_low"),
                              ("within_near_ties_vs_none", "within_near_ties_vs_none")):
             assert getattr(row, mine) == pytest.approx(own.loc["high", theirs], rel=1e-12), \

@@ -80,6 +80,10 @@ def test_summary_values(sweep):
 
     assert h.p_vs_none == pytest.approx(mcnemar_exact(0, b))
     assert h.p_vs_low < 1e-6 and h.delta_vs_low < 0
+    from ih_sweep.statistics import paired_bootstrap_ci
+
+    assert (h.delta_vs_low_ci_low, h.delta_vs_low_ci_high) == paired_bootstrap_ci(high, low)
+    assert h.delta_vs_low_ci_low < h.delta_vs_low < h.delta_vs_low_ci_high < 0
     assert h.p_vs_random == pytest.approx(1 / 6) and h.n_random == 5
     assert df.loc[("low", 0)].p_vs_none == pytest.approx(1.0)
     assert np.isnan(df.loc[("none", 0)].p_vs_none_holm)
