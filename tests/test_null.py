@@ -192,6 +192,30 @@ def test_union_of_donor_heads_stays_within_the_budget(monkeypatch):
     assert shared._union(draws[1], 1, draws.get, 10) == draws[1]
 
 
+def test_donor_bytes_count_the_dtype_head_outputs_are_stored_in():
+    """nf4 rounds its matmuls in bfloat16, but the tiny model's head outputs (the o_proj
+    input, what resample's donors hold) stay float32: 4 bytes an element in the budget."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from ih_sweep.architecture import head_sites
+    from ih_sweep.model_loading import load_model
+
+    model, tok = load_model({"name": "tiny", "path": "builtin:tiny"},
+                            {"name": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+                            "cpu")
+    seen = []
+    sites = head_sites(model)
+    hook = sites.out_proj[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with torch.no_grad():
+        model(**tok(["Mary went to the office."], return_tensors="pt"))
+    hook.remove()
+    texts = {0: "Mary went to the office.", 1: "John went to the hallway. Mary went home."}
+    longest = max(len(ids) for ids in tok(list(texts.values()))["input_ids"])
+    assert seen == [torch.float32]
+    assert ev._bytes_per_head(model, tok, texts) == 2 * longest * sites.head_dim * 4
+
+
 def test_donor_subset_equals_donors_taken_for_those_heads(tiny):
     from ih_sweep.ablation import position_means, resample_donors
     from ih_sweep.data import generate_stories, make_items

@@ -328,13 +328,15 @@ class Shared:
 
 def _bytes_per_head(model, tokenizer, texts: dict[int, str]) -> int:
     """Bytes resample's donor outputs take per head: donor texts x the longest one's tokens
-    x head_dim x the compute dtype's size (:func:`ih_sweep.ablation.resample_donors`)."""
+    x head_dim x the bytes of an activation (:func:`ih_sweep.batching.compute_dtype_bytes`:
+    the dtype head outputs are stored in, float32 for an nf4 model with float32 embeddings
+    although its matmuls round in bfloat16) (:func:`ih_sweep.ablation.resample_donors`)."""
     from ..architecture import head_sites
-    from ..evaluation import compute_dtype
+    from ..batching import compute_dtype_bytes
 
     longest = max((len(ids) for ids in tokenizer(list(texts.values()))["input_ids"]),
                   default=0)
-    return len(texts) * longest * head_sites(model).head_dim * compute_dtype(model).itemsize
+    return len(texts) * longest * head_sites(model).head_dim * compute_dtype_bytes(model)
 
 
 def _describe(config: Config) -> str:
