@@ -222,10 +222,11 @@ def clean_final(model, tokenizer, prompts: Sequence[str], rows: int
                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Each prompt's o_proj inputs at its final token ({layer: [prompts, heads * head_dim]}
     float32, CPU) and its greedy next token ([prompts]), left-padded batches of ``rows``."""
+    from .evaluation import _pad_id
+
     sites = head_sites(model)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     encoded = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     z: dict[int, list[torch.Tensor]] = {i: [] for i in range(sites.n_layers)}
     greedy = []
