@@ -337,9 +337,7 @@ def plot_cross(table: pd.DataFrame, path: Path) -> Path | None:
     then meet at the same x), else the count N. None for an empty table."""
     if table.empty:
         return None
-    ablated = table[table.n_heads > 0]
-    by_share = not ablated.empty and bool(ablated.n_heads_share.notna().all())
-    table = table.assign(x=table.n_heads_share if by_share else table.n_heads)
+    table, by_share = sm._dose_axis(table)
     plt = pyplot()
     panels = list(table.assign(label=row_group_labels(table)).groupby(
         ["label", "sweep", "group"], sort=False))

@@ -1269,8 +1269,10 @@ def _first_share(rows: pd.DataFrame) -> float:
 def _dose_axis(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     """``df`` with column ``x``, where the accuracy-vs-N figure puts each row: the share of
     all heads (percent) when every ablated row of the figure was asked as one
-    (``n_heads=1%,3%,10%``), else the count N; and whether it is the share."""
-    ablated = df[df.condition != "none"]
+    (``n_heads=1%,3%,10%``), else the count N; and whether it is the share. Rows of
+    summary.csv or of the cross-model table (ablated: ``n_heads`` > 0; an unablated job's
+    is 0)."""
+    ablated = df[df.n_heads > 0]
     by_share = "n_heads_share" in df and not ablated.empty and \
         bool(ablated.n_heads_share.notna().all())
     return df.assign(x=df.n_heads_share if by_share else df.n_heads), by_share
