@@ -247,13 +247,14 @@ class ScoringConfig:
         """Whether heads are chosen with ``score`` (ranked by it or excluded by it)."""
         return score in (self.rank_by, self.exclude_by)
 
-    def key(self) -> str:
-        """Short hash of what determines the induction scores (the cache file name part):
-        every field but how the scores are used (source, file, rank_by, the exclusion),
-        the FV settings and speed fields."""
+    def induction_settings(self) -> dict[str, Any]:
+        """What determines the induction scores (part of their cache key,
+        :func:`ih_sweep.score_table.cache_key`), as plain data: every field but how the
+        scores are used (source, file, rank_by, the exclusion), the FV settings and speed
+        fields."""
         skip = {"source", "file", "rank_by", *FV_KEYS, *EXCLUSION_KEYS} | {
             f.name for f in dataclasses.fields(self) if f.metadata.get("semantic") is False}
-        return _digest({k: v for k, v in _semantic(self).items() if k not in skip})[:12]
+        return {k: v for k, v in _semantic(self).items() if k not in skip}
 
 
 @dataclass

@@ -40,13 +40,9 @@ def weights_fingerprint(model_path: str) -> dict[str, Any]:
 def cache_key(config: Config) -> dict[str, Any]:
     """Everything that determines a computed induction score table: the model (path, its
     weights' fingerprint, revision, dtype), its quantization and the induction scoring
-    settings (not how the scores are used, not the FV settings)."""
-    from .schema import EXCLUSION_KEYS, FV_KEYS
-
-    scoring = {k: v for k, v in plain(config.scoring).items()
-               if k not in ("source", "file", "rank_by", "batch_size", *EXCLUSION_KEYS,
-                            *FV_KEYS)}
-    return {**_model_key(config), "scoring": scoring}
+    settings (:meth:`ih_sweep.schema.ScoringConfig.induction_settings`: not how the scores
+    are used, not the FV settings)."""
+    return {**_model_key(config), "scoring": config.scoring.induction_settings()}
 
 
 def _model_key(config: Config) -> dict[str, Any]:
