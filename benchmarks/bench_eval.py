@@ -21,16 +21,16 @@ from functools import partial
 import torch
 from _results import REPEATS, RESULTS, ratio, rounds, save
 
-from ih_sweep import data
-from ih_sweep.ablation import ablate_heads
-from ih_sweep.evaluation import (
+from ih_sweep.ablation.hooks import ablate_heads
+from ih_sweep.config.schema import EvalConfig
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation.evaluator import (
     build_rows,
     evaluate,
     is_correct,
 )
-from ih_sweep.model_loading import eager_attention, load_model
-from ih_sweep.runtime import keep_freed_memory
-from ih_sweep.schema import EvalConfig
+from ih_sweep.model.loading import eager_attention, load_model
+from ih_sweep.model.runtime import keep_freed_memory
 from ih_sweep.testing import generate_one_at_a_time
 
 
@@ -166,9 +166,9 @@ def main() -> None:
     args = p.parse_args()
     results = {"unablated": run(args.stories, args.threads, args.batch_size, []),
                "top16_ablated": None}
-    from ih_sweep.schema import ScoringConfig
-    from ih_sweep.scoring import score_heads, score_matrix
-    from ih_sweep.selection import select_heads
+    from ih_sweep.config.schema import ScoringConfig
+    from ih_sweep.heads.scoring import score_heads, score_matrix
+    from ih_sweep.heads.selection import select_heads
 
     model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
                             {"name": "none"}, "cpu")

@@ -1,4 +1,4 @@
-"""What each part of the evaluator's fast path buys (ih_sweep/eval_attention.py): the same
+"""What each part of the evaluator's fast path buys (ih_sweep/evaluation/fastpath.py): the same
 300 generated stories (last question, tiny model, unablated) evaluated with no attention
 shortcut, with the public AttentionInterface part only (``eval.fast_layers=false``), and
 with the patched Llama-family layer forwards too (``eval.fast_layers=true``), in 3
@@ -16,10 +16,12 @@ import statistics
 import torch
 from _results import rounds, save
 
-from ih_sweep import data, eval_attention, evaluation
-from ih_sweep.model_loading import load_model
-from ih_sweep.runtime import keep_freed_memory
-from ih_sweep.schema import EvalConfig
+from ih_sweep.config.schema import EvalConfig
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.evaluation import fastpath as eval_attention
+from ih_sweep.model.loading import load_model
+from ih_sweep.model.runtime import keep_freed_memory
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""FV scoring (ih_sweep.function_vectors) on the tiny model with the default settings
+"""FV scoring (ih_sweep.heads.function_vectors) on the tiny model with the default settings
 (1,000 generated stories, the notebook's prompt, 100 clean + 25 corrupted prompts): seconds,
 best of a few runs, and how many of the top-8 heads by FV score are among the top-8 by
 prefix matching.
@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from _results import RESULTS, best_of, save
 
-from ih_sweep.data import items_for
-from ih_sweep.function_vectors import function_vector_scores
-from ih_sweep.model_loading import eager_attention, load_model
-from ih_sweep.runtime import keep_freed_memory
-from ih_sweep.schema import DataConfig, EvalConfig, ScoringConfig
-from ih_sweep.scoring import score_heads, score_matrix
-from ih_sweep.selection import top_heads
+from ih_sweep.config.schema import DataConfig, EvalConfig, ScoringConfig
+from ih_sweep.data.babi import items_for
+from ih_sweep.heads.function_vectors import function_vector_scores
+from ih_sweep.heads.scoring import score_heads, score_matrix
+from ih_sweep.heads.selection import top_heads
+from ih_sweep.model.loading import eager_attention, load_model
+from ih_sweep.model.runtime import keep_freed_memory
 
 
 def main() -> None:

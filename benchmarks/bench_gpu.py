@@ -8,7 +8,7 @@ Reports stories/s, tokens/s and model FLOP utilisation: (2 x the parameters a to
 through, embeddings and unembedding left out since logits are computed at ~3 positions a row,
 + causal attention FLOPs) x tokens / time, over the card's dense bf16 peak; the same for the
 plain forward, and ``overhead_vs_plain`` = evaluator time / plain forward time. The batch size
-is ``eval.batch_size``'s (``auto`` by default: :mod:`ih_sweep.batching`), reported as
+is ``eval.batch_size``'s (``auto`` by default: :mod:`ih_sweep.model.batching`), reported as
 ``batch_size``. Token counts come from the tiny model's word-level tokenizer (ids < 300 of
 the 32,000-token vocabulary); real Mistral BPE prompts are ~1.3x longer. Random weights never
 agree with the gold answer, so nearly every item is decoded past the teacher-forced pass: the
@@ -30,16 +30,16 @@ from pathlib import Path
 import torch
 from _results import RESULTS, save
 
-from ih_sweep import data
-from ih_sweep.batching import eval_batch_rows
-from ih_sweep.evaluation import (
+from ih_sweep.config.schema import EvalConfig
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation.evaluator import (
     build_rows,
     evaluate,
     is_correct,
 )
-from ih_sweep.schema import EvalConfig
+from ih_sweep.model.batching import eval_batch_rows
+from ih_sweep.model.tiny import build_tokenizer
 from ih_sweep.testing import generate_one_at_a_time
-from ih_sweep.tiny_model import build_tokenizer
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SHAPES = {  # small: same family and GQA ratio, for a CPU smoke run of this script

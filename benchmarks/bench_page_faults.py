@@ -20,8 +20,8 @@ from _results import save
 
 FAULTS_PER_FORWARD = """
 import resource, sys, torch
-from ih_sweep.runtime import keep_freed_memory
-from ih_sweep.model_loading import load_model
+from ih_sweep.model.runtime import keep_freed_memory
+from ih_sweep.model.loading import load_model
 torch.set_num_threads(1)
 if sys.argv[1] == "keep":
     assert keep_freed_memory()

@@ -13,10 +13,11 @@ import time
 import torch
 from _results import save
 
-from ih_sweep import data, scan
-from ih_sweep.architecture import head_sites
-from ih_sweep.model_loading import load_model
-from ih_sweep.runtime import keep_freed_memory
+from ih_sweep.data import babi as data
+from ih_sweep.model.architecture import head_sites
+from ih_sweep.model.loading import load_model
+from ih_sweep.model.runtime import keep_freed_memory
+from ih_sweep.pipeline import head_scan as scan
 from ih_sweep.testing import scan_by_full_reruns
 
 

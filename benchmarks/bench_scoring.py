@@ -13,10 +13,10 @@ import torch
 import transformers as tf
 from _results import RESULTS, save
 
-from ih_sweep.model_loading import eager_attention, load_model
-from ih_sweep.runtime import keep_freed_memory
-from ih_sweep.schema import ScoringConfig
-from ih_sweep.scoring import score_heads
+from ih_sweep.config.schema import ScoringConfig
+from ih_sweep.heads.scoring import score_heads
+from ih_sweep.model.loading import eager_attention, load_model
+from ih_sweep.model.runtime import keep_freed_memory
 
 
 def timed(model, tok, settings) -> float:

@@ -33,7 +33,7 @@ def main() -> None:
         jobs = [json.loads(p.read_text()) for p in Path(tmp, "sweep").glob("*/job.json")]
     widths = {}
     for rec in jobs:
-        from ih_sweep.statistics import wilson_interval
+        from ih_sweep.report.statistics import wilson_interval
 
         lo, hi = wilson_interval(rec["n_correct"], rec["n_items"])
         widths[f"{rec['condition']}{rec['n_heads']}"] = round(100 * (hi - lo) / 2, 2)

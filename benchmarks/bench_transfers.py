@@ -4,13 +4,13 @@ On CPU ``.cpu()`` and ``.to(device)`` are no-ops, so a profiler sees no copies. 
 simulates a separate device instead: a ``TorchFunctionMode`` tags as *device* tensors the
 model's parameters and buffers, whatever ``.to(<device>)`` returns, factory calls given an
 explicit ``device=`` and every result of an op with a device input; everything else is
-*host*. It counts, per evaluated batch (:func:`ih_sweep.evaluation._evaluate_rows` call):
+*host*. It counts, per evaluated batch (:func:`ih_sweep.evaluation.evaluator._evaluate_rows` call):
 
 - ``d2h``: device -> host copies: ``.cpu()`` / ``.numpy()`` of a device tensor, and the
   implicit ones (``.tolist()``, ``.item()``, ``int()``, ``float()``, ``bool()`` of a device
-  tensor), split into those made by ih_sweep/evaluation.py and those inside transformers;
+  tensor), split into those made by ih_sweep/evaluation/evaluator.py and those inside transformers;
 - ``h2d``: host -> device copies (``.to(<device>)`` of a host tensor, ``torch.tensor(...,
-  device=)``) made by ih_sweep/evaluation.py;
+  device=)``) made by ih_sweep/evaluation/evaluator.py;
 - ``ops``: aten operators run (``TorchDispatchMode``; each is a kernel launch on a GPU),
   and those run outside the model's forward calls (the evaluator's own).
 
@@ -34,12 +34,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ih_sweep import data, evaluation
-from ih_sweep.ablation import ablate_heads
-from ih_sweep.model_loading import eager_attention, load_model
-from ih_sweep.schema import EvalConfig, ScoringConfig
-from ih_sweep.scoring import score_heads, score_matrix
-from ih_sweep.selection import select_heads
+from ih_sweep.ablation.hooks import ablate_heads
+from ih_sweep.config.schema import EvalConfig, ScoringConfig
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.heads.scoring import score_heads, score_matrix
+from ih_sweep.heads.selection import select_heads
+from ih_sweep.model.loading import eager_attention, load_model
 
 TAG = "_bench_on_device"
 READS = {"tolist", "item", "__int__", "__float__", "__bool__", "__index__"}
@@ -71,13 +72,13 @@ def _tag(obj, on: bool) -> None:
 
 
 def _caller() -> str:
-    """'evaluation' when ih_sweep/evaluation.py made the call (its nearest project frame)."""
+    """'evaluation' when evaluation/evaluator.py made the call (its nearest project frame)."""
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
-        if "ih_sweep/evaluation.py" in name:
+        if "ih_sweep/evaluation/evaluator.py" in name:
             return "evaluation"
-        if "transformers" in name or "ih_sweep/eval_attention.py" in name:
+        if "transformers" in name or "ih_sweep/evaluation/fastpath.py" in name:
             return "model"
         frame = frame.f_back
     return "other"

@@ -149,9 +149,9 @@ def bench_rows(quant: str, r: dict, bf16: dict | None = None) -> list[Row]:
 # --------------------------------------------------------------------------- the checks
 def _is_correct():
     try:  # the metric functions may live in their own module
-        from ih_sweep.metrics import is_correct
+        from ih_sweep.evaluation.metrics import is_correct
     except ImportError:
-        from ih_sweep.evaluation import is_correct
+        from ih_sweep.evaluation.evaluator import is_correct
     return is_correct
 
 
@@ -159,9 +159,9 @@ def compare(model, tok, items, heads) -> dict:
     """The evaluator (``eval.batch_size=auto``) against one-at-a-time ``generate`` with
     ``heads`` ablated: items, outcome flips, flipped items the evaluator marks near-ties and
     near-ties in all (None for both where ItemResult has no ``near_tie``)."""
-    from ih_sweep.ablation import ablate_heads
-    from ih_sweep.evaluation import evaluate
-    from ih_sweep.schema import EvalConfig
+    from ih_sweep.ablation.hooks import ablate_heads
+    from ih_sweep.config.schema import EvalConfig
+    from ih_sweep.evaluation.evaluator import evaluate
     from ih_sweep.testing import generate_one_at_a_time
 
     is_correct = _is_correct()
@@ -206,7 +206,7 @@ def family_builders(vocab: int) -> dict[str, Callable]:
 
 
 def _tiny(device: str, dtype: str, quant: str):
-    from ih_sweep.model_loading import load_model
+    from ih_sweep.model.loading import load_model
 
     return load_model({"name": "tiny", "path": "builtin:tiny", "dtype": dtype,
                        "attn_implementation": "sdpa"}, {"name": quant}, device)
@@ -214,10 +214,10 @@ def _tiny(device: str, dtype: str, quant: str):
 
 def top_heads(model, tok, n: int = 16) -> list[tuple[int, int]]:
     """The model's top-``n`` heads by prefix matching (the sweep's ``high`` condition)."""
-    from ih_sweep.model_loading import eager_attention
-    from ih_sweep.schema import ScoringConfig
-    from ih_sweep.scoring import score_heads, score_matrix
-    from ih_sweep.selection import select_heads
+    from ih_sweep.config.schema import ScoringConfig
+    from ih_sweep.heads.scoring import score_heads, score_matrix
+    from ih_sweep.heads.selection import select_heads
+    from ih_sweep.model.loading import eager_attention
 
     with eager_attention(model):
         scores = score_matrix(score_heads(model, tok, ScoringConfig()), "prefix")
@@ -237,8 +237,8 @@ def equality_checks(device: str, items: int, tiny_items: int,
     """Step 1 (float32): the tiny model and the random-weight families."""
     import torch
 
-    from ih_sweep import data
-    from ih_sweep.tiny_model import build_tokenizer
+    from ih_sweep.data import babi as data
+    from ih_sweep.model.tiny import build_tokenizer
 
     rows: list[Row] = []
 
@@ -275,7 +275,7 @@ def equality_checks(device: str, items: int, tiny_items: int,
 
 def noise_checks(device: str, items: int) -> list[Row]:
     """Step 2: the tiny model in bf16 and nf4, unablated and top-16 ablated."""
-    from ih_sweep import data
+    from ih_sweep.data import babi as data
 
     stories = data.make_items(data.generate_stories(items, seed=4245), "last")
     reference, tok = _tiny(device, "float32", "none")

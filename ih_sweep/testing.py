@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .ablation import _validate, ablate_heads
-from .architecture import head_sites, hook_z
-from .scan import Probe, _readout
-from .scoring import copying_from_logits
+from ih_sweep.ablation.hooks.hooks.hooks import _validate, ablate_heads
+from ih_sweep.heads.scoring import copying_from_logits
+from ih_sweep.model.architecture import head_sites, hook_z
+from ih_sweep.pipeline.head_scan import Probe, _readout
 
 
 @contextmanager
@@ -50,7 +50,7 @@ def zero_attention_probs(model, heads: Sequence[tuple[int, int]]) -> Iterator[No
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionMaskInterface.register(name, eager_mask)
-    from .architecture import attention_implementation
+    from ih_sweep.model.architecture import attention_implementation
 
     with attention_implementation(model, name):
         yield
@@ -94,7 +94,8 @@ def copying_by_brute_force(model, tokens: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def scan_by_full_reruns(model, probes: dict[str, Probe],
                         heads: Sequence[tuple[int, int]]) -> pd.DataFrame:
-    """:func:`ih_sweep.scan.exact_scan`'s effects the obvious way: for each head, one full
+    """:func:`ih_sweep.pipeline.head_scan.exact_scan`'s effects the obvious way: for each
+    head, one full
     forward pass of every probe with that head zeroed (:func:`ablate_heads`)."""
     device = next(model.parameters()).device
 
@@ -130,12 +131,18 @@ def generate_one_at_a_time(model, tokenizer, item, max_new_tokens: int = 3,
     the other as lm-eval's ``postprocess_generated_text`` does (``text.split(s)[0]``).
     (transformers' own ``stop_strings`` cannot read a word-level vocabulary such as the tiny
     model's: its ``StopStringCriteria`` looks for a probe text the tokenizer maps to [UNK].)
-    Its one row holds the item's story (:func:`ih_sweep.ablation.sequence_keys`, for
+    Its one row holds the item's story (:func:`ih_sweep.ablation.hooks.hooks.sequence_keys`, for
     resample ablation)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from .ablation import sequence_keys
-    from .evaluation import _cut_at_eos, _decode, _device, _encode, _pad_id
+    from ih_sweep.ablation.hooks.hooks.hooks import sequence_keys
+    from ih_sweep.evaluation.evaluator.evaluator.evaluator import (
+        _cut_at_eos,
+        _decode,
+        _device,
+        _encode,
+        _pad_id,
+    )
 
     device = _device(model)
     enc = torch.tensor([_encode(tokenizer, item.prompt)], device=device)

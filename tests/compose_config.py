@@ -11,7 +11,7 @@ from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from ih_sweep.launch import config_dir
+from ih_sweep.cli import config_dir
 
 CONF = Path(config_dir())
 
@@ -26,7 +26,7 @@ def compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
 def run_job(out_dir: Path, *overrides: str) -> Any:
     """Run one job in this process (``launch.run``) with its folder at ``out_dir``; the
     score cache goes beside it unless ``paths.cache_dir`` is overridden."""
-    from ih_sweep import launch
+    from ih_sweep import cli as launch
 
     if not any(o.startswith("paths.cache_dir=") for o in overrides):
         overrides = (*overrides, f"paths.cache_dir={out_dir.parent / 'cache'}")

@@ -21,7 +21,7 @@ needs_seed = pytest.mark.skipif(not SEED_SCORES.is_file(), reason=f"{SEED_SCORES
 @pytest.fixture(scope="session")
 def tiny():
     """The shipped tiny model, loaded through the real from_pretrained path (once)."""
-    from ih_sweep.model_loading import load_model
+    from ih_sweep.model.loading import load_model
 
     torch.set_num_threads(2)
     return load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32",
@@ -31,9 +31,9 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_prefix(tiny):
     """[layers, heads] prefix-matching scores of the shipped tiny model."""
-    from ih_sweep.model_loading import eager_attention
-    from ih_sweep.schema import ScoringConfig
-    from ih_sweep.scoring import score_heads, score_matrix
+    from ih_sweep.config.schema import ScoringConfig
+    from ih_sweep.heads.scoring import score_heads, score_matrix
+    from ih_sweep.model.loading import eager_attention
 
     model, tok = tiny
     with eager_attention(model):

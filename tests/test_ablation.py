@@ -4,9 +4,9 @@ import pytest
 import torch
 import transformers as tf
 
-from ih_sweep.ablation import AblationError, ablate_heads, head_means
-from ih_sweep.architecture import UnsupportedArchitecture, head_sites, hook_z
-from ih_sweep.schema import AblationMethod
+from ih_sweep.ablation.hooks import AblationError, ablate_heads, head_means
+from ih_sweep.config.schema import AblationMethod
+from ih_sweep.model.architecture import UnsupportedArchitecture, head_sites, hook_z
 from ih_sweep.testing import zero_attention_probs
 
 V = 97

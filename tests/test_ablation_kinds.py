@@ -10,8 +10,7 @@ import pytest
 import torch
 from test_families import CONFIGS, save_model
 
-from ih_sweep import data, evaluation
-from ih_sweep.ablation import (
+from ih_sweep.ablation.hooks import (
     AblationError,
     Donors,
     ablate_heads,
@@ -21,12 +20,14 @@ from ih_sweep.ablation import (
     row_dependent,
     sequence_keys,
 )
-from ih_sweep.architecture import PositionsUnknown, head_sites, hook_z, token_positions
-from ih_sweep.evaluation import evaluate, is_correct
-from ih_sweep.jobs.evaluate import donor_texts, reference_batches
-from ih_sweep.model_loading import load_model
-from ih_sweep.schema import EvalConfig
-from ih_sweep.selection import select_heads
+from ih_sweep.config.schema import EvalConfig
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.evaluation.evaluator import evaluate, is_correct
+from ih_sweep.heads.selection import select_heads
+from ih_sweep.model.architecture import PositionsUnknown, head_sites, hook_z, token_positions
+from ih_sweep.model.loading import load_model
+from ih_sweep.pipeline.evaluate import donor_texts, reference_batches
 from ih_sweep.testing import generate_one_at_a_time
 
 KINDS = ("position_mean", "resample")
@@ -324,7 +325,7 @@ def test_absolute_position_family_either_padding_side(gpt2, side, monkeypatch):
 def test_config_groups_and_their_hash():
     from compose_config import compose
 
-    from ih_sweep.schema import config_hash, semantic_config, settings
+    from ih_sweep.config.schema import config_hash, semantic_config, settings
 
     for kind in KINDS:
         cfg = settings(compose(f"ablation={kind}"))
@@ -349,7 +350,7 @@ def test_config_groups_and_their_hash():
 def test_bad_combinations_are_one_line_config_errors(overrides, message):
     from compose_config import compose
 
-    from ih_sweep.schema import ConfigError, settings
+    from ih_sweep.config.schema import ConfigError, settings
 
     with pytest.raises(ConfigError, match=message) as err:
         settings(compose(*overrides))

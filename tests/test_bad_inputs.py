@@ -14,8 +14,8 @@ import pytest
 from compose_config import run_job
 from hydra.errors import HydraException
 
-from ih_sweep.model_loading import ASSET_DIR
-from ih_sweep.schema import UserError
+from ih_sweep.config.schema import UserError
+from ih_sweep.model.loading import ASSET_DIR
 
 HYDRA = "hydra"  # refused by Hydra while composing
 

@@ -1,4 +1,4 @@
-"""``batch_size: auto`` (ih_sweep.batching): the memory model's numbers by hand, the choice's
+"""``batch_size: auto`` (ih_sweep.model.batching): the memory model's numbers by hand, the choice's
 properties (monotone in free memory, at least 1, capped, a power of two), the config keys,
 and the resolvers on CPU and, with the device query replaced, on the CUDA path."""
 
@@ -9,10 +9,10 @@ import torch
 from compose_config import compose
 from transformers import GPT2Config, MistralConfig, OPTConfig
 
-from ih_sweep import batching as B
-from ih_sweep import data
-from ih_sweep.evaluation import build_rows
-from ih_sweep.schema import ConfigError, ScoringConfig, config_hash, settings
+from ih_sweep.config.schema import ConfigError, ScoringConfig, config_hash, settings
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation.evaluator import build_rows
+from ih_sweep.model import batching as B
 
 GIB = 2**30
 # Mistral-7B-v0.1's shape (its config.json)

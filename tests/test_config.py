@@ -9,8 +9,8 @@ import pytest
 from compose_config import CONF, compose
 from hydra.errors import ConfigCompositionException
 
-from ih_sweep import schema
-from ih_sweep.schema import Condition, Config, ConfigError, Metric, config_hash, settings
+from ih_sweep.config import schema
+from ih_sweep.config.schema import Condition, Config, ConfigError, Metric, config_hash, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_importing_the_schema_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, ih_sweep.schema; print('torch' in sys.modules)"
+    code = "import sys, ih_sweep.config.schema; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout.strip()
     assert out == "False"
@@ -173,7 +173,7 @@ def test_a_share_of_heads_composes_resolves_and_hashes_apart_from_its_count():
     and resolves to 2 of the tiny model's 64 heads; n_heads=10% and n_heads=7 are
     different configs (kept simple: the hash is of what was asked), but an unablated job
     is the same job whatever share was asked."""
-    from ih_sweep.selection import resolve_n_heads
+    from ih_sweep.heads.selection import resolve_n_heads
 
     config = settings(compose("n_heads=3%"))
     assert config.n_heads == "3%"

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from conftest import BABI, FIXTURES, needs_babi
 
-from ih_sweep import data
+from ih_sweep.data import babi as data
 
 SEED_EXAMPLE = (
     "Read the following passage and answer the questions with a single word.\n\nPassage: Mary "
@@ -215,7 +215,7 @@ def test_items_scope_last_and_all():
 
 
 def test_load_stories_configs(tmp_path):
-    from ih_sweep.schema import DataConfig
+    from ih_sweep.config.schema import DataConfig
 
     gen = data.load_stories(DataConfig(name="babi_generated", n_stories=5, seed=2))
     assert gen == data.generate_stories(5, 2)

@@ -19,9 +19,9 @@ from compose_config import run_job
 from test_families import family_configs, save_model
 from test_summary import make_job
 
-from ih_sweep import summarize as sm
 from ih_sweep.io_utils import read_json, write_json
-from ih_sweep.records import RESULT_COLUMNS, read_record
+from ih_sweep.pipeline.records import RESULT_COLUMNS, read_record
+from ih_sweep.report import summarize as sm
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 
-from ih_sweep import architecture, eval_attention
-from ih_sweep.architecture import attention_implementation
-from ih_sweep.eval_attention import causal, last_layer_at, read_only_at, selected_queries
-from ih_sweep.evaluation import _cache_argument
+from ih_sweep.evaluation import fastpath as eval_attention
+from ih_sweep.evaluation.evaluator import _cache_argument
+from ih_sweep.evaluation.fastpath import causal, last_layer_at, read_only_at, selected_queries
+from ih_sweep.model import architecture
+from ih_sweep.model.architecture import attention_implementation
 
 V = 61
 
@@ -304,7 +305,7 @@ def test_the_fast_path_follows_the_tested_version_range(version, requested, part
     monkeypatch.setattr(eval_attention, "_told", set())
     model = MODELS["llama"].eval()
     last = model.model.layers[-1]
-    caplog.set_level("INFO", logger="ih_sweep.eval_attention")
+    caplog.set_level("INFO", logger="ih_sweep.evaluation.fastpath")
     for _ in range(2):
         with eval_attention.fast_attention(model, requested) as fast:
             assert (fast.on, fast.layers) == parts
@@ -323,8 +324,9 @@ def test_outside_the_tested_range_the_evaluation_runs_the_plain_forward(tiny, mo
                                                                          caplog):
     """Off by the gate, an evaluation neither installs the attention nor patches a layer, and
     its outcomes are those of the fast path."""
-    from ih_sweep import data, evaluation
-    from ih_sweep.schema import EvalConfig
+    from ih_sweep.config.schema import EvalConfig
+    from ih_sweep.data import babi as data
+    from ih_sweep.evaluation import evaluator as evaluation
 
     model, tok = tiny
     items = data.make_items(data.generate_stories(6, seed=3), "all")
@@ -341,7 +343,7 @@ def test_outside_the_tested_range_the_evaluation_runs_the_plain_forward(tiny, mo
     monkeypatch.setattr(evaluation, "_greedy_from_forward", spy)
     monkeypatch.setattr(eval_attention, "transformers_version", lambda: "5.99.0")
     monkeypatch.setattr(eval_attention, "_told", set())
-    caplog.set_level("INFO", logger="ih_sweep.eval_attention")
+    caplog.set_level("INFO", logger="ih_sweep.evaluation.fastpath")
     plain = evaluation.evaluate(model, tok, items, settings)
     assert seen and set(seen) == {("sdpa", False)}
     assert [(r.correct, r.continuation) for r in plain] == \

@@ -5,16 +5,17 @@ import threading
 import pytest
 import torch
 
-from ih_sweep import data, evaluation
-from ih_sweep.ablation import ablate_heads
-from ih_sweep.architecture import attention_implementation
-from ih_sweep.evaluation import (
+from ih_sweep.ablation.hooks import ablate_heads
+from ih_sweep.config.schema import EvalConfig, Metric
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.evaluation.evaluator import (
     _known_greedy,
     evaluate,
     is_correct,
 )
-from ih_sweep.schema import EvalConfig, Metric
-from ih_sweep.selection import select_heads
+from ih_sweep.heads.selection import select_heads
+from ih_sweep.model.architecture import attention_implementation
 from ih_sweep.testing import generate_one_at_a_time
 
 
@@ -228,7 +229,7 @@ def _unchecked(monkeypatch):
 
 
 def _noisy_last_layer(monkeypatch, calls):
-    from ih_sweep import eval_attention
+    from ih_sweep.evaluation import fastpath as eval_attention
 
     real = eval_attention.last_layer_at
 
@@ -251,7 +252,7 @@ def test_a_wrong_shortcut_is_caught_on_the_first_batch(tiny, tiny_prefix, monkey
     items = data.make_items(data.generate_stories(16, seed=82), "last")
     calls: list[int] = []
     _noisy_last_layer(monkeypatch, calls)
-    caplog.set_level("WARNING", logger="ih_sweep.evaluation")
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation.evaluator")
     threads = torch.get_num_threads()
     with ablate_heads(model, select_heads(tiny_prefix, "high", 16)):
         got = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=5,
@@ -272,7 +273,7 @@ def test_correct_shortcuts_pass_the_check_and_stay_on(tiny, monkeypatch, caplog)
     items = data.make_items(data.generate_stories(12, seed=83), "last")
     checked, layer_calls = [], []
     real_compare = evaluation.compare_logits
-    from ih_sweep import eval_attention
+    from ih_sweep.evaluation import fastpath as eval_attention
 
     real_layer = eval_attention.last_layer_at
     monkeypatch.setattr(evaluation, "compare_logits",
@@ -292,7 +293,7 @@ def test_a_shortcut_found_wrong_stays_off_for_that_model(tiny, monkeypatch, capl
     items = data.make_items(data.generate_stories(8, seed=85), "last")
     calls: list[int] = []
     _noisy_last_layer(monkeypatch, calls)
-    caplog.set_level("WARNING", logger="ih_sweep.evaluation")
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation.evaluator")
     settings = EvalConfig(progress=False, batch_size=4, cpu_workers=1, fast_layers=True)
     first = evaluate(model, tok, items, settings)
     second = evaluate(model, tok, items, settings)
@@ -301,7 +302,7 @@ def test_a_shortcut_found_wrong_stays_off_for_that_model(tiny, monkeypatch, capl
 
 
 def test_without_shortcuts_there_is_no_check(tiny, monkeypatch):
-    from ih_sweep import eval_attention
+    from ih_sweep.evaluation import fastpath as eval_attention
 
     model, tok = tiny
     items = data.make_items(data.generate_stories(6, seed=84), "last")

@@ -18,13 +18,14 @@ import pytest
 import torch
 import transformers as tf
 
-from ih_sweep import data, evaluation
-from ih_sweep.ablation import ablate_heads
-from ih_sweep.architecture import UnsupportedArchitecture, head_sites
-from ih_sweep.model_loading import ASSET_DIR, check_architecture, eager_attention, load_model
-from ih_sweep.schema import EvalConfig, ScoringConfig
-from ih_sweep.scoring import copying_from_logits, random_sequences, score_heads, score_matrix
-from ih_sweep.selection import select_heads
+from ih_sweep.ablation.hooks import ablate_heads
+from ih_sweep.config.schema import EvalConfig, ScoringConfig
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.heads.scoring import copying_from_logits, random_sequences, score_heads, score_matrix
+from ih_sweep.heads.selection import select_heads
+from ih_sweep.model.architecture import UnsupportedArchitecture, head_sites
+from ih_sweep.model.loading import ASSET_DIR, check_architecture, eager_attention, load_model
 from ih_sweep.testing import generate_one_at_a_time
 
 V = 296  # the tiny tokenizer's vocabulary
@@ -104,7 +105,7 @@ ITEMS = data.make_items(data.generate_stories(2, seed=5), "last")
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_family_runs_end_to_end_with_the_default_config(folders, name, caplog):
-    caplog.set_level(logging.INFO, logger="ih_sweep.model_loading")
+    caplog.set_level(logging.INFO, logger="ih_sweep.model.loading")
     model, tok = _load(folders[name])
     if name == "gemma2":
         assert model.config._attn_implementation == "eager"
@@ -147,7 +148,7 @@ def _reference_copying(model, tokens: torch.Tensor, head_path) -> np.ndarray:
     sites = head_sites(model)
     hd = sites.head_dim
     store = {}
-    from ih_sweep.architecture import hook_z
+    from ih_sweep.model.architecture import hook_z
 
     with torch.no_grad(), hook_z(sites, lambda i, z: store.__setitem__(i, z)):
         out = model(input_ids=tokens, output_attentions=True)

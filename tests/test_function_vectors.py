@@ -1,5 +1,5 @@
-"""Function-vector head scores (ih_sweep.function_vectors), the exclusion conditions
-(ih_sweep.selection) and their settings, cache and jobs."""
+"""Function-vector head scores (ih_sweep.heads.function_vectors), the exclusion conditions
+(ih_sweep.heads.selection) and their settings, cache and jobs."""
 
 from __future__ import annotations
 
@@ -16,10 +16,7 @@ import pytest
 import torch
 from compose_config import compose
 
-from ih_sweep import function_vectors as fvm
-from ih_sweep import score_table
-from ih_sweep.data import generate_stories, items_for, make_items
-from ih_sweep.schema import (
+from ih_sweep.config.schema import (
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -30,8 +27,11 @@ from ih_sweep.schema import (
     config_hash,
     settings,
 )
-from ih_sweep.scoring import ScoreFileError
-from ih_sweep.selection import SelectionError, excluded_heads, select_heads
+from ih_sweep.data.babi import generate_stories, items_for, make_items
+from ih_sweep.heads import function_vectors as fvm
+from ih_sweep.heads import score_table
+from ih_sweep.heads.scoring import ScoreFileError
+from ih_sweep.heads.selection import SelectionError, excluded_heads, select_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(fv_prompts=3, fv_mean_prompts=6)
@@ -376,7 +376,7 @@ def test_fv_scores_on_other_families(tmp_path, family):
     from compose_config import run_job
     from test_families import CONFIGS, save_model
 
-    from ih_sweep.model_loading import load_model
+    from ih_sweep.model.loading import load_model
 
     folder = save_model(CONFIGS[family], tmp_path / family)
     model, tok = load_model({"name": family, "path": str(folder), "dtype": "float32",

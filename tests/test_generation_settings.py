@@ -15,11 +15,19 @@ import torch
 import transformers as tf
 from transformers import GenerationConfig, WatermarkingConfig
 
-from ih_sweep import data, evaluation
-from ih_sweep import generation_settings as gs
-from ih_sweep.evaluation import _cut_at_eos, _decode, _encode, _pad_id, evaluate, is_correct
-from ih_sweep.schema import EvalConfig
-from ih_sweep.tiny_model import NEWLINE
+from ih_sweep.config.schema import EvalConfig
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.evaluation import generation_settings as gs
+from ih_sweep.evaluation.evaluator import (
+    _cut_at_eos,
+    _decode,
+    _encode,
+    _pad_id,
+    evaluate,
+    is_correct,
+)
+from ih_sweep.model.tiny import NEWLINE
 
 SETTINGS = EvalConfig(progress=False, batch_size=8, cpu_workers=1)
 
@@ -68,7 +76,7 @@ def _with(model, monkeypatch, **fields) -> GenerationConfig:
 def _check_routed(model, tok, items, name, caplog) -> None:
     """Routed: every outcome and continuation is generate's, and the setting changed at
     least one continuation (else the case would prove nothing)."""
-    caplog.set_level("WARNING", logger="ih_sweep.evaluation")
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation.evaluator")
     got = evaluate(model, tok, items, SETTINGS)
     ref = _generate_each(model, tok, items)
     assert [r.continuation for r in got] == ref
@@ -188,7 +196,7 @@ def test_sampling_settings_leave_the_fast_evaluator_on(tiny, monkeypatch, caplog
     items = _items()
     before = evaluate(model, tok, items, SETTINGS)
     _with(model, monkeypatch, temperature=0.6, top_k=5, top_p=0.9, min_p=0.1, typical_p=0.8)
-    caplog.set_level("INFO", logger="ih_sweep.evaluation")
+    caplog.set_level("INFO", logger="ih_sweep.evaluation.evaluator")
     got = evaluate(model, tok, items, SETTINGS)
     assert {r.decided_by for r in got} <= {"forward", "decode"}
     assert [(r.continuation, r.correct) for r in got] == \
@@ -202,7 +210,7 @@ def test_sampling_or_beams_in_the_config_are_overridden_with_one_line(tiny, monk
     items = _items()
     before = evaluate(model, tok, items, SETTINGS)
     _with(model, monkeypatch, do_sample=True, temperature=0.6, num_beams=4)
-    caplog.set_level("WARNING", logger="ih_sweep.evaluation")
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation.evaluator")
     for _ in range(2):  # one line per model, not per evaluation
         got = evaluate(model, tok, items, SETTINGS)
     assert [(r.continuation, r.correct, r.decided_by) for r in got] == \
@@ -216,7 +224,7 @@ def test_the_line_comes_once_per_model(tiny, monkeypatch, caplog):
     model, tok = tiny
     items = _items()[:4]
     _with(model, monkeypatch, repetition_penalty=1.3)
-    caplog.set_level("WARNING", logger="ih_sweep.evaluation")
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation.evaluator")
     for _ in range(3):
         evaluate(model, tok, items, SETTINGS)
     assert len(caplog.records) == 1
@@ -225,7 +233,7 @@ def test_the_line_comes_once_per_model(tiny, monkeypatch, caplog):
 def test_generation_config_file_is_read(tiny, tmp_path, caplog):
     """The issue's case end to end: a model folder whose generation_config.json sets
     repetition_penalty 1.3, loaded through load_model, evaluated by generate."""
-    from ih_sweep.model_loading import load_model
+    from ih_sweep.model.loading import load_model
 
     model, tok = tiny
     folder = tmp_path / "model"
@@ -246,7 +254,7 @@ def test_a_routed_format_with_stop_strings_gives_generates_outcomes(tiny, monkey
     """HELM's prompt, 5 tokens, cut at a newline, quasi-exact: routed outcomes and the cut
     continuations are those of generate (with the model's repetition penalty) stopped and
     cut the same way."""
-    from ih_sweep.schema import DataConfig
+    from ih_sweep.config.schema import DataConfig
     from ih_sweep.testing import generate_one_at_a_time
 
     model, tok = tiny

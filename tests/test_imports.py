@@ -22,7 +22,7 @@ def _is_script_entry(node: ast.stmt) -> bool:
 
 def _without_script_entry(tree: ast.Module) -> ast.Module:
     """The module without its ``if __name__ == "__main__":`` block: that block runs only
-    when the file is run as a script (``python -m ih_sweep.summarize`` hands over to
+    when the file is run as a script (``python -m ih_sweep.report.summarize`` hands over to
     ``summarize_command`` there), never when the module is imported, so its imports are
     no dependency of the module."""
     tree.body = [node for node in tree.body if not _is_script_entry(node)]
@@ -107,7 +107,7 @@ def test_no_import_cycle_between_package_modules():
 
 
 def test_schema_does_not_import_torch():
-    code = "import sys, ih_sweep.schema; print('torch' in sys.modules)"
+    code = "import sys, ih_sweep.config.schema; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=PACKAGE.parent, check=True)
     assert out.stdout.strip() == "False", out.stderr

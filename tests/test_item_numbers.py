@@ -14,12 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
-from ih_sweep import data, evaluation
-from ih_sweep.ablation import ablate_heads
-from ih_sweep.data import Item
-from ih_sweep.evaluation import evaluate
-from ih_sweep.schema import EvalConfig
-from ih_sweep.selection import select_heads
+from ih_sweep.ablation.hooks import ablate_heads
+from ih_sweep.config.schema import EvalConfig
+from ih_sweep.data import babi as data
+from ih_sweep.data.babi import Item
+from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.evaluation.evaluator import evaluate
+from ih_sweep.heads.selection import select_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_quantized_layers_set_the_compute_dtype(tmp_path, quantization, dtype):
     compute in bfloat16 (nf4's compute dtype; int8's 8-bit matmul): the near-tie tolerance
     is bfloat16's, not float32's."""
     pytest.importorskip("bitsandbytes")
-    from ih_sweep.model_loading import load_model
+    from ih_sweep.model.loading import load_model
 
     model, _ = load_model({"name": "tiny", "path": "builtin:tiny"},
                           {"name": quantization, "double_quant": True,
@@ -206,7 +207,7 @@ def test_logit_diff_skips_candidates_sharing_the_gold_first_token(tiny):
 # --------------------------------------------------------------------------- bfloat16
 @pytest.fixture(scope="module")
 def tiny_bf16():
-    from ih_sweep.model_loading import load_model
+    from ih_sweep.model.loading import load_model
 
     return load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "bfloat16",
                        "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")

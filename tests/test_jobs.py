@@ -14,7 +14,7 @@ import pytest
 from compose_config import CONF, compose, run_job
 from omegaconf import OmegaConf
 
-from ih_sweep.records import ITEM_COLUMNS, RESULT_COLUMNS, read_record
+from ih_sweep.pipeline.records import ITEM_COLUMNS, RESULT_COLUMNS, read_record
 
 FAST = ("debug=fast",)
 
@@ -104,7 +104,7 @@ def test_a_damaged_finished_job_is_redone_and_says_why(tmp_path, caplog, how, wh
 
 
 def test_run_time_config_error_names_the_key(tmp_path):
-    from ih_sweep.schema import ConfigError
+    from ih_sweep.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"n_heads=65 is larger than the model's 64 heads"):
         run_job(tmp_path / "job", *FAST, "n_heads=65")
@@ -158,8 +158,8 @@ def test_prompts_longer_than_the_model_are_refused_before_evaluating(tmp_path):
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ih_sweep.evaluation import PromptTooLong
-    from ih_sweep.model_loading import ASSET_DIR
+    from ih_sweep.evaluation.evaluator import PromptTooLong
+    from ih_sweep.model.loading import ASSET_DIR
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=296, n_positions=128, n_embd=32, n_layer=1,

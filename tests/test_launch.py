@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ih_sweep.records import RESULT_COLUMNS
+from ih_sweep.pipeline.records import RESULT_COLUMNS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_a_mistyped_key_is_one_line_and_exit_2(tmp_path):
 
 def _weightless_model(tmp_path: Path) -> Path:
     """A model folder with the tiny config but no weights: loading it would fail loudly."""
-    from ih_sweep.model_loading import ASSET_DIR
+    from ih_sweep.model.loading import ASSET_DIR
 
     folder = tmp_path / "noweights"
     folder.mkdir()
@@ -159,7 +159,7 @@ def test_help_says_what_the_tool_does():
     out = cli("--help").stdout
     for needed in ("induction heads", "ih-sweep -m n_heads=4,8,16 condition=high,low,none",
                    "-m (--multirun)", "high    the top-N heads", "model: ", "scoring: ",
-                   "outputs/multirun/", "ih_sweep/schema.py"):
+                   "outputs/multirun/", "ih_sweep/config/schema.py"):
         assert needed in out, needed
 
 
@@ -209,7 +209,7 @@ def test_a_long_override_makes_a_short_job_folder(tmp_path):
     (OSError: File name too long); it is shortened and summarize finds the job."""
     import shutil as sh
 
-    from ih_sweep.model_loading import ASSET_DIR
+    from ih_sweep.model.loading import ASSET_DIR
 
     model = tmp_path / ("m" * 200) / "tiny"
     sh.copytree(ASSET_DIR, model)

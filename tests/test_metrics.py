@@ -1,4 +1,5 @@
-"""The metrics (ih_sweep.metrics): per script, per metric, stop strings and early decisions."""
+"""The metrics (ih_sweep.evaluation.metrics):
+per script, per metric, stop strings and early decisions."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 from compose_config import compose
 from conftest import BABI
 
-from ih_sweep import data
-from ih_sweep.metrics import (
+from ih_sweep.config.schema import ConfigError, EvalConfig, Metric, check, settings
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation.metrics import (
     cut_at_stop,
     decide_partial,
     final_or_verdict,
@@ -22,7 +24,6 @@ from ih_sweep.metrics import (
     quasi_exact_match,
     words,
 )
-from ih_sweep.schema import ConfigError, EvalConfig, Metric, check, settings
 
 ALL = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]
 

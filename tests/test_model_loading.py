@@ -3,11 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ih_sweep import data, evaluation
-from ih_sweep.ablation import ablate_heads
-from ih_sweep.architecture import head_sites
-from ih_sweep.model_loading import load_model, quantization_config, resolve_path
-from ih_sweep.schema import DType, EvalConfig, Quantization
+from ih_sweep.ablation.hooks import ablate_heads
+from ih_sweep.config.schema import DType, EvalConfig, Quantization
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.model.architecture import head_sites
+from ih_sweep.model.loading import load_model, quantization_config, resolve_path
 from ih_sweep.testing import generate_one_at_a_time
 
 TINY = {"name": "tiny", "path": "builtin:tiny", "dtype": "float32"}

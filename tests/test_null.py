@@ -15,11 +15,11 @@ import pytest
 from compose_config import compose, run_job
 from test_summary import make_job
 
-from ih_sweep import statistics as st
-from ih_sweep.jobs import evaluate as ev
-from ih_sweep.records import SeedsRecord, read_record, store_dir
-from ih_sweep.schema import config_hash, settings
-from ih_sweep.summarize import find_jobs, summarize
+from ih_sweep.config.schema import config_hash, settings
+from ih_sweep.pipeline import evaluate as ev
+from ih_sweep.pipeline.records import SeedsRecord, read_record, store_dir
+from ih_sweep.report import statistics as st
+from ih_sweep.report.summarize import find_jobs, summarize
 
 FAST = ("debug=fast", "condition=random", "n_heads=8")
 
@@ -100,7 +100,7 @@ def test_k_draws_equal_the_single_seed_jobs(tmp_path, ablation):
     are taken once for the union of the draws' heads and cut per draw. Each single-seed
     job starts as in a fresh process (the evaluator's once-per-process check of its
     shortcuts runs again on its first batch, which must not change that batch's numbers)."""
-    from ih_sweep import evaluation
+    from ih_sweep.evaluation import evaluator as evaluation
 
     args = (*FAST, f"ablation={ablation}", "eval.checkpoint_items=4", "data.n_stories=10",
             "mechanism.n_texts=8", "eval.batch_size=2", "eval.cpu_workers=2")
@@ -135,7 +135,7 @@ def test_control_seeds_is_ignored_outside_random_and_hashes_as_one_draw():
     many = cfg("condition=random", "control_seed=2", "control_seeds=3")
     assert [config_hash(c) for c in ev.seed_configs(many)] == [
         config_hash(cfg("condition=random", f"control_seed={k}")) for k in (2, 3, 4)]
-    from ih_sweep.schema import ConfigError
+    from ih_sweep.config.schema import ConfigError
     with pytest.raises(ConfigError, match="control_seeds=0 is not allowed"):
         cfg("condition=random", "control_seeds=0")
 
@@ -198,8 +198,8 @@ def test_donor_bytes_count_the_dtype_head_outputs_are_stored_in():
     pytest.importorskip("bitsandbytes")
     import torch
 
-    from ih_sweep.architecture import head_sites
-    from ih_sweep.model_loading import load_model
+    from ih_sweep.model.architecture import head_sites
+    from ih_sweep.model.loading import load_model
 
     model, tok = load_model({"name": "tiny", "path": "builtin:tiny"},
                             {"name": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
@@ -217,9 +217,9 @@ def test_donor_bytes_count_the_dtype_head_outputs_are_stored_in():
 
 
 def test_donor_subset_equals_donors_taken_for_those_heads(tiny):
-    from ih_sweep.ablation import position_means, resample_donors
-    from ih_sweep.data import generate_stories, make_items
-    from ih_sweep.jobs.evaluate import donor_texts, reference_batches
+    from ih_sweep.ablation.hooks import position_means, resample_donors
+    from ih_sweep.data.babi import generate_stories, make_items
+    from ih_sweep.pipeline.evaluate import donor_texts, reference_batches
 
     model, tok = tiny
     items = make_items(generate_stories(6, seed=3), "last")

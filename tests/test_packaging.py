@@ -22,7 +22,7 @@ def test_wheel_ships_configs_and_model_and_runs_installed(tmp_path):
     wheel = next((tmp_path / "dist").glob("ih_sweep-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("ih_sweep/conf/config.yaml", "ih_sweep/conf/model/tiny.yaml",
-                   "ih_sweep/jobs/evaluate.py", "ih_sweep/conf/hydra/help/ih_sweep.yaml",
+                   "ih_sweep/pipeline/evaluate.py", "ih_sweep/conf/hydra/help/ih_sweep.yaml",
                    "ih_sweep/conf/hydra/launcher/resilient.yaml",
                    "ih_sweep/conf/experiment/notebook_replication.yaml",
                    "ih_sweep/assets/tiny/model.safetensors", "ih_sweep/assets/tiny/README.md",
@@ -37,7 +37,7 @@ def test_wheel_ships_configs_and_model_and_runs_installed(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ih_sweep", "--cfg", "job"], cwd=run, env=env,
                           capture_output=True, text=True, check=True)
     assert "path: builtin:tiny" in proc.stdout
-    probe = ("import ih_sweep.launch as l, ih_sweep.model_loading as m; "
+    probe = ("import ih_sweep.cli as l, ih_sweep.model.loading as m; "
              "print(l.config_dir()); print(m.resolve_path('builtin:tiny'))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=run, env=env, capture_output=True,
                          text=True, check=True).stdout.split()

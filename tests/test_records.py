@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from ih_sweep.records import (
+from ih_sweep.pipeline.records import (
     COMPLETE,
     RESULT_COLUMNS,
     EvaluationRecord,
@@ -83,7 +83,7 @@ def test_a_finished_job_needs_its_hash_status_and_output(tmp_path):
 
 
 def test_result_columns_are_documented_in_the_module():
-    import ih_sweep.records as records
+    import ih_sweep.pipeline.records as records
 
     for column in RESULT_COLUMNS:
         assert column in records.__doc__, column

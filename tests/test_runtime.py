@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ih_sweep import runtime
+from ih_sweep.model import runtime
 
 # glibc marks a chunk it served with its own mmap by bit 0x2 of the size word just before
 # the pointer (malloc.c: IS_MMAPPED); a chunk from the reusable heap has it clear. Which of
@@ -14,7 +14,7 @@ from ih_sweep import runtime
 # (The page-fault figure this setting buys is a benchmark: benchmarks/bench_page_faults.py.)
 CHUNK_OF_10MB = """
 import ctypes, sys
-from ih_sweep.runtime import keep_freed_memory
+from ih_sweep.model.runtime import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory() and keep_freed_memory()
 libc = ctypes.CDLL(None)

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ih_sweep import data, scan
+from ih_sweep.data import babi as data
+from ih_sweep.pipeline import head_scan as scan
 from ih_sweep.testing import scan_by_full_reruns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_attribution_is_minus_grad_dot_z(tiny, probes):
     """Check the estimate against autograd through a per-head scale at 1 (independent)."""
     model, _ = tiny
     att = scan.attribution_scan(model, probes["babi"], layers=[1])
-    from ih_sweep.architecture import head_sites
+    from ih_sweep.model.architecture import head_sites
 
     sites = head_sites(model)
     alpha = torch.ones(sites.heads_per_layer, requires_grad=True)

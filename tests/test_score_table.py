@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from compose_config import compose
 
-from ih_sweep import score_table
-from ih_sweep.model_loading import ASSET_DIR
-from ih_sweep.schema import settings
-from ih_sweep.scoring import ScoreFileError
+from ih_sweep.config.schema import settings
+from ih_sweep.heads import score_table
+from ih_sweep.heads.scoring import ScoreFileError
+from ih_sweep.model.loading import ASSET_DIR
 
 
 def _config(tmp_path, *overrides):

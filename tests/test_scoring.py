@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SEED_SCORES, needs_seed
 
-from ih_sweep import scoring
+from ih_sweep.heads import scoring
 
 
 def test_induction_target_mask_on_repeated_sequence():

@@ -9,14 +9,14 @@ import pandas as pd
 import torch
 import transformers as tf
 
-from ih_sweep.model_loading import eager_attention
-from ih_sweep.schema import ScoringConfig
-from ih_sweep.scoring import (
+from ih_sweep.config.schema import ScoringConfig
+from ih_sweep.heads.scoring import (
     random_sequences,
     score_heads,
     score_matrix,
 )
-from ih_sweep.selection import select_heads
+from ih_sweep.heads.selection import select_heads
+from ih_sweep.model.loading import eager_attention
 from ih_sweep.testing import copying_by_brute_force
 
 
@@ -69,7 +69,7 @@ def test_copying_matches_brute_force_full_vocabulary():
 
 
 def _second_repeat_loss(model, tok, heads):
-    from ih_sweep.ablation import ablate_heads
+    from ih_sweep.ablation.hooks import ablate_heads
 
     with ablate_heads(model, heads), torch.no_grad():
         logits = model(input_ids=tok).logits
@@ -111,8 +111,8 @@ def test_scoring_needs_eager(tiny):
 def test_score_cache_computed_once_under_concurrency(tmp_path, tiny):
     from compose_config import compose
 
-    from ih_sweep.schema import settings
-    from ih_sweep.score_table import get_scores
+    from ih_sweep.config.schema import settings
+    from ih_sweep.heads.score_table import get_scores
 
     cfg = settings(compose(f"paths.cache_dir={tmp_path}", "scoring.n_sequences=4"))
     calls = []

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import SEED_SCORES, needs_seed
 
-from ih_sweep.schema import ConfigError
-from ih_sweep.selection import (
+from ih_sweep.config.schema import ConfigError
+from ih_sweep.heads.selection import (
     SelectionError,
     layer_counts,
     low_matched,
@@ -105,7 +105,7 @@ SEED_LOW = [(19, 1), (19, 24), (19, 3), (19, 0), (19, 26), (19, 7), (23, 16), (2
 @needs_seed
 def test_seed_score_file_reproduces_the_seeds_choice():
     """The lists above are what the seed's own top_values/matched_list code returns."""
-    from ih_sweep.scoring import load_seed_scores, score_matrix
+    from ih_sweep.heads.scoring import load_seed_scores, score_matrix
 
     mat = score_matrix(load_seed_scores(SEED_SCORES), "combined")
     assert mat.shape == (32, 32)

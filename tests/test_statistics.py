@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ih_sweep import statistics as st
+from ih_sweep.report import statistics as st
 
 
 def test_wilson_textbook_values():

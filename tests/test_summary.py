@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from ih_sweep.io_utils import read_json, write_json
-from ih_sweep.records import RESULT_COLUMNS, EvaluationRecord, write_record
-from ih_sweep.summarize import SummaryError, SummaryIncomplete, summarize
+from ih_sweep.pipeline.records import RESULT_COLUMNS, EvaluationRecord, write_record
+from ih_sweep.report.summarize import SummaryError, SummaryIncomplete, summarize
 
 
 def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", examples=None,
@@ -76,11 +76,11 @@ def test_summary_values(sweep):
     assert h.delta_vs_none == pytest.approx(high.mean() - base.mean())
     assert h.delta_ci_low < h.delta_vs_none < h.delta_ci_high < 0
     b = int((~high & base).sum())  # items only `none` got right
-    from ih_sweep.statistics import mcnemar_exact
+    from ih_sweep.report.statistics import mcnemar_exact
 
     assert h.p_vs_none == pytest.approx(mcnemar_exact(0, b))
     assert h.p_vs_low < 1e-6 and h.delta_vs_low < 0
-    from ih_sweep.statistics import paired_bootstrap_ci
+    from ih_sweep.report.statistics import paired_bootstrap_ci
 
     assert (h.delta_vs_low_ci_low, h.delta_vs_low_ci_high) == paired_bootstrap_ci(high, low)
     assert h.delta_vs_low_ci_low < h.delta_vs_low < h.delta_vs_low_ci_high < 0
@@ -179,11 +179,11 @@ def test_empty_or_foreign_folder_one_line_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(SummaryError, match="no ih_sweep jobs here"):
         summarize(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "ih_sweep.summarize", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep.report.summarize", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no ih_sweep jobs here" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "ih_sweep.summarize", str(tmp_path / "x")],
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep.report.summarize", str(tmp_path / "x")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "not a folder" in proc.stderr
 
@@ -350,7 +350,7 @@ def test_the_null_section_sets_the_arms_side_by_side(tmp_path):
 def test_figure_titles_and_legends_say_how_the_heads_were_chosen():
     from types import SimpleNamespace as Row
 
-    from ih_sweep.summarize import _high_label, heads_phrase
+    from ih_sweep.report.summarize import _high_label, heads_phrase
 
     plain = Row(group="model=tiny, ..., rank_by=prefix", rank_by="prefix")
     fvx = Row(group="model=tiny, ..., rank_by=fv, scoring.exclude_by=prefix, "

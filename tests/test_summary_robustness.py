@@ -11,9 +11,9 @@ import pytest
 from test_summary import make_job
 from test_summary_sections import md_tables
 
-from ih_sweep import statistics as st
 from ih_sweep.io_utils import read_json, write_json
-from ih_sweep.summarize import ROBUSTNESS_COLUMNS, summarize
+from ih_sweep.report import statistics as st
+from ih_sweep.report.summarize import ROBUSTNESS_COLUMNS, summarize
 
 
 def _job(root, name, n, cond, correct, ablation, settings=None):

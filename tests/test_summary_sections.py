@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from test_summary import make_job
 
-from ih_sweep.summarize import (
+from ih_sweep.report.summarize import (
     SECTIONS,
     console_report,
     plot_strata,
@@ -196,7 +196,7 @@ def test_strata_accuracy_per_support_distance_pooled_at_5(tmp_path):
 
 def test_strata_of_jobs_with_some_stratum_columns(tmp_path):
     """Only support_distance recorded: only that stratum; strata_table is pure."""
-    from ih_sweep.summarize import find_jobs
+    from ih_sweep.report.summarize import find_jobs
 
     make_job(tmp_path, "none", 0, "none", [True, False, True],
              extra={"support_distance": [1, 1, 6]})

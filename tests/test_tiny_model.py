@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import BABI, needs_babi
 
-from ih_sweep import data
-from ih_sweep.ablation import ablate_heads
-from ih_sweep.evaluation import evaluate
-from ih_sweep.model_loading import ASSET_DIR
-from ih_sweep.schema import EvalConfig, TrainConfig
-from ih_sweep.selection import select_heads
-from ih_sweep.tiny_model import HELD_OUT_SEED, recipe, train_tiny
+from ih_sweep.ablation.hooks import ablate_heads
+from ih_sweep.config.schema import EvalConfig, TrainConfig
+from ih_sweep.data import babi as data
+from ih_sweep.evaluation.evaluator import evaluate
+from ih_sweep.heads.selection import select_heads
+from ih_sweep.model.loading import ASSET_DIR
+from ih_sweep.model.tiny import HELD_OUT_SEED, recipe, train_tiny
 
 
 def _accuracy(model, tok, items, heads=()):

@@ -1,7 +1,7 @@
 """Launchers whose faults lose nothing: the basic (in-process) one and SLURM/local through
 hydra-submitit-launcher.
 
-Before any job runs, every job's config is composed and checked (``ih_sweep.launch.
+Before any job runs, every job's config is composed and checked (``ih_sweep.cli.
 check_job``): one bad combination (``-m n_heads=4,abc``, ``n_heads=65`` on a 64-head model
 is found later) means nothing runs, with one line per bad job and exit status 2.
 
@@ -76,8 +76,8 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
 
     from omegaconf import open_dict
 
-    from ih_sweep.launch import check_job, mark_started
-    from ih_sweep.schema import UserError
+    from ih_sweep.cli import check_job, mark_started
+    from ih_sweep.config.schema import UserError
 
     bad = []
     for overrides in job_overrides:
@@ -102,11 +102,11 @@ def summarize_partial(config: Any, sweep_dir: Path, failures: list[tuple[str, st
     """The summary of the jobs that finished, listing those that did not. Returns a line
     for the failure report when the summary itself failed (a step, not the jobs already
     reported), else ""."""
-    from ih_sweep.launch import wants_summary
+    from ih_sweep.cli import wants_summary
 
     if not wants_summary(config):
         return ""
-    from ih_sweep.summarize import SummaryError, SummaryIncomplete, summarize
+    from ih_sweep.report.summarize import SummaryError, SummaryIncomplete, summarize
 
     try:
         summarize(sweep_dir, not_finished=failures)

@@ -1,0 +1,331 @@
+"""The head score table a job ranks heads by: read from ``scoring.file``, or computed on the
+model once and cached (``paths.cache_dir/scores/``) for every job that needs the same one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ih_sweep.config.schema import Config, RankBy, ScoreSource, UserError, plain
+from ih_sweep.io_utils import write_csv, write_text
+
+log = logging.getLogger(__name__)
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "config.json")
+
+
+def weights_fingerprint(model_path: str) -> dict[str, Any]:
+    """What identifies the weights behind ``model.path``: for a local folder (or
+    builtin:tiny) the name, size and modification time of each weight file and of
+    config.json, so changed weights are rescored; for a hub id, the id alone (its revision
+    is in the model config)."""
+    from ih_sweep.model.loading import resolve_path
+
+    folder = Path(resolve_path(model_path))
+    if not folder.is_dir():
+        return {"hub": model_path}
+    files = sorted({f for pattern in WEIGHT_FILES for f in folder.glob(pattern)})
+    return {"folder": str(folder.resolve()),
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def cache_key(config: Config) -> dict[str, Any]:
+    """Everything that determines a computed induction score table: the model (path, its
+    weights' fingerprint, revision, dtype), its quantization and the induction scoring
+    settings (:meth:`ih_sweep.config.schema.ScoringConfig.induction_settings`: not how the scores
+    are used, not the FV settings)."""
+    return {**_model_key(config), "scoring": config.scoring.induction_settings()}
+
+
+def _model_key(config: Config) -> dict[str, Any]:
+    model = plain(config.model)
+    return {"model": {k: model[k] for k in ("path", "revision", "dtype")},
+            "weights": weights_fingerprint(config.model.path),
+            "quantization": plain(config.quantization)}
+
+
+def fv_cache_key(config: Config) -> dict[str, Any]:
+    """Everything that determines a computed FV score table: the model (as in
+    :func:`cache_key`), the settings that make the job's prompts (``data``; ``eval``'s
+    format, scope, n_shots, demo_seed) and the FV settings (not the induction ones)."""
+    from ih_sweep.config.schema import FV_KEYS
+
+    ev = plain(config.eval)
+    scoring = plain(config.scoring)
+    return {**_model_key(config), "data": plain(config.data),
+            "eval": {k: ev[k] for k in ("format", "scope", "n_shots", "demo_seed")},
+            "fv": {k: scoring[k] for k in FV_KEYS if k != "fv_batch_size"}}
+
+
+def _path(config: Config, key: dict[str, Any], kind: str = "") -> Path:
+    import hashlib
+    import json
+
+    from ih_sweep.model.loading import model_slug
+
+    slug = model_slug(plain(config.model), plain(config.quantization))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(config.paths.cache_dir) / "scores" / f"{slug}-{kind}{digest}.csv"
+
+
+def cache_path(config: Config) -> Path:
+    """Where the computed induction table for this model, its weights, quantization and
+    scoring settings lives: ``<paths.cache_dir>/scores/<model>-<hash of cache_key>.csv``."""
+    return _path(config, cache_key(config))
+
+
+def fv_cache_path(config: Config) -> Path:
+    """Where the computed FV table lives: ``<paths.cache_dir>/scores/<model>-fv-<hash of
+    fv_cache_key>.csv``."""
+    return _path(config, fv_cache_key(config), "fv-")
+
+
+def problem_with_cache(path: Path, n_layers: int, heads_per_layer: int,
+                       columns: list[str] | None = None, names: list[str] | None = None
+                       ) -> str | None:
+    """Why a cached table cannot be trusted (None when it can): its checksum (written
+    beside it), exactly ``columns`` (default: the induction table's), every layer x head
+    once, finite scores in ``names``."""
+    from ih_sweep.heads.scoring import INDUCTION_COLUMNS, INDUCTION_NAMES
+    from ih_sweep.pipeline.records import sha256
+
+    columns, names = columns or INDUCTION_COLUMNS, names or INDUCTION_NAMES
+    digest = path.with_name(path.name + ".sha256")
+    if not digest.is_file() or digest.read_text().strip() != sha256(path):
+        return "its checksum does not match (damaged, or written by an older version)"
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        return f"unreadable ({err})"
+    if list(df.columns) != columns:
+        return "it lacks the score columns"
+    cells = set(zip(df["layer"], df["head"]))
+    if len(df) != n_layers * heads_per_layer or len(cells) != len(df) or \
+            cells != {(la, h) for la in range(n_layers) for h in range(heads_per_layer)}:
+        return f"it does not hold each of the model's {n_layers} x {heads_per_layer} heads once"
+    if not np.isfinite(df[names].to_numpy(dtype=float)).all():
+        return "it holds scores that are not finite"
+    return None
+
+
+def get_scores(config: Config, model_getter: Callable[[], tuple[Any, Any]],
+               progress: bool = False, shape: tuple[int, int] | None = None,
+               items: Sequence[Any] | None = None) -> tuple[pd.DataFrame, Path | None]:
+    """(score table, the file holding the ``scoring.rank_by`` column: a cache file, or None
+    for a user's file). Columns: scoring.SCORE_COLUMNS.
+
+    Computed: the induction scores (always) and, where ``scoring.rank_by`` or
+    ``scoring.exclude_by`` is ``fv``, the FV scores (:mod:`ih_sweep.heads.function_vectors`) on
+    ``items`` (the job's prompts; None: made from ``data`` and ``eval``), each table cached
+    for every job that needs the same one (:func:`cache_path`, :func:`fv_cache_path`);
+    the ``fv`` column is empty otherwise. A user's file (``scoring.source=file``) is the
+    whole table: its ``fv`` column where it has one.
+
+    Each cached table is checked each time it is read (:func:`problem_with_cache`; a bad
+    one is recomputed with a warning), and read without a lock from a cache folder this
+    process cannot write. ``shape``: the model's (layers, heads per layer), if known. A
+    file lock makes concurrent jobs wait for the one that computes; files are written
+    atomically, so a reader never sees a partial table."""
+    from ih_sweep.heads.scoring import (
+        INDUCTION_COLUMNS,
+        INDUCTION_NAMES,
+        SCORE_COLUMNS,
+        load_score_file,
+    )
+
+    if config.scoring.source == ScoreSource.file:
+        return load_score_file(config.scoring.file, config.model.name), None
+    shape = shape or _model_shape(config)
+    rank_by = str(config.scoring.rank_by)
+    path = cache_path(config)
+    df = _cached(config, path, shape, INDUCTION_COLUMNS, INDUCTION_NAMES,
+                 lambda: _compute(config, model_getter, progress),
+                 rank_by if rank_by in INDUCTION_NAMES else "prefix")
+    df = df.assign(fv=np.nan)
+    if config.scoring.uses(RankBy.fv):
+        from ih_sweep.heads.function_vectors import FV_COLUMNS
+
+        fv_path = fv_cache_path(config)
+        fv = _cached(config, fv_path, shape, FV_COLUMNS, ["fv"],
+                     lambda: _compute_fv(config, model_getter, items, progress), "fv")
+        df = df.drop(columns="fv").merge(fv[["layer", "head", "fv"]], on=["layer", "head"],
+                                         how="left")
+        if rank_by == RankBy.fv:
+            path = fv_path
+    return df[SCORE_COLUMNS], path
+
+
+def _cached(config: Config, path: Path, shape: tuple[int, int], columns: list[str],
+            names: list[str], compute: Callable[[], pd.DataFrame], column: str
+            ) -> pd.DataFrame:
+    """The table at ``path`` if it passes :func:`problem_with_cache`, else ``compute()``d
+    and written there (with its checksum and a heatmap of ``column``), under the file's
+    lock (see :func:`get_scores`)."""
+    from filelock import FileLock, Timeout
+
+    if path.is_file() and not os.access(path.parent, os.W_OK):  # a read-only cache
+        problem = problem_with_cache(path, *shape, columns, names)
+        if problem is None:
+            log.info("reusing scores %s (read-only cache)", path)
+            return pd.read_csv(path)
+        raise CacheError(f"paths.cache_dir={config.paths.cache_dir}: the cached table {path} "
+                         f"is not usable ({problem}) and the folder is not writable; give a "
+                         "writable paths.cache_dir")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except (OSError, Timeout) as err:
+        raise CacheError(f"paths.cache_dir={config.paths.cache_dir}: cannot write there "
+                         f"({err})") from None
+    try:
+        _remove_stale_temporaries(path.parent)
+        if path.is_file():
+            problem = problem_with_cache(path, *shape, columns, names)
+            if problem is None:
+                log.info("reusing scores %s", path)
+                df = pd.read_csv(path)
+                if not path.with_suffix(".png").is_file():
+                    save_heatmap(df, column, path.with_suffix(".png"), config.model.name)
+                return df
+            log.warning("rescoring: the cached table %s is not used: %s", path, problem)
+        df = compute()
+        write_csv(path, df)
+        from ih_sweep.pipeline.records import sha256
+
+        write_text(path.with_name(path.name + ".sha256"), sha256(path) + "\n")
+        save_heatmap(df, column, path.with_suffix(".png"), config.model.name)
+    finally:
+        lock.release()
+    return df
+
+
+class CacheError(UserError):
+    kind = "config"
+
+
+def _model_shape(config: Config) -> tuple[int, int]:
+    from ih_sweep.model.loading import model_shape
+
+    return model_shape(plain(config.model))
+
+
+def check_sequences_fit(config: Config) -> None:
+    """A repeated sequence ([BOS] + seq_len tokens x repeats) must fit the model's
+    positions; raises :class:`~ih_sweep.config.schema.ConfigError` naming scoring.seq_len."""
+    from ih_sweep.config.schema import ConfigError
+    from ih_sweep.model.architecture import position_limit
+    from ih_sweep.model.loading import load_config
+
+    limit = position_limit(load_config(plain(config.model)))
+    length = 1 + config.scoring.seq_len * config.scoring.repeats
+    if limit and length > limit:
+        raise ConfigError(f"scoring.seq_len={config.scoring.seq_len}: a repeated sequence of "
+                          f"1 + {config.scoring.seq_len} x {config.scoring.repeats} = {length} "
+                          f"tokens is longer than the model's {limit} positions; allowed: "
+                          f"seq_len <= {(limit - 1) // config.scoring.repeats}")
+
+
+def _compute(config: Config, model_getter, progress: bool) -> pd.DataFrame:
+    from ih_sweep.heads.scoring import score_heads
+    from ih_sweep.model.loading import eager_attention
+
+    check_sequences_fit(config)
+    model, tokenizer = model_getter()
+    t0 = time.time()
+    with eager_attention(model):
+        df = score_heads(model, tokenizer, config.scoring, config.model.name,
+                         progress=progress)
+    log.info("scored %d heads in %.1f s", len(df), time.time() - t0)
+    return df
+
+
+def _compute_fv(config: Config, model_getter, items: Sequence[Any] | None,
+                progress: bool) -> pd.DataFrame:
+    from ih_sweep.heads.function_vectors import function_vector_scores, fv_table
+
+    if items is None:
+        from ih_sweep.data.babi.babi import items_for, load_stories
+
+        items = items_for(config.data, config.eval, load_stories(config.data))
+    model, tokenizer = model_getter()
+    t0 = time.time()
+    result = function_vector_scores(model, tokenizer, items, config.scoring, progress)
+    log.info("FV-scored %d heads in %.1f s", result.aie.size, time.time() - t0)
+    return fv_table(result, config.scoring, config.model.name)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files a killed write left behind (the writer of this folder holds the
+    lock, so none is being written now)."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted write", tmp)
+
+
+def matrix_for(config: Config, scores: pd.DataFrame, column: str) -> np.ndarray:
+    """[layers, heads] of one score column the job uses (``rank_by`` or ``exclude_by``).
+    Raises :class:`~ih_sweep.heads.scoring.ScoreFileError` where a user's table has no score in
+    that column (e.g. ``rank_by=fv`` with a table of induction scores only)."""
+    from ih_sweep.heads.scoring import ScoreFileError, score_matrix
+
+    mat = score_matrix(scores, str(column))
+    if not np.isfinite(mat).any() and config.scoring.source == ScoreSource.file:
+        key = "rank_by" if column == config.scoring.rank_by else "exclude_by"
+        raise ScoreFileError(f"scoring.file={config.scoring.file}: no {column} score in it, "
+                             f"and scoring.{key}={column} needs one; give a table with a "
+                             f"{column} column, or scoring.source=compute")
+    return mat
+
+
+def exclusion(config: Config, scores: pd.DataFrame) -> list[tuple[int, int]]:
+    """The heads ``scoring.exclude_by`` takes out (:func:`ih_sweep.heads.selection.excluded_heads`;
+    none without it), logged."""
+    from ih_sweep.heads.selection import excluded_heads
+
+    sc = config.scoring
+    if sc.exclude_by is None:
+        return []
+    heads = excluded_heads(matrix_for(config, scores, sc.exclude_by), sc.exclude_share)
+    log.info("excluded from the top-%s by %s: the top %d heads by %s (exclude_share=%g): %s",
+             config.n_heads, sc.rank_by, len(heads), sc.exclude_by, sc.exclude_share, heads)
+    return heads
+
+
+def check_scores_fit(scores: pd.DataFrame, n_layers: int, heads_per_layer: int,
+                     source: str) -> None:
+    """A supplied table may cover some layers only (the notebook's scored every 4th), but
+    every layer it has must be one of the model's and hold all of its heads. Raises
+    :class:`~ih_sweep.heads.scoring.ScoreFileError`."""
+    from ih_sweep.heads.scoring import ScoreFileError
+
+    top_layer, top_head = int(scores["layer"].max()), int(scores["head"].max())
+    if top_layer >= n_layers or top_head >= heads_per_layer:
+        raise ScoreFileError(
+            f"scoring.file={source}: it has layers up to {top_layer} and heads up to "
+            f"{top_head}, but the model has {n_layers} layers x {heads_per_layer} heads "
+            "(ids are 0-based); is it the score file of another model?")
+    counts = scores.groupby("layer")["head"].nunique()
+    short = counts[counts != heads_per_layer]
+    if not short.empty:
+        raise ScoreFileError(
+            f"scoring.file={source}: layer {int(short.index[0])} has {int(short.iloc[0])} of "
+            f"the model's {heads_per_layer} heads; a layer in the table needs all of them")
+
+
+def save_heatmap(scores: pd.DataFrame, column: str, path: Path, title: str,
+                 marks: dict[str, list[tuple[int, int]]] | None = None) -> Path:
+    """The [layer, head] heatmap of one score column (PNG), ablated heads marked."""
+    from ih_sweep.heads.scoring import score_matrix
+    from ih_sweep.report.figures import head_heatmap
+
+    return head_heatmap(score_matrix(scores, str(column)), path,
+                        f"{title}: {column} score of every head", f"{column} score", marks)

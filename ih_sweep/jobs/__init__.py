@@ -1,9 +1,0 @@
-"""One module per kind of job (``job=...``), each a recipe read top to bottom:
-
-- :mod:`.evaluate`: check -> data -> scores -> select -> ablate + evaluate -> write
-- :mod:`.score`: the head score table alone (and its heatmap)
-- :mod:`.scan`: every head ablated on its own, its effects against its scores
-- :mod:`.train_tiny`: retrain the bundled tiny model
-
-Each exposes ``run(config, out_dir)``; :mod:`ih_sweep.launch` dispatches on ``config.job``.
-"""

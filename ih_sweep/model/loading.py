@@ -1,0 +1,311 @@
+"""Loading models and tokenizers (torch and transformers are imported when a model is, so
+that checking a model path is cheap): the bundled tiny model and any Hugging Face causal LM,
+optionally 4-bit (nf4) or 8-bit quantized, through the same ``from_pretrained`` path.
+
+Loaded models are cached per process, so a basic-launcher multirun loads each model once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ih_sweep.config.schema import DType, Quantization, UserError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"  # builtin:tiny
+_CACHE: dict[str, tuple[Any, Any]] = {}
+
+
+class ModelPathError(UserError):
+    """A model.path that names no usable model (a local path without one, or a hub id the
+    hub cannot provide here)."""
+
+    kind = "model"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_path(path: str) -> str:
+    """``builtin:tiny`` -> the packaged weights; a local folder must hold a model's
+    ``config.json``; anything else must look like a hub id (``org/name``). Raises
+    :class:`ModelPathError` naming ``model.path`` otherwise."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX):]
+        if name != "tiny":
+            raise ModelPathError(f"model.path={path}: the only built-in model is builtin:tiny")
+        if not (ASSET_DIR / "config.json").is_file():
+            raise ModelPathError(f"{ASSET_DIR}: the tiny model's files are missing; retrain "
+                                 "with `ih-sweep job=train_tiny`")
+        return str(ASSET_DIR)
+    local = Path(path).expanduser()
+    if local.exists():
+        if local.is_file():
+            raise ModelPathError(f"model.path={path}: is a file; give the model's folder (the "
+                                 "one holding config.json and the weights) or a hub id")
+        if not (local / "config.json").is_file():
+            raise ModelPathError(f"model.path={path}: the folder holds no config.json; give "
+                                 "a model folder as save_pretrained writes it, or a hub id")
+        return str(local)
+    if not _HUB_ID.match(path) or path.startswith((".", "/", "~")):
+        raise ModelPathError(f"model.path={path}: no such folder, and not a hub id "
+                             "(org/name)")
+    return path
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` s (so an
+    offline machine fails in seconds, not after the hub client's retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub(load, path: str, what: str):
+    """``load(local_files_only)`` for a hub id: the local Hugging Face cache first, then
+    the hub if it answers; a :class:`ModelPathError` naming model.path when neither has it."""
+    from huggingface_hub import constants
+
+    try:
+        return load(True)
+    except OSError:
+        pass
+    if constants.HF_HUB_OFFLINE or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else \
+            "the Hugging Face hub does not answer from here"
+        raise ModelPathError(
+            f"model.path={path}: {what} is not in the local Hugging Face cache and {why}; "
+            f"download it where there is network (hf download {path} --local-dir DIR) and "
+            "give that folder: model.path=DIR") from None
+    try:
+        return load(False)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelPathError(f"model.path={path}: the hub could not provide {what} "
+                             f"({first})") from None
+
+
+def quantization_config(quant: dict):
+    """BitsAndBytesConfig for ``nf4`` (the notebook's: 4-bit nf4, double quant, bf16 compute)."""
+    name = quant.get("name", Quantization.none)
+    if name == Quantization.none:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if name == Quantization.nf4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
+                                  bnb_4bit_compute_dtype=_dtype(quant.get("compute_dtype",
+                                                                          "bfloat16")))
+    if name == Quantization.int8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    allowed = ", ".join(m.value for m in Quantization)
+    raise ValueError(f"quantization.name={name!r}; allowed values: {allowed}")
+
+
+def _dtype(name: str | None):
+    if name is None or name == DType.auto:
+        return "auto"
+    allowed = [m.value for m in DType]
+    if name not in allowed:
+        raise ValueError(f"model.dtype={name!r}; allowed values: {', '.join(allowed)}")
+    import torch
+
+    return getattr(torch, DType(name).value)
+
+
+def pick_device(requested: str | None = "auto") -> str:
+    if requested in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def _load_files(load, path: str, given: str, what: str):
+    """``load(local_files_only)`` from a local folder (a :class:`ModelPathError` naming
+    model.path when the folder lacks the files) or from the hub (:func:`_from_hub`)."""
+    if Path(path).is_dir():
+        try:
+            return load(True)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ModelPathError(f"model.path={given}: the folder does not hold {what} "
+                                 f"({first})") from None
+    return _from_hub(load, path, what)
+
+
+def load_config(model_cfg: dict):
+    """The model's config alone (no weights): head counts, for checks before loading.
+    Raises :class:`ModelPathError` for a path or hub id that gives none."""
+    from transformers import AutoConfig
+
+    path = resolve_path(model_cfg["path"])
+
+    def load(local_only: bool):
+        return AutoConfig.from_pretrained(
+            path, revision=model_cfg.get("revision"), local_files_only=local_only,
+            trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+
+    return _load_files(load, path, model_cfg["path"], "its config")
+
+
+def model_shape(model_cfg: dict) -> tuple[int, int]:
+    """(layers, query heads per layer) from the model's config file alone (no weights),
+    after :func:`check_architecture` (an unsupported structure is refused here, before any
+    work)."""
+    from ih_sweep.model.architecture import config_shape
+
+    config = load_config(model_cfg)
+    check_architecture(config, bool(model_cfg.get("trust_remote_code")))
+    return config_shape(config)
+
+
+_CHECKED: dict[str, None] = {}  # configs whose structure passed, by their JSON
+
+
+def check_architecture(config, trust_remote_code: bool = False) -> None:
+    """Build the model of ``config`` without weights (on PyTorch's meta device: no memory,
+    well under a second for 7B) and find its heads and their path to the logits
+    (:func:`.architecture.head_sites`), so that a structure the tool cannot handle is
+    refused with one :class:`~.architecture.UnsupportedArchitecture` line before any
+    weights load or any scoring or evaluation runs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ih_sweep.model.architecture import UnsupportedArchitecture, head_sites
+
+    key = config.to_json_string()
+    if key in _CHECKED:
+        return
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                     attn_implementation="eager")
+    except ValueError as err:  # transformers: no causal-LM class for this config
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsupportedArchitecture(f"{type(config).__name__}: not a causal language model "
+                                      f"transformers can build ({first[:160]})") from None
+    head_sites(model)
+    _CHECKED[key] = None
+
+
+# the class attribute that says whether a transformers model class supports an attention
+# implementation (transformers' PreTrainedModel flags; eager is always supported)
+_ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                    "flex_attention": "_supports_flex_attn"}
+
+
+def supported_attention(config, requested: str) -> str:
+    """``requested`` where the config's causal-LM class supports it, else the first of sdpa,
+    eager it does support, said in one log line (Gemma-2 has no sdpa: its attention logit
+    softcapping needs eager). Remote-code classes are not looked up (``requested``)."""
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if cls is None:
+        return requested
+
+    def supports(name: str) -> bool:
+        flag = _ATTENTION_FLAGS.get(name)
+        return flag is None or bool(getattr(cls, flag, False))
+
+    if supports(requested):
+        return requested
+    chosen = next(name for name in ("sdpa", "eager") if supports(name))
+    log.info("model.attn_implementation=%s: %s does not support it; using %s", requested,
+             cls.__name__, chosen)
+    return chosen
+
+
+def cache_key(model_cfg: dict, quant_cfg: dict, device: str) -> str:
+    return json.dumps({"model": model_cfg, "quant": quant_cfg, "device": device}, sort_keys=True,
+                      default=str)
+
+
+def load_model(model_cfg: dict, quant_cfg: dict | None = None, device: str = "auto"):
+    """(model, tokenizer), cached per process. Eval mode, no grad needed.
+
+    The structure is checked first (:func:`check_architecture`), and
+    ``model.attn_implementation`` falls back to one the model supports
+    (:func:`supported_attention`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quant_cfg = quant_cfg or {"name": "none"}
+    device = pick_device(device)
+    key = cache_key(model_cfg, quant_cfg, device)
+    if key in _CACHE:
+        return _CACHE[key]
+    path = resolve_path(model_cfg["path"])
+    config = load_config(model_cfg)
+    check_architecture(config, bool(model_cfg.get("trust_remote_code")))
+    kwargs: dict[str, Any] = {
+        "revision": model_cfg.get("revision"),
+        "trust_remote_code": bool(model_cfg.get("trust_remote_code")),
+        "attn_implementation": supported_attention(
+            config, str(model_cfg.get("attn_implementation") or "sdpa")),
+        "dtype": _dtype(model_cfg.get("dtype")),
+    }
+    qc = quantization_config(quant_cfg)
+    device_map = model_cfg.get("device_map")
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+        device_map = device_map or ("auto" if device == "cuda" else {"": device})
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    log.info("loading %s (quantization=%s, device=%s)", path, quant_cfg.get("name"), device)
+    model = _load_files(lambda local: AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=local, **kwargs), path, model_cfg["path"], "its weights")
+    if device_map is None:
+        model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = _load_files(lambda local: AutoTokenizer.from_pretrained(
+        path, revision=model_cfg.get("revision"), local_files_only=local,
+        trust_remote_code=bool(model_cfg.get("trust_remote_code"))), path, model_cfg["path"],
+        "its tokenizer")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    _CACHE[key] = (model, tokenizer)
+    return model, tokenizer
+
+
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Temporarily use eager attention: sdpa returns no attention probabilities.
+    (:func:`.architecture.attention_implementation`: restored on exit; a model that cannot
+    switch raises AttentionSwitchError.)"""
+    from ih_sweep.model.architecture import attention_implementation
+
+    with attention_implementation(model, "eager"):
+        yield
+
+
+def model_slug(model_cfg: dict, quant_cfg: dict | None = None) -> str:
+    """Filesystem-safe name of a model (+ quantization) for cache files."""
+    base = str(model_cfg.get("name") or model_cfg["path"]).replace("/", "__").replace(":", "_")
+    q = (quant_cfg or {}).get("name", "none")
+    rev = model_cfg.get("revision")
+    slug = base + (f"@{rev}" if rev else "") + ("" if q == "none" else f"-{q}")
+    if len(slug.encode()) > 120:  # a long local path: keep its end and a hash of the whole
+        import hashlib
+
+        tail = slug.encode()[-90:].decode(errors="ignore")
+        slug = f"{hashlib.sha256(slug.encode()).hexdigest()[:12]}~{tail}"
+    return slug

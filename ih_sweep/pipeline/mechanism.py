@@ -1,0 +1,254 @@
+"""The evaluate job's mechanism check: what ablating the job's heads does to induction itself.
+
+Two numbers, each with the heads ablated and without (nats, lower is better):
+
+- ``repeat_loss``: the mean next-token loss on the repeated part of seeded repeated
+  random-token sequences, ``[BOS] + R x repeats`` with ``R`` distinct random tokens, drawn by
+  :func:`ih_sweep.heads.scoring.random_sequences` (the prefix score's own generator) and scored on
+  every token of repeats 2.. (with ``repeats=2``, the repeated half). Only induction (look
+  back for the previous occurrence of the current token, copy what followed it) predicts
+  those tokens, so ablating induction heads raises this loss (Olsson et al. 2022, "In-context
+  Learning and Induction Heads", https://arxiv.org/abs/2209.11895, section 2 and
+  "repeated random tokens").
+- ``icl_score``: Olsson et al.'s in-context learning score, "the loss of the 500th token in
+  the context minus the average loss of the 50th token in the context, averaged over dataset
+  examples" (same paper, section 2, "In-context learning score"); negative when later tokens
+  are predicted better thanks to the context. bAbI texts are far shorter than 500 tokens, so
+  the positions are scaled to the texts' length keeping the paper's 10:1 ratio
+  (:func:`icl_positions`), on the stories' own text (:func:`story_text`). The paper averages
+  single tokens over diverse natural text; bAbI's lines are so regular that a fixed index
+  falls on the same kind of word in every story (``to`` at index 10 in 44 of 64 generated
+  stories), so by default each position is the mean loss over a window of a tenth of the
+  text (:func:`icl_windows`; ``mechanism.icl_window=1`` gives the paper's single tokens).
+
+Pure maths first (token losses, masked means, the ICL score, its positions), then the model
+passes, then :func:`mechanism_check`, which the evaluate job calls with its own heads and
+ablation method (:func:`ih_sweep.ablation.hooks.ablate_heads`). The unablated numbers depend only on
+the model, the settings and the texts, so they are computed once per process for those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ih_sweep.config.schema import AblationMethod, ConfigError, MechanismConfig
+from ih_sweep.data.babi.babi import Story, question_indices
+
+log = logging.getLogger(__name__)
+
+# Olsson et al. 2022's token indices: ICL score = loss(500th token) - loss(50th token)
+OLSSON_LATE, OLSSON_EARLY = 500, 50
+
+
+# --------------------------------------------------------------------------- pure maths
+def token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[b, T] next-token loss in nats: entry t is -log p(ids[:, t] | ids[:, :t]), from the
+    logits at position t - 1; entry 0 (no prediction) is NaN. logits: [b, T, V]; ids: [b, T].
+    Computed in float32 whatever the logits' dtype."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, ids[:, 1:, None].to(logp.device))[..., 0]
+    first = torch.full_like(nll[:, :1], float("nan"))
+    return torch.cat([first, nll], 1)
+
+
+def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of ``losses`` [b, T] over the True entries of ``mask`` [b, T]. Raises
+    ValueError when the mask selects nothing."""
+    m = mask.to(losses.device, torch.bool)
+    if not bool(m.any()):
+        raise ValueError("the mask selects no token")
+    return float(losses[m].double().mean())
+
+
+def icl_positions(length: int) -> tuple[int, int]:
+    """(early, late) 0-based token indices for texts of ``length`` tokens: late is the last
+    token (``length - 1``) and early is late / 10 rounded, at least 1, keeping the ratio of
+    Olsson et al.'s 50th and 500th tokens. Raises ValueError below 3 tokens (no two distinct
+    predicted positions)."""
+    if length < 3:
+        raise ValueError(f"texts of {length} tokens are too short for an ICL score "
+                         "(at least 3 tokens: two predicted positions)")
+    late = length - 1
+    early = max(1, round(late * OLSSON_EARLY / OLSSON_LATE))
+    return early, late
+
+
+def icl_windows(length: int, window: int | None = None) -> tuple[range, range]:
+    """The token indices averaged at the early and late position of texts of ``length``
+    tokens (:func:`icl_positions`): ``window`` tokens each (None: one tenth of the text,
+    ``early`` tokens, at least 1), the early window centred on ``early`` (never before
+    index 1), the late one ending at ``late``. ``window=1`` is Olsson et al.'s single
+    tokens. Raises ValueError when the windows would overlap."""
+    early, late = icl_positions(length)
+    w = early if window is None else int(window)
+    if w < 1:
+        raise ValueError(f"icl window={w}: at least 1 token")
+    start = max(1, early - w // 2)
+    first, last = range(start, start + w), range(late - w + 1, late + 1)
+    if first[-1] >= last[0]:
+        raise ValueError(f"icl window={w}: the early window {first.start}..{first[-1]} and "
+                         f"the late window {last.start}..{last[-1]} overlap in texts of "
+                         f"{length} tokens")
+    return first, last
+
+
+def icl_score(losses: torch.Tensor, early: int | Sequence[int], late: int | Sequence[int]
+              ) -> float:
+    """Olsson et al.'s ICL score: the mean over texts of the loss at ``late`` minus the loss
+    at ``early`` (nats; negative = the late tokens are predicted better). ``early`` and
+    ``late`` are token indices or windows of them (each averaged per text first). losses:
+    [b, T] from :func:`token_losses`."""
+    first = [early] if isinstance(early, int) else list(early)
+    last = [late] if isinstance(late, int) else list(late)
+    if not (first and last and 0 < min(first) and max(first) < min(last)
+            and max(last) < losses.shape[1]):
+        raise ValueError(f"positions early={first}, late={last} must satisfy "
+                         f"0 < early < late < {losses.shape[1]}")
+    loss = losses.double()
+    return float((loss[:, last].mean(1) - loss[:, first].mean(1)).mean())
+
+
+def story_text(story: Story) -> str:
+    """A story's own text: its lines in order, one a line, each question followed by its
+    answer (``Where is Mary? kitchen``); the last line is the story's last question. No
+    instruction header: the same words open every prompt, so their tokens need no context,
+    and at bAbI's lengths the early ICL position would fall among them."""
+    last = question_indices(story)[-1]
+    lines = []
+    for i in range(last + 1):
+        text = story["text"][i]
+        lines.append(f"{text} {story['answer'][i]}" if story["type"][i] == 1 else text)
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- model passes
+@torch.no_grad()
+def _losses(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[b, T] :func:`token_losses` of ``ids`` (equal-length rows, no padding), in batches."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, ids.shape[0], batch_size):
+        tok = ids[start:start + batch_size].to(device)
+        logits = model(input_ids=tok, use_cache=False).logits
+        out.append(token_losses(logits, tok).cpu())
+    return torch.cat(out)
+
+
+def repeat_inputs(tokenizer, settings: MechanismConfig, limit: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded repeated sequences [n, (1) + seq_len * repeats] and the mask of their
+    repeats 2.. (the tokens scored), from the prefix score's generator. Raises
+    :class:`ConfigError` naming ``mechanism.seq_len`` when a sequence exceeds ``limit``
+    positions or the tokenizer has too few candidate tokens."""
+    from ih_sweep.heads.scoring import candidate_token_ids, random_sequences
+
+    length = (1 if tokenizer.bos_token_id is not None else 0) + \
+        settings.seq_len * settings.repeats
+    if limit and length > limit:
+        raise ConfigError(f"mechanism.seq_len={settings.seq_len}: a repeated sequence of "
+                          f"{length} tokens is longer than the model's {limit} positions; "
+                          f"allowed: seq_len <= {(limit - 1) // settings.repeats}")
+    candidates = candidate_token_ids(tokenizer, settings.exclude_frequent_frac,
+                                     settings.exclude_rare_frac)
+    try:
+        return random_sequences(settings.n_sequences, settings.seq_len, settings.repeats,
+                                candidates, tokenizer.bos_token_id, settings.seed)
+    except ConfigError as err:  # it names scoring's keys; these are mechanism's
+        raise ConfigError(str(err).replace("scoring.", "mechanism.")) from None
+
+
+def text_inputs(tokenizer, texts: Sequence[str], limit: int | None = None) -> torch.Tensor:
+    """[n, L] token ids of ``texts`` cut to a common length L: the shortest text's length
+    (and at most ``limit`` positions), so no row is padded and every position is real
+    text. Raises ValueError for no text."""
+    if not texts:
+        raise ValueError("no text for the ICL score")
+    rows = [list(tokenizer(t)["input_ids"]) for t in texts]
+    length = min(len(r) for r in rows)
+    if limit:
+        length = min(length, limit)
+    return torch.tensor([r[:length] for r in rows], dtype=torch.long)
+
+
+def measure(model, repeat_ids: torch.Tensor, repeat_mask: torch.Tensor,
+            text_ids: torch.Tensor, windows: tuple[range, range], batch_size: int
+            ) -> dict[str, float]:
+    """``repeat_loss`` and ``icl_score`` (nats) of the model as it is (any ablation hooks
+    active stay active); ``windows``: :func:`icl_windows`."""
+    return {"repeat_loss": masked_mean(_losses(model, repeat_ids, batch_size), repeat_mask),
+            "icl_score": icl_score(_losses(model, text_ids, batch_size), *windows)}
+
+
+_UNABLATED: dict[str, dict[str, float]] = {}  # key -> measure() of the unablated model
+_MAX_CACHED = 16
+
+
+def texts_for(stories: Iterable[Story], n: int) -> list[str]:
+    """:func:`story_text` of the first ``n`` stories."""
+    out = []
+    for story in stories:
+        if len(out) >= n:
+            break
+        out.append(story_text(story))
+    return out
+
+
+def mechanism_check(model, tokenizer, settings: MechanismConfig, texts: Sequence[str],
+                    heads: Sequence[tuple[int, int]],
+                    method: AblationMethod | str = AblationMethod.zero,
+                    means: dict[int, torch.Tensor] | None = None,
+                    model_key: str = "") -> dict[str, Any]:
+    """The job record's ``mechanism`` entry: ``repeat_loss``, ``repeat_loss_unablated``,
+    ``icl_score``, ``icl_score_unablated`` (nats), with ``heads`` ablated by ``method``
+    (``means`` for mean ablation) in the first and third, plus the settings and positions
+    used. No heads: ablated = unablated, one pass. The unablated pass is cached in-process
+    under ``model_key`` (which must name the loaded model, e.g. its load cache key), the
+    settings and the texts."""
+    from ih_sweep.ablation.hooks.hooks import ablate_heads
+    from ih_sweep.model.architecture import position_limit
+
+    limit = position_limit(model.config)
+    repeat_ids, repeat_mask = repeat_inputs(tokenizer, settings, limit)
+    text_ids = text_inputs(tokenizer, texts, limit)
+    early, late = icl_positions(text_ids.shape[1])
+    windows = icl_windows(text_ids.shape[1], settings.icl_window)
+    semantic = {k: getattr(settings, k) for k in ("n_sequences", "seq_len", "repeats", "seed",
+                                                  "exclude_frequent_frac", "exclude_rare_frac",
+                                                  "n_texts", "icl_window")}
+    key = hashlib.sha256(json.dumps([model_key, semantic, list(texts)], default=str)
+                         .encode()).hexdigest()
+    base = _UNABLATED.get(key)
+    if base is None:
+        base = measure(model, repeat_ids, repeat_mask, text_ids, windows,
+                           settings.batch_size)
+        if len(_UNABLATED) >= _MAX_CACHED:
+            _UNABLATED.pop(next(iter(_UNABLATED)))
+        _UNABLATED[key] = base
+    if heads:
+        with ablate_heads(model, heads, method, means):
+            ablated = measure(model, repeat_ids, repeat_mask, text_ids, windows,
+                           settings.batch_size)
+    else:
+        ablated = dict(base)
+    values = {"repeat_loss": ablated["repeat_loss"],
+              "repeat_loss_unablated": base["repeat_loss"],
+              "icl_score": ablated["icl_score"], "icl_score_unablated": base["icl_score"]}
+    for name, value in values.items():
+        if not math.isfinite(value):  # kept out of job.json (JSON has no NaN)
+            log.warning("mechanism check: %s is %s (the model's logits are not finite); "
+                        "recorded as null", name, value)
+            values[name] = None
+    return {**values,
+            "icl_early": early, "icl_late": late,
+            "icl_early_tokens": [windows[0].start, windows[0][-1]],
+            "icl_late_tokens": [windows[1].start, windows[1][-1]],
+            "icl_context_tokens": int(text_ids.shape[1]),
+            "icl_texts": int(text_ids.shape[0]),
+            "repeat_tokens_scored": int(repeat_mask.sum()), **semantic}

@@ -1,0 +1,311 @@
+"""What a job leaves behind: its record (``job.json``) and the columns of its CSV files.
+
+The writer (:mod:`ih_sweep.pipeline`) and the reader (:mod:`ih_sweep.report.summarize`) both use
+these
+definitions; nothing else knows the layout of a job folder.
+
+results.csv (one row per evaluated bAbI question)
+-------------------------------------------------
+story            index of the story in the data set (0-based)
+question_index   index of the question within the story (0-based)
+line             the question's line number in the story (bAbI's own numbering)
+examples_before  answered questions shown before this one in the prompt
+answer           the gold answer (comma-separated parts for multi-word answers)
+continuation     the model's greedy continuation (at most ``eval.max_new_tokens`` tokens)
+correct          whether ``continuation`` scores as ``answer`` under ``metric``
+decided_by       forward (the teacher-forced pass settled it), decode (greedy decoding from
+                 its cache) or generate (``model.generate``, for models whose cache cannot
+                 be reused exactly)
+margin           logits: the smallest top-1 minus top-2 logit gap over the greedy steps up to
+                 the one that decided the item (after which the metric's outcome could no
+                 longer change; later steps do not count)
+near_tie         true when one of those steps' gap is within the rounding of the model's
+                 compute dtype: at most ``evaluation.NEAR_TIE_TOLERANCE`` (float32 1e-4,
+                 bfloat16 0.05, float16 0.00625) x max(|top-1 logit|, 1) there. Another
+                 batch size or kernel can flip such an item's outcome (bfloat16, tiny model:
+                 every item that flipped between batch sizes 1 and 32 was one); in float32
+                 practically none is
+gold_logprob     nats: sum of the log-probabilities of all the gold answer's tokens given the
+                 prompt (teacher-forced, as they tokenize after the prompt)
+logit_diff       logits, at the answer's first position: the gold answer's first token minus
+                 the best other candidate answer's first token; candidates: the distinct gold
+                 answers of the job's items; candidates whose first token is the gold's are
+                 not "other" (empty when none is left: no candidate to compare with)
+support_distance statements back from the question to its latest supporting fact (1 = the
+                 statement just before it; questions are not statements); empty when the
+                 story names no supporting fact (:mod:`ih_sweep.data.strata`)
+recency_correct  whether the location in the last statement before the question (the most
+                 recent location of anyone) is the gold answer; empty unless the question is
+                 ``Where is <Name>?`` and that statement is a bAbI task-1 move
+mentions         statements before the question that name the asked person (a capitalized
+                 word of the question); empty when the question names no single person
+question_position  0-based index of the question among the story's questions
+n_heads, condition, control_seed   the job's ablation (n_heads: the heads ablated, a count)
+n_heads_share    the share of all the model's heads asked for, in percent (``n_heads=10%``:
+                 10.0; n_heads is then its count, ceil(layers x heads x 10 / 100)); empty
+                 when a count was asked or nothing is ablated (older files lack the column)
+model, quantization                ``model.name``, ``quantization.name``
+data, babi_task, split             ``data.name``, ``data.task``, ``data.split`` (generated
+                                   stories: ``generated``)
+metric, scope, ablation            ``eval.metric``, ``eval.scope``, ``ablation.method``
+
+heads.csv (one row per ablated head; empty for condition=none)
+--------------------------------------------------------------
+layer, head      0-based; ``head`` is the query head within the layer
+score            the head's score under ``rank_by`` (the notebook's file: its own score)
+rank_by          ``scoring.rank_by``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ih_sweep.io_utils import atomic_write, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+STRATA_COLUMNS = ["support_distance", "recency_correct", "mentions", "question_position"]
+ITEM_COLUMNS = ["story", "question_index", "line", "examples_before", "answer",
+                "continuation", "correct", "decided_by", "margin", "near_tie", "gold_logprob",
+                "logit_diff", *STRATA_COLUMNS]
+JOB_COLUMNS = ["n_heads", "n_heads_share", "condition", "control_seed", "model",
+               "quantization", "data", "babi_task", "split", "metric", "scope", "ablation"]
+RESULT_COLUMNS = ITEM_COLUMNS + JOB_COLUMNS
+HEAD_COLUMNS = ["layer", "head", "score", "rank_by"]
+RECORD_FILE = "job.json"
+COMPLETE = "complete"
+
+
+class RecordError(ValueError):
+    """A job.json that is missing, unreadable or not an ih_sweep record."""
+
+
+@dataclass
+class EvaluationRecord:
+    """``job.json`` of an ``evaluate`` job: what it ran and what it found."""
+
+    config_hash: str
+    n_heads: int
+    condition: str
+    control_seed: int
+    model: str
+    quantization: str
+    data: dict[str, Any]  # the data config (name, task, split, lang, n_stories, seed, path)
+    eval: dict[str, Any]  # metric, scope, max_new_tokens
+    ablation: str
+    rank_by: str
+    n_items: int
+    n_correct: int
+    accuracy: float
+    n_decoded: int  # items decided past the teacher-forced pass
+    heads: list[list[int]]  # [[layer, head], ...] in selection order
+    # n_heads=P% asked: P (percent of all the model's heads; n_heads is its count); null for
+    # a count or an unablated job, and in records written before shares existed
+    n_heads_share: float | None = None
+    results_sha256: str = ""  # of results.csv as written: a damaged file is not trusted
+    scores_file: str | None = None  # the score table the heads were chosen from
+    settings: dict[str, Any] = field(default_factory=dict)  # schema.semantic_config
+    reused_evaluation: bool = False  # results restored from the store (a finished job)
+    resumed_chunks: int = 0  # checkpointed chunks a previous (killed) run had finished
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    slurm_job_id: str | None = None
+    host: str = field(default_factory=platform.node)
+    status: str = COMPLETE
+    job: str = "evaluate"
+    # the mechanism check (ih_sweep.pipeline.mechanism.mechanism_check): repeat_loss,
+    # repeat_loss_unablated, icl_score, icl_score_unablated (nats), positions and settings;
+    # empty with mechanism.enabled=false
+    mechanism: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScanRecord:
+    """``job.json`` of a ``scan`` job."""
+
+    config_hash: str
+    model: str
+    layers: list[int]
+    n_items: int
+    rank_by: str
+    stats: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    host: str = field(default_factory=platform.node)
+    status: str = COMPLETE
+    job: str = "scan"
+
+
+@dataclass
+class SeedsRecord:
+    """``job.json`` of an ``evaluate`` job that drew several random controls in one process
+    (``condition=random control_seeds=K``): each draw is a complete evaluate job folder of
+    its own, ``<job folder>/control_seed=<k>/``, whose record and files are those of the
+    single-seed job ``control_seed=k`` (its config hash included); this record lists them.
+    Written last, once every draw is complete."""
+
+    config_hash: str  # of the K-draw config (control_seeds in it)
+    n_heads: int  # heads each draw ablates (a count)
+    condition: str
+    control_seeds: list[int]  # the draws, in order
+    seed_folders: list[str]  # each draw's job folder, relative to this one
+    seed_hashes: list[str]  # each draw's config hash (its single-seed job's)
+    accuracies: list[float]  # each draw's accuracy
+    model: str
+    n_heads_share: float | None = None  # n_heads=P% asked: P; null for a count
+    reused: list[int] = field(default_factory=list)  # draws already complete or stored
+    shared: list[str] = field(default_factory=list)  # what the draws computed once
+    timings: dict[str, float] = field(default_factory=dict)  # seconds, the whole job
+    slurm_job_id: str | None = None
+    host: str = field(default_factory=platform.node)
+    status: str = COMPLETE
+    job: str = "random_seeds"
+
+
+Record = EvaluationRecord | ScanRecord | SeedsRecord
+_KINDS: dict[str, type] = {"evaluate": EvaluationRecord, "scan": ScanRecord,
+                           "random_seeds": SeedsRecord}
+
+
+def write_record(out_dir: Path, record: Record) -> Path:
+    """``out_dir/job.json``, atomically."""
+    return write_json(Path(out_dir) / RECORD_FILE, dataclasses.asdict(record))
+
+
+def read_record(out_dir: Path) -> Record:
+    """The record in ``out_dir/job.json``. Raises :class:`RecordError` if it is missing,
+    not JSON, of an unknown job kind or lacks a field."""
+    path = Path(out_dir) / RECORD_FILE
+    if not path.is_file():
+        raise RecordError(f"{path}: no job record")
+    try:
+        raw = read_json(path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RecordError(f"{path}: not JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise RecordError(f"{path}: not a job record")
+    cls = _KINDS.get(raw.get("job", "evaluate"))
+    if cls is None:
+        raise RecordError(f"{path}: unknown job kind {raw.get('job')!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in raw.items() if k in names})
+    except TypeError as err:
+        raise RecordError(f"{path}: incomplete record ({err})") from None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def problem_with(out_dir: Path, record: Record) -> str | None:
+    """Why the files in ``out_dir`` do not match ``record`` (None when they do): an
+    evaluation's results.csv must have the recorded checksum, row count, unique
+    (story, question_index) pairs and correct count, and heads.csv its heads; a
+    several-draw job's draws must each be complete (:func:`finished_record`)."""
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    if isinstance(record, ScanRecord):
+        return None if (out_dir / "scan.csv").is_file() else "scan.csv is missing"
+    if isinstance(record, SeedsRecord):
+        for folder, chash in zip(record.seed_folders, record.seed_hashes):
+            if finished_record(out_dir / folder, chash) is None:
+                return f"the draw in {folder} is not complete"
+        return None
+    results, heads = out_dir / "results.csv", out_dir / "heads.csv"
+    for path in (results, heads):
+        if not path.is_file():
+            return f"{path.name} is missing"
+    if record.results_sha256 and sha256(results) != record.results_sha256:
+        return "results.csv differs from the file the job wrote (checksum)"
+    try:
+        df = pd.read_csv(results, keep_default_na=False)
+        head_rows = pd.read_csv(heads)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        return f"unreadable CSV ({err})"
+    if list(df.columns) != RESULT_COLUMNS:
+        return "results.csv does not have the result columns"
+    if len(df) != record.n_items:
+        return f"results.csv has {len(df)} rows, job.json says {record.n_items}"
+    if df.duplicated(["story", "question_index"]).any():
+        return "results.csv repeats a (story, question_index)"
+    correct = int(df["correct"].astype(str).str.lower().eq("true").sum())
+    if correct != record.n_correct:
+        return f"results.csv has {correct} correct, job.json says {record.n_correct}"
+    if abs(record.accuracy - correct / max(len(df), 1)) > 1e-9:
+        return f"job.json's accuracy {record.accuracy} is not {correct}/{len(df)}"
+    pairs = [[int(a), int(b)] for a, b in zip(head_rows.get("layer", []),
+                                               head_rows.get("head", []))]
+    if pairs != record.heads:
+        return "heads.csv does not list the recorded heads"
+    return None
+
+
+def finished_record(out_dir: Path, config_hash: str, output: str = "results.csv"
+                    ) -> Record | None:
+    """The record of a job already complete in ``out_dir`` for this config hash whose files
+    match it (:func:`problem_with`); None when the job has to run. A complete record whose
+    files do not match is reported in one warning line and not trusted."""
+    out_dir = Path(out_dir)
+    if not (out_dir / RECORD_FILE).is_file():
+        return None
+    try:
+        record = read_record(out_dir)
+    except RecordError as err:
+        log.warning("redoing %s: %s", out_dir, err)
+        return None
+    if record.status != COMPLETE or record.config_hash != config_hash:
+        return None
+    if not (out_dir / output).is_file():
+        log.warning("redoing %s: %s is missing", out_dir, output)
+        return None
+    problem = problem_with(out_dir, record)
+    if problem:
+        log.warning("redoing %s: %s", out_dir, problem)
+        return None
+    return record
+
+
+# --------------------------------------------------------------------------- the store
+# Every finished evaluation is also kept under <paths.cache_dir>/jobs/<config hash>/, so a
+# rerun of the same command (in a new timestamped sweep folder) reuses it.
+STORED_FILES = ("results.csv", "heads.csv", RECORD_FILE)
+
+
+def store_dir(cache_dir: str | Path, config_hash: str) -> Path:
+    return Path(cache_dir) / "jobs" / config_hash
+
+
+def _copy(names: tuple[str, ...], source: Path, target: Path) -> None:
+    for name in names:  # each file atomically, in the order given
+        atomic_write(Path(target) / name, lambda tmp, src=Path(source) / name:
+                     shutil.copyfile(src, tmp))
+
+
+def store(out_dir: Path, cache_dir: str | Path, config_hash: str) -> Path:
+    """Copy a finished job's files into the store (the record last)."""
+    target = store_dir(cache_dir, config_hash)
+    _copy(STORED_FILES, out_dir, target)
+    return target
+
+
+def restore(cache_dir: str | Path, config_hash: str, out_dir: Path) -> Record | None:
+    """The stored job of this config hash, if the store has one whose files match its
+    record: its results.csv and heads.csv are copied into ``out_dir`` and its record is
+    returned for the caller to write (with its own bookkeeping); None otherwise."""
+    source = store_dir(cache_dir, config_hash)
+    record = finished_record(source, config_hash)
+    if record is None:
+        return None
+    _copy(tuple(n for n in STORED_FILES if n != RECORD_FILE), source, out_dir)
+    return record
