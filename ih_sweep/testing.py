@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ih_sweep.ablation.hooks.hooks.hooks import _validate, ablate_heads
+from ih_sweep.ablation.hooks import _validate, ablate_heads
 from ih_sweep.heads.scoring import copying_from_logits
 from ih_sweep.model.architecture import head_sites, hook_z
 from ih_sweep.pipeline.head_scan import Probe, _readout
@@ -131,12 +131,12 @@ def generate_one_at_a_time(model, tokenizer, item, max_new_tokens: int = 3,
     the other as lm-eval's ``postprocess_generated_text`` does (``text.split(s)[0]``).
     (transformers' own ``stop_strings`` cannot read a word-level vocabulary such as the tiny
     model's: its ``StopStringCriteria`` looks for a probe text the tokenizer maps to [UNK].)
-    Its one row holds the item's story (:func:`ih_sweep.ablation.hooks.hooks.sequence_keys`, for
+    Its one row holds the item's story (:func:`ih_sweep.ablation.hooks.sequence_keys`, for
     resample ablation)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from ih_sweep.ablation.hooks.hooks.hooks import sequence_keys
-    from ih_sweep.evaluation.evaluator.evaluator.evaluator import (
+    from ih_sweep.ablation.hooks import sequence_keys
+    from ih_sweep.evaluation.evaluator import (
         _cut_at_eos,
         _decode,
         _device,

@@ -33,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from ih_sweep.data.babi.babi import MOVE_PHRASES, Story
+from ih_sweep.data.babi import MOVE_PHRASES, Story
 from ih_sweep.pipeline.records import STRATA_COLUMNS
 
 # a bAbI move ending a statement: "<anyone> <phrase> the <place>." (task 1's five phrases)

@@ -69,7 +69,7 @@ import pandas as pd
 import torch
 
 from ih_sweep.config.schema import ScoringConfig, UserError
-from ih_sweep.data.babi.babi import Item
+from ih_sweep.data.babi import Item
 from ih_sweep.model.architecture import head_sites, hook_z, positions_from_mask
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def batch_rows(value: int | str, model, tokens: int) -> int:
 def first_answer_token(tokenizer, item: Item) -> int | None:
     """The gold answer's first token as it follows ``item.prompt`` (the evaluator's), None
     where the answer has no token of its own (a tokenizer that drops it)."""
-    from ih_sweep.evaluation.evaluator.evaluator import _tail, answer_tokens
+    from ih_sweep.evaluation.evaluator import _tail, answer_tokens
 
     tail = _tail(item.prompt)
     cont, _ = answer_tokens(tokenizer, [tail], [item.target])[tail, item.target]
@@ -223,7 +223,7 @@ def clean_final(model, tokenizer, prompts: Sequence[str], rows: int
                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Each prompt's o_proj inputs at its final token ({layer: [prompts, heads * head_dim]}
     float32, CPU) and its greedy next token ([prompts]), left-padded batches of ``rows``."""
-    from ih_sweep.evaluation.evaluator.evaluator import _pad_id
+    from ih_sweep.evaluation.evaluator import _pad_id
 
     sites = head_sites(model)
     device = next(model.parameters()).device
@@ -259,7 +259,7 @@ def patched_probs(model, ids: Sequence[int], target: int, means: dict[int, torch
     :func:`~ih_sweep.evaluation.evaluator._reusable_cache`) and each pass feeds
     the final token alone, the cache's rows copied from that one; where the model's cache
     cannot be reused exactly, every pass runs the whole prompt."""
-    from ih_sweep.evaluation.evaluator.evaluator import _cache_argument, _reusable_cache
+    from ih_sweep.evaluation.evaluator import _cache_argument, _reusable_cache
 
     sites = head_sites(model)
     device = next(model.parameters()).device

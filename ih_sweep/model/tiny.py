@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ih_sweep.config.schema import Schedule, ScoringConfig, TrainConfig
-from ih_sweep.data.babi import babi
+from ih_sweep.data import babi
 from ih_sweep.model.architecture import hook_z
 from ih_sweep.model.loading import eager_attention
 
@@ -250,9 +250,9 @@ HELD_OUT_SEED = 10_000  # generated evaluation stories; training draws from its 
 
 def describe(model, tokenizer, n_stories: int = 1000) -> dict:
     """Measured facts for the model card: held-out accuracy, head scores, ablation effects."""
-    from ih_sweep.ablation.hooks.hooks import ablate_heads
+    from ih_sweep.ablation.hooks import ablate_heads
     from ih_sweep.config.schema import EvalConfig
-    from ih_sweep.evaluation.evaluator.evaluator import evaluate
+    from ih_sweep.evaluation.evaluator import evaluate
     from ih_sweep.heads.scoring import score_heads, score_matrix
     from ih_sweep.heads.selection import select_heads
 

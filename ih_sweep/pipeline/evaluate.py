@@ -89,7 +89,7 @@ def run(config: Config, out_dir: Path, shared: Shared | None = None
             host=platform.node(), timings={"total_s": round(time.time() - t_start, 3)})
         write_record(out_dir, record)
         return record
-    from ih_sweep.data.babi.babi import items_for, load_stories
+    from ih_sweep.data.babi import items_for, load_stories
     from ih_sweep.heads.score_table import check_scores_fit, exclusion, get_scores, matrix_for
     from ih_sweep.heads.selection import resolve_n_heads, select_heads
     from ih_sweep.model.loading import load_model, model_shape
@@ -300,7 +300,7 @@ class Shared:
         if method != AblationMethod.resample:
             return self.once("fill", lambda: ablation_fill(config, model, tokenizer, items,
                                                            heads))
-        from ih_sweep.ablation.hooks.hooks import position_means
+        from ih_sweep.ablation.hooks import position_means
 
         if self.donors is None or not self.donors.covers(heads):
             means = self.once("fill", lambda: position_means(model, reference_batches(
@@ -362,9 +362,9 @@ def evaluate_checkpointed(config: Config, out_dir: Path, chash: str,
     ``stories``: those the items ask about (their difficulty strata); ``fill``: the job's
     :func:`ablation_fill`, computed once when first called; ``shared``: where the prompt
     check and each chunk's tokenized rows are kept for the job's other draws."""
-    from ih_sweep.ablation.hooks.hooks import ablate_heads
-    from ih_sweep.data.babi.strata import strata_frame
-    from ih_sweep.evaluation.evaluator.evaluator import build_rows, check_prompt_lengths, evaluate
+    from ih_sweep.ablation.hooks import ablate_heads
+    from ih_sweep.data.strata import strata_frame
+    from ih_sweep.evaluation.evaluator import build_rows, check_prompt_lengths, evaluate
 
     shared = shared or Shared()
 
@@ -494,7 +494,7 @@ def ablation_fill(config: Config, model, tokenizer, items: Sequence,
     ``position_mean``: their position-wise means; ``resample``: the donors' outputs, one
     donor text per story of the job (:func:`donor_texts`), drawn with ``ablation.seed``,
     the position-wise means past a donor's end. None for ``zero``."""
-    from ih_sweep.ablation.hooks.hooks import head_means, position_means
+    from ih_sweep.ablation.hooks import head_means, position_means
 
     method = config.ablation.method
     if method == AblationMethod.zero:
@@ -512,7 +512,7 @@ def ablation_fill(config: Config, model, tokenizer, items: Sequence,
 def _donors(config: Config, model, tokenizer, heads: list[tuple[int, int]], means,
             texts_needed: tuple[dict[int, str], dict[int, int]]):
     """Resample ablation's donors of ``heads`` (:func:`ablation_fill`), with one log line."""
-    from ih_sweep.ablation.hooks.hooks import resample_donors
+    from ih_sweep.ablation.hooks import resample_donors
 
     texts, needed = texts_needed
     donors = resample_donors(model, tokenizer, texts, heads, config.ablation.seed, means,

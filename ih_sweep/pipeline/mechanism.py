@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ih_sweep.config.schema import AblationMethod, ConfigError, MechanismConfig
-from ih_sweep.data.babi.babi import Story, question_indices
+from ih_sweep.data.babi import Story, question_indices
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def mechanism_check(model, tokenizer, settings: MechanismConfig, texts: Sequence
     used. No heads: ablated = unablated, one pass. The unablated pass is cached in-process
     under ``model_key`` (which must name the loaded model, e.g. its load cache key), the
     settings and the texts."""
-    from ih_sweep.ablation.hooks.hooks import ablate_heads
+    from ih_sweep.ablation.hooks import ablate_heads
     from ih_sweep.model.architecture import position_limit
 
     limit = position_limit(model.config)
