@@ -364,8 +364,11 @@ def test_fv_and_exclusion_sweep_through_the_cli(tmp_path):
         if record["condition"] != "none":
             assert not {tuple(h) for h in record["heads"]} & top_fv
             assert len(record["heads"]) == 8
-    assert (tmp_path / "s" / "heads_fv.png").is_file() or \
-        list((tmp_path / "s").glob("heads_fv_*.png"))
+    # two score tables (the FV one, the induction one the exclusion arm ranks by): two
+    # heatmaps, numbered in the order of their tables
+    assert sorted(p.name[:-6] for p in (tmp_path / "s").glob("heads_*.png")) == \
+        ["heads_fv", "heads_prefix"]
+    assert {p.name[-5] for p in (tmp_path / "s").glob("heads_*.png")} == {"0", "1"}
 
 
 @pytest.mark.slow
