@@ -21,9 +21,9 @@ from functools import partial
 import torch
 from _results import REPEATS, RESULTS, ratio, rounds, save
 
+from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.config.schema import EvalConfig
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation.evaluator import (
     build_rows,
     evaluate,

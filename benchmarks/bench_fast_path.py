@@ -16,8 +16,8 @@ import statistics
 import torch
 from _results import rounds, save
 
+from ih_sweep import data
 from ih_sweep.config.schema import EvalConfig
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation import fastpath as eval_attention
 from ih_sweep.model.loading import load_model

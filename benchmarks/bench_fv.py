@@ -15,7 +15,7 @@ import torch
 from _results import RESULTS, best_of, save
 
 from ih_sweep.config.schema import DataConfig, EvalConfig, ScoringConfig
-from ih_sweep.data.babi import items_for
+from ih_sweep.data import items_for
 from ih_sweep.heads.function_vectors import function_vector_scores
 from ih_sweep.heads.scoring import score_heads, score_matrix
 from ih_sweep.heads.selection import top_heads

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from _results import RESULTS, save
 
+from ih_sweep import data
 from ih_sweep.config.schema import EvalConfig
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation.evaluator import (
     build_rows,
     evaluate,

@@ -12,8 +12,8 @@ import random
 import torch
 from _results import REPEATS, best_of, save
 
+from ih_sweep import data
 from ih_sweep.config.schema import EvalConfig
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation.evaluator import evaluate
 from ih_sweep.model.loading import load_model
 from ih_sweep.model.runtime import keep_freed_memory

@@ -13,7 +13,7 @@ import time
 import torch
 from _results import save
 
-from ih_sweep.data import babi as data
+from ih_sweep import data
 from ih_sweep.model.architecture import head_sites
 from ih_sweep.model.loading import load_model
 from ih_sweep.model.runtime import keep_freed_memory

@@ -237,7 +237,7 @@ def equality_checks(device: str, items: int, tiny_items: int,
     """Step 1 (float32): the tiny model and the random-weight families."""
     import torch
 
-    from ih_sweep.data import babi as data
+    from ih_sweep import data
     from ih_sweep.model.tiny import build_tokenizer
 
     rows: list[Row] = []
@@ -275,7 +275,7 @@ def equality_checks(device: str, items: int, tiny_items: int,
 
 def noise_checks(device: str, items: int) -> list[Row]:
     """Step 2: the tiny model in bf16 and nf4, unablated and top-16 ablated."""
-    from ih_sweep.data import babi as data
+    from ih_sweep import data
 
     stories = data.make_items(data.generate_stories(items, seed=4245), "last")
     reference, tok = _tiny(device, "float32", "none")

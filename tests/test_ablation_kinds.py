@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_families import CONFIGS, save_model
 
+from ih_sweep import data
 from ih_sweep.ablation.hooks import (
     AblationError,
     Donors,
@@ -21,7 +22,6 @@ from ih_sweep.ablation.hooks import (
     sequence_keys,
 )
 from ih_sweep.config.schema import EvalConfig
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation.evaluator import evaluate, is_correct
 from ih_sweep.heads.selection import select_heads

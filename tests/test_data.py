@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from conftest import BABI, FIXTURES, needs_babi
 
-from ih_sweep.data import babi as data
+from ih_sweep import data
 
 SEED_EXAMPLE = (
     "Read the following passage and answer the questions with a single word.\n\nPassage: Mary "

@@ -324,8 +324,8 @@ def test_outside_the_tested_range_the_evaluation_runs_the_plain_forward(tiny, mo
                                                                          caplog):
     """Off by the gate, an evaluation neither installs the attention nor patches a layer, and
     its outcomes are those of the fast path."""
+    from ih_sweep import data
     from ih_sweep.config.schema import EvalConfig
-    from ih_sweep.data import babi as data
     from ih_sweep.evaluation import evaluator as evaluation
 
     model, tok = tiny

@@ -5,9 +5,9 @@ import threading
 import pytest
 import torch
 
+from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.config.schema import EvalConfig, Metric
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation.evaluator import (
     _known_greedy,

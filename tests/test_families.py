@@ -18,9 +18,9 @@ import pytest
 import torch
 import transformers as tf
 
+from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.config.schema import EvalConfig, ScoringConfig
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.heads.scoring import copying_from_logits, random_sequences, score_heads, score_matrix
 from ih_sweep.heads.selection import select_heads

@@ -15,8 +15,8 @@ import pytest
 from compose_config import compose
 from conftest import BABI
 
+from ih_sweep import data
 from ih_sweep.config.schema import DataConfig, EvalConfig, settings
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation.evaluator import PromptTooLong, check_prompt_lengths, evaluate
 from ih_sweep.evaluation.metrics import is_correct
 from ih_sweep.testing import generate_one_at_a_time
@@ -28,7 +28,7 @@ def story(*lines: tuple[str, str]) -> data.Story:
     """A story from (text, answer) pairs; an answer marks a question."""
     st: data.Story = {"id": [], "type": [], "text": [], "supporting_ids": [], "answer": []}
     for i, (text, answer) in enumerate(lines, start=1):
-        data._append(st, i, 1 if answer else 0, text, [], answer)
+        data.append_line(st, i, 1 if answer else 0, text, [], answer)
     return st
 
 

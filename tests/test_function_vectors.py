@@ -27,7 +27,7 @@ from ih_sweep.config.schema import (
     config_hash,
     settings,
 )
-from ih_sweep.data.babi import generate_stories, items_for, make_items
+from ih_sweep.data import generate_stories, items_for, make_items
 from ih_sweep.heads import function_vectors as fvm
 from ih_sweep.heads import score_table
 from ih_sweep.heads.scoring import ScoreFileError

@@ -15,8 +15,8 @@ import torch
 import transformers as tf
 from transformers import GenerationConfig, WatermarkingConfig
 
+from ih_sweep import data
 from ih_sweep.config.schema import EvalConfig
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation import generation_settings as gs
 from ih_sweep.evaluation.evaluator import (

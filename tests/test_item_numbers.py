@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
+from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.config.schema import EvalConfig
-from ih_sweep.data import babi as data
-from ih_sweep.data.babi import Item
+from ih_sweep.data import Item
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation.evaluator import evaluate
 from ih_sweep.heads.selection import select_heads

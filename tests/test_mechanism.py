@@ -11,7 +11,7 @@ import torch
 from compose_config import compose, run_job
 
 from ih_sweep.config.schema import ConfigError, MechanismConfig, config_hash, settings
-from ih_sweep.data.babi import generate_stories
+from ih_sweep.data import generate_stories
 from ih_sweep.heads.selection import select_heads
 from ih_sweep.pipeline import mechanism as M
 

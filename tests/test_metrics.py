@@ -12,8 +12,8 @@ import pytest
 from compose_config import compose
 from conftest import BABI
 
+from ih_sweep import data
 from ih_sweep.config.schema import ConfigError, EvalConfig, Metric, check, settings
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation.metrics import (
     cut_at_stop,
     decide_partial,

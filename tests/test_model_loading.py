@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.config.schema import DType, EvalConfig, Quantization
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.model.architecture import head_sites
 from ih_sweep.model.loading import load_model, quantization_config, resolve_path

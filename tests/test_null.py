@@ -218,7 +218,7 @@ def test_donor_bytes_count_the_dtype_head_outputs_are_stored_in():
 
 def test_donor_subset_equals_donors_taken_for_those_heads(tiny):
     from ih_sweep.ablation.hooks import position_means, resample_donors
-    from ih_sweep.data.babi import generate_stories, make_items
+    from ih_sweep.data import generate_stories, make_items
     from ih_sweep.pipeline.evaluate import donor_texts, reference_batches
 
     model, tok = tiny

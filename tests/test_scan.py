@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ih_sweep.data import babi as data
+from ih_sweep import data
 from ih_sweep.pipeline import head_scan as scan
 from ih_sweep.testing import scan_by_full_reruns
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import BABI, needs_babi
 
-from ih_sweep.data.babi import Item, generate_stories, load_babi_file, make_items, parse_babi_lines
+from ih_sweep.data import Item, generate_stories, load_babi_file, make_items, parse_babi_lines
 from ih_sweep.data.strata import item_strata, strata_frame
 from ih_sweep.pipeline.records import STRATA_COLUMNS
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import BABI, needs_babi
 
+from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.config.schema import EvalConfig, TrainConfig
-from ih_sweep.data import babi as data
 from ih_sweep.evaluation.evaluator import evaluate
 from ih_sweep.heads.selection import select_heads
 from ih_sweep.model.loading import ASSET_DIR

@@ -1,0 +1,46 @@
+"""The data stage: bAbI stories (:mod:`.sources`: generator, files, hub) and the items a job
+evaluates (:mod:`.prompts`: the notebook's prompt, HELM's, lm-eval's). This face hands on
+their public names; the difficulty strata of a question are :mod:`.strata`."""
+
+from ih_sweep.data.prompts import (  # noqa: F401
+    DEMO_POOL_STORIES,
+    DEMO_SEED_OFFSET,
+    HELM_DIRECTIONS,
+    PROMPT_HEADER,
+    QA,
+    Item,
+    build_prompt,
+    demo_stories,
+    helm_answer,
+    helm_demos,
+    items_for,
+    iter_lm_text,
+    lm_eval_demos,
+    make_items,
+    make_qa_items,
+    qa_block,
+    qa_of,
+    qa_pool,
+    qa_prompt,
+    question_indices,
+)
+from ih_sweep.data.sources import (  # noqa: F401
+    ACTORS,
+    HUB_ARCHIVE,
+    HUB_DATASET,
+    LOCATIONS,
+    MOVE_PHRASES,
+    TASK_NAMES,
+    DataError,
+    Story,
+    append_line,
+    babi_file,
+    generate_qa1_story,
+    generate_stories,
+    load_babi_archive,
+    load_babi_file,
+    load_babi_hub,
+    load_stories,
+    parse_babi_lines,
+    stories_from_hub_records,
+)

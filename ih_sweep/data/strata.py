@@ -33,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from ih_sweep.data.babi import MOVE_PHRASES, Story
+from ih_sweep.data.sources import MOVE_PHRASES, Story
 from ih_sweep.pipeline.records import STRATA_COLUMNS
 
 # a bAbI move ending a statement: "<anyone> <phrase> the <place>." (task 1's five phrases)
@@ -50,7 +50,7 @@ def _asked_person(question: str) -> str | None:
 
 
 def item_strata(story: Story, item: Any) -> dict[str, Any]:
-    """The four strata of one question: ``item`` is a :class:`ih_sweep.data.babi.Item` (or
+    """The four strata of one question: ``item`` is a :class:`ih_sweep.data.Item` (or
     anything with ``line``, the question's index into the story's lists). Values are int,
     bool or None (empty: not defined for this question, see the module docstring).
     Raises ValueError when ``item.line`` is not a question of ``story``."""

@@ -17,7 +17,7 @@ heads the same way.
 
 Definition, per head (layer l, query head h), in the project's terms:
 
-- Prompts: the job's items (:func:`ih_sweep.data.babi.items_for`). A prompt's *demonstrations*
+- Prompts: the job's items (:func:`ih_sweep.data.items_for`). A prompt's *demonstrations*
   are its answered questions: with ``eval.format=notebook`` the story's earlier questions
   with their answers, with ``helm``/``lm_eval`` the ``eval.n_shots`` demo blocks. Both
   formats write a demonstration's answer as ``"\\nAnswer: <answer>\\n"`` and leave the asked
@@ -69,7 +69,7 @@ import pandas as pd
 import torch
 
 from ih_sweep.config.schema import ScoringConfig, UserError
-from ih_sweep.data.babi import Item
+from ih_sweep.data import Item
 from ih_sweep.model.architecture import head_sites, hook_z, positions_from_mask
 
 log = logging.getLogger(__name__)

@@ -253,7 +253,7 @@ def _compute_fv(config: Config, model_getter, items: Sequence[Any] | None,
     from ih_sweep.heads.function_vectors import function_vector_scores, fv_table
 
     if items is None:
-        from ih_sweep.data.babi import items_for, load_stories
+        from ih_sweep.data import items_for, load_stories
 
         items = items_for(config.data, config.eval, load_stories(config.data))
     model, tokenizer = model_getter()

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ih_sweep import data as babi
 from ih_sweep.config.schema import Schedule, ScoringConfig, TrainConfig
-from ih_sweep.data import babi
 from ih_sweep.model.architecture import hook_z
 from ih_sweep.model.loading import eager_attention
 

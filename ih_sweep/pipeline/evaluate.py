@@ -89,7 +89,7 @@ def run(config: Config, out_dir: Path, shared: Shared | None = None
             host=platform.node(), timings={"total_s": round(time.time() - t_start, 3)})
         write_record(out_dir, record)
         return record
-    from ih_sweep.data.babi import items_for, load_stories
+    from ih_sweep.data import items_for, load_stories
     from ih_sweep.heads.score_table import check_scores_fit, exclusion, get_scores, matrix_for
     from ih_sweep.heads.selection import resolve_n_heads, select_heads
     from ih_sweep.model.loading import load_model, model_shape

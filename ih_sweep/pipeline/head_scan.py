@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ih_sweep.data.babi import Item
+from ih_sweep.data import Item
 from ih_sweep.heads.scoring import candidate_token_ids, random_sequences
 from ih_sweep.model.architecture import HeadSites, head_sites, hook_z, positions_from_mask
 

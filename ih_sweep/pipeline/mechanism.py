@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ih_sweep.config.schema import AblationMethod, ConfigError, MechanismConfig
-from ih_sweep.data.babi import Story, question_indices
+from ih_sweep.data import Story, question_indices
 
 log = logging.getLogger(__name__)
 

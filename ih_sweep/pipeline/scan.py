@@ -24,7 +24,7 @@ def run(config: Config, out_dir: Path) -> ScanRecord:
     from dataclasses import replace
 
     from ih_sweep.config.schema import ConfigError
-    from ih_sweep.data.babi import load_stories, make_items
+    from ih_sweep.data import load_stories, make_items
     from ih_sweep.heads.score_table import get_scores
     from ih_sweep.model.batching import scan_heads_per_pass
     from ih_sweep.model.loading import load_model, model_shape
