@@ -23,15 +23,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ih_sweep.config.schema import (
-    Config,
-    ConfigError,
-    Job,
-    ScoreSource,
-    UserError,
-    register,
-    settings,
-)
+from ih_sweep.config.errors import ConfigError, UserError
+from ih_sweep.config.hydra import register, settings
+from ih_sweep.config.schema import Config, Job, ScoreSource
 from ih_sweep.model.runtime import keep_freed_memory
 
 log = logging.getLogger("ih_sweep")

@@ -325,7 +325,8 @@ def test_absolute_position_family_either_padding_side(gpt2, side, monkeypatch):
 def test_config_groups_and_their_hash():
     from compose_config import compose
 
-    from ih_sweep.config.schema import config_hash, semantic_config, settings
+    from ih_sweep.config.hydra import settings
+    from ih_sweep.config.identity import config_hash, semantic_config
 
     for kind in KINDS:
         cfg = settings(compose(f"ablation={kind}"))
@@ -350,7 +351,8 @@ def test_config_groups_and_their_hash():
 def test_bad_combinations_are_one_line_config_errors(overrides, message):
     from compose_config import compose
 
-    from ih_sweep.config.schema import ConfigError, settings
+    from ih_sweep.config.errors import ConfigError
+    from ih_sweep.config.hydra import settings
 
     with pytest.raises(ConfigError, match=message) as err:
         settings(compose(*overrides))

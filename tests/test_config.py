@@ -9,8 +9,11 @@ import pytest
 from compose_config import CONF, compose
 from hydra.errors import ConfigCompositionException
 
-from ih_sweep.config import schema
-from ih_sweep.config.schema import Condition, Config, ConfigError, Metric, config_hash, settings
+from ih_sweep.config import identity
+from ih_sweep.config.errors import ConfigError
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.identity import config_hash
+from ih_sweep.config.schema import Condition, Config, Metric
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +118,7 @@ def test_job_folder_names_leave_out_exactly_the_speed_keys():
     override_dirname exclusions."""
     cfg = compose(return_hydra_config=True)
     excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
-    assert excluded == schema.speed_keys()
+    assert excluded == identity.speed_keys()
     assert {"eval.batch_size", "eval.cpu_workers", "eval.progress", "eval.checkpoint_items",
             "eval.fast_layers", "scoring.batch_size", "device", "summarize",
             "paths.cache_dir", "scan.heads_per_pass", "train.seed"} <= set(excluded)
@@ -128,7 +131,7 @@ def test_config_hash_ignores_every_speed_key_and_nothing_else():
                "eval.checkpoint_items": 7, "eval.fast_layers": False, "scoring.batch_size": 2,
                "device": "cpu", "summarize": False, "paths.cache_dir": "/tmp/x",
                "scan.heads_per_pass": 4, "train.seed": 3}
-    assert set(changed) <= set(schema.speed_keys())
+    assert set(changed) <= set(identity.speed_keys())
     for key, value in changed.items():
         assert config_hash(compose(f"{key}={value}")) == base, key
     for override in ("n_heads=4", "data.n_stories=10", "condition=low", "eval.metric=exact",
@@ -140,7 +143,7 @@ def test_config_hash_ignores_every_speed_key_and_nothing_else():
 def test_tiny_recipe_is_the_shipped_models():
     """The train group's values are the recipe the shipped weights were trained with."""
     shipped = json.loads((ROOT / "ih_sweep/assets/tiny/training.json").read_text())["settings"]
-    recipe = schema.plain(settings(compose()).train)
+    recipe = identity.plain(settings(compose()).train)
     recipe.pop("out_dir")
     assert recipe == shipped
 
@@ -183,15 +186,15 @@ def test_a_share_of_heads_composes_resolves_and_hashes_apart_from_its_count():
     assert config_hash(compose("n_heads=10%")) != config_hash(compose("n_heads=3%"))
     none = config_hash(compose("condition=none", "n_heads=4"))
     assert config_hash(compose("condition=none", "n_heads=10%")) == none
-    assert schema.folder_name("condition=high,n_heads=10%") == "condition=high,n_heads=10%"
+    assert identity.folder_name("condition=high,n_heads=10%") == "condition=high,n_heads=10%"
 
 
 def test_long_job_folder_names_stay_under_the_file_system_limit():
     """A 217-character model.path in the overrides: the folder name is shortened with a hash
     of the whole name (distinct names stay distinct), in bytes, UTF-8 included."""
     long = "model.path=/" + "very_long_folder/" * 12 + "x,n_heads=4"
-    name = schema.folder_name(long)
-    assert len(name.encode()) <= schema.MAX_FOLDER_BYTES and "/" not in name
-    assert name != schema.folder_name(long.replace("n_heads=4", "n_heads=8"))
-    assert schema.folder_name("condition=high,n_heads=4") == "condition=high,n_heads=4"
-    assert len(schema.folder_name("data.lang=" + "ह" * 120).encode()) <= 200
+    name = identity.folder_name(long)
+    assert len(name.encode()) <= identity.MAX_FOLDER_BYTES and "/" not in name
+    assert name != identity.folder_name(long.replace("n_heads=4", "n_heads=8"))
+    assert identity.folder_name("condition=high,n_heads=4") == "condition=high,n_heads=4"
+    assert len(identity.folder_name("data.lang=" + "ह" * 120).encode()) <= 200

@@ -16,16 +16,16 @@ import pytest
 import torch
 from compose_config import compose
 
+from ih_sweep.config.errors import ConfigError
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.identity import config_hash
 from ih_sweep.config.schema import (
-    ConfigError,
     DataConfig,
     EvalConfig,
     PromptFormat,
     RankBy,
     Scope,
     ScoringConfig,
-    config_hash,
-    settings,
 )
 from ih_sweep.data.babi import generate_stories, items_for, make_items
 from ih_sweep.heads import function_vectors as fvm

@@ -15,7 +15,8 @@ import pytest
 from compose_config import compose, run_job
 from test_summary import make_job
 
-from ih_sweep.config.schema import config_hash, settings
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.identity import config_hash
 from ih_sweep.pipeline import evaluate as ev
 from ih_sweep.pipeline.records import SeedsRecord, read_record, store_dir
 from ih_sweep.report import statistics as st
@@ -135,7 +136,7 @@ def test_control_seeds_is_ignored_outside_random_and_hashes_as_one_draw():
     many = cfg("condition=random", "control_seed=2", "control_seeds=3")
     assert [config_hash(c) for c in ev.seed_configs(many)] == [
         config_hash(cfg("condition=random", f"control_seed={k}")) for k in (2, 3, 4)]
-    from ih_sweep.config.schema import ConfigError
+    from ih_sweep.config.errors import ConfigError
     with pytest.raises(ConfigError, match="control_seeds=0 is not allowed"):
         cfg("condition=random", "control_seeds=0")
 

@@ -17,15 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
-from ih_sweep.config.schema import (
-    DataConfig,
-    DataSource,
-    EvalConfig,
-    PromptFormat,
-    Scope,
-    Split,
-    UserError,
-)
+from ih_sweep.config.errors import UserError
+from ih_sweep.config.schema import DataConfig, DataSource, EvalConfig, PromptFormat, Scope, Split
 
 log = logging.getLogger(__name__)
 

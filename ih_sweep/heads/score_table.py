@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ih_sweep.config.schema import Config, RankBy, ScoreSource, UserError, plain
+from ih_sweep.config.errors import UserError
+from ih_sweep.config.identity import plain
+from ih_sweep.config.schema import Config, RankBy, ScoreSource
 from ih_sweep.io_utils import write_csv, write_text
 
 log = logging.getLogger(__name__)
@@ -221,7 +223,7 @@ def _model_shape(config: Config) -> tuple[int, int]:
 def check_sequences_fit(config: Config) -> None:
     """A repeated sequence ([BOS] + seq_len tokens x repeats) must fit the model's
     positions; raises :class:`~ih_sweep.config.schema.ConfigError` naming scoring.seq_len."""
-    from ih_sweep.config.schema import ConfigError
+    from ih_sweep.config.errors import ConfigError
     from ih_sweep.model.architecture import position_limit
     from ih_sweep.model.loading import load_config
 

@@ -21,7 +21,9 @@ from collections.abc import Collection
 
 import numpy as np
 
-from ih_sweep.config.schema import Condition, UserError, n_heads_share
+from ih_sweep.config.errors import UserError
+from ih_sweep.config.rules import n_heads_share
+from ih_sweep.config.schema import Condition
 
 Head = tuple[int, int]
 

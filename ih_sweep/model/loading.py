@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ih_sweep.config.schema import DType, Quantization, UserError
+from ih_sweep.config.errors import UserError
+from ih_sweep.config.schema import DType, Quantization
 
 log = logging.getLogger(__name__)
 

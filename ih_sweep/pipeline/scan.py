@@ -8,7 +8,8 @@ import logging
 import time
 from pathlib import Path
 
-from ih_sweep.config.schema import Config, RankBy, config_hash, plain
+from ih_sweep.config.identity import config_hash, plain
+from ih_sweep.config.schema import Config, RankBy
 from ih_sweep.pipeline.records import ScanRecord, finished_record, write_record
 
 log = logging.getLogger("ih_sweep")
@@ -23,7 +24,7 @@ def run(config: Config, out_dir: Path) -> ScanRecord:
         return previous  # type: ignore[return-value]
     from dataclasses import replace
 
-    from ih_sweep.config.schema import ConfigError
+    from ih_sweep.config.errors import ConfigError
     from ih_sweep.data.babi import load_stories, make_items
     from ih_sweep.heads.score_table import get_scores
     from ih_sweep.model.batching import scan_heads_per_pass

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ih_sweep.config.schema import Config, plain
+from ih_sweep.config.identity import plain
+from ih_sweep.config.schema import Config
 from ih_sweep.io_utils import write_csv
 
 log = logging.getLogger("ih_sweep")
