@@ -20,7 +20,7 @@ from ih_sweep.ablation.hooks import (
     row_dependent,
     sequence_keys,
 )
-from ih_sweep.config.schema import EvalConfig
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig
 from ih_sweep.data import babi as data
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation.evaluator import evaluate, is_correct
@@ -288,8 +288,8 @@ def test_generate_fallback_and_every_question(tiny, fills, kind, monkeypatch):
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     folder = save_model(CONFIGS["gpt2"], tmp_path_factory.mktemp("kinds") / "gpt2")
-    return load_model({"name": "gpt2", "path": str(folder), "dtype": "float32"},
-                      {"name": "none"}, "cpu")
+    return load_model(ModelConfig(name="gpt2", path=str(folder), dtype=DType.float32),
+                      QuantizationConfig(), "cpu")
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -376,11 +376,12 @@ def test_fv_scores_on_other_families(tmp_path, family):
     from compose_config import run_job
     from test_families import CONFIGS, save_model
 
+    from ih_sweep.config.schema import DType, ModelConfig, QuantizationConfig
     from ih_sweep.model.loading import load_model
 
     folder = save_model(CONFIGS[family], tmp_path / family)
-    model, tok = load_model({"name": family, "path": str(folder), "dtype": "float32",
-                             "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name=family, path=str(folder), dtype=DType.float32),
+                             QuantizationConfig(), "cpu")
     items = items_for(DataConfig(n_stories=12), EvalConfig())
     sc = dict(fv_prompts=3, fv_mean_prompts=4, fv_correct_only=False)
     a = fvm.function_vector_scores(model, tok, items, ScoringConfig(**sc, fv_batch_size=3))

@@ -199,12 +199,12 @@ def test_donor_bytes_count_the_dtype_head_outputs_are_stored_in():
     pytest.importorskip("bitsandbytes")
     import torch
 
+    from ih_sweep.config.schema import ModelConfig, Quantization, QuantizationConfig
     from ih_sweep.model.architecture import head_sites
     from ih_sweep.model.loading import load_model
 
-    model, tok = load_model({"name": "tiny", "path": "builtin:tiny"},
-                            {"name": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
-                            "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny"),
+                            QuantizationConfig(name=Quantization.nf4), "cpu")
     seen = []
     sites = head_sites(model)
     hook = sites.out_proj[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
-from ih_sweep.config.errors import UserError
+from ih_sweep.config.errors import UserError, one_line
 from ih_sweep.config.schema import DataConfig, DataSource, EvalConfig, PromptFormat, Scope, Split
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def load_babi_hub(lang: str, task: int, split: str) -> list[Story]:  # pragma: n
     except DataError:
         raise
     except Exception as err:  # the hub client's many network and format errors
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        first = one_line(err, 160)
         raise DataError(f"data=babi_hub: {HUB_DATASET} could not be loaded "
                         f"({type(err).__name__}: {first}); without network use the release "
                         "files: data=babi_files data.path=<folder holding en/, en-10k/>"
