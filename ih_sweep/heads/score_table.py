@@ -217,7 +217,7 @@ class CacheError(UserError):
 
 def check_sequences_fit(config: Config) -> None:
     """A repeated sequence ([BOS] + seq_len tokens x repeats) must fit the model's
-    positions; raises :class:`~ih_sweep.config.schema.ConfigError` naming scoring.seq_len."""
+    positions; raises :class:`~ih_sweep.config.errors.ConfigError` naming scoring.seq_len."""
     from ih_sweep.config.errors import ConfigError
     from ih_sweep.model.architecture import position_limit
     from ih_sweep.model.loading import load_config
