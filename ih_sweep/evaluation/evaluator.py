@@ -807,7 +807,7 @@ def _by_model_generate(model, tokenizer, results: list[ItemResult], settings: Ev
     greedily by design. One log line per model says which settings were found."""
     from dataclasses import replace
 
-    from ih_sweep.evaluation.evaluator import generation_settings as gs
+    from ih_sweep.evaluation import generation_settings as gs
 
     config = getattr(model, "generation_config", None)
     eos = tokenizer.eos_token_id
