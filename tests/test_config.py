@@ -14,8 +14,7 @@ from compose_config import CONF, compose
 from hydra.errors import ConfigCompositionException
 
 from ih_sweep.config.hydra import settings
-from ih_sweep.config.identity import plain
-from ih_sweep.config.schema import Condition, Config, Metric
+from ih_sweep.config.schema import Condition, Config, Metric, plain
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ from compose_config import compose
 from ih_sweep.config import identity
 from ih_sweep.config.hydra import settings
 from ih_sweep.config.identity import config_hash, semantic_config
+from ih_sweep.config.schema import plain
 
 
 @pytest.mark.parametrize("overrides,digest", [
@@ -107,6 +108,6 @@ def test_long_job_folder_names_stay_under_the_file_system_limit():
 
 def test_plain_gives_plain_data():
     config = settings(compose())
-    data = identity.plain(config.quantization)
+    data = plain(config.quantization)
     assert data == {"name": "none", "double_quant": True, "compute_dtype": "bfloat16"}
     assert type(data["name"]) is str

@@ -78,15 +78,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def plain(node: Any) -> Any:
-    """A config node (dataclass or DictConfig) as plain dicts, lists and strings (Enums as
-    their values), resolved: for what is written or hashed (job.json's settings, cache
-    keys), never to hand settings on to a function (those take the dataclasses)."""
-    if dataclasses.is_dataclass(node):
-        node = OmegaConf.structured(node)
-    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-
-
 def semantic_config(cfg: DictConfig | Config) -> dict:
     """What determines a job's results, as plain data: the resolved config minus Hydra's
     node, every speed key, and the settings that cannot matter for this job: the control

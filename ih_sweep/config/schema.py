@@ -7,8 +7,10 @@ key or a value outside an Enum at compose time. The rules that span fields or ra
 :mod:`ih_sweep.config.rules`, what names a job (hash, folder names) in
 :mod:`ih_sweep.config.identity`. Modules receive the dataclasses themselves
 (:func:`ih_sweep.config.hydra.settings`), never copies field by field, and take their
-vocabularies (the Enums) from here. Importing this module imports neither torch nor any
-other module of the package.
+vocabularies (the Enums) from here. Two helpers read the dataclasses: :func:`schema_fields`
+(each field with its node's dataclass) and :func:`plain` (a node as plain data, for what is
+written or hashed). Importing this module imports neither torch nor any other module of the
+package.
 
 A field marked ``metadata=SPEED`` changes how fast or where a job runs, not what it computes:
 those fields are left out of the config hash (:func:`ih_sweep.config.identity.config_hash`)
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class Choice(str, Enum):
@@ -236,8 +238,6 @@ class ScoringConfig:
         :func:`ih_sweep.heads.score_table.cache_key`), as plain data: every field but how the
         scores are used (source, file, rank_by, the exclusion), the FV settings and speed
         fields."""
-        from ih_sweep.config.identity import plain  # identity imports this module
-
         skip = {"source", "file", "rank_by", *FV_KEYS, *EXCLUSION_KEYS} | {
             f.name for f in dataclasses.fields(self) if f.metadata.get("semantic") is False}
         return {k: v for k, v in plain(self).items() if k not in skip}
@@ -355,3 +355,12 @@ def schema_fields(cls: type) -> dict[str, tuple[dataclasses.Field, type | None]]
     hints = typing.get_type_hints(cls)
     return {f.name: (f, hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else None)
             for f in dataclasses.fields(cls)}
+
+
+def plain(node: Any) -> Any:
+    """A config node (dataclass or DictConfig) as plain dicts, lists and strings (Enums as
+    their values), resolved: for what is written or hashed (job.json's settings, cache
+    keys), never to hand settings on to a function (those take the dataclasses)."""
+    if dataclasses.is_dataclass(node):
+        node = OmegaConf.structured(node)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)

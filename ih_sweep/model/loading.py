@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ih_sweep.config.errors import UserError, one_line
-from ih_sweep.config.identity import plain
-from ih_sweep.config.schema import DType, ModelConfig, Quantization, QuantizationConfig
+from ih_sweep.config.schema import DType, ModelConfig, Quantization, QuantizationConfig, plain
 
 log = logging.getLogger(__name__)
 

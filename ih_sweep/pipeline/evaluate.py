@@ -36,9 +36,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ih_sweep.config.errors import ConfigError
-from ih_sweep.config.identity import config_hash, plain, semantic_config
+from ih_sweep.config.identity import config_hash, semantic_config
 from ih_sweep.config.rules import n_heads_share
-from ih_sweep.config.schema import AblationMethod, Condition, Config, ScoreSource
+from ih_sweep.config.schema import AblationMethod, Condition, Config, ScoreSource, plain
 from ih_sweep.io_utils import read_json, write_csv, write_json
 from ih_sweep.pipeline.records import (
     COMPLETE,
