@@ -23,7 +23,7 @@ from _results import REPEATS, RESULTS, ratio, rounds, save
 
 from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
-from ih_sweep.config.schema import EvalConfig
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig
 from ih_sweep.evaluation.evaluator import (
     build_rows,
     evaluate,
@@ -111,8 +111,8 @@ def _forward_rows(model, rows, batch_size) -> int:
 
 def run(n_stories: int, threads: int, batch_size: int, heads: list) -> dict:
     torch.set_num_threads(threads)
-    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
-                            {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                            QuantizationConfig(), "cpu")
     stories = data.generate_stories(n_stories, seed=0)
     out: dict = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, "
                             f"torch {torch.__version__}", "stories": n_stories,
@@ -170,8 +170,8 @@ def main() -> None:
     from ih_sweep.heads.scoring import score_heads, score_matrix
     from ih_sweep.heads.selection import select_heads
 
-    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
-                            {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                            QuantizationConfig(), "cpu")
     with eager_attention(model):
         mat = score_matrix(score_heads(model, tok, ScoringConfig()), "prefix")
     results["top16_ablated"] = run(args.stories, args.threads, args.batch_size,

@@ -17,7 +17,7 @@ import torch
 from _results import rounds, save
 
 from ih_sweep import data
-from ih_sweep.config.schema import EvalConfig
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation import fastpath as eval_attention
 from ih_sweep.model.loading import load_model
@@ -31,8 +31,8 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()
     torch.set_num_threads(2)
-    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
-                            {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                            QuantizationConfig(), "cpu")
     items = data.make_items(data.generate_stories(args.stories, seed=10_000), "last")
     install = eval_attention.FastPath._install
 

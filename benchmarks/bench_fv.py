@@ -14,7 +14,14 @@ import numpy as np
 import torch
 from _results import RESULTS, best_of, save
 
-from ih_sweep.config.schema import DataConfig, EvalConfig, ScoringConfig
+from ih_sweep.config.schema import (
+    DataConfig,
+    DType,
+    EvalConfig,
+    ModelConfig,
+    QuantizationConfig,
+    ScoringConfig,
+)
 from ih_sweep.data import items_for
 from ih_sweep.heads.function_vectors import function_vector_scores
 from ih_sweep.heads.scoring import score_heads, score_matrix
@@ -31,8 +38,8 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32",
-                             "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                            QuantizationConfig(), "cpu")
     items = items_for(DataConfig(), EvalConfig())
     settings = ScoringConfig()
     result, seconds = best_of(lambda: function_vector_scores(model, tok, items, settings),

@@ -21,12 +21,13 @@ from _results import save
 FAULTS_PER_FORWARD = """
 import resource, sys, torch
 from ih_sweep.model.runtime import keep_freed_memory
+from ih_sweep.config.schema import DType, ModelConfig, QuantizationConfig
 from ih_sweep.model.loading import load_model
 torch.set_num_threads(1)
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-model, _ = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
-                      {"name": "none"}, "cpu")
+model, _ = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                      QuantizationConfig(), "cpu")
 ids = torch.randint(3, 290, (32, 150))
 with torch.no_grad():
     model(input_ids=ids, use_cache=False, logits_to_keep=1)

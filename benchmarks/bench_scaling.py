@@ -13,7 +13,7 @@ import torch
 from _results import REPEATS, best_of, save
 
 from ih_sweep import data
-from ih_sweep.config.schema import EvalConfig
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig
 from ih_sweep.evaluation.evaluator import evaluate
 from ih_sweep.model.loading import load_model
 from ih_sweep.model.runtime import keep_freed_memory
@@ -31,8 +31,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
-                            {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                            QuantizationConfig(), "cpu")
     timed(model, tok, data.generate_stories(20))  # warm up
     out: dict = {"threads": args.threads, "timing": f"best of {REPEATS} runs",
                  "by_stories": {}, "by_blocks": {}}

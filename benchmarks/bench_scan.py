@@ -14,6 +14,7 @@ import torch
 from _results import save
 
 from ih_sweep import data
+from ih_sweep.config.schema import DType, ModelConfig, QuantizationConfig
 from ih_sweep.model.architecture import head_sites
 from ih_sweep.model.loading import load_model
 from ih_sweep.model.runtime import keep_freed_memory
@@ -28,8 +29,8 @@ def main() -> None:
     p.add_argument("--stories", type=int, default=200)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
-                            {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                            QuantizationConfig(), "cpu")
     probe = scan.babi_probe(tok, data.make_items(data.generate_stories(args.stories), "last"))
     sites = head_sites(model)
     out: dict = {"threads": args.threads, "stories": args.stories, "exact_s": {}}

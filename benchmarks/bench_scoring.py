@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 from _results import RESULTS, save
 
-from ih_sweep.config.schema import ScoringConfig
+from ih_sweep.config.schema import DType, ModelConfig, QuantizationConfig, ScoringConfig
 from ih_sweep.heads.scoring import score_heads
 from ih_sweep.model.loading import eager_attention, load_model
 from ih_sweep.model.runtime import keep_freed_memory
@@ -33,8 +33,8 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32"},
-                            {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                            QuantizationConfig(), "cpu")
     timed(model, tok, ScoringConfig(n_sequences=2))  # warm up
     out: dict = {"threads": args.threads, "tiny_default_s": timed(model, tok, ScoringConfig()),
                  "by_sequences": {}, "by_layers": {}}

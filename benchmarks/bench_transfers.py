@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
-from ih_sweep.config.schema import EvalConfig, ScoringConfig
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig, ScoringConfig
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.heads.scoring import score_heads, score_matrix
 from ih_sweep.heads.selection import select_heads
@@ -183,8 +183,8 @@ def main() -> None:
     parser.add_argument("--stories", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, tok = load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32",
-                             "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                            QuantizationConfig(), "cpu")
     with eager_attention(model):
         heads = select_heads(score_matrix(score_heads(model, tok, ScoringConfig()), "prefix"),
                              "high", 16)

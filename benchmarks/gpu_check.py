@@ -206,10 +206,11 @@ def family_builders(vocab: int) -> dict[str, Callable]:
 
 
 def _tiny(device: str, dtype: str, quant: str):
+    from ih_sweep.config.schema import DType, ModelConfig, Quantization, QuantizationConfig
     from ih_sweep.model.loading import load_model
 
-    return load_model({"name": "tiny", "path": "builtin:tiny", "dtype": dtype,
-                       "attn_implementation": "sdpa"}, {"name": quant}, device)
+    return load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType(dtype)),
+                      QuantizationConfig(name=Quantization(quant)), device)
 
 
 def top_heads(model, tok, n: int = 16) -> list[tuple[int, int]]:

@@ -17,7 +17,7 @@ import torch
 
 from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
-from ih_sweep.config.schema import EvalConfig, ScoringConfig
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig, ScoringConfig
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.heads.scoring import score_heads, score_matrix
 from ih_sweep.heads.selection import select_heads
@@ -32,9 +32,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    spec = {"name": "tiny", "path": "builtin:tiny", "attn_implementation": "sdpa"}
-    model, tok = load_model({**spec, "dtype": args.dtype}, {"name": "none"}, "cpu")
-    f32, _ = load_model({**spec, "dtype": "float32"}, {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny",
+                                        dtype=DType(args.dtype)), QuantizationConfig(), "cpu")
+    f32, _ = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                        QuantizationConfig(), "cpu")
     with eager_attention(f32):
         scores = score_matrix(score_heads(f32, tok, ScoringConfig()), "prefix")
     heads = select_heads(scores, "high", args.heads) if args.heads else []

@@ -5,8 +5,8 @@ and summarize a multirun when it ends (:class:`SummarizeCallback`).
 
 A user mistake ends with exit status 2: a value the schema does not allow is refused by
 Hydra while it composes (its own message); any other (a rule of
-:func:`ih_sweep.config.schema.check`, a data or score file, a model path, a device) ends in one
-line on stderr, ``ih_sweep: <kind> error: ...`` (:class:`~ih_sweep.config.schema.UserError`).
+:func:`ih_sweep.config.rules.check`, a data or score file, a model path, a device) ends in one
+line on stderr, ``ih_sweep: <kind> error: ...`` (:class:`~ih_sweep.config.errors.UserError`).
 Heavy imports (torch, transformers) stay inside the jobs, so config errors come first.
 """
 
@@ -23,15 +23,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ih_sweep.config.schema import (
-    Config,
-    ConfigError,
-    Job,
-    ScoreSource,
-    UserError,
-    register,
-    settings,
-)
+from ih_sweep.config.errors import ConfigError, UserError, one_line
+from ih_sweep.config.hydra import register, settings
+from ih_sweep.config.schema import Config, Job, ScoreSource
 from ih_sweep.model.runtime import keep_freed_memory
 
 log = logging.getLogger("ih_sweep")
@@ -174,9 +168,9 @@ class SummarizeCallback(Callback):
                 print(console_report(err.table, sweep_dir), flush=True)
             summary_failed(str(err))
         except Exception as err:  # SystemExit passes Hydra's callback guard; this would not
-            why = str(err).strip().splitlines()
+            why = one_line(err)
             summary_failed(f"the summary of {sweep_dir} failed: {type(err).__name__}"
-                           + (f": {why[0]}" if why else ""))
+                           + (f": {why}" if why else ""))
         if not df.empty:
             print(console_report(df, sweep_dir), flush=True)
 

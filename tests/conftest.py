@@ -21,11 +21,12 @@ needs_seed = pytest.mark.skipif(not SEED_SCORES.is_file(), reason=f"{SEED_SCORES
 @pytest.fixture(scope="session")
 def tiny():
     """The shipped tiny model, loaded through the real from_pretrained path (once)."""
+    from ih_sweep.config.schema import DType, ModelConfig, QuantizationConfig
     from ih_sweep.model.loading import load_model
 
     torch.set_num_threads(2)
-    return load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "float32",
-                       "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
+    return load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                      QuantizationConfig(), "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from ih_sweep.ablation.hooks import (
     row_dependent,
     sequence_keys,
 )
-from ih_sweep.config.schema import EvalConfig
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation.evaluator import evaluate, is_correct
 from ih_sweep.heads.selection import select_heads
@@ -288,8 +288,8 @@ def test_generate_fallback_and_every_question(tiny, fills, kind, monkeypatch):
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     folder = save_model(CONFIGS["gpt2"], tmp_path_factory.mktemp("kinds") / "gpt2")
-    return load_model({"name": "gpt2", "path": str(folder), "dtype": "float32"},
-                      {"name": "none"}, "cpu")
+    return load_model(ModelConfig(name="gpt2", path=str(folder), dtype=DType.float32),
+                      QuantizationConfig(), "cpu")
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -325,7 +325,8 @@ def test_absolute_position_family_either_padding_side(gpt2, side, monkeypatch):
 def test_config_groups_and_their_hash():
     from compose_config import compose
 
-    from ih_sweep.config.schema import config_hash, semantic_config, settings
+    from ih_sweep.config.hydra import settings
+    from ih_sweep.config.identity import config_hash, semantic_config
 
     for kind in KINDS:
         cfg = settings(compose(f"ablation={kind}"))
@@ -350,7 +351,8 @@ def test_config_groups_and_their_hash():
 def test_bad_combinations_are_one_line_config_errors(overrides, message):
     from compose_config import compose
 
-    from ih_sweep.config.schema import ConfigError, settings
+    from ih_sweep.config.errors import ConfigError
+    from ih_sweep.config.hydra import settings
 
     with pytest.raises(ConfigError, match=message) as err:
         settings(compose(*overrides))

@@ -14,7 +14,7 @@ import pytest
 from compose_config import run_job
 from hydra.errors import HydraException
 
-from ih_sweep.config.schema import UserError
+from ih_sweep.config.errors import UserError
 from ih_sweep.model.loading import ASSET_DIR
 
 HYDRA = "hydra"  # refused by Hydra while composing

@@ -10,7 +10,10 @@ from compose_config import compose
 from transformers import GPT2Config, MistralConfig, OPTConfig
 
 from ih_sweep import data
-from ih_sweep.config.schema import ConfigError, ScoringConfig, config_hash, settings
+from ih_sweep.config.errors import ConfigError
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.identity import config_hash
+from ih_sweep.config.schema import ScoringConfig
 from ih_sweep.evaluation.evaluator import build_rows
 from ih_sweep.model import batching as B
 

@@ -20,7 +20,7 @@ import transformers as tf
 
 from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
-from ih_sweep.config.schema import EvalConfig, ScoringConfig
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig, ScoringConfig
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.heads.scoring import copying_from_logits, random_sequences, score_heads, score_matrix
 from ih_sweep.heads.selection import select_heads
@@ -95,8 +95,8 @@ def folders(tmp_path_factory):
 
 def _load(folder: Path):
     # the schema's defaults: attn_implementation=sdpa (Gemma-2 falls back to eager)
-    return load_model({"name": folder.name, "path": str(folder), "dtype": "float32",
-                       "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
+    return load_model(ModelConfig(name=folder.name, path=str(folder), dtype=DType.float32),
+                      QuantizationConfig(), "cpu")
 
 
 SETTINGS = ScoringConfig(n_sequences=2, seq_len=12, batch_size=2)
@@ -218,8 +218,8 @@ def _refused(config, tmp_path, match: str, edit=None):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSET_DIR / name, folder / name)
     with pytest.raises(UnsupportedArchitecture, match=match):
-        load_model({"name": "x", "path": str(folder), "dtype": "float32"}, {"name": "none"},
-                   "cpu")
+        load_model(ModelConfig(name="x", path=str(folder), dtype=DType.float32),
+                   QuantizationConfig(), "cpu")
 
 
 def test_unhandled_structures_are_refused_in_one_line(tmp_path):

@@ -16,7 +16,8 @@ from compose_config import compose
 from conftest import BABI
 
 from ih_sweep import data
-from ih_sweep.config.schema import DataConfig, EvalConfig, settings
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.schema import DataConfig, EvalConfig
 from ih_sweep.evaluation.evaluator import PromptTooLong, check_prompt_lengths, evaluate
 from ih_sweep.evaluation.metrics import is_correct
 from ih_sweep.testing import generate_one_at_a_time
@@ -223,7 +224,7 @@ def test_five_shot_prompts_fit_and_too_many_shots_are_refused(tiny):
 
 
 def test_n_shots_needs_a_demo_format():
-    from ih_sweep.config.schema import ConfigError
+    from ih_sweep.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match="eval.n_shots=2 is not allowed; eval.format=notebook"):
         settings(compose("eval.n_shots=2"))

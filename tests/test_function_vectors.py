@@ -16,16 +16,16 @@ import pytest
 import torch
 from compose_config import compose
 
+from ih_sweep.config.errors import ConfigError
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.identity import config_hash
 from ih_sweep.config.schema import (
-    ConfigError,
     DataConfig,
     EvalConfig,
     PromptFormat,
     RankBy,
     Scope,
     ScoringConfig,
-    config_hash,
-    settings,
 )
 from ih_sweep.data import generate_stories, items_for, make_items
 from ih_sweep.heads import function_vectors as fvm
@@ -379,11 +379,12 @@ def test_fv_scores_on_other_families(tmp_path, family):
     from compose_config import run_job
     from test_families import CONFIGS, save_model
 
+    from ih_sweep.config.schema import DType, ModelConfig, QuantizationConfig
     from ih_sweep.model.loading import load_model
 
     folder = save_model(CONFIGS[family], tmp_path / family)
-    model, tok = load_model({"name": family, "path": str(folder), "dtype": "float32",
-                             "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
+    model, tok = load_model(ModelConfig(name=family, path=str(folder), dtype=DType.float32),
+                             QuantizationConfig(), "cpu")
     items = items_for(DataConfig(n_stories=12), EvalConfig())
     sc = dict(fv_prompts=3, fv_mean_prompts=4, fv_correct_only=False)
     a = fvm.function_vector_scores(model, tok, items, ScoringConfig(**sc, fv_batch_size=3))

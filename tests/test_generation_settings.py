@@ -233,6 +233,7 @@ def test_the_line_comes_once_per_model(tiny, monkeypatch, caplog):
 def test_generation_config_file_is_read(tiny, tmp_path, caplog):
     """The issue's case end to end: a model folder whose generation_config.json sets
     repetition_penalty 1.3, loaded through load_model, evaluated by generate."""
+    from ih_sweep.config.schema import DType, ModelConfig, QuantizationConfig
     from ih_sweep.model.loading import load_model
 
     model, tok = tiny
@@ -242,8 +243,8 @@ def test_generation_config_file_is_read(tiny, tmp_path, caplog):
     config = copy.deepcopy(model.generation_config)
     config.repetition_penalty = 1.3
     config.save_pretrained(folder)
-    loaded, ltok = load_model({"name": "rp", "path": str(folder), "dtype": "float32",
-                               "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
+    loaded, ltok = load_model(ModelConfig(name="rp", path=str(folder), dtype=DType.float32),
+                               QuantizationConfig(), "cpu")
     assert loaded.generation_config.repetition_penalty == 1.3
     items = _items()
     got = evaluate(loaded, ltok, items, SETTINGS)

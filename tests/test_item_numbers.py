@@ -16,7 +16,13 @@ import torch
 
 from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
-from ih_sweep.config.schema import EvalConfig
+from ih_sweep.config.schema import (
+    DType,
+    EvalConfig,
+    ModelConfig,
+    Quantization,
+    QuantizationConfig,
+)
 from ih_sweep.data import Item
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation.evaluator import evaluate
@@ -90,13 +96,13 @@ def test_quantized_layers_set_the_compute_dtype(tmp_path, quantization, dtype):
     pytest.importorskip("bitsandbytes")
     from ih_sweep.model.loading import load_model
 
-    model, _ = load_model({"name": "tiny", "path": "builtin:tiny"},
-                          {"name": quantization, "double_quant": True,
-                           "compute_dtype": "bfloat16"}, "cpu")
+    model, _ = load_model(ModelConfig(name="tiny", path="builtin:tiny"),
+                          QuantizationConfig(name=Quantization(quantization)), "cpu")
     assert model.get_input_embeddings().weight.dtype == torch.float32
     assert evaluation.compute_dtype(model) == dtype
     assert evaluation.near_tie_tolerance(model) == evaluation.NEAR_TIE_TOLERANCE[dtype]
-    plain, _ = load_model({"name": "tiny", "path": "builtin:tiny"}, {"name": "none"}, "cpu")
+    plain, _ = load_model(ModelConfig(name="tiny", path="builtin:tiny"), QuantizationConfig(),
+                          "cpu")
     assert evaluation.compute_dtype(plain) == torch.float32
 
 
@@ -209,8 +215,8 @@ def test_logit_diff_skips_candidates_sharing_the_gold_first_token(tiny):
 def tiny_bf16():
     from ih_sweep.model.loading import load_model
 
-    return load_model({"name": "tiny", "path": "builtin:tiny", "dtype": "bfloat16",
-                       "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
+    return load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.bfloat16),
+                      QuantizationConfig(), "cpu")
 
 
 def test_bf16_items_that_flip_with_the_batch_size_are_near_ties(tiny_bf16, tiny_prefix):

@@ -104,7 +104,7 @@ def test_a_damaged_finished_job_is_redone_and_says_why(tmp_path, caplog, how, wh
 
 
 def test_run_time_config_error_names_the_key(tmp_path):
-    from ih_sweep.config.schema import ConfigError
+    from ih_sweep.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"n_heads=65 is larger than the model's 64 heads"):
         run_job(tmp_path / "job", *FAST, "n_heads=65")

@@ -10,7 +10,10 @@ import pytest
 import torch
 from compose_config import compose, run_job
 
-from ih_sweep.config.schema import ConfigError, MechanismConfig, config_hash, settings
+from ih_sweep.config.errors import ConfigError
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.identity import config_hash
+from ih_sweep.config.schema import MechanismConfig
 from ih_sweep.data import generate_stories
 from ih_sweep.heads.selection import select_heads
 from ih_sweep.pipeline import mechanism as M

@@ -13,7 +13,10 @@ from compose_config import compose
 from conftest import BABI
 
 from ih_sweep import data
-from ih_sweep.config.schema import ConfigError, EvalConfig, Metric, check, settings
+from ih_sweep.config.errors import ConfigError
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.rules import check
+from ih_sweep.config.schema import EvalConfig, Metric
 from ih_sweep.evaluation.metrics import (
     cut_at_stop,
     decide_partial,

@@ -5,34 +5,70 @@ import torch
 
 from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
-from ih_sweep.config.schema import DType, EvalConfig, Quantization
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, Quantization, QuantizationConfig
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.model.architecture import head_sites
-from ih_sweep.model.loading import load_model, quantization_config, resolve_path
+from ih_sweep.model.loading import (
+    cache_key,
+    layers_and_heads,
+    load_model,
+    model_slug,
+    quantization_config,
+    resolve_path,
+)
 from ih_sweep.testing import generate_one_at_a_time
 
-TINY = {"name": "tiny", "path": "builtin:tiny", "dtype": "float32"}
+TINY = ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32)
 
 
 def test_nf4_is_the_notebooks_setting():
-    qc = quantization_config({"name": "nf4", "double_quant": True, "compute_dtype": "bfloat16"})
+    """The schema's defaults for nf4 are the notebook's: double quant, bf16 compute."""
+    qc = quantization_config(QuantizationConfig(name=Quantization.nf4))
     assert qc.load_in_4bit and qc.bnb_4bit_quant_type == "nf4"
     assert qc.bnb_4bit_use_double_quant and qc.bnb_4bit_compute_dtype == torch.bfloat16
-    assert quantization_config({"name": "int8"}).load_in_8bit
-    assert quantization_config({"name": "none"}) is None
-    with pytest.raises(ValueError, match="allowed values: none, nf4, int8"):
-        quantization_config({"name": "int3"})
-    # the schema's Enums are accepted as they come from the config
-    assert quantization_config({"name": Quantization.int8}).load_in_8bit
-    qc = quantization_config({"name": Quantization.nf4, "compute_dtype": DType.float16})
-    assert qc.bnb_4bit_compute_dtype == torch.float16
-    with pytest.raises(ValueError, match="allowed values: auto, float32, bfloat16, float16"):
-        quantization_config({"name": "nf4", "compute_dtype": "float8"})
+    assert quantization_config(QuantizationConfig(name=Quantization.int8)).load_in_8bit
+    assert quantization_config(QuantizationConfig()) is None
+    qc = quantization_config(QuantizationConfig(name=Quantization.nf4, double_quant=False,
+                                                compute_dtype=DType.float16))
+    assert qc.bnb_4bit_compute_dtype == torch.float16 and not qc.bnb_4bit_use_double_quant
+    # values outside the Enums (the schema refuses them at compose time) are refused here too
+    with pytest.raises(ValueError, match=r"quantization.name='int3'; allowed values: none, "
+                                         r"nf4, int8"):
+        quantization_config(QuantizationConfig(name="int3"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"model.dtype='float8'; allowed values: auto, "
+                                         r"float32, bfloat16, float16"):
+        quantization_config(QuantizationConfig(name=Quantization.nf4,
+                                               compute_dtype="float8"))  # type: ignore[arg-type]
 
 
 def test_model_is_loaded_once_per_process(tiny):
-    again = load_model({**TINY, "attn_implementation": "sdpa"}, {"name": "none"}, "cpu")
+    again = load_model(ModelConfig(name="tiny", path="builtin:tiny", dtype=DType.float32),
+                       QuantizationConfig(), "cpu")
     assert again[0] is tiny[0]
+    assert load_model(TINY)[0] is tiny[0]  # no quantization: the same settings
+
+
+def test_the_typed_settings_name_the_model_and_its_cache_files():
+    """The cache key and the cache-file slug, read from the typed settings: unchanged from
+    the dict form they replaced (JSON of the plain settings; name, revision, quantization)."""
+    import json
+
+    key = json.loads(cache_key(TINY, QuantizationConfig(), "cpu"))
+    assert key == {"device": "cpu",
+                   "model": {"name": "tiny", "path": "builtin:tiny", "revision": None,
+                             "dtype": "float32", "device_map": None,
+                             "trust_remote_code": False, "attn_implementation": "sdpa"},
+                   "quant": {"name": "none", "double_quant": True, "compute_dtype": "bfloat16"}}
+    assert model_slug(TINY) == model_slug(TINY, QuantizationConfig()) == "tiny"
+    hub = ModelConfig(name="org/model", path="org/model", revision="abc")
+    assert model_slug(hub, QuantizationConfig(name=Quantization.nf4)) == "org__model@abc-nf4"
+    assert model_slug(ModelConfig(name="", path="builtin:tiny")) == "builtin_tiny"
+    long = model_slug(ModelConfig(name="", path="/data/" + "x" * 200))
+    assert len(long.encode()) <= 120 and long.endswith("x" * 80)
+
+
+def test_layers_and_heads_from_the_config_alone():
+    assert layers_and_heads(TINY) == (2, 32)
 
 
 def test_builtin_paths():
@@ -43,8 +79,8 @@ def test_builtin_paths():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", [{"name": "nf4", "double_quant": True,
-                                    "compute_dtype": "bfloat16"}, {"name": "int8"}])
+@pytest.mark.parametrize("quant", [QuantizationConfig(name=Quantization.nf4),
+                                   QuantizationConfig(name=Quantization.int8)])
 def test_quantized_models_ablate_and_restore(quant):
     model, tok = load_model(TINY, quant, "cpu")
     kind = type(head_sites(model).out_proj[0]).__name__

@@ -15,7 +15,8 @@ import pytest
 from compose_config import compose, run_job
 from test_summary import make_job
 
-from ih_sweep.config.schema import config_hash, settings
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.identity import config_hash
 from ih_sweep.pipeline import evaluate as ev
 from ih_sweep.pipeline.records import SeedsRecord, read_record, store_dir
 from ih_sweep.report import statistics as st
@@ -135,7 +136,7 @@ def test_control_seeds_is_ignored_outside_random_and_hashes_as_one_draw():
     many = cfg("condition=random", "control_seed=2", "control_seeds=3")
     assert [config_hash(c) for c in ev.seed_configs(many)] == [
         config_hash(cfg("condition=random", f"control_seed={k}")) for k in (2, 3, 4)]
-    from ih_sweep.config.schema import ConfigError
+    from ih_sweep.config.errors import ConfigError
     with pytest.raises(ConfigError, match="control_seeds=0 is not allowed"):
         cfg("condition=random", "control_seeds=0")
 
@@ -198,12 +199,12 @@ def test_donor_bytes_count_the_dtype_head_outputs_are_stored_in():
     pytest.importorskip("bitsandbytes")
     import torch
 
+    from ih_sweep.config.schema import ModelConfig, Quantization, QuantizationConfig
     from ih_sweep.model.architecture import head_sites
     from ih_sweep.model.loading import load_model
 
-    model, tok = load_model({"name": "tiny", "path": "builtin:tiny"},
-                            {"name": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
-                            "cpu")
+    model, tok = load_model(ModelConfig(name="tiny", path="builtin:tiny"),
+                            QuantizationConfig(name=Quantization.nf4), "cpu")
     seen = []
     sites = head_sites(model)
     hook = sites.out_proj[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))

@@ -13,7 +13,7 @@ from test_families import CONFIGS, one_thread, save_model  # noqa: F401 (a fixtu
 
 from ih_sweep import data
 from ih_sweep.ablation.hooks import head_means
-from ih_sweep.config.schema import EvalConfig, ScoringConfig
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig, ScoringConfig
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.heads.scoring import score_heads
 from ih_sweep.model.loading import eager_attention, load_model
@@ -33,8 +33,8 @@ def models(tmp_path_factory):
     out = {}
     for name in FAMILIES:
         folder = save_model(CONFIGS[name], root / name)
-        out[name] = load_model({"name": name, "path": str(folder), "dtype": "float32"},
-                               {"name": "none"}, "cpu")
+        out[name] = load_model(ModelConfig(name=name, path=str(folder), dtype=DType.float32),
+                               QuantizationConfig(), "cpu")
     return out
 
 

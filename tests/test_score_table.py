@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from compose_config import compose
 
-from ih_sweep.config.schema import settings
+from ih_sweep.config.hydra import settings
 from ih_sweep.heads import score_table
 from ih_sweep.heads.scoring import ScoreFileError
 from ih_sweep.model.loading import ASSET_DIR

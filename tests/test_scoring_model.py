@@ -111,7 +111,7 @@ def test_scoring_needs_eager(tiny):
 def test_score_cache_computed_once_under_concurrency(tmp_path, tiny):
     from compose_config import compose
 
-    from ih_sweep.config.schema import settings
+    from ih_sweep.config.hydra import settings
     from ih_sweep.heads.score_table import get_scores
 
     cfg = settings(compose(f"paths.cache_dir={tmp_path}", "scoring.n_sequences=4"))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import SEED_SCORES, needs_seed
 
-from ih_sweep.config.schema import ConfigError
+from ih_sweep.config.errors import ConfigError
 from ih_sweep.heads.selection import (
     SelectionError,
     layer_counts,

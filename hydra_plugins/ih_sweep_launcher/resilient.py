@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+from ih_sweep.config.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
     from omegaconf import open_dict
 
     from ih_sweep.cli import check_job, mark_started
-    from ih_sweep.config.schema import UserError
+    from ih_sweep.config.errors import UserError
 
     bad = []
     for overrides in job_overrides:
@@ -136,7 +137,7 @@ class ResilientBasicLauncher(BasicLauncher):
         for ret in returns:
             if ret.status == JobStatus.FAILED:
                 err = ret._return_value
-                first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+                first = one_line(err, 300)
                 folder = Path(OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir",
                                                default=None) or sweep_dir)
                 name = str(folder.relative_to(sweep_dir)) if folder.is_relative_to(
@@ -208,7 +209,7 @@ class _ResilientMixin:
                 returns.append(job.results()[0])
             except (UncompletedJobError, FailedJobError) as err:
                 state = _job_state(job)
-                first = str(err).strip().splitlines()[0][:200]
+                first = one_line(err, 200)
                 failures.append((name, f"{state}: {first}"))
         if failures:
             summary = summarize_partial(self.config, sweep_dir, failures)

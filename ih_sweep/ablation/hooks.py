@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ih_sweep.config.schema import AblationMethod, UserError
+from ih_sweep.config.errors import UserError
+from ih_sweep.config.schema import AblationMethod
 from ih_sweep.model.architecture import (
     HeadSites,
     current_positions,

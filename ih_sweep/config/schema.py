@@ -1,46 +1,32 @@
 """The config schema: one typed dataclass per config group, the single source of truth.
 
 The YAML files under ``conf/`` fill these in (defaults and docs); Hydra's ConfigStore holds
-the dataclasses as each group's schema (``conf/<group>/*.yaml`` start from ``base``), so
-OmegaConf rejects a wrong type, an unknown key or a value outside an Enum at compose time.
-The few rules that span fields or ranges live here too (:func:`check`). Modules receive the
-dataclasses themselves (:func:`settings`), never copies field by field, and take their
-vocabularies (the Enums) from here. Importing this module imports neither torch nor any
-other module of the package.
+the dataclasses as each group's schema (:func:`ih_sweep.config.hydra.register`;
+``conf/<group>/*.yaml`` start from ``base``), so OmegaConf rejects a wrong type, an unknown
+key or a value outside an Enum at compose time. The rules that span fields or ranges are in
+:mod:`ih_sweep.config.rules`, what names a job (hash, folder names) in
+:mod:`ih_sweep.config.identity`. Modules receive the dataclasses themselves
+(:func:`ih_sweep.config.hydra.settings`), never copies field by field, and take their
+vocabularies (the Enums) from here. Two helpers read the dataclasses: :func:`schema_fields`
+(each field with its node's dataclass) and :func:`plain` (a node as plain data, for what is
+written or hashed). Importing this module imports neither torch nor any other module of the
+package.
 
 A field marked ``metadata=SPEED`` changes how fast or where a job runs, not what it computes:
-those fields are left out of the config hash (:func:`config_hash`) and of the job folder
-names (``hydra.job.config.override_dirname.exclude_keys`` is :func:`speed_keys`).
+those fields are left out of the config hash (:func:`ih_sweep.config.identity.config_hash`)
+and of the job folder names (``hydra.job.config.override_dirname.exclude_keys`` is
+:func:`ih_sweep.config.identity.speed_keys`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import re
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from fractions import Fraction
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
-
-
-class UserError(ValueError):
-    """A mistake in what the user gave (a config value, a file, a model path, a device):
-    reported in one line, ``ih_sweep: <kind> error: <key or file>: <what is wrong>; <what is
-    allowed or what to do>``, exit status 2. Anything else that fails is a bug."""
-
-    kind = "input"
-
-
-class ConfigError(UserError):
-    """A config value that breaks a rule (see :func:`check`)."""
-
-    kind = "config"
+from omegaconf import MISSING, OmegaConf
 
 
 class Choice(str, Enum):
@@ -115,7 +101,7 @@ class Metric(Choice):
 
 
 class PromptFormat(Choice):
-    """How a question is put to the model (:mod:`ih_sweep.data.babi` builds each)."""
+    """How a question is put to the model (:mod:`ih_sweep.data` builds each)."""
 
     notebook = "notebook"  # the notebook's header and story, earlier answers shown
     helm = "helm"  # HELM babi_qa: Passage/Question/Answer blocks, fixed in-context demos
@@ -198,7 +184,7 @@ class EvalConfig:
     metric: Metric = Metric.contains
     scope: Scope = Scope.last
     max_new_tokens: int = 3
-    format: PromptFormat = PromptFormat.notebook  # the prompt (ih_sweep.data.babi)
+    format: PromptFormat = PromptFormat.notebook  # the prompt (ih_sweep.data)
     n_shots: int = 0  # helm, lm_eval: answered demo questions before the asked one
     demo_seed: int = 0  # helm, lm_eval: seed of the demo draw (HELM: 0, lm-eval: 1234)
     # the continuation is cut at the first of these before it is scored ([]: never cut)
@@ -254,7 +240,7 @@ class ScoringConfig:
         fields."""
         skip = {"source", "file", "rank_by", *FV_KEYS, *EXCLUSION_KEYS} | {
             f.name for f in dataclasses.fields(self) if f.metadata.get("semantic") is False}
-        return {k: v for k, v in _semantic(self).items() if k not in skip}
+        return {k: v for k, v in plain(self).items() if k not in skip}
 
 
 @dataclass
@@ -363,396 +349,18 @@ GROUPS = {"model": ModelConfig, "quantization": QuantizationConfig, "data": Data
           "scan": ScanConfig, "train": TrainConfig}
 
 
-def register() -> None:
-    """Put the schema into Hydra's ConfigStore: ``base_config`` for the root and ``base`` in
-    each group (the group's YAML files list it first in their defaults)."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for group, node in GROUPS.items():
-        cs.store(group=group, name="base", node=node)
-    if not OmegaConf.has_resolver("ih_sweep.speed_keys"):
-        OmegaConf.register_new_resolver("ih_sweep.speed_keys", speed_keys)
-    if not OmegaConf.has_resolver("path_safe"):
-        OmegaConf.register_new_resolver("path_safe", folder_name)
-
-
-MAX_FOLDER_BYTES = 200  # file systems allow 255 bytes a name; room for Hydra's own suffixes
-
-
-def folder_name(overrides: str) -> str:
-    """A job folder's name from its ``override_dirname``: no ``/`` (a hub id or a path must
-    not nest folders), and at most :data:`MAX_FOLDER_BYTES` bytes: a longer name keeps its
-    start and ends in ``~`` and 12 hex digits of the full name's sha256 (the full overrides
-    are in the folder's ``.hydra/overrides.yaml``)."""
-    name = str(overrides).replace("/", "_") or "default"
-    raw = name.encode()
-    if len(raw) <= MAX_FOLDER_BYTES:
-        return name
-    digest = hashlib.sha256(raw).hexdigest()[:12]
-    head = raw[:MAX_FOLDER_BYTES - 13].decode(errors="ignore")
-    return f"{head}~{digest}"
-
-
-# --------------------------------------------------------------------------- speed fields
-def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, type | None]]:
-    """Each field of a schema dataclass with the dataclass of its node (a group or
+def schema_fields(cls: type) -> dict[str, tuple[dataclasses.Field, type | None]]:
+    """Each field of a schema dataclass (by name) with the dataclass of its node (a group or
     ``paths``), read from the type hints; None for a leaf."""
     hints = typing.get_type_hints(cls)
     return {f.name: (f, hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else None)
             for f in dataclasses.fields(cls)}
 
 
-def _speed_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    for name, (f, node) in _fields(cls).items():
-        dotted = prefix + name
-        if f.metadata.get("semantic", True) is False:  # a whole group: every leaf key
-            keys += [f"{dotted}.{leaf}" for leaf in _fields(node)] if node else [dotted]
-        elif node:
-            keys += _speed_keys(node, dotted + ".")
-    return keys
-
-
-def speed_keys() -> list[str]:
-    """Dotted keys that change no result (``metadata=SPEED``), leaves only."""
-    return _speed_keys(Config)
-
-
-# --------------------------------------------------------------------------- hashing
-def _without_hydra(cfg: DictConfig) -> DictConfig:
-    """``cfg`` without Hydra's own node (``compose(return_hydra_config=True)`` keeps it)."""
-    if "hydra" not in cfg:
-        return cfg
-    node = cfg.copy()
-    with open_dict(node):
-        node.pop("hydra")
-    return node
-
-
-def _semantic(node: Any) -> dict:
-    if dataclasses.is_dataclass(node):
-        node = OmegaConf.structured(node)
-    else:
-        node = _without_hydra(node)
-    container = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-    assert isinstance(container, dict)
-    return container
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def plain(node: Any) -> Any:
-    """A config node (dataclass or DictConfig) as plain dicts, lists and strings."""
+    """A config node (dataclass or DictConfig) as plain dicts, lists and strings (Enums as
+    their values), resolved: for what is written or hashed (job.json's settings, cache
+    keys), never to hand settings on to a function (those take the dataclasses)."""
     if dataclasses.is_dataclass(node):
         node = OmegaConf.structured(node)
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-
-
-def semantic_config(cfg: DictConfig | Config) -> dict:
-    """What determines a job's results, as plain data: the resolved config minus Hydra's
-    node, every speed key, and the settings that cannot matter for this job: the control
-    seed of a condition other than ``random``, ``control_seeds`` unless a random job asks
-    for several draws (so each draw of such a job hashes as its single-seed job), and for
-    an unablated job (``condition=none`` or ``n_heads=0``) which heads would have been
-    chosen and how (``n_heads`` becomes 0, ``scoring`` and ``ablation`` go). Two jobs with
-    the same semantic config compute the same results."""
-    container = _semantic(cfg)
-    if container.get("condition") != "random":
-        container.pop("control_seed", None)
-    if container.get("condition") == "none" or container.get("n_heads") == 0:
-        container.update(n_heads=0, condition="none")
-        container.pop("scoring", None)
-        container.pop("ablation", None)
-    _drop_unused_scoring(container.get("scoring"))
-    if container.get("condition") != "random" or container.get("control_seeds") == 1:
-        container.pop("control_seeds", None)  # one draw: the single-seed job's hash
-    ablation = container.get("ablation")
-    if isinstance(ablation, dict) and ablation.get("method") != "resample":
-        ablation.pop("seed", None)  # only resample draws anything
-    for dotted in speed_keys():
-        node = container
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.get(p, {})
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    for group in ("paths", "train"):
-        if not container.get(group):
-            container.pop(group, None)
-    if container.get("mechanism", {}).get("enabled") is False:  # its settings change nothing
-        container["mechanism"] = {"enabled": False}
-    return container
-
-
-def _drop_unused_scoring(scoring: Any) -> None:
-    """Scoring settings that choose nothing leave the semantic config (so a job's hash is
-    what it was before they existed): the exclusion's without ``exclude_by``, the FV
-    settings where no ranking or exclusion uses the FV score."""
-    if not isinstance(scoring, dict):
-        return
-    if scoring.get("exclude_by") is None:
-        for key in EXCLUSION_KEYS:
-            scoring.pop(key, None)
-    if "fv" not in (scoring.get("rank_by"), scoring.get("exclude_by")):
-        for key in FV_KEYS:
-            scoring.pop(key, None)
-
-
-def config_hash(cfg: DictConfig | Config) -> str:
-    """16 hex digits naming what a job computes (its semantic config)."""
-    return _digest(semantic_config(cfg))[:16]
-
-
-# --------------------------------------------------------------------------- rules
-def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed; {allowed}")
-
-
-def _exclusion_fractions(node: str, settings: Any) -> None:
-    """The token-id exclusion fractions of the repeated random sequences (``scoring`` and
-    ``mechanism`` draw them alike): each in [0, 1), their sum below 1."""
-    for key in ("exclude_frequent_frac", "exclude_rare_frac"):
-        value = getattr(settings, key)
-        _need(0 <= value < 1, f"{node}.{key}", value, "allowed: 0 <= value < 1")
-    _need(settings.exclude_frequent_frac + settings.exclude_rare_frac < 1,
-          f"{node}.exclude_rare_frac", settings.exclude_rare_frac,
-          "allowed: exclude_frequent_frac + exclude_rare_frac < 1")
-
-
-def _at_least(key: str, value: Any, minimum: int) -> None:
-    _need(value >= minimum, key, value, f"allowed: an integer >= {minimum}")
-
-
-def _auto_or_at_least(key: str, value: Any, minimum: int = 1) -> None:
-    """``auto`` or an integer >= ``minimum`` (a bool is not an integer here)."""
-    _need(value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
-                              and value >= minimum), key, value,
-          f"allowed: auto, or an integer >= {minimum}")
-
-
-_SHARE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)%")
-
-
-def n_heads_share(value: int | str) -> Fraction | None:
-    """The percentage ``n_heads`` asks for, exactly (``"0.5%"`` -> 1/2: read from the
-    decimal string, never through a float), or None when it is a count. Raises
-    :class:`ConfigError` for anything but an integer >= 0 or ``P%`` with 0 < P <= 100
-    (``0%`` is refused: no ablation is ``n_heads=0`` or ``condition=none``)."""
-    allowed = ("allowed: an integer >= 0 (heads), or a share of all the model's heads "
-               "P% with 0 < P <= 100, e.g. 1%, 0.5% (no ablation: n_heads=0 or "
-               "condition=none)")
-    if isinstance(value, int) and not isinstance(value, bool):
-        _need(value >= 0, "n_heads", value, allowed)
-        return None
-    match = _SHARE.fullmatch(value) if isinstance(value, str) else None
-    share = Fraction(match.group(1)) if match else None
-    _need(share is not None and 0 < share <= 100, "n_heads", value, allowed)
-    return share
-
-
-def check(cfg: Config) -> None:
-    """The rules the types cannot say (ranges, fields that depend on each other). Raises
-    :class:`ConfigError` naming the first bad key, its value and what is allowed. Cheap:
-    reads no file, loads no model."""
-    n_heads_share(cfg.n_heads)
-    _at_least("control_seed", cfg.control_seed, 0)
-    _at_least("control_seeds", cfg.control_seeds, 1)
-    _need(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device)), "device", cfg.device,
-          "allowed: auto, cpu, cuda, cuda:<index>, mps")
-    _need(bool(cfg.paths.cache_dir.strip()), "paths.cache_dir", cfg.paths.cache_dir,
-          "allowed: a folder for the score tables and finished jobs")
-    _need(bool(cfg.model.path.strip()), "model.path", cfg.model.path,
-          "allowed: a hub id (org/name), a local model folder, or builtin:tiny")
-    _need(bool(cfg.model.name.strip()), "model.name", cfg.model.name,
-          "allowed: a non-empty name for the model in results and caches")
-    dm = cfg.model.device_map
-    _need(dm is None or bool(re.fullmatch(r"auto|balanced|balanced_low_0|sequential|cpu|mps|"
-                                          r"cuda(:\d+)?", dm)), "model.device_map", dm,
-          "allowed: null, auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:<index>")
-    data = cfg.data
-    if data.n_stories is not None:
-        _need(1 <= data.n_stories <= MAX_STORIES, "data.n_stories", data.n_stories,
-              f"allowed: 1 to {MAX_STORIES:,} (or null: every story of the file)")
-    if data.name == DataSource.babi_generated:
-        _need(data.task == 1, "data.task", data.task,
-              "allowed with data=babi_generated: 1 (use data=babi_files for tasks 1-20)")
-        _need(data.n_stories is not None, "data.n_stories", data.n_stories,
-              "allowed with data=babi_generated: a number of stories to generate")
-        for key, default in (("lang", DataConfig.lang), ("path", DataConfig.path),
-                             ("split", DataConfig.split)):
-            _need(getattr(data, key) == default, f"data.{key}", getattr(data, key),
-                  "it applies to data=babi_files and data=babi_hub only (the generator makes "
-                  "task 1 stories of its own)")
-    else:
-        _need(data.task in BABI_TASKS, "data.task", data.task, "allowed: 1 to 20")
-        _need(data.lang in LANGS, "data.lang", data.lang, f"allowed: {', '.join(LANGS)}")
-    ev = cfg.eval
-    _at_least("eval.max_new_tokens", ev.max_new_tokens, 1)
-    _at_least("eval.n_shots", ev.n_shots, 0)
-    _at_least("eval.demo_seed", ev.demo_seed, 0)
-    _need(ev.format != PromptFormat.notebook or ev.n_shots == 0, "eval.n_shots", ev.n_shots,
-          "eval.format=notebook shows a story's earlier questions instead of demos; allowed: 0 "
-          "(demos: eval=helm or eval=lm_eval)")
-    _need(all(ev.stop), "eval.stop", list(ev.stop), "allowed: a list of non-empty strings")
-    clash = _overlapping_stops(list(ev.stop))
-    _need(clash is None, "eval.stop", list(ev.stop),
-          f"{clash}: the cut would then depend on the order of the list; allowed: stop strings "
-          "none of which can overlap another")
-    _auto_or_at_least("eval.batch_size", ev.batch_size)
-    _at_least("eval.checkpoint_items", ev.checkpoint_items, 1)
-    workers = ev.cpu_workers
-    _need(workers == "auto" or (isinstance(workers, int) and workers >= 1), "eval.cpu_workers",
-          workers, "allowed: auto, or an integer >= 1")
-    sc = cfg.scoring
-    _need(sc.source != ScoreSource.file or bool(sc.file), "scoring.file", sc.file,
-          "scoring.source=file needs the path of a score CSV or the notebook's pickle")
-    _need(sc.source == ScoreSource.file or sc.file is None, "scoring.file", sc.file,
-          "it is read with scoring.source=file only (now: compute)")
-    for key in ("n_sequences", "seq_len"):
-        _at_least(f"scoring.{key}", getattr(sc, key), 1)
-    _auto_or_at_least("scoring.batch_size", sc.batch_size)
-    _at_least("scoring.repeats", sc.repeats, 2)
-    _exclusion_fractions("scoring", sc)
-    _scoring_choice(cfg)
-    _at_least("ablation.n_reference", cfg.ablation.n_reference, 1)
-    _at_least("ablation.seed", cfg.ablation.seed, 0)
-    method = cfg.ablation.method
-    _need(cfg.job != Job.scan or method == AblationMethod.zero, "ablation.method",
-          method.value, "job=scan zeroes each head (its exact scan and attribution patching "
-          "estimate zero ablation); the other methods apply to job=evaluate")
-    _need(method != AblationMethod.resample or data.n_stories is None or data.n_stories >= 2,
-          "ablation.method", method.value, f"resample needs donor stories: data.n_stories="
-          f"{data.n_stories} leaves none (at least 2)")
-    mech = cfg.mechanism
-    for key in ("n_sequences", "seq_len", "n_texts", "batch_size"):
-        _at_least(f"mechanism.{key}", getattr(mech, key), 1)
-    _at_least("mechanism.repeats", mech.repeats, 2)
-    if mech.icl_window is not None:
-        _at_least("mechanism.icl_window", mech.icl_window, 1)
-    _exclusion_fractions("mechanism", mech)
-    scan = cfg.scan
-    for key in ("n_stories", "repeat_sequences"):
-        _at_least(f"scan.{key}", getattr(scan, key), 1)
-    _auto_or_at_least("scan.heads_per_pass", scan.heads_per_pass)
-    _need(scan.layers is None or len(scan.layers) > 0, "scan.layers", scan.layers,
-          "allowed: null (every layer) or a non-empty list of layer indices")
-    for layer in scan.layers or []:
-        _at_least("scan.layers[]", layer, 0)
-    tr = cfg.train
-    for key in ("threads", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "layers",
-                "batch_size", "log_every"):
-        _at_least(f"train.{key}", getattr(tr, key), 1)
-    for key in ("warmup_steps", "task_steps", "task_masked_steps", "warmup_active_heads"):
-        _at_least(f"train.{key}", getattr(tr, key), 0)
-    _need(tr.warmup_steps + tr.task_steps >= 1, "train.task_steps", tr.task_steps,
-          "allowed: warmup_steps + task_steps >= 1")
-    for key in ("repeat_len", "repeat_count"):
-        pair = getattr(tr, key)
-        _need(len(pair) == 2 and 1 <= pair[0] <= pair[1], f"train.{key}", pair,
-              "allowed: [min, max] with 1 <= min <= max")
-    _need(tr.heads % tr.kv_heads == 0, "train.kv_heads", tr.kv_heads,
-          f"allowed: a divisor of train.heads={tr.heads} (grouped-query attention)")
-    _need(tr.warmup_active_heads <= tr.heads, "train.warmup_active_heads",
-          tr.warmup_active_heads, f"allowed: 0 to train.heads={tr.heads}")
-    for key in ("lr", "rope_theta"):
-        _need(getattr(tr, key) > 0, f"train.{key}", getattr(tr, key), "allowed: a number > 0")
-    _need(tr.task_lr is None or tr.task_lr > 0, "train.task_lr", tr.task_lr,
-          "allowed: null (train.lr) or a number > 0")
-    for key in ("repeat_share", "decay_frac"):
-        _need(0 <= getattr(tr, key) <= 1, f"train.{key}", getattr(tr, key),
-              "allowed: 0 <= value <= 1")
-    for key in ("repeat_weight", "weight_decay"):
-        _need(getattr(tr, key) >= 0, f"train.{key}", getattr(tr, key), "allowed: >= 0")
-    _need(bool(tr.out_dir.strip()), "train.out_dir", tr.out_dir,
-          "allowed: a folder for the trained model (new, or one holding a tiny model)")
-
-
-def _scoring_choice(cfg: Config) -> None:
-    """The exclusion and FV rules of ``scoring`` (see :class:`ScoringConfig`)."""
-    sc, ev = cfg.scoring, cfg.eval
-    if sc.exclude_by is not None:
-        _need(sc.exclude_by != sc.rank_by, "scoring.exclude_by", sc.exclude_by.value,
-              f"it must differ from scoring.rank_by={sc.rank_by.value} (the top heads by "
-              "another score are excluded)")
-        _need(0 <= sc.exclude_share < 1, "scoring.exclude_share", sc.exclude_share,
-              "allowed: 0 <= share < 1 (0.02: the top 2% of heads)")
-    for key in ("fv_prompts", "fv_mean_prompts"):
-        _at_least(f"scoring.{key}", getattr(sc, key), 1)
-    _at_least("scoring.fv_seed", sc.fv_seed, 0)
-    _auto_or_at_least("scoring.fv_batch_size", sc.fv_batch_size)
-    if sc.uses(RankBy.fv) and sc.source == ScoreSource.compute:
-        key = "rank_by" if sc.rank_by == RankBy.fv else "exclude_by"
-        _need(ev.format == PromptFormat.notebook or ev.n_shots >= 2, "eval.n_shots",
-              ev.n_shots, f"FV scores (scoring.{key}=fv) shuffle the answers of a prompt's "
-              f"demonstrations; allowed with eval.format={ev.format.value}: n_shots >= 2")
-        need = sc.fv_prompts + sc.fv_mean_prompts
-        # a story gives one prompt under eval.scope=last: too few stories is known now,
-        # before any job runs (the job itself counts the prompts FV can use)
-        _need(cfg.condition == Condition.none or cfg.n_heads == 0 or cfg.data.n_stories is None
-              or ev.scope != Scope.last or cfg.data.n_stories >= need, "data.n_stories",
-              cfg.data.n_stories, f"FV scores (scoring.{key}=fv) take fv_mean_prompts + fv_prompts"
-              f" = {need} prompts, one a story with eval.scope=last; allowed: >= {need}, or "
-              "fewer scoring.fv_prompts / scoring.fv_mean_prompts")
-
-
-def _overlapping_stops(stops: list[str]) -> str | None:
-    """Why two stop strings could overlap in a text, or None. Where none can (no string
-    contains another, no proper suffix of one begins another), cutting at the earliest
-    occurrence of any equals HELM's and lm-eval's cut, one string after the other in list
-    order (helm ``clients/client.py`` truncate_sequence, lm-eval ``models/utils.py``
-    postprocess_generated_text), which :mod:`ih_sweep.evaluation.metrics` relies on."""
-    for a in stops:
-        for b in stops:
-            if a != b and a in b:
-                return f"{a!r} is part of {b!r}"
-            for x in range(1, len(b)):
-                if a != b and (a.startswith(b[x:]) or b[x:].startswith(a)):
-                    return f"the end of {b!r} can begin {a!r}"
-    return None
-
-
-def _unknown_keys(node: DictConfig, cls: type, prefix: str = "") -> list[str]:
-    """Keys in ``node`` that ``cls`` does not declare. Hydra's ``+key=value`` adds a key
-    even to a typed node, and ``OmegaConf.to_object`` would then drop it silently."""
-    declared = _fields(cls)
-    unknown = []
-    for key in node.keys():
-        if str(key) not in declared:
-            unknown.append(f"{prefix}{key}")
-            continue
-        child_cls = declared[str(key)][1]
-        child = node._get_node(key)
-        if child_cls is not None and isinstance(child, DictConfig) and not child._is_missing():
-            unknown += _unknown_keys(child, child_cls, f"{prefix}{key}.")
-    return unknown
-
-
-def settings(cfg: DictConfig) -> Config:
-    """The composed config as the typed :class:`Config`, checked (:func:`check`).
-
-    Raises :class:`ConfigError` for a missing mandatory value (e.g. ``model.path`` of
-    ``model=hub``) or a broken rule."""
-    if cfg.get("model") is None or not isinstance(cfg.model, DictConfig):
-        raise ConfigError("model is missing; choose one, e.g. model=tiny or model=hub "
-                          "model.path=EleutherAI/pythia-160m")
-    if OmegaConf.is_missing(cfg.model, "path"):
-        raise ConfigError("model.path is missing; give a hub id or a local folder, e.g. "
-                          "model.path=EleutherAI/pythia-160m")
-    node = _without_hydra(cfg)
-    unknown = _unknown_keys(node, Config)
-    if unknown:
-        key = unknown[0]
-        parent = key.rpartition(".")[0]
-        cls = Config
-        for part in filter(None, parent.split(".")):
-            cls = _fields(cls)[part][1]
-        known = ", ".join(_fields(cls))
-        raise ConfigError(f"{key}={OmegaConf.select(node, key)!r} is not a config key; keys of "
-                          f"{parent or 'the top level'}: {known}")
-    typed = OmegaConf.to_object(node)
-    assert isinstance(typed, Config), type(typed)
-    check(typed)
-    return typed

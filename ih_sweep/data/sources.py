@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypedDict
 
-from ih_sweep.config.schema import DataConfig, DataSource, UserError
+from ih_sweep.config.errors import UserError, one_line
+from ih_sweep.config.schema import DataConfig, DataSource
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def load_babi_hub(lang: str, task: int, split: str) -> list[Story]:  # pragma: n
     except DataError:
         raise
     except Exception as err:  # the hub client's many network and format errors
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        first = one_line(err, 160)
         raise DataError(f"data=babi_hub: {HUB_DATASET} could not be loaded "
                         f"({type(err).__name__}: {first}); without network use the release "
                         "files: data=babi_files data.path=<folder holding en/, en-10k/>"

@@ -41,7 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ih_sweep.ablation.hooks import row_dependent, sequence_keys
-from ih_sweep.config.schema import EvalConfig, Metric, Scope, UserError
+from ih_sweep.config.errors import UserError
+from ih_sweep.config.schema import EvalConfig, Metric, Scope
 from ih_sweep.data import Item
 from ih_sweep.evaluation.fastpath import FastPath, fast_attention, read_at
 from ih_sweep.evaluation.metrics import (

@@ -68,7 +68,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ih_sweep.config.schema import ScoringConfig, UserError
+from ih_sweep.config.errors import UserError
+from ih_sweep.config.schema import ScoringConfig
 from ih_sweep.data import Item
 from ih_sweep.model.architecture import head_sites, hook_z, positions_from_mask
 

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ih_sweep.config.schema import Config, RankBy, ScoreSource, UserError, plain
+from ih_sweep.config.errors import UserError
+from ih_sweep.config.schema import Config, RankBy, ScoreSource, plain
 from ih_sweep.io_utils import write_csv, write_text
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,8 @@ def cache_key(config: Config) -> dict[str, Any]:
 
 
 def _model_key(config: Config) -> dict[str, Any]:
-    model = plain(config.model)
-    return {"model": {k: model[k] for k in ("path", "revision", "dtype")},
+    model = config.model
+    return {"model": {"path": model.path, "revision": model.revision, "dtype": str(model.dtype)},
             "weights": weights_fingerprint(config.model.path),
             "quantization": plain(config.quantization)}
 
@@ -71,7 +72,7 @@ def _path(config: Config, key: dict[str, Any], kind: str = "") -> Path:
 
     from ih_sweep.model.loading import model_slug
 
-    slug = model_slug(plain(config.model), plain(config.quantization))
+    slug = model_slug(config.model, config.quantization)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(config.paths.cache_dir) / "scores" / f"{slug}-{kind}{digest}.csv"
 
@@ -140,10 +141,11 @@ def get_scores(config: Config, model_getter: Callable[[], tuple[Any, Any]],
         SCORE_COLUMNS,
         load_score_file,
     )
+    from ih_sweep.model.loading import layers_and_heads
 
     if config.scoring.source == ScoreSource.file:
         return load_score_file(config.scoring.file, config.model.name), None
-    shape = shape or _model_shape(config)
+    shape = shape or layers_and_heads(config.model)
     rank_by = str(config.scoring.rank_by)
     path = cache_path(config)
     df = _cached(config, path, shape, INDUCTION_COLUMNS, INDUCTION_NAMES,
@@ -212,20 +214,14 @@ class CacheError(UserError):
     kind = "config"
 
 
-def _model_shape(config: Config) -> tuple[int, int]:
-    from ih_sweep.model.loading import model_shape
-
-    return model_shape(plain(config.model))
-
-
 def check_sequences_fit(config: Config) -> None:
     """A repeated sequence ([BOS] + seq_len tokens x repeats) must fit the model's
-    positions; raises :class:`~ih_sweep.config.schema.ConfigError` naming scoring.seq_len."""
-    from ih_sweep.config.schema import ConfigError
+    positions; raises :class:`~ih_sweep.config.errors.ConfigError` naming scoring.seq_len."""
+    from ih_sweep.config.errors import ConfigError
     from ih_sweep.model.architecture import position_limit
     from ih_sweep.model.loading import load_config
 
-    limit = position_limit(load_config(plain(config.model)))
+    limit = position_limit(load_config(config.model))
     length = 1 + config.scoring.seq_len * config.scoring.repeats
     if limit and length > limit:
         raise ConfigError(f"scoring.seq_len={config.scoring.seq_len}: a repeated sequence of "

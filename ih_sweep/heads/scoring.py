@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ih_sweep.config.schema import ConfigError, RankBy, ScoringConfig, UserError
+from ih_sweep.config.errors import ConfigError, UserError
+from ih_sweep.config.schema import RankBy, ScoringConfig
 from ih_sweep.model.architecture import HeadSites, head_sites, hook_z
 from ih_sweep.model.batching import scoring_batch_rows
 

@@ -21,7 +21,9 @@ from collections.abc import Collection
 
 import numpy as np
 
-from ih_sweep.config.schema import Condition, UserError, n_heads_share
+from ih_sweep.config.errors import UserError
+from ih_sweep.config.rules import n_heads_share
+from ih_sweep.config.schema import Condition
 
 Head = tuple[int, int]
 
@@ -38,10 +40,10 @@ def resolve_n_heads(n_heads: int | str, n_layers: int, heads_per_layer: int) -> 
     Crosbie & Shutova (2025, "Induction Heads as an Essential Mechanism for Pattern
     Matching in In-context Learning", Findings of NAACL; they ablate 1% and 3% of all
     heads, ceil(L x H x pct) as issue #18 states it). Exact: P is read as a fraction from
-    its decimal string (:func:`ih_sweep.config.schema.n_heads_share`), never through a float, so
+    its decimal string (:func:`ih_sweep.config.rules.n_heads_share`), never through a float, so
     7% of 100 heads is 7, not 8. Every P > 0 ablates at least one head; 100% ablates all.
     E.g. 64 heads: 1% -> 1, 3% -> 2, 10% -> 7; 1,024 heads (32 x 32): 1% -> 11, 3% -> 31.
-    Raises :class:`ih_sweep.config.schema.ConfigError` for a value that is neither."""
+    Raises :class:`ih_sweep.config.errors.ConfigError` for a value that is neither."""
     share = n_heads_share(n_heads)
     if share is None:
         return int(n_heads)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ih_sweep.config.schema import UserError
+from ih_sweep.config.errors import UserError
 
 
 class UnsupportedArchitecture(UserError):

@@ -1,6 +1,8 @@
 """Loading models and tokenizers (torch and transformers are imported when a model is, so
 that checking a model path is cheap): the bundled tiny model and any Hugging Face causal LM,
-optionally 4-bit (nf4) or 8-bit quantized, through the same ``from_pretrained`` path.
+optionally 4-bit (nf4) or 8-bit quantized, through the same ``from_pretrained`` path. Every
+function takes the typed settings (:class:`~ih_sweep.config.schema.ModelConfig`,
+:class:`~ih_sweep.config.schema.QuantizationConfig`), as the job's config holds them.
 
 Loaded models are cached per process, so a basic-launcher multirun loads each model once.
 """
@@ -15,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ih_sweep.config.schema import DType, Quantization, UserError
+from ih_sweep.config.errors import UserError, one_line
+from ih_sweep.config.schema import DType, ModelConfig, Quantization, QuantizationConfig, plain
 
 log = logging.getLogger(__name__)
 
@@ -96,30 +99,31 @@ def _from_hub(load, path: str, what: str):
     try:
         return load(False)
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = one_line(err) or type(err).__name__
         raise ModelPathError(f"model.path={path}: the hub could not provide {what} "
                              f"({first})") from None
 
 
-def quantization_config(quant: dict):
-    """BitsAndBytesConfig for ``nf4`` (the notebook's: 4-bit nf4, double quant, bf16 compute)."""
-    name = quant.get("name", Quantization.none)
+def quantization_config(quant: QuantizationConfig):
+    """transformers' BitsAndBytesConfig for ``quantization`` (None for ``none``): ``nf4`` is
+    the notebook's (4-bit NormalFloat, double quant, bf16 compute by default), ``int8``
+    LLM.int8(). Raises ValueError for a name or compute dtype outside the schema's Enums."""
+    name = quant.name
     if name == Quantization.none:
         return None
     from transformers import BitsAndBytesConfig
 
     if name == Quantization.nf4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
-                                  bnb_4bit_compute_dtype=_dtype(quant.get("compute_dtype",
-                                                                          "bfloat16")))
+                                  bnb_4bit_use_double_quant=bool(quant.double_quant),
+                                  bnb_4bit_compute_dtype=_dtype(quant.compute_dtype))
     if name == Quantization.int8:
         return BitsAndBytesConfig(load_in_8bit=True)
     allowed = ", ".join(m.value for m in Quantization)
     raise ValueError(f"quantization.name={name!r}; allowed values: {allowed}")
 
 
-def _dtype(name: str | None):
+def _dtype(name: DType | str | None):
     if name is None or name == DType.auto:
         return "auto"
     allowed = [m.value for m in DType]
@@ -145,35 +149,36 @@ def _load_files(load, path: str, given: str, what: str):
         try:
             return load(True)
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            first = one_line(err)
             raise ModelPathError(f"model.path={given}: the folder does not hold {what} "
                                  f"({first})") from None
     return _from_hub(load, path, what)
 
 
-def load_config(model_cfg: dict):
-    """The model's config alone (no weights): head counts, for checks before loading.
-    Raises :class:`ModelPathError` for a path or hub id that gives none."""
+def load_config(model: ModelConfig):
+    """The model's transformers config alone (no weights): head counts, for checks before
+    loading. Raises :class:`ModelPathError` for a path or hub id that gives none."""
     from transformers import AutoConfig
 
-    path = resolve_path(model_cfg["path"])
+    path = resolve_path(model.path)
 
     def load(local_only: bool):
         return AutoConfig.from_pretrained(
-            path, revision=model_cfg.get("revision"), local_files_only=local_only,
-            trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+            path, revision=model.revision, local_files_only=local_only,
+            trust_remote_code=bool(model.trust_remote_code))
 
-    return _load_files(load, path, model_cfg["path"], "its config")
+    return _load_files(load, path, model.path, "its config")
 
 
-def model_shape(model_cfg: dict) -> tuple[int, int]:
+def layers_and_heads(model: ModelConfig) -> tuple[int, int]:
     """(layers, query heads per layer) from the model's config file alone (no weights),
     after :func:`check_architecture` (an unsupported structure is refused here, before any
-    work)."""
+    work). Raises :class:`ModelPathError` or
+    :class:`~ih_sweep.model.architecture.UnsupportedArchitecture`."""
     from ih_sweep.model.architecture import config_shape
 
-    config = load_config(model_cfg)
-    check_architecture(config, bool(model_cfg.get("trust_remote_code")))
+    config = load_config(model)
+    check_architecture(config, bool(model.trust_remote_code))
     return config_shape(config)
 
 
@@ -199,7 +204,7 @@ def check_architecture(config, trust_remote_code: bool = False) -> None:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                      attn_implementation="eager")
     except ValueError as err:  # transformers: no causal-LM class for this config
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = one_line(err) or type(err).__name__
         raise UnsupportedArchitecture(f"{type(config).__name__}: not a causal language model "
                                       f"transformers can build ({first[:160]})") from None
     head_sites(model)
@@ -234,56 +239,61 @@ def supported_attention(config, requested: str) -> str:
     return chosen
 
 
-def cache_key(model_cfg: dict, quant_cfg: dict, device: str) -> str:
-    return json.dumps({"model": model_cfg, "quant": quant_cfg, "device": device}, sort_keys=True,
-                      default=str)
+def cache_key(model: ModelConfig, quant: QuantizationConfig, device: str) -> str:
+    """What names a loaded model in this process: the model and quantization settings and
+    the device, as JSON with sorted keys."""
+    return json.dumps({"model": plain(model), "quant": plain(quant), "device": device},
+                      sort_keys=True, default=str)
 
 
-def load_model(model_cfg: dict, quant_cfg: dict | None = None, device: str = "auto"):
-    """(model, tokenizer), cached per process. Eval mode, no grad needed.
+def load_model(model: ModelConfig, quant: QuantizationConfig | None = None,
+               device: str = "auto"):
+    """(model, tokenizer) of the ``model`` settings, quantized as ``quant`` says (None: not
+    quantized) on ``device`` (``auto``: cuda where there is one), cached per process
+    (:func:`cache_key`). Eval mode, no grad needed.
 
     The structure is checked first (:func:`check_architecture`), and
     ``model.attn_implementation`` falls back to one the model supports
-    (:func:`supported_attention`)."""
+    (:func:`supported_attention`). Raises :class:`ModelPathError` where the path gives no
+    model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quant_cfg = quant_cfg or {"name": "none"}
+    quant = quant or QuantizationConfig()
     device = pick_device(device)
-    key = cache_key(model_cfg, quant_cfg, device)
+    key = cache_key(model, quant, device)
     if key in _CACHE:
         return _CACHE[key]
-    path = resolve_path(model_cfg["path"])
-    config = load_config(model_cfg)
-    check_architecture(config, bool(model_cfg.get("trust_remote_code")))
+    path = resolve_path(model.path)
+    config = load_config(model)
+    check_architecture(config, bool(model.trust_remote_code))
     kwargs: dict[str, Any] = {
-        "revision": model_cfg.get("revision"),
-        "trust_remote_code": bool(model_cfg.get("trust_remote_code")),
+        "revision": model.revision,
+        "trust_remote_code": bool(model.trust_remote_code),
         "attn_implementation": supported_attention(
-            config, str(model_cfg.get("attn_implementation") or "sdpa")),
-        "dtype": _dtype(model_cfg.get("dtype")),
+            config, str(model.attn_implementation or "sdpa")),
+        "dtype": _dtype(model.dtype),
     }
-    qc = quantization_config(quant_cfg)
-    device_map = model_cfg.get("device_map")
+    qc = quantization_config(quant)
+    device_map = model.device_map
     if qc is not None:
         kwargs["quantization_config"] = qc
         device_map = device_map or ("auto" if device == "cuda" else {"": device})
     if device_map is not None:
         kwargs["device_map"] = device_map
-    log.info("loading %s (quantization=%s, device=%s)", path, quant_cfg.get("name"), device)
-    model = _load_files(lambda local: AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=local, **kwargs), path, model_cfg["path"], "its weights")
+    log.info("loading %s (quantization=%s, device=%s)", path, quant.name, device)
+    loaded = _load_files(lambda local: AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=local, **kwargs), path, model.path, "its weights")
     if device_map is None:
-        model = model.to(device)
-    model.eval()
-    model.requires_grad_(False)
+        loaded = loaded.to(device)
+    loaded.eval()
+    loaded.requires_grad_(False)
     tokenizer = _load_files(lambda local: AutoTokenizer.from_pretrained(
-        path, revision=model_cfg.get("revision"), local_files_only=local,
-        trust_remote_code=bool(model_cfg.get("trust_remote_code"))), path, model_cfg["path"],
-        "its tokenizer")
+        path, revision=model.revision, local_files_only=local,
+        trust_remote_code=bool(model.trust_remote_code)), path, model.path, "its tokenizer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    _CACHE[key] = (model, tokenizer)
-    return model, tokenizer
+    _CACHE[key] = (loaded, tokenizer)
+    return loaded, tokenizer
 
 
 @contextmanager
@@ -297,11 +307,13 @@ def eager_attention(model) -> Iterator[None]:
         yield
 
 
-def model_slug(model_cfg: dict, quant_cfg: dict | None = None) -> str:
-    """Filesystem-safe name of a model (+ quantization) for cache files."""
-    base = str(model_cfg.get("name") or model_cfg["path"]).replace("/", "__").replace(":", "_")
-    q = (quant_cfg or {}).get("name", "none")
-    rev = model_cfg.get("revision")
+def model_slug(model: ModelConfig, quant: QuantizationConfig | None = None) -> str:
+    """Filesystem-safe name of a model (+ revision, + quantization) for cache files: the
+    model's name (or path), ``/`` as ``__`` and ``:`` as ``_``; over 120 bytes, a hash of
+    the whole and its last 90 bytes."""
+    base = str(model.name or model.path).replace("/", "__").replace(":", "_")
+    q = quant.name if quant is not None else Quantization.none
+    rev = model.revision
     slug = base + (f"@{rev}" if rev else "") + ("" if q == "none" else f"-{q}")
     if len(slug.encode()) > 120:  # a long local path: keep its end and a hash of the whole
         import hashlib

@@ -35,17 +35,10 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ih_sweep.config.schema import (
-    AblationMethod,
-    Condition,
-    Config,
-    ConfigError,
-    ScoreSource,
-    config_hash,
-    n_heads_share,
-    plain,
-    semantic_config,
-)
+from ih_sweep.config.errors import ConfigError
+from ih_sweep.config.identity import config_hash, semantic_config
+from ih_sweep.config.rules import n_heads_share
+from ih_sweep.config.schema import AblationMethod, Condition, Config, ScoreSource, plain
 from ih_sweep.io_utils import read_json, write_csv, write_json
 from ih_sweep.pipeline.records import (
     COMPLETE,
@@ -92,14 +85,14 @@ def run(config: Config, out_dir: Path, shared: Shared | None = None
     from ih_sweep.data import items_for, load_stories
     from ih_sweep.heads.score_table import check_scores_fit, exclusion, get_scores, matrix_for
     from ih_sweep.heads.selection import resolve_n_heads, select_heads
-    from ih_sweep.model.loading import load_model, model_shape
+    from ih_sweep.model.loading import layers_and_heads, load_model
 
     shared = shared or Shared()
     timings: dict[str, float] = {}
 
     # check: what can be checked without weights comes first; a share of heads (n_heads=10%)
     # becomes its count on this model
-    n_layers, heads_per_layer = model_shape(plain(config.model))
+    n_layers, heads_per_layer = layers_and_heads(config.model)
     n_ablate = resolve_n_heads(config.n_heads, n_layers, heads_per_layer)
     share = n_heads_share(config.n_heads)
     if config.condition != Condition.none and n_ablate > n_layers * heads_per_layer:
@@ -122,8 +115,7 @@ def run(config: Config, out_dir: Path, shared: Shared | None = None
     def model_getter():
         if "model" not in loaded:
             t = time.time()
-            loaded["model"] = load_model(plain(config.model), plain(config.quantization),
-                                         config.device)
+            loaded["model"] = load_model(config.model, config.quantization, config.device)
             timings["load_s"] = time.time() - t
         return loaded["model"]
 
@@ -436,7 +428,7 @@ def run_mechanism(config: Config, model_getter: Callable[[], tuple[Any, Any]],
     resample = method == AblationMethod.resample and bool(heads)
     means = fill() if heads and method in (AblationMethod.mean,
                                            AblationMethod.position_mean) else None
-    key = cache_key(plain(config.model), plain(config.quantization), config.device)
+    key = cache_key(config.model, config.quantization, config.device)
     out = mechanism_check(model, tokenizer, config.mechanism,
                           texts_for(stories, config.mechanism.n_texts),
                           [] if resample else heads, method, means, model_key=key)

@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from ih_sweep.config.schema import AblationMethod, ConfigError, MechanismConfig
+from ih_sweep.config.errors import ConfigError
+from ih_sweep.config.schema import AblationMethod, MechanismConfig
 from ih_sweep.data import Story, question_indices
 
 log = logging.getLogger(__name__)

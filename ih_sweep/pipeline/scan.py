@@ -8,7 +8,8 @@ import logging
 import time
 from pathlib import Path
 
-from ih_sweep.config.schema import Config, RankBy, config_hash, plain
+from ih_sweep.config.identity import config_hash
+from ih_sweep.config.schema import Config, RankBy
 from ih_sweep.pipeline.records import ScanRecord, finished_record, write_record
 
 log = logging.getLogger("ih_sweep")
@@ -23,11 +24,11 @@ def run(config: Config, out_dir: Path) -> ScanRecord:
         return previous  # type: ignore[return-value]
     from dataclasses import replace
 
-    from ih_sweep.config.schema import ConfigError
+    from ih_sweep.config.errors import ConfigError
     from ih_sweep.data import load_stories, make_items
     from ih_sweep.heads.score_table import get_scores
     from ih_sweep.model.batching import scan_heads_per_pass
-    from ih_sweep.model.loading import load_model, model_shape
+    from ih_sweep.model.loading import layers_and_heads, load_model
     from ih_sweep.pipeline.head_scan import (
         attribution_scan,
         babi_probe,
@@ -36,14 +37,13 @@ def run(config: Config, out_dir: Path) -> ScanRecord:
         write_scan_outputs,
     )
 
-    n_layers, _ = model_shape(plain(config.model))
+    n_layers, _ = layers_and_heads(config.model)
     outside = [la for la in config.scan.layers or [] if la >= n_layers]
     if outside:
         raise ConfigError(f"scan.layers={list(config.scan.layers)}: the model has {n_layers} "
                           f"layers; allowed: layer indices 0 to {n_layers - 1}")
     t0 = time.time()
-    model, tokenizer = load_model(plain(config.model), plain(config.quantization),
-                                  config.device)
+    model, tokenizer = load_model(config.model, config.quantization, config.device)
     scores, _ = get_scores(config, lambda: (model, tokenizer))
     stories = load_stories(replace(config.data, n_stories=config.scan.n_stories))
     items = make_items(stories, "last")

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ih_sweep.config.schema import Config, plain
+from ih_sweep.config.schema import Config
 from ih_sweep.io_utils import write_csv
 
 log = logging.getLogger("ih_sweep")
@@ -19,8 +19,8 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
     from ih_sweep.model.loading import load_model
 
     scores, cached = get_scores(
-        config, lambda: load_model(plain(config.model), plain(config.quantization),
-                                   config.device), progress=True)
+        config, lambda: load_model(config.model, config.quantization, config.device),
+        progress=True)
     write_csv(out_dir / "scores.csv", scores)
     save_heatmap(scores, config.scoring.rank_by, out_dir / "scores.png", config.model.name)
     top = scores.sort_values(str(config.scoring.rank_by), ascending=False).head(10)

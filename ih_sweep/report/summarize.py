@@ -190,7 +190,8 @@ def expected_jobs(sweep_dir: Path) -> tuple[int, list[str]] | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from ih_sweep.config.schema import folder_name, register, speed_keys
+    from ih_sweep.config.hydra import register
+    from ih_sweep.config.identity import folder_name, speed_keys
 
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():

@@ -1,0 +1,113 @@
+"""What names a job (ih_sweep.config.identity): the semantic config and its hash, the speed
+keys left out of both, and job folder names."""
+
+from __future__ import annotations
+
+import pytest
+from compose_config import compose
+
+from ih_sweep.config import identity
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.identity import config_hash, semantic_config
+from ih_sweep.config.schema import plain
+
+
+@pytest.mark.parametrize("overrides,digest", [
+    ((), "e15c4f7e1ab83e4c"),
+    (("n_heads=4",), "c521f4a7e425b1cb"),
+    (("ablation=mean",), "002e2d11db220faf"),
+    (("condition=none",), "48e3c4bfffbd0a10"),
+    (("condition=random", "control_seeds=3"), "4584089c4c195f0c"),
+    (("quantization=nf4",), "0d5d0affbb4b1682"),
+    (("scoring=combined", "scoring.exclude_by=prefix"), "0a4a87ecc0ca5e1e"),
+    (("scoring.rank_by=fv", "eval=helm", "eval.n_shots=2"), "b091782ead241a78"),
+    (("n_heads=10%",), "8e41d7166717f4ea"),
+])
+def test_config_hashes_are_pinned(overrides, digest):
+    """A job's hash names its finished folder and its results; a change of the hash makes
+    every earlier sweep look unfinished, so these are pinned (composed and typed alike)."""
+    cfg = compose(*overrides)
+    assert config_hash(cfg) == digest
+    assert config_hash(settings(cfg)) == digest
+
+
+def test_config_hash_ignores_every_speed_key_and_nothing_else():
+    base = config_hash(compose())
+    changed = {"eval.batch_size": 3, "eval.cpu_workers": 1, "eval.progress": False,
+               "eval.checkpoint_items": 7, "eval.fast_layers": False, "scoring.batch_size": 2,
+               "device": "cpu", "summarize": False, "paths.cache_dir": "/tmp/x",
+               "scan.heads_per_pass": 4, "train.seed": 3}
+    assert set(changed) <= set(identity.speed_keys())
+    for key, value in changed.items():
+        assert config_hash(compose(f"{key}={value}")) == base, key
+    for override in ("n_heads=4", "data.n_stories=10", "condition=low", "eval.metric=exact",
+                     "scoring.seq_len=20", "ablation=mean"):
+        assert config_hash(compose(override)) != base, override
+    assert config_hash(settings(compose())) == base  # the typed config hashes the same
+
+
+def test_speed_keys_are_the_fields_marked_speed_leaves_only():
+    keys = identity.speed_keys()
+    assert {"eval.batch_size", "eval.cpu_workers", "eval.progress", "eval.checkpoint_items",
+            "eval.fast_layers", "scoring.batch_size", "scoring.fv_batch_size", "device",
+            "summarize", "paths.cache_dir", "scan.heads_per_pass", "mechanism.batch_size",
+            "train.seed", "train.out_dir"} <= set(keys)
+    assert "train" not in keys and "paths" not in keys  # whole groups: their leaves
+    assert not {"n_heads", "condition", "eval.metric", "data.n_stories"} & set(keys)
+
+
+def test_semantic_config_leaves_out_hydra_and_speed_keys():
+    semantic = semantic_config(compose(return_hydra_config=True))
+    assert "hydra" not in semantic and "paths" not in semantic and "train" not in semantic
+    assert "batch_size" not in semantic["eval"] and "device" not in semantic
+    assert semantic == semantic_config(compose())
+
+
+def test_settings_that_cannot_change_a_job_leave_its_hash_alone():
+    """The control seed only matters for random heads; an unablated job is the same job
+    whatever N, scoring or ablation would have chosen."""
+    assert config_hash(compose("control_seed=3")) == config_hash(compose())
+    assert config_hash(compose("condition=random", "control_seed=3")) != \
+        config_hash(compose("condition=random"))
+    none = config_hash(compose("condition=none", "n_heads=4"))
+    for other in (("condition=none", "n_heads=16"), ("condition=none", "ablation=mean"),
+                  ("condition=none", "scoring=combined"), ("condition=high", "n_heads=0"),
+                  ("condition=low", "n_heads=0", "control_seed=2")):
+        assert config_hash(compose(*other)) == none, other
+
+
+def test_a_share_of_heads_composes_resolves_and_hashes_apart_from_its_count():
+    """n_heads=3% composes as the string '3%' (Hydra's parser keeps it), passes the checks
+    and resolves to 2 of the tiny model's 64 heads; n_heads=10% and n_heads=7 are
+    different configs (kept simple: the hash is of what was asked), but an unablated job
+    is the same job whatever share was asked."""
+    from ih_sweep.heads.selection import resolve_n_heads
+
+    config = settings(compose("n_heads=3%"))
+    assert config.n_heads == "3%"
+    assert resolve_n_heads(config.n_heads, 2, 32) == 2
+    assert settings(compose("n_heads=0.5%")).n_heads == "0.5%"
+    assert config_hash(compose("n_heads=10%")) != config_hash(compose("n_heads=7"))
+    assert config_hash(compose("n_heads=10%")) != config_hash(compose("n_heads=3%"))
+    none = config_hash(compose("condition=none", "n_heads=4"))
+    assert config_hash(compose("condition=none", "n_heads=10%")) == none
+    assert identity.folder_name("condition=high,n_heads=10%") == "condition=high,n_heads=10%"
+
+
+def test_long_job_folder_names_stay_under_the_file_system_limit():
+    """A 217-character model.path in the overrides: the folder name is shortened with a hash
+    of the whole name (distinct names stay distinct), in bytes, UTF-8 included."""
+    long = "model.path=/" + "very_long_folder/" * 12 + "x,n_heads=4"
+    name = identity.folder_name(long)
+    assert len(name.encode()) <= identity.MAX_FOLDER_BYTES and "/" not in name
+    assert name != identity.folder_name(long.replace("n_heads=4", "n_heads=8"))
+    assert identity.folder_name("condition=high,n_heads=4") == "condition=high,n_heads=4"
+    assert len(identity.folder_name("data.lang=" + "ह" * 120).encode()) <= 200
+    assert identity.folder_name("") == "default"
+
+
+def test_plain_gives_plain_data():
+    config = settings(compose())
+    data = plain(config.quantization)
+    assert data == {"name": "none", "double_quant": True, "compute_dtype": "bfloat16"}
+    assert type(data["name"]) is str
