@@ -309,3 +309,9 @@ def model_slug(model_cfg: dict, quant_cfg: dict | None = None) -> str:
         tail = slug.encode()[-90:].decode(errors="ignore")
         slug = f"{hashlib.sha256(slug.encode()).hexdigest()[:12]}~{tail}"
     return slug
+
+
+def reset() -> None:
+    """Forget the models and tokenizers loaded in this process (the next load reads them
+    again)."""
+    _CACHE.clear()
