@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def run_batches(fn, work: list, batch_size: int, desc: str, progress: bool,
-                 workers: int = 1, bar=None, weight=len, threads: int | None = None):
+                workers: int = 1, bar=None, weight=len, threads: int | None = None):
     """Apply fn to batches of work; on CUDA out-of-memory halve the batch and go on.
     With ``workers`` > 1 (CPU), that many batches run at once (see :func:`in_threads`).
     ``bar``: a progress bar to update (left open) instead of one of its own, by
@@ -27,7 +27,7 @@ def run_batches(fn, work: list, batch_size: int, desc: str, progress: bool,
         bar = tqdm(total=len(work), desc=desc, disable=not progress, leave=False)
     if workers > 1 and len(work) > bs:
         results = in_threads(fn, [work[i:i + bs] for i in range(0, len(work), bs)],
-                              workers, bar, weight, threads)
+                             workers, bar, weight, threads)
         if own_bar:
             bar.close()
         return results

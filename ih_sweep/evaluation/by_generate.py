@@ -86,7 +86,7 @@ def by_model_generate(model, tokenizer, results: list[ItemResult], settings: Eva
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              generation_config=greedy, tokenizer=tokenizer,
                              stopping_criteria=stop_criteria(tokenizer, ids.shape[1],
-                                                              settings.stop))
+                                                             settings.stop))
         steps = step_stats(torch.stack(gen.scores, 1))[0].cpu().tolist()
         toks = cut_at_eos(gen.sequences[0, ids.shape[1]:].tolist(), eos)
         text, answer = decode(tokenizer, toks), r.item.target

@@ -91,7 +91,7 @@ def read_stats(logits: torch.Tensor, targets: torch.Tensor, others: torch.Tensor
     target = full.gather(-1, targets[..., None])[..., 0]
     rival = full.gather(-1, others).masked_fill(others == targets[..., None], -math.inf)
     return torch.cat([step_stats(logits), torch.stack([target - full.logsumexp(-1),
-                                                        target - rival.amax(-1)], -1)], -1)
+                                                       target - rival.amax(-1)], -1)], -1)
 
 
 def step_stats(logits: torch.Tensor) -> torch.Tensor:
@@ -260,21 +260,24 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
 
 
 def cut_at_eos(tokens: list[int], eos: int | None) -> list[int]:
+    """``tokens`` up to and including the first ``eos`` (all of them without one)."""
     if eos is not None and eos in tokens:
         return tokens[:tokens.index(eos) + 1]
     return tokens
 
 
 def decode(tokenizer, tokens: list[int]) -> str:
+    """The text of ``tokens``, special tokens left out (what the metrics read)."""
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def model_device(model) -> torch.device:
+    """The device of the model's first parameter (where its inputs go)."""
     return next(model.parameters()).device
 
 
 def deciding_length(tokenizer, toks: list[int], answer: str, settings: EvalConfig,
-                     eos: int | None) -> int:
+                    eos: int | None) -> int:
     """How many of the greedy tokens ``toks`` decided the item: the shortest prefix after
     which the metric's outcome can no longer change (:func:`.metrics.final_or_verdict` on growing
     prefixes); all of them when no shorter prefix does."""

@@ -39,6 +39,7 @@ class Query:
 
 
 def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with the tokenizer's special tokens (a prompt's encoding)."""
     return list(tokenizer(text)["input_ids"])
 
 
@@ -144,16 +145,18 @@ def build_rows(tokenizer, items: Sequence[Item], max_new_tokens: int,
             q = len(ids)
             if row[:q] == ids and row[q:q + len(answer)] == answer:
                 queries.append(Query(i, q - 1, row[q:q + extent(answer)], answer, others,
-                                      last.story_index))
+                                     last.story_index))
             else:  # tokenization differs at the boundary: the item gets its own row
                 own = ids + cont[:extent(answer)]
                 rows.append((own, [Query(i, q - 1, own[q:], answer, others,
-                                          last.story_index)]))
+                                         last.story_index)]))
         rows.append((row, queries))
     return rows
 
 
 def continuation_tokens(tokenizer, target: str) -> list[int]:
+    """Token ids of the gold continuation ``target + "\\n"`` on its own (no special
+    tokens)."""
     return list(tokenizer(target + "\n", add_special_tokens=False)["input_ids"])
 
 
@@ -172,4 +175,5 @@ def shared_prefix_length(rows) -> int:
 
 
 def items_in(rows) -> int:
+    """How many items (queries) ``rows`` answer (a progress bar's weight of a batch)."""
     return sum(len(queries) for _, queries in rows)

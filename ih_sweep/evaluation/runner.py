@@ -47,7 +47,7 @@ def _allowed(choices) -> str:
 
 
 def item_result(item: Item, text: str, correct: bool, how: str, steps: tuple[list, list],
-            decided: int, read: Read, tolerance: float) -> ItemResult:
+                decided: int, read: Read, tolerance: float) -> ItemResult:
     """An :class:`ItemResult` with its measures: ``steps`` (gaps, top logits) of the greedy
     tokens, of which the first ``decided`` count (:func:`deciding_length`)."""
     gaps, tops = steps[0][:decided], steps[1][:decided]
@@ -82,8 +82,8 @@ def evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: EvalC
             else:
                 decided = deciding_length(tokenizer, toks, answer, settings, eos)
                 results[q.index] = item_result(items[q.index], cut_at_stop(text, settings.stop),
-                                           verdict, "forward",
-                                           (read.gap, read.top), decided, read, tolerance)
+                                               verdict, "forward",
+                                               (read.gap, read.top), decided, read, tolerance)
     if not pending:
         return results
     if cache is not None:
@@ -107,7 +107,7 @@ def evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: EvalC
         decided = deciding_length(tokenizer, toks, answer, settings, eos)
         correct = is_correct(text, answer, settings.metric, settings.stop)
         results[idx] = item_result(items[idx], cut_at_stop(text, settings.stop), correct, how,
-                               (gaps, tops), decided, reads[idx], tolerance)
+                                   (gaps, tops), decided, reads[idx], tolerance)
     return results
 
 

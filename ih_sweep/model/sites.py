@@ -308,9 +308,11 @@ def _linear_features(module: nn.Module, side: str) -> int:
 
 
 def linear_out_features(module: nn.Module) -> int:
+    """A linear layer's output size (nn.Linear, GPT-2's Conv1D, bitsandbytes layers)."""
     return _linear_features(module, "out")
 
 
 def linear_in_features(module: nn.Module) -> int:
+    """A linear layer's input size (nn.Linear, GPT-2's Conv1D, bitsandbytes layers)."""
     return _linear_features(module, "in")
 

@@ -18,6 +18,8 @@ _registered = False
 
 
 def register() -> None:
+    """Register :func:`attention` (and sdpa's mask) with transformers under :data:`NAME`,
+    once per process."""
     global _registered
     if _registered:
         return
@@ -30,6 +32,7 @@ def register() -> None:
 
 
 def plain_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own sdpa attention function (every call the shortcut does not take)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -89,7 +92,7 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     read = read_positions()
     if read is None or not _fits(module, query, key, value, dropout, kwargs, read):
         return plain_sdpa(module, query, key, value, attention_mask, dropout=dropout,
-                           scaling=scaling, **kwargs)
+                          scaling=scaling, **kwargs)
     positions = read[0]
     groups = query.shape[1] // key.shape[1]
     if _is_last_layer(module):
@@ -127,8 +130,8 @@ def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def attend_at(query_at: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               positions: torch.Tensor, length: int, scaling: float | None, groups: int
-               ) -> torch.Tensor:
+              positions: torch.Tensor, length: int, scaling: float | None, groups: int
+              ) -> torch.Tensor:
     """Attention of queries already taken at ``positions`` [B, k] of a ``length``-long input
     whose keys may begin with a shared cached prefix: [B, H, k, D]."""
     offset = key.shape[2] - length

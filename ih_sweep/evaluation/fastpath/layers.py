@@ -51,6 +51,7 @@ def patch_layers(model, ctx: ForwardContext | None = None) -> list:
 
 
 def unpatch_all(patched: list) -> None:
+    """Put back what :func:`patch_layers` replaced, in reverse order."""
     for module, own in reversed(patched):
         _unpatch(module, own)
 
@@ -67,6 +68,9 @@ def _llama_layers(model) -> list:
 
 
 def is_plain_llama_layer(layer, family: dict[type, type]) -> bool:
+    """Whether ``layer`` is exactly one of ``family``'s decoder layers (:func:`llama_family`)
+    with its own attention class, no accelerate hook, no q/k norms, and the attributes the
+    patched forwards use."""
     attn = getattr(layer, "self_attn", None)
     if family.get(type(layer)) is not type(attn) or \
             any(hasattr(m, "_hf_hook") for m in (layer, attn)) or \
