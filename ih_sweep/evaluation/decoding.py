@@ -14,15 +14,18 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ih_sweep.config.schema import EvalConfig
-from ih_sweep.data.babi import Item
 from ih_sweep.evaluation.metrics import final_or_verdict
 from ih_sweep.evaluation.rows import MIN_SHARED_PREFIX, encode, shared_prefix_length
 from ih_sweep.model.forward import ForwardContext
 from ih_sweep.model.tokens import pad_id
+
+if TYPE_CHECKING:  # annotations only (the items' type)
+    from ih_sweep.data import Item
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """The evaluator's token rows: which tokens each forward pass feeds and where it reads.
 
+if TYPE_CHECKING:  # annotations only (the items' type)
+    from ih_sweep.data import Item
+
 Each item is decided by a teacher-forced pass over its prompt plus a candidate continuation
 (the gold answer and what follows it); with scope ``all``, every question of a story whose
 prompt tokenizes as a prefix of the story's full text is read off one shared row
@@ -11,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ih_sweep.data.babi import Item
+if TYPE_CHECKING:  # annotations only (the items' type)
+    from ih_sweep.data import Item
 
 
 @dataclass

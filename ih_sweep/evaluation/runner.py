@@ -9,12 +9,12 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from ih_sweep.config.schema import EvalConfig, Metric, UserError
-from ih_sweep.data.babi import Item
 from ih_sweep.evaluation.batches import batch_threads, intra_op_threads, run_batches
 from ih_sweep.evaluation.by_generate import by_model_generate
 from ih_sweep.evaluation.decoding import (
@@ -38,6 +38,9 @@ from ih_sweep.model.batching import eval_batch_rows
 from ih_sweep.model.forward import ForwardContext
 from ih_sweep.model.shape import position_limit
 from ih_sweep.model.tokens import pad_id
+
+if TYPE_CHECKING:  # annotations only (the items' type)
+    from ih_sweep.data import Item
 
 log = logging.getLogger(__name__)
 
