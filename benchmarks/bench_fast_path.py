@@ -1,4 +1,4 @@
-"""What each part of the evaluator's fast path buys (ih_sweep/evaluation/fastpath.py): the same
+"""What each part of the evaluator's fast path buys (ih_sweep/evaluation/fastpath/): the same
 300 generated stories (last question, tiny model, unablated) evaluated with no attention
 shortcut, with the public AttentionInterface part only (``eval.fast_layers=false``), and
 with the patched Llama-family layer forwards too (``eval.fast_layers=true``), in 3

@@ -4,13 +4,14 @@ On CPU ``.cpu()`` and ``.to(device)`` are no-ops, so a profiler sees no copies. 
 simulates a separate device instead: a ``TorchFunctionMode`` tags as *device* tensors the
 model's parameters and buffers, whatever ``.to(<device>)`` returns, factory calls given an
 explicit ``device=`` and every result of an op with a device input; everything else is
-*host*. It counts, per evaluated batch (:func:`ih_sweep.evaluation.evaluator._evaluate_rows` call):
+*host*. It counts, per evaluated batch (:func:`ih_sweep.evaluation.runner.evaluate_rows` call):
 
 - ``d2h``: device -> host copies: ``.cpu()`` / ``.numpy()`` of a device tensor, and the
   implicit ones (``.tolist()``, ``.item()``, ``int()``, ``float()``, ``bool()`` of a device
-  tensor), split into those made by ih_sweep/evaluation/evaluator.py and those inside transformers;
+  tensor), split into those made by the evaluator (ih_sweep/evaluation/, its fast path aside)
+  and those inside transformers or the fast path;
 - ``h2d``: host -> device copies (``.to(<device>)`` of a host tensor, ``torch.tensor(...,
-  device=)``) made by ih_sweep/evaluation/evaluator.py;
+  device=)``) made by the evaluator;
 - ``ops``: aten operators run (``TorchDispatchMode``; each is a kernel launch on a GPU),
   and those run outside the model's forward calls (the evaluator's own).
 
@@ -38,6 +39,7 @@ from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig, ScoringConfig
 from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.evaluation import runner
 from ih_sweep.heads.scoring import score_heads, score_matrix
 from ih_sweep.heads.selection import select_heads
 from ih_sweep.model.loading import eager_attention, load_model
@@ -72,14 +74,15 @@ def _tag(obj, on: bool) -> None:
 
 
 def _caller() -> str:
-    """'evaluation' when evaluation/evaluator.py made the call (its nearest project frame)."""
+    """'evaluation' when the evaluator (ih_sweep/evaluation/, not its fast path) made the call
+    (its nearest project frame)."""
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
-        if "ih_sweep/evaluation/evaluator.py" in name:
-            return "evaluation"
-        if "transformers" in name or "ih_sweep/evaluation/fastpath.py" in name:
+        if "transformers" in name or "ih_sweep/evaluation/fastpath/" in name:
             return "model"
+        if "ih_sweep/evaluation/" in name:
+            return "evaluation"
         frame = frame.f_back
     return "other"
 
@@ -156,19 +159,19 @@ def measure(model, tok, items, settings, batches_of) -> dict[str, float]:
         depth[0] -= 1
 
     hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
-    real = evaluation._evaluate_rows
+    real = runner.evaluate_rows
     n_batches = [0]
 
     def counted(*args, **kwargs):
         n_batches[0] += 1
         return real(*args, **kwargs)
 
-    evaluation._evaluate_rows = counted
+    runner.evaluate_rows = counted
     try:
         with Devices(counts), Ops(counts, depth):
             results = evaluation.evaluate(model, tok, items, settings)
     finally:
-        evaluation._evaluate_rows = real
+        runner.evaluate_rows = real
         for h in hooks:
             h.remove()
     per = {k: round(v / n_batches[0], 1) for k, v in sorted(counts.items())}
@@ -194,12 +197,12 @@ def main() -> None:
     out = {"unablated": measure(model, tok, items, settings, None)}
     with ablate_heads(model, heads):
         out["top-16 ablated (decode)"] = measure(model, tok, items, settings, None)
-        real = evaluation._reusable_cache
-        evaluation._reusable_cache = lambda *a: None
+        real = runner.reusable_cache
+        runner.reusable_cache = lambda *a: None
         try:
             out["top-16 ablated (generate)"] = measure(model, tok, items, settings, None)
         finally:
-            evaluation._reusable_cache = real
+            runner.reusable_cache = real
     print(json.dumps(out, indent=1))
 
 

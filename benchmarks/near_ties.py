@@ -19,6 +19,7 @@ from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig, ScoringConfig
 from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.evaluation import runner
 from ih_sweep.heads.scoring import score_heads, score_matrix
 from ih_sweep.heads.selection import select_heads
 from ih_sweep.model.loading import eager_attention, load_model
@@ -41,14 +42,14 @@ def main() -> None:
     heads = select_heads(scores, "high", args.heads) if args.heads else []
     items = data.make_items(data.generate_stories(args.stories, seed=args.seed), "last")
     steps: dict[int, list] = {}
-    real = evaluation._result
+    real = runner.item_result
 
     def spy(item, text, correct, how, gaps_tops, decided, read, tolerance):
         steps.setdefault(id(item), []).append(
             (gaps_tops[0][:decided], gaps_tops[1][:decided], text))
         return real(item, text, correct, how, gaps_tops, decided, read, tolerance)
 
-    evaluation._result = spy
+    runner.item_result = spy
     try:
         with ablate_heads(model, heads):
             one = evaluation.evaluate(model, tok, items, EvalConfig(
@@ -56,7 +57,7 @@ def main() -> None:
             default = evaluation.evaluate(model, tok, items, EvalConfig(
                 progress=False, cpu_workers=1))
     finally:
-        evaluation._result = real
+        runner.item_result = real
 
     def relative(gaps, tops):
         return min(g / max(abs(t), 1.0) for g, t in zip(gaps, tops))

@@ -136,31 +136,27 @@ def generate_one_at_a_time(model, tokenizer, item, max_new_tokens: int = 3,
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     from ih_sweep.ablation.hooks import sequence_keys
-    from ih_sweep.evaluation.evaluator import (
-        _cut_at_eos,
-        _decode,
-        _device,
-        _encode,
-        _pad_id,
-    )
+    from ih_sweep.evaluation.decoding import cut_at_eos, decode, model_device
+    from ih_sweep.evaluation.rows import encode
+    from ih_sweep.model.tokens import pad_id
 
-    device = _device(model)
-    enc = torch.tensor([_encode(tokenizer, item.prompt)], device=device)
+    device = model_device(model)
+    enc = torch.tensor([encode(tokenizer, item.prompt)], device=device)
     start = enc.shape[1]
 
     class StopAfter(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            text = _decode(tokenizer, input_ids[0, start:].tolist())
+            text = decode(tokenizer, input_ids[0, start:].tolist())
             done = any(s in text for s in stop)
             return torch.full((input_ids.shape[0],), done, dtype=torch.bool,
                               device=input_ids.device)
 
     criteria = StoppingCriteriaList([StopAfter()]) if stop else None
-    with sequence_keys([item.story_index]):
+    with sequence_keys(model, [item.story_index]):
         out = model.generate(enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             num_beams=1, pad_token_id=_pad_id(tokenizer), temperature=None,
+                             num_beams=1, pad_token_id=pad_id(tokenizer), temperature=None,
                              top_p=None, top_k=None, stopping_criteria=criteria)
-    text = _decode(tokenizer, _cut_at_eos(out[0, start:].tolist(), tokenizer.eos_token_id))
+    text = decode(tokenizer, cut_at_eos(out[0, start:].tolist(), tokenizer.eos_token_id))
     for s in stop:
         text = text.split(s)[0]
     return text

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evaluator's tests again on the LOWEST transformers release pyproject.toml allows (the
 # main suite runs on the newest one pip resolves): the evaluator's fast path
-# (ih_sweep/evaluation/fastpath.py) relies on transformers internals, and is on by default exactly
+# (ih_sweep/evaluation/fastpath/) relies on transformers internals, and is on by default exactly
 # on pyproject's range (eval_attention.TESTED_TRANSFORMERS), so both ends are tested.
 #
 # Cheaply: not a second full install but a small venv layered on the project's one. Its

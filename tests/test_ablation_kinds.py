@@ -22,6 +22,7 @@ from ih_sweep.ablation.hooks import (
     sequence_keys,
 )
 from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig
+from ih_sweep.evaluation import decoding, runner
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation.evaluator import evaluate, is_correct
 from ih_sweep.heads.selection import select_heads
@@ -141,7 +142,7 @@ def test_the_hook_fills_by_absolute_position_whatever_the_padding(tiny, fills):
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
 
     def run():
-        with sequence_keys(stories):
+        with sequence_keys(model, stories):
             model(input_ids=ids, attention_mask=mask)
 
     with ablate_heads(model, heads, "position_mean", by_kind["position_mean"]):
@@ -189,9 +190,9 @@ def test_unknown_positions_or_rows_fail_loudly(tiny, fills):
         assert row_dependent(model)
         with pytest.raises(AblationError, match="did not say which sequence"):
             model(input_ids=ids)
-        with sequence_keys([0, 1]), pytest.raises(AblationError, match="1 rows but 2"):
+        with sequence_keys(model, [0, 1]), pytest.raises(AblationError, match="1 rows but 2"):
             model(input_ids=ids)
-        with sequence_keys([10 ** 6]), pytest.raises(AblationError, match="no donor"):
+        with sequence_keys(model, [10 ** 6]), pytest.raises(AblationError, match="no donor"):
             model(input_ids=ids)
         with pytest.raises(AblationError, match="unablated model"):
             resample_donors(model, tiny[1], {0: "a", 1: "b"}, heads, 0,
@@ -270,11 +271,11 @@ def test_generate_fallback_and_every_question(tiny, fills, kind, monkeypatch):
         shared.append(real(rows))
         return shared[-1]
 
-    monkeypatch.setattr(evaluation, "shared_prefix_length", spy)
+    monkeypatch.setattr(decoding, "shared_prefix_length", spy)
     with ablate_heads(model, heads, kind, by_kind[kind]):
         cached = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=5))
         assert row_dependent(model) == (kind == "resample")
-        monkeypatch.setattr(evaluation, "_reusable_cache", lambda *a: None)
+        monkeypatch.setattr(runner, "reusable_cache", lambda *a: None)
         fallback = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=5))
         ref = [generate_one_at_a_time(model, tok, it) for it in items]
     assert max(shared) >= evaluation.MIN_SHARED_PREFIX  # there is a header to share
@@ -308,7 +309,7 @@ def test_absolute_position_family_either_padding_side(gpt2, side, monkeypatch):
     texts, needed = donor_texts(tok, items, 3)
     fill = {"position_mean": means,
             "resample": resample_donors(model, tok, texts, heads, 3, means, needed)}
-    monkeypatch.setattr(evaluation, "_reusable_cache", lambda *a: None)
+    monkeypatch.setattr(runner, "reusable_cache", lambda *a: None)
     for kind in KINDS:
         with ablate_heads(model, heads, kind, fill[kind]):
             got = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=4))

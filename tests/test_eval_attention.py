@@ -6,10 +6,19 @@ import torch.nn.functional as F
 import transformers as tf
 
 from ih_sweep.evaluation import fastpath as eval_attention
-from ih_sweep.evaluation.evaluator import _cache_argument
-from ih_sweep.evaluation.fastpath import causal, last_layer_at, read_only_at, selected_queries
-from ih_sweep.model import architecture
-from ih_sweep.model.architecture import attention_implementation
+from ih_sweep.evaluation import runner
+from ih_sweep.evaluation.decoding import cache_argument
+from ih_sweep.evaluation.fastpath import (
+    causal,
+    gate,
+    kernel,
+    last_layer_at,
+    layers,
+    read_only_at,
+    selected_queries,
+)
+from ih_sweep.model import attention as architecture
+from ih_sweep.model.attention import attention_implementation
 
 V = 61
 
@@ -61,11 +70,13 @@ def test_read_positions_equal_the_plain_forward(name, monkeypatch):
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(eval_attention, "causal", spy("causal", causal))
-    monkeypatch.setattr(eval_attention, "selected_queries", spy("selected", selected_queries))
-    monkeypatch.setattr(eval_attention, "last_layer_at", spy("layer", last_layer_at))
-    monkeypatch.setattr(eval_attention, "attention_at_all",
-                        spy("attention", eval_attention.attention_at_all))
+    spied_causal = spy("causal", causal)  # called by the kernel and the patched layers
+    monkeypatch.setattr(kernel, "causal", spied_causal)
+    monkeypatch.setattr(layers, "causal", spied_causal)
+    monkeypatch.setattr(kernel, "selected_queries", spy("selected", selected_queries))
+    monkeypatch.setattr(layers, "last_layer_at", spy("layer", last_layer_at))
+    monkeypatch.setattr(layers, "attention_at_all",
+                        spy("attention", layers.attention_at_all))
     model = MODELS[name].eval()
     ids, mask, read = _batch([40, 33, 9, 40], 40)
     with torch.no_grad():
@@ -106,7 +117,7 @@ def test_read_positions_after_a_shared_cached_prefix(name):
         ref = model(input_ids=ids, attention_mask=mask).logits
         # the forward's own keyword: `cache` from transformers 5.24, `past_key_values` before
         # (an unknown keyword is swallowed by **kwargs: the pass would run without the cache)
-        arg = {_cache_argument(model): tf.DynamicCache(config=model.config)}
+        arg = {cache_argument(model): tf.DynamicCache(config=model.config)}
         model(input_ids=ids[:1, :shared], use_cache=True, **arg)
         next(iter(arg.values())).batch_repeat_interleave(len(ids))
         with read_only_at(model, read - shared):
@@ -238,7 +249,7 @@ def test_rotary_on_the_projection_layout_equals_transformers(dtype):
 # --------------------------------------------------------------------------- switching helper
 def test_attention_implementation_switches_and_restores_also_on_an_exception():
     model = MODELS["llama"]
-    eval_attention._register()
+    kernel.register()
     for name in ("eager", eval_attention.NAME):
         with pytest.raises(KeyError, match="inside"):
             with attention_implementation(model, name):
@@ -261,12 +272,12 @@ def test_attention_implementation_gives_each_sub_config_its_own_back():
                                                             vision_config=vision))
     model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
     before = {"": "sdpa", "text_config": "sdpa", "vision_config": "eager"}
-    assert architecture._implementations(model.config) == before
+    assert architecture.implementations(model.config) == before
     with pytest.raises(RuntimeError):
         with attention_implementation(model, "eager"):
             assert model.config.text_config._attn_implementation == "eager"
             raise RuntimeError
-    assert architecture._implementations(model.config) == before
+    assert architecture.implementations(model.config) == before
 
 
 def test_a_model_that_cannot_switch_raises_a_clear_error_and_stays_as_it_was():
@@ -301,11 +312,11 @@ def test_the_fast_path_follows_the_tested_version_range(version, requested, part
     patching too unless fast_layers=false. Outside it: both off (the plain forward) with one
     line naming the version and the range, unless fast_layers=true forces both on with a
     warning. The line comes once per process, not once per evaluation."""
-    monkeypatch.setattr(eval_attention, "transformers_version", lambda: version)
-    monkeypatch.setattr(eval_attention, "_told", set())
+    monkeypatch.setattr(gate, "transformers_version", lambda: version)
+    gate.reset()
     model = MODELS["llama"].eval()
     last = model.model.layers[-1]
-    caplog.set_level("INFO", logger="ih_sweep.evaluation.fastpath")
+    caplog.set_level("INFO", logger="ih_sweep.evaluation.fastpath.gate")
     for _ in range(2):
         with eval_attention.fast_attention(model, requested) as fast:
             assert (fast.on, fast.layers) == parts
@@ -333,17 +344,17 @@ def test_outside_the_tested_range_the_evaluation_runs_the_plain_forward(tiny, mo
     settings = EvalConfig(progress=False, batch_size=4, cpu_workers=1)
     fast = evaluation.evaluate(model, tok, items, settings)
     seen = []
-    real = evaluation._greedy_from_forward
+    real = runner.greedy_from_forward
 
     def spy(model_, *args, **kwargs):
         seen.append((model_.config._attn_implementation,
                      "forward" in vars(model_.model.layers[-1])))
         return real(model_, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "_greedy_from_forward", spy)
-    monkeypatch.setattr(eval_attention, "transformers_version", lambda: "5.99.0")
-    monkeypatch.setattr(eval_attention, "_told", set())
-    caplog.set_level("INFO", logger="ih_sweep.evaluation.fastpath")
+    monkeypatch.setattr(runner, "greedy_from_forward", spy)
+    monkeypatch.setattr(gate, "transformers_version", lambda: "5.99.0")
+    gate.reset()
+    caplog.set_level("INFO", logger="ih_sweep.evaluation.fastpath.gate")
     plain = evaluation.evaluate(model, tok, items, settings)
     assert seen and set(seen) == {("sdpa", False)}
     assert [(r.correct, r.continuation) for r in plain] == \
@@ -356,7 +367,7 @@ def test_the_pyproject_bound_matches_the_tested_range():
 
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert f'"transformers{eval_attention.tested_range()}"' in text
-    assert eval_attention._version_tested(tf.__version__)  # the tests run on a tested one
+    assert gate.version_tested(tf.__version__)  # the tests run on a tested one
 
 
 # --------------------------------------------------------------------------- allow-lists
@@ -385,7 +396,7 @@ def _route(module, q, k, v, read, dropout=0.0, **kwargs):
     exception's type and text where the call raises (transformers' sdpa refuses some calls,
     e.g. softcapping). Each call starts from the same random state (dropout)."""
     ran = []
-    real = eval_attention._plain_sdpa
+    real = kernel.plain_sdpa
 
     def spy(*args, **kw):
         ran.append("sdpa")
@@ -399,12 +410,12 @@ def _route(module, q, k, v, read, dropout=0.0, **kwargs):
         except Exception as error:  # noqa: BLE001
             return type(error), str(error)
 
-    eval_attention._plain_sdpa = spy
+    kernel.plain_sdpa = spy
     try:
         with eval_attention.read_at(read):
             out = call(eval_attention.attention)
     finally:
-        eval_attention._plain_sdpa = real
+        kernel.plain_sdpa = real
     ref = call(real)
     return (ran or ["shortcut"])[0], out, ref
 
@@ -501,8 +512,8 @@ def test_patched_layer_calls_outside_the_allow_list_run_the_layers_own_forward(c
     if case != "training_mode":
         hidden, kwargs, args = LAYER_FALLBACKS[case](hidden, kwargs)
     ran = []
-    real = eval_attention.last_layer_at
-    eval_attention.last_layer_at = lambda *a, **kw: (ran.append(1), real(*a, **kw))[1]
+    real = layers.last_layer_at
+    layers.last_layer_at = lambda *a, **kw: (ran.append(1), real(*a, **kw))[1]
     try:
         with torch.no_grad(), eval_attention.read_only_at(model, torch.tensor(
                 [[9, 5], [3, 7]]), layers=True) as fast:
@@ -518,7 +529,7 @@ def test_patched_layer_calls_outside_the_allow_list_run_the_layers_own_forward(c
             layer.train(case == "training_mode")
             ref = layer(hidden, *args, **kwargs)
     finally:
-        eval_attention.last_layer_at = real
+        layers.last_layer_at = real
         layer.eval()
     assert ran == []
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
@@ -543,7 +554,7 @@ def test_subclasses_of_the_llama_layers_are_not_patched():
         pass
 
     model = MODELS["llama"]
-    family = eval_attention._llama_family()
-    assert eval_attention._is_plain_llama_layer(model.model.layers[0], family)
+    family = layers.llama_family()
+    assert layers.is_plain_llama_layer(model.model.layers[0], family)
     custom = Custom(model.config, 0)
-    assert not eval_attention._is_plain_llama_layer(custom, family)
+    assert not layers.is_plain_llama_layer(custom, family)

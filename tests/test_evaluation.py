@@ -8,22 +8,23 @@ import torch
 from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.config.schema import EvalConfig, Metric
+from ih_sweep.evaluation import decoding, fastpath, runner
 from ih_sweep.evaluation import evaluator as evaluation
-from ih_sweep.evaluation.evaluator import (
-    _known_greedy,
-    evaluate,
-    is_correct,
-)
+from ih_sweep.evaluation import rows as rows_module
+from ih_sweep.evaluation.decoding import known_greedy
+from ih_sweep.evaluation.evaluator import evaluate, is_correct
+from ih_sweep.evaluation.fastpath import check, layers
 from ih_sweep.heads.selection import select_heads
-from ih_sweep.model.architecture import attention_implementation
+from ih_sweep.model.attention import attention_implementation
+from ih_sweep.model.forward import ForwardContext
 from ih_sweep.testing import generate_one_at_a_time
 
 
 def test_known_greedy_stops_at_first_disagreement_or_eos():
-    assert _known_greedy([5, 6, 7], [5, 6], eos=2) == [5, 6, 7]
-    assert _known_greedy([5, 9, 7], [5, 6], eos=2) == [5, 9]
-    assert _known_greedy([4, 6, 7], [5, 6], eos=2) == [4]
-    assert _known_greedy([2, 6, 7], [2, 6], eos=2) == [2]
+    assert known_greedy([5, 6, 7], [5, 6], eos=2) == [5, 6, 7]
+    assert known_greedy([5, 9, 7], [5, 6], eos=2) == [5, 9]
+    assert known_greedy([4, 6, 7], [5, 6], eos=2) == [4]
+    assert known_greedy([2, 6, 7], [2, 6], eos=2) == [2]
 
 
 @pytest.mark.parametrize("scope", ["last", "all"])
@@ -52,7 +53,7 @@ def test_generate_fallback_gives_the_same_outcomes(tiny, tiny_prefix, monkeypatc
     items = data.make_items(data.generate_stories(12, seed=78), "all")
     with ablate_heads(model, select_heads(tiny_prefix, "high", 16)):
         cached = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=5))
-        monkeypatch.setattr(evaluation, "_reusable_cache", lambda *a: None)
+        monkeypatch.setattr(runner, "reusable_cache", lambda *a: None)
         fallback = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=5))
     assert {r.decided_by for r in cached} == {"forward", "decode"}
     assert {r.decided_by for r in fallback} == {"forward", "generate"}
@@ -61,7 +62,7 @@ def test_generate_fallback_gives_the_same_outcomes(tiny, tiny_prefix, monkeypatc
 
 
 def test_shared_prefix_stops_before_the_first_read_position():
-    q = evaluation._Query
+    q = rows_module.Query
     rows = [([1, 5, 6, 7, 8, 9], [q(0, 4, [9])]), ([1, 5, 6, 2, 8], [q(1, 3, [8])])]
     assert evaluation.shared_prefix_length(rows) == 3
     rows[1] = ([1, 5, 6, 7, 8, 9], [q(1, 2, [7]), q(2, 4, [9])])
@@ -77,7 +78,7 @@ def test_shared_prefix_changes_nothing(tiny, tiny_prefix, monkeypatch):
     default = evaluation.MIN_SHARED_PREFIX
     with ablate_heads(model, select_heads(tiny_prefix, "high", 8)):
         for minimum in (default, 10**6):
-            monkeypatch.setattr(evaluation, "MIN_SHARED_PREFIX", minimum)
+            monkeypatch.setattr(decoding, "MIN_SHARED_PREFIX", minimum)
             runs.append(evaluate(model, tok, items, EvalConfig(progress=False, batch_size=8)))
     assert [(r.correct, r.continuation, r.decided_by) for r in runs[0]] == \
         [(r.correct, r.continuation, r.decided_by) for r in runs[1]]
@@ -91,8 +92,8 @@ def test_sliding_window_within_reach_disables_cache_reuse():
     model = tf.MistralForCausalLM(tf.MistralConfig(
         vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, sliding_window=64))
-    assert evaluation._reusable_cache(model, 40, 3) is not None
-    assert evaluation._reusable_cache(model, 62, 3) is None
+    assert decoding.reusable_cache(model, 40, 3) is not None
+    assert decoding.reusable_cache(model, 62, 3) is None
 
 
 def test_exact_metric_equality(tiny, tiny_prefix):
@@ -114,13 +115,13 @@ def test_batch_size_does_not_change_results(tiny):
 
 
 def _spy_batches(monkeypatch, each):
-    real = evaluation._evaluate_rows
+    real = runner.evaluate_rows
 
     def spy(*args, **kwargs):
         each()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "_evaluate_rows", spy)
+    monkeypatch.setattr(runner, "evaluate_rows", spy)
 
 
 def _own_forward(module) -> bool:
@@ -138,7 +139,8 @@ def _put_back(model, threads: int) -> None:
     assert model.config._attn_implementation == "sdpa"
     for layer in model.model.layers:
         assert _own_forward(layer) and _own_forward(layer.self_attn)
-    assert not hasattr(model, evaluation._INSTALLED)
+    ctx = ForwardContext.of(model)
+    assert ctx.evaluator is None and not ctx.tracking and not ctx.ablating
 
 
 def test_batches_in_threads_give_the_same_outcomes(tiny, tiny_prefix, monkeypatch):
@@ -221,17 +223,13 @@ def test_compare_logits_tolerance_and_near_ties():
 
 
 @pytest.fixture(autouse=True)
-def _unchecked(monkeypatch):
+def _unchecked():
     """Each test starts with no model checked (the check runs once per model in a process)."""
-    import weakref
-
-    monkeypatch.setattr(evaluation, "_VERIFIED", weakref.WeakKeyDictionary())
+    check.reset()
 
 
 def _noisy_last_layer(monkeypatch, calls):
-    from ih_sweep.evaluation import fastpath as eval_attention
-
-    real = eval_attention.last_layer_at
+    real = layers.last_layer_at
 
     def noisy(*args, **kwargs):
         calls.append(1)
@@ -239,7 +237,7 @@ def _noisy_last_layer(monkeypatch, calls):
         g = torch.Generator().manual_seed(len(calls))
         return out + 0.3 * torch.randn(out.shape, generator=g)
 
-    monkeypatch.setattr(eval_attention, "last_layer_at", noisy)
+    monkeypatch.setattr(layers, "last_layer_at", noisy)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -252,7 +250,7 @@ def test_a_wrong_shortcut_is_caught_on_the_first_batch(tiny, tiny_prefix, monkey
     items = data.make_items(data.generate_stories(16, seed=82), "last")
     calls: list[int] = []
     _noisy_last_layer(monkeypatch, calls)
-    caplog.set_level("WARNING", logger="ih_sweep.evaluation.evaluator")
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation.fastpath.check")
     threads = torch.get_num_threads()
     with ablate_heads(model, select_heads(tiny_prefix, "high", 16)):
         got = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=5,
@@ -272,13 +270,11 @@ def test_correct_shortcuts_pass_the_check_and_stay_on(tiny, monkeypatch, caplog)
     model, tok = tiny
     items = data.make_items(data.generate_stories(12, seed=83), "last")
     checked, layer_calls = [], []
-    real_compare = evaluation.compare_logits
-    from ih_sweep.evaluation import fastpath as eval_attention
-
-    real_layer = eval_attention.last_layer_at
-    monkeypatch.setattr(evaluation, "compare_logits",
+    real_compare = check.compare_logits
+    real_layer = layers.last_layer_at
+    monkeypatch.setattr(check, "compare_logits",
                         lambda *a: checked.append(real_compare(*a)) or checked[-1])
-    monkeypatch.setattr(eval_attention, "last_layer_at",
+    monkeypatch.setattr(layers, "last_layer_at",
                         lambda *a, **k: layer_calls.append(1) or real_layer(*a, **k))
     caplog.set_level("WARNING")
     evaluate(model, tok, items, EvalConfig(progress=False, batch_size=4, cpu_workers=1))
@@ -293,7 +289,7 @@ def test_a_shortcut_found_wrong_stays_off_for_that_model(tiny, monkeypatch, capl
     items = data.make_items(data.generate_stories(8, seed=85), "last")
     calls: list[int] = []
     _noisy_last_layer(monkeypatch, calls)
-    caplog.set_level("WARNING", logger="ih_sweep.evaluation.evaluator")
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation.fastpath.check")
     settings = EvalConfig(progress=False, batch_size=4, cpu_workers=1, fast_layers=True)
     first = evaluate(model, tok, items, settings)
     second = evaluate(model, tok, items, settings)
@@ -302,13 +298,11 @@ def test_a_shortcut_found_wrong_stays_off_for_that_model(tiny, monkeypatch, capl
 
 
 def test_without_shortcuts_there_is_no_check(tiny, monkeypatch):
-    from ih_sweep.evaluation import fastpath as eval_attention
-
     model, tok = tiny
     items = data.make_items(data.generate_stories(6, seed=84), "last")
-    monkeypatch.setattr(evaluation, "compare_logits", lambda *a: pytest.fail("checked"))
+    monkeypatch.setattr(check, "compare_logits", lambda *a: pytest.fail("checked"))
     with attention_implementation(model, "eager"):  # the shortcuts compute sdpa only
-        with eval_attention.fast_attention(model) as fast:
+        with fastpath.fast_attention(model) as fast:
             assert not fast.on
         evaluate(model, tok, items, EvalConfig(progress=False))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import inspect
 import re
-import weakref
 
 import pytest
 import torch
@@ -17,17 +16,13 @@ from transformers import GenerationConfig, WatermarkingConfig
 
 from ih_sweep import data
 from ih_sweep.config.schema import EvalConfig
-from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.evaluation import by_generate
 from ih_sweep.evaluation import generation_settings as gs
-from ih_sweep.evaluation.evaluator import (
-    _cut_at_eos,
-    _decode,
-    _encode,
-    _pad_id,
-    evaluate,
-    is_correct,
-)
+from ih_sweep.evaluation.decoding import cut_at_eos, deciding_length, decode
+from ih_sweep.evaluation.evaluator import evaluate, is_correct
+from ih_sweep.evaluation.rows import encode
 from ih_sweep.model.tiny import NEWLINE
+from ih_sweep.model.tokens import pad_id
 
 SETTINGS = EvalConfig(progress=False, batch_size=8, cpu_workers=1)
 
@@ -41,9 +36,9 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def fresh_log_memory(monkeypatch):
+def fresh_log_memory():
     """Each test sees the once-per-model log line afresh."""
-    monkeypatch.setattr(evaluation, "_TOLD_GENERATION", weakref.WeakKeyDictionary())
+    by_generate.reset()
 
 
 def _items(n_stories: int = 10, seed: int = 11):
@@ -56,11 +51,11 @@ def _generate_each(model, tok, items) -> list[str]:
     model's generation config otherwise as it is (the tokenizer passed for stop strings)."""
     out = []
     for it in items:
-        ids = torch.tensor([_encode(tok, it.prompt)])
+        ids = torch.tensor([encode(tok, it.prompt)])
         gen = model.generate(ids, max_new_tokens=3, do_sample=False, num_beams=1,
-                             pad_token_id=_pad_id(tok), temperature=None, top_p=None,
+                             pad_token_id=pad_id(tok), temperature=None, top_p=None,
                              top_k=None, tokenizer=tok)
-        out.append(_decode(tok, _cut_at_eos(gen[0, ids.shape[1]:].tolist(),
+        out.append(decode(tok, cut_at_eos(gen[0, ids.shape[1]:].tolist(),
                                             tok.eos_token_id)))
     return out
 
@@ -76,7 +71,7 @@ def _with(model, monkeypatch, **fields) -> GenerationConfig:
 def _check_routed(model, tok, items, name, caplog) -> None:
     """Routed: every outcome and continuation is generate's, and the setting changed at
     least one continuation (else the case would prove nothing)."""
-    caplog.set_level("WARNING", logger="ih_sweep.evaluation.evaluator")
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation.by_generate")
     got = evaluate(model, tok, items, SETTINGS)
     ref = _generate_each(model, tok, items)
     assert [r.continuation for r in got] == ref
@@ -196,7 +191,7 @@ def test_sampling_settings_leave_the_fast_evaluator_on(tiny, monkeypatch, caplog
     items = _items()
     before = evaluate(model, tok, items, SETTINGS)
     _with(model, monkeypatch, temperature=0.6, top_k=5, top_p=0.9, min_p=0.1, typical_p=0.8)
-    caplog.set_level("INFO", logger="ih_sweep.evaluation.evaluator")
+    caplog.set_level("INFO", logger="ih_sweep.evaluation.by_generate")
     got = evaluate(model, tok, items, SETTINGS)
     assert {r.decided_by for r in got} <= {"forward", "decode"}
     assert [(r.continuation, r.correct) for r in got] == \
@@ -210,7 +205,7 @@ def test_sampling_or_beams_in_the_config_are_overridden_with_one_line(tiny, monk
     items = _items()
     before = evaluate(model, tok, items, SETTINGS)
     _with(model, monkeypatch, do_sample=True, temperature=0.6, num_beams=4)
-    caplog.set_level("WARNING", logger="ih_sweep.evaluation.evaluator")
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation.by_generate")
     for _ in range(2):  # one line per model, not per evaluation
         got = evaluate(model, tok, items, SETTINGS)
     assert [(r.continuation, r.correct, r.decided_by) for r in got] == \
@@ -224,7 +219,7 @@ def test_the_line_comes_once_per_model(tiny, monkeypatch, caplog):
     model, tok = tiny
     items = _items()[:4]
     _with(model, monkeypatch, repetition_penalty=1.3)
-    caplog.set_level("WARNING", logger="ih_sweep.evaluation.evaluator")
+    caplog.set_level("WARNING", logger="ih_sweep.evaluation.by_generate")
     for _ in range(3):
         evaluate(model, tok, items, SETTINGS)
     assert len(caplog.records) == 1
@@ -279,14 +274,14 @@ def test_margins_are_generates_processed_scores(tiny, monkeypatch):
     _with(model, monkeypatch, repetition_penalty=1.3)
     got = evaluate(model, tok, items, SETTINGS)
     for r in got:
-        ids = torch.tensor([_encode(tok, r.item.prompt)])
+        ids = torch.tensor([encode(tok, r.item.prompt)])
         with torch.no_grad():
             gen = model.generate(ids, max_new_tokens=3, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True, pad_token_id=_pad_id(tok))
+                                 return_dict_in_generate=True, pad_token_id=pad_id(tok))
         top2 = torch.stack(gen.scores, 1)[0].topk(2, -1).values
         gaps = (top2[:, 0] - top2[:, 1]).tolist()
         toks = gen.sequences[0, ids.shape[1]:].tolist()
-        decided = evaluation._deciding_length(tok, toks, r.item.answer, SETTINGS,
+        decided = deciding_length(tok, toks, r.item.answer, SETTINGS,
                                               tok.eos_token_id)
         assert r.margin == pytest.approx(min(gaps[:decided]), rel=1e-6)
 

@@ -16,26 +16,21 @@ import torch
 
 from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
-from ih_sweep.config.schema import (
-    DType,
-    EvalConfig,
-    ModelConfig,
-    Quantization,
-    QuantizationConfig,
-)
+from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, Quantization, QuantizationConfig
 from ih_sweep.data import Item
+from ih_sweep.evaluation import decoding, runner
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation.evaluator import evaluate
+from ih_sweep.evaluation.fastpath import check
 from ih_sweep.heads.selection import select_heads
+from ih_sweep.model.tokens import pad_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _unchecked(monkeypatch):
-    import weakref
-
-    monkeypatch.setattr(evaluation, "_VERIFIED", weakref.WeakKeyDictionary())
+def _unchecked():
+    check.reset()
 
 
 # --------------------------------------------------------------------------- hand-built
@@ -44,7 +39,7 @@ def test_stats_read_gap_logprob_and_logit_diff_off_known_logits():
                             [4.0, 0.0, 0.0, 0.0, 4.0]]])   # exact tie: gap 0
     targets = torch.tensor([[2, 0]])
     others = torch.tensor([[[3, 4, 2], [0, 0, 0]]])  # pads are the target itself
-    got = evaluation._stats(logits, targets, others)
+    got = decoding.read_stats(logits, targets, others)
     assert got.shape == (1, 2, 5)
     argmax, gap, top, logp, diff = got[0, 0].tolist()
     assert (argmax, gap, top) == (1, 0.5, 3.0)
@@ -61,18 +56,18 @@ def test_margin_counts_only_the_steps_up_to_the_deciding_one(tiny):
     hall, newline, other = (tok.convert_tokens_to_ids(t) for t in ("hallway", "¶", "w009"))
     settings = EvalConfig(progress=False)
     toks = [hall, newline, other]
-    assert evaluation._deciding_length(tok, toks, "hallway", settings, tok.eos_token_id) == 2
+    assert decoding.deciding_length(tok, toks, "hallway", settings, tok.eos_token_id) == 2
     item = Item(0, 0, 0, 0, "", "hallway")
-    read = evaluation._Read([], [], [], -0.5, 1.25)
-    got = evaluation._result(item, "hallway ", True, "forward",
+    read = decoding.Read([], [], [], -0.5, 1.25)
+    got = runner.item_result(item, "hallway ", True, "forward",
                              ([5.0, 1.0, 1e-6], [20.0, 20.0, 20.0]), 2, read, 1e-4)
     assert (got.margin, got.near_tie, got.gold_logprob, got.logit_diff) == (1.0, False, -0.5,
                                                                            1.25)
-    tie = evaluation._result(item, "", False, "decode", ([5.0, 0.01], [20.0, 20.0]), 2,
+    tie = runner.item_result(item, "", False, "decode", ([5.0, 0.01], [20.0, 20.0]), 2,
                              read, 1e-3)
     assert tie.margin == 0.01 and tie.near_tie  # 0.01 <= 1e-3 x 20
     # a wrong first word decides 'exact' at once
-    assert evaluation._deciding_length(tok, [other, hall, newline], "hallway",
+    assert decoding.deciding_length(tok, [other, hall, newline], "hallway",
                                        EvalConfig(metric="exact"), tok.eos_token_id) == 2
 
 
@@ -113,16 +108,16 @@ def _reference_steps(model, tok, item: Item, max_new_tokens: int = 3):
     ids = torch.tensor([tok(item.prompt)["input_ids"]])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         pad_token_id=evaluation._pad_id(tok), temperature=None, top_p=None,
+                         pad_token_id=pad_id(tok), temperature=None, top_p=None,
                          top_k=None, output_scores=True, return_dict_in_generate=True)
-    toks = evaluation._cut_at_eos(out.sequences[0, ids.shape[1]:].tolist(), tok.eos_token_id)
+    toks = decoding.cut_at_eos(out.sequences[0, ids.shape[1]:].tolist(), tok.eos_token_id)
     top2 = [s[0].topk(2).values for s in out.scores]
     return toks, [float(v[0] - v[1]) for v in top2], [float(v[0]) for v in top2]
 
 
 def _reference_margin(model, tok, item, settings):
     toks, gaps, _ = _reference_steps(model, tok, item, settings.max_new_tokens)
-    n = evaluation._deciding_length(tok, toks, item.answer, settings, tok.eos_token_id)
+    n = decoding.deciding_length(tok, toks, item.answer, settings, tok.eos_token_id)
     return min(gaps[:n])
 
 
@@ -151,7 +146,7 @@ def test_margins_equal_one_at_a_time_generate_on_every_path(tiny, tiny_prefix, m
     model, tok = tiny
     items = data.make_items(data.generate_stories(6, seed=90), "all")
     if path == "generate":
-        monkeypatch.setattr(evaluation, "_reusable_cache", lambda *a: None)
+        monkeypatch.setattr(runner, "reusable_cache", lambda *a: None)
     settings = EvalConfig(progress=False, batch_size=6)
     with ablate_heads(model, select_heads(tiny_prefix, "high", 16)):
         got = evaluate(model, tok, items, settings)

@@ -121,7 +121,7 @@ def test_the_unablated_pass_runs_once_per_model_and_settings(tiny, texts, monkey
     calls = []
     real = M.measure
     monkeypatch.setattr(M, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(M, "_UNABLATED", {})
+    M.reset()
     cfg = MechanismConfig(n_sequences=2, seed=5)
     M.mechanism_check(model, tok, cfg, texts, [(0, 1)], model_key="k")
     M.mechanism_check(model, tok, cfg, texts, [(1, 2)], model_key="k")

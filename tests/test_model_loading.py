@@ -7,6 +7,7 @@ from ih_sweep import data
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, Quantization, QuantizationConfig
 from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.evaluation.batches import run_batches
 from ih_sweep.model.architecture import head_sites
 from ih_sweep.model.loading import (
     cache_key,
@@ -114,6 +115,6 @@ def test_cuda_oom_halves_the_batch_and_continues(monkeypatch):
         return [x * 2 for x in chunk]
 
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    out = evaluation._run_batches(fn, list(range(10)), 16, "t", False)
+    out = run_batches(fn, list(range(10)), 16, "t", False)
     assert [y for part in out for y in part] == [x * 2 for x in range(10)]
     assert seen[:3] == [10, 5, 2]

@@ -101,7 +101,7 @@ def test_k_draws_equal_the_single_seed_jobs(tmp_path, ablation):
     are taken once for the union of the draws' heads and cut per draw. Each single-seed
     job starts as in a fresh process (the evaluator's once-per-process check of its
     shortcuts runs again on its first batch, which must not change that batch's numbers)."""
-    from ih_sweep.evaluation import evaluator as evaluation
+    from ih_sweep.evaluation.fastpath import check
 
     args = (*FAST, f"ablation={ablation}", "eval.checkpoint_items=4", "data.n_stories=10",
             "mechanism.n_texts=8", "eval.batch_size=2", "eval.cpu_workers=2")
@@ -117,7 +117,7 @@ def test_k_draws_equal_the_single_seed_jobs(tmp_path, ablation):
     heads = set()
     for seed in range(3):
         single = tmp_path / "single" / str(seed)
-        evaluation._VERIFIED.clear()
+        check.reset()
         record = run_job(single, *args, f"control_seed={seed}", f"paths.cache_dir={tmp_path}/c1")
         assert not record.reused_evaluation
         _same_job(tmp_path / "k" / "job" / f"control_seed={seed}", single)

@@ -15,8 +15,11 @@ from ih_sweep import data
 from ih_sweep.ablation.hooks import head_means
 from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig, ScoringConfig
 from ih_sweep.evaluation import evaluator as evaluation
+from ih_sweep.evaluation.decoding import greedy_from_forward
 from ih_sweep.heads.scoring import score_heads
+from ih_sweep.model.forward import ForwardContext
 from ih_sweep.model.loading import eager_attention, load_model
+from ih_sweep.model.tokens import pad_id
 from ih_sweep.pipeline.evaluate import reference_batches
 from ih_sweep.pipeline.head_scan import attribution_scan, babi_probe, exact_scan
 
@@ -71,16 +74,14 @@ def test_scoring(model_tok):
 def test_evaluation_teacher_forced_pass_and_outcomes(model_tok):
     model, tok = model_tok
     rows = evaluation.build_rows(tok, ITEMS, 3)
-    pad = evaluation._pad_id(tok)
+    pad = pad_id(tok)
+    ctx = ForwardContext.of(model)
 
     def logits(batch):
         record: dict[int, torch.Tensor] = {}
-        token = evaluation._RECORD.set(record)
-        try:
-            with torch.no_grad(), evaluation.installed(model):  # logits at the read positions
-                evaluation._greedy_from_forward(model, batch, pad, 3, torch.device("cpu"))
-        finally:
-            evaluation._RECORD.reset(token)
+        with ctx.recording(record), torch.no_grad(), \
+                evaluation.installed(model):  # logits at the read positions
+            greedy_from_forward(model, batch, pad, 3, torch.device("cpu"))
         return record
 
     one = {}

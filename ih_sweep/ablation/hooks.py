@@ -47,7 +47,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,14 +54,10 @@ import torch
 
 from ih_sweep.config.errors import UserError
 from ih_sweep.config.schema import AblationMethod
-from ih_sweep.model.architecture import (
-    HeadSites,
-    current_positions,
-    head_sites,
-    hook_z,
-    positions_from_mask,
-    track_positions,
-)
+from ih_sweep.model.architecture import HeadSites, head_sites, hook_z, positions_from_mask
+from ih_sweep.model.forward import ForwardContext
+from ih_sweep.model.positions import current_positions, track_positions
+from ih_sweep.model.tokens import pad_id
 
 
 class AblationError(UserError):
@@ -173,60 +168,30 @@ class Donors:
 
 
 # --------------------------------------------------------------------------- row identity
-class _Keys:
-    """The row keys of the passes in this context, with the donor rows cached per
-    device (one lookup per pass, not per layer)."""
-
-    def __init__(self, keys: Sequence[Hashable]):
-        self.keys = tuple(keys)
-        self.cache: dict = {}
-
-
-_KEYS: ContextVar[_Keys | None] = ContextVar("ih_sweep_sequence_keys", default=None)
-_ROW_DEPENDENT = "_ih_sweep_row_dependent_ablation"  # model attributes: how many are on
-_ABLATING = "_ih_sweep_ablating"
-
-
+# (the state lives in the model's ForwardContext, ih_sweep.model.forward)
 @contextmanager
-def sequence_keys(keys: Sequence[Hashable]) -> Iterator[None]:
-    """Inside (this thread), the forward passes' batch rows hold these sequences, one key
-    per row (the evaluator gives each row's story index). Resample ablation takes each
-    row's donor from it; other methods ignore it."""
-    token = _KEYS.set(_Keys(keys))
-    try:
+def sequence_keys(model, keys: Sequence[Hashable]) -> Iterator[None]:
+    """Inside (this thread), the forward passes of ``model`` hold these sequences in their
+    batch rows, one key per row (the evaluator gives each row's story index). Resample
+    ablation takes each row's donor from it; other methods ignore it."""
+    with ForwardContext.of(model).sequence_keys(keys):
         yield
-    finally:
-        _KEYS.reset(token)
 
 
 def row_dependent(model) -> bool:
     """Whether an ablation on ``model`` fills a row by which sequence it holds (resample):
     then a prefix that all rows share must still run in every row."""
-    return bool(getattr(model, _ROW_DEPENDENT, 0))
-
-
-@contextmanager
-def _counted(model, attribute: str) -> Iterator[None]:
-    """``model.<attribute>`` counts the contexts inside which it is (absent at 0)."""
-    setattr(model, attribute, getattr(model, attribute, 0) + 1)
-    try:
-        yield
-    finally:
-        left = getattr(model, attribute) - 1
-        if left:
-            setattr(model, attribute, left)
-        else:
-            vars(model).pop(attribute, None)
+    return ForwardContext.of(model).row_dependent
 
 
 def _refuse_if_ablated(model, what: str) -> None:
-    if getattr(model, _ABLATING, 0):
+    if ForwardContext.of(model).ablating:
         raise AblationError(f"{what} must come from the unablated model: compute them "
                             "before ablate_heads")
 
 
-def _current_rows(donors: Donors, batch: int, device) -> torch.Tensor:
-    keys = _KEYS.get()
+def _current_rows(donors: Donors, batch: int, device, ctx: ForwardContext) -> torch.Tensor:
+    keys = ctx.row_keys
     if keys is None:
         raise AblationError("resample ablation: a forward pass did not say which sequence "
                             "each batch row holds (ih_sweep.ablation.hooks.sequence_keys), so no "
@@ -277,19 +242,21 @@ def ablate_heads(model, heads: Sequence[tuple[int, int]],
     # resample: the same heads (checked), in the donors' column order
     cols = means.columns if method == AblationMethod.resample else \
         {layer: _columns(sites, layer_heads) for layer, layer_heads in by_layer.items()}
-    replace = _filler(method, means, cols)
+    ctx = ForwardContext.of(model)
+    replace = _filler(method, means, cols, ctx)
     with ExitStack() as stack:
         if by_layer:
-            stack.enter_context(_counted(model, _ABLATING))
+            stack.enter_context(ctx.counted("ablating"))
         if by_layer and method in (AblationMethod.position_mean, AblationMethod.resample):
-            stack.enter_context(track_positions(model))
+            stack.enter_context(track_positions(model, ctx))
         if by_layer and method == AblationMethod.resample:
-            stack.enter_context(_counted(model, _ROW_DEPENDENT))
+            stack.enter_context(ctx.counted("row_dependent_ablations"))
         stack.enter_context(hook_z(sites, replace, by_layer))
         yield
 
 
-def _filler(method: AblationMethod, means, cols: dict[int, torch.Tensor]):
+def _filler(method: AblationMethod, means, cols: dict[int, torch.Tensor],
+            ctx: ForwardContext):
     """The hook_z function of ``method``: z [batch, pos, width] -> z with the ablated
     heads' columns replaced."""
     on_device: dict = {}
@@ -310,23 +277,23 @@ def _filler(method: AblationMethod, means, cols: dict[int, torch.Tensor]):
         elif method == AblationMethod.mean:
             x[..., c] = means[layer][cols[layer]].to(device=x.device, dtype=x.dtype)
         else:
-            pos = current_positions(z)  # [batch, pos]
+            pos = current_positions(z, ctx)  # [batch, pos]
             tab = means if method == AblationMethod.position_mean else means.fallback
             fill = table(layer, x.device)[tab.rows(pos)].to(x.dtype)
             if method == AblationMethod.resample:
-                fill = _resampled(means, layer, pos, fill)
+                fill = _resampled(means, layer, pos, fill, ctx)
             x[..., c] = fill
         return x
 
     return replace
 
 
-def _resampled(donors: Donors, layer: int, pos: torch.Tensor, fallback: torch.Tensor
-               ) -> torch.Tensor:
+def _resampled(donors: Donors, layer: int, pos: torch.Tensor, fallback: torch.Tensor,
+               ctx: ForwardContext) -> torch.Tensor:
     """[batch, pos, columns]: each row's donor output at the same absolute position, the
     ``fallback`` past the donor text's end."""
     values = donors.values[layer]
-    rows = _current_rows(donors, pos.shape[0], values.device)
+    rows = _current_rows(donors, pos.shape[0], values.device, ctx)
     p = pos.to(values.device)
     got = values[rows[:, None], p.clamp(min=0, max=values.shape[1] - 1)]
     past = p >= donors.lengths.to(values.device)[rows][:, None]
@@ -471,8 +438,7 @@ def resample_donors(model, tokenizer, texts: Mapping[int, str],
     encoded = [tokens[k] for k in keys]
     longest = max(len(e) for e in encoded)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     values: dict[int, torch.Tensor] = {}
     current: list[slice] = []
 

@@ -40,17 +40,17 @@ Definition, per head (layer l, query head h), in the project's terms:
   (two disjoint sets; Todd et al. draw them independently).
 - Head mean: a_bar[l, h] = mean over the clean mean prompts of z[l, h] at the final prompt
   token, where z[l, h] is the head's slice of the o_proj input
-  (:func:`ih_sweep.model.architecture.hook_z`; [head_dim] in the model's units).
+  (:func:`ih_sweep.model.sites.hook_z`; [head_dim] in the model's units).
 - Indirect effect on a corrupted prompt: CIE[l, h](p~) = P(y | p~, z[l, h]_final := a_bar[l, h])
   - P(y | p~), where P is the softmax of the next-token logits at the final token and y the
   gold answer's first token as it follows the prompt
-  (:func:`ih_sweep.evaluation.evaluator.answer_tokens`,
+  (:func:`ih_sweep.evaluation.rows.answer_tokens`,
   the evaluator's own tokenization; the corrupted prompt ends as the clean one does).
 - FV score: AIE[l, h] = mean over the ``fv_prompts`` corrupted prompts of CIE[l, h]. Units:
   a probability difference, in [-1, 1].
 
 Batching: the clean prompts run ``fv_batch_size`` at a time, left-padded with position ids
-from the mask (:func:`ih_sweep.model.architecture.positions_from_mask`), so the final token is
+from the mask (:func:`ih_sweep.model.positions.positions_from_mask`), so the final token is
 the last column in every row; each corrupted prompt runs as one unpadded batch of copies,
 one row unpatched and every other row patching one head (Todd et al.'s ``batched_input``),
 ``fv_batch_size`` rows a pass. The scores do not depend on the batch size (tested).
@@ -71,7 +71,9 @@ import torch
 from ih_sweep.config.errors import UserError
 from ih_sweep.config.schema import ScoringConfig
 from ih_sweep.data import Item
-from ih_sweep.model.architecture import head_sites, hook_z, positions_from_mask
+from ih_sweep.model.positions import positions_from_mask
+from ih_sweep.model.sites import head_sites, hook_z
+from ih_sweep.model.tokens import pad_id
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +214,9 @@ def batch_rows(value: int | str, model, tokens: int) -> int:
 def first_answer_token(tokenizer, item: Item) -> int | None:
     """The gold answer's first token as it follows ``item.prompt`` (the evaluator's), None
     where the answer has no token of its own (a tokenizer that drops it)."""
-    from ih_sweep.evaluation.evaluator import _tail, answer_tokens
+    from ih_sweep.evaluation.rows import answer_tokens, prompt_tail
 
-    tail = _tail(item.prompt)
+    tail = prompt_tail(item.prompt)
     cont, _ = answer_tokens(tokenizer, [tail], [item.target])[tail, item.target]
     return int(cont[0]) if cont else None
 
@@ -224,11 +226,9 @@ def clean_final(model, tokenizer, prompts: Sequence[str], rows: int
                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Each prompt's o_proj inputs at its final token ({layer: [prompts, heads * head_dim]}
     float32, CPU) and its greedy next token ([prompts]), left-padded batches of ``rows``."""
-    from ih_sweep.evaluation.evaluator import _pad_id
-
     sites = head_sites(model)
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     encoded = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     z: dict[int, list[torch.Tensor]] = {i: [] for i in range(sites.n_layers)}
     greedy = []
@@ -257,10 +257,10 @@ def patched_probs(model, ids: Sequence[int], target: int, means: dict[int, torch
     The tokens before the final one are the same in every row and no patch reaches them
     (causal attention; only the final token is patched), so they run once into a key/value
     cache (the evaluator's
-    :func:`~ih_sweep.evaluation.evaluator._reusable_cache`) and each pass feeds
+    :func:`~ih_sweep.evaluation.decoding.reusable_cache`) and each pass feeds
     the final token alone, the cache's rows copied from that one; where the model's cache
     cannot be reused exactly, every pass runs the whole prompt."""
-    from ih_sweep.evaluation.evaluator import _cache_argument, _reusable_cache
+    from ih_sweep.evaluation.decoding import cache_argument, reusable_cache
 
     sites = head_sites(model)
     device = next(model.parameters()).device
@@ -281,8 +281,8 @@ def patched_probs(model, ids: Sequence[int], target: int, means: dict[int, torch
 
     tokens = torch.tensor([list(ids)], device=device)
     width = tokens.shape[1]
-    cache = _reusable_cache(model, width, 1) if width > 1 else None
-    arg = _cache_argument(model)
+    cache = reusable_cache(model, width, 1) if width > 1 else None
+    arg = cache_argument(model)
     if cache is not None:  # the shared prefix, once
         model(input_ids=tokens[:, :-1], use_cache=True, logits_to_keep=1, **{arg: cache})
     with hook_z(sites, patch):

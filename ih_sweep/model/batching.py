@@ -7,7 +7,7 @@ memory: the rows a batch holds follow from the device's free bytes and the model
 the memory model below, rounded down to a power of two (so that a little more or less free
 memory gives the same batches, hence, in half precision, the same near-tie outcomes from run
 to run) and capped. The evaluator still halves its batch on ``torch.cuda.OutOfMemoryError``
-(:func:`ih_sweep.evaluation.evaluator._run_batches`):
+(:func:`ih_sweep.evaluation.batches.run_batches`):
 the model is an estimate, that is the safety net.
 
 Memory model (bytes; ``b`` = bytes per element of the compute dtype: 2 for bfloat16 and
@@ -91,30 +91,30 @@ class ModelShape:
 
 def model_shape(config) -> ModelShape:
     """:class:`ModelShape` from a Hugging Face model config, under any supported family's key
-    names (layers and heads through :func:`ih_sweep.model.architecture.config_shape`). Missing
+    names (layers and heads through :func:`ih_sweep.model.shape.config_shape`). Missing
     keys: KV heads = heads, head_dim = hidden / heads, intermediate = 4 x hidden (GPT-2's
     ``n_inner=None``), vocab = 0. Raises
-    :class:`~ih_sweep.model.architecture.UnsupportedArchitecture` without layer/head counts or a
+    :class:`~ih_sweep.model.shape.UnsupportedArchitecture` without layer/head counts or a
     hidden size."""
-    from ih_sweep.model.architecture import (
+    from ih_sweep.model.shape import (
         UnsupportedArchitecture,
-        _config_value,
         config_shape,
+        config_value,
         text_config,
     )
 
     layers, heads = config_shape(config)
     text = text_config(config)
-    hidden = _config_value(text, "hidden_size", "n_embd", "d_model")
+    hidden = config_value(text, "hidden_size", "n_embd", "d_model")
     if hidden is None:
         raise UnsupportedArchitecture(f"{type(config).__name__}: config lacks the hidden size")
     return ModelShape(
         layers=layers, hidden=hidden, heads=heads,
-        kv_heads=_config_value(text, "num_key_value_heads") or heads,
-        head_dim=_config_value(text, "head_dim") or hidden // heads,
-        intermediate=_config_value(text, "intermediate_size", "n_inner", "ffn_dim")
+        kv_heads=config_value(text, "num_key_value_heads") or heads,
+        head_dim=config_value(text, "head_dim") or hidden // heads,
+        intermediate=config_value(text, "intermediate_size", "n_inner", "ffn_dim")
         or 4 * hidden,
-        vocab=_config_value(text, "vocab_size") or 0)
+        vocab=config_value(text, "vocab_size") or 0)
 
 
 # --------------------------------------------------------------------------- pure maths
@@ -286,12 +286,17 @@ def _cuda_device(model):
 
 
 def _eager(model) -> bool:
-    from ih_sweep.model.architecture import text_config
+    from ih_sweep.model.shape import text_config
 
     return getattr(text_config(model.config), "_attn_implementation", None) == "eager"
 
 
-_LOGGED: dict[str, tuple] = {}
+_LOGGED: dict[str, tuple] = {}  # setting -> the (value, detail) last logged for it
+
+
+def reset() -> None:
+    """Forget which ``auto`` choices were logged (each is logged again once)."""
+    _LOGGED.clear()
 
 
 def _log_choice(key: str, value: int, free: int, detail: str) -> None:

@@ -321,3 +321,9 @@ def model_slug(model: ModelConfig, quant: QuantizationConfig | None = None) -> s
         tail = slug.encode()[-90:].decode(errors="ignore")
         slug = f"{hashlib.sha256(slug.encode()).hexdigest()[:12]}~{tail}"
     return slug
+
+
+def reset() -> None:
+    """Forget the models and tokenizers loaded in this process (the next load reads them
+    again)."""
+    _CACHE.clear()

@@ -191,6 +191,11 @@ _UNABLATED: dict[str, dict[str, float]] = {}  # key -> measure() of the unablate
 _MAX_CACHED = 16
 
 
+def reset() -> None:
+    """Forget the unablated measures cached in this process (:func:`mechanism_check`)."""
+    _UNABLATED.clear()
+
+
 def texts_for(stories: Iterable[Story], n: int) -> list[str]:
     """:func:`story_text` of the first ``n`` stories."""
     out = []
