@@ -27,7 +27,7 @@ def test_defaults_compose_into_the_typed_schema():
 
 @pytest.mark.parametrize("override", [
     "condition=best", "eval.metric=fuzzy", "eval.scope=first", "scoring.rank_by=best",
-    "ablation.method=shuffle", "quantization.name=int4", "job=train", "eval.progress=maybe",
+    "quantization.name=int4", "job=train", "eval.progress=maybe",  # ablation.method: registry
     "summarize=maybe", "model.attn_implementation=magic", "scoring.seed=abc",
     "eval.cpu_workers=1.5", "n_heads=1.5", "data.split=dev", "model.dtype=float8",
     "scan.layers=abc", "train.schedule=linear",

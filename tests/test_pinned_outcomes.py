@@ -9,7 +9,8 @@ import json
 import numpy as np
 import torch
 
-from ih_sweep.ablation.hooks import ablate_heads, head_means
+from ih_sweep.ablation.hooks import ablate_heads
+from ih_sweep.ablation.means import head_means
 from ih_sweep.config.schema import ScoringConfig
 from ih_sweep.data import babi as data
 from ih_sweep.heads.scoring import score_heads, score_matrix

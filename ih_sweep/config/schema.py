@@ -140,16 +140,6 @@ class RankBy(Choice):
     # job's own prompts (ih_sweep.heads.function_vectors)
 
 
-class AblationMethod(Choice):
-    """What replaces an ablated head's output (definitions and sources:
-    :mod:`ih_sweep.ablation.hooks`)."""
-
-    zero = "zero"
-    mean = "mean"  # the head's mean output over the reference prompts' tokens
-    position_mean = "position_mean"  # ... at the token's absolute position
-    resample = "resample"  # the head's output on a donor story at the same position
-
-
 class Schedule(Choice):
     cosine = "cosine"
     wsd = "wsd"  # warmup-stable-decay
@@ -259,7 +249,9 @@ class ScoringConfig:
 
 @dataclass
 class AblationConfig:
-    method: AblationMethod = AblationMethod.zero
+    # a registered ablation method (ih_sweep.ablation.registry): zero, mean, position_mean,
+    # resample (definitions and sources: their modules in ih_sweep/ablation/)
+    method: str = "zero"
     # mean, position_mean (and resample past a donor's end): prompts the means are taken over
     n_reference: int = 64
     seed: int = 0  # resample: the draw of each story's donor story (ignored otherwise)
@@ -619,13 +611,16 @@ def check(cfg: Config) -> None:
     _scoring_choice(cfg)
     _at_least("ablation.n_reference", cfg.ablation.n_reference, 1)
     _at_least("ablation.seed", cfg.ablation.seed, 0)
+    from ih_sweep.ablation.registry import ablation_names, get_ablation
+
     method = cfg.ablation.method
-    _need(cfg.job != Job.scan or method == AblationMethod.zero, "ablation.method",
-          method.value, "job=scan zeroes each head (its exact scan and attribution patching "
+    _need(method in ablation_names(), "ablation.method", method,
+          f"allowed: {', '.join(ablation_names())}")
+    _need(cfg.job != Job.scan or method == "zero", "ablation.method",
+          method, "job=scan zeroes each head (its exact scan and attribution patching "
           "estimate zero ablation); the other methods apply to job=evaluate")
-    _need(method != AblationMethod.resample or data.n_stories is None or data.n_stories >= 2,
-          "ablation.method", method.value, f"resample needs donor stories: data.n_stories="
-          f"{data.n_stories} leaves none (at least 2)")
+    problem = get_ablation(method).config_problem(cfg)
+    _need(problem is None, "ablation.method", method, str(problem))
     mech = cfg.mechanism
     for key in ("n_sequences", "seq_len", "n_texts", "batch_size"):
         _at_least(f"mechanism.{key}", getattr(mech, key), 1)
