@@ -3,8 +3,9 @@ method of this file's own, registered here alone and run through an evaluate job
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
-from compose_config import compose
+from compose_config import compose, run_job
 
 from ih_sweep.ablation.registry import (
     Ablation,
@@ -13,8 +14,11 @@ from ih_sweep.ablation.registry import (
     ablation_names,
     get_ablation,
     register_ablation,
+    unregister_ablation,
 )
 from ih_sweep.config.schema import ConfigError, settings
+
+FAST = ("debug=fast", "n_heads=16", "mechanism.enabled=false")
 
 
 def test_the_built_in_methods_are_registered_in_order():
@@ -61,3 +65,44 @@ def test_the_config_rules_of_a_method_are_its_own():
         settings(compose("ablation=resample", "data.n_stories=1"))
     with pytest.raises(ConfigError, match=r"ablation.method='mean' is not allowed; job=scan"):
         settings(compose("job=scan", "ablation=mean"))
+
+
+# --------------------------------------------------------------------------- a new method
+@pytest.fixture
+def scaled():
+    """A method of this file alone: the ablated heads' outputs halved. Registered with the
+    decorator for the test, unregistered after it (the other tests see the built-ins only)."""
+    seen: list[tuple[int, float]] = []
+
+    @register_ablation("scaled")
+    class Scaled(BaseAblation):
+        """z times 0.5 on the ablated heads' columns; nothing to prepare."""
+
+        def replace(self, fill, layer, z, columns, positions=None, keys=None, cache=None):
+            new = z[..., columns.to(z.device)] * 0.5
+            seen.append((layer, float(new.abs().sum())))
+            return new
+
+    yield seen
+    unregister_ablation("scaled")
+
+
+def test_a_method_registered_in_a_test_file_runs_an_evaluate_job(tmp_path, scaled):
+    cache = f"paths.cache_dir={tmp_path}/c"
+    assert settings(compose("ablation.method=scaled")).ablation.method == "scaled"
+    record = run_job(tmp_path / "scaled", *FAST, "ablation.method=scaled", cache)
+    assert record.ablation == "scaled" and len(record.heads) == 16
+    assert scaled and {layer for layer, _ in scaled} == {la for la, _ in record.heads}
+    assert any(total > 0 for _, total in scaled)  # the heads were halved, not zeroed
+    zero = run_job(tmp_path / "zero", *FAST, "ablation.method=zero", cache)
+    none = run_job(tmp_path / "none", *FAST, "condition=none", cache)
+    assert zero.heads == record.heads and none.heads == []
+
+    def logprobs(folder):
+        return pd.read_csv(folder / "results.csv", keep_default_na=False)["gold_logprob"]
+
+    half = logprobs(tmp_path / "scaled")
+    assert (pd.read_csv(tmp_path / "scaled" / "results.csv")["ablation"] == "scaled").all()
+    assert not half.equals(logprobs(tmp_path / "zero"))
+    assert not half.equals(logprobs(tmp_path / "none"))
+    assert "scaled" not in settings(compose()).ablation.method
