@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ih_sweep.ablation.hooks import _validate, ablate_heads
+from ih_sweep.ablation.hooks import ablate_heads, heads_by_layer
 from ih_sweep.heads.scoring import copying_from_logits
 from ih_sweep.model.architecture import head_sites, hook_z
 from ih_sweep.pipeline.head_scan import Probe, _readout
@@ -30,7 +30,7 @@ def zero_attention_probs(model, heads: Sequence[tuple[int, int]]) -> Iterator[No
     from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv
 
     sites = head_sites(model)
-    by_layer = _validate(sites, heads)
+    by_layer = heads_by_layer(sites, heads)
     layer_of = {id(layer.self_attn): i for i, layer in enumerate(sites.layers)}
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):

@@ -4,8 +4,9 @@ import pytest
 import torch
 import transformers as tf
 
-from ih_sweep.ablation.hooks import AblationError, ablate_heads, head_means
-from ih_sweep.config.schema import AblationMethod
+from ih_sweep.ablation.hooks import AblationError, ablate_heads
+from ih_sweep.ablation.means import head_means
+from ih_sweep.ablation.registry import get_ablation
 from ih_sweep.model.architecture import UnsupportedArchitecture, head_sites, hook_z
 from ih_sweep.testing import zero_attention_probs
 
@@ -183,7 +184,7 @@ def test_mean_ablation_uses_reference_means():
         m0 = _logits(model)
     with ablate_heads(model, [(1, 2)], "mean", means):
         m = _logits(model)
-    with ablate_heads(model, [(1, 2)], AblationMethod.mean, means):
+    with ablate_heads(model, [(1, 2)], get_ablation("mean"), means):  # the method itself
         assert torch.equal(_logits(model), m)
     assert torch.allclose(z, m0) and not torch.allclose(z, m)
 

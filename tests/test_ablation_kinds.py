@@ -11,16 +11,9 @@ import torch
 from test_families import CONFIGS, save_model
 
 from ih_sweep import data
-from ih_sweep.ablation.hooks import (
-    AblationError,
-    Donors,
-    ablate_heads,
-    draw_donors,
-    position_means,
-    resample_donors,
-    row_dependent,
-    sequence_keys,
-)
+from ih_sweep.ablation.donors import Donors, donor_texts, draw_donors, resample_donors
+from ih_sweep.ablation.hooks import AblationError, ablate_heads, row_dependent, sequence_keys
+from ih_sweep.ablation.means import position_means, reference_batches
 from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig
 from ih_sweep.evaluation import decoding, runner
 from ih_sweep.evaluation import evaluator as evaluation
@@ -28,7 +21,6 @@ from ih_sweep.evaluation.evaluator import evaluate, is_correct
 from ih_sweep.heads.selection import select_heads
 from ih_sweep.model.architecture import PositionsUnknown, head_sites, hook_z, token_positions
 from ih_sweep.model.loading import load_model
-from ih_sweep.pipeline.evaluate import donor_texts, reference_batches
 from ih_sweep.testing import generate_one_at_a_time
 
 KINDS = ("position_mean", "resample")

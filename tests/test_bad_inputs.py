@@ -81,7 +81,8 @@ CONFIG_CASES = [
     (["scoring.exclude_frequent_frac=0.6", "scoring.exclude_rare_frac=0.6"],
      "exclude_frequent_frac + exclude_rare_frac < 1"),
     (["scoring.seq_len=100000"], "scoring.seq_len=100000: a repeated sequence of"),
-    (["ablation=drop"], HYDRA), (["ablation.method=shuffle"], HYDRA),
+    (["ablation=drop"], HYDRA), (["ablation.method=shuffle"], "ablation.method='shuffle' is "
+                                 "not allowed; allowed: zero, mean, position_mean, resample"),
     (["ablation.n_reference=0"], "ablation.n_reference=0"),
     (["scan.layers=[-1]"], "scan.layers[]=-1"), (["scan.layers=abc"], HYDRA),
     (["job=scan", "scan.layers=[7]"], "scan.layers=[7]: the model has 2 layers"),

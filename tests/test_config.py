@@ -41,7 +41,6 @@ NOT_INT_OR_STR = "Value '{}' of type 'float' is incompatible with type hint 'Uni
     ("eval.metric=fuzzy", ENUM.format("fuzzy", "contains, exact, quasi_exact, verbatim")),
     ("eval.scope=first", ENUM.format("first", "last, all")),
     ("scoring.rank_by=best", ENUM.format("best", "prefix, copying, combined, fv")),
-    ("ablation.method=shuffle", ENUM.format("shuffle", "zero, mean, position_mean, resample")),
     ("quantization.name=int4", ENUM.format("int4", "none, nf4, int8")),
     ("job=train", ENUM.format("train", "evaluate, score, scan, train_tiny")),
     ("eval.progress=maybe", NOT_BOOL.format("maybe")),

@@ -17,7 +17,7 @@ from test_summary import make_job
 
 from ih_sweep.config.hydra import settings
 from ih_sweep.config.identity import config_hash
-from ih_sweep.pipeline import evaluate as ev
+from ih_sweep.pipeline import draws
 from ih_sweep.pipeline.records import SeedsRecord, read_record, store_dir
 from ih_sweep.report import statistics as st
 from ih_sweep.report.summarize import find_jobs, summarize
@@ -134,7 +134,7 @@ def test_control_seeds_is_ignored_outside_random_and_hashes_as_one_draw():
     assert config_hash(cfg("condition=random", "control_seed=2", "control_seeds=1")) == one
     assert config_hash(cfg("condition=random", "control_seed=2", "control_seeds=5")) != one
     many = cfg("condition=random", "control_seed=2", "control_seeds=3")
-    assert [config_hash(c) for c in ev.seed_configs(many)] == [
+    assert [config_hash(c) for c in draws.seed_configs(many)] == [
         config_hash(cfg("condition=random", f"control_seed={k}")) for k in (2, 3, 4)]
     from ih_sweep.config.errors import ConfigError
     with pytest.raises(ConfigError, match="control_seeds=0 is not allowed"):
@@ -184,13 +184,13 @@ def test_find_jobs_lists_the_draws_and_keeps_the_parent_apart(tmp_path):
 
 
 def test_union_of_donor_heads_stays_within_the_budget(monkeypatch):
-    shared = ev.Shared(pending=[0, 1, 2, 3])
-    draws = {0: [(0, 1), (0, 2)], 1: [(0, 2), (1, 3)], 2: [(1, 4), (1, 5)], 3: [(1, 6)]}
-    monkeypatch.setattr(ev, "DONOR_SHARE_BYTES", 4 * 10)
-    assert shared._union(draws[0], 0, draws.get, 10) == [(0, 1), (0, 2), (1, 3)]
-    assert shared._union(draws[2], 2, draws.get, 10) == [(1, 4), (1, 5), (1, 6)]
-    monkeypatch.setattr(ev, "DONOR_SHARE_BYTES", 0)  # this draw's heads at least
-    assert shared._union(draws[1], 1, draws.get, 10) == draws[1]
+    shared = draws.SharedInputs(pending=[0, 1, 2, 3])
+    heads = {0: [(0, 1), (0, 2)], 1: [(0, 2), (1, 3)], 2: [(1, 4), (1, 5)], 3: [(1, 6)]}
+    monkeypatch.setattr(draws, "DONOR_SHARE_BYTES", 4 * 10)
+    assert shared.union(heads[0], 0, heads.get, 10) == [(0, 1), (0, 2), (1, 3)]
+    assert shared.union(heads[2], 2, heads.get, 10) == [(1, 4), (1, 5), (1, 6)]
+    monkeypatch.setattr(draws, "DONOR_SHARE_BYTES", 0)  # this draw's heads at least
+    assert shared.union(heads[1], 1, heads.get, 10) == heads[1]
 
 
 def test_donor_bytes_count_the_dtype_head_outputs_are_stored_in():
@@ -199,6 +199,7 @@ def test_donor_bytes_count_the_dtype_head_outputs_are_stored_in():
     pytest.importorskip("bitsandbytes")
     import torch
 
+    from ih_sweep.ablation.donors import donor_bytes_per_head
     from ih_sweep.config.schema import ModelConfig, Quantization, QuantizationConfig
     from ih_sweep.model.architecture import head_sites
     from ih_sweep.model.loading import load_model
@@ -214,13 +215,13 @@ def test_donor_bytes_count_the_dtype_head_outputs_are_stored_in():
     texts = {0: "Mary went to the office.", 1: "John went to the hallway. Mary went home."}
     longest = max(len(ids) for ids in tok(list(texts.values()))["input_ids"])
     assert seen == [torch.float32]
-    assert ev._bytes_per_head(model, tok, texts) == 2 * longest * sites.head_dim * 4
+    assert donor_bytes_per_head(model, tok, texts) == 2 * longest * sites.head_dim * 4
 
 
 def test_donor_subset_equals_donors_taken_for_those_heads(tiny):
-    from ih_sweep.ablation.hooks import position_means, resample_donors
+    from ih_sweep.ablation.donors import donor_texts, resample_donors
+    from ih_sweep.ablation.means import position_means, reference_batches
     from ih_sweep.data import generate_stories, make_items
-    from ih_sweep.pipeline.evaluate import donor_texts, reference_batches
 
     model, tok = tiny
     items = make_items(generate_stories(6, seed=3), "last")

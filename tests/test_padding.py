@@ -12,7 +12,7 @@ import torch
 from test_families import CONFIGS, one_thread, save_model  # noqa: F401 (a fixture)
 
 from ih_sweep import data
-from ih_sweep.ablation.hooks import head_means
+from ih_sweep.ablation.means import head_means, reference_batches
 from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig, ScoringConfig
 from ih_sweep.evaluation import evaluator as evaluation
 from ih_sweep.evaluation.decoding import greedy_from_forward
@@ -20,7 +20,6 @@ from ih_sweep.heads.scoring import score_heads
 from ih_sweep.model.forward import ForwardContext
 from ih_sweep.model.loading import eager_attention, load_model
 from ih_sweep.model.tokens import pad_id
-from ih_sweep.pipeline.evaluate import reference_batches
 from ih_sweep.pipeline.head_scan import attribution_scan, babi_probe, exact_scan
 
 FAMILIES = ("gpt2", "opt")

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ih_sweep import data
-from ih_sweep.ablation.hooks import ablate_heads, head_means
+from ih_sweep.ablation.hooks import ablate_heads
+from ih_sweep.ablation.means import head_means
 from ih_sweep.config.schema import ScoringConfig
 from ih_sweep.heads.scoring import score_heads, score_matrix
 from ih_sweep.model.loading import ASSET_DIR, eager_attention

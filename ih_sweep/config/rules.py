@@ -18,7 +18,6 @@ from ih_sweep.config.schema import (
     BABI_TASKS,
     LANGS,
     MAX_STORIES,
-    AblationMethod,
     Condition,
     Config,
     DataConfig,
@@ -191,14 +190,16 @@ def check_ablation(cfg: Config) -> None:
     and ``data.n_stories``)."""
     _at_least("ablation.n_reference", cfg.ablation.n_reference, 1)
     _at_least("ablation.seed", cfg.ablation.seed, 0)
+    from ih_sweep.ablation.registry import ablation_names, get_ablation
+
     method = cfg.ablation.method
-    n_stories = cfg.data.n_stories
-    _need(cfg.job != Job.scan or method == AblationMethod.zero, "ablation.method",
-          method.value, "job=scan zeroes each head (its exact scan and attribution patching "
+    _need(method in ablation_names(), "ablation.method", method,
+          f"allowed: {', '.join(ablation_names())}")
+    _need(cfg.job != Job.scan or method == "zero", "ablation.method",
+          method, "job=scan zeroes each head (its exact scan and attribution patching "
           "estimate zero ablation); the other methods apply to job=evaluate")
-    _need(method != AblationMethod.resample or n_stories is None or n_stories >= 2,
-          "ablation.method", method.value, f"resample needs donor stories: data.n_stories="
-          f"{n_stories} leaves none (at least 2)")
+    problem = get_ablation(method).config_problem(cfg)
+    _need(problem is None, "ablation.method", method, str(problem))
 
 
 def check_mechanism(mech: MechanismConfig) -> None:

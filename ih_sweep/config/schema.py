@@ -126,16 +126,6 @@ class RankBy(Choice):
     # job's own prompts (ih_sweep.heads.function_vectors)
 
 
-class AblationMethod(Choice):
-    """What replaces an ablated head's output (definitions and sources:
-    :mod:`ih_sweep.ablation.hooks`)."""
-
-    zero = "zero"
-    mean = "mean"  # the head's mean output over the reference prompts' tokens
-    position_mean = "position_mean"  # ... at the token's absolute position
-    resample = "resample"  # the head's output on a donor story at the same position
-
-
 class Schedule(Choice):
     cosine = "cosine"
     wsd = "wsd"  # warmup-stable-decay
@@ -245,7 +235,9 @@ class ScoringConfig:
 
 @dataclass
 class AblationConfig:
-    method: AblationMethod = AblationMethod.zero
+    # a registered ablation method (ih_sweep.ablation.registry): zero, mean, position_mean,
+    # resample (definitions and sources: their modules in ih_sweep/ablation/)
+    method: str = "zero"
     # mean, position_mean (and resample past a donor's end): prompts the means are taken over
     n_reference: int = 64
     seed: int = 0  # resample: the draw of each story's donor story (ignored otherwise)

@@ -88,7 +88,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
     HELM (``clients/client.py`` truncate_sequence) and lm-eval (``models/utils.py``
     postprocess_generated_text) cut at each stop string in list order; for stop strings that
-    cannot overlap (:func:`.schema.check` refuses others) that is the same cut."""
+    cannot overlap (:func:`ih_sweep.config.rules.check` refuses others) that is the same cut."""
     at = _first_stop(text, stop)
     return text if at is None else text[:at]
 

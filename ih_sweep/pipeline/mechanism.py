@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ih_sweep.config.errors import ConfigError
-from ih_sweep.config.schema import AblationMethod, MechanismConfig
+from ih_sweep.config.schema import MechanismConfig
 from ih_sweep.data import Story, question_indices
 
 log = logging.getLogger(__name__)
@@ -208,12 +208,12 @@ def texts_for(stories: Iterable[Story], n: int) -> list[str]:
 
 def mechanism_check(model, tokenizer, settings: MechanismConfig, texts: Sequence[str],
                     heads: Sequence[tuple[int, int]],
-                    method: AblationMethod | str = AblationMethod.zero,
-                    means: dict[int, torch.Tensor] | None = None,
+                    method: Any = "zero", means: Any = None,
                     model_key: str = "") -> dict[str, Any]:
     """The job record's ``mechanism`` entry: ``repeat_loss``, ``repeat_loss_unablated``,
     ``icl_score``, ``icl_score_unablated`` (nats), with ``heads`` ablated by ``method``
-    (``means`` for mean ablation) in the first and third, plus the settings and positions
+    (a registered name or method, :func:`ih_sweep.ablation.registry.get_ablation`; ``means``:
+    its fill) in the first and third, plus the settings and positions
     used. No heads: ablated = unablated, one pass. The unablated pass is cached in-process
     under ``model_key`` (which must name the loaded model, e.g. its load cache key), the
     settings and the texts."""

@@ -111,7 +111,7 @@ class EvaluationRecord:
     n_heads_share: float | None = None
     results_sha256: str = ""  # of results.csv as written: a damaged file is not trusted
     scores_file: str | None = None  # the score table the heads were chosen from
-    settings: dict[str, Any] = field(default_factory=dict)  # schema.semantic_config
+    settings: dict[str, Any] = field(default_factory=dict)  # config.identity.semantic_config
     reused_evaluation: bool = False  # results restored from the store (a finished job)
     resumed_chunks: int = 0  # checkpointed chunks a previous (killed) run had finished
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage

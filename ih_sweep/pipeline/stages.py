@@ -1,0 +1,299 @@
+"""The evaluate job's stages (:mod:`ih_sweep.pipeline.evaluate` calls them in order), each a
+plain function of what the earlier ones returned, and the artifacts they pass on:
+:class:`HeadCount` -> :class:`Items` -> :class:`ScoreTable` -> :class:`Selection` ->
+:class:`Fill` -> :class:`Results` -> the job's record. What the draws of a several-draw job
+share (the model, the items, the score table, the fill) is held by
+:class:`ih_sweep.pipeline.draws.SharedInputs`, which calls the loading stages here."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ih_sweep.ablation.registry import Ablation
+from ih_sweep.config.errors import ConfigError
+from ih_sweep.config.rules import n_heads_share
+from ih_sweep.config.schema import Condition, Config, ScoreSource, plain
+from ih_sweep.pipeline.records import EvaluationRecord, finished_record, restore, write_record
+
+log = logging.getLogger("ih_sweep")
+
+
+@dataclass
+class HeadCount:
+    """How many heads the job ablates on this model (``n_heads`` resolved; ``share``: the
+    percentage it asked for, or None for a count) and the model's shape."""
+
+    n_ablate: int
+    share: Any
+    n_layers: int
+    heads_per_layer: int
+
+
+@dataclass
+class Items:
+    """The job's stories and the items (questions as prompts) evaluated on them."""
+
+    stories: list
+    items: list
+
+
+@dataclass
+class ScoreTable:
+    """The head score table (``frame``, columns :data:`ih_sweep.heads.scoring.SCORE_COLUMNS`)
+    and the file holding its ``rank_by`` column (a cache file or the user's)."""
+
+    frame: pd.DataFrame
+    file: str
+
+
+@dataclass
+class Selection:
+    """The heads ablated ((layer, head) pairs, in selection order; none for an unablated
+    job), the ``rank_by`` matrix [layers, heads] they were chosen on, the score file, and
+    what :meth:`heads_for` needs to draw them with another control seed."""
+
+    heads: list[tuple[int, int]]
+    matrix: np.ndarray | None = None
+    scores_file: str | None = None
+    condition: str = "none"
+    n_ablate: int = 0
+    excluded: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+    def heads_for(self, seed: int) -> list[tuple[int, int]]:
+        """This job's heads had it been drawn with ``control_seed=seed``."""
+        from ih_sweep.heads.selection import select_heads
+
+        return select_heads(self.matrix, self.condition, self.n_ablate, seed, self.excluded)
+
+
+@dataclass
+class Fill:
+    """The ablation ``method`` and what it fills the selected heads with (its prepared
+    fill; None without heads or for a method that needs none)."""
+
+    method: Ablation
+    values: Any = None
+
+
+@dataclass
+class Results:
+    """The evaluated items (:data:`ih_sweep.pipeline.records.ITEM_COLUMNS` rows) and how many
+    checkpointed chunks were reused."""
+
+    items: pd.DataFrame
+    resumed_chunks: int
+
+
+class LazyModel:
+    """The job's (model, tokenizer) (:func:`ih_sweep.model.loading.load_model`), loaded at the
+    first call: a job whose score table is cached and whose chunks are all checkpointed never
+    loads it. ``load_s``: seconds the load took (None until loaded)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.loaded: tuple[Any, Any] | None = None
+        self.load_s: float | None = None
+        self._told = False
+
+    def __call__(self) -> tuple[Any, Any]:
+        if self.loaded is None:
+            from ih_sweep.model.loading import load_model
+
+            t0 = time.time()
+            self.loaded = load_model(self.config.model, self.config.quantization,
+                                     self.config.device)
+            self.load_s = time.time() - t0
+        return self.loaded
+
+    def take_load_time(self) -> dict[str, float]:
+        """``{"load_s": seconds}`` the first time after the load, else empty (a job's
+        timings; the other draws of a several-draw job reuse the model)."""
+        if self.load_s is None or self._told:
+            return {}
+        self._told = True
+        return {"load_s": self.load_s}
+
+
+# --------------------------------------------------------------------------- stages
+def reuse_finished(config: Config, out_dir: Path, chash: str, started: float
+                   ) -> EvaluationRecord | None:
+    """The record of this config's finished job, in ``out_dir`` or in the store (then
+    copied into ``out_dir`` with this job's bookkeeping), or None: the job must run."""
+    previous = finished_record(out_dir, chash, "results.csv")
+    if previous is not None:
+        log.info("skipping %s: complete results exist for this config", out_dir)
+        return previous  # type: ignore[return-value]
+    stored = restore(config.paths.cache_dir, chash, out_dir)
+    if stored is None:
+        return None
+    log.info("reusing the finished evaluation %s (%s) for %s", chash,
+             Path(config.paths.cache_dir) / "jobs" / chash, describe(config))
+    record = dataclasses.replace(  # this job's own bookkeeping, the stored results
+        stored, reused_evaluation=True, slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        host=platform.node(), timings={"total_s": round(time.time() - started, 3)})
+    write_record(out_dir, record)
+    return record
+
+
+def count_heads(config: Config) -> HeadCount:
+    """What can be checked without weights: a share of heads (``n_heads=10%``) becomes its
+    count on this model. Raises :class:`ConfigError` for more heads than the model has."""
+    from ih_sweep.heads.selection import resolve_n_heads
+    from ih_sweep.model.loading import layers_and_heads
+
+    n_layers, heads_per_layer = layers_and_heads(config.model)
+    n_ablate = resolve_n_heads(config.n_heads, n_layers, heads_per_layer)
+    share = n_heads_share(config.n_heads)
+    if config.condition != Condition.none and n_ablate > n_layers * heads_per_layer:
+        raise ConfigError(f"n_heads={config.n_heads} is larger than the model's "
+                          f"{n_layers * heads_per_layer} heads ({n_layers} x "
+                          f"{heads_per_layer})")
+    if share is not None and config.condition != Condition.none:
+        log.info("n_heads=%s of the model's %d heads (%d x %d): %d heads (rounded up)",
+                 config.n_heads, n_layers * heads_per_layer, n_layers, heads_per_layer,
+                 n_ablate)
+    return HeadCount(n_ablate, share, n_layers, heads_per_layer)
+
+
+def load_items(config: Config) -> Items:
+    """The job's stories (``data``) and their items (``eval``)."""
+    from ih_sweep.data import items_for, load_stories
+
+    stories = load_stories(config.data)
+    return Items(stories, items_for(config.data, config.eval, stories))
+
+
+def needs_scores(config: Config, count: HeadCount) -> bool:
+    """Whether the job ablates any head (and so needs the score table)."""
+    return config.condition != Condition.none and count.n_ablate > 0
+
+
+def load_scores(config: Config, count: HeadCount, model: LazyModel, data: Items
+                ) -> ScoreTable:
+    """The score table (:func:`ih_sweep.heads.score_table.get_scores`: cached, computed with
+    ``model`` where no cache holds it, or the user's file, checked against the model)."""
+    from ih_sweep.heads.score_table import check_scores_fit, get_scores
+
+    frame, cached = get_scores(config, model, progress=config.eval.progress,
+                               shape=(count.n_layers, count.heads_per_layer), items=data.items)
+    if config.scoring.source == ScoreSource.file:
+        check_scores_fit(frame, count.n_layers, count.heads_per_layer, config.scoring.file)
+    return ScoreTable(frame, str(cached or Path(config.scoring.file).resolve()))
+
+
+def select(config: Config, count: HeadCount, table: ScoreTable | None) -> Selection:
+    """The heads ``condition`` and ``control_seed`` choose on ``scoring.rank_by``, none of
+    those ``scoring.exclude_by`` takes out; none without a table."""
+    from ih_sweep.heads.score_table import exclusion, matrix_for
+
+    if table is None:
+        return Selection([])
+    selection = Selection([], matrix_for(config, table.frame, config.scoring.rank_by),
+                          table.file, str(config.condition), count.n_ablate,
+                          exclusion(config, table.frame))
+    selection.heads = selection.heads_for(config.control_seed)
+    return selection
+
+
+def run_mechanism(config: Config, model: LazyModel, data: Items, selection: Selection,
+                  fill: Fill) -> dict[str, Any]:
+    """job.json's ``mechanism`` (:func:`ih_sweep.pipeline.mechanism.mechanism_check`) with the
+    job's heads and fill, on the first ``mechanism.n_texts`` stories; empty with
+    ``mechanism.enabled=false``. A method that cannot be measured on the mechanism's texts
+    (its ``mechanism_unmeasured``: resample, whose donors are bAbI stories) leaves the
+    ablated entries null, with ``ablated_not_measured`` saying why."""
+    if not config.mechanism.enabled:
+        return {}
+    from ih_sweep.model.loading import cache_key
+    from ih_sweep.pipeline.mechanism import mechanism_check, texts_for
+
+    heads = selection.heads
+    unmeasured = fill.method.mechanism_unmeasured if heads else None
+    key = cache_key(config.model, config.quantization, config.device)
+    out = mechanism_check(*model(), config.mechanism,
+                          texts_for(data.stories, config.mechanism.n_texts),
+                          [] if unmeasured else heads, fill.method,
+                          None if unmeasured else fill.values, model_key=key)
+    if unmeasured:
+        log.info("mechanism check: the ablated repeat loss and ICL score are not measured (%s)",
+                 unmeasured)
+        out |= {"repeat_loss": None, "icl_score": None, "ablated_not_measured": unmeasured}
+    return out
+
+
+def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
+              selection: Selection, results: Results, mechanism: dict[str, Any],
+              timings: dict[str, float]) -> EvaluationRecord:
+    """results.csv (:data:`~ih_sweep.pipeline.records.RESULT_COLUMNS`), heads.csv and
+    job.json (:class:`~ih_sweep.pipeline.records.EvaluationRecord`) into ``out_dir``, then the
+    job into the store; the partial chunks go. An unablated job ablates 0 heads whatever N
+    was asked (no share either), and the control seed is 0 unless it drew the heads
+    (condition=random), as in the config hash."""
+    import shutil
+
+    from ih_sweep.config.identity import semantic_config
+    from ih_sweep.io_utils import write_csv
+    from ih_sweep.pipeline.records import HEAD_COLUMNS, RESULT_COLUMNS, sha256, store
+
+    heads, mat = selection.heads, selection.matrix
+    n_heads, condition, control_seed = len(heads), config.condition.value, \
+        (config.control_seed if config.condition == Condition.random else 0)
+    n_share = float(count.share) if count.share is not None and heads else None
+    if not heads:
+        condition = Condition.none.value
+    frame = results.items.assign(
+        n_heads=n_heads, n_heads_share=n_share, condition=condition, control_seed=control_seed,
+        model=config.model.name, quantization=config.quantization.name.value,
+        data=config.data.name.value, babi_task=config.data.task, split=split_name(config),
+        metric=config.eval.metric.value, scope=config.eval.scope.value,
+        ablation=config.ablation.method,
+    )[RESULT_COLUMNS]
+    heads_df = pd.DataFrame([(la, h, float(mat[la, h]), config.scoring.rank_by.value)
+                             for la, h in heads], columns=HEAD_COLUMNS)
+    write_csv(out_dir / "results.csv", frame)
+    write_csv(out_dir / "heads.csv", heads_df)
+    n_correct = int(frame["correct"].sum())
+    record = EvaluationRecord(
+        config_hash=chash, n_heads=n_heads, n_heads_share=n_share, condition=condition,
+        control_seed=control_seed, model=config.model.name,
+        quantization=config.quantization.name.value, data=plain(config.data),
+        eval={"metric": config.eval.metric.value, "scope": config.eval.scope.value,
+              "max_new_tokens": config.eval.max_new_tokens,
+              "format": config.eval.format.value, "n_shots": config.eval.n_shots,
+              "stop": list(config.eval.stop)},
+        ablation=config.ablation.method, rank_by=config.scoring.rank_by.value,
+        n_items=len(frame), n_correct=n_correct, accuracy=n_correct / max(len(frame), 1),
+        n_decoded=int((frame["decided_by"] != "forward").sum()),
+        heads=[[int(la), int(h)] for la, h in heads], reused_evaluation=False,
+        resumed_chunks=results.resumed_chunks,
+        timings={k: round(v, 3) for k, v in timings.items()},
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config),
+        scores_file=selection.scores_file, mechanism=mechanism)
+    write_record(out_dir, record)
+    store(out_dir, config.paths.cache_dir, chash)
+    shutil.rmtree(out_dir / "partial", ignore_errors=True)
+    log.info("%s: %d/%d correct (%.1f%%), written to %s", describe(config), n_correct,
+             len(frame), 100 * record.accuracy, out_dir)
+    return record
+
+
+def describe(config: Config) -> str:
+    """The job in one phrase for log lines: its ablation, with the control seed if drawn."""
+    seed = f" control_seed={config.control_seed}" if config.condition == "random" else ""
+    return f"n_heads={config.n_heads} condition={config.condition}{seed}"
+
+
+def split_name(config: Config) -> str:
+    """``data.split``, or ``generated`` for the built-in generator's stories."""
+    return "generated" if config.data.name == "babi_generated" else config.data.split.value
