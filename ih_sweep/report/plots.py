@@ -250,8 +250,9 @@ def plot_ablated_heads(jobs: list[FinishedJob], sweep_dir: Path,
     """For each score table the sweep's jobs ranked by: its heatmap with the heads ablated
     at the largest N marked (top-N, the layer-matched control and one random draw), as
     ``heads_<rank_by>.png`` (``heads_<rank_by>_<i>.png`` for several tables). ``step``
-    runs each figure (:func:`summarize`'s: a failure, e.g. an unreadable score table, is
-    recorded and the others go on); without it a failure raises."""
+    runs each figure (:func:`ih_sweep.report.summarize.summarize`'s: a failure, e.g. an
+    unreadable score table, is recorded and the others go on); without it a failure raises
+    :class:`ih_sweep.report.errors.SummaryError`."""
     from ih_sweep.heads.score_table import save_heatmap
 
     step = step or (lambda name, make: make())

@@ -196,8 +196,9 @@ def continuous_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
 
 def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str]] | None = None
                    ) -> tuple[pd.DataFrame, list[str]]:
-    """summary.csv: one row per distinct job of each group (:func:`cell_groups`;
-    ``grouped``: its result when already computed), columns :data:`SUMMARY_COLUMNS`
+    """summary.csv: one row per distinct job of each group
+    (:func:`ih_sweep.report.groups.cell_groups`; ``grouped``: its result when already
+    computed), columns :data:`SUMMARY_COLUMNS`
     (accuracy and its tests, the near-tie floor, the continuous metrics and the mechanism
     check, the last three where the jobs recorded them), and the grouping's notes."""
     rows = []
