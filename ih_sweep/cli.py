@@ -158,7 +158,9 @@ class SummarizeCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not wants_summary(config):
             return
-        from ih_sweep.report.summarize import SummaryIncomplete, console_report, summarize
+        from ih_sweep.report.errors import SummaryIncomplete
+        from ih_sweep.report.render import console_report
+        from ih_sweep.report.summarize import summarize
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:

@@ -16,7 +16,7 @@ import torch
 from ih_sweep.ablation.hooks import ablate_heads, heads_by_layer
 from ih_sweep.heads.scoring import copying_from_logits
 from ih_sweep.model.architecture import head_sites, hook_z
-from ih_sweep.pipeline.head_scan import Probe, _readout
+from ih_sweep.pipeline.head_scan import Probe, probe_readout
 
 
 @contextmanager
@@ -105,7 +105,7 @@ def scan_by_full_reruns(model, probes: dict[str, Probe],
                        attention_mask=probe.mask.to(device)).logits
         pos = probe.pos.to(device)
         lg = torch.gather(lg, 1, pos[..., None].expand(-1, -1, lg.shape[-1]))
-        lp, hit = _readout(lg, probe)
+        lp, hit = probe_readout(lg, probe)
         v = probe.valid.to(device)
         return float((lp[0] * v).sum() / v.sum()), float((hit[0] & v).sum() / v.sum())
 

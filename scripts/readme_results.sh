@@ -29,7 +29,7 @@ for part in $parts; do
       run tiny-fp32 -m n_heads=4,8,16 condition=high,low,none
       run tiny-bf16 -m n_heads=4,8,16 condition=high,low,none model.dtype=bfloat16
       run tiny-nf4 -m n_heads=4,8,16 condition=high,low,none quantization=nf4
-      .venv/bin/python -m ih_sweep.report.summarize outputs/multirun/readme-tiny-fp32 \
+      .venv/bin/python -m ih_sweep.report outputs/multirun/readme-tiny-fp32 \
         outputs/multirun/readme-tiny-bf16 outputs/multirun/readme-tiny-nf4 \
         --out outputs/compare/readme-tiny > outputs/readme-cross.log 2>&1 ;;
     helm)

@@ -1,4 +1,4 @@
-"""Cross-model tables (issue #18 item 5): ``python -m ih_sweep.report.summarize A B --out C``.
+"""Cross-model tables (issue #18 item 5): ``python -m ih_sweep.report A B --out C``.
 
 The pure table functions on hand-made jobs; the group key keeps dtypes apart; the error
 paths of the command; and one end-to-end run over real small sweeps made by the CLI (tiny
@@ -19,7 +19,9 @@ from ih_sweep.pipeline.records import RESULT_COLUMNS, EvaluationRecord
 from ih_sweep.report import cross_model as cm
 from ih_sweep.report import statistics as st
 from ih_sweep.report.command import main
-from ih_sweep.report.summarize import FinishedJob, cell_groups, summarize_jobs
+from ih_sweep.report.discover import FinishedJob
+from ih_sweep.report.groups import cell_groups
+from ih_sweep.report.rows import summarize_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"name": "tiny", "path": "builtin:tiny", "dtype": "float32"}
@@ -295,7 +297,7 @@ def test_end_to_end_over_three_sweeps(sweeps):
     before = {d: sorted((p.relative_to(d), p.stat().st_mtime_ns) for p in d.rglob("*"))
               for d in dirs}
     proc = _cli(*map(str, dirs), "--out", str(root / "cmp"), cwd=root,
-                module="ih_sweep.report.summarize")
+                module="ih_sweep.report")
     assert f"in: {root / 'cmp'}" in proc.stdout
     assert {d: sorted((p.relative_to(d), p.stat().st_mtime_ns) for p in d.rglob("*"))
             for d in dirs} == before  # nothing written into a sweep
@@ -329,22 +331,22 @@ def test_end_to_end_over_three_sweeps(sweeps):
 
 @pytest.mark.slow
 def test_end_to_end_exit_statuses(sweeps, tmp_path):
-    """Through ``python -m`` (where summarize.py is ``__main__``): a folder that is no sweep
+    """Through ``python -m ih_sweep.report``: a folder that is no sweep
     exits 2 and a sweep with a broken job 1, each with one line and no traceback."""
     import shutil
 
     root = sweeps
     proc = _cli(str(root / "fp32"), str(root / "missing"), "--out", str(tmp_path / "a"),
-                cwd=root, module="ih_sweep.report.summarize", status=2)
+                cwd=root, module="ih_sweep.report", status=2)
     assert proc.stderr.strip().splitlines() == [
-        f"ih_sweep.report.summarize: {root / 'missing'}: not a folder"]
+        f"ih_sweep.report: {root / 'missing'}: not a folder"]
     broken = shutil.copytree(root / "nf4", tmp_path / "nf4")
     (broken / "x").mkdir()
     (broken / "x" / "job.json").write_text("[]")
     proc = _cli(str(root / "fp32"), str(broken), "--out", str(tmp_path / "b"), cwd=root,
-                module="ih_sweep.report.summarize", status=1)
+                module="ih_sweep.report", status=1)
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("ih_sweep.report.summarize: the summary in")
+    assert last.startswith("ih_sweep.report: the summary in")
     assert "1 job(s) left out" in last
     assert "Traceback" not in proc.stderr
     assert len(pd.read_csv(tmp_path / "b" / "cross_model.csv")) == 2

@@ -21,7 +21,12 @@ from test_summary import make_job
 
 from ih_sweep.io_utils import read_json, write_json
 from ih_sweep.pipeline.records import RESULT_COLUMNS, read_record
-from ih_sweep.report import summarize as sm
+from ih_sweep.report import plots
+from ih_sweep.report.cells import n_text
+from ih_sweep.report.discover import find_jobs
+from ih_sweep.report.sections import display_table
+from ih_sweep.report.summarize import summarize
+from ih_sweep.report.tables import strata_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,14 +71,14 @@ def share_sweep(tmp_path):
 
 
 def test_summary_gives_count_and_share_sorted_by_count(share_sweep):
-    df = sm.summarize(share_sweep)
+    df = summarize(share_sweep)
     columns = list(df.columns)
     assert columns[columns.index("n_heads") + 1] == "n_heads_share"
     assert list(zip(df.n_heads, df.condition)) == [(0, "none"), (1, "high"), (2, "high"),
                                                    (7, "high"), (7, "low")]
     assert df.n_heads_share.iloc[0] != df.n_heads_share.iloc[0]  # none: NaN
     assert df.n_heads_share.iloc[1:].tolist() == [1.0, 3.0, 10.0, 10.0]
-    assert sm.display_table(df)["N"].tolist() == ["", "1 (1%)", "2 (3%)", "7 (10%)",
+    assert display_table(df)["N"].tolist() == ["", "1 (1%)", "2 (3%)", "7 (10%)",
                                                   "7 (10%)"]
     written = pd.read_csv(share_sweep / "summary.csv")
     assert written.n_heads_share.tolist()[1:] == [1.0, 3.0, 10.0, 10.0]
@@ -81,7 +86,7 @@ def test_summary_gives_count_and_share_sorted_by_count(share_sweep):
     assert ("7 (10%)", "high") in _first_cells(md)
     mechanism = md.split("### Mechanism check")
     assert len(mechanism) == 2 and ("7 (10%)", "high") in _first_cells(mechanism[1])
-    strata = sm.strata_table(sm.find_jobs(share_sweep).jobs)
+    strata = strata_table(find_jobs(share_sweep).jobs)
     assert strata.empty  # make_job writes no stratum columns; the column is still declared
     assert "n_heads_share" in strata.columns
 
@@ -92,14 +97,14 @@ def test_a_count_job_and_an_older_record_show_the_count_alone(share_sweep):
     rng = np.random.default_rng(2)
     share_job(share_sweep, "high4_old", 4, "high", rng.random(120) < 0.9, None)
     assert read_record(share_sweep / "high4_old").n_heads_share is None
-    df = sm.summarize(share_sweep)
+    df = summarize(share_sweep)
     assert df.n_heads.tolist() == [0, 1, 2, 4, 7, 7]
-    assert sm.display_table(df)["N"].tolist() == ["", "1 (1%)", "2 (3%)", "4", "7 (10%)",
+    assert display_table(df)["N"].tolist() == ["", "1 (1%)", "2 (3%)", "4", "7 (10%)",
                                                   "7 (10%)"]
-    _, by_share = sm._dose_axis(df)
+    _, by_share = plots.dose_axis(df)
     assert not by_share
-    assert sm.n_text(7, 10.0) == "7 (10%)" and sm.n_text(1, 0.5) == "1 (0.5%)"
-    assert sm.n_text(4, None) == "4" and sm.n_text(4, float("nan")) == "4"
+    assert n_text(7, 10.0) == "7 (10%)" and n_text(1, 0.5) == "1 (0.5%)"
+    assert n_text(4, None) == "4" and n_text(4, float("nan")) == "4"
 
 
 def _figure_axis(df: pd.DataFrame, tmp_path: Path, monkeypatch) -> tuple[str, list[str]]:
@@ -111,14 +116,14 @@ def _figure_axis(df: pd.DataFrame, tmp_path: Path, monkeypatch) -> tuple[str, li
         seen["label"] = ax.get_xlabel()
         seen["ticks"] = [t.get_text() for t in ax.get_xticklabels()]
         Path(path).write_bytes(b"")
-    monkeypatch.setattr(sm, "write_figure", keep)
-    sm.plot_accuracy_vs_n(df, tmp_path / "fig.png")
+    monkeypatch.setattr(plots, "write_figure", keep)
+    plots.plot_accuracy_vs_n(df, tmp_path / "fig.png")
     return seen["label"], seen["ticks"]
 
 
 def test_the_figure_puts_the_share_on_the_axis_only_when_every_job_asked_one(
         share_sweep, tmp_path, monkeypatch):
-    df = sm.summarize(share_sweep)
+    df = summarize(share_sweep)
     label, ticks = _figure_axis(df, tmp_path, monkeypatch)
     assert label.startswith("heads ablated (% of all heads")
     assert ticks == ["1%\n(N=1)", "3%\n(N=2)", "10%\n(N=7)"]

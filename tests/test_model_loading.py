@@ -118,3 +118,24 @@ def test_cuda_oom_halves_the_batch_and_continues(monkeypatch):
     out = run_batches(fn, list(range(10)), 16, "t", False)
     assert [y for part in out for y in part] == [x * 2 for x in range(10)]
     assert seen[:3] == [10, 5, 2]
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_softcapping_model_never_runs_under_sdpa(monkeypatch, caplog, flag):
+    """Gemma-2's attention logit softcap cannot be applied by sdpa: eager, whatever the
+    release's class flag says (transformers 5.0 sets Gemma2ForCausalLM._supports_sdpa,
+    5.24 does not; issue 34). Without the softcap the flag decides as before."""
+    import logging
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from ih_sweep.model.loading import supported_attention
+
+    monkeypatch.setattr(Gemma2ForCausalLM, "_supports_sdpa", flag)
+    caplog.set_level(logging.INFO, logger="ih_sweep.model.loading")
+    capped = Gemma2Config(attn_logit_softcapping=50.0)
+    assert supported_attention(capped, "sdpa") == "eager"
+    assert "softcapping needs another; using eager" in caplog.text
+    assert supported_attention(capped, "eager") == "eager"
+    plain_gemma = Gemma2Config(attn_logit_softcapping=None)
+    assert supported_attention(plain_gemma, "sdpa") == ("sdpa" if flag else "eager")

@@ -63,7 +63,7 @@ def test_attribution_is_minus_grad_dot_z(tiny, probes):
             lg = model(input_ids=probes["babi"].ids, attention_mask=probes["babi"].mask).logits
             lg = torch.gather(lg, 1, probes["babi"].pos[..., None].expand(-1, -1,
                                                                           lg.shape[-1]))
-            lp, _ = scan._readout(lg, probes["babi"])
+            lp, _ = scan.probe_readout(lg, probes["babi"])
             v = probes["babi"].valid
             ((lp[0] * v).sum() / v.sum()).backward()
     finally:

@@ -9,7 +9,8 @@ import pytest
 
 from ih_sweep.io_utils import read_json, write_json
 from ih_sweep.pipeline.records import RESULT_COLUMNS, EvaluationRecord, write_record
-from ih_sweep.report.summarize import SummaryError, SummaryIncomplete, summarize
+from ih_sweep.report.errors import SummaryError, SummaryIncomplete
+from ih_sweep.report.summarize import summarize
 
 
 def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", examples=None,
@@ -125,9 +126,17 @@ def test_summary_values(sweep):
 
 
 def test_idempotent(sweep):
+    """A second summary of the same jobs writes the same files, byte for byte (each file
+    removed first, so the second run has to write it again), and returns the same table."""
     root, *_ = sweep
     a = summarize(root)
+    written = sorted(p.name for p in root.iterdir() if p.suffix in (".csv", ".md", ".tex"))
+    assert {"summary.csv", "summary.md", "summary.tex"} <= set(written)
+    first = {name: (root / name).read_bytes() for name in written}
+    for name in written:
+        (root / name).unlink()
     b = summarize(root)
+    assert {name: (root / name).read_bytes() for name in written} == first
     pd.testing.assert_frame_equal(a, b)
 
 
@@ -179,11 +188,11 @@ def test_empty_or_foreign_folder_one_line_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(SummaryError, match="no ih_sweep jobs here"):
         summarize(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "ih_sweep.report.summarize", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep.report", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no ih_sweep jobs here" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "ih_sweep.report.summarize", str(tmp_path / "x")],
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep.report", str(tmp_path / "x")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "not a folder" in proc.stderr
 
@@ -350,12 +359,13 @@ def test_the_null_section_sets_the_arms_side_by_side(tmp_path):
 def test_figure_titles_and_legends_say_how_the_heads_were_chosen():
     from types import SimpleNamespace as Row
 
-    from ih_sweep.report.summarize import _high_label, heads_phrase
+    from ih_sweep.report.cells import heads_phrase
+    from ih_sweep.report.plots import high_label
 
     plain = Row(group="model=tiny, ..., rank_by=prefix", rank_by="prefix")
     fvx = Row(group="model=tiny, ..., rank_by=fv, scoring.exclude_by=prefix, "
                     "scoring.exclude_share=0.02", rank_by="fv")
     assert heads_phrase(plain) == "top-N by prefix"
     assert heads_phrase(fvx) == "top-N by fv, outside the top 2% by prefix"
-    assert _high_label(plain) == "top-N by prefix (induction heads)"
-    assert _high_label(fvx) == "top-N by fv, outside the top 2% by prefix\n(FV heads)"
+    assert high_label(plain) == "top-N by prefix (induction heads)"
+    assert high_label(fvx) == "top-N by fv, outside the top 2% by prefix\n(FV heads)"

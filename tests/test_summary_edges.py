@@ -1,6 +1,6 @@
 """Summaries at the edges (issue #22 item 9): every step works for accuracies of exactly 0%
 and 100%, one N, one condition, one item, one job; and a summary that fails makes the
-command exit non-zero with one line saying what (``python -m ih_sweep.report.summarize``, the
+command exit non-zero with one line saying what (``python -m ih_sweep.report``, the
 Hydra callback, the resilient launcher, and one real ``ih_sweep -m`` run)."""
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import pytest
 from omegaconf import OmegaConf
 from test_summary import make_job
 
-from ih_sweep.report.summarize import SummaryIncomplete, console_report, summarize
+from ih_sweep.report.errors import SummaryIncomplete
+from ih_sweep.report.render import console_report
+from ih_sweep.report.summarize import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,11 +127,11 @@ def test_a_damaged_score_table_fails_the_heatmap_step(tmp_path):
 
 def test_the_summarize_command_exits_1_with_one_line(tmp_path):
     _sweep_with_a_folder_in_place_of_the_figure(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "ih_sweep.report.summarize", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep.report", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"ih_sweep.report.summarize: the summary in {tmp_path} is incomplete: "
+    assert last.startswith(f"ih_sweep.report: the summary in {tmp_path} is incomplete: "
                            "accuracy_vs_n.png failed (IsADirectoryError"), last
     assert "Traceback" not in proc.stderr and "| condition" in proc.stdout
 

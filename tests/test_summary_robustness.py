@@ -13,7 +13,8 @@ from test_summary_sections import md_tables
 
 from ih_sweep.io_utils import read_json, write_json
 from ih_sweep.report import statistics as st
-from ih_sweep.report.summarize import ROBUSTNESS_COLUMNS, summarize
+from ih_sweep.report.summarize import summarize
+from ih_sweep.report.tables import ROBUSTNESS_COLUMNS
 
 
 def _job(root, name, n, cond, correct, ablation, settings=None):

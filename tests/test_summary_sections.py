@@ -10,13 +10,12 @@ import pandas as pd
 import pytest
 from test_summary import make_job
 
-from ih_sweep.report.summarize import (
-    SECTIONS,
-    console_report,
-    plot_strata,
-    strata_table,
-    summarize,
-)
+from ih_sweep.report.discover import find_jobs
+from ih_sweep.report.plots import plot_strata
+from ih_sweep.report.render import console_report
+from ih_sweep.report.sections import SECTIONS
+from ih_sweep.report.summarize import summarize
+from ih_sweep.report.tables import strata_table
 
 
 def md_tables(md: str, title: str) -> list[dict[str, str]]:
@@ -196,8 +195,6 @@ def test_strata_accuracy_per_support_distance_pooled_at_5(tmp_path):
 
 def test_strata_of_jobs_with_some_stratum_columns(tmp_path):
     """Only support_distance recorded: only that stratum; strata_table is pure."""
-    from ih_sweep.report.summarize import find_jobs
-
     make_job(tmp_path, "none", 0, "none", [True, False, True],
              extra={"support_distance": [1, 1, 6]})
     table = strata_table(find_jobs(tmp_path).jobs)

@@ -218,24 +218,34 @@ _ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_fl
 
 
 def supported_attention(config, requested: str) -> str:
-    """``requested`` where the config's causal-LM class supports it, else the first of sdpa,
-    eager it does support, said in one log line (Gemma-2 has no sdpa: its attention logit
-    softcapping needs eager). Remote-code classes are not looked up (``requested``)."""
+    """``requested`` where the config's causal-LM class supports it and the config asks
+    for nothing it cannot apply, else the first of sdpa, eager that can, said in one log
+    line. PyTorch's ``scaled_dot_product_attention`` has no attention-logit softcap, so a
+    config with ``attn_logit_softcapping`` (Gemma-2) never runs under sdpa: transformers
+    5.24 says so itself (``Gemma2ForCausalLM._supports_sdpa`` is False), 5.0 does not and
+    drops the softcap silently (issue 34). Remote-code classes are not looked up
+    (``requested``)."""
     from transformers import AutoModelForCausalLM
 
     cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
     if cls is None:
         return requested
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "attn_logit_softcapping", None) is not None
 
     def supports(name: str) -> bool:
+        if name == "sdpa" and softcap:
+            return False
         flag = _ATTENTION_FLAGS.get(name)
         return flag is None or bool(getattr(cls, flag, False))
 
     if supports(requested):
         return requested
     chosen = next(name for name in ("sdpa", "eager") if supports(name))
-    log.info("model.attn_implementation=%s: %s does not support it; using %s", requested,
-             cls.__name__, chosen)
+    why = "its attention logit softcapping needs another" if requested == "sdpa" and softcap \
+        else "does not support it"
+    log.info("model.attn_implementation=%s: %s %s; using %s", requested, cls.__name__, why,
+             chosen)
     return chosen
 
 

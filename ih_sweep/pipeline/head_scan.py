@@ -86,8 +86,10 @@ def _probe(rows, pos, tgt, pad: int) -> Probe:
     return Probe(ids, mask, P, Y, V)
 
 
-def _readout(logits: torch.Tensor, probe: Probe, reps: int = 1):
-    """(log-prob of targets [reps, b, K], argmax hits [reps, b, K]) from gathered logits."""
+def probe_readout(logits: torch.Tensor, probe: Probe, reps: int = 1):
+    """(log-prob of each probe target [reps, b, K] in nats, whether it is the argmax
+    [reps, b, K] bool) from the logits gathered at the probe's K read positions
+    [reps * b, K, vocab]; ``reps`` replicas of the probe's b rows are stacked first."""
     logp = torch.log_softmax(logits.float(), -1)
     tgt = probe.target.to(logits.device).repeat(reps, 1)
     lp = logp.gather(-1, tgt[..., None])[..., 0]
@@ -172,7 +174,7 @@ def exact_scan(model, probes: dict[str, Probe], layers: Sequence[int] | None = N
             for h in range(sites.heads_per_layer)}
     for name, probe in probes.items():
         store, clean_logits = tail.capture(probe)
-        c_lp, c_hit = _readout(clean_logits, probe)
+        c_lp, c_hit = probe_readout(clean_logits, probe)
         valid = probe.valid.to(c_lp.device)
         base_lp = (c_lp[0] * valid).sum() / valid.sum()
         base_hit = (c_hit[0] & valid).sum() / valid.sum()
@@ -180,7 +182,7 @@ def exact_scan(model, probes: dict[str, Probe], layers: Sequence[int] | None = N
             for start in range(0, sites.heads_per_layer, heads_per_pass):
                 hs = list(range(start, min(start + heads_per_pass, sites.heads_per_layer)))
                 lg = tail.run_from(la, store, probe, hs)
-                lp, hit = _readout(lg, probe, len(hs))
+                lp, hit = probe_readout(lg, probe, len(hs))
                 for r, h in enumerate(hs):
                     mlp = (lp[r] * valid).sum() / valid.sum()
                     acc = (hit[r] & valid).sum() / valid.sum()
@@ -216,7 +218,7 @@ def attribution_scan(model, probe: Probe, layers: Sequence[int] | None = None
                            use_cache=False).logits
             pos = probe.pos.to(device)
             lg = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-            lp, _ = _readout(lg, probe)
+            lp, _ = probe_readout(lg, probe)
             valid = probe.valid.to(device)
             objective = (lp[0] * valid).sum() / valid.sum()
             objective.backward()

@@ -1,9 +1,10 @@
 """Several sweeps side by side: one table and one figure with a row group per model.
 
-``python -m ih_sweep.report.summarize A B [C ...] [--out OUT]`` (issue #18 item 5): sweeps of
+``python -m ih_sweep.report A B [C ...] [--out OUT]`` (issue #18 item 5): sweeps of
 different models, or of one model in different quantizations or dtypes. Each sweep is read
-and summarized with :mod:`ih_sweep.report.summarize`'s own machinery (``find_jobs``,
-``cell_groups``, ``summarize_jobs``: the same numbers as its summary.csv); this module only
+and summarized with the summary's own machinery (:func:`ih_sweep.report.discover.find_jobs`,
+:func:`ih_sweep.report.groups.cell_groups`, :func:`ih_sweep.report.rows.summarize_jobs`: the
+same numbers as its summary.csv); this module only
 arranges them. Jobs of different models (or of different groups of one sweep) are never
 compared with each other: every difference in the table is within one row group.
 
@@ -49,7 +50,7 @@ Files in the output folder: cross_model.csv, cross_model.md (the table, its lege
 row groups' sweeps and settings, the jobs left out), cross_model.tex (booktabs) and
 cross_model.png (accuracy against N, one panel per row group). As for one sweep, a step
 that fails does not stop the others and jobs left out are listed; both end in
-:class:`~ih_sweep.report.summarize.SummaryIncomplete`.
+:class:`~ih_sweep.report.errors.SummaryIncomplete`.
 """
 
 from __future__ import annotations
@@ -65,8 +66,15 @@ import numpy as np
 import pandas as pd
 
 from ih_sweep.io_utils import write_csv, write_figure, write_text
-from ih_sweep.report import summarize as sm
+from ih_sweep.report.cells import draws_text, inside, interval, missing, n_text, p_value, percent
+from ih_sweep.report.discover import FinishedJob, SweepJobs, find_jobs, missing_jobs
+from ih_sweep.report.errors import SummaryError, SummaryIncomplete, why
 from ih_sweep.report.figures import pyplot
+from ih_sweep.report.groups import Group, cell_groups, flat, settings_of
+from ih_sweep.report.plots import COLORS, dose_axis
+from ih_sweep.report.render import latex_table
+from ih_sweep.report.rows import summarize_jobs
+from ih_sweep.report.sections import display
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +91,7 @@ CROSS_COLUMNS = ["model_key", "model", "quantization", "dtype", "sweep", "group"
 DEFAULT_OUT = "outputs/compare"
 
 
-class CrossModelError(sm.SummaryError):
+class CrossModelError(SummaryError):
     """Sweeps that cannot share a cross-model table (one model in two of them, an output
     folder inside a sweep): a user error, exit status 2."""
 
@@ -94,14 +102,14 @@ def model_identity(record) -> dict[str, Any]:
     flattened (``model.dtype``, ``quantization.name``, ...); the quantization's own settings
     only when it quantizes (``none`` ignores them). Records without settings (older jobs)
     give ``model.name`` and ``quantization.name``."""
-    settings = sm._settings_of(record)
-    flat = sm._flat({k: settings.get(k) or {} for k in ("model", "quantization")})
-    flat.setdefault("model.name", record.model)
-    flat.setdefault("quantization.name", record.quantization)
-    if flat["quantization.name"] == "none":
-        flat = {k: v for k, v in flat.items()
-                if not k.startswith("quantization.") or k == "quantization.name"}
-    return flat
+    settings = settings_of(record)
+    ident = flat({k: settings.get(k) or {} for k in ("model", "quantization")})
+    ident.setdefault("model.name", record.model)
+    ident.setdefault("quantization.name", record.quantization)
+    if ident["quantization.name"] == "none":
+        ident = {k: v for k, v in ident.items()
+                 if not k.startswith("quantization.") or k == "quantization.name"}
+    return ident
 
 
 def _short(key: str) -> str:
@@ -128,10 +136,10 @@ def _frame(row: pd.Series | None, column: str) -> Any:
     return np.nan if row is None or column not in row.index else row[column]
 
 
-def group_rows(summary: pd.DataFrame, group: sm.Group) -> list[dict]:
+def group_rows(summary: pd.DataFrame, group: Group) -> list[dict]:
     """One row per N of a sweep group: the accuracy of each condition and the high-vs-none
     and high-vs-low statistics, read from the group's rows of the sweep's summary table
-    (:func:`ih_sweep.report.summarize.summarize_jobs`)."""
+    (:func:`ih_sweep.report.rows.summarize_jobs`)."""
     rows_of = summary[summary.group == group.name]
 
     def one(n: int, cond: str) -> pd.Series | None:
@@ -172,7 +180,7 @@ def group_rows(summary: pd.DataFrame, group: sm.Group) -> list[dict]:
     return out
 
 
-def cross_table(sweeps: Mapping[str, list[sm.FinishedJob]]) -> tuple[pd.DataFrame, list[str]]:
+def cross_table(sweeps: Mapping[str, list[FinishedJob]]) -> tuple[pd.DataFrame, list[str]]:
     """The cross-model table of :data:`CROSS_COLUMNS` over ``sweeps`` ({sweep name: its
     finished jobs}), row groups in the order given, and the sweeps' notes (prefixed with the
     sweep). Each sweep is grouped and summarized on its own (``cell_groups``,
@@ -182,8 +190,8 @@ def cross_table(sweeps: Mapping[str, list[sm.FinishedJob]]) -> tuple[pd.DataFram
     notes: list[str] = []
     seen: dict[str, str] = {}
     for name, jobs in sweeps.items():
-        groups, sweep_notes = sm.cell_groups(jobs)
-        summary, _ = sm.summarize_jobs(jobs, (groups, sweep_notes))
+        groups, sweep_notes = cell_groups(jobs)
+        summary, _ = summarize_jobs(jobs, (groups, sweep_notes))
         notes += [f"{name}: {note}" for note in sweep_notes]
         for group in groups:
             ident = model_identity(next(iter(group.cells.values())).record)
@@ -210,47 +218,47 @@ def cross_table(sweeps: Mapping[str, list[sm.FinishedJob]]) -> tuple[pd.DataFram
 # --------------------------------------------------------------------------- rendering
 def _acc(r, cond: str) -> str:
     value = getattr(r, f"accuracy_{cond}")
-    if sm._missing(value):
+    if missing(value):
         return ""
-    ci = sm.interval(getattr(r, f"ci_low_{cond}"), getattr(r, f"ci_high_{cond}"))
-    return f"{sm.percent(value)} {ci}"
+    ci = interval(getattr(r, f"ci_low_{cond}"), getattr(r, f"ci_high_{cond}"))
+    return f"{percent(value)} {ci}"
 
 
 def _delta(r, other: str) -> str:
     value = getattr(r, f"delta_high_vs_{other}")
-    if sm._missing(value):
+    if missing(value):
         return ""
-    ci = sm.interval(getattr(r, f"delta_high_vs_{other}_ci_low"),
+    ci = interval(getattr(r, f"delta_high_vs_{other}_ci_low"),
                      getattr(r, f"delta_high_vs_{other}_ci_high"))
-    return f"{sm.percent(value)} {ci}".strip()
+    return f"{percent(value)} {ci}".strip()
 
 
 def _random(r) -> str:
     if not r.n_random:
         return ""
-    return f"{sm.percent(r.accuracy_random)} ({sm.draws_text(r.n_random)})"
+    return f"{percent(r.accuracy_random)} ({draws_text(r.n_random)})"
 
 
 # (markdown header, LaTeX header, cell of a cross_model.csv row); the first two always shown
 _CROSS = [
     ("model", "model", lambda r: r.model_key if r.first else ""),
-    ("N", "$N$", lambda r: "" if r.n_heads == 0 else sm.n_text(r.n_heads, r.n_heads_share)),
-    ("items", "items", lambda r: "" if sm._missing(r.n_items) else str(int(r.n_items))),
+    ("N", "$N$", lambda r: "" if r.n_heads == 0 else n_text(r.n_heads, r.n_heads_share)),
+    ("items", "items", lambda r: "" if missing(r.n_items) else str(int(r.n_items))),
     ("none % [95% CI]", r"none (\%) [95\% CI]", lambda r: _acc(r, "none")),
     ("high % [95% CI]", r"high (\%) [95\% CI]", lambda r: _acc(r, "high")),
     ("low % [95% CI]", r"low (\%) [95\% CI]", lambda r: _acc(r, "low")),
     ("random % (draws)", r"random (\%) (draws)", _random),
     ("Δ high vs none (pts) [95% CI]", r"$\Delta$ high vs none (pts) [95\% CI]",
      lambda r: _delta(r, "none")),
-    ("p vs none", "$p$ vs none", lambda r: sm.p_value(r.p_high_vs_none)),
+    ("p vs none", "$p$ vs none", lambda r: p_value(r.p_high_vs_none)),
     ("Δ high vs low (pts) [95% CI]", r"$\Delta$ high vs low (pts) [95\% CI]",
      lambda r: _delta(r, "low")),
-    ("p vs low", "$p$ vs low", lambda r: sm.p_value(r.p_high_vs_low)),
-    ("p vs random", "$p$ vs random", lambda r: sm.p_value(r.p_high_vs_random)),
+    ("p vs low", "$p$ vs low", lambda r: p_value(r.p_high_vs_low)),
+    ("p vs random", "$p$ vs random", lambda r: p_value(r.p_high_vs_random)),
     ("Δ vs none within near-ties", r"$\Delta$ vs none within near-ties",
-     lambda r: sm.inside(r.within_near_ties_vs_none)),
+     lambda r: inside(r.within_near_ties_vs_none)),
     ("Δ vs low within near-ties", r"$\Delta$ vs low within near-ties",
-     lambda r: sm.inside(r.within_near_ties_vs_low)),
+     lambda r: inside(r.within_near_ties_vs_low)),
 ]
 
 LEGEND = [
@@ -288,8 +296,8 @@ def display_table(table: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
     every row dropped (random, near-ties where the jobs lack them)."""
     labels = row_group_labels(table)
     first = ~labels.eq(labels.shift())
-    return sm._display(table.assign(model_key=labels, first=first.to_numpy()), _CROSS, latex,
-                       keep=2)
+    return display(table.assign(model_key=labels, first=first.to_numpy()), _CROSS, latex,
+                   keep=2)
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -318,7 +326,7 @@ def to_markdown(table: pd.DataFrame, notes: list[str], problems: list[tuple[str,
 
 def to_latex(table: pd.DataFrame) -> str:
     """One booktabs table (pandas' Styler.to_latex), like summary.tex."""
-    return sm._latex(display_table(table, latex=True))
+    return latex_table(display_table(table, latex=True))
 
 
 def _distinct_settings(groups: list[str]) -> dict[str, str]:
@@ -332,12 +340,12 @@ def plot_cross(table: pd.DataFrame, path: Path) -> Path | None:
     """Accuracy against N, one panel per row group (model, and sweep group where a model
     has several): ``high`` and ``low`` with 95% Wilson error bars, the random draws' mean,
     the unablated accuracy as a dashed line in its band; colours as the sweep's figure
-    (:data:`ih_sweep.report.summarize.COLORS`). The x axis is the share of all heads (%, each tick
+    (:data:`ih_sweep.report.plots.COLORS`). The x axis is the share of all heads (%, each tick
     with its count) when every ablated row was asked as a share (models of different sizes
     then meet at the same x), else the count N. None for an empty table."""
     if table.empty:
         return None
-    table, by_share = sm._dose_axis(table)
+    table, by_share = dose_axis(table)
     plt = pyplot()
     panels = list(table.assign(label=row_group_labels(table)).groupby(
         ["label", "sweep", "group"], sort=False))
@@ -350,10 +358,10 @@ def plot_cross(table: pd.DataFrame, path: Path) -> Path | None:
     for ax, ((key, _, group), g) in zip(axes.flat, panels):
         g = g.sort_values("n_heads")
         r = g.iloc[0]
-        if not sm._missing(r.accuracy_none):
-            ax.axhspan(100 * r.ci_low_none, 100 * r.ci_high_none, color=sm.COLORS["none"],
+        if not missing(r.accuracy_none):
+            ax.axhspan(100 * r.ci_low_none, 100 * r.ci_high_none, color=COLORS["none"],
                        alpha=0.12, lw=0)
-            labels["none"] = ax.axhline(100 * r.accuracy_none, color=sm.COLORS["none"],
+            labels["none"] = ax.axhline(100 * r.accuracy_none, color=COLORS["none"],
                                         lw=1, ls="--")
         ns = g.x[g.n_heads > 0].tolist()
         pad = max(0.5 if by_share else 1.0, 0.06 * (ns[-1] - ns[0])) if ns else 0
@@ -366,12 +374,12 @@ def plot_cross(table: pd.DataFrame, path: Path) -> Path | None:
             err = np.clip([y - 100 * part[f"ci_low_{cond}"], 100 * part[f"ci_high_{cond}"] - y],
                           0, None)
             labels[cond] = ax.errorbar(part.x + shift, y, yerr=err, marker="o", ms=5,
-                                       capsize=3, color=sm.COLORS[cond], clip_on=False,
+                                       capsize=3, color=COLORS[cond], clip_on=False,
                                        zorder=3)
         part = g[g.n_random > 0]
         if not part.empty:
             labels["random"] = ax.plot(part.x, 100 * part.accuracy_random, "s",
-                                       color=sm.COLORS["random"], ms=5, clip_on=False)[0]
+                                       color=COLORS["random"], ms=5, clip_on=False)[0]
         if ns:
             ticks = [f"{x:.10g}%\n(N={n})" for x, n in zip(ns, g.n_heads[g.n_heads > 0])] \
                 if by_share else [str(int(x)) for x in ns]
@@ -402,22 +410,20 @@ def plot_cross(table: pd.DataFrame, path: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------- I/O
-def read_sweep(sweep_dir: Path) -> sm.SweepJobs:
-    """A sweep's finished jobs and the jobs left out, as :func:`ih_sweep.report.summarize.summarize`
-    finds them (``find_jobs``, and the jobs its multirun.yaml lists whose folder is missing).
-    Raises :class:`~ih_sweep.report.summarize.SummaryError` for a folder that holds no sweep."""
+def read_sweep(sweep_dir: Path) -> SweepJobs:
+    """A sweep's finished jobs and the jobs left out, as the summary finds them
+    (:func:`ih_sweep.report.discover.find_jobs`, and the jobs its multirun.yaml lists whose
+    folder is missing).
+    Raises :class:`~ih_sweep.report.errors.SummaryError` for a folder that holds no sweep."""
     if not sweep_dir.is_dir():
-        raise sm.SummaryError(f"{sweep_dir}: not a folder")
-    found = sm.find_jobs(sweep_dir)
-    expected = sm.expected_jobs(sweep_dir)
-    if expected is not None:
-        present = {str(p.relative_to(sweep_dir)) for p in
-                   [j.path for j in found.jobs] + found.scan_parts} | {f for f, _ in found.problems}
-        found.problems += [(n, "multirun.yaml lists this job, but its folder is missing "
-                               "(never ran, or deleted)") for n in expected[1] if n not in present]
+        raise SummaryError(f"{sweep_dir}: not a folder")
+    found = find_jobs(sweep_dir)
+    present = {str(p.relative_to(sweep_dir)) for p in
+               [j.path for j in found.jobs] + found.scan_parts} | {f for f, _ in found.problems}
+    found.problems += missing_jobs(sweep_dir, present, count=False)
     if not found.jobs and not found.problems:
-        raise sm.SummaryError(f"{sweep_dir}: no ih_sweep evaluation jobs here (no job.json "
-                              "of an evaluate job)")
+        raise SummaryError(f"{sweep_dir}: no ih_sweep evaluation jobs here (no job.json "
+                           "of an evaluate job)")
     return found
 
 
@@ -430,9 +436,9 @@ def default_out(now: datetime | None = None) -> Path:
 def compare(sweep_dirs: list[str | Path], out: str | Path | None = None) -> pd.DataFrame:
     """Write cross_model.csv/.md/.tex/.png for ``sweep_dirs`` into ``out`` (created;
     default :func:`default_out`) and return the table. Raises
-    :class:`~ih_sweep.report.summarize.SummaryError` (a folder that is no sweep),
+    :class:`~ih_sweep.report.errors.SummaryError` (a folder that is no sweep),
     :class:`CrossModelError` (one model in two sweeps, ``out`` inside a sweep) before
-    writing anything, and :class:`~ih_sweep.report.summarize.SummaryIncomplete` after writing every
+    writing anything, and :class:`~ih_sweep.report.errors.SummaryIncomplete` after writing every
     output it could, when a step failed or jobs were left out."""
     dirs = [Path(d) for d in sweep_dirs]
     out = Path(out) if out is not None else default_out()
@@ -443,9 +449,9 @@ def compare(sweep_dirs: list[str | Path], out: str | Path | None = None) -> pd.D
     if len({d.resolve() for d in dirs}) < len(dirs):
         raise CrossModelError("a sweep folder is given twice: " + " ".join(map(str, dirs)))
     found = {str(d): read_sweep(d) for d in dirs}
-    problems = [(f"{d}/{f}", why) for d, s in found.items() for f, why in s.problems]
-    for folder, why in problems:
-        log.warning("left out %s: %s", folder, why)
+    problems = [(f"{d}/{f}", reason) for d, s in found.items() for f, reason in s.problems]
+    for folder, reason in problems:
+        log.warning("left out %s: %s", folder, reason)
     table, notes = cross_table({d: s.jobs for d, s in found.items() if s.jobs})
     out.mkdir(parents=True, exist_ok=True)
     failed: list[tuple[str, str]] = []
@@ -454,8 +460,8 @@ def compare(sweep_dirs: list[str | Path], out: str | Path | None = None) -> pd.D
         try:
             return make()
         except Exception as err:
-            log.error("cross-model summary: %s failed: %s", name, sm._why(err))
-            failed.append((name, sm._why(err)))
+            log.error("cross-model summary: %s failed: %s", name, why(err))
+            failed.append((name, why(err)))
             return None
 
     step("cross_model.csv", lambda: write_csv(out / "cross_model.csv", table))
@@ -466,5 +472,5 @@ def compare(sweep_dirs: list[str | Path], out: str | Path | None = None) -> pd.D
     log.info("cross-model summary of %d sweeps (%d rows) written to %s", len(dirs),
              len(table), out)
     if failed or problems:
-        raise sm.SummaryIncomplete(out, table, failed, problems)
+        raise SummaryIncomplete(out, table, failed, problems)
     return table

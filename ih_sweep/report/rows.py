@@ -1,0 +1,225 @@
+"""The rows of summary.csv: per distinct job of each group (:mod:`ih_sweep.report.groups`)
+its accuracy and paired tests, the near-tie floor, the continuous metrics and the mechanism
+check (the columns are described in :mod:`ih_sweep.report.summarize`). The maths is
+:mod:`ih_sweep.report.statistics`; this module pairs the jobs' items and fills the columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ih_sweep.report import statistics as st
+from ih_sweep.report.discover import FinishedJob
+from ih_sweep.report.groups import GROUP_KEYS, Group, as_float, cell_groups, group_of, share
+
+CONTINUOUS = ["gold_logprob", "logit_diff"]  # results.csv per-item metrics (issue #17)
+MECHANISM_COLUMNS = ["repeat_loss", "repeat_loss_unablated", "icl_score",
+                     "icl_score_unablated"]  # job.json "mechanism"
+NEAR_TIE_COLUMNS = ["n_near_tie", "near_tie_acc_low", "near_tie_acc_high",
+                    "delta_vs_none_nt_low", "delta_vs_none_nt_high", "within_near_ties_vs_none",
+                    "delta_vs_low_nt_low", "delta_vs_low_nt_high", "within_near_ties_vs_low",
+                    "random_within_near_ties"]
+CONTINUOUS_COLUMNS = [f"{m}{suffix}" for m in CONTINUOUS for suffix in
+                      ["", *(f"_vs_{c}{b}" for c in ("none", "low", "random")
+                             for b in ("", "_ci_low", "_ci_high"))]]
+SUMMARY_COLUMNS = ["group", *GROUP_KEYS, "n_heads", "n_heads_share", "condition",
+                   "control_seed", "n_items", "n_correct", "accuracy", "ci_low", "ci_high",
+                   "delta_vs_none", "delta_ci_low", "delta_ci_high", "p_vs_none", "p_vs_none_holm",
+                   "delta_vs_low", "delta_vs_low_ci_low", "delta_vs_low_ci_high", "p_vs_low",
+                   "p_vs_random", "n_random",
+                   "random_acc_p2_5", "random_acc_p97_5",
+                   *NEAR_TIE_COLUMNS, *CONTINUOUS_COLUMNS, *MECHANISM_COLUMNS]
+
+
+def _key(df: pd.DataFrame) -> pd.Series:
+    return df["story"].astype(str) + ":" + df["question_index"].astype(str)
+
+
+def paired(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The ``correct`` outcomes (bool arrays of one length) of the items both results
+    tables evaluated, aligned by (story, question_index), in ``a``'s order."""
+    x = a.assign(k=_key(a)).set_index("k")["correct"].astype(bool)
+    y = b.assign(k=_key(b)).set_index("k")["correct"].astype(bool)
+    common = x.index.intersection(y.index)
+    return x.loc[common].to_numpy(), y.loc[common].to_numpy()
+
+
+def paired_effect(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, float, float]:
+    """Accuracy of ``a`` minus ``b`` on their paired items (:func:`paired`; nan without
+    any), its paired bootstrap 95% CI and the exact McNemar p (statistics of
+    :mod:`ih_sweep.report.statistics`): (delta, ci_low, ci_high, p)."""
+    x, y = paired(a, b)
+    delta = float(x.mean() - y.mean()) if len(x) else np.nan
+    return (delta, *st.paired_bootstrap_ci(x, y), st.mcnemar_exact(*st.discordant(x, y)))
+
+
+def has_column(results: pd.DataFrame, column: str) -> bool:
+    """Whether a job's results.csv has ``column`` (jobs written before it was recorded
+    lack it) with at least one value."""
+    return column in results.columns and results[column].notna().any()
+
+
+def as_bool(values: pd.Series) -> np.ndarray:
+    """A CSV column of booleans (True/False, read as bool or as text; empty = False)."""
+    if values.dtype == bool:
+        return values.to_numpy()
+    return values.astype(str).str.strip().str.lower().isin(("true", "1", "1.0")).to_numpy()
+
+
+def _aligned(a: pd.DataFrame, b: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The items both jobs evaluated, matched by (story, question_index): ``<col>_a`` and
+    ``<col>_b`` for each of ``columns``."""
+    key = ["story", "question_index"]
+    return a[key + columns].merge(b[key + columns], on=key, suffixes=("_a", "_b"))
+
+
+def accuracy_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
+    """Accuracy, its Wilson interval and the paired tests against ``none``, (rows
+    ``high``) against ``low``, and (every row but ``random`` and ``none``) the empirical
+    p within the ``random`` draws at the same N and their 2.5-97.5% band."""
+    res = job.results
+    k, total = int(res["correct"].sum()), len(res)
+    lo, hi = st.wilson_interval(k, total)
+    row = {"n_items": total, "n_correct": k,
+           "accuracy": k / total if total else float("nan"), "ci_low": lo, "ci_high": hi}
+    none = group.cells.get((0, "none", 0))
+    if none is not None and cond != "none":
+        row["delta_vs_none"], row["delta_ci_low"], row["delta_ci_high"], \
+            row["p_vs_none"] = paired_effect(res, none.results)
+    if cond == "high":
+        low = group.cells.get((n, "low", 0))
+        if low is not None:
+            row["delta_vs_low"], row["delta_vs_low_ci_low"], row["delta_vs_low_ci_high"], \
+                row["p_vs_low"] = paired_effect(res, low.results)
+    row |= null_row(row["accuracy"], group, n, cond)
+    return row
+
+
+def null_row(accuracy: float, group: Group, n: int, cond: str) -> dict:
+    """``p_vs_random``, ``n_random`` and the null's band for a row of a condition other
+    than ``random`` and ``none``, from the group's ``random`` draws at the same N; empty
+    where there are none."""
+    draws = group.control(n, "random")
+    if cond in ("random", "none") or not draws:
+        return {}
+    null = [j.results["correct"].mean() for j in draws]
+    low, high = st.null_band(null)
+    return {"p_vs_random": st.empirical_p(accuracy, null), "n_random": len(draws),
+            "random_acc_p2_5": low, "random_acc_p97_5": high}
+
+
+def _near_tie_comparison(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, bool]:
+    """:func:`ih_sweep.report.statistics.near_tie_delta_range` of A minus B on their paired
+    items."""
+    m = _aligned(a, b, ["correct", "near_tie"])
+    return st.near_tie_delta_range(as_bool(m.correct_a), as_bool(m.near_tie_a),
+                                   as_bool(m.correct_b), as_bool(m.near_tie_b))
+
+
+def near_tie_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
+    """The job's near-tie count and accuracy range, and for each comparison the range of
+    the difference if every near-tie fell the other way and whether the difference lies
+    inside it (empty where either job has no ``near_tie`` column)."""
+    res = job.results
+    if not has_column(res, "near_tie"):
+        return {}
+    tie = as_bool(res["near_tie"])
+    low, high = st.near_tie_range(as_bool(res["correct"]), tie)
+    row = {"n_near_tie": int(tie.sum()), "near_tie_acc_low": low, "near_tie_acc_high": high}
+    none = group.cells.get((0, "none", 0))
+    if none is not None and cond != "none" and has_column(none.results, "near_tie"):
+        row["delta_vs_none_nt_low"], row["delta_vs_none_nt_high"], \
+            row["within_near_ties_vs_none"] = _near_tie_comparison(res, none.results)
+    if cond == "high":
+        low_job = group.cells.get((n, "low", 0))
+        if low_job is not None and has_column(low_job.results, "near_tie"):
+            row["delta_vs_low_nt_low"], row["delta_vs_low_nt_high"], \
+                row["within_near_ties_vs_low"] = _near_tie_comparison(res, low_job.results)
+        draws = [j for j in group.control(n, "random") if has_column(j.results, "near_tie")]
+        if draws:
+            row["random_within_near_ties"] = sum(
+                _near_tie_comparison(res, j.results)[2] for j in draws)
+    return row
+
+
+def _paired_metric(a: pd.DataFrame, b: pd.DataFrame, column: str
+                   ) -> tuple[float, float, float]:
+    """Mean paired difference of ``column`` (A minus B, items matched by (story,
+    question_index), non-finite values left out) and its paired bootstrap 95% CI."""
+    m = _aligned(a, b, [column])
+    x = pd.to_numeric(m[f"{column}_a"], errors="coerce").to_numpy(dtype=float)
+    y = pd.to_numeric(m[f"{column}_b"], errors="coerce").to_numpy(dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if not len(x):
+        return (np.nan, np.nan, np.nan)
+    return (float(x.mean() - y.mean()), *st.paired_bootstrap_ci(x, y))
+
+
+def _item_means(jobs: list[FinishedJob], column: str) -> pd.DataFrame:
+    """Per item (story, question_index), the mean of ``column`` over ``jobs`` (the random
+    draws at one N: the matched random control of each item)."""
+    key = ["story", "question_index"]
+    frames = [j.results[key + [column]].assign(**{column: pd.to_numeric(
+        j.results[column], errors="coerce")}) for j in jobs]
+    return pd.concat(frames).groupby(key, as_index=False)[column].mean()
+
+
+def continuous_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
+    """Per metric of :data:`CONTINUOUS`: the job's mean, and its paired difference (with
+    bootstrap CI) against ``none``, and for rows ``high`` against ``low`` at the same N and
+    the per-item mean of the ``random`` draws at the same N."""
+    row: dict = {}
+    res = job.results
+    for metric in CONTINUOUS:
+        if not has_column(res, metric):
+            continue
+        values = pd.to_numeric(res[metric], errors="coerce")
+        row[metric] = float(values[np.isfinite(values)].mean())
+        controls = {}
+        none = group.cells.get((0, "none", 0))
+        if cond != "none" and none is not None:
+            controls["none"] = none.results
+        if cond == "high":
+            low = group.cells.get((n, "low", 0))
+            if low is not None:
+                controls["low"] = low.results
+            draws = [j for j in group.control(n, "random") if has_column(j.results, metric)]
+            if draws:
+                controls["random"] = _item_means(draws, metric)
+        for name, other in controls.items():
+            if has_column(other, metric):
+                row[f"{metric}_vs_{name}"], row[f"{metric}_vs_{name}_ci_low"], \
+                    row[f"{metric}_vs_{name}_ci_high"] = _paired_metric(res, other, metric)
+    return row
+
+
+def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str]] | None = None
+                   ) -> tuple[pd.DataFrame, list[str]]:
+    """summary.csv: one row per distinct job of each group
+    (:func:`ih_sweep.report.groups.cell_groups`; ``grouped``: its result when already
+    computed), columns :data:`SUMMARY_COLUMNS`
+    (accuracy and its tests, the near-tie floor, the continuous metrics and the mechanism
+    check, the last three where the jobs recorded them), and the grouping's notes."""
+    rows = []
+    groups, notes = grouped or cell_groups(jobs)
+    for group in groups:
+        for (n, cond, seed), job in group.cells.items():
+            row = {"group": group.name, **group_of(job), "n_heads": n,
+                   "n_heads_share": share(job), "condition": cond, "control_seed": seed}
+            row |= accuracy_row(job, group, n, cond)
+            row |= near_tie_row(job, group, n, cond)
+            row |= continuous_row(job, group, n, cond)
+            mechanism = job.record.mechanism if isinstance(job.record.mechanism, dict) else {}
+            row |= {k: as_float(mechanism.get(k)) for k in MECHANISM_COLUMNS}
+            rows.append(row)
+    # one family across tasks, N values and conditions of the whole sweep; the random draws
+    # are the null's sample, not hypotheses: outside the family (their Holm p stays empty)
+    ps = [np.nan if r["condition"] == "random" else r.get("p_vs_none", np.nan) for r in rows]
+    for r, adj in zip(rows, st.holm(ps)):
+        r["p_vs_none_holm"] = adj
+    df = pd.DataFrame(rows)
+    for col in SUMMARY_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    return df[SUMMARY_COLUMNS], notes
