@@ -2,8 +2,8 @@
 # The test command: set up, then run the whole suite. Under CI (CI=true) a real single-node
 # SLURM cluster is started first and the SLURM tests must run (REQUIRE_SLURM=1); elsewhere
 # they skip unless a cluster answers (scripts/slurm_local.sh start). Without arguments (the
-# whole suite), the evaluator's tests then run again on the lowest transformers release
-# pyproject.toml allows (scripts/test_lowest_transformers.sh, ~30 s: see there).
+# whole suite), the whole suite then runs again on the lowest transformers release
+# pyproject.toml allows (scripts/test_lowest_transformers.sh: see there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

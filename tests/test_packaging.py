@@ -49,16 +49,19 @@ SWEEP = ["-m", "n_heads=2", "condition=high,none", "data.n_stories=20", "mechani
 
 def fresh_venv(where: Path) -> Path:
     """A venv with nothing of its own, layered on the one running the tests: a .pth adds this
-    venv's site-packages as a plain path entry AFTER the new venv's own, so torch and friends
-    come from here (no download) but ih_sweep only from what is installed into the new venv
-    (a plain entry: this venv's own .pth files, its editable ih_sweep, are not run). Returns
-    its python."""
+    interpreter's site-packages folders (in its order: the lowest-transformers venv's before
+    the project venv's when scripts/test_lowest_transformers.sh runs the suite) as plain path
+    entries AFTER the new venv's own, so torch and friends come from here (no download) but
+    ih_sweep only from what is installed into the new venv (plain entries: those folders'
+    own .pth files, the editable ih_sweep, are not run). Returns its python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
     python = where / "bin" / "python"
     own = subprocess.run([str(python), "-c", "import sysconfig; "
                           "print(sysconfig.get_paths()['purelib'])"],
                          check=True, capture_output=True, text=True).stdout.strip()
-    Path(own, "_project_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    folders = [p for p in sys.path if Path(p).name == "site-packages"] or \
+        [sysconfig.get_paths()["purelib"]]
+    Path(own, "_project_venv.pth").write_text("".join(f"{p}\n" for p in folders))
     return python
 
 

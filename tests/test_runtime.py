@@ -40,6 +40,6 @@ def test_kept_memory_serves_activation_sized_blocks_from_the_heap():
 
 
 def test_nothing_changes_off_glibc(monkeypatch):
-    monkeypatch.setattr(runtime, "_applied", False)
+    runtime.reset()
     monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
     assert runtime.keep_freed_memory() is False

@@ -42,3 +42,11 @@ def keep_freed_memory() -> bool:
     _applied = ok
     log.debug("glibc malloc keeps freed memory: %s", ok)
     return ok
+
+
+def reset() -> None:
+    """Forget that the settings were applied, so that :func:`keep_freed_memory` checks the
+    platform and applies them again (glibc keeps what was set; for tests that change the
+    platform it sees)."""
+    global _applied
+    _applied = False
