@@ -178,7 +178,7 @@ def compare(model, tok, items, heads) -> dict:
 
 
 def family_builders(vocab: int) -> dict[str, Callable]:
-    """Small random-weight models of every supported family (as tests/test_ablation.py)."""
+    """Small random-weight models of every supported family (as tests/ablation/test_ablation.py)."""
     import transformers as tf
 
     c = dict(vocab_size=vocab)

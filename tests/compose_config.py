@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +40,18 @@ def run_job(out_dir: Path, *overrides: str) -> Any:
     with open_dict(cfg):
         del cfg["hydra"]
     return launch.run(cfg)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m ih_sweep ARGS`` in a subprocess (the real CLI) from ``cwd``; with
+    ``check``, a non-zero exit raises with the tail of its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc

@@ -13,7 +13,7 @@ class UnsupportedArchitecture(UserError):
 
 
 SUPPORTED = ("Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma/Gemma-2/Gemma-3, GPT-2, GPT-NeoX (Pythia), "
-             "OPT")  # the families tests/test_families.py runs end to end
+             "OPT")  # the families tests/model/test_families.py runs end to end
 
 
 def config_value(config, *names: str) -> int | None:

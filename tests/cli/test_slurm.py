@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 DEFAULT_CONF = Path(os.environ.get("IH_SLURM_DIR", "/tmp/ih_sweep_slurm")) / "etc/slurm.conf"
 

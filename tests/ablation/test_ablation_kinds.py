@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_families import CONFIGS, save_model
+from families import CONFIGS, save_model
 
 from ih_sweep import data
 from ih_sweep.ablation.donors import Donors, donor_texts, draw_donors, resample_donors

@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
-from test_summary import make_job
+from summary_jobs import make_job
 
 from ih_sweep.report.errors import SummaryIncomplete
 from ih_sweep.report.render import console_report
 from ih_sweep.report.summarize import summarize
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _extra(n: int, rng) -> dict:

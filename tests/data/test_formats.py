@@ -22,7 +22,7 @@ from ih_sweep.evaluation.evaluator import PromptTooLong, check_prompt_lengths, e
 from ih_sweep.evaluation.metrics import is_correct
 from ih_sweep.testing import generate_one_at_a_time
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def story(*lines: tuple[str, str]) -> data.Story:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_families import CONFIGS, one_thread, save_model  # noqa: F401 (a fixture)
+from families import CONFIGS, one_thread, save_model  # noqa: F401 (a fixture)
 
 from ih_sweep import data
 from ih_sweep.ablation.means import head_means, reference_batches

@@ -23,7 +23,7 @@ from ih_sweep.report.discover import FinishedJob
 from ih_sweep.report.groups import cell_groups
 from ih_sweep.report.rows import summarize_jobs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {"name": "tiny", "path": "builtin:tiny", "dtype": "float32"}
 NONE = {"name": "none", "double_quant": True, "compute_dtype": "bfloat16"}
 NF4 = {"name": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
@@ -275,8 +275,8 @@ def _cli(*args: str, cwd: Path, module: str = "ih_sweep", status: int = 0
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
     """Three small sweeps by the CLI: tiny float32, tiny nf4 (bitsandbytes on the CPU) and a
-    2-layer random-weight Llama (tests/test_families.py), high/low/none on 30 stories."""
-    from test_families import family_configs, save_model
+    2-layer random-weight Llama (tests/model/test_families.py), high/low/none on 30 stories."""
+    from families import family_configs, save_model
 
     root = tmp_path_factory.mktemp("cross")
     llama = save_model(family_configs()["llama"], root / "llama-rand")

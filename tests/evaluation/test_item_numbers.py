@@ -25,7 +25,7 @@ from ih_sweep.evaluation.fastpath import check
 from ih_sweep.heads.selection import select_heads
 from ih_sweep.model.tokens import pad_id
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

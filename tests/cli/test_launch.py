@@ -10,21 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from compose_config import cli
 
 from ih_sweep.pipeline.records import RESULT_COLUMNS
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-m", "ih_sweep", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

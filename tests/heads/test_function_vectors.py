@@ -33,7 +33,7 @@ from ih_sweep.heads import score_table
 from ih_sweep.heads.scoring import ScoreFileError
 from ih_sweep.heads.selection import SelectionError, excluded_heads, select_heads
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(fv_prompts=3, fv_mean_prompts=6)
 
 
@@ -377,7 +377,7 @@ def test_fv_scores_on_other_families(tmp_path, family):
     """Random-weight models: finite FV scores (correct_only off: they answer nothing
     right), batch-size invariant, and an evaluate job ranked by them."""
     from compose_config import run_job
-    from test_families import CONFIGS, save_model
+    from families import CONFIGS, save_model
 
     from ih_sweep.config.schema import DType, ModelConfig, QuantizationConfig
     from ih_sweep.model.loading import load_model

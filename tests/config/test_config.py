@@ -16,7 +16,7 @@ from hydra.errors import ConfigCompositionException
 from ih_sweep.config.hydra import settings
 from ih_sweep.config.schema import Condition, Config, Metric, plain
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_compose_into_the_typed_schema():

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from test_summary import make_job
+from summary_jobs import make_job
 from test_summary_sections import md_tables
 
 from ih_sweep.io_utils import read_json, write_json

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_summary import make_job
+from summary_jobs import make_job
 
 from ih_sweep.report.discover import find_jobs
 from ih_sweep.report.plots import plot_strata

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _daemon(tmp_path: Path, name: str) -> tuple[subprocess.Popen, Path]:

@@ -14,7 +14,7 @@ from ih_sweep import data
 from ih_sweep.pipeline import head_scan as scan
 from ih_sweep.testing import scan_by_full_reruns
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from compose_config import run_job
-from test_families import family_configs, save_model
-from test_summary import make_job
+from families import family_configs, save_model
+from summary_jobs import make_job
 
 from ih_sweep.io_utils import read_json, write_json
 from ih_sweep.pipeline.records import RESULT_COLUMNS, read_record
@@ -28,7 +28,7 @@ from ih_sweep.report.sections import display_table
 from ih_sweep.report.summarize import summarize
 from ih_sweep.report.tables import strata_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def share_job(root: Path, name: str, n: int, cond: str, correct, share: float | None):

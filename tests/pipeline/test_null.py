@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from compose_config import compose, run_job
-from test_summary import make_job
+from summary_jobs import make_job
 
 from ih_sweep.config.hydra import settings
 from ih_sweep.config.identity import config_hash
@@ -242,7 +242,7 @@ def test_donor_subset_equals_donors_taken_for_those_heads(tiny):
 
 # --------------------------------------------------------------------------- other family
 def test_a_k_job_on_a_random_weight_model_of_another_family(tmp_path):
-    from test_families import family_configs, save_model
+    from families import family_configs, save_model
 
     folder = save_model(family_configs()["gpt2"], tmp_path / "gpt2")
     args = (*FAST, "model=hub", f"model.path={folder}", "n_heads=2", "data.n_stories=8",
@@ -261,7 +261,7 @@ def test_cli_sweep_with_k_draws_gets_p_and_band(tmp_path):
     """``-m n_heads=8 condition=high,none,random control_seeds=5``: 3 jobs, the random one
     writing 5 draws; the summary (exit 0: no job left out, no folder reported broken)
     compares ``high`` with them."""
-    from test_launch import cli
+    from compose_config import cli
 
     sweep = tmp_path / "s"
     proc = cli("-m", "n_heads=8", "condition=high,none,random", "control_seeds=5",
@@ -288,7 +288,7 @@ def test_null_benchmark_smoke_run(tmp_path):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_null.py"),
                            "--draws", "2", "--stories", "10", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)

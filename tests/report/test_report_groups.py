@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from test_summary import make_job
+from summary_jobs import make_job
 
 from ih_sweep.report.discover import find_jobs
 from ih_sweep.report.groups import (
