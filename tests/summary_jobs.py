@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 
 from ih_sweep.io_utils import read_json, write_json
-from ih_sweep.pipeline.records import RESULT_COLUMNS, EvaluationRecord, write_record
+from ih_sweep.pipeline.records import (
+    RESULT_COLUMNS,
+    SEAL,
+    EvaluationRecord,
+    record_checksum,
+    sha256,
+    write_record,
+)
 
 
 def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", examples=None,
@@ -37,8 +44,15 @@ def make_job(root, name, n, cond, correct, seed=0, model="tiny", scope="last", e
         eval={"metric": "contains", "scope": scope, "max_new_tokens": 3}, ablation="zero",
         rank_by=rank_by, n_items=len(correct), n_correct=int(sum(correct)),
         accuracy=float(np.mean(correct)), n_decoded=0, scores_file=scores_file,
-        heads=[[0, h] for h in range(n)] if scores_file else []))
-    if mechanism is not None:
-        record = read_json(folder / "job.json")
-        write_json(folder / "job.json", record | {"mechanism": mechanism})
+        heads=[[0, h] for h in range(n)] if scores_file else [],
+        results_sha256=sha256(folder / "results.csv"), mechanism=mechanism or {}))
     return folder
+
+
+def edit_record(folder, changes=None, drop=()):
+    """Change (``changes``) or remove (``drop``) keys of ``folder``'s job.json and seal it
+    again, as a job of another version would have written it; results.csv's checksum is
+    that of the file there now."""
+    record = {k: v for k, v in read_json(folder / "job.json").items() if k not in drop}
+    record |= (changes or {}) | {"results_sha256": sha256(folder / "results.csv")}
+    write_json(folder / "job.json", record | {SEAL: record_checksum(record)})

@@ -24,12 +24,16 @@ WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "config.jso
 
 
 def weights_fingerprint(model_path: str) -> dict[str, Any]:
-    """What identifies the weights behind ``model.path``: for a local folder (or
-    builtin:tiny) the name, size and modification time of each weight file and of
-    config.json, so changed weights are rescored; for a hub id, the id alone (its revision
-    is in the model config)."""
+    """What identifies the weights behind ``model.path``: for a local folder (symlinks
+    resolved) the content fingerprint of each of its weight, config, tokenizer and
+    generation files (:func:`ih_sweep.fingerprints.model_inputs`), so that changed files are
+    rescored; for builtin:tiny the name, size and modification time of each weight file and
+    of config.json; for a hub id, the id alone (its revision is in the model config)."""
+    from ih_sweep.fingerprints import local_model_folder, model_inputs
     from ih_sweep.model.loading import resolve_path
 
+    if local_model_folder(model_path) is not None:
+        return {"files": model_inputs(model_path)}
     folder = Path(resolve_path(model_path))
     if not folder.is_dir():
         return {"hub": model_path}
@@ -55,15 +59,19 @@ def _model_key(config: Config) -> dict[str, Any]:
 
 def fv_cache_key(config: Config) -> dict[str, Any]:
     """Everything that determines a computed FV score table: the model (as in
-    :func:`cache_key`), the settings that make the job's prompts (``data``; ``eval``'s
+    :func:`cache_key`), the settings that make the job's prompts (``data``, and the content
+    of the bAbI files it reads, :func:`ih_sweep.fingerprints.data_inputs`; ``eval``'s
     format, scope, n_shots, demo_seed) and the FV settings (not the induction ones)."""
     from ih_sweep.config.schema import FV_KEYS
+    from ih_sweep.fingerprints import data_inputs
 
     ev = plain(config.eval)
     scoring = plain(config.scoring)
+    files = data_inputs(config)
     return {**_model_key(config), "data": plain(config.data),
             "eval": {k: ev[k] for k in ("format", "scope", "n_shots", "demo_seed")},
-            "fv": {k: scoring[k] for k in FV_KEYS if k != "fv_batch_size"}}
+            "fv": {k: scoring[k] for k in FV_KEYS if k != "fv_batch_size"},
+            **({"data_files": files} if files else {})}
 
 
 def _path(config: Config, key: dict[str, Any], kind: str = "") -> Path:

@@ -23,14 +23,16 @@ log = logging.getLogger("ih_sweep")
 
 
 def evaluate_chunks(config: Config, out_dir: Path, chash: str, model: LazyModel, data: Items,
-                    selection: Selection, fill: Fill, shared: SharedInputs) -> Results:
+                    selection: Selection, fill: Fill, shared: SharedInputs,
+                    inputs: dict[str, str] | None = None) -> Results:
     """Every item evaluated with the selection's heads ablated by ``fill``
     (:func:`ih_sweep.evaluation.evaluator.evaluate` under
     :func:`ih_sweep.ablation.hooks.ablate_heads`), chunk by chunk, each chunk's rows with the
     stories' difficulty strata (:func:`ih_sweep.data.strata.strata_frame`). ``shared`` keeps
     each chunk's tokenized rows for the job's other draws. Partial results of another
-    config (``partial/state.json``) are discarded; the model is loaded only for a chunk
-    still to evaluate."""
+    config (``partial/state.json``), or of other input files (``inputs``, the fingerprints
+    of :func:`ih_sweep.fingerprints.job_inputs`), are discarded; the model is loaded only
+    for a chunk still to evaluate."""
     from ih_sweep.ablation.hooks import ablate_heads
     from ih_sweep.data.strata import strata_frame
     from ih_sweep.evaluation.evaluator import evaluate
@@ -39,6 +41,8 @@ def evaluate_chunks(config: Config, out_dir: Path, chash: str, model: LazyModel,
     part = out_dir / "partial"
     size = config.eval.checkpoint_items
     state = {"config_hash": chash, "chunk_items": size, "n_items": len(items)}
+    if inputs:  # none for the built-in model on generated data
+        state["inputs"] = inputs
     if (part / "state.json").is_file() and read_json(part / "state.json") != state:
         log.info("discarding partial results of a different config in %s", part)
         shutil.rmtree(part)

@@ -25,6 +25,7 @@ from pathlib import Path
 from ih_sweep.ablation.registry import get_ablation
 from ih_sweep.config.identity import config_hash
 from ih_sweep.config.schema import Config
+from ih_sweep.fingerprints import job_inputs
 from ih_sweep.pipeline.checkpoints import evaluate_chunks
 from ih_sweep.pipeline.draws import SharedInputs, run_seeds, several_draws
 from ih_sweep.pipeline.records import EvaluationRecord, SeedsRecord
@@ -46,7 +47,8 @@ def run(config: Config, out_dir: Path, shared: SharedInputs | None = None
         return run_seeds(config, out_dir, run)
     started = time.time()
     chash = config_hash(config)
-    finished = reuse_finished(config, out_dir, chash, started)
+    inputs = job_inputs(config)  # the input files by content, recorded beside the hash
+    finished = reuse_finished(config, out_dir, chash, started, inputs)
     if finished is not None:
         return finished
     shared = shared or SharedInputs()
@@ -68,14 +70,16 @@ def run(config: Config, out_dir: Path, shared: SharedInputs | None = None
     with timed(timings, "eval_s"):
         shared.check_prompts(config, model, data)  # before any pass: every prompt fits
         fill = shared.prepare_fill(config, method, model, data, selection)
-        results = evaluate_chunks(config, out_dir, chash, model, data, selection, fill, shared)
+        results = evaluate_chunks(config, out_dir, chash, model, data, selection, fill, shared,
+                                  inputs)
 
     with timed(timings, "mechanism_s"):  # repeat loss and ICL score, ablated and not
         mechanism = run_mechanism(config, model, data, selection, fill)
 
     timings |= model.take_load_time()  # load_s where this draw loaded it
     timings["total_s"] = time.time() - started
-    return write_job(config, out_dir, chash, count, selection, results, mechanism, timings)
+    return write_job(config, out_dir, chash, count, selection, results, mechanism, timings,
+                     inputs)
 
 
 @contextmanager

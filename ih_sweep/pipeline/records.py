@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import platform
 import shutil
@@ -123,6 +124,11 @@ class EvaluationRecord:
     # repeat_loss_unablated, icl_score, icl_score_unablated (nats), positions and settings;
     # empty with mechanism.enabled=false
     mechanism: dict[str, Any] = field(default_factory=dict)
+    # the input files that determine the results, by content (ih_sweep.fingerprints:
+    # job_inputs): {"data/<file>" | "scores/<file>" | "model/<file>": fingerprint}; empty
+    # for the built-in model on generated data. A finished job is reused only where they
+    # are what they are now
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,9 +178,38 @@ _KINDS: dict[str, type] = {"evaluate": EvaluationRecord, "scan": ScanRecord,
                            "random_seeds": SeedsRecord}
 
 
+SEAL = "record_sha256"  # job.json's key holding the checksum of all its other keys
+
+
+def record_checksum(raw: dict[str, Any]) -> str:
+    """The sha256 of a record's JSON (sorted keys) without its :data:`SEAL` key: what
+    :func:`write_record` writes under that key, so that any later edit of job.json (a
+    field the summary reads, the results' checksum) is noticed."""
+    body = {k: v for k, v in raw.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def write_record(out_dir: Path, record: Record) -> Path:
-    """``out_dir/job.json``, atomically."""
-    return write_json(Path(out_dir) / RECORD_FILE, dataclasses.asdict(record))
+    """``out_dir/job.json``, atomically, sealed with :func:`record_checksum`."""
+    raw = dataclasses.asdict(record)
+    return write_json(Path(out_dir) / RECORD_FILE, raw | {SEAL: record_checksum(raw)})
+
+
+def seal_problem(out_dir: Path) -> str | None:
+    """Why ``out_dir/job.json`` is not the record a job wrote (None when it is): its
+    :data:`SEAL` is missing, empty or not the checksum of its other keys."""
+    path = Path(out_dir) / RECORD_FILE
+    try:
+        raw = read_json(path)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        return f"job.json unreadable ({err})"
+    if not isinstance(raw, dict):
+        return "job.json is not a job record"
+    if not raw.get(SEAL):
+        return "job.json has no record checksum (edited, or written by an older version)"
+    if raw[SEAL] != record_checksum(raw):
+        return "job.json differs from the record the job wrote (record checksum)"
+    return None
 
 
 def read_record(out_dir: Path) -> Record:
@@ -210,8 +245,9 @@ def sha256(path: Path) -> str:
 def problem_with(out_dir: Path, record: Record) -> str | None:
     """Why the files in ``out_dir`` do not match ``record`` (None when they do): an
     evaluation's results.csv must have the recorded checksum, row count, unique
-    (story, question_index) pairs and correct count, and heads.csv its heads; a
-    several-draw job's draws must each be complete (:func:`finished_record`)."""
+    (story, question_index) pairs and correct count, heads.csv its heads, and job.json
+    its checksums (:func:`checksum_problem`); a several-draw job's draws must each be
+    complete (:func:`finished_record`)."""
     import pandas as pd
 
     out_dir = Path(out_dir)
@@ -248,14 +284,29 @@ def problem_with(out_dir: Path, record: Record) -> str | None:
                                                head_rows.get("head", []))]
     if pairs != record.heads:
         return "heads.csv does not list the recorded heads"
-    return None
+    return checksum_problem(out_dir, record)
 
 
-def finished_record(out_dir: Path, config_hash: str, output: str = "results.csv"
-                    ) -> Record | None:
+def checksum_problem(out_dir: Path, record: EvaluationRecord) -> str | None:
+    """Why an evaluation's results.csv or job.json is not what the job wrote (None when
+    both are): results.csv must have the recorded checksum (a record without one is
+    damaged: edited, or older than checksums) and job.json its seal (:func:`seal_problem`),
+    which covers every field the summary reads."""
+    results = Path(out_dir) / "results.csv"
+    if not record.results_sha256:
+        return "job.json has no checksum of results.csv (edited, or written by an older version)"
+    if not results.is_file() or sha256(results) != record.results_sha256:
+        return "results.csv differs from the file the job wrote (checksum)"
+    return seal_problem(out_dir)
+
+
+def finished_record(out_dir: Path, config_hash: str, output: str = "results.csv",
+                    inputs: dict[str, str] | None = None) -> Record | None:
     """The record of a job already complete in ``out_dir`` for this config hash whose files
-    match it (:func:`problem_with`); None when the job has to run. A complete record whose
-    files do not match is reported in one warning line and not trusted."""
+    match it (:func:`problem_with`) and, for an evaluation given ``inputs`` (its input
+    files' fingerprints now, :func:`ih_sweep.fingerprints.job_inputs`), whose recorded
+    inputs are those; None when the job has to run. A complete record whose files do not
+    match, or whose inputs changed, is reported in one log line and not trusted."""
     out_dir = Path(out_dir)
     if not (out_dir / RECORD_FILE).is_file():
         return None
@@ -272,6 +323,12 @@ def finished_record(out_dir: Path, config_hash: str, output: str = "results.csv"
     problem = problem_with(out_dir, record)
     if problem:
         log.warning("redoing %s: %s", out_dir, problem)
+        return None
+    if inputs is not None and isinstance(record, EvaluationRecord) and record.inputs != inputs:
+        from ih_sweep.fingerprints import changed_inputs
+
+        log.info("redoing %s: its input changed since it ran: %s", out_dir,
+                 ", ".join(changed_inputs(record.inputs, inputs)))
         return None
     return record
 
@@ -299,12 +356,14 @@ def store(out_dir: Path, cache_dir: str | Path, config_hash: str) -> Path:
     return target
 
 
-def restore(cache_dir: str | Path, config_hash: str, out_dir: Path) -> Record | None:
+def restore(cache_dir: str | Path, config_hash: str, out_dir: Path,
+            inputs: dict[str, str] | None = None) -> Record | None:
     """The stored job of this config hash, if the store has one whose files match its
-    record: its results.csv and heads.csv are copied into ``out_dir`` and its record is
-    returned for the caller to write (with its own bookkeeping); None otherwise."""
+    record (and whose recorded ``inputs`` are these, when given): its results.csv and
+    heads.csv are copied into ``out_dir`` and its record is returned for the caller to
+    write (with its own bookkeeping); None otherwise."""
     source = store_dir(cache_dir, config_hash)
-    record = finished_record(source, config_hash)
+    record = finished_record(source, config_hash, inputs=inputs)
     if record is None:
         return None
     _copy(tuple(n for n in STORED_FILES if n != RECORD_FILE), source, out_dir)

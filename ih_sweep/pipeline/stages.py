@@ -125,15 +125,22 @@ class LazyModel:
 
 
 # --------------------------------------------------------------------------- stages
-def reuse_finished(config: Config, out_dir: Path, chash: str, started: float
-                   ) -> EvaluationRecord | None:
+def reuse_finished(config: Config, out_dir: Path, chash: str, started: float,
+                   inputs: dict[str, str] | None = None) -> EvaluationRecord | None:
     """The record of this config's finished job, in ``out_dir`` or in the store (then
-    copied into ``out_dir`` with this job's bookkeeping), or None: the job must run."""
-    previous = finished_record(out_dir, chash, "results.csv")
+    copied into ``out_dir`` with this job's bookkeeping), or None: the job must run. A
+    finished job is this config's when its config hash is ``chash`` and its recorded input
+    files' fingerprints are ``inputs`` (:func:`ih_sweep.fingerprints.job_inputs`, computed
+    here when not given)."""
+    if inputs is None:
+        from ih_sweep.fingerprints import job_inputs
+
+        inputs = job_inputs(config)
+    previous = finished_record(out_dir, chash, "results.csv", inputs)
     if previous is not None:
         log.info("skipping %s: complete results exist for this config", out_dir)
         return previous  # type: ignore[return-value]
-    stored = restore(config.paths.cache_dir, chash, out_dir)
+    stored = restore(config.paths.cache_dir, chash, out_dir, inputs)
     if stored is None:
         return None
     log.info("reusing the finished evaluation %s (%s) for %s", chash,
@@ -233,12 +240,14 @@ def run_mechanism(config: Config, model: LazyModel, data: Items, selection: Sele
 
 def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
               selection: Selection, results: Results, mechanism: dict[str, Any],
-              timings: dict[str, float]) -> EvaluationRecord:
+              timings: dict[str, float], inputs: dict[str, str] | None = None
+              ) -> EvaluationRecord:
     """results.csv (:data:`~ih_sweep.pipeline.records.RESULT_COLUMNS`), heads.csv and
     job.json (:class:`~ih_sweep.pipeline.records.EvaluationRecord`) into ``out_dir``, then the
     job into the store; the partial chunks go. An unablated job ablates 0 heads whatever N
     was asked (no share either), and the control seed is 0 unless it drew the heads
-    (condition=random), as in the config hash."""
+    (condition=random), as in the config hash. ``inputs``: the input files' fingerprints
+    (:func:`ih_sweep.fingerprints.job_inputs`) the job read, recorded beside the hash."""
     import shutil
 
     from ih_sweep.config.identity import semantic_config
@@ -279,7 +288,7 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
         timings={k: round(v, 3) for k, v in timings.items()},
         slurm_job_id=os.environ.get("SLURM_JOB_ID"),
         results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config),
-        scores_file=selection.scores_file, mechanism=mechanism)
+        scores_file=selection.scores_file, mechanism=mechanism, inputs=dict(inputs or {}))
     write_record(out_dir, record)
     store(out_dir, config.paths.cache_dir, chash)
     shutil.rmtree(out_dir / "partial", ignore_errors=True)

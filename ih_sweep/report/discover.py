@@ -18,6 +18,7 @@ from ih_sweep.pipeline.records import (
     RecordError,
     ScanRecord,
     SeedsRecord,
+    checksum_problem,
     read_record,
 )
 
@@ -119,7 +120,9 @@ def missing_jobs(sweep_dir: Path, present: set[str], count: bool = True
 
 
 def find_jobs(sweep_dir: Path) -> SweepJobs:
-    """Find job folders (those with a .hydra/ or job.json) and sort good from broken. A
+    """Find job folders (those with a .hydra/ or job.json) and sort good from broken (an
+    evaluation whose job.json or results.csv is not what the job wrote is broken:
+    :func:`ih_sweep.pipeline.records.checksum_problem`). A
     several-draw job's folder (``control_seeds=K``) lists its draws, each a job folder
     of its own below it: it is kept apart (:attr:`SweepJobs.seed_parents`), and reported
     only when a listed draw's folder is missing."""
@@ -153,6 +156,10 @@ def find_jobs(sweep_dir: Path) -> SweepJobs:
                                           "several-draw job are missing"))
             else:
                 out.seed_parents.append(folder)
+            continue
+        damage = checksum_problem(folder, record)  # job.json or results.csv edited
+        if damage:
+            out.problems.append((rel, damage))
             continue
         try:
             results = pd.read_csv(folder / "results.csv")

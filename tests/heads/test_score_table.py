@@ -39,7 +39,21 @@ def test_the_cache_key_covers_what_makes_the_scores(tmp_path):
     weights = model / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert score_table.cache_path(_config(tmp_path, "model=hub", f"model.path={model}")) \
-        != base  # the same path, other weights: rescored
+        == base  # touched, the same content: the same table
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json"):
+        copy = tmp_path / name / "model"
+        shutil.copytree(model, copy)
+        content = bytearray((copy / name).read_bytes())
+        content[-2] ^= 1
+        (copy / name).write_bytes(content)
+        (model / name).unlink()
+        (model / name).symlink_to(copy / name)  # a file behind a symlink: its content counts
+        assert score_table.cache_path(_config(tmp_path, "model=hub", f"model.path={model}")) \
+            != base, name  # the same path, other weights or tokenizer: rescored
+        (model / name).unlink()
+        shutil.copyfile(ASSET_DIR / name, model / name)
+        assert score_table.cache_path(_config(tmp_path, "model=hub", f"model.path={model}")) \
+            == base, name
 
 
 def _getter(tiny, calls):

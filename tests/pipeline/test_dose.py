@@ -17,9 +17,8 @@ import pandas as pd
 import pytest
 from compose_config import run_job
 from families import family_configs, save_model
-from summary_jobs import make_job
+from summary_jobs import edit_record, make_job
 
-from ih_sweep.io_utils import read_json, write_json
 from ih_sweep.pipeline.records import RESULT_COLUMNS, read_record
 from ih_sweep.report import plots
 from ih_sweep.report.cells import n_text
@@ -38,14 +37,12 @@ def share_job(root: Path, name: str, n: int, cond: str, correct, share: float | 
     folder = make_job(root, name, n, cond, correct, mechanism={
         "repeat_loss": 0.1 * n, "repeat_loss_unablated": 0.1, "icl_score": -1.0,
         "icl_score_unablated": -1.0})
-    record = read_json(folder / "job.json")
     if share is None:
-        record.pop("n_heads_share")
         res = pd.read_csv(folder / "results.csv")
         res.drop(columns="n_heads_share").to_csv(folder / "results.csv", index=False)
+        edit_record(folder, drop=("n_heads_share",))
     else:
-        record["n_heads_share"] = share
-    write_json(folder / "job.json", record)
+        edit_record(folder, {"n_heads_share": share})
     return folder
 
 

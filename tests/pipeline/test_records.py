@@ -6,14 +6,17 @@ import dataclasses
 
 import pytest
 
+from ih_sweep.io_utils import read_json, write_json
 from ih_sweep.pipeline.records import (
     COMPLETE,
     RESULT_COLUMNS,
+    SEAL,
     EvaluationRecord,
     RecordError,
     ScanRecord,
     finished_record,
     read_record,
+    sha256,
     write_record,
 )
 
@@ -75,11 +78,33 @@ def test_a_finished_job_needs_its_hash_status_and_output(tmp_path):
     write_record(tmp_path, _record())
     assert finished_record(tmp_path, "abc", "results.csv") is None  # no output yet
     _files(tmp_path)
-    assert finished_record(tmp_path, "abc", "results.csv") == _record()
+    done = _record(results_sha256=sha256(tmp_path / "results.csv"))
+    write_record(tmp_path, done)
+    assert finished_record(tmp_path, "abc", "results.csv") == done
     assert finished_record(tmp_path, "other", "results.csv") is None
-    write_record(tmp_path, dataclasses.replace(_record(), status="failed"))
+    write_record(tmp_path, dataclasses.replace(done, status="failed"))
     assert finished_record(tmp_path, "abc", "results.csv") is None
     assert COMPLETE == "complete"
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda r: r | {"results_sha256": ""}, "no checksum of results.csv"),
+    (lambda r: {k: v for k, v in r.items() if k != "results_sha256"},
+     "no checksum of results.csv"),
+    (lambda r: r | {"mechanism": {"repeat_loss": 9.0}}, "record checksum"),
+    (lambda r: r | {"scores_file": "elsewhere.csv"}, "record checksum"),
+    (lambda r: {k: v for k, v in r.items() if k != SEAL}, "no record checksum"),
+])
+def test_an_edited_record_is_not_a_finished_job(tmp_path, caplog, edit, why):
+    """Every field of job.json is covered by its seal, and a record without a checksum of
+    its results is damaged, not "unchecked"."""
+    _files(tmp_path)
+    write_record(tmp_path, _record(results_sha256=sha256(tmp_path / "results.csv"),
+                                   mechanism={"repeat_loss": 1.0}))
+    assert finished_record(tmp_path, "abc") is not None
+    write_json(tmp_path / "job.json", edit(read_json(tmp_path / "job.json")))
+    assert finished_record(tmp_path, "abc") is None
+    assert why in caplog.text
 
 
 def test_result_columns_are_documented_in_the_module():

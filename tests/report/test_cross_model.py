@@ -195,13 +195,16 @@ def test_a_model_with_two_groups_gets_numbered_rows():
 # --------------------------------------------------------------------------- the command
 def _write(root: Path, jobs: list[FinishedJob]) -> Path:
     """Job folders of ``jobs`` under ``root`` (a sweep on disk)."""
-    from ih_sweep.pipeline.records import write_record
+    import dataclasses
+
+    from ih_sweep.pipeline.records import sha256, write_record
 
     for j in jobs:
         folder = root / j.path
         folder.mkdir(parents=True)
         j.results.to_csv(folder / "results.csv", index=False)
-        write_record(folder, j.record)
+        write_record(folder, dataclasses.replace(
+            j.record, results_sha256=sha256(folder / "results.csv")))
     return root
 
 

@@ -8,10 +8,9 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from summary_jobs import make_job
+from summary_jobs import edit_record, make_job
 from test_summary_sections import md_tables
 
-from ih_sweep.io_utils import read_json, write_json
 from ih_sweep.report import statistics as st
 from ih_sweep.report.summarize import summarize
 from ih_sweep.report.tables import ROBUSTNESS_COLUMNS
@@ -20,10 +19,9 @@ from ih_sweep.report.tables import ROBUSTNESS_COLUMNS
 def _job(root, name, n, cond, correct, ablation, settings=None):
     """make_job with the record's and results' ``ablation`` set."""
     folder = make_job(root, name, n, cond, correct, settings=settings)
-    record = read_json(folder / "job.json")
-    write_json(folder / "job.json", record | {"ablation": ablation})
     results = pd.read_csv(folder / "results.csv")
     results.assign(ablation=ablation).to_csv(folder / "results.csv", index=False)
+    edit_record(folder, {"ablation": ablation})
     return folder
 
 
