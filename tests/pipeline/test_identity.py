@@ -124,3 +124,21 @@ def test_an_edited_job_record_is_redone_and_left_out_of_the_summary(tmp_path, ca
     assert not again.reused_evaluation and "skipping" not in caplog.text
     assert again.mechanism == first.mechanism and read_record(tmp_path / "s" / "job") == again
     assert [j.path.name for j in find_jobs(tmp_path / "s").jobs] == ["job"]
+
+
+def test_a_score_file_rewritten_at_the_same_path_chooses_the_heads_again(tmp_path, caplog):
+    import pandas as pd
+
+    caplog.set_level(logging.INFO)
+    cache = f"paths.cache_dir={tmp_path / 'c'}"
+    computed = run_job(tmp_path / "scored", *FAST, "n_heads=4", cache)
+    scores = tmp_path / "scores.csv"
+    shutil.copyfile(computed.scores_file, scores)
+    args = (*FAST, "n_heads=4", "scoring.source=file", f"scoring.file={scores}", cache)
+    first = run_job(tmp_path / "a", *args)
+    table = pd.read_csv(scores)
+    table.assign(prefix=-table["prefix"]).to_csv(scores, index=False)  # the lowest first
+    caplog.clear()
+    again = run_job(tmp_path / "b", *args)
+    assert again.config_hash == first.config_hash and not again.reused_evaluation
+    assert "scores/scores.csv" in caplog.text and again.heads != first.heads
