@@ -145,6 +145,7 @@ class ScanRecord:
     host: str = field(default_factory=platform.node)
     status: str = COMPLETE
     job: str = "scan"
+    inputs: dict[str, str] = field(default_factory=dict)  # as EvaluationRecord's
 
 
 @dataclass
@@ -303,9 +304,9 @@ def checksum_problem(out_dir: Path, record: EvaluationRecord) -> str | None:
 def finished_record(out_dir: Path, config_hash: str, output: str = "results.csv",
                     inputs: dict[str, str] | None = None) -> Record | None:
     """The record of a job already complete in ``out_dir`` for this config hash whose files
-    match it (:func:`problem_with`) and, for an evaluation given ``inputs`` (its input
-    files' fingerprints now, :func:`ih_sweep.fingerprints.job_inputs`), whose recorded
-    inputs are those; None when the job has to run. A complete record whose files do not
+    match it (:func:`problem_with`) and, for an evaluation or scan given ``inputs`` (its
+    input files' fingerprints now, :func:`ih_sweep.fingerprints.job_inputs`), whose
+    recorded inputs are those; None when the job has to run. A complete record whose files do not
     match, or whose inputs changed, is reported in one log line and not trusted."""
     out_dir = Path(out_dir)
     if not (out_dir / RECORD_FILE).is_file():
@@ -324,7 +325,8 @@ def finished_record(out_dir: Path, config_hash: str, output: str = "results.csv"
     if problem:
         log.warning("redoing %s: %s", out_dir, problem)
         return None
-    if inputs is not None and isinstance(record, EvaluationRecord) and record.inputs != inputs:
+    if inputs is not None and isinstance(record, (EvaluationRecord, ScanRecord)) and \
+            record.inputs != inputs:
         from ih_sweep.fingerprints import changed_inputs
 
         log.info("redoing %s: its input changed since it ran: %s", out_dir,

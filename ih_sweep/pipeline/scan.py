@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ih_sweep.config.identity import config_hash
 from ih_sweep.config.schema import Config, RankBy
+from ih_sweep.fingerprints import job_inputs
 from ih_sweep.pipeline.records import ScanRecord, finished_record, write_record
 
 log = logging.getLogger("ih_sweep")
@@ -18,7 +19,8 @@ log = logging.getLogger("ih_sweep")
 def run(config: Config, out_dir: Path) -> ScanRecord:
     """Write scan.csv, its plots and job.json into ``out_dir``; skip if already complete."""
     chash = config_hash(config)
-    previous = finished_record(out_dir, chash, "scan.csv")
+    inputs = job_inputs(config)  # the input files by content, recorded beside the hash
+    previous = finished_record(out_dir, chash, "scan.csv", inputs)
     if previous is not None:
         log.info("skipping %s: a complete scan exists for this config", out_dir)
         return previous  # type: ignore[return-value]
@@ -65,7 +67,7 @@ def run(config: Config, out_dir: Path) -> ScanRecord:
                         layers=sorted(int(x) for x in df["layer"].unique()),
                         n_items=len(items), rank_by=config.scoring.rank_by.value, stats=stats,
                         timings={"exact_s": round(t_exact, 2),
-                                 "total_s": round(time.time() - t0, 2)})
+                                 "total_s": round(time.time() - t0, 2)}, inputs=inputs)
     write_record(out_dir, record)
     log.info("wrote the scan of %d heads to %s", len(df), out_dir)
     return record

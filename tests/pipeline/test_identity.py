@@ -142,3 +142,20 @@ def test_a_score_file_rewritten_at_the_same_path_chooses_the_heads_again(tmp_pat
     again = run_job(tmp_path / "b", *args)
     assert again.config_hash == first.config_hash and not again.reused_evaluation
     assert "scores/scores.csv" in caplog.text and again.heads != first.heads
+
+
+def test_a_scan_of_a_changed_model_folder_is_not_skipped(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    model = _model_copy(tmp_path / "model")
+    args = ("debug=fast", "job=scan", "scan.layers=[0]", "scan.n_stories=4",
+            "scan.repeat_sequences=2", f"model.path={model}")
+    first = run_job(tmp_path / "scan", *args)
+    caplog.clear()
+    assert run_job(tmp_path / "scan", *args) == first  # unchanged: skipped
+    assert "skipping" in caplog.text
+    with open(model / "tokenizer.json", "a") as fh:
+        fh.write("\n")
+    caplog.clear()
+    again = run_job(tmp_path / "scan", *args)
+    assert "skipping" not in caplog.text and "model/tokenizer.json" in caplog.text
+    assert again.inputs != first.inputs
