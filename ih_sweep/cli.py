@@ -23,10 +23,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ih_sweep.config.errors import ConfigError, UserError, one_line
-from ih_sweep.config.hydra import register, settings
-from ih_sweep.config.schema import Config, Job, ScoreSource
+from ih_sweep.config.errors import UserError, one_line
+from ih_sweep.config.hydra import register
+from ih_sweep.config.schema import Job
 from ih_sweep.model.runtime import keep_freed_memory
+from ih_sweep.pipeline.preflight import check_job
 
 log = logging.getLogger("ih_sweep")
 register()  # the schema in Hydra's ConfigStore, before @hydra.main composes
@@ -47,54 +48,6 @@ def output_dir() -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
         return Path.cwd()
-
-
-class DeviceError(UserError):
-    kind = "device"
-
-
-def preflight(config: Config) -> None:
-    """Checks on what a config names that need the file system or torch but no model: the
-    score file, the model path's shape (a folder must hold a model), the device."""
-    from ih_sweep.model.loading import resolve_path
-
-    if config.scoring.source == ScoreSource.file and not Path(config.scoring.file).is_file():
-        raise ConfigError(f"scoring.file={config.scoring.file}: no such score file")
-    if Path(resolve_path(config.model.path)).is_dir() and config.model.revision:
-        raise ConfigError(f"model.revision={config.model.revision}: model.path="
-                          f"{config.model.path} is a local folder, which has no revisions; "
-                          "a revision applies to hub ids only")
-    if config.job == Job.train_tiny:
-        out = Path(config.train.out_dir)
-        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
-                out / "training.json").is_file())):
-            raise ConfigError(f"train.out_dir={config.train.out_dir}: "
-                              + ("is a file" if not out.is_dir() else
-                                 "is a folder with other files in it (no tiny model)")
-                              + "; give a new folder, or the folder of a tiny model to "
-                                "replace")
-    device = config.device
-    if device.startswith("cuda") or device == "mps":
-        import torch
-
-        if device == "mps" and not torch.backends.mps.is_available():
-            raise DeviceError("device=mps: no Apple GPU (MPS) is available to torch here; "
-                              "use device=cpu or device=auto")
-        if device.startswith("cuda"):
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            index = int(device.split(":")[1]) if ":" in device else 0
-            if index >= count:
-                raise DeviceError(f"device={device}: torch sees {count} CUDA device(s) here "
-                                  f"(torch {torch.__version__}); use device=cpu or "
-                                  "device=auto")
-
-
-def check_job(cfg: DictConfig) -> Config:
-    """The typed config of one job, checked as far as it can be without a model: the
-    schema's rules and the files it names. Raises :class:`ConfigError`."""
-    config = settings(cfg)
-    preflight(config)
-    return config
 
 
 def run(cfg: DictConfig) -> Any:

@@ -77,8 +77,9 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
 
     from omegaconf import open_dict
 
-    from ih_sweep.cli import check_job, mark_started
+    from ih_sweep.cli import mark_started
     from ih_sweep.config.errors import UserError
+    from ih_sweep.pipeline.preflight import check_job
 
     bad = []
     for overrides in job_overrides:

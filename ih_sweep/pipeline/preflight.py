@@ -1,0 +1,96 @@
+"""The checks a job's config gets before any job of a command runs: what needs the file
+system or torch but no weights (the files and folders the config names, the device).
+
+:func:`check_job` is what the CLI runs for a single job and what the launcher
+(``hydra_plugins/ih_sweep_launcher``) runs for every job of a sweep before the first
+starts, so that a mistake ends in one line with exit status 2 within seconds, not after
+other jobs ran. Each check raises a :class:`~ih_sweep.config.errors.UserError` whose
+message names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ih_sweep.config.errors import ConfigError, UserError
+from ih_sweep.config.hydra import settings
+from ih_sweep.config.schema import Config, Job, ScoreSource
+
+
+class DeviceError(UserError):
+    kind = "device"
+
+
+def check_score_file(config: Config) -> None:
+    """``scoring.source=file`` names a file that exists."""
+    if config.scoring.source == ScoreSource.file and not Path(config.scoring.file).is_file():
+        raise ConfigError(f"scoring.file={config.scoring.file}: no such score file")
+
+
+def check_model_path(config: Config) -> None:
+    """A local model folder takes no ``model.revision``."""
+    from ih_sweep.model.loading import resolve_path
+
+    if Path(resolve_path(config.model.path)).is_dir() and config.model.revision:
+        raise ConfigError(f"model.revision={config.model.revision}: model.path="
+                          f"{config.model.path} is a local folder, which has no revisions; "
+                          "a revision applies to hub ids only")
+
+
+def check_train_out(config: Config) -> None:
+    """``job=train_tiny`` writes into a new folder or replaces a tiny model's."""
+    if config.job != Job.train_tiny:
+        return
+    out = Path(config.train.out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
+            out / "training.json").is_file())):
+        raise ConfigError(f"train.out_dir={config.train.out_dir}: "
+                          + ("is a file" if not out.is_dir() else
+                             "is a folder with other files in it (no tiny model)")
+                          + "; give a new folder, or the folder of a tiny model to "
+                            "replace")
+
+
+def check_device(config: Config) -> None:
+    """``device`` names a device torch has here."""
+    device = config.device
+    if not (device.startswith("cuda") or device == "mps"):
+        return
+    import torch
+
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device=mps: no Apple GPU (MPS) is available to torch here; "
+                          "use device=cpu or device=auto")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            raise DeviceError(f"device={device}: torch sees {count} CUDA device(s) here "
+                              f"(torch {torch.__version__}); use device=cpu or "
+                              "device=auto")
+
+
+# in order; each takes the typed config and raises a UserError
+CHECKS = [
+    check_score_file,
+    check_model_path,
+    check_train_out,
+    check_device,
+]
+
+
+def preflight(config: Config) -> None:
+    """Every check of :data:`CHECKS`, in order; the first mistake raises."""
+    for check in CHECKS:
+        check(config)
+
+
+def check_job(cfg: DictConfig) -> Config:
+    """The typed config of one job, checked as far as it can be without a model's weights:
+    the schema's rules and the files it names. Raises a
+    :class:`~ih_sweep.config.errors.UserError`."""
+    config = settings(cfg)
+    preflight(config)
+    return config
