@@ -228,3 +228,10 @@ def test_bad_files_and_paths(tmp_path, monkeypatch, case):
     overrides, expected = _files(tmp_path)[case]
     got = _outcome(tmp_path, overrides)
     assert expected in got, got
+
+
+def census_cases(tmp_path: Path) -> list[tuple[str, list[str]]]:
+    """Every case of this module as (name, CLI arguments), for
+    scripts/bad_inputs_census.py (which runs each through the real CLI)."""
+    return [(" ".join(o), list(o)) for o, _ in CONFIG_CASES] + \
+        [(name, overrides) for name, (overrides, _) in _files(tmp_path).items()]

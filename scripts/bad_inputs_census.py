@@ -1,0 +1,92 @@
+"""Run every bad input the tests know through the real CLI and tabulate what a user sees.
+
+Each bad-input test module under tests/ exposes ``census_cases(tmp) -> [(name, args)]``
+(the files a case needs are written under ``tmp``). Every case runs as
+``python -m ih_sweep debug=fast ARGS`` from a fresh working folder, and the table records
+its exit status, how many lines it wrote to stderr, whether a traceback appeared and the
+last stderr line. A case passes when it exits 2 with exactly one stderr line and no
+traceback.
+
+    .venv/bin/python scripts/bad_inputs_census.py [--out census.md] [--jobs 2] [--match TEXT]
+
+Exit status 1 when any case does not pass. Not part of the test suite (about 3 s a case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = sorted(p for p in (ROOT / "tests").rglob("test_*.py")
+                 if "def census_cases" in p.read_text())
+
+
+def load_cases(tmp: Path) -> list[tuple[str, str, list[str]]]:
+    """(module, case name, CLI arguments) of every module's ``census_cases``."""
+    sys.path[:0] = [str(ROOT / "tests")]
+    cases = []
+    for path in MODULES:
+        spec = importlib.util.spec_from_file_location(f"census_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        folder = tmp / path.stem
+        folder.mkdir()
+        for name, args in module.census_cases(folder):
+            cases.append((str(path.relative_to(ROOT)), name, list(args)))
+    return cases
+
+
+def run_case(args: list[str], cwd: Path) -> dict:
+    cwd.mkdir(parents=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep", "debug=fast", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    return {"exit": proc.returncode, "lines": len(lines),
+            "traceback": "Traceback" in proc.stderr or "Traceback" in proc.stdout,
+            "last": lines[-1] if lines else ""}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--match", default="")
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "files").mkdir()
+        cases = [c for c in load_cases(tmp / "files") if opts.match in c[1]]
+        with ThreadPoolExecutor(opts.jobs) as pool:
+            outcomes = list(pool.map(lambda ic: run_case(ic[1][2], tmp / "cwd" / str(ic[0])),
+                                     enumerate(cases)))
+    rows = ["| # | source | case | exit | stderr lines | traceback | what the user reads |",
+            "|---|---|---|---|---|---|---|"]
+    bad = 0
+    for i, ((source, name, _), out) in enumerate(zip(cases, outcomes), 1):
+        ok = out["exit"] == 2 and out["lines"] == 1 and not out["traceback"]
+        bad += not ok
+        last = out["last"].replace("|", "\\|")
+        rows.append(f"| {i} | {Path(source).stem} | `{name}` | {out['exit']} | {out['lines']} "
+                    f"| {'yes' if out['traceback'] else 'no'} | {'' if ok else '**FAIL** '}{last} |")
+    total = (f"\n{len(cases)} bad inputs: {len(cases) - bad} end in one line with exit 2; "
+             f"{bad} do not; {sum(o['traceback'] for o in outcomes)} tracebacks; "
+             f"{sum(o['exit'] == 0 for o in outcomes)} accepted (exit 0).")
+    text = "\n".join(rows) + "\n" + total + "\n"
+    if opts.out:
+        opts.out.write_text(text)
+    print(text)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
