@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from ih_sweep.report.cells import draws_text, n_text, percent
+from ih_sweep.report.families import LIMITS_LEGEND, holm_legend, null_limits
 from ih_sweep.report.groups import GROUP_KEYS
 from ih_sweep.report.sections import (
     LEGEND,
@@ -55,11 +56,19 @@ def robustness_markdown(table: pd.DataFrame | None) -> list[str]:
     return lines
 
 
+def limits_markdown(sentences: list[str]) -> list[str]:
+    """The random null's limits (:func:`ih_sweep.report.families.null_limits`) as a list
+    under a table (lines; none without any)."""
+    if not sentences:
+        return []
+    return ["**Limits of the random null**:", ""] + [f"- {s}." for s in sentences] + [""]
+
+
 def null_markdown(df: pd.DataFrame) -> list[str]:
     """summary.md's section "Against the random null" (lines): every row compared with
     random draws (``n_random`` >= 1), across the groups of one model and data set, so that
     the arms (induction heads, FV heads, the exclusions) and the controls read side by
-    side."""
+    side; under each table the limits of its arms' nulls, each named by its arm."""
     rows = df[df.n_random.ge(1) & ~df.condition.isin(["random", "none"])] \
         if "n_random" in df else df.iloc[:0]
     if rows.empty:
@@ -67,6 +76,7 @@ def null_markdown(df: pd.DataFrame) -> list[str]:
     lines = ["## Against the random null", ""]
     shared = [k for k in GROUP_KEYS if k != "rank_by"]  # the arms differ in rank_by
     setting = rows[shared].astype(str).agg(", ".join, axis=1)
+    limits = null_limits(df)
     for _, part in rows.groupby(setting, sort=False):
         part = part.assign(arm=part.apply(arm_of_row, axis=1),
                            cond_order=part.condition.map(CONDITION_ORDER))
@@ -74,6 +84,9 @@ def null_markdown(df: pd.DataFrame) -> list[str]:
         first = part.iloc[0]
         lines += [f"### {', '.join(f'{k}={first[k]}' for k in shared)}", "",
                   markdown_table(display(part, NULL)), ""]
+        arms = part.drop_duplicates("group")  # in the table's order
+        lines += limits_markdown([f"{arm}: {s}" for group, arm in zip(arms.group, arms.arm)
+                                  for s in limits.get(group, [])])
     return lines
 
 
@@ -114,7 +127,8 @@ def strata_markdown(table: pd.DataFrame | None) -> list[str]:
 def to_markdown(df: pd.DataFrame, problems: list[tuple[str, str]], notes: list[str],
                 title: str = "Sweep summary", strata: pd.DataFrame | None = None,
                 robustness: pd.DataFrame | None = None) -> str:
-    """summary.md: per group its main table and the sections of
+    """summary.md: per group its main table, the limits of its random null
+    (:func:`ih_sweep.report.families.null_limits`) and the sections of
     :data:`ih_sweep.report.sections.SECTIONS` (each left out with one line where its jobs
     did not record it), the table against the random null, the robustness table, the
     difficulty strata (:func:`strata_markdown`), a legend of every column shown, the jobs
@@ -122,8 +136,10 @@ def to_markdown(df: pd.DataFrame, problems: list[tuple[str, str]], notes: list[s
     lines = [f"# {title}", ""]
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
     shown = set()
+    limits = null_limits(df)
     for gname, g in df.groupby("group", sort=False):
         lines += [f"## {gname}", "", markdown_table(display_table(g)), ""]
+        lines += limits_markdown(limits.get(gname, []))
         for sec, table in section_tables(g):
             if table is None:
                 lines += [f"*{sec.title}: left out: {sec.absent}.*", ""]
@@ -134,7 +150,8 @@ def to_markdown(df: pd.DataFrame, problems: list[tuple[str, str]], notes: list[s
     lines += null
     lines += robustness_markdown(robustness)
     lines += strata_markdown(strata)
-    legend = LEGEND + [item for sec in SECTIONS if sec.title in shown for item in sec.legend]
+    legend = LEGEND + [holm_legend(df)] + ([LIMITS_LEGEND] if limits else [])
+    legend += [item for sec in SECTIONS if sec.title in shown for item in sec.legend]
     legend += NULL_LEGEND if null else []
     if robustness is not None and not robustness.empty:
         legend += ROBUSTNESS_LEGEND
@@ -158,13 +175,15 @@ def to_latex(df: pd.DataFrame) -> str:
 
 
 def console_report(df: pd.DataFrame, sweep_dir: Path) -> str:
-    """What a sweep prints when it ends: each group's main table, then its near-tie floor
-    and mechanism check (or one line each saying why they are left out), and where the
-    files are."""
+    """What a sweep prints when it ends: each group's main table and the limits of its
+    random null (one line each), then its near-tie floor and mechanism check (or one line
+    each saying why they are left out), and where the files are."""
     console = {"Near-tie floor", "Mechanism check"}
     parts = []
+    limits = null_limits(df)
     for gname, g in df.groupby("group", sort=False):
         parts.append(f"\n{gname}\n{markdown_table(display_table(g))}")
+        parts += [f"Limits of the random null: {s}." for s in limits.get(gname, [])]
         for sec, table in section_tables(g):
             if sec.title not in console:
                 continue

@@ -10,6 +10,7 @@ import pandas as pd
 
 from ih_sweep.report import statistics as st
 from ih_sweep.report.discover import FinishedJob
+from ih_sweep.report.families import add_holm, add_null_limits
 from ih_sweep.report.groups import GROUP_KEYS, Group, as_float, cell_groups, group_of, share
 
 CONTINUOUS = ["gold_logprob", "logit_diff"]  # results.csv per-item metrics (issue #17)
@@ -26,8 +27,8 @@ SUMMARY_COLUMNS = ["group", *GROUP_KEYS, "n_heads", "n_heads_share", "condition"
                    "control_seed", "n_items", "n_correct", "accuracy", "ci_low", "ci_high",
                    "delta_vs_none", "delta_ci_low", "delta_ci_high", "p_vs_none", "p_vs_none_holm",
                    "delta_vs_low", "delta_vs_low_ci_low", "delta_vs_low_ci_high", "p_vs_low",
-                   "p_vs_random", "n_random",
-                   "random_acc_p2_5", "random_acc_p97_5",
+                   "p_vs_low_holm", "p_vs_random", "p_vs_random_holm", "n_random",
+                   "random_acc_p2_5", "random_acc_p97_5", "null_band_at", "p_vs_random_holm_min",
                    *NEAR_TIE_COLUMNS, *CONTINUOUS_COLUMNS, *MECHANISM_COLUMNS]
 
 
@@ -199,8 +200,9 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
     """summary.csv: one row per distinct job of each group
     (:func:`ih_sweep.report.groups.cell_groups`; ``grouped``: its result when already
     computed), columns :data:`SUMMARY_COLUMNS`
-    (accuracy and its tests, the near-tie floor, the continuous metrics and the mechanism
-    check, the last three where the jobs recorded them), and the grouping's notes."""
+    (accuracy and its tests with their Holm adjustments and the random null's limits, the
+    near-tie floor, the continuous metrics and the mechanism check, the last three where
+    the jobs recorded them), and the grouping's notes."""
     rows = []
     groups, notes = grouped or cell_groups(jobs)
     for group in groups:
@@ -213,13 +215,11 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
             mechanism = job.record.mechanism if isinstance(job.record.mechanism, dict) else {}
             row |= {k: as_float(mechanism.get(k)) for k in MECHANISM_COLUMNS}
             rows.append(row)
-    # one family across tasks, N values and conditions of the whole sweep; the random draws
-    # are the null's sample, not hypotheses: outside the family (their Holm p stays empty)
-    ps = [np.nan if r["condition"] == "random" else r.get("p_vs_none", np.nan) for r in rows]
-    for r, adj in zip(rows, st.holm(ps)):
-        r["p_vs_none_holm"] = adj
     df = pd.DataFrame(rows)
     for col in SUMMARY_COLUMNS:
         if col not in df.columns:
             df[col] = np.nan
+    # the Holm families (p vs none, vs low, vs random: each over the whole summary) and the
+    # random null's limits (:mod:`ih_sweep.report.families`)
+    df = add_null_limits(add_holm(df))
     return df[SUMMARY_COLUMNS], notes

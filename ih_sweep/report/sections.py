@@ -49,13 +49,15 @@ DISPLAY: Spec = [
     ("95% CI of Δ", r"95\% CI of $\Delta$",
      lambda r: _vs_none(r, interval(r.delta_ci_low, r.delta_ci_high))),
     ("p vs none", "$p$ vs none", lambda r: _vs_none(r, p_value(r.p_vs_none))),
-    ("Holm p", "Holm $p$", lambda r: p_value(r.p_vs_none_holm)),
+    ("p vs none (Holm)", "$p$ vs none (Holm)", lambda r: p_value(r.p_vs_none_holm)),
     ("Δ vs low (pts)", r"$\Delta$ vs low (pts)", lambda r: percent(r.delta_vs_low)),
     ("p vs low", "$p$ vs low", lambda r: p_value(r.p_vs_low)),
+    ("p vs low (Holm)", "$p$ vs low (Holm)", lambda r: p_value(r.p_vs_low_holm)),
     ("random 2.5-97.5% (draws)", r"random 2.5--97.5\% (draws)",
      lambda r: "" if missing(r.n_random) else
      f"{interval(r.random_acc_p2_5, r.random_acc_p97_5)} ({int(r.n_random)})"),
     ("p vs random", "$p$ vs random", lambda r: p_value(r.p_vs_random)),
+    ("p vs random (Holm)", "$p$ vs random (Holm)", lambda r: p_value(r.p_vs_random_holm)),
 ]
 
 LEGEND = [
@@ -66,9 +68,7 @@ LEGEND = [
     "**accuracy %** with its **95% CI**: Wilson score interval.",
     "**Δ vs none**: accuracy minus the unablated accuracy on the same items, in percentage "
     "points; **95% CI of Δ**: paired percentile bootstrap over items (2,000 resamples).",
-    "**p vs none**: exact McNemar test of the paired per-item outcomes; **Holm p**: "
-    "Holm-adjusted over every comparison with `none` in this summary but the random draws "
-    "(the null's sample, not hypotheses).",
+    "**p vs none**: exact McNemar test of the paired per-item outcomes.",
     "**Δ vs low**, **p vs low** (rows `high`): against the `low` control at the same N "
     "(exact McNemar).",
     "**random 2.5-97.5% (draws)**: the null, the accuracies of the `random` draws at the "
@@ -79,7 +79,7 @@ LEGEND = [
     "these heads hurt more than random heads; the smallest p K draws can give is "
     "1 / (K + 1)). Where another row at an N carries a null of 3 or more draws this way, "
     "the draws' own rows are left out of the tables (each is a row of summary.csv).",
-]
+]  # then :func:`ih_sweep.report.families.holm_legend`: the Holm families and their sizes
 
 
 def shown_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -265,6 +265,7 @@ NULL: Spec = [
     ("random 2.5-97.5% (draws)", r"random 2.5--97.5\% (draws)",
      lambda r: f"{interval(r.random_acc_p2_5, r.random_acc_p97_5)} ({int(r.n_random)})"),
     ("p vs random", "$p$ vs random", lambda r: p_value(r.p_vs_random)),
+    ("p vs random (Holm)", "$p$ vs random (Holm)", lambda r: p_value(r.p_vs_random_holm)),
     ("Δ vs none (pts)", r"$\Delta$ vs none (pts)", lambda r: percent(r.delta_vs_none)),
 ]
 
@@ -273,8 +274,9 @@ NULL_LEGEND = [
     "N, across the sweep's arms (**arm**: how its `high` heads are chosen, `top-N by "
     "<score>`, with Yin & Steinhardt's exclusion where the arm has one; its `low` rows are "
     "its layer-matched lowest-N control, its random draws layer-matched to its top-N, so "
-    "each arm has a null of its own); **random 2.5-97.5% (draws)** and **p vs "
-    "random** as in the main table; **Δ vs none**: accuracy minus the unablated accuracy."]
+    "each arm has a null of its own); **random 2.5-97.5% (draws)**, **p vs random** and "
+    "**p vs random (Holm)** as in the main table; **Δ vs none**: accuracy minus the "
+    "unablated accuracy."]
 
 STRATA_LEGEND = [
     "**Difficulty strata** (strata.csv, strata.png): accuracy % per stratum of the items, "

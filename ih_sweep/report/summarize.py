@@ -9,7 +9,8 @@ Idempotent; never drops a job silently. :func:`summarize` runs the stages in ord
    :mod:`ih_sweep.pipeline.records`, the same definitions the jobs write with);
 2. group the comparable jobs (:mod:`ih_sweep.report.groups`);
 3. the statistics rows of summary.csv (:mod:`ih_sweep.report.rows`, the maths in
-   :mod:`ih_sweep.report.statistics`) and the tables beside it (:mod:`ih_sweep.report.tables`);
+   :mod:`ih_sweep.report.statistics`, the Holm families and the random null's limits in
+   :mod:`ih_sweep.report.families`) and the tables beside it (:mod:`ih_sweep.report.tables`);
 4. markdown and LaTeX (:mod:`ih_sweep.report.render`, the tables' columns in
    :mod:`ih_sweep.report.sections`, the cells in :mod:`ih_sweep.report.cells`);
 5. the figures (:mod:`ih_sweep.report.plots`).
@@ -29,10 +30,13 @@ n_items, n_correct, accuracy, ci_low, ci_high   Wilson 95% interval of the accur
 delta_vs_none    accuracy minus the unablated accuracy on the same items
 delta_ci_low, delta_ci_high   paired bootstrap 95% interval of delta_vs_none
 p_vs_none        exact McNemar p of the paired outcomes against ``none``
-p_vs_none_holm   Holm-adjusted over every p_vs_none of the sweep (all tasks, N, conditions
-                 but ``random``: its draws are the null's sample, not hypotheses; empty there)
+p_vs_none_holm   Holm-adjusted over every p_vs_none of the summary (all groups: tasks,
+                 models, arms, ablation methods; all N and conditions but ``random``: its
+                 draws are the null's sample, not hypotheses; empty there)
 delta_vs_low, p_vs_low        for ``high``: against ``low`` at the same N (McNemar)
 delta_vs_low_ci_low, delta_vs_low_ci_high   paired bootstrap 95% interval of delta_vs_low
+p_vs_low_holm    Holm-adjusted over every p_vs_low of the summary (a family of its own, as
+                 wide as p_vs_none_holm's; empty where p_vs_low is)
 p_vs_random      every row but ``random`` and ``none`` (``high``, ``low`` and any other
                  selection of heads), where the group has ``random`` draws at the same N:
                  empirical p within that null, (1 + #{draws with accuracy <= the row's})
@@ -42,10 +46,22 @@ p_vs_random      every row but ``random`` and ``none`` (``high``, ``low`` and an
                  do, and a row that hurts less than every draw gets 1
                  (:func:`ih_sweep.report.statistics.empirical_p`). With K draws the smallest
                  possible p is 1 / (K + 1): K >= 19 can reach 0.05
+p_vs_random_holm Holm-adjusted over every p_vs_random of the summary (a family of its own,
+                 as wide as p_vs_none_holm's; empty where p_vs_random is). The three
+                 families are :data:`ih_sweep.report.families.FAMILIES`; each is adjusted
+                 apart from the others, its missing p-values left out of it
 n_random         number of random draws (K) behind p_vs_random and the band
 random_acc_p2_5, random_acc_p97_5   the same rows: the 2.5th and 97.5th percentiles of
                  the draws' accuracies at the same N (the null's 95% band; numpy's linear
                  interpolation, as the accuracy-vs-N figure draws it)
+null_band_at     the same rows: ``ceiling`` where that band is at 100% at both ends,
+                 ``floor`` where at 0% at both ends (the null cannot separate at that N: its
+                 draws lose nothing, or everything, on these items), empty otherwise
+p_vs_random_holm_min   the rows of p_vs_random's family: the smallest p_vs_random_holm the
+                 row could have had, whatever the heads did, min(1, max(m / (K_max + 1),
+                 1 / (K + 1))) for the family's m p-values and largest null K_max; above
+                 0.05, no p vs random of that N can survive the correction (the summary
+                 says so in words under the group's table; :mod:`ih_sweep.report.families`)
 
 Near-tie floor (issue #21 item 4; jobs whose results.csv has ``near_tie``, else empty): a
 near-tie is an item decided by a top-1 minus top-2 logit gap small enough that another

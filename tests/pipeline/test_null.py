@@ -64,7 +64,7 @@ def test_summary_gives_every_condition_its_p_within_the_null(tmp_path):
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines()
             if line.startswith("|")]
     header = rows[0]
-    assert header[-2:] == ["random 2.5-97.5% (draws)", "p vs random"]
+    assert header[-3:-1] == ["random 2.5-97.5% (draws)", "p vs random"]
     shown = {r[1]: dict(zip(header, r)) for r in rows if r[0] == "4" and r[1] != "random"}
     lo, hi = np.percentile(accs, [2.5, 97.5])
     assert shown["high"]["random 2.5-97.5% (draws)"] == f"[{100 * lo:.1f}, {100 * hi:.1f}] (19)"

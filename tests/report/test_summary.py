@@ -75,12 +75,14 @@ def test_summary_values(sweep):
         "accuracy %": f"{100 * high_acc:.1f}", "95% CI": f"[{100 * h.ci_low:.1f}, "
         f"{100 * h.ci_high:.1f}]", "Δ vs none (pts)": f"{100 * h.delta_vs_none:.1f}",
         "95% CI of Δ": f"[{100 * h.delta_ci_low:.1f}, {100 * h.delta_ci_high:.1f}]",
-        "p vs none": f"{h.p_vs_none:.3g}", "Holm p": f"{h.p_vs_none_holm:.3g}",
+        "p vs none": f"{h.p_vs_none:.3g}", "p vs none (Holm)": f"{h.p_vs_none_holm:.3g}",
         "Δ vs low (pts)": f"{100 * h.delta_vs_low:.1f}", "p vs low": f"{h.p_vs_low:.3g}",
+        "p vs low (Holm)": f"{h.p_vs_low_holm:.3g}",
         "random 2.5-97.5% (draws)": f"[{100 * h.random_acc_p2_5:.1f}, "
-        f"{100 * h.random_acc_p97_5:.1f}] (5)", "p vs random": f"{h.p_vs_random:.3g}"}
+        f"{100 * h.random_acc_p97_5:.1f}] (5)", "p vs random": f"{h.p_vs_random:.3g}",
+        "p vs random (Holm)": f"{h.p_vs_random_holm:.3g}"}
     none_rows = [r for r in rows if r[1] == "none"]
-    assert len(none_rows) == 1 and none_rows[0][0] == "" and none_rows[0][6:] == [""] * 8
+    assert len(none_rows) == 1 and none_rows[0][0] == "" and none_rows[0][6:] == [""] * 10
     # the draws are carried by the high and low rows (band, p vs random): not shown on
     # their own, but every one is a row of summary.csv
     assert [r for r in rows if r[1] == "random"] == []
@@ -283,7 +285,7 @@ def test_many_random_draws_are_carried_by_the_rows_they_are_compared_with(tmp_pa
     assert [(r[0], r[1], r[2]) for r in shown if r[1] == "random"] == [("8", "random", "0"),
                                                                        ("8", "random", "1")]
     high4 = next(r for r in shown if r[:2] == ["4", "high"])
-    assert high4[-2] == "[90.0, 99.5] (3)"  # of 90, 90, 100 (linear interpolation)
+    assert high4[-3] == "[90.0, 99.5] (3)"  # of 90, 90, 100 (linear interpolation)
 
 
 def test_the_null_section_sets_the_arms_side_by_side(tmp_path):
@@ -310,7 +312,8 @@ def test_the_null_section_sets_the_arms_side_by_side(tmp_path):
     rows = [[c.strip() for c in line.strip().strip("|").split("|")]
             for line in section.splitlines() if line.startswith("|")]
     assert rows[0] == ["arm", "condition", "N", "accuracy % [95% CI]",
-                       "random 2.5-97.5% (draws)", "p vs random", "Δ vs none (pts)"]
+                       "random 2.5-97.5% (draws)", "p vs random", "p vs random (Holm)",
+                       "Δ vs none (pts)"]
     got = {(r[0], r[1]): (r[3].split()[0], r[4], r[5]) for r in rows[2:]}
     assert got == {
         ("top-N by fv, outside the top 2% by prefix", "high"): ("100.0", "[90.0, 99.5] (3)", "1"),
