@@ -19,6 +19,8 @@ import pytest
 from compose_config import ROOT, run_job
 from preflight_refusals import bound_by_permissions, refusal, refusal_bound_by_permissions
 
+from ih_sweep.heads.scoring import load_score_file
+
 SHAPE = "expected a 1-D array of the layer's head scores (the notebook's: shape (32,))"
 ALLOWED = "allowed: a score table .csv or the notebook's pickle .pkl / .pickle"
 CSV = "layer,head,prefix\n" + "".join(f"{la},{h},{0.01 * h}\n" for la in range(2)
@@ -122,6 +124,7 @@ def test_suffixes_in_capitals_a_bom_and_windows_line_ends_pass(tmp_path):
     upper = tmp_path / "SCORES.PKL"
     upper.write_bytes(pickle.dumps(good_pickle()))
     assert refusal(*scores(upper)) == "accepted"
+    assert len(load_score_file(upper)) == 64
     bom = tmp_path / "scores.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + CSV.replace("\n", "\r\n").encode())
     assert refusal(*scores(bom)) == "accepted"
