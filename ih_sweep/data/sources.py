@@ -11,6 +11,7 @@ Every story is a dict of parallel lists in the schema of the Hugging Face
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import tarfile
@@ -20,6 +21,7 @@ from typing import Any, TypedDict
 
 from ih_sweep.config.errors import UserError, one_line
 from ih_sweep.config.schema import DataConfig, DataSource
+from ih_sweep.data.files import unreadable
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +122,49 @@ def append_line(story: Story, line_id: int, kind: int, text: str, support: list[
 
 
 # --------------------------------------------------------------------------- text files
-_LINE = re.compile(r"^(\d+) (.*)$")
+_LINE = re.compile(r"^([0-9]+) (.*)$")
+SUPPORT_HELP = ("the third field of a question lists the ids of the story's earlier "
+                "statements that answer it, separated by spaces (e.g. '3 7')")
+
+
+def _support(ids: list[str], seen: dict[str, tuple[int, int]], source: str, lineno: int
+             ) -> list[str]:
+    """The supporting ids of the question at ``source:lineno`` (as the story's ids: no
+    leading zeros), each checked to name an earlier statement of its story; ``seen``: id ->
+    (type, line number) of the story's lines so far. Raises :class:`DataError` naming the
+    file, the line, the id and why."""
+    out = []
+    for s in ids:
+        where = f"{source}:{lineno}: supporting id {s!r}"
+        if not (s.isascii() and s.isdigit()):
+            raise DataError(f"{where} is not a line id (a number); {SUPPORT_HELP}")
+        key = str(int(s))
+        if key not in seen:
+            before = f"its earlier lines have ids 1 to {max(map(int, seen))}" if seen \
+                else "the question is its first line"
+            raise DataError(f"{where} names no earlier line of this story ({before}); "
+                            f"{SUPPORT_HELP}")
+        if seen[key][0] == 1:
+            raise DataError(f"{where} names a question (line {seen[key][1]}), not a "
+                            f"statement; {SUPPORT_HELP}")
+        out.append(key)
+    return out
 
 
 def parse_babi_lines(lines: Iterable[str], source: str = "<input>") -> list[Story]:
     """Parse the original release format (``ID text`` / ``ID question\tanswer\tsupport``),
     as files are saved by other editors and platforms too: a byte-order mark, Windows or old
     Mac line endings, spaces around fields and blank lines are accepted. Raises
-    :class:`DataError` naming ``source:line`` for anything else, and for a story without a
-    question or a file without a story."""
+    :class:`DataError` naming ``source:line`` for anything else: a line that is not ``ID
+    text``, a story that does not start at id 1 or whose ids do not count up, a question
+    line without its three fields, a supporting id that is not the id of an earlier
+    statement of the story (:func:`_support`), a story without a question, a file without
+    a story."""
     stories: list[Story] = []
     story: Story | None = None
     starts: list[int] = []
+    seen: dict[str, tuple[int, int]] = {}  # the story's ids so far -> (type, line number)
+    last = 0
     lineno = 0
     for lineno, raw in enumerate(lines, start=1):
         line = raw.lstrip("\ufeff") if lineno == 1 else raw
@@ -149,53 +182,100 @@ def parse_babi_lines(lines: Iterable[str], source: str = "<input>") -> list[Stor
             story = {"id": [], "type": [], "text": [], "supporting_ids": [], "answer": []}
             stories.append(story)
             starts.append(lineno)
+            seen, last = {}, 0
+        elif int(line_id) <= last:
+            raise DataError(f"{source}:{lineno}: id {line_id} after id {last}; the ids of a "
+                            "story count up (1, 2, 3, ...) and a new story starts at 1")
+        last = int(line_id)
         if "\t" in rest:
             parts = [p.strip() for p in rest.split("\t")]
             if len(parts) != 3 or not parts[0] or not parts[1]:
                 raise DataError(f"{source}:{lineno}: a question line needs "
                                 f"'question<TAB>answer<TAB>supporting ids', got {line[:60]!r}")
             question, answer, support = parts
-            append_line(story, int(line_id), 1, question, support.split(), answer)
+            append_line(story, last, 1, question, _support(support.split(), seen, source,
+                                                          lineno), answer)
         else:
-            append_line(story, int(line_id), 0, rest.strip(), [], "")
+            append_line(story, last, 0, rest.strip(), [], "")
+        seen[str(last)] = (story["type"][-1], lineno)
     if not stories:
-        raise DataError(f"{source}: no story in it ({lineno} lines); a bAbI file holds lines "
-                        "'1 text', '2 text', ..., 'N question<TAB>answer<TAB>ids'")
+        raise DataError(f"{source}: no story in it (it is empty or blank); a bAbI file holds "
+                        "lines '1 text', '2 text', ..., 'N question<TAB>answer<TAB>ids'")
     for start, st in zip(starts, stories):
         if 1 not in st["type"]:
+            tabs = " (were its tabs turned into spaces?)" \
+                if any("?" in t for t in st["text"]) else ""
             raise DataError(f"{source}:{start}: the story starting here has no question "
-                            "(a line 'ID question<TAB>answer<TAB>supporting ids')")
+                            f"(a line 'ID question<TAB>answer<TAB>supporting ids'){tabs}")
     return stories
+
+
+def _release_hint(root: Path) -> str:
+    there = sorted(p.name for p in root.iterdir() if p.is_dir()) \
+        if unreadable(root, "folder") is None else []
+    return (f"it holds {', '.join(there)}" if there else "it is empty or missing") + \
+        "; give the folder of the extracted release (tasks_1-20_v1-2)"
 
 
 def babi_file(root: str | Path, lang: str, task: int, split: str) -> Path:
     """Path of one task file in an extracted v1.2 release: ``root/lang/qaN_name_split.txt``,
-    or ``root/lang/qaN_split.txt`` as the ``en-valid`` folders name them."""
+    or ``root/lang/qaN_split.txt`` as the ``en-valid`` folders name them (a leading ``~`` is
+    the home folder). Raises :class:`DataError` naming ``data.path`` or the file where the
+    folder, its ``lang`` folder or the file is missing or cannot be read
+    (:func:`ih_sweep.data.files.unreadable`): a file where a folder belongs, a folder or
+    named pipe where the file belongs, a loop of symbolic links, a permission refused."""
     _check_task_split(task, split)
-    folder = Path(root) / lang
+    root = Path(root).expanduser()
+    problem = unreadable(root, "folder")
+    if problem is not None and problem.startswith("no such"):
+        raise DataError(f"data.path={root}: no folder {lang}/ in it (data.lang={lang}); "
+                        f"{problem}; give the folder of the extracted release "
+                        "(tasks_1-20_v1-2)")
+    if problem is not None:
+        raise DataError(f"data.path={root}: {problem}; give the folder of the extracted "
+                        "release (tasks_1-20_v1-2, holding en/, en-10k/, ...)")
+    folder = root / lang
+    problem = unreadable(folder, "folder")
+    if problem is not None and problem.startswith("no such"):
+        raise DataError(f"data.path={root}: no folder {lang}/ in it (data.lang={lang}); "
+                        + _release_hint(root))
+    if problem is not None:
+        raise DataError(f"{folder}: {problem} (data.path={root}, data.lang={lang})")
     names = [f"qa{task}_{TASK_NAMES[task]}_{split}.txt", f"qa{task}_{split}.txt"]
     for name in names:
-        if (folder / name).is_file():
+        if os.path.lexists(folder / name):
+            problem = unreadable(folder / name)
+            if problem is not None:
+                raise DataError(f"{folder / name}: {problem} (data.task={task}, "
+                                f"data.split={split})")
             return folder / name
-    if not folder.is_dir():
-        there = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) \
-            if Path(root).is_dir() else []
-        raise DataError(f"data.path={root}: no folder {lang}/ in it (data.lang={lang}); "
-                        + (f"it holds {', '.join(there)}" if there else "it is empty or missing")
-                        + "; give the folder of the extracted release (tasks_1-20_v1-2)")
     raise DataError(f"{folder}: no {' or '.join(names)} (data.task={task}, data.split={split})")
 
 
+MAX_BABI_FILE_BYTES = 256 << 20  # the largest task file of the release (en-10k qa19 train) ~2.5 MB
+
+
 def load_babi_file(path: str | Path) -> list[Story]:
-    """The stories of one task file (UTF-8, with or without a byte-order mark)."""
+    """The stories of one task file (UTF-8, with or without a byte-order mark; at most
+    :data:`MAX_BABI_FILE_BYTES`). Raises :class:`DataError` naming the file for one that
+    cannot be read (:func:`ih_sweep.data.files.unreadable`) or parsed
+    (:func:`parse_babi_lines`)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    problem = unreadable(path)
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
+    size = path.stat().st_size
+    if size > MAX_BABI_FILE_BYTES:
+        raise DataError(f"{path}: {size:,} bytes; a bAbI task file is far smaller (at most "
+                        f"{MAX_BABI_FILE_BYTES:,} bytes are read)")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}); a bAbI task file is "
                         "plain text") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or type(err).__name__})"
+                        ) from None
     if "\x00" in text:
         raise DataError(f"{path}: holds NUL bytes; a bAbI task file is plain text")
     return parse_babi_lines(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"),
@@ -227,6 +307,9 @@ def _check_task_split(task: int, split: str) -> None:
 # --------------------------------------------------------------------------- the hub
 HUB_DATASET = "facebook/babi_qa"
 HUB_ARCHIVE = "data/tasks_1-20_v1-2.tar.gz"
+HUB_OFFLINE = ("data=babi_hub: the Hugging Face hub does not answer from here (or "
+               "HF_HUB_OFFLINE is set); use the release files: data=babi_files "
+               "data.path=<folder holding en/, en-10k/>")
 
 
 def stories_from_hub_records(records: Iterable[dict[str, Any]]) -> list[Story]:
@@ -270,9 +353,7 @@ def _from_hub(lang: str, task: int, split: str) -> list[Story]:  # pragma: no co
     from ih_sweep.model.loading import hub_reachable
 
     if constants.HF_HUB_OFFLINE or not hub_reachable():
-        raise DataError("data=babi_hub: the Hugging Face hub does not answer from here "
-                        "(or HF_HUB_OFFLINE is set); use the release files: data=babi_files "
-                        "data.path=<folder holding en/, en-10k/>")
+        raise DataError(HUB_OFFLINE)
     if task == 1:
         from datasets import load_dataset
 
@@ -283,6 +364,51 @@ def _from_hub(lang: str, task: int, split: str) -> list[Story]:  # pragma: no co
 
     archive = hf_hub_download(HUB_DATASET, HUB_ARCHIVE, repo_type="dataset")
     return load_babi_archive(archive, lang, task, split)
+
+
+_PARSED: dict[tuple[str, int, int], int] = {}  # (file, size, mtime) -> its stories
+
+
+def check_babi_files(data: DataConfig, demos: bool = False) -> list[Path]:
+    """What a job with ``data=babi_files`` will read, checked before any job runs: a
+    non-empty ``data.path``, the task file of ``data.lang``/``data.task``/``data.split``
+    (:func:`babi_file`) and, with ``demos`` (a prompt format with demonstrations), the
+    train file they are drawn from, each readable and parsed (:func:`load_babi_file`; a
+    file parsed before in this process, same size and modification time, is not parsed
+    again). Returns the files. Raises :class:`DataError` naming the key or file."""
+    if data.name != DataSource.babi_files:
+        return []
+    if not data.path:
+        raise DataError("data.path is empty; give the folder of the bAbI release "
+                        "(the one holding en/, en-10k/, ...)")
+    splits = dict.fromkeys([str(getattr(data.split, "value", data.split)),
+                            *(["train"] if demos else [])])
+    files = [babi_file(data.path, data.lang, data.task, split) for split in splits]
+    for path in files:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _PARSED:
+            _PARSED[key] = len(load_babi_file(path))
+    return files
+
+
+_HUB_ANSWERS: list[bool] = []  # whether the hub answered, asked once a process
+
+
+def check_babi_hub(data: DataConfig) -> None:
+    """``data=babi_hub`` needs the Hugging Face hub: refused before any job runs where
+    ``HF_HUB_OFFLINE`` is set or the hub does not answer (asked once a process,
+    :func:`ih_sweep.model.loading.hub_reachable`). Raises :class:`DataError`."""
+    if data.name != DataSource.babi_hub:
+        return
+    from huggingface_hub import constants
+
+    from ih_sweep.model.loading import hub_reachable
+
+    if not constants.HF_HUB_OFFLINE and not _HUB_ANSWERS:
+        _HUB_ANSWERS.append(hub_reachable())
+    if constants.HF_HUB_OFFLINE or not _HUB_ANSWERS[0]:
+        raise DataError(HUB_OFFLINE)
 
 
 def load_stories(data: DataConfig) -> list[Story]:

@@ -19,6 +19,7 @@ import torch
 
 from ih_sweep.config.errors import ConfigError, UserError
 from ih_sweep.config.schema import RankBy, ScoringConfig
+from ih_sweep.data.files import unreadable
 from ih_sweep.model.architecture import HeadSites, head_sites, hook_z
 from ih_sweep.model.batching import scoring_batch_rows
 
@@ -245,6 +246,7 @@ class ScoreFileError(UserError):
     kind = "score file"
 
 
+MAX_SCORE_COLUMNS = 256  # a score table: layer, head, model, 4 scores, n_sequences, seed
 MAX_SCORE_FILE_BYTES = 64 << 20  # a 1,024-head table is ~100 KB; the notebook's pickle 10 KB
 
 
@@ -273,15 +275,43 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
-        raise ScoreFileError(f"scoring.file={path}: no such file")
+    problem = unreadable(path)
+    if problem is not None:
+        raise ScoreFileError(f"scoring.file={path}: {problem}")
     size = path.stat().st_size
     if size == 0:
         raise ScoreFileError(f"scoring.file={path}: the file is empty")
     if size > MAX_SCORE_FILE_BYTES:
         raise ScoreFileError(f"scoring.file={path}: {size:,} bytes; a score table is far "
                              f"smaller (at most {MAX_SCORE_FILE_BYTES:,} bytes are read)")
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ScoreFileError(f"scoring.file={path}: cannot be read "
+                             f"({err.strerror or type(err).__name__})") from None
+
+
+LAYER_SHAPE = "expected a 1-D array of the layer's head scores (the notebook's: shape (32,))"
+
+
+def layer_scores(path: Path, layer: int, value: Any) -> np.ndarray:
+    """One layer's scores of a score pickle as floats: a 1-D array (or list) of numbers,
+    one a head, NaN for an unscored head. Raises :class:`ScoreFileError` naming the file,
+    the layer key and the shape or type found for anything else (a (4, 8) array is not
+    flattened into 32 heads, a scalar is not one head, strings are not parsed)."""
+    where = f"scoring.file={path}: layer {layer}"
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):
+        raise ScoreFileError(f"{where}: a ragged or mixed sequence, not an array of numbers; "
+                             f"{LAYER_SHAPE}") from None
+    if arr.dtype.kind not in "iuf":
+        raise ScoreFileError(f"{where}: holds {type(value).__name__} of dtype {arr.dtype}, "
+                             f"not numbers; {LAYER_SHAPE}")
+    if arr.ndim != 1 or arr.size == 0:
+        raise ScoreFileError(f"{where}: {type(value).__name__} of shape {arr.shape}; "
+                             f"{LAYER_SHAPE}")
+    return arr.astype(float)
 
 
 def load_seed_scores(path: str | Path, model_name: str = "notebook") -> pd.DataFrame:
@@ -308,24 +338,21 @@ def load_seed_scores(path: str | Path, model_name: str = "notebook") -> pd.DataF
         raise ScoreFileError(f"scoring.file={path}: expected a non-empty dict of layer -> "
                              f"per-head scores, got {type(obj).__name__}")
     rows = []
-    lengths = set()
+    first: tuple[int, int] | None = None  # (layer, heads) of the first layer
     for layer in obj:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
             raise ScoreFileError(f"scoring.file={path}: layer key {layer!r} is not an "
                                  "integer >= 0")
-        try:
-            values = np.asarray(obj[layer], dtype=float).ravel()
-        except (TypeError, ValueError):
-            raise ScoreFileError(f"scoring.file={path}: layer {layer}: the scores are not "
-                                 "numbers") from None
-        lengths.add(len(values))
+        values = layer_scores(path, int(layer), obj[layer])
+        first = first or (int(layer), len(values))
+        if len(values) != first[1]:
+            raise ScoreFileError(f"scoring.file={path}: layers hold different numbers of "
+                                 f"heads (layer {first[0]}: {first[1]}, layer {layer}: "
+                                 f"{len(values)}); every layer needs one score per head")
         for head, value in enumerate(values):
             rows.append({"model": model_name, "layer": int(layer), "head": head,
                          "prefix": float(value), "copying": float("nan"),
                          "combined": float(value), "n_sequences": None, "seed": None})
-    if len(lengths) != 1:
-        raise ScoreFileError(f"scoring.file={path}: layers hold different numbers of heads "
-                             f"({sorted(lengths)})")
     df = pd.DataFrame(rows, columns=SCORE_COLUMNS).sort_values(["layer", "head"])
     return check_score_table(df.reset_index(drop=True), path)
 
@@ -375,13 +402,24 @@ def check_score_table(df: pd.DataFrame, source: str | Path, first_line: int = 2
 
 
 def load_score_file(path: str | Path, model_name: str | None = None) -> pd.DataFrame:
-    """A user-supplied score table: our CSV (columns ``layer``, ``head`` and one or more of
-    prefix/copying/combined/fv), or the notebook's pickle (no fv). Raises
-    :class:`ScoreFileError`."""
-    path = Path(path)
-    if path.suffix in (".pkl", ".pickle"):
+    """A user-supplied score table: our CSV (``.csv``: columns ``layer``, ``head`` and one
+    or more of prefix/copying/combined/fv), or the notebook's pickle (``.pkl``/``.pickle``,
+    no fv); a leading ``~`` is the home folder. Raises :class:`ScoreFileError` for another
+    suffix, a file that cannot be read (:func:`ih_sweep.data.files.unreadable`) or is not
+    a score table."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() in (".pkl", ".pickle"):
         return load_seed_scores(path, model_name or "notebook")
+    if path.suffix.lower() != ".csv" and unreadable(path) is None:
+        raise ScoreFileError(f"scoring.file={path}: the name ends in "
+                             f"{path.suffix or 'no suffix'}; allowed: a score table .csv "
+                             "or the notebook's pickle .pkl / .pickle")
     blob = _read_bytes(path)
+    columns = blob[:blob.find(b"\n") if b"\n" in blob else len(blob)].count(b",") + 1
+    if columns > MAX_SCORE_COLUMNS:  # pandas would take minutes over a huge header
+        raise ScoreFileError(f"scoring.file={path}: its first line has {columns:,} columns; a "
+                             f"score table has layer, head and a few score columns (at most "
+                             f"{MAX_SCORE_COLUMNS})")
     try:
         df = pd.read_csv(io.BytesIO(blob))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:

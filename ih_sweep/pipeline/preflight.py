@@ -29,6 +29,48 @@ def check_score_file(config: Config) -> None:
         raise ConfigError(f"scoring.file={config.scoring.file}: no such score file")
 
 
+def check_data_files(config: Config) -> None:
+    """``data=babi_files``: the task file of ``data.lang``/``task``/``split`` (and, for a
+    prompt format with demonstrations, the train file they come from) exists, is readable
+    and parses as bAbI (:func:`ih_sweep.data.sources.check_babi_files`); ``data=babi_hub``:
+    the hub answers (:func:`ih_sweep.data.sources.check_babi_hub`). Raises
+    :class:`~ih_sweep.data.sources.DataError`."""
+    from ih_sweep.config.schema import PromptFormat
+    from ih_sweep.data.sources import check_babi_files, check_babi_hub
+
+    demos = config.eval.format != PromptFormat.notebook and config.eval.n_shots > 0
+    check_babi_files(config.data, demos)
+    check_babi_hub(config.data)
+
+
+_SCORE_TABLES: set[tuple[str, int, int]] = set()  # (file, size, mtime) read and found good
+
+
+def check_score_table_file(config: Config) -> None:
+    """``scoring.source=file``: the file exists, can be read (not a folder, a named pipe,
+    a loop of links, a permission refused: :func:`ih_sweep.data.files.unreadable`), has the
+    suffix of a table (.csv) or the notebook's pickle (.pkl/.pickle) and reads as a score
+    table (:func:`ih_sweep.heads.scoring.load_score_file`; a file read before in this
+    process, same size and modification time, is not read again). Raises
+    :class:`~ih_sweep.heads.scoring.ScoreFileError`."""
+    if config.scoring.source != ScoreSource.file or not config.scoring.file:
+        return
+    from ih_sweep.data.files import unreadable
+    from ih_sweep.heads.scoring import ScoreFileError, load_score_file
+
+    path = Path(config.scoring.file).expanduser()
+    problem = unreadable(path)
+    if problem is not None:
+        if problem.startswith("no such file"):
+            problem = problem.replace("no such file", "no such score file", 1)
+        raise ScoreFileError(f"scoring.file={path}: {problem}")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SCORE_TABLES:
+        load_score_file(path)
+        _SCORE_TABLES.add(key)
+
+
 def check_model_path(config: Config) -> None:
     """A local model folder takes no ``model.revision``."""
     from ih_sweep.model.loading import resolve_path
@@ -74,7 +116,9 @@ def check_device(config: Config) -> None:
 
 # in order; each takes the typed config and raises a UserError
 CHECKS = [
+    check_score_table_file,
     check_score_file,
+    check_data_files,
     check_model_path,
     check_train_out,
     check_device,

@@ -143,8 +143,9 @@ def reuse_finished(config: Config, out_dir: Path, chash: str, started: float,
     stored = restore(config.paths.cache_dir, chash, out_dir, inputs)
     if stored is None:
         return None
-    log.info("reusing the finished evaluation %s (%s) for %s", chash,
-             Path(config.paths.cache_dir) / "jobs" / chash, describe(config))
+    log.info("reusing the finished evaluation %s (%s) for %s: %d/%d correct (%.1f%%)", chash,
+             Path(config.paths.cache_dir) / "jobs" / chash, describe(config),
+             stored.n_correct, stored.n_items, 100 * stored.accuracy)
     record = dataclasses.replace(  # this job's own bookkeeping, the stored results
         stored, reused_evaluation=True, slurm_job_id=os.environ.get("SLURM_JOB_ID"),
         host=platform.node(), timings={"total_s": round(time.time() - started, 3)})
@@ -298,9 +299,13 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
 
 
 def describe(config: Config) -> str:
-    """The job in one phrase for log lines: its ablation, with the control seed if drawn."""
+    """The job in one phrase for log lines: its ablation, with the control seed if drawn;
+    a condition that ablates N = 0 heads is said to be the unablated model (it is recorded
+    as condition=none, and the summary counts it so)."""
     seed = f" control_seed={config.control_seed}" if config.condition == "random" else ""
-    return f"n_heads={config.n_heads} condition={config.condition}{seed}"
+    none = " (ablates no head: the unablated model, recorded as condition=none)" \
+        if config.n_heads == 0 and config.condition != Condition.none else ""
+    return f"n_heads={config.n_heads} condition={config.condition}{seed}{none}"
 
 
 def split_name(config: Config) -> str:
