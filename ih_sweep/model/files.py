@@ -164,8 +164,9 @@ def headers(folder: Path) -> dict[Path, Header]:
     for a folder without weights or a damaged file."""
     files = weights_files(folder)
     if not files:
-        raise ModelFileError(f"{folder}: holds no weights ({SAFE}, {SAFE_INDEX}, {BIN} or "
-                             f"{BIN_INDEX}); give a folder as save_pretrained writes it")
+        raise ModelFileError(f"model.path={folder}: the folder does not hold its weights "
+                             f"({SAFE}, {SAFE_INDEX}, {BIN} or {BIN_INDEX}); give a folder "
+                             "as save_pretrained writes it")
     out: dict[Path, Header] = {}
     for file in files:
         if file.suffix == ".safetensors":

@@ -299,10 +299,11 @@ def supported_attention(config, requested: str, device: str | None = None) -> st
     """``requested`` where it can run here (:func:`attention_unavailable`: its package, the
     device) and the config's causal-LM class supports it and the config asks for nothing
     it cannot apply, else the first of sdpa, eager that can, said in one log line (once
-    per process). PyTorch's ``scaled_dot_product_attention`` has no attention-logit
-    softcap, so a config with ``attn_logit_softcapping`` (Gemma-2) never runs under sdpa:
-    transformers 5.24 says so itself (``Gemma2ForCausalLM._supports_sdpa`` is False), 5.0
-    does not and drops the softcap silently (issue 34). Remote-code classes are not looked
+    per process where it cannot run here). PyTorch's ``scaled_dot_product_attention`` has
+    no attention-logit softcap, so a config with ``attn_logit_softcapping`` (Gemma-2)
+    never runs under sdpa: transformers 5.24 says so itself
+    (``Gemma2ForCausalLM._supports_sdpa`` is False), 5.0 does not and drops the softcap
+    silently (issue 34). Remote-code classes are not looked
     up (``requested``, or sdpa where ``requested`` cannot run here). ``device``: where the
     model runs (``model.device_map`` or ``device``; None: not known)."""
     from transformers import AutoModelForCausalLM
@@ -329,7 +330,11 @@ def supported_attention(config, requested: str, device: str | None = None) -> st
     why = missing if missing is not None else \
         f"{cls.__name__} " + ("its attention logit softcapping needs another"
                               if requested == "sdpa" and softcap else "does not support it")
-    _tell(f"model.attn_implementation={requested}: {why}; using {chosen}")
+    line = f"model.attn_implementation={requested}: {why}; using {chosen}"
+    if missing is not None:  # decided before the jobs (preflight): once per process
+        _tell(line)
+    else:
+        log.info("%s", line)
     return chosen
 
 
