@@ -27,6 +27,7 @@ from ih_sweep.evaluation.decoding import (
 from ih_sweep.evaluation.metrics import cut_at_stop, is_correct, stop_seen
 from ih_sweep.evaluation.near_ties import near_tie, near_tie_tolerance
 from ih_sweep.evaluation.rows import encode
+from ih_sweep.model.rotary import reset_rotary
 from ih_sweep.model.tokens import pad_id
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ def reset() -> None:
 
 
 @torch.no_grad()
-def by_model_generate(model, tokenizer, results: list[ItemResult], settings: EvalConfig
-                       ) -> list[ItemResult]:
+def by_model_generate(model, tokenizer, results: list[ItemResult], settings: EvalConfig,
+                      reason: str | None = None) -> list[ItemResult]:
     """``results`` (the fast path's) where the model's generation config changes nothing
     that greedy decoding returns; else each item's outcome by ``model.generate`` on its
     prompt alone with that config (the notebook's method, exact by construction; slower):
@@ -56,7 +57,10 @@ def by_model_generate(model, tokenizer, results: list[ItemResult], settings: Eva
 
     Which settings count: :mod:`.generation_settings`. Decoding modes other than greedy
     search in the config (sampling, beams, ...) are overridden: the tool evaluates
-    greedily by design. One log line per model says which settings were found."""
+    greedily by design. One log line per model says which settings were found.
+    ``reason``: why every item goes to ``generate`` whatever the config (a batch-dependent
+    rotary scaling, :func:`ih_sweep.model.rotary.batch_dependent`; its rotary state is
+    reset before each item, as a freshly loaded model has it)."""
     config = getattr(model, "generation_config", None)
     eos = tokenizer.eos_token_id
     changing, ignored = gs.greedy_changing(config, eos), gs.not_greedy(config)
@@ -74,7 +78,7 @@ def by_model_generate(model, tokenizer, results: list[ItemResult], settings: Eva
         if line not in told:
             log.warning("%s", line)
             told.add(line)
-    if not changing or not results:
+    if not (changing or reason) or not results:
         return results
     device = model_device(model)
     tolerance = near_tie_tolerance(model)
@@ -83,6 +87,8 @@ def by_model_generate(model, tokenizer, results: list[ItemResult], settings: Eva
     for r in tqdm(results, desc="generate", unit="item", disable=not settings.progress,
                   leave=False):
         ids = torch.tensor([encode(tokenizer, r.item.prompt)], device=device)
+        if reason:
+            reset_rotary(model)
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              generation_config=greedy, tokenizer=tokenizer,
                              stopping_criteria=stop_criteria(tokenizer, ids.shape[1],

@@ -37,6 +37,7 @@ from ih_sweep.evaluation.near_ties import near_tie, near_tie_tolerance
 from ih_sweep.evaluation.rows import build_rows, encode_all, items_in
 from ih_sweep.model.batching import eval_batch_rows
 from ih_sweep.model.forward import ForwardContext
+from ih_sweep.model.rotary import batch_dependent, fresh_rotary
 from ih_sweep.model.shape import position_limit
 from ih_sweep.model.tokens import pad_id
 
@@ -169,9 +170,13 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=
         (settings.cpu_worker_count() or torch.get_num_threads())
     results: dict[int, ItemResult] = {}
     bs = eval_batch_rows(settings.batch_size, model, rows, settings.max_new_tokens)
+    rope = one_at_a_time(model, settings)
+    if rope:  # one row a batch, one batch at a time: the rotary state is the model's
+        bs, workers = 1, 1
 
     def run(chunk):
-        return evaluate_rows(model, tokenizer, items, chunk, settings, device, ctx)
+        with fresh_rotary(model, bool(rope)):
+            return evaluate_rows(model, tokenizer, items, chunk, settings, device, ctx)
 
     own_bar = bar is None
     if own_bar:
@@ -207,4 +212,23 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=
     # the model's own generation settings (tfrange, #22 item 3): where they change greedy
     # output, the outcomes are generate's, one item at a time (see by_model_generate)
     return by_model_generate(model, tokenizer, [results[i] for i in range(len(items))],
-                             settings)
+                             settings, reason=rope)
+
+
+_TOLD_ROPE: set[str] = set()  # the routing lines logged in this process
+
+
+def one_at_a_time(model, settings: EvalConfig) -> str | None:
+    """Why ``model``'s outcomes depend on the batch (its rotary scaling:
+    :func:`ih_sweep.model.rotary.batch_dependent`), or None. Such a model is evaluated one
+    item at a time: the teacher-forced pass one row a batch (its ``gold_logprob`` and
+    ``logit_diff`` the same whatever ``eval.batch_size``), the outcomes by ``generate`` on
+    each prompt alone (:func:`.by_generate.by_model_generate`), the rotary state reset
+    before each; said in one log line per model and process."""
+    why = batch_dependent(model.config)
+    if why is not None and why not in _TOLD_ROPE:
+        _TOLD_ROPE.add(why)
+        log.warning("the model's %s makes outcomes depend on the batch: items are evaluated "
+                    "one at a time by model.generate (eval.batch_size=%s not used; exact, "
+                    "slower)", why, settings.batch_size)
+    return why

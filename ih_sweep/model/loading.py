@@ -51,6 +51,10 @@ def resolve_path(path: str) -> str:
         return str(ASSET_DIR)
     local = Path(path).expanduser()
     if local.exists():
+        if local.is_dir():
+            from ih_sweep.model.files import check_readable
+
+            check_readable(local)  # not "no config.json" for a folder it may not list
         if local.is_file():
             raise ModelPathError(f"model.path={path}: is a file; give the model's folder (the "
                                  "one holding config.json and the weights) or a hub id")
@@ -211,25 +215,106 @@ def check_architecture(config, trust_remote_code: bool = False) -> None:
     _CHECKED[key] = None
 
 
+def check_local_model(model: ModelConfig) -> None:
+    """A local model folder's files before any job runs (:mod:`ih_sweep.model.files`):
+    readable, whole weights, config.json fitting them; nothing for a hub id (its files
+    come when the job loads it). Raises :class:`ModelPathError` or
+    :class:`~ih_sweep.model.files.ModelFileError`."""
+    from ih_sweep.model.files import check_model_folder
+
+    path = resolve_path(model.path)
+    if not Path(path).is_dir():
+        return
+    config = load_config(model)
+    check_model_folder(Path(path), config, bool(model.trust_remote_code))
+    check_pad_token(path, config, bool(model.trust_remote_code))
+
+
+_PADDED: set[str] = set()  # tokenizer folders whose pad token was found, by their files
+
+
+def check_pad_token(path: str, config, trust_remote_code: bool = False) -> None:
+    """The tokenizer of the local model folder ``path`` has a pad token, or an eos token,
+    or ``config`` (its config.json) or generation_config.json names a pad id
+    (:func:`ih_sweep.model.tokens.settle_pad`); the tokenizer files are read, not the
+    weights. Raises :class:`~ih_sweep.model.tokens.NoPadToken` naming the folder."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from ih_sweep.model.tokens import settle_pad
+
+    folder = Path(path)
+    stamp = json.dumps(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                              for e in folder.iterdir() if e.is_file()) + [str(folder)])
+    if stamp in _PADDED:
+        return
+    tokenizer = _load_files(lambda local: AutoTokenizer.from_pretrained(
+        path, local_files_only=local, trust_remote_code=trust_remote_code), path, path,
+        "its tokenizer")
+    generation = None
+    if (folder / "generation_config.json").is_file():
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError):
+            generation = None
+    settle_pad(tokenizer, path, config, generation)
+    _PADDED.add(stamp)
+
+
 # the class attribute that says whether a transformers model class supports an attention
 # implementation (transformers' PreTrainedModel flags; eager is always supported)
 _ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
                     "flex_attention": "_supports_flex_attn"}
 
 
-def supported_attention(config, requested: str) -> str:
-    """``requested`` where the config's causal-LM class supports it and the config asks
-    for nothing it cannot apply, else the first of sdpa, eager that can, said in one log
-    line. PyTorch's ``scaled_dot_product_attention`` has no attention-logit softcap, so a
-    config with ``attn_logit_softcapping`` (Gemma-2) never runs under sdpa: transformers
-    5.24 says so itself (``Gemma2ForCausalLM._supports_sdpa`` is False), 5.0 does not and
-    drops the softcap silently (issue 34). Remote-code classes are not looked up
-    (``requested``)."""
+_TOLD_ATTENTION: set[str] = set()  # fallback lines already logged in this process
+
+
+def attention_unavailable(requested: str, device: str | None = None) -> str | None:
+    """Why ``requested`` cannot run here whatever the model (None: it can): flash
+    attention 2 needs the ``flash_attn`` package and a CUDA device (transformers raises
+    ImportError in every job otherwise); flex attention compiles its kernels with
+    ``torch.compile``, which needs a CUDA device with triton (on CPU the compile of its
+    C++ kernel fails after a minute). ``device``: where the model runs (None: not known,
+    only the packages count)."""
+    cpu = device is not None and not str(device).startswith(("cuda", "auto"))
+    if requested == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            return "the flash_attn package (with a CUDA GPU) is not available here"
+        if cpu:
+            return f"it runs on CUDA GPUs only, and the model runs on {device}"
+    if requested == "flex_attention":
+        import importlib.util
+
+        if cpu:
+            return (f"it compiles its kernels for CUDA GPUs (torch.compile), and the model "
+                    f"runs on {device}")
+        if importlib.util.find_spec("triton") is None:
+            return "it compiles its kernels with triton, which is not installed here"
+    return None
+
+
+def supported_attention(config, requested: str, device: str | None = None) -> str:
+    """``requested`` where it can run here (:func:`attention_unavailable`: its package, the
+    device) and the config's causal-LM class supports it and the config asks for nothing
+    it cannot apply, else the first of sdpa, eager that can, said in one log line (once
+    per process where it cannot run here). PyTorch's ``scaled_dot_product_attention`` has
+    no attention-logit softcap, so a config with ``attn_logit_softcapping`` (Gemma-2)
+    never runs under sdpa: transformers 5.24 says so itself
+    (``Gemma2ForCausalLM._supports_sdpa`` is False), 5.0 does not and drops the softcap
+    silently (issue 34). Remote-code classes are not looked
+    up (``requested``, or sdpa where ``requested`` cannot run here). ``device``: where the
+    model runs (``model.device_map`` or ``device``; None: not known)."""
     from transformers import AutoModelForCausalLM
 
     cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    missing = attention_unavailable(requested, device)
     if cls is None:
-        return requested
+        if missing is None:
+            return requested
+        _tell(f"model.attn_implementation={requested}: {missing}; using sdpa")
+        return "sdpa"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(text, "attn_logit_softcapping", None) is not None
 
@@ -239,14 +324,41 @@ def supported_attention(config, requested: str) -> str:
         flag = _ATTENTION_FLAGS.get(name)
         return flag is None or bool(getattr(cls, flag, False))
 
-    if supports(requested):
+    if missing is None and supports(requested):
         return requested
     chosen = next(name for name in ("sdpa", "eager") if supports(name))
-    why = "its attention logit softcapping needs another" if requested == "sdpa" and softcap \
-        else "does not support it"
-    log.info("model.attn_implementation=%s: %s %s; using %s", requested, cls.__name__, why,
-             chosen)
+    why = missing if missing is not None else \
+        f"{cls.__name__} " + ("its attention logit softcapping needs another"
+                              if requested == "sdpa" and softcap else "does not support it")
+    line = f"model.attn_implementation={requested}: {why}; using {chosen}"
+    if missing is not None:  # decided before the jobs (preflight): once per process
+        _tell(line)
+    else:
+        log.info("%s", line)
     return chosen
+
+
+def _tell(line: str) -> None:
+    """``line`` at INFO, once per process."""
+    if line not in _TOLD_ATTENTION:
+        _TOLD_ATTENTION.add(line)
+        log.info("%s", line)
+
+
+def attention_choice(model: ModelConfig, device: str = "auto") -> str:
+    """The attention implementation a job of ``model`` on ``device`` loads with
+    (:func:`supported_attention` on its config), the fallback logged once per process."""
+    return supported_attention(load_config(model), str(model.attn_implementation or "sdpa"),
+                               placement(model, pick_device(device)))
+
+
+def placement(model: ModelConfig, device: str) -> str:
+    """Where the model's weights go: ``model.device_map`` when it names a device (cpu,
+    cuda, cuda:1, mps), else ``device`` (``auto``: cuda where there is one)."""
+    dm = model.device_map
+    if dm in ("cpu", "mps") or (dm is not None and str(dm).startswith("cuda")):
+        return str(dm)
+    return pick_device(device) if dm is None else "auto"
 
 
 def cache_key(model: ModelConfig, quant: QuantizationConfig, device: str) -> str:
@@ -268,6 +380,8 @@ def load_model(model: ModelConfig, quant: QuantizationConfig | None = None,
     model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ih_sweep.model.tokens import settle_pad
+
     quant = quant or QuantizationConfig()
     device = pick_device(device)
     key = cache_key(model, quant, device)
@@ -276,14 +390,14 @@ def load_model(model: ModelConfig, quant: QuantizationConfig | None = None,
     path = resolve_path(model.path)
     config = load_config(model)
     check_architecture(config, bool(model.trust_remote_code))
+    qc = quantization_config(quant)
     kwargs: dict[str, Any] = {
         "revision": model.revision,
         "trust_remote_code": bool(model.trust_remote_code),
         "attn_implementation": supported_attention(
-            config, str(model.attn_implementation or "sdpa")),
+            config, str(model.attn_implementation or "sdpa"), placement(model, device)),
         "dtype": _dtype(model.dtype),
     }
-    qc = quantization_config(quant)
     device_map = model.device_map
     if qc is not None:
         kwargs["quantization_config"] = qc
@@ -291,8 +405,10 @@ def load_model(model: ModelConfig, quant: QuantizationConfig | None = None,
     if device_map is not None:
         kwargs["device_map"] = device_map
     log.info("loading %s (quantization=%s, device=%s)", path, quant.name, device)
-    loaded = _load_files(lambda local: AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=local, **kwargs), path, model.path, "its weights")
+    loaded, info = _load_files(lambda local: AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=local, output_loading_info=True, **kwargs), path, model.path,
+        "its weights")
+    check_loading_info(info, model.path)
     if device_map is None:
         loaded = loaded.to(device)
     loaded.eval()
@@ -300,10 +416,28 @@ def load_model(model: ModelConfig, quant: QuantizationConfig | None = None,
     tokenizer = _load_files(lambda local: AutoTokenizer.from_pretrained(
         path, revision=model.revision, local_files_only=local,
         trust_remote_code=bool(model.trust_remote_code)), path, model.path, "its tokenizer")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    settle_pad(tokenizer, path, loaded.config, getattr(loaded, "generation_config", None))
     _CACHE[key] = (loaded, tokenizer)
     return loaded, tokenizer
+
+
+def check_loading_info(info: dict, given: str) -> None:
+    """transformers' loading report (``output_loading_info=True``): weights the model has
+    but the files lack (transformers fills them with random values) or hold in another
+    shape are refused with one :class:`ModelPathError` naming model.path, the second guard
+    behind :func:`check_local_model` (hub models, .bin files)."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing:
+        raise ModelPathError(
+            f"model.path={given}: the weights lack {len(missing)} tensor(s) the config's "
+            f"model has (e.g. {missing[0]}), which transformers would fill with random "
+            "values; config.json does not fit the weights")
+    if mismatched:
+        name = mismatched[0][0] if isinstance(mismatched[0], (list, tuple)) else mismatched[0]
+        raise ModelPathError(f"model.path={given}: {len(mismatched)} tensor(s) of the weights "
+                             f"have another shape than the config's model (e.g. {name}); "
+                             "config.json does not fit the weights")
 
 
 @contextmanager

@@ -4,6 +4,7 @@ error every model-structure check raises (:class:`UnsupportedArchitecture`)."""
 from __future__ import annotations
 
 from ih_sweep.config.errors import UserError
+from ih_sweep.model.rotary import extrapolates
 
 
 class UnsupportedArchitecture(UserError):
@@ -44,6 +45,9 @@ def config_shape(config) -> tuple[int, int]:
 
 def position_limit(config) -> int | None:
     """How many positions a model config allows (``max_position_embeddings`` /
-    ``n_positions``), or None when it names no limit."""
+    ``n_positions``), or None when it names no limit or its rotary scaling extrapolates
+    past it (dynamic NTK: :func:`ih_sweep.model.rotary.extrapolates`)."""
+    if extrapolates(config):
+        return None
     return config_value(text_config(config), "max_position_embeddings", "n_positions")
 

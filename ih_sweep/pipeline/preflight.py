@@ -114,6 +114,59 @@ def check_device(config: Config) -> None:
                               "device=auto")
 
 
+def check_device_map(config: Config) -> None:
+    """``model.device_map=cuda`` / ``cuda:N`` names a CUDA device torch has here (as
+    ``device`` must: :func:`check_device`)."""
+    dm = config.model.device_map
+    if dm is None or not str(dm).startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(str(dm).split(":")[1]) if ":" in str(dm) else 0
+    if index >= count:
+        raise DeviceError(f"model.device_map={dm}: torch sees {count} CUDA device(s) here "
+                          f"(torch {torch.__version__}); use model.device_map=null with "
+                          "device=cpu or device=auto")
+
+
+def check_model_files(config: Config) -> None:
+    """A local model folder's files (:func:`ih_sweep.model.loading.check_local_model`):
+    readable, whole weights (safetensors headers, .bin directories), config.json fitting
+    the weights, a pad token from the tokenizer or the model's config; no weights read."""
+    if config.job == Job.train_tiny:
+        return
+    from ih_sweep.model.loading import check_local_model
+
+    check_local_model(config.model)
+
+
+def check_attention(config: Config) -> None:
+    """``model.attn_implementation`` that cannot run here (flash attention 2 without its
+    package or GPU, flex attention without a CUDA GPU) falls back to sdpa (or eager) with
+    one log line, decided here, before any job runs; the job's load chooses the same
+    (:func:`ih_sweep.model.loading.attention_choice`)."""
+    if config.job == Job.train_tiny or \
+            str(config.model.attn_implementation) in ("sdpa", "eager"):
+        return
+    from ih_sweep.model.loading import attention_choice
+
+    attention_choice(config.model, config.device)
+
+
+def check_head_count(config: Config) -> None:
+    """``n_heads`` fits the model's heads (:func:`ih_sweep.pipeline.stages.count_heads`,
+    from config.json alone), so that ``n_heads=65`` on a 64-head model is refused before
+    any job of a sweep runs, not inside one."""
+    from ih_sweep.config.schema import Condition
+
+    if config.job != Job.evaluate or config.condition == Condition.none:
+        return
+    from ih_sweep.pipeline.stages import count_heads
+
+    count_heads(config)
+
+
 # in order; each takes the typed config and raises a UserError
 CHECKS = [
     check_score_table_file,
@@ -122,6 +175,10 @@ CHECKS = [
     check_model_path,
     check_train_out,
     check_device,
+    check_device_map,
+    check_model_files,
+    check_attention,
+    check_head_count,
 ]
 
 
