@@ -1,5 +1,7 @@
 """Atomic writes: a reader (or a killed job) never sees half a file. Files get the usual
-mode for new files (0666 less the umask: 0644 under umask 022), as ``open()`` would give."""
+mode for new files (0666 less the umask: 0644 under umask 022), as ``open()`` would give.
+A write the file system refuses (a full disk, a read-only folder, a file too large) raises
+:class:`WriteError`, one line naming the file and the operating system's error."""
 
 from __future__ import annotations
 
@@ -13,16 +15,36 @@ from typing import Any
 import pandas as pd
 
 
+class WriteError(OSError):
+    """A file or folder the file system would not write (ENOSPC, EROFS, EACCES, EFBIG ...):
+    ``str()`` is one line, ``[Errno N] cannot write <path> (<the system's reason>)``; the
+    errno is the original's."""
+
+
+def write_error(err: OSError, path: Path) -> WriteError:
+    """``err``, raised while writing ``path``, as a :class:`WriteError` naming ``path``."""
+    if isinstance(err, WriteError):
+        return err
+    return WriteError(err.errno, f"cannot write {path} ({err.strerror or err})")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write through ``write(tmp_path)`` into a temporary sibling, then rename over ``path``."""
+    """Write through ``write(tmp_path)`` into a temporary sibling, then rename over ``path``.
+    Raises :class:`WriteError` where the file system refuses (nothing is left behind)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600, and the rename keeps the mode
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600, and the rename keeps the mode
+        os.close(fd)
+    except OSError as err:
+        raise write_error(err, path) from err
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(err, path) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+from hydra_plugins.ih_sweep_launcher.job_folders import run_jobs
 from ih_sweep.config.errors import one_line
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class ResilientBasicLauncher(BasicLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
                ) -> Sequence[JobReturn]:
         check_all_jobs(self, job_overrides)
-        returns = super().launch(job_overrides, initial_job_idx)
+        returns = run_jobs(self, job_overrides, initial_job_idx)  # a folder error fails one job
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         failures = []
         for ret in returns:

@@ -5,6 +5,11 @@ composed DictConfig turned into the typed, checked :class:`~ih_sweep.config.sche
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,8 +23,9 @@ def register() -> None:
     """Put the schema into Hydra's ConfigStore: ``base_config`` for the root and ``base`` in
     each group (the group's YAML files list it first in their defaults); the resolvers
     ``ih_sweep.speed_keys`` (:func:`~ih_sweep.config.identity.speed_keys`, Hydra's
-    ``override_dirname.exclude_keys``) and ``path_safe``
-    (:func:`~ih_sweep.config.identity.folder_name`)."""
+    ``override_dirname.exclude_keys``), ``path_safe``
+    (:func:`~ih_sweep.config.identity.folder_name`) and ``ih_sweep.unique``
+    (:func:`unique_stamp`, the run and sweep folders' names)."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in GROUPS.items():
@@ -28,6 +34,59 @@ def register() -> None:
         OmegaConf.register_new_resolver("ih_sweep.speed_keys", speed_keys)
     if not OmegaConf.has_resolver("path_safe"):
         OmegaConf.register_new_resolver("path_safe", folder_name)
+    if not OmegaConf.has_resolver("ih_sweep.unique"):
+        # cached: resolved once per command; Hydra copies the cache into each job's config
+        # (load_sweep_config), also into submitit's jobs in other processes (pickled with it)
+        OmegaConf.register_new_resolver("ih_sweep.unique", unique_stamp, use_cache=True)
+
+
+def unique_stamp(stamp: str) -> str:
+    """``stamp`` (``${now:...}``'s timestamp) with ``_`` and 6 random hex digits: two
+    commands started in the same second get two folders (``hydra.run.dir``,
+    ``hydra.sweep.dir``). Resolved once per command (the resolver is cached), so every job
+    of a sweep, in this process or in submitit's, sees the same folder."""
+    return f"{stamp}_{secrets.token_hex(3)}"
+
+
+def original_cwd(cfg: DictConfig | None = None) -> Path:
+    """The working directory the command started in: Hydra's ``hydra.runtime.cwd`` (from
+    :class:`HydraConfig`, else ``cfg``'s hydra node), which a job with ``hydra.job.chdir=True``
+    has left; the current directory outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        cwd = OmegaConf.select(HydraConfig.get(), "runtime.cwd", default=None)
+        if cwd:
+            return Path(cwd)
+    if cfg is not None:
+        cwd = OmegaConf.select(cfg, "hydra.runtime.cwd", default=None)
+        if cwd:
+            return Path(cwd)
+    return Path(os.getcwd())
+
+
+def absolute_paths(config: Config, base: Path) -> Config:
+    """``config`` with every relative path it names resolved against ``base`` (the
+    command's original working directory: :func:`original_cwd`), so that a job that runs
+    in its own folder (``hydra.job.chdir=True``) reads and writes where the command meant:
+    ``paths.cache_dir``, ``data.path``, ``scoring.file``, ``train.out_dir``, and
+    ``model.path`` where it names a folder under ``base`` (a hub id stays as it is; the
+    model's name, already resolved, is kept)."""
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else base / path)
+
+    config.paths = dataclasses.replace(config.paths, cache_dir=absolute(config.paths.cache_dir))
+    config.train = dataclasses.replace(config.train, out_dir=absolute(config.train.out_dir))
+    if config.data.path:
+        config.data = dataclasses.replace(config.data, path=absolute(config.data.path))
+    if config.scoring.file:
+        config.scoring = dataclasses.replace(config.scoring, file=absolute(config.scoring.file))
+    model_path = config.model.path
+    if not model_path.startswith("builtin:") and not Path(model_path).expanduser(
+            ).is_absolute() and (base / Path(model_path).expanduser()).exists():
+        config.model = dataclasses.replace(config.model, path=absolute(model_path))
+    return config
 
 
 def _unknown_keys(node: DictConfig, cls: type, prefix: str = "") -> list[str]:
@@ -48,7 +107,8 @@ def _unknown_keys(node: DictConfig, cls: type, prefix: str = "") -> list[str]:
 
 def settings(cfg: DictConfig) -> Config:
     """The composed config (Hydra's node, if there, is left out) as the typed
-    :class:`Config`, checked (:func:`~ih_sweep.config.rules.check`).
+    :class:`Config`, checked (:func:`~ih_sweep.config.rules.check`), its relative paths
+    resolved against the command's original working directory (:func:`absolute_paths`).
 
     Raises :class:`ConfigError` for a missing mandatory value (e.g. ``model.path`` of
     ``model=hub``), a key the schema does not declare (``+key=value``) or a broken rule."""
@@ -72,4 +132,4 @@ def settings(cfg: DictConfig) -> Config:
     typed = OmegaConf.to_object(node)
     assert isinstance(typed, Config), type(typed)
     check(typed)
-    return typed
+    return absolute_paths(typed, original_cwd(cfg))

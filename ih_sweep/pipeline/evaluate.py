@@ -28,7 +28,7 @@ from ih_sweep.config.schema import Config
 from ih_sweep.fingerprints import job_inputs
 from ih_sweep.pipeline.checkpoints import evaluate_chunks
 from ih_sweep.pipeline.draws import SharedInputs, run_seeds, several_draws
-from ih_sweep.pipeline.records import EvaluationRecord, SeedsRecord
+from ih_sweep.pipeline.records import EvaluationRecord, SeedsRecord, evaluation_lock
 from ih_sweep.pipeline.stages import (
     count_heads,
     needs_scores,
@@ -48,9 +48,16 @@ def run(config: Config, out_dir: Path, shared: SharedInputs | None = None
     started = time.time()
     chash = config_hash(config)
     inputs = job_inputs(config)  # the input files by content, recorded beside the hash
-    finished = reuse_finished(config, out_dir, chash, started, inputs)
-    if finished is not None:
-        return finished
+    with evaluation_lock(config.paths.cache_dir, chash) as waited:  # one process evaluates
+        finished = reuse_finished(config, out_dir, chash, started, inputs, waited)
+        if finished is not None:  # done before, or by the process this one waited for
+            return finished
+        return evaluate(config, out_dir, chash, inputs, started, shared)
+
+
+def evaluate(config: Config, out_dir: Path, chash: str, inputs: dict[str, str],
+             started: float, shared: SharedInputs | None) -> EvaluationRecord:
+    """The job's stages, in order (the job's lock held: :func:`run`)."""
     shared = shared or SharedInputs()
     timings: dict[str, float] = {}
     method = get_ablation(config.ablation.method)

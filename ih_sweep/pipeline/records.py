@@ -64,6 +64,9 @@ import json
 import logging
 import platform
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,6 +346,48 @@ STORED_FILES = ("results.csv", "heads.csv", RECORD_FILE)
 
 def store_dir(cache_dir: str | Path, config_hash: str) -> Path:
     return Path(cache_dir) / "jobs" / config_hash
+
+
+def job_lock_path(cache_dir: str | Path, config_hash: str) -> Path:
+    """The lock file of this config hash's evaluation, beside its folder in the store."""
+    return Path(cache_dir) / "jobs" / f"{config_hash}.lock"
+
+
+@contextmanager
+def evaluation_lock(cache_dir: str | Path, config_hash: str) -> Iterator[float | None]:
+    """Hold the lock of this config hash's evaluation (:func:`job_lock_path`, a
+    ``filelock.FileLock`` as the score table's): a job evaluates only while it holds it, so
+    two processes given the same job (two sweeps on one cache) evaluate it once, the second
+    waiting and then reusing the first's stored job. Yields the seconds this process waited
+    for another to release it (None: it was free). The lock is the operating system's
+    (``flock``): a killed holder (``kill -9``) releases it, the file left behind locks
+    nothing. A store folder that cannot be written (a read-only cache) is evaluated without
+    the lock, in one log line. Taken before a job looks for its finished evaluation, so
+    the one that waited finds the other's."""
+    from filelock import FileLock, Timeout
+
+    path = job_lock_path(cache_dir, config_hash)
+    waited: float | None = None
+    lock: FileLock | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("waiting for another process evaluating %s (lock %s)", config_hash, path)
+            started = time.monotonic()
+            lock.acquire()
+            waited = time.monotonic() - started
+    except OSError as err:
+        log.warning("no job lock for %s: %s (%s); another process may evaluate it too",
+                    config_hash, path, err)
+        lock = None
+    try:
+        yield waited
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _copy(names: tuple[str, ...], source: Path, target: Path) -> None:

@@ -126,12 +126,15 @@ class LazyModel:
 
 # --------------------------------------------------------------------------- stages
 def reuse_finished(config: Config, out_dir: Path, chash: str, started: float,
-                   inputs: dict[str, str] | None = None) -> EvaluationRecord | None:
+                   inputs: dict[str, str] | None = None, waited: float | None = None
+                   ) -> EvaluationRecord | None:
     """The record of this config's finished job, in ``out_dir`` or in the store (then
     copied into ``out_dir`` with this job's bookkeeping), or None: the job must run. A
     finished job is this config's when its config hash is ``chash`` and its recorded input
     files' fingerprints are ``inputs`` (:func:`ih_sweep.fingerprints.job_inputs`, computed
-    here when not given)."""
+    here when not given). ``waited``: seconds this job waited for another process's
+    evaluation of the same hash (:func:`ih_sweep.pipeline.records.evaluation_lock`), said in
+    the log line when its stored job is reused."""
     if inputs is None:
         from ih_sweep.fingerprints import job_inputs
 
@@ -143,9 +146,14 @@ def reuse_finished(config: Config, out_dir: Path, chash: str, started: float,
     stored = restore(config.paths.cache_dir, chash, out_dir, inputs)
     if stored is None:
         return None
-    log.info("reusing the finished evaluation %s (%s) for %s: %d/%d correct (%.1f%%)", chash,
-             Path(config.paths.cache_dir) / "jobs" / chash, describe(config),
-             stored.n_correct, stored.n_items, 100 * stored.accuracy)
+    score = "%d/%d correct (%.1f%%)" % (stored.n_correct, stored.n_items, 100 * stored.accuracy)
+    if waited is not None:
+        log.info("waited %.1f s for another process evaluating %s (%s); reusing its finished "
+                 "evaluation %s: %s", waited, describe(config), chash,
+                 Path(config.paths.cache_dir) / "jobs" / chash, score)
+    else:
+        log.info("reusing the finished evaluation %s (%s) for %s: %s", chash,
+                 Path(config.paths.cache_dir) / "jobs" / chash, describe(config), score)
     record = dataclasses.replace(  # this job's own bookkeeping, the stored results
         stored, reused_evaluation=True, slurm_job_id=os.environ.get("SLURM_JOB_ID"),
         host=platform.node(), timings={"total_s": round(time.time() - started, 3)})

@@ -119,17 +119,31 @@ def missing_jobs(sweep_dir: Path, present: set[str], count: bool = True
     return out
 
 
+def in_job_store(folder: Path) -> bool:
+    """Whether ``folder`` is a finished job's copy in a job store
+    (``<paths.cache_dir>/jobs/<config hash>/``, :func:`ih_sweep.pipeline.records.store_dir`),
+    e.g. a cache kept inside the sweep folder: not a job of the sweep (its job folder is)."""
+    if folder.parent.name != "jobs" or (folder / ".hydra").exists():
+        return False
+    try:
+        return read_record(folder).config_hash == folder.name
+    except RecordError:
+        return False
+
+
 def find_jobs(sweep_dir: Path) -> SweepJobs:
     """Find job folders (those with a .hydra/ or job.json) and sort good from broken (an
     evaluation whose job.json or results.csv is not what the job wrote is broken:
     :func:`ih_sweep.pipeline.records.checksum_problem`). A
     several-draw job's folder (``control_seeds=K``) lists its draws, each a job folder
     of its own below it: it is kept apart (:attr:`SweepJobs.seed_parents`), and reported
-    only when a listed draw's folder is missing."""
+    only when a listed draw's folder is missing. A job store's copies (a cache inside the
+    sweep folder: :func:`in_job_store`) are not jobs of the sweep."""
     out = SweepJobs()
     candidates = sorted({p.parent for p in sweep_dir.rglob("job.json")}
                         | {p.parent.parent for p in sweep_dir.rglob(".hydra/config.yaml")})
-    candidates = [c for c in candidates if c != sweep_dir or (c / "job.json").exists()]
+    candidates = [c for c in candidates if (c != sweep_dir or (c / "job.json").exists())
+                  and not in_job_store(c)]
     for folder in candidates:
         rel = str(folder.relative_to(sweep_dir)) or "."
         if not (folder / "job.json").is_file():
