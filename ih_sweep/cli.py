@@ -3,28 +3,41 @@ into the typed :class:`~ih_sweep.config.schema.Config`, run the job's recipe
 (:mod:`ih_sweep.pipeline`),
 and summarize a multirun when it ends (:class:`SummarizeCallback`).
 
-A user mistake ends with exit status 2: a value the schema does not allow is refused by
-Hydra while it composes (its own message); any other (a rule of
-:func:`ih_sweep.config.rules.check`, a data or score file, a model path, a device) ends in one
-line on stderr, ``ih_sweep: <kind> error: ...`` (:class:`~ih_sweep.config.errors.UserError`).
-Heavy imports (torch, transformers) stay inside the jobs, so config errors come first.
+A user mistake ends in one line on stderr, ``ih_sweep: <kind> error: ...``, and exit
+status 2: a rule of :func:`ih_sweep.config.rules.check`, a data or score file, a model path,
+a device (:class:`~ih_sweep.config.errors.UserError`); Hydra's own refusals while it composes
+(an override it cannot parse, a value the schema's type refuses, an unknown key or config
+group option: :func:`~ih_sweep.config.hydra_errors.refusal`, the full text with
+``HYDRA_FULL_ERROR=1``); an output folder that cannot be made (:class:`OutputFolderCallback`).
+A refused command leaves no run or sweep folder it made. Heavy imports (torch,
+transformers) stay inside the jobs, so config errors come first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
+import hydra._internal.utils as hydra_utils
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ih_sweep.config.errors import UserError, one_line
 from ih_sweep.config.hydra import register
+from ih_sweep.config.hydra_errors import refusal
 from ih_sweep.config.schema import Job
 from ih_sweep.model.runtime import keep_freed_memory
 from ih_sweep.pipeline.preflight import check_job
@@ -74,26 +87,189 @@ def mark_started() -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> Any:
+    try:  # an interpolation to nothing (n_heads='${foo}'): Hydra composed it unresolved
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        if full_error_wanted():
+            raise
+        refuse(f"config error: {refusal(err)}")
     mark_started()
     try:
         return run(cfg)
     except UserError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one job of a sweep: the launcher reports it among the sweep's failures
-        print(f"ih_sweep: {err.kind} error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        refuse(f"{err.kind} error: {err}")
+
+
+def refuse(message: str) -> None:
+    """End the command with ``ih_sweep: <message>`` as one line on stderr and exit status 2
+    (a user's mistake), removing the output folders it made that hold only Hydra's files
+    (:func:`remove_unused_output_folders`)."""
+    remove_unused_output_folders()
+    print(f"ih_sweep: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def full_error_wanted() -> bool:
+    """Whether the user asked for Hydra's full text (``HYDRA_FULL_ERROR=1``)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def group_options(group: str) -> list[str]:
+    """The options of config group ``group`` (``model``, ``hydra/launcher``), from Hydra's
+    config loader of this command."""
+    return GlobalHydra.instance().config_loader().get_group_options(group)
+
+
+def report_in_one_line(func: Callable[[], Any]) -> Any:
+    """Run ``func`` (Hydra composing, or a whole run or sweep); a refusal of Hydra's before
+    any job started (:func:`~ih_sweep.config.hydra_errors.refusal`) ends the command in one
+    line, exit status 2; anything else propagates to Hydra's own report."""
+    try:
+        return func()
+    except (HydraException, OmegaConfBaseException) as err:
+        message = None if _started or full_error_wanted() else refusal(err, group_options)
+        if message is None:
+            raise
+        refuse(f"config error: {message}")
+
+
+@contextlib.contextmanager
+def hydra_refusals_in_one_line() -> Iterator[None]:
+    """While Hydra runs the command, each of its ``run_and_report`` calls (the one place
+    where it prints an error in several lines and exits 1) first passes through
+    :func:`report_in_one_line`. Hydra's reporting stays in charge of everything else, so
+    bugs keep their traceback and ``HYDRA_FULL_ERROR=1`` its meaning."""
+    hydra_report = hydra_utils.run_and_report
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        return hydra_report(lambda: report_in_one_line(func))
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = hydra_report
+
+
+def keyless_override(args: list[str]) -> str | None:
+    """The first command-line argument that is an override without a key (``=4``), which
+    Hydra refuses with a traceback; None when there is none."""
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # not an override (a flag's value), or one Hydra reports itself
+            continue
+        if not override.key_or_group:
+            return arg
+    return None
 
 
 def cli() -> None:
     """The console script: :func:`main`, with Hydra's own refusals of the command line (an
-    override it cannot parse or merge into the schema, an unknown config option: Hydra
-    exits 1 before any job starts) reported as what they are, a user's mistake: exit 2."""
+    override it cannot parse or merge into the schema, an unknown key or config option:
+    Hydra exits 1 before any job starts) reported as what they are, a user's mistake, in
+    one line: exit 2."""
+    global _started
+    _started = False
+    _made.clear()
+    bad = keyless_override(sys.argv[1:])
+    if bad is not None and not full_error_wanted():
+        refuse(f"config error: {bad}: an override needs a key before '='; write key=value, "
+               "e.g. n_heads=4")
     try:
-        main()
+        with hydra_refusals_in_one_line():
+            main()
     except SystemExit as exit_:
         if exit_.code == 1 and not _started:
+            remove_unused_output_folders()
             raise SystemExit(2) from None
         raise
+
+
+# --- output folders ------------------------------------------------------------------
+
+_made: list[Path] = []  # the folders this command made for its run or sweep, outermost first
+_log_name: list[str] = []  # the job log Hydra writes into a run folder (<hydra.job.name>.log)
+HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml",
+               "multirun.yaml")
+
+
+def prepare_output_folder(key: str, config: DictConfig) -> Path:
+    """Make the folder ``config``'s ``key`` (``hydra.run.dir`` or ``hydra.sweep.dir``)
+    names and check that files can be written in it, before Hydra writes anything there;
+    remember each folder made (for :func:`remove_unused_output_folders`). Refuses (one
+    line, exit 2) an empty value (the working directory itself), a path through an
+    existing file, and a folder that cannot be made or written."""
+    try:
+        value = OmegaConf.select(config, key)
+    except OmegaConfBaseException as err:
+        refuse(f"config error: {key}: {one_line(getattr(err, 'msg', None) or err)}")
+    if value is None or not str(value).strip():
+        what = "run" if key == "hydra.run.dir" else "sweep"
+        refuse(f"config error: {key}={value if value is None else repr(str(value))} is not "
+               f"allowed; allowed: a folder for the {what}'s files, e.g. {key}=outputs/"
+               f"{what}s/my_{what} (an empty one would be the working directory itself)")
+    folder = Path(str(value))
+    missing = [p for p in (folder, *folder.parents) if not p.exists() and not p.is_symlink()]
+    on_file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()),
+                   None)
+    if on_file is not None:
+        refuse(f"config error: {key}={value}: {on_file} is a file, not a folder; give a "
+               "folder (a new one, or one of your runs)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _made.extend(p for p in reversed(missing) if p.is_dir())
+        first = missing[-1] if missing else folder
+        parent = first.parent.resolve()
+        where = (f"the working directory {parent}" if parent == Path.cwd().resolve()
+                 else str(parent))
+        refuse(f"config error: {key}={value}: cannot make the folder {first}: "
+               f"{err.strerror or type(err).__name__} in {where}; give a folder you can "
+               "write, or run from one")
+    _made.extend(reversed(missing))
+    _log_name[:] = [f"{OmegaConf.select(config, 'hydra.job.name', default='ih_sweep')}.log"]
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".ih_sweep-write-test-"):
+            pass
+    except OSError as err:
+        refuse(f"config error: {key}={value}: cannot write in {folder}: "
+               f"{err.strerror or type(err).__name__}; give a folder you can write")
+    return folder
+
+
+def remove_unused_output_folders() -> None:
+    """Remove the folders this command made (:func:`prepare_output_folder`) that hold
+    nothing but Hydra's own files (``.hydra/``, ``multirun.yaml``, the job log), innermost
+    first: a refused command leaves no empty run or sweep folder. A folder that existed
+    before, or holds any other file, is kept."""
+    for folder in reversed(_made):
+        for name in (*HYDRA_FILES, *_log_name):
+            with contextlib.suppress(OSError):
+                (folder / name).unlink()
+        with contextlib.suppress(OSError):
+            (folder / ".hydra").rmdir()
+        try:
+            folder.rmdir()
+        except OSError:  # something else is in it (a result, another run): keep it
+            break
+    _made.clear()
+
+
+class OutputFolderCallback(Callback):
+    """Before a run or sweep writes anything: its folder can be made and written
+    (:func:`prepare_output_folder`), decided before any job runs."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        prepare_output_folder("hydra.run.dir", config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        prepare_output_folder("hydra.sweep.dir", config)
 
 
 def wants_summary(config: Any) -> bool:

@@ -78,7 +78,7 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
 
     from omegaconf import open_dict
 
-    from ih_sweep.cli import mark_started
+    from ih_sweep.cli import mark_started, remove_unused_output_folders
     from ih_sweep.config.errors import UserError
     from ih_sweep.pipeline.preflight import check_job
 
@@ -97,6 +97,7 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
     if bad:
         print(f"ih_sweep: config error: {len(bad)} of {len(job_overrides)} jobs of this sweep "
               "are wrong, so none ran:\n  " + "\n  ".join(bad), file=sys.stderr)
+        remove_unused_output_folders()  # the sweep folder, if this command made it
         raise SystemExit(2)
     mark_started()
 
