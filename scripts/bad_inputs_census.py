@@ -76,8 +76,9 @@ def main() -> int:
         ok = out["exit"] == 2 and out["lines"] == 1 and not out["traceback"]
         bad += not ok
         last = out["last"].replace("|", "\\|")
+        flag = "" if ok else "**FAIL** "
         rows.append(f"| {i} | {Path(source).stem} | `{name}` | {out['exit']} | {out['lines']} "
-                    f"| {'yes' if out['traceback'] else 'no'} | {'' if ok else '**FAIL** '}{last} |")
+                    f"| {'yes' if out['traceback'] else 'no'} | {flag}{last} |")
     total = (f"\n{len(cases)} bad inputs: {len(cases) - bad} end in one line with exit 2; "
              f"{bad} do not; {sum(o['traceback'] for o in outcomes)} tracebacks; "
              f"{sum(o['exit'] == 0 for o in outcomes)} accepted (exit 0).")

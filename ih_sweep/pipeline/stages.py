@@ -146,7 +146,7 @@ def reuse_finished(config: Config, out_dir: Path, chash: str, started: float,
     stored = restore(config.paths.cache_dir, chash, out_dir, inputs)
     if stored is None:
         return None
-    score = "%d/%d correct (%.1f%%)" % (stored.n_correct, stored.n_items, 100 * stored.accuracy)
+    score = f"{stored.n_correct}/{stored.n_items} correct ({100 * stored.accuracy:.1f}%)"
     if waited is not None:
         log.info("waited %.1f s for another process evaluating %s (%s); reusing its finished "
                  "evaluation %s: %s", waited, describe(config), chash,

@@ -187,7 +187,8 @@ def hold(lock: Path) -> subprocess.Popen:
     """Another process holding ``lock`` (filelock, as a job does) until killed."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     code = ("import sys, time\nfrom filelock import FileLock\n"
-            f"lock = FileLock({str(lock)!r})\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(900)\n")
+            f"lock = FileLock({str(lock)!r})\nlock.acquire()\n"
+            "print('held', flush=True)\ntime.sleep(900)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
