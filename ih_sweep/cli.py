@@ -39,6 +39,7 @@ from ih_sweep.config.errors import UserError, one_line
 from ih_sweep.config.hydra import register
 from ih_sweep.config.hydra_errors import refusal
 from ih_sweep.config.schema import Job
+from ih_sweep.io_utils import WriteError
 from ih_sweep.model.runtime import keep_freed_memory
 from ih_sweep.pipeline.preflight import check_job
 
@@ -100,6 +101,11 @@ def main(cfg: DictConfig) -> Any:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one job of a sweep: the launcher reports it among the sweep's failures
         refuse(f"{err.kind} error: {err}")
+    except WriteError as err:  # a full disk, a read-only folder: not a mistake in the command
+        if HydraConfig.get().mode == RunMode.MULTIRUN or full_error_wanted():
+            raise  # the launcher fails that job alone, in one line, and runs the others
+        print(f"ih_sweep: write error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def refuse(message: str) -> None:
@@ -133,6 +139,17 @@ def report_in_one_line(func: Callable[[], Any]) -> Any:
         if message is None:
             raise
         refuse(f"config error: {message}")
+    except OSError as err:  # Hydra saving its files (.hydra/, multirun.yaml) on a full disk
+        if full_error_wanted():
+            raise
+        if not isinstance(err, WriteError):
+            where = f" {err.filename}" if err.filename else \
+                f" Hydra's files (.hydra/, multirun.yaml) in {_output_folder[-1]}" \
+                if _output_folder else " Hydra's files (.hydra/, multirun.yaml)"
+            err = WriteError(err.errno, f"cannot write{where} ({err.strerror or err})")
+        print(f"ih_sweep: write error: {err}", file=sys.stderr, flush=True)
+        mark_started()  # exit status 1: the file system's refusal, not the command's mistake
+        raise SystemExit(1) from None
 
 
 @contextlib.contextmanager
@@ -169,6 +186,47 @@ def keyless_override(args: list[str]) -> str | None:
     return None
 
 
+class _ArgumentError(Exception):
+    pass
+
+
+def command_line_mistake(args: list[str]) -> str | None:
+    """What Hydra's own argument parser (``hydra._internal.utils.get_args_parser``, which
+    prints its usage, 8 lines, before its error) would refuse in ``args``, as one sentence;
+    None when it would accept them. Flags that print and exit (``--version``) are left
+    to Hydra."""
+    from hydra._internal.utils import get_args_parser
+
+    if "--version" in args:
+        return None
+    parser = get_args_parser()
+
+    def error(message: str) -> None:
+        raise _ArgumentError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    try:
+        known, extra = parser.parse_known_args(args)
+    except _ArgumentError as err:
+        text = str(err)
+        return text if "choose from" in text else \
+            f"{text}; allowed: the flags --hydra-help lists"
+    # hydra._internal.utils._run_hydra raises a ValueError (a traceback) for more than one
+    commands = [flag for flag, given in (
+        ("--run", known.run), ("--multirun", known.multirun), ("--cfg", known.cfg is not None),
+        ("--info", known.info is not None), ("--shell-completion", known.shell_completion))
+        if given]
+    if len(commands) > 1:
+        return (f"{' and '.join(commands)} given together; allowed: one of --run, --multirun, "
+                "--cfg, --info, --shell-completion")
+    if not extra:
+        return None
+    if any("=" in a and not a.startswith("-") for a in extra):
+        return (f"unrecognized arguments: {' '.join(extra)}; flags such as -m go before the "
+                "overrides, e.g. ih-sweep -m n_heads=4,8 condition=high,low")
+    return f"unrecognized arguments: {' '.join(extra)}; allowed: the flags --hydra-help lists"
+
+
 def cli() -> None:
     """The console script: :func:`main`, with Hydra's own refusals of the command line (an
     override it cannot parse or merge into the schema, an unknown key or config option:
@@ -177,10 +235,14 @@ def cli() -> None:
     global _started
     _started = False
     _made.clear()
+    _output_folder.clear()
     bad = keyless_override(sys.argv[1:])
     if bad is not None and not full_error_wanted():
         refuse(f"config error: {bad}: an override needs a key before '='; write key=value, "
                "e.g. n_heads=4")
+    mistake = command_line_mistake(sys.argv[1:])
+    if mistake is not None and not full_error_wanted():
+        refuse(f"config error: {mistake}")
     try:
         with hydra_refusals_in_one_line():
             main()
@@ -194,6 +256,7 @@ def cli() -> None:
 # --- output folders ------------------------------------------------------------------
 
 _made: list[Path] = []  # the folders this command made for its run or sweep, outermost first
+_output_folder: list[str] = []  # "<folder> (<key>)" of this command's run or sweep
 _log_name: list[str] = []  # the job log Hydra writes into a run folder (<hydra.job.name>.log)
 HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml",
                "multirun.yaml")
@@ -233,6 +296,7 @@ def prepare_output_folder(key: str, config: DictConfig) -> Path:
                f"{err.strerror or type(err).__name__} in {where}; give a folder you can "
                "write, or run from one")
     _made.extend(reversed(missing))
+    _output_folder[:] = [f"{folder} ({key})"]
     _log_name[:] = [f"{OmegaConf.select(config, 'hydra.job.name', default='ih_sweep')}.log"]
     try:
         with tempfile.TemporaryFile(dir=folder, prefix=".ih_sweep-write-test-"):

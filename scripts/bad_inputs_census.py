@@ -2,7 +2,8 @@
 
 Each bad-input test module under tests/ exposes ``census_cases(tmp) -> [(name, args)]``
 (the files a case needs are written under ``tmp``). Every case runs as
-``python -m ih_sweep debug=fast ARGS`` from a fresh working folder, and the table records
+``python -m ih_sweep debug=fast ARGS`` (Hydra's flags first) from a fresh working
+folder, bound by file permissions when run as root, and the table records
 its exit status, how many lines it wrote to stderr, whether a traceback appeared and the
 last stderr line. A case passes when it exits 2 with exactly one stderr line and no
 traceback.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,13 +45,23 @@ def load_cases(tmp: Path) -> list[tuple[str, str, list[str]]]:
     return cases
 
 
+# as root, a process that file modes bind (util-linux's setpriv dropping the capabilities
+# that bypass them), so that the cases of unreadable files are what a user meets
+BOUND = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search",
+         "--"] if os.geteuid() == 0 and shutil.which("setpriv") else []
+
+
 def run_case(args: list[str], cwd: Path) -> dict:
     cwd.mkdir(parents=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}  # this checkout's code, from any working folder
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "ih_sweep", "debug=fast", *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=600)
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags go before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    proc = subprocess.run([*BOUND, sys.executable, "-m", "ih_sweep", *flags, "debug=fast",
+                           *overrides], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     return {"exit": proc.returncode, "lines": len(lines),
             "traceback": "Traceback" in proc.stderr or "Traceback" in proc.stdout,

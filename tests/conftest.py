@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,22 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 needs_babi = pytest.mark.skipif(not BABI.is_dir(), reason=f"{BABI} is absent")
 needs_seed = pytest.mark.skipif(not SEED_SCORES.is_file(), reason=f"{SEED_SCORES} is absent")
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """Each test leaves logging as it found it: a command run in this process (Hydra's
+    job_logging) sets the root logger's level and adds handlers bound to the streams of
+    that test's capture, which later tests would count records against or write to after
+    they are closed."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    state = [(lg, lg.level, list(lg.handlers), lg.propagate, lg.disabled) for lg in loggers]
+    yield
+    for lg, level, handlers, propagate, disabled in state:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.propagate, lg.disabled = propagate, disabled
 
 
 @pytest.fixture(scope="session")

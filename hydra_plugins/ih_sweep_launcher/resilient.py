@@ -71,9 +71,37 @@ def slurm_knows(job_id: str) -> bool | None:
     return job_id in acct.stdout.split()
 
 
+def sweep_refusal(bad: Sequence[tuple[Sequence[str], str, str]],
+                  job_overrides: Sequence[Sequence[str]]) -> str:
+    """One line for the jobs of a sweep its checks refused: each distinct mistake once,
+    with the jobs it concerns named by their own overrides (those not shared by every job
+    of the sweep), e.g. ``config error: n_heads=65 is larger than the model's 64 heads
+    (2 x 32) (job n_heads=65); none of the sweep's 2 jobs ran``. ``bad``: (the job's
+    overrides, the error's kind, its message) for each refused job."""
+    every = [set(filter_overrides(o)) for o in job_overrides]
+    shared = set.intersection(*every) if every else set()
+    groups: dict[str, list[str]] = {}
+    for overrides, _, message in bad:
+        own = [o for o in filter_overrides(overrides) if o not in shared]
+        groups.setdefault(message, []).append(" ".join(own) or "the job")
+    parts = []
+    for message, names in groups.items():
+        if len(names) == len(job_overrides) and len(names) > 1:
+            which = f"all {len(names)} jobs"
+        elif len(names) == 1:
+            which = f"job {names[0]}"
+        else:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more"
+                                            if len(names) > 3 else "")
+            which = f"{len(names)} jobs: {shown}"
+        parts.append(f"{message} ({which})")
+    return (f"{bad[0][1]} error: " + "; ".join(parts)
+            + f"; none of the sweep's {len(job_overrides)} jobs ran")
+
+
 def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> None:
-    """Compose and check every job's config before any runs; on a bad one, one line per bad
-    job on stderr and exit status 2 (a user's mistake)."""
+    """Compose and check every job's config before any runs; on a bad one, one line on
+    stderr (:func:`sweep_refusal`) and exit status 2 (a user's mistake)."""
     import sys
 
     from omegaconf import open_dict
@@ -92,11 +120,10 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
             check_job(cfg)
         except (UserError, HydraException) as err:
             why = str(err).strip().splitlines()
-            bad.append(f"{' '.join(filter_overrides(overrides))}: "
-                       + " ".join(line.strip() for line in why[:2]))
+            bad.append((overrides, getattr(err, "kind", "config"),
+                        " ".join(line.strip() for line in why[:2])))
     if bad:
-        print(f"ih_sweep: config error: {len(bad)} of {len(job_overrides)} jobs of this sweep "
-              "are wrong, so none ran:\n  " + "\n  ".join(bad), file=sys.stderr)
+        print(f"ih_sweep: {sweep_refusal(bad, job_overrides)}", file=sys.stderr)
         remove_unused_output_folders()  # the sweep folder, if this command made it
         raise SystemExit(2)
     mark_started()

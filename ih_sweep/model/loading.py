@@ -231,6 +231,28 @@ def check_local_model(model: ModelConfig) -> None:
 
 
 _PADDED: set[str] = set()  # tokenizer folders whose pad token was found, by their files
+_TOKENIZERS: dict[str, Any] = {}  # local tokenizers read by checks, by their folder's files
+
+
+def _folder_stamp(folder: Path) -> str:
+    """The names, sizes and modification times of a folder's files: what a check that read
+    them once in this process keys its result by."""
+    return json.dumps(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                             for e in folder.iterdir() if e.is_file()) + [str(folder)])
+
+
+def local_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer of the local model folder ``path``, read once per process for each
+    state of the folder's files (for checks before any job; the job loads its own with the
+    model). Raises :class:`ModelPathError` when the folder holds no tokenizer."""
+    from transformers import AutoTokenizer
+
+    stamp = _folder_stamp(Path(path))
+    if stamp not in _TOKENIZERS:
+        _TOKENIZERS[stamp] = _load_files(lambda local: AutoTokenizer.from_pretrained(
+            path, local_files_only=local, trust_remote_code=trust_remote_code), path, path,
+            "its tokenizer")
+    return _TOKENIZERS[stamp]
 
 
 def check_pad_token(path: str, config, trust_remote_code: bool = False) -> None:
@@ -238,18 +260,15 @@ def check_pad_token(path: str, config, trust_remote_code: bool = False) -> None:
     or ``config`` (its config.json) or generation_config.json names a pad id
     (:func:`ih_sweep.model.tokens.settle_pad`); the tokenizer files are read, not the
     weights. Raises :class:`~ih_sweep.model.tokens.NoPadToken` naming the folder."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     from ih_sweep.model.tokens import settle_pad
 
     folder = Path(path)
-    stamp = json.dumps(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
-                              for e in folder.iterdir() if e.is_file()) + [str(folder)])
+    stamp = _folder_stamp(folder)
     if stamp in _PADDED:
         return
-    tokenizer = _load_files(lambda local: AutoTokenizer.from_pretrained(
-        path, local_files_only=local, trust_remote_code=trust_remote_code), path, path,
-        "its tokenizer")
+    tokenizer = local_tokenizer(path, trust_remote_code)
     generation = None
     if (folder / "generation_config.json").is_file():
         try:
@@ -471,3 +490,4 @@ def reset() -> None:
     """Forget the models and tokenizers loaded in this process (the next load reads them
     again)."""
     _CACHE.clear()
+    _TOKENIZERS.clear()

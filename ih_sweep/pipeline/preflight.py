@@ -43,7 +43,8 @@ def check_data_files(config: Config) -> None:
     check_babi_hub(config.data)
 
 
-_SCORE_TABLES: set[tuple[str, int, int]] = set()  # (file, size, mtime) read and found good
+# (file, size, mtime) -> the table read from it and found good
+_SCORE_TABLES: dict[tuple[str, int, int], object] = {}
 
 
 def check_score_table_file(config: Config) -> None:
@@ -67,8 +68,32 @@ def check_score_table_file(config: Config) -> None:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SCORE_TABLES:
-        load_score_file(path)
-        _SCORE_TABLES.add(key)
+        _SCORE_TABLES[key] = load_score_file(path)
+
+
+def check_score_table_fits(config: Config) -> None:
+    """``scoring.source=file`` for a job that chooses heads with it: the table's layers and
+    heads are the model's (:func:`ih_sweep.heads.score_table.check_scores_fit`, the model's
+    shape from config.json, no weights), so that the score file of another model is
+    refused before any job runs (the job checks it again). Raises
+    :class:`~ih_sweep.heads.scoring.ScoreFileError`."""
+    from ih_sweep.config.schema import Condition
+
+    if config.scoring.source != ScoreSource.file or not config.scoring.file or \
+            config.job != Job.evaluate or config.condition == Condition.none:
+        return
+    from ih_sweep.heads.score_table import check_scores_fit
+    from ih_sweep.model.loading import layers_and_heads
+
+    path = Path(config.scoring.file).expanduser()
+    st = path.stat()
+    table = _SCORE_TABLES.get((str(path.resolve()), st.st_size, st.st_mtime_ns))
+    if table is None:  # check_score_table_file reads it first; here for a direct call
+        from ih_sweep.heads.scoring import load_score_file
+
+        table = load_score_file(path)
+    n_layers, heads_per_layer = layers_and_heads(config.model)
+    check_scores_fit(table, n_layers, heads_per_layer, config.scoring.file)
 
 
 def check_model_path(config: Config) -> None:
@@ -167,6 +192,53 @@ def check_head_count(config: Config) -> None:
     count_heads(config)
 
 
+def check_random_sequences(config: Config) -> None:
+    """The repeated random sequences the job will draw fit the model: scoring's (for the
+    score table: ``job=score``/``scan``, and ``job=evaluate`` choosing heads by computed
+    scores) and the mechanism check's (``job=evaluate`` with ``mechanism.enabled``).
+    ``[BOS] + seq_len x repeats`` tokens must fit the model's positions (config.json), and
+    a local model's tokenizer must offer ``seq_len`` candidate tokens after the
+    ``exclude_*_frac`` cuts (:func:`ih_sweep.heads.scoring.candidate_token_ids`; a hub
+    model's tokenizer is checked when its job loads it). The same checks run again inside
+    the job. Raises :class:`~ih_sweep.config.errors.ConfigError` naming the key."""
+    from ih_sweep.config.schema import Condition
+
+    uses: list[tuple[str, object]] = []
+    if config.job in (Job.score, Job.scan) or (
+            config.job == Job.evaluate and config.condition != Condition.none
+            and config.scoring.source == ScoreSource.compute):
+        uses.append(("scoring", config.scoring))
+    if config.job == Job.evaluate and config.mechanism.enabled:
+        uses.append(("mechanism", config.mechanism))
+    if not uses:
+        return
+    from ih_sweep.heads.scoring import candidate_token_ids
+    from ih_sweep.model.loading import load_config, local_tokenizer, resolve_path
+    from ih_sweep.model.shape import position_limit
+
+    limit = position_limit(load_config(config.model))
+    path = resolve_path(config.model.path)
+    tokenizer = local_tokenizer(path, bool(config.model.trust_remote_code)) \
+        if Path(path).is_dir() else None
+    for key, s in uses:
+        bos = 1 if tokenizer is None or tokenizer.bos_token_id is not None else 0
+        length = bos + s.seq_len * s.repeats
+        if limit and length > limit:
+            raise ConfigError(f"{key}.seq_len={s.seq_len}: a repeated sequence of {bos} + "
+                              f"{s.seq_len} x {s.repeats} = {length} tokens is longer than "
+                              f"the model's {limit} positions; allowed: seq_len <= "
+                              f"{(limit - bos) // s.repeats}")
+        if tokenizer is None:
+            continue
+        offered = len(candidate_token_ids(tokenizer, s.exclude_frequent_frac,
+                                          s.exclude_rare_frac))
+        if offered < s.seq_len:
+            raise ConfigError(f"{key}.seq_len={s.seq_len}: a sequence of distinct random "
+                              f"tokens this long needs {s.seq_len} candidate tokens and the "
+                              f"tokenizer offers {offered} (after {key}.exclude_*_frac); "
+                              f"allowed: seq_len <= {offered}")
+
+
 # in order; each takes the typed config and raises a UserError
 CHECKS = [
     check_score_table_file,
@@ -179,6 +251,8 @@ CHECKS = [
     check_model_files,
     check_attention,
     check_head_count,
+    check_score_table_fits,
+    check_random_sequences,
 ]
 
 

@@ -311,3 +311,61 @@ def test_a_read_only_job_folder_fails_that_job_alone(tmp_path):
     (line,) = failure_lines(proc.stderr)
     assert f"cannot write the job folder {folder}" in line and "Permission denied" in line
     assert (sweep / "condition=high,debug=fast,n_heads=1" / "job.json").is_file()
+
+
+# ------------------------------------------------------------------ a file system refusing
+def _tiny_file_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+
+@pytest.mark.parametrize("mode", ["run", "sweep"])
+def test_hydras_own_files_refused_end_in_one_line(mode, tmp_path):
+    """Hydra saving .hydra/config.yaml where the file system refuses (RLIMIT_FSIZE 1000
+    bytes in the command's process: EFBIG, as a full disk gives ENOSPC): one line naming
+    the folder and the system's reason, exit 1. Before: Hydra's traceback of
+    OmegaConf.save."""
+    key, flag = ("hydra.run.dir", []) if mode == "run" else ("hydra.sweep.dir", ["-m"])
+    folder = tmp_path / mode
+    proc = subprocess.run([sys.executable, "-m", "ih_sweep", *flag, *FAST,
+                           f"paths.cache_dir={tmp_path / 'cache'}", f"{key}={folder}"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=_tiny_file_limit)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"ih_sweep: write error: [Errno 27] cannot write Hydra's files (.hydra/, "
+        f"multirun.yaml) in {folder} ({key}) (File too large)")
+
+
+def _tmpfs(folder: Path, size: str) -> bool:
+    """A tmpfs of ``size`` mounted on ``folder`` (root only); False where none can be."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                           str(folder)], capture_output=True).returncode == 0
+
+
+def test_a_full_disk_under_the_cache_ends_a_run_in_one_line(tmp_path):
+    """A real full disk (a 64 KiB tmpfs, filled) holding paths.cache_dir: the run's results
+    cannot be stored; one line naming the file and "No space left on device", exit 1.
+    Before: a WriteError traceback."""
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "64k"):
+        pytest.skip("needs root and a tmpfs mount")
+    try:
+        (disk / "cache").mkdir()
+        with open(disk / "fill", "wb") as fill:
+            try:
+                fill.write(b"\0" * 70_000)
+            except OSError:
+                pass
+        proc = cli(*FAST, f"paths.cache_dir={disk / 'cache'}",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ih_sweep: write error: [Errno 28] cannot write {disk / 'cache'}/")
+    assert last.endswith("(No space left on device)")

@@ -182,6 +182,16 @@ CASES = [
     # --cfg prints the config without running: the same refusals
     ("--cfg job condition=best", "^condition=best is not allowed; allowed: high, low, random, "
                                  "none"),
+    # Hydra's argument parser (its usage, 8 lines, then the error; more than one command
+    # flag: a ValueError traceback)
+    ("n_heads=4 -m condition=high,low", "^unrecognized arguments: condition=high,low; flags "
+                                        "such as -m go before the overrides, e.g. ih-sweep -m "
+                                        "n_heads=4,8 condition=high,low"),
+    ("--bogus", "^unrecognized arguments: --bogus; allowed: the flags --hydra-help lists"),
+    ("--cfg nope", "^argument --cfg/-c: invalid choice: 'nope' (choose from 'job', 'hydra', "
+                   "'all')"),
+    ("-m --cfg job", "^--multirun and --cfg given together; allowed: one of --run, "
+                     "--multirun, --cfg, --info, --shell-completion"),
     # a rule of ours, refused in the job (its run folder made, then removed)
     ("n_heads=abc", f"^n_heads='abc' is not allowed; {N_HEADS}"),
 ]
@@ -372,3 +382,9 @@ def test_hydra_full_error_shows_hydras_full_text(tmp_path, monkeypatch):
     assert "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr
     assert "Could not override 'eval.max_new_token'" in proc.stderr
     assert PREFIX not in proc.stderr
+
+
+def census_cases(tmp_path: Path) -> list[tuple[str, list[str]]]:
+    """Every command line of this module's refusals as (name, CLI arguments), for
+    scripts/bad_inputs_census.py (which runs each through the real CLI)."""
+    return [(command, shlex.split(command)) for command, _ in CASES + REAL]

@@ -115,11 +115,13 @@ def _weightless_model(tmp_path: Path) -> Path:
 
 
 def test_too_many_heads_fails_before_the_model_loads(tmp_path):
-    folder = _weightless_model(tmp_path)
-    proc = cli("model=hub", f"model.path={folder}", "n_heads=65", f"hydra.run.dir={tmp_path}/r",
+    proc = cli("n_heads=65", f"hydra.run.dir={tmp_path}/r", f"paths.cache_dir={tmp_path}/c",
                check=False)
     assert proc.returncode == 2
-    assert "n_heads=65 is larger than the model's 64 heads (2 x 32)" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "ih_sweep: config error: n_heads=65 is larger than the model's 64 heads (2 x 32)"]
+    assert "loading" not in proc.stdout + proc.stderr  # no weights were read
+    assert not (tmp_path / "r").exists()
 
 
 def test_missing_score_file_fails_before_the_model_loads(tmp_path):
@@ -160,28 +162,34 @@ def test_one_bad_job_of_a_sweep_means_none_runs(tmp_path):
     proc = cli("-m", "n_heads=-1,4", "debug=fast", f"hydra.sweep.dir={tmp_path}/s",
                f"paths.cache_dir={tmp_path}/c", check=False)
     assert proc.returncode == 2
-    assert "ih_sweep: config error: 1 of 2 jobs of this sweep are wrong, so none ran:\n" \
-           "  n_heads=-1 debug=fast" in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ih_sweep: config error: n_heads=-1 is not "
+                                                   "allowed"), lines
+    assert lines[0].endswith(" (job n_heads=-1); none of the sweep's 2 jobs ran"), lines
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("s/*/job.json"))
 
 
 def test_a_job_failing_at_run_time_stops_no_other(tmp_path):
-    """n_heads=65 passes the config check (the schema does not know the model) and fails
-    when the model's 64 heads are known: the other job still runs, the summary of it is
-    written, and the sweep exits 1 naming the failed job and why."""
-    proc = cli("-m", "n_heads=65,4", "debug=fast", f"hydra.sweep.dir={tmp_path}/s",
+    """A job that passes every check before the sweep and fails when it runs (here: a
+    file where its folder goes, so Hydra cannot make it): the other job still runs, the
+    summary of it is written, listing the failed job, and the sweep exits 1 naming the
+    failed job and why."""
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    (sweep / "debug=fast,n_heads=8").write_text("not a folder")
+    proc = cli("-m", "n_heads=8,4", "debug=fast", f"hydra.sweep.dir={sweep}",
                f"paths.cache_dir={tmp_path}/c", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-2:] == [
         f"ih_sweep: 1 of 2 jobs failed; the finished jobs' results and the summary of them "
-        f"are in {tmp_path}/s.",
-        "  debug=fast,n_heads=65: ConfigError: n_heads=65 is larger than the model's 64 heads "
-        "(2 x 32)"]
+        f"are in {sweep}.",
+        f"  debug=fast,n_heads=8: WriteError: [Errno 17] cannot write the job folder "
+        f"{sweep}/debug=fast,n_heads=8: File exists"]
     assert "Traceback" not in proc.stderr
-    assert json.loads((tmp_path / "s/debug=fast,n_heads=4/job.json").read_text())["n_items"] == 20
-    md = (tmp_path / "s/summary.md").read_text()
-    assert "## Jobs left out" in md and "`debug=fast,n_heads=65`: ConfigError" in md
+    assert json.loads((sweep / "debug=fast,n_heads=4/job.json").read_text())["n_items"] == 20
+    md = (sweep / "summary.md").read_text()
+    assert "## Jobs left out" in md and "`debug=fast,n_heads=8`: WriteError" in md
 
 
 def test_slurm_that_cannot_submit_says_so_in_one_line(tmp_path):

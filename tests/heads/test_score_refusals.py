@@ -27,6 +27,12 @@ CSV = "layer,head,prefix\n" + "".join(f"{la},{h},{0.01 * h}\n" for la in range(2
                                       for h in range(32))
 
 
+# the notebook's layers 3 and 7 are not the tiny model's: a job choosing heads with such a
+# file is refused for that (test_a_score_file_of_another_model_is_refused_before_any_job);
+# the file's format alone is checked for a job that does not choose heads
+FORMAT_ONLY = "condition=none"
+
+
 def scores(*more: str) -> tuple[str, ...]:
     return ("scoring.source=file", *(f"scoring.file={m}" for m in more[:1]), *more[1:])
 
@@ -87,7 +93,7 @@ def test_the_notebook_structure_and_lists_pass(tmp_path):
     path = tmp_path / "ok.pkl"
     path.write_bytes(pickle.dumps({np.int64(3): np.r_[np.nan, np.ones(31)],
                                    7: list(np.linspace(0, 1, 32))}))
-    assert refusal(*scores(path)) == "accepted"
+    assert refusal(*scores(path), FORMAT_ONLY) == "accepted"
     path.write_bytes(pickle.dumps({3: np.ones(32), 7: np.ones((4, 8))}))
     assert refusal(*scores(path)) == (
         f"score file error: scoring.file={path}: layer 7: ndarray of shape (4, 8); {SHAPE}")
@@ -123,11 +129,29 @@ def test_suffixes_in_capitals_a_bom_and_windows_line_ends_pass(tmp_path):
     'not a CSV table'); a CSV with a byte-order mark and Windows line ends passes."""
     upper = tmp_path / "SCORES.PKL"
     upper.write_bytes(pickle.dumps(good_pickle()))
-    assert refusal(*scores(upper)) == "accepted"
+    assert refusal(*scores(upper), FORMAT_ONLY) == "accepted"
     assert len(load_score_file(upper)) == 64
     bom = tmp_path / "scores.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + CSV.replace("\n", "\r\n").encode())
-    assert refusal(*scores(bom)) == "accepted"
+    assert refusal(*scores(bom)) == "accepted"  # the tiny model's 2 x 32 heads
+
+
+def test_a_score_file_of_another_model_is_refused_before_any_job(tmp_path):
+    """Layers or heads the model (config.json) does not have: refused by the checks before
+    any job, for a job choosing heads with the file (it was found inside each job, after
+    the model loaded); a layer with some of its heads only, too."""
+    notebook = tmp_path / "ih_scores_dict.pkl"
+    notebook.write_bytes(pickle.dumps(good_pickle()))
+    assert refusal(*scores(notebook), "condition=high") == (
+        f"score file error: scoring.file={notebook}: it has layers up to 7 and heads up to "
+        "31, but the model has 2 layers x 32 heads (ids are 0-based); is it the score file "
+        "of another model?")
+    part = tmp_path / "part.csv"
+    part.write_text("layer,head,prefix\n" + "".join(f"1,{h},0.5\n" for h in range(20)))
+    assert refusal(*scores(part), "condition=low") == (
+        f"score file error: scoring.file={part}: layer 1 has 20 of the model's 32 heads; a "
+        "layer in the table needs all of them")
+    assert refusal(*scores(part), "condition=none") == "accepted"
 
 
 def test_a_huge_single_line_is_refused_in_one_short_line(tmp_path):
@@ -221,3 +245,36 @@ def test_n_heads_0_with_an_ablating_condition_is_said_to_be_the_unablated_model(
         "for n_heads=0 condition=low (ablates no head: the unablated model, recorded as "
         f"condition=none): {first.n_correct}/{first.n_items} correct "
         f"({100 * first.accuracy:.1f}%)"), said
+
+
+def census_cases(tmp_path: Path) -> list[tuple[str, list[str]]]:
+    """This module's refusals as (name, CLI arguments), their files written under
+    ``tmp_path``, for scripts/bad_inputs_census.py."""
+    cases = []
+    for i, (name, content, _) in enumerate(PICKLE_CASES):
+        path = tmp_path / f"pickle{i}" / "ih_scores_dict.pkl"
+        path.parent.mkdir()
+        path.write_bytes(pickle.dumps(content))
+        cases.append((f"score pickle {name}", list(scores(path))))
+    for i, (name, file_name, content, _) in enumerate(FILE_CASES):
+        path = tmp_path / f"file{i}" / file_name
+        path.parent.mkdir()
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        cases.append((f"score file {name}", list(scores(path))))
+    huge = tmp_path / "huge.csv"
+    huge.write_text("layer,head,prefix" + ",x" * 2_000_000 + "\n0,0,1\n")
+    cases.append(("score csv huge first line", list(scores(huge))))
+    other = tmp_path / "another_model.pkl"
+    other.write_bytes(pickle.dumps(good_pickle()))
+    cases.append(("score file of another model", [*scores(other), "condition=high"]))
+    for kind in ("folder", "fifo", "device", "link loop", "dangling link", "missing"):
+        folder = tmp_path / f"place_{kind.replace(' ', '_')}"
+        folder.mkdir()
+        path, _ = _place(folder, kind)
+        cases.append((f"score path a {kind}", list(scores(path))))
+    for suffix in (".csv", ".pkl"):
+        path = tmp_path / f"locked{suffix}"
+        path.write_bytes(CSV.encode() if suffix == ".csv" else pickle.dumps(good_pickle()))
+        path.chmod(0)
+        cases.append((f"score file unreadable {suffix}", list(scores(path))))
+    return cases

@@ -239,10 +239,8 @@ def test_too_many_heads_are_refused_before_any_job_of_a_sweep(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "ih_sweep: config error: 1 of 2 jobs of this sweep are wrong, so none ran:",
-        "  n_heads=65 data.n_stories=4 mechanism.enabled=False "
-        f"paths.cache_dir={tmp_path / 'cache'}: n_heads=65 is larger than the model's 64 "
-        "heads (2 x 32)"]
+        "ih_sweep: config error: n_heads=65 is larger than the model's 64 heads (2 x 32) "
+        "(job n_heads=65); none of the sweep's 2 jobs ran"]
     assert not list(tmp_path.glob("sweep/*/results.csv"))
     assert refusal("n_heads=65") == "n_heads=65 is larger than the model's 64 heads (2 x 32)"
 
@@ -353,3 +351,58 @@ def test_the_cli_refuses_a_damaged_model_in_one_line(good, tmp_path, damage):
 def test_the_shipped_model_passes_every_check():
     check_job(compose())
     assert (ASSET_DIR / "model.safetensors").is_file()
+
+
+def census_cases(tmp_path: Path) -> list[tuple[str, list[str]]]:
+    """This module's refusals as (name, CLI arguments), the damaged model folders made from
+    the shipped model under ``tmp_path``, for scripts/bad_inputs_census.py (which runs each
+    through the real CLI, bound by file permissions when run as root)."""
+    cases = []
+
+    def damaged(name: str, damage) -> Path:
+        folder = copy_of(ASSET_DIR, tmp_path, name)
+        damage(folder)
+        cases.append((f"model {name.replace('_', ' ')}", [*hub(folder), *QUICK]))
+        return folder
+
+    weights = (ASSET_DIR / "model.safetensors").read_bytes()
+
+    def write(file: str, content: bytes):
+        return lambda folder: (folder / file).write_bytes(content)
+
+    def as_bin(content: bytes):
+        def damage(folder: Path) -> None:
+            (folder / "model.safetensors").unlink()
+            (folder / "pytorch_model.bin").write_bytes(content)
+        return damage
+
+    damaged("safetensors_truncated", write("model.safetensors", weights[:len(weights) // 2]))
+    damaged("safetensors_empty", write("model.safetensors", b""))
+    damaged("safetensors_random", write("model.safetensors", b"\x10" + bytes(7) + bytes(
+        range(16)) + b"\xff" * 100))
+    damaged("safetensors_huge_header", write("model.safetensors", b"\xff" * 4096))
+    damaged("bin_empty", as_bin(b""))
+    damaged("bin_random", as_bin(b"PK\x03\x04" + b"\x01" * 500))
+    for name, change in (("config_8_heads", {"num_attention_heads": 8}),
+                         ("config_3_layers", {"num_hidden_layers": 3}),
+                         ("config_1_layer", {"num_hidden_layers": 1}),
+                         ("config_wider_mlp", {"intermediate_size": 128})):
+        damaged(name, lambda folder, change=change: edit_json(folder / "config.json",
+                                                              **change))
+
+    def no_pad(folder: Path) -> None:
+        edit_json(folder / "tokenizer_config.json", pad_token=None, eos_token=None)
+        edit_json(folder / "config.json", pad_token_id=None, eos_token_id=None)
+        if (folder / "generation_config.json").is_file():
+            edit_json(folder / "generation_config.json", pad_token_id=None, eos_token_id=None)
+
+    damaged("tokenizer_without_pad_or_eos", no_pad)
+    damaged("folder_unreadable", lambda folder: folder.chmod(0))
+    damaged("weights_unreadable", lambda folder: (folder / "model.safetensors").chmod(0))
+    damaged("config_unreadable", lambda folder: (folder / "config.json").chmod(0))
+    if not torch.cuda.is_available():
+        cases += [(f"model.device_map={d}", [f"model.device_map={d}"]) for d in
+                  ("cuda", "cuda:1")]
+    cases.append(("sweep n_heads=4,65", ["-m", "n_heads=4,65",
+                                         f"hydra.sweep.dir={tmp_path / 'sweep'}"]))
+    return cases

@@ -109,9 +109,10 @@ def test_a_failed_step_leaves_the_others_written_and_is_named(tmp_path):
         summarize(tmp_path)
     err = caught.value
     assert [step for step, _ in err.failed] == ["accuracy_vs_n.png"]
-    assert err.failed[0][1].startswith("IsADirectoryError") and not err.left_out
+    assert err.failed[0][1].startswith("WriteError: [Errno 21] cannot write") and not err.left_out
     assert len(err.table) == 2 and (tmp_path / "summary.md").is_file()
-    assert str(err).count("\n") == 0 and "accuracy_vs_n.png failed (IsADirectoryError" in str(err)
+    assert str(err).count("\n") == 0
+    assert "accuracy_vs_n.png failed (WriteError: [Errno 21] cannot write" in str(err)
 
 
 def test_a_damaged_score_table_fails_the_heatmap_step(tmp_path):
@@ -132,7 +133,7 @@ def test_the_summarize_command_exits_1_with_one_line(tmp_path):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"ih_sweep.report: the summary in {tmp_path} is incomplete: "
-                           "accuracy_vs_n.png failed (IsADirectoryError"), last
+                           "accuracy_vs_n.png failed (WriteError: [Errno 21] cannot write"), last
     assert "Traceback" not in proc.stderr and "| condition" in proc.stdout
 
 
@@ -157,7 +158,8 @@ def test_the_resilient_launcher_adds_a_failed_summary_to_its_report(tmp_path):
     _sweep_with_a_folder_in_place_of_the_figure(tmp_path)
     config = OmegaConf.create({"job": "evaluate", "summarize": True})
     line = summarize_partial(config, tmp_path, [("condition=low,n_heads=4", "ValueError: x")])
-    assert line.startswith("\n  summary: accuracy_vs_n.png failed (IsADirectoryError")
+    assert line.startswith("\n  summary: accuracy_vs_n.png failed (WriteError: [Errno 21] "
+                           "cannot write")
     (tmp_path / "accuracy_vs_n.png").rmdir()
     # the failed job alone (already in the launcher's report) adds nothing
     assert summarize_partial(config, tmp_path, [("condition=low,n_heads=4", "ValueError")]) == ""
@@ -177,6 +179,6 @@ def test_a_real_sweep_whose_summary_fails_exits_1(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"ih_sweep: the summary in {sweep} is incomplete: "
-                           "accuracy_vs_n.png failed (IsADirectoryError"), last
+                           "accuracy_vs_n.png failed (WriteError: [Errno 21] cannot write"), last
     assert "Traceback" not in proc.stderr
     assert len(pd.read_csv(sweep / "summary.csv")) == 2 and "| condition" in proc.stdout
