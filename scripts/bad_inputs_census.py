@@ -2,11 +2,10 @@
 
 Each bad-input test module under tests/ exposes ``census_cases(tmp) -> [(name, args)]``
 (the files a case needs are written under ``tmp``). Every case runs as
-``python -m ih_sweep debug=fast ARGS`` (Hydra's flags first) from a fresh working
-folder, bound by file permissions when run as root, and the table records
-its exit status, how many lines it wrote to stderr, whether a traceback appeared and the
-last stderr line. A case passes when it exits 2 with exactly one stderr line and no
-traceback.
+``python -m ih_sweep ARGS debug=fast`` from a fresh working folder (bound by file
+permissions when run as root), and the table records its exit status, how many lines it
+wrote to stderr, whether a traceback appeared and the last stderr line. A case passes
+when it exits 2 with exactly one stderr line and no traceback.
 
     .venv/bin/python scripts/bad_inputs_census.py [--out census.md] [--jobs 2] [--match TEXT]
 
@@ -57,11 +56,10 @@ def run_case(args: list[str], cwd: Path) -> dict:
            "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT)}  # this checkout's code, from any working folder
     env.pop("HYDRA_FULL_ERROR", None)
-    flags = [a for a in args if a.startswith("-")]  # Hydra's flags go before the overrides
-    overrides = [a for a in args if not a.startswith("-")]
-    proc = subprocess.run([*BOUND, sys.executable, "-m", "ih_sweep", *flags, "debug=fast",
-                           *overrides], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    # debug=fast last: the case's own order of flags and overrides is kept (a group choice
+    # counts wherever it stands on the command line, and the case's values override it)
+    proc = subprocess.run([*BOUND, sys.executable, "-m", "ih_sweep", *args, "debug=fast"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     return {"exit": proc.returncode, "lines": len(lines),
             "traceback": "Traceback" in proc.stderr or "Traceback" in proc.stdout,
