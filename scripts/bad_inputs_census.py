@@ -2,7 +2,8 @@
 
 Each bad-input test module under tests/ exposes ``census_cases(tmp) -> [(name, args)]``
 (the files a case needs are written under ``tmp``). Every case runs as
-``python -m ih_sweep ARGS debug=fast`` from a fresh working folder (bound by file
+``python -m ih_sweep ARGS debug=fast`` (no debug=fast where ARGS choose debug) from a
+fresh working folder (bound by file
 permissions when run as root), and the table records its exit status, how many lines it
 wrote to stderr, whether a traceback appeared and the last stderr line. A case passes
 when it exits 2 with exactly one stderr line and no traceback.
@@ -57,8 +58,10 @@ def run_case(args: list[str], cwd: Path) -> dict:
            "PYTHONPATH": str(ROOT)}  # this checkout's code, from any working folder
     env.pop("HYDRA_FULL_ERROR", None)
     # debug=fast last: the case's own order of flags and overrides is kept (a group choice
-    # counts wherever it stands on the command line, and the case's values override it)
-    proc = subprocess.run([*BOUND, sys.executable, "-m", "ih_sweep", *args, "debug=fast"],
+    # counts wherever it stands on the command line, and the case's values override it);
+    # none where the case chooses debug itself
+    fast = [] if any(a.startswith("debug=") for a in args) else ["debug=fast"]
+    proc = subprocess.run([*BOUND, sys.executable, "-m", "ih_sweep", *args, *fast],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     return {"exit": proc.returncode, "lines": len(lines),
