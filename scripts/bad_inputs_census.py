@@ -3,10 +3,10 @@
 Each bad-input test module under tests/ exposes ``census_cases(tmp) -> [(name, args)]``
 (the files a case needs are written under ``tmp``). Every case runs as
 ``python -m ih_sweep ARGS debug=fast`` (no debug=fast where ARGS choose debug) from a
-fresh working folder (bound by file
-permissions when run as root), and the table records its exit status, how many lines it
-wrote to stderr, whether a traceback appeared and the last stderr line. A case passes
-when it exits 2 with exactly one stderr line and no traceback.
+fresh working folder (bound by file permissions when run as root), and the table records
+its exit status, how many lines it wrote to stderr, whether a traceback appeared and the
+last stderr line. A case passes when it exits 2 with exactly one stderr line and no
+traceback.
 
     .venv/bin/python scripts/bad_inputs_census.py [--out census.md] [--jobs 2] [--match TEXT]
 
