@@ -224,18 +224,14 @@ class CacheError(UserError):
 
 def check_sequences_fit(config: Config) -> None:
     """A repeated sequence ([BOS] + seq_len tokens x repeats) must fit the model's
-    positions; raises :class:`~ih_sweep.config.errors.ConfigError` naming scoring.seq_len."""
-    from ih_sweep.config.errors import ConfigError
+    positions (:func:`ih_sweep.heads.scoring.check_repeated_sequences`); raises
+    :class:`~ih_sweep.config.errors.ConfigError` naming scoring.seq_len."""
+    from ih_sweep.heads.scoring import check_repeated_sequences
     from ih_sweep.model.architecture import position_limit
     from ih_sweep.model.loading import load_config
 
-    limit = position_limit(load_config(config.model))
-    length = 1 + config.scoring.seq_len * config.scoring.repeats
-    if limit and length > limit:
-        raise ConfigError(f"scoring.seq_len={config.scoring.seq_len}: a repeated sequence of "
-                          f"1 + {config.scoring.seq_len} x {config.scoring.repeats} = {length} "
-                          f"tokens is longer than the model's {limit} positions; allowed: "
-                          f"seq_len <= {(limit - 1) // config.scoring.repeats}")
+    check_repeated_sequences("scoring", config.scoring.seq_len, config.scoring.repeats, 1,
+                             position_limit(load_config(config.model)))
 
 
 def _compute(config: Config, model_getter, progress: bool) -> pd.DataFrame:

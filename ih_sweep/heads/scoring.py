@@ -97,15 +97,35 @@ def candidate_token_ids(tokenizer, exclude_frequent_frac: float = 0.0,
     return [i for i in ids if i not in added or not added[i].special]
 
 
+def check_repeated_sequences(key: str, seq_len: int, repeats: int, bos: int,
+                             limit: int | None, offered: int | None = None) -> None:
+    """Whether ``bos`` (0 or 1) + ``seq_len`` x ``repeats`` random tokens fit ``limit``
+    positions (None: no limit) and, where ``offered`` is given, whether that many candidate
+    tokens (:func:`candidate_token_ids`) hold ``seq_len`` distinct ones. The one rule for
+    the checks before any job (:mod:`ih_sweep.pipeline.preflight`) and those inside it.
+    Raises :class:`~ih_sweep.config.errors.ConfigError` naming ``<key>.seq_len`` (``key``:
+    ``scoring`` or ``mechanism``)."""
+    length = bos + seq_len * repeats
+    if limit and length > limit:
+        raise ConfigError(f"{key}.seq_len={seq_len}: a repeated sequence of {bos} + "
+                          f"{seq_len} x {repeats} = {length} tokens is longer than the "
+                          f"model's {limit} positions; allowed: seq_len <= "
+                          f"{(limit - bos) // repeats}")
+    if offered is not None and offered < seq_len:
+        raise ConfigError(f"{key}.seq_len={seq_len}: a sequence of distinct random tokens "
+                          f"this long needs {seq_len} candidate tokens and the tokenizer "
+                          f"offers {offered} (after {key}.exclude_*_frac); allowed: "
+                          f"seq_len <= {offered}")
+
+
 def random_sequences(n: int, length: int, repeats: int, candidates: list[int], bos_id: int | None,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     seed: int, key: str = "scoring") -> tuple[torch.Tensor, torch.Tensor]:
     """[n, (bos) + length*repeats] tokens of R repeated, R drawn without replacement, and the
-    mask of query positions in repeats 2.. ."""
-    if len(candidates) < length:
-        raise ConfigError(f"scoring.seq_len={length}: a sequence of distinct random tokens "
-                          f"this long needs {length} candidate tokens and the tokenizer "
-                          f"offers {len(candidates)} (after scoring.exclude_*_frac); allowed: "
-                          f"seq_len <= {len(candidates)}")
+    mask of query positions in repeats 2.. . Raises
+    :class:`~ih_sweep.config.errors.ConfigError` naming ``<key>.seq_len`` when
+    ``candidates`` hold fewer than ``length`` tokens (:func:`check_repeated_sequences`)."""
+    check_repeated_sequences(key, length, repeats, int(bos_id is not None), None,
+                             len(candidates))
     gen = torch.Generator().manual_seed(seed)
     cand = torch.tensor(candidates, dtype=torch.long)
     rows = [cand[torch.randperm(len(cand), generator=gen)[:length]] for _ in range(n)]

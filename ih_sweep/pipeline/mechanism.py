@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 
-from ih_sweep.config.errors import ConfigError
 from ih_sweep.config.schema import MechanismConfig
 from ih_sweep.data import Story, question_indices
 
@@ -146,23 +145,21 @@ def repeat_inputs(tokenizer, settings: MechanismConfig, limit: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The seeded repeated sequences [n, (1) + seq_len * repeats] and the mask of their
     repeats 2.. (the tokens scored), from the prefix score's generator. Raises
-    :class:`ConfigError` naming ``mechanism.seq_len`` when a sequence exceeds ``limit``
-    positions or the tokenizer has too few candidate tokens."""
-    from ih_sweep.heads.scoring import candidate_token_ids, random_sequences
+    :class:`~ih_sweep.config.errors.ConfigError` naming ``mechanism.seq_len`` when a
+    sequence exceeds ``limit`` positions or the tokenizer has too few candidate tokens
+    (:func:`ih_sweep.heads.scoring.check_repeated_sequences`)."""
+    from ih_sweep.heads.scoring import (
+        candidate_token_ids,
+        check_repeated_sequences,
+        random_sequences,
+    )
 
-    length = (1 if tokenizer.bos_token_id is not None else 0) + \
-        settings.seq_len * settings.repeats
-    if limit and length > limit:
-        raise ConfigError(f"mechanism.seq_len={settings.seq_len}: a repeated sequence of "
-                          f"{length} tokens is longer than the model's {limit} positions; "
-                          f"allowed: seq_len <= {(limit - 1) // settings.repeats}")
+    bos = int(tokenizer.bos_token_id is not None)
+    check_repeated_sequences("mechanism", settings.seq_len, settings.repeats, bos, limit)
     candidates = candidate_token_ids(tokenizer, settings.exclude_frequent_frac,
                                      settings.exclude_rare_frac)
-    try:
-        return random_sequences(settings.n_sequences, settings.seq_len, settings.repeats,
-                                candidates, tokenizer.bos_token_id, settings.seed)
-    except ConfigError as err:  # it names scoring's keys; these are mechanism's
-        raise ConfigError(str(err).replace("scoring.", "mechanism.")) from None
+    return random_sequences(settings.n_sequences, settings.seq_len, settings.repeats,
+                            candidates, tokenizer.bos_token_id, settings.seed, key="mechanism")
 
 
 def text_inputs(tokenizer, texts: Sequence[str], limit: int | None = None) -> torch.Tensor:

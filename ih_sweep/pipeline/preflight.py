@@ -47,17 +47,27 @@ def check_data_files(config: Config) -> None:
 _SCORE_TABLES: dict[tuple[str, int, int], object] = {}
 
 
+def _score_table(path: Path):
+    """The score table of ``path`` (:func:`ih_sweep.heads.scoring.load_score_file`), read
+    once per process for each size and modification time of the file."""
+    from ih_sweep.heads.scoring import load_score_file
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SCORE_TABLES:
+        _SCORE_TABLES[key] = load_score_file(path)
+    return _SCORE_TABLES[key]
+
+
 def check_score_table_file(config: Config) -> None:
     """``scoring.source=file``: the file exists, can be read (not a folder, a named pipe,
     a loop of links, a permission refused: :func:`ih_sweep.data.files.unreadable`), has the
     suffix of a table (.csv) or the notebook's pickle (.pkl/.pickle) and reads as a score
-    table (:func:`ih_sweep.heads.scoring.load_score_file`; a file read before in this
-    process, same size and modification time, is not read again). Raises
-    :class:`~ih_sweep.heads.scoring.ScoreFileError`."""
+    table (:func:`_score_table`). Raises :class:`~ih_sweep.heads.scoring.ScoreFileError`."""
     if config.scoring.source != ScoreSource.file or not config.scoring.file:
         return
     from ih_sweep.data.files import unreadable
-    from ih_sweep.heads.scoring import ScoreFileError, load_score_file
+    from ih_sweep.heads.scoring import ScoreFileError
 
     path = Path(config.scoring.file).expanduser()
     problem = unreadable(path)
@@ -65,10 +75,7 @@ def check_score_table_file(config: Config) -> None:
         if problem.startswith("no such file"):
             problem = problem.replace("no such file", "no such score file", 1)
         raise ScoreFileError(f"scoring.file={path}: {problem}")
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SCORE_TABLES:
-        _SCORE_TABLES[key] = load_score_file(path)
+    _score_table(path)
 
 
 def check_score_table_fits(config: Config) -> None:
@@ -85,15 +92,9 @@ def check_score_table_fits(config: Config) -> None:
     from ih_sweep.heads.score_table import check_scores_fit
     from ih_sweep.model.loading import layers_and_heads
 
-    path = Path(config.scoring.file).expanduser()
-    st = path.stat()
-    table = _SCORE_TABLES.get((str(path.resolve()), st.st_size, st.st_mtime_ns))
-    if table is None:  # check_score_table_file reads it first; here for a direct call
-        from ih_sweep.heads.scoring import load_score_file
-
-        table = load_score_file(path)
     n_layers, heads_per_layer = layers_and_heads(config.model)
-    check_scores_fit(table, n_layers, heads_per_layer, config.scoring.file)
+    check_scores_fit(_score_table(Path(config.scoring.file).expanduser()), n_layers,
+                     heads_per_layer, config.scoring.file)
 
 
 def check_model_path(config: Config) -> None:
@@ -212,7 +213,7 @@ def check_random_sequences(config: Config) -> None:
         uses.append(("mechanism", config.mechanism))
     if not uses:
         return
-    from ih_sweep.heads.scoring import candidate_token_ids
+    from ih_sweep.heads.scoring import candidate_token_ids, check_repeated_sequences
     from ih_sweep.model.loading import load_config, local_tokenizer, resolve_path
     from ih_sweep.model.shape import position_limit
 
@@ -220,23 +221,11 @@ def check_random_sequences(config: Config) -> None:
     path = resolve_path(config.model.path)
     tokenizer = local_tokenizer(path, bool(config.model.trust_remote_code)) \
         if Path(path).is_dir() else None
+    bos = 1 if tokenizer is None else int(tokenizer.bos_token_id is not None)
     for key, s in uses:
-        bos = 1 if tokenizer is None or tokenizer.bos_token_id is not None else 0
-        length = bos + s.seq_len * s.repeats
-        if limit and length > limit:
-            raise ConfigError(f"{key}.seq_len={s.seq_len}: a repeated sequence of {bos} + "
-                              f"{s.seq_len} x {s.repeats} = {length} tokens is longer than "
-                              f"the model's {limit} positions; allowed: seq_len <= "
-                              f"{(limit - bos) // s.repeats}")
-        if tokenizer is None:
-            continue
-        offered = len(candidate_token_ids(tokenizer, s.exclude_frequent_frac,
-                                          s.exclude_rare_frac))
-        if offered < s.seq_len:
-            raise ConfigError(f"{key}.seq_len={s.seq_len}: a sequence of distinct random "
-                              f"tokens this long needs {s.seq_len} candidate tokens and the "
-                              f"tokenizer offers {offered} (after {key}.exclude_*_frac); "
-                              f"allowed: seq_len <= {offered}")
+        offered = None if tokenizer is None else len(candidate_token_ids(
+            tokenizer, s.exclude_frequent_frac, s.exclude_rare_frac))
+        check_repeated_sequences(key, s.seq_len, s.repeats, bos, limit, offered)
 
 
 # in order; each takes the typed config and raises a UserError

@@ -5,13 +5,10 @@ real CLI, where a sweep is refused before its first job."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from compose_config import ROOT
+from compose_config import ROOT, cli, compose
 from preflight_refusals import refusal
 
 from ih_sweep.heads.scoring import candidate_token_ids
@@ -94,21 +91,14 @@ def test_the_tokenizer_is_read_once_per_state_of_its_folder(tmp_path):
     assert local_tokenizer(str(folder)) is not first
 
 
-def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    flags = [a for a in args if a.startswith("-")]  # Hydra's flags go before the overrides
-    overrides = [a for a in args if not a.startswith("-")]
-    return subprocess.run([sys.executable, "-m", "ih_sweep", *flags, "debug=fast",
-                           f"paths.cache_dir={tmp_path / 'cache'}", *overrides],
-                          cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=600)
-
-
-def test_cli_sweep_with_a_bad_mechanism_seq_len_runs_no_job(tmp_path):
+def test_cli_sweep_with_a_bad_mechanism_seq_len_runs_no_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # this checkout, run from elsewhere
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     sweep = tmp_path / "sweep"
-    proc = _cli(tmp_path, "-m", "n_heads=4,8", "condition=high,low", "mechanism.seq_len=600",
-                f"hydra.sweep.dir={sweep}")
+    proc = cli("-m", "n_heads=4,8", "condition=high,low", "mechanism.seq_len=600", "debug=fast",
+               f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
+               cwd=tmp_path, check=False)
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert lines == ["ih_sweep: config error: mechanism.seq_len=600: a repeated sequence of "
@@ -124,3 +114,27 @@ def census_cases(tmp_path: Path) -> list[tuple[str, list[str]]]:
     """Every refusal of this module as (name, CLI arguments), for
     scripts/bad_inputs_census.py."""
     return [(" ".join(o), list(o)) for o, _ in _cases()]
+
+
+def test_the_job_refuses_with_the_words_of_the_checks_before_it(tiny):
+    """The checks inside a job (the mechanism check's and scoring's own, for a job run
+    without the CLI) and those before any job share one rule
+    (:func:`ih_sweep.heads.scoring.check_repeated_sequences`): the same line."""
+    from ih_sweep.config.errors import ConfigError
+    from ih_sweep.config.hydra import settings
+    from ih_sweep.heads.score_table import check_sequences_fit
+    from ih_sweep.pipeline.mechanism import repeat_inputs
+
+    _, tokenizer = tiny
+
+    def mechanism(config):
+        return repeat_inputs(tokenizer, config.mechanism, TINY_POSITIONS)
+
+    rare = f"mechanism.seq_len={_offered(0, 0.9) + 1}"
+    for overrides, inside in ((["mechanism.seq_len=600"], mechanism),
+                              (["mechanism.exclude_rare_frac=0.9", rare], mechanism),
+                              (["job=score", "scoring.seq_len=400"], check_sequences_fit)):
+        before = refusal(*overrides)
+        with pytest.raises(ConfigError) as err:
+            inside(settings(compose("debug=fast", *overrides)))
+        assert before == f"config error: {err.value}"
