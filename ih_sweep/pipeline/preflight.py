@@ -121,6 +121,16 @@ def check_train_out(config: Config) -> None:
                             "replace")
 
 
+def _cuda_count_short_of(spec: str) -> int | None:
+    """torch's count of CUDA devices here when ``spec`` (``cuda`` or ``cuda:N``) names one
+    beyond them, else None."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(spec.split(":")[1]) if ":" in spec else 0
+    return count if index >= count else None
+
+
 def check_device(config: Config) -> None:
     """``device`` names a device torch has here."""
     device = config.device
@@ -131,13 +141,10 @@ def check_device(config: Config) -> None:
     if device == "mps" and not torch.backends.mps.is_available():
         raise DeviceError("device=mps: no Apple GPU (MPS) is available to torch here; "
                           "use device=cpu or device=auto")
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= count:
-            raise DeviceError(f"device={device}: torch sees {count} CUDA device(s) here "
-                              f"(torch {torch.__version__}); use device=cpu or "
-                              "device=auto")
+    count = _cuda_count_short_of(device) if device.startswith("cuda") else None
+    if count is not None:
+        raise DeviceError(f"device={device}: torch sees {count} CUDA device(s) here "
+                          f"(torch {torch.__version__}); use device=cpu or device=auto")
 
 
 def check_device_map(config: Config) -> None:
@@ -148,9 +155,8 @@ def check_device_map(config: Config) -> None:
         return
     import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = int(str(dm).split(":")[1]) if ":" in str(dm) else 0
-    if index >= count:
+    count = _cuda_count_short_of(str(dm))
+    if count is not None:
         raise DeviceError(f"model.device_map={dm}: torch sees {count} CUDA device(s) here "
                           f"(torch {torch.__version__}); use model.device_map=null with "
                           "device=cpu or device=auto")
