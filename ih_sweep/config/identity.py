@@ -82,7 +82,9 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
     """What determines a job's results, as plain data: the resolved config minus Hydra's
     node, every speed key, and the settings that cannot matter for this job: the control
     seed of a condition other than ``random``, ``control_seeds`` unless a random job asks
-    for several draws (so each draw of such a job hashes as its single-seed job), and for
+    for several draws (so each draw of such a job hashes as its single-seed job),
+    ``control`` unless a random job matches on more than layers
+    (``control.match=layer_norm``; so every other job hashes as before it existed), and for
     an unablated job (``condition=none`` or ``n_heads=0``) which heads would have been
     chosen and how (``n_heads`` becomes 0, ``scoring`` and ``ablation`` go). Two jobs with
     the same semantic config compute the same results."""
@@ -96,6 +98,10 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
     _drop_unused_scoring(container.get("scoring"))
     if container.get("condition") != "random" or container.get("control_seeds") == 1:
         container.pop("control_seeds", None)  # one draw: the single-seed job's hash
+    control = container.get("control")
+    if container.get("condition") != "random" or not isinstance(control, dict) or \
+            control.get("match") == "layer":
+        container.pop("control", None)  # today's layer-matched draw: the hash it had before
     ablation = container.get("ablation")
     if isinstance(ablation, dict) and ablation.get("method") != "resample":
         ablation.pop("seed", None)  # only resample draws anything

@@ -83,10 +83,14 @@ def n_heads_share(value: int | str) -> Fraction | None:
 
 
 def check_top(cfg: Config) -> None:
-    """The top-level keys: n_heads, control_seed(s), device, paths.cache_dir."""
+    """The top-level keys: n_heads, control_seed(s), control.norm_factor, device,
+    paths.cache_dir."""
     n_heads_share(cfg.n_heads)
     _at_least("control_seed", cfg.control_seed, 0)
     _at_least("control_seeds", cfg.control_seeds, 1)
+    _need(cfg.control.norm_factor > 1, "control.norm_factor", cfg.control.norm_factor,
+          "allowed: a number > 1 (the ratio a drawn head's output norm may differ from its "
+          "top head's, either way)")
     _need(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device)), "device", cfg.device,
           "allowed: auto, cpu, cuda, cuda:<index>, mps")
     _need(bool(cfg.paths.cache_dir.strip()), "paths.cache_dir", cfg.paths.cache_dir,

@@ -57,6 +57,14 @@ class Condition(Choice):
     none = "none"  # no ablation
 
 
+class ControlMatch(Choice):
+    """What a random control is matched to the top-N on (:mod:`ih_sweep.heads.selection`)."""
+
+    layer = "layer"  # as many heads in each layer as the top-N holds there
+    layer_norm = "layer_norm"  # ... each within control.norm_factor of its top head's output
+    # norm (ih_sweep.heads.output_norms)
+
+
 class DType(Choice):
     auto = "auto"
     float32 = "float32"
@@ -244,6 +252,18 @@ class AblationConfig:
 
 
 @dataclass
+class ControlConfig:
+    """How ``condition=random`` draws its heads (:mod:`ih_sweep.heads.selection`); the other
+    conditions draw nothing and ignore it, as they ignore ``control_seed``."""
+
+    # layer: layer-matched (as many heads per layer as the top-N); layer_norm: also
+    # norm-matched, each drawn head's mean output norm ||z_h W_O^h|| within a factor
+    # norm_factor of the top head it stands for (ih_sweep.heads.selection.norm_matched)
+    match: ControlMatch = ControlMatch.layer
+    norm_factor: float = 2.0  # layer_norm: the ratio allowed either way (> 1)
+
+
+@dataclass
 class MechanismConfig:
     """The evaluate job's mechanism check (:mod:`ih_sweep.pipeline.mechanism`): repeat loss and ICL
     score with the job's heads ablated and without, written to job.json."""
@@ -321,6 +341,7 @@ class Config:
     # the model loaded once, each draw written as its own job folder (jobs/evaluate.py
     # run_seeds); other conditions draw nothing and ignore it, as they ignore control_seed
     control_seeds: int = 1
+    control: ControlConfig = field(default_factory=ControlConfig)  # condition=random only
     device: str = field(default="auto", metadata=SPEED)  # auto | cpu | cuda | cuda:1 ...
     summarize: bool = field(default=True, metadata=SPEED)  # summarize a multirun at its end
     paths: PathsConfig = field(default_factory=PathsConfig, metadata=SPEED)

@@ -47,10 +47,12 @@ def cache_key(config: Config) -> dict[str, Any]:
     weights' fingerprint, revision, dtype), its quantization and the induction scoring
     settings (:meth:`ih_sweep.config.schema.ScoringConfig.induction_settings`: not how the scores
     are used, not the FV settings)."""
-    return {**_model_key(config), "scoring": config.scoring.induction_settings()}
+    return {**model_key(config), "scoring": config.scoring.induction_settings()}
 
 
-def _model_key(config: Config) -> dict[str, Any]:
+def model_key(config: Config) -> dict[str, Any]:
+    """What identifies the job's model in a cache key: path, revision, dtype, the weights'
+    fingerprint (:func:`weights_fingerprint`) and the quantization."""
     model = config.model
     return {"model": {"path": model.path, "revision": model.revision, "dtype": str(model.dtype)},
             "weights": weights_fingerprint(config.model.path),
@@ -68,7 +70,7 @@ def fv_cache_key(config: Config) -> dict[str, Any]:
     ev = plain(config.eval)
     scoring = plain(config.scoring)
     files = data_inputs(config)
-    return {**_model_key(config), "data": plain(config.data),
+    return {**model_key(config), "data": plain(config.data),
             "eval": {k: ev[k] for k in ("format", "scope", "n_shots", "demo_seed")},
             "fv": {k: scoring[k] for k in FV_KEYS if k != "fv_batch_size"},
             **({"data_files": files} if files else {})}
@@ -156,16 +158,16 @@ def get_scores(config: Config, model_getter: Callable[[], tuple[Any, Any]],
     shape = shape or layers_and_heads(config.model)
     rank_by = str(config.scoring.rank_by)
     path = cache_path(config)
-    df = _cached(config, path, shape, INDUCTION_COLUMNS, INDUCTION_NAMES,
-                 lambda: _compute(config, model_getter, progress),
-                 rank_by if rank_by in INDUCTION_NAMES else "prefix")
+    df = cached_table(config, path, shape, INDUCTION_COLUMNS, INDUCTION_NAMES,
+                      lambda: _compute(config, model_getter, progress),
+                      rank_by if rank_by in INDUCTION_NAMES else "prefix")
     df = df.assign(fv=np.nan)
     if config.scoring.uses(RankBy.fv):
         from ih_sweep.heads.function_vectors import FV_COLUMNS
 
         fv_path = fv_cache_path(config)
-        fv = _cached(config, fv_path, shape, FV_COLUMNS, ["fv"],
-                     lambda: _compute_fv(config, model_getter, items, progress), "fv")
+        fv = cached_table(config, fv_path, shape, FV_COLUMNS, ["fv"],
+                          lambda: _compute_fv(config, model_getter, items, progress), "fv")
         df = df.drop(columns="fv").merge(fv[["layer", "head", "fv"]], on=["layer", "head"],
                                          how="left")
         if rank_by == RankBy.fv:
@@ -173,18 +175,19 @@ def get_scores(config: Config, model_getter: Callable[[], tuple[Any, Any]],
     return df[SCORE_COLUMNS], path
 
 
-def _cached(config: Config, path: Path, shape: tuple[int, int], columns: list[str],
-            names: list[str], compute: Callable[[], pd.DataFrame], column: str
-            ) -> pd.DataFrame:
+def cached_table(config: Config, path: Path, shape: tuple[int, int], columns: list[str],
+                 names: list[str], compute: Callable[[], pd.DataFrame], column: str | None,
+                 what: str = "scores") -> pd.DataFrame:
     """The table at ``path`` if it passes :func:`problem_with_cache`, else ``compute()``d
-    and written there (with its checksum and a heatmap of ``column``), under the file's
-    lock (see :func:`get_scores`)."""
+    and written there (with its checksum and a heatmap of ``column``; none for None), under
+    the file's lock (see :func:`get_scores`). ``what``: the table's name in log lines (the per-head
+    output norms, :mod:`ih_sweep.heads.output_norms`, are cached the same way)."""
     from filelock import FileLock, Timeout
 
     if path.is_file() and not os.access(path.parent, os.W_OK):  # a read-only cache
         problem = problem_with_cache(path, *shape, columns, names)
         if problem is None:
-            log.info("reusing scores %s (read-only cache)", path)
+            log.info("reusing %s %s (read-only cache)", what, path)
             return pd.read_csv(path)
         raise CacheError(f"paths.cache_dir={config.paths.cache_dir}: the cached table {path} "
                          f"is not usable ({problem}) and the folder is not writable; give a "
@@ -201,18 +204,21 @@ def _cached(config: Config, path: Path, shape: tuple[int, int], columns: list[st
         if path.is_file():
             problem = problem_with_cache(path, *shape, columns, names)
             if problem is None:
-                log.info("reusing scores %s", path)
+                log.info("reusing %s %s", what, path)
                 df = pd.read_csv(path)
-                if not path.with_suffix(".png").is_file():
+                if column is not None and not path.with_suffix(".png").is_file():
                     save_heatmap(df, column, path.with_suffix(".png"), config.model.name)
                 return df
-            log.warning("rescoring: the cached table %s is not used: %s", path, problem)
+            log.warning("%s: the cached table %s is not used: %s",
+                        "rescoring" if what == "scores" else f"recomputing {what}", path,
+                        problem)
         df = compute()
         write_csv(path, df)
         from ih_sweep.pipeline.records import sha256
 
         write_text(path.with_name(path.name + ".sha256"), sha256(path) + "\n")
-        save_heatmap(df, column, path.with_suffix(".png"), config.model.name)
+        if column is not None:
+            save_heatmap(df, column, path.with_suffix(".png"), config.model.name)
     finally:
         lock.release()
     return df

@@ -11,13 +11,20 @@ outside the top FV heads" and vice versa. With an exclusion, the controls stay
 layer-matched to that filtered top-N and avoid both it and the excluded heads (``low``: the
 k lowest of the layer's other heads; ``random``: drawn among them); without one, every
 function behaves as before.
+
+Norm matching (``control.match=layer_norm``, :func:`norm_matched`): a random control drawn
+layer by layer as :func:`random_matched`'s, each drawn head's mean output norm
+(:mod:`ih_sweep.heads.output_norms`) within a factor ``control.norm_factor`` of the top head
+it stands for, so the control writes about as much into the residual stream as the heads it
+is compared with.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -26,6 +33,7 @@ from ih_sweep.config.rules import n_heads_share
 from ih_sweep.config.schema import Condition
 
 Head = tuple[int, int]
+log = logging.getLogger("ih_sweep")
 
 
 class SelectionError(UserError):
@@ -136,10 +144,96 @@ def random_matched(scores: np.ndarray, n: int, seed: int, exclude: Collection[He
     return out
 
 
-def select_heads(scores: np.ndarray, condition: str, n: int, control_seed: int = 0,
+def within_factor(norm: float, target: float, factor: float) -> bool:
+    """Whether ``norm`` lies within a factor ``factor`` (> 1) of ``target``, either way:
+    target / factor <= norm <= target x factor (a zero target admits only zero)."""
+    return bool(target / factor <= norm <= target * factor)
+
+
+def _matchable(targets: Sequence[float], norms: Sequence[float], factor: float) -> bool:
+    """Whether each of ``targets`` can get its own one of ``norms`` within ``factor``
+    (:func:`within_factor`). Exact: every target's window [t / f, t x f] grows with t, so
+    taking the windows in ascending order and giving each the smallest free norm inside
+    it finds a matching whenever one exists (the greedy matching of intervals to points,
+    windows ordered by their right ends)."""
+    points = sorted(norms)
+    j = 0
+    for t in sorted(targets):
+        while j < len(points) and points[j] < t / factor:
+            j += 1
+        if j == len(points) or not within_factor(points[j], t, factor):
+            return False
+        j += 1
+    return True
+
+
+def norm_matched(scores: np.ndarray, norms: np.ndarray, n: int, seed: int, factor: float,
                  exclude: Collection[Head] = ()) -> list[Head]:
+    """A layer- and norm-matched random control for the top-n (``control.match=layer_norm``),
+    drawn with ``seed``: in each layer holding k of the top-n (layers in order), k heads
+    outside the top-n and ``exclude`` (scored, with a finite norm), the i-th of them
+    standing for the layer's i-th top head (in top order) and its output norm ``norms``
+    [layers, heads] (:mod:`ih_sweep.heads.output_norms`) within a factor ``factor`` of
+    that head's (:func:`within_factor`).
+
+    The rule: a caliper on log output norm, |log(norm / top head's norm)| <= log(factor),
+    one control head per top head (caliper matching, Cochran & Rubin 1973, "Controlling
+    bias in observational studies: a review", Sankhya A 35(4); Rosenbaum &
+    Rubin 1985, "Constructing a control group using multivariate matched sampling methods
+    that incorporate the propensity score", The American Statistician 39(1)): a ratio,
+    not a difference, because output norms are scales (a model's residual stream has its
+    own), and per head, not per set, so that no mix of very large and very small heads
+    passes for a match. The default factor 2 is a project choice: on the tiny model N = 8
+    has no control within 1.5 and has one within 2 (N = 16 has none within 4: its layer
+    holds just 16 other heads, the low control's, which match within 5).
+
+    The draw: the layer's top heads in top order, each taking a head drawn uniformly among
+    those within its window that leave the rest a matching (:func:`_matchable`), so a
+    control is refused only where none exists. Raises :class:`SelectionError` (one line,
+    naming ``control.match``, ``control.norm_factor`` and what is allowed) where a layer
+    has none."""
+    top = top_heads(scores, n, exclude)
+    taken = set(top) | {(int(la), int(h)) for la, h in exclude}
+    rng = np.random.default_rng(seed)
+    out: list[Head] = []
+    for layer in sorted(layer_counts(top)):
+        wanted = [norms[layer, h] for la, h in top if la == layer]
+        pool = [h for h in range(scores.shape[1]) if (layer, h) not in taken
+                and np.isfinite(scores[layer, h]) and np.isfinite(norms[layer, h])]
+        if not _matchable(wanted, [norms[layer, h] for h in pool], factor):
+            others = [norms[layer, h] for h in pool]
+            span = f"{min(others):.3g} to {max(others):.3g}" if others else "none"
+            raise SelectionError(
+                f"control.match=layer_norm cannot match n_heads={n}: layer {layer} has no "
+                f"{len(wanted)} heads outside the top-{n}{' and the excluded' if exclude else ''}"
+                f" whose output norms each lie within a factor control.norm_factor={factor:g} "
+                f"of the top head they stand for (top heads' norms {min(wanted):.3g} to "
+                f"{max(wanted):.3g}, the others' {span}); allowed: a larger "
+                "control.norm_factor, a smaller n_heads, or control.match=layer")
+        eligible = [h for h in pool if any(within_factor(norms[layer, h], t, factor)
+                                            for t in wanted)]
+        if len(eligible) == len(wanted):
+            log.info("control.match=layer_norm: layer %d has just %d heads within a factor %g "
+                     "of its top heads' output norms, so every control seed draws these "
+                     "heads (only which top head each stands for changes)", layer,
+                     len(wanted), factor)
+        for i, target in enumerate(wanted):
+            fits = [h for h in pool if within_factor(norms[layer, h], target, factor)
+                    and _matchable(wanted[i + 1:], [norms[layer, g] for g in pool if g != h],
+                                   factor)]
+            pick = fits[int(rng.integers(len(fits)))]
+            out.append((layer, int(pick)))
+            pool.remove(pick)
+    return out
+
+
+def select_heads(scores: np.ndarray, condition: str, n: int, control_seed: int = 0,
+                 exclude: Collection[Head] = (), match: str = "layer",
+                 norms: np.ndarray | None = None, norm_factor: float = 2.0) -> list[Head]:
     """Heads to ablate for one (condition, n, control_seed), none of ``exclude`` (see the
-    module docstring)."""
+    module docstring). ``match`` (``control.match``) says how ``random`` is matched to the
+    top-n: ``layer`` (:func:`random_matched`) or ``layer_norm`` (:func:`norm_matched` on
+    ``norms`` [layers, heads] with ``norm_factor``; the other conditions ignore it)."""
     _check(scores, n, condition)
     exclude = [(int(la), int(h)) for la, h in exclude]
     if condition == "none" or n == 0:
@@ -152,4 +246,8 @@ def select_heads(scores: np.ndarray, condition: str, n: int, control_seed: int =
         return top_heads(scores, n, exclude)
     if condition == "low":
         return low_matched(scores, n, exclude)
+    if match == "layer_norm":
+        if norms is None:
+            raise ValueError("control.match=layer_norm needs the heads' output norms")
+        return norm_matched(scores, norms, n, control_seed, norm_factor, exclude)
     return random_matched(scores, n, control_seed, exclude)

@@ -7,14 +7,14 @@ complete job folder ``<job folder>/control_seed=<k>/`` that the single-seed job
 other), then ``job.json`` of the job folder lists them
 (:class:`~ih_sweep.pipeline.records.SeedsRecord`). What does not depend on the drawn heads
 is computed once for all draws (:class:`SharedInputs`): the loaded model, the stories and
-items, the score table, the check that every prompt fits the model, each checkpoint
-chunk's tokenized rows, and the ablation method's heads-independent statistics (mean and
-position-wise means cover every head; a per-head fill, resample's donor outputs, is
-prepared once for the union of the draws' heads, within :data:`DONOR_SHARE_BYTES`, and cut
-per draw). The mechanism check's unablated numbers are cached per process anyway
-(:mod:`ih_sweep.pipeline.mechanism`), as is the evaluator's check of its shortcuts. A killed
-K-draw job resumes at the draw it reached (finished draws are skipped, the current one
-resumes from its last chunk).
+items, the score table, the heads' output norms, the check that every prompt fits the
+model, each checkpoint chunk's tokenized rows, and the ablation method's heads-independent
+statistics (mean and position-wise means cover every head; a per-head fill, resample's
+donor outputs, is prepared once for the union of the draws' heads, within
+:data:`DONOR_SHARE_BYTES`, and cut per draw). The mechanism check's unablated numbers are
+cached per process anyway (:mod:`ih_sweep.pipeline.mechanism`), as is the evaluator's check
+of its shortcuts. A killed K-draw job resumes at the draw it reached (finished draws are
+skipped, the current one resumes from its last chunk).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ih_sweep.ablation.registry import Ablation, FillInputs
 from ih_sweep.config.identity import config_hash
@@ -49,6 +51,7 @@ from ih_sweep.pipeline.stages import (
     Selection,
     describe,
     load_items,
+    load_norms,
     load_scores,
 )
 
@@ -75,6 +78,7 @@ class SharedInputs:
     lazy_model: LazyModel | None = None
     items: Items | None = None
     scores: ScoreTable | None = None
+    norms: np.ndarray | None = None  # the heads' output norms [layers, heads]
     prompts_checked: bool = False
     rows: dict[tuple[int, int], Any] = field(default_factory=dict)
     reference: tuple[Any] | None = None  # (the method's heads-independent statistics,)
@@ -103,6 +107,15 @@ class SharedInputs:
         else:
             self.used.add("scores")
         return self.scores
+
+    def load_norms(self, config: Config, count: HeadCount, model: LazyModel, data: Items
+                   ) -> np.ndarray:
+        """The heads' output norms (:func:`ih_sweep.pipeline.stages.load_norms`)."""
+        if self.norms is None:
+            self.norms = load_norms(config, count, model, data)
+        else:
+            self.used.add("output_norms")
+        return self.norms
 
     def check_prompts(self, config: Config, model: LazyModel, data: Items) -> None:
         """Every prompt fits the model's positions

@@ -3,7 +3,8 @@
 Recipe, read top to bottom in :func:`run`, each stage a named call returning what the next
 takes: check (:class:`~ih_sweep.pipeline.stages.HeadCount`) -> data
 (:class:`~ih_sweep.pipeline.stages.Items`) -> scores
-(:class:`~ih_sweep.pipeline.stages.ScoreTable`) -> select
+(:class:`~ih_sweep.pipeline.stages.ScoreTable`) -> output norms
+(:mod:`ih_sweep.heads.output_norms`) -> select
 (:class:`~ih_sweep.pipeline.stages.Selection`) -> ablate (the method's
 :class:`~ih_sweep.pipeline.stages.Fill`, :mod:`ih_sweep.ablation.registry`) -> evaluate
 (:class:`~ih_sweep.pipeline.stages.Results`, checkpointed: :mod:`.checkpoints`) -> mechanism
@@ -72,7 +73,9 @@ def evaluate(config: Config, out_dir: Path, chash: str, inputs: dict[str, str],
     with timed(timings, "scores_s"):
         table = shared.load_scores(config, count, model, data) \
             if needs_scores(config, count) else None
-        selection = select(config, count, table)
+    with timed(timings, "norms_s"):  # the heads' output norms: heads.csv, norm matching
+        norms = shared.load_norms(config, count, model, data) if table is not None else None
+        selection = select(config, count, table, norms)
 
     with timed(timings, "eval_s"):
         shared.check_prompts(config, model, data)  # before any pass: every prompt fits

@@ -54,6 +54,11 @@ heads.csv (one row per ablated head; empty for condition=none)
 layer, head      0-based; ``head`` is the query head within the layer
 score            the head's score under ``rank_by`` (the notebook's file: its own score)
 rank_by          ``scoring.rank_by``
+output_norm      the head's mean output norm ||z_h W_O^h|| (L2, residual-stream units: z_h its
+                 slice of the o_proj input, W_O^h its o_proj weight columns) over the real
+                 tokens of the job's first ``ablation.n_reference`` prompts, the unablated
+                 model (:mod:`ih_sweep.heads.output_norms`); how much the head writes, to
+                 compare the conditions' heads (files written before it lack the column)
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ ITEM_COLUMNS = ["story", "question_index", "line", "examples_before", "answer",
 JOB_COLUMNS = ["n_heads", "n_heads_share", "condition", "control_seed", "model",
                "quantization", "data", "babi_task", "split", "metric", "scope", "ablation"]
 RESULT_COLUMNS = ITEM_COLUMNS + JOB_COLUMNS
-HEAD_COLUMNS = ["layer", "head", "score", "rank_by"]
+HEAD_COLUMNS = ["layer", "head", "score", "rank_by", "output_norm"]
 RECORD_FILE = "job.json"
 COMPLETE = "complete"
 
@@ -132,6 +137,9 @@ class EvaluationRecord:
     # for the built-in model on generated data. A finished job is reused only where they
     # are what they are now
     inputs: dict[str, str] = field(default_factory=dict)
+    # the ablated heads' mean output norm (heads.csv's output_norm averaged over them,
+    # residual-stream units); null for an unablated job and in records written before it
+    output_norm_mean: float | None = None
 
 
 @dataclass

@@ -59,8 +59,10 @@ class ScoreTable:
 @dataclass
 class Selection:
     """The heads ablated ((layer, head) pairs, in selection order; none for an unablated
-    job), the ``rank_by`` matrix [layers, heads] they were chosen on, the score file, and
-    what :meth:`heads_for` needs to draw them with another control seed."""
+    job), the ``rank_by`` matrix [layers, heads] they were chosen on, the score file, the
+    heads' mean output norms [layers, heads] (:mod:`ih_sweep.heads.output_norms`;
+    residual-stream units), and what :meth:`heads_for` needs to draw them with another
+    control seed (``match``, ``norm_factor``: ``control``'s)."""
 
     heads: list[tuple[int, int]]
     matrix: np.ndarray | None = None
@@ -68,12 +70,23 @@ class Selection:
     condition: str = "none"
     n_ablate: int = 0
     excluded: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    norms: np.ndarray | None = None
+    match: str = "layer"
+    norm_factor: float = 2.0
 
     def heads_for(self, seed: int) -> list[tuple[int, int]]:
         """This job's heads had it been drawn with ``control_seed=seed``."""
         from ih_sweep.heads.selection import select_heads
 
-        return select_heads(self.matrix, self.condition, self.n_ablate, seed, self.excluded)
+        return select_heads(self.matrix, self.condition, self.n_ablate, seed, self.excluded,
+                            self.match, self.norms, self.norm_factor)
+
+    def output_norms(self) -> list[float | None]:
+        """Each ablated head's mean output norm, in :attr:`heads` order (None without
+        norms)."""
+        if self.norms is None:
+            return [None] * len(self.heads)
+        return [float(self.norms[la, h]) for la, h in self.heads]
 
 
 @dataclass
@@ -97,7 +110,10 @@ class Results:
 class LazyModel:
     """The job's (model, tokenizer) (:func:`ih_sweep.model.loading.load_model`), loaded at the
     first call: a job whose score table is cached and whose chunks are all checkpointed never
-    loads it. ``load_s``: seconds the load took (None until loaded)."""
+    loads it. ``load_s``: seconds the load took (None until loaded). With
+    ``eval.progress=false`` transformers' own progress bar of the load stays off too, so a
+    refusal raised after the load (``control.match=layer_norm`` without a match) is the one
+    line on stderr."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -107,11 +123,20 @@ class LazyModel:
 
     def __call__(self) -> tuple[Any, Any]:
         if self.loaded is None:
+            from transformers.utils import logging as hf_logging
+
             from ih_sweep.model.loading import load_model
 
+            quiet = not self.config.eval.progress and hf_logging.is_progress_bar_enabled()
             t0 = time.time()
-            self.loaded = load_model(self.config.model, self.config.quantization,
-                                     self.config.device)
+            if quiet:
+                hf_logging.disable_progress_bar()
+            try:
+                self.loaded = load_model(self.config.model, self.config.quantization,
+                                         self.config.device)
+            finally:
+                if quiet:
+                    hf_logging.enable_progress_bar()
             self.load_s = time.time() - t0
         return self.loaded
 
@@ -207,16 +232,28 @@ def load_scores(config: Config, count: HeadCount, model: LazyModel, data: Items
     return ScoreTable(frame, str(cached or Path(config.scoring.file).resolve()))
 
 
-def select(config: Config, count: HeadCount, table: ScoreTable | None) -> Selection:
+def load_norms(config: Config, count: HeadCount, model: LazyModel, data: Items) -> np.ndarray:
+    """[layers, heads] mean output norms ||z_h W_O^h|| over the job's reference prompts
+    (:func:`ih_sweep.heads.output_norms.get_output_norms`: cached per model and prompts)."""
+    from ih_sweep.heads.output_norms import get_output_norms
+
+    return get_output_norms(config, model, data.items, (count.n_layers, count.heads_per_layer))
+
+
+def select(config: Config, count: HeadCount, table: ScoreTable | None,
+           norms: np.ndarray | None = None) -> Selection:
     """The heads ``condition`` and ``control_seed`` choose on ``scoring.rank_by``, none of
-    those ``scoring.exclude_by`` takes out; none without a table."""
+    those ``scoring.exclude_by`` takes out, a random control matched as ``control.match``
+    says (on ``norms``, the heads' output norms, for ``layer_norm``); none without a
+    table."""
     from ih_sweep.heads.score_table import exclusion, matrix_for
 
     if table is None:
         return Selection([])
     selection = Selection([], matrix_for(config, table.frame, config.scoring.rank_by),
                           table.file, str(config.condition), count.n_ablate,
-                          exclusion(config, table.frame))
+                          exclusion(config, table.frame), norms, str(config.control.match),
+                          config.control.norm_factor)
     selection.heads = selection.heads_for(config.control_seed)
     return selection
 
@@ -276,8 +313,9 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
         metric=config.eval.metric.value, scope=config.eval.scope.value,
         ablation=config.ablation.method,
     )[RESULT_COLUMNS]
-    heads_df = pd.DataFrame([(la, h, float(mat[la, h]), config.scoring.rank_by.value)
-                             for la, h in heads], columns=HEAD_COLUMNS)
+    norms = selection.output_norms()
+    heads_df = pd.DataFrame([(la, h, float(mat[la, h]), config.scoring.rank_by.value, norm)
+                             for (la, h), norm in zip(heads, norms)], columns=HEAD_COLUMNS)
     write_csv(out_dir / "results.csv", frame)
     write_csv(out_dir / "heads.csv", heads_df)
     n_correct = int(frame["correct"].sum())
@@ -297,7 +335,8 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
         timings={k: round(v, 3) for k, v in timings.items()},
         slurm_job_id=os.environ.get("SLURM_JOB_ID"),
         results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config),
-        scores_file=selection.scores_file, mechanism=mechanism, inputs=dict(inputs or {}))
+        scores_file=selection.scores_file, mechanism=mechanism, inputs=dict(inputs or {}),
+        output_norm_mean=float(np.mean(norms)) if heads and None not in norms else None)
     write_record(out_dir, record)
     store(out_dir, config.paths.cache_dir, chash)
     shutil.rmtree(out_dir / "partial", ignore_errors=True)

@@ -76,6 +76,23 @@ def test_settings_that_cannot_change_a_job_leave_its_hash_alone():
         assert config_hash(compose(*other)) == none, other
 
 
+def test_the_control_match_changes_only_a_norm_matched_random_job():
+    """control.match=layer (the default) is today's draw: every job hashes as before the key
+    existed (the pinned hashes above); layer_norm and its factor name another random job,
+    and the conditions that draw nothing ignore both, as they ignore control_seed."""
+    random = config_hash(compose("condition=random"))
+    assert config_hash(compose("condition=random", "control.match=layer",
+                               "control.norm_factor=3")) == random
+    norm = config_hash(compose("condition=random", "control.match=layer_norm"))
+    assert norm != random
+    assert config_hash(compose("condition=random", "control.match=layer_norm",
+                               "control.norm_factor=3")) not in (norm, random)
+    for condition in ("high", "low", "none"):
+        assert config_hash(compose(f"condition={condition}", "control.match=layer_norm")) == \
+            config_hash(compose(f"condition={condition}")), condition
+    assert settings(compose("control.match=layer_norm")).control.match == "layer_norm"
+
+
 def test_a_share_of_heads_composes_resolves_and_hashes_apart_from_its_count():
     """n_heads=3% composes as the string '3%' (Hydra's parser keeps it), passes the checks
     and resolves to 2 of the tiny model's 64 heads; n_heads=10% and n_heads=7 are

@@ -51,6 +51,9 @@ N_HEADS = ("allowed: an integer >= 0 (heads), or a share of all the model's head
                                           "hn, hn-10k, shuffled, shuffled-10k, en-valid, "
                                           "en-valid-10k"),
     (("data=babi_files", "data.task=21"), "data.task=21 is not allowed; allowed: 1 to 20"),
+    (("control.norm_factor=1",), "control.norm_factor=1.0 is not allowed; allowed: a number > "
+                                 "1 (the ratio a drawn head's output norm may differ from its "
+                                 "top head's, either way)"),
 ])
 def test_rules_across_fields_name_key_value_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError) as err:
