@@ -84,6 +84,24 @@ class SharedInputs:
     reference: tuple[Any] | None = None  # (the method's heads-independent statistics,)
     fill: Any = None  # the method's fill of the heads of :attr:`fill_heads`
     fill_heads: Heads | None = None
+    # what each distinct head set of the draws gave: (its first draw's control_seed, its
+    # Results, its mechanism check), by the set
+    evaluated: dict[frozenset, tuple[int, Any, dict]] = field(default_factory=dict)
+
+    def same_heads(self, heads: Heads) -> tuple[int, Any, dict] | None:
+        """(control_seed, Results, mechanism) of an earlier draw of this job that ablated
+        exactly ``heads`` (as a set: the order does not change an ablation), else None. A
+        norm-matched control of a layer with few matching heads draws the same set again
+        and again; its results are a function of the set, so they are evaluated once."""
+        found = self.evaluated.get(frozenset(heads)) if heads else None
+        if found is not None:
+            self.used.add("same_heads")
+        return found
+
+    def remember(self, seed: int, heads: Heads, results: Any, mechanism: dict) -> None:
+        """What the draw ``seed`` of ``heads`` gave, for :meth:`same_heads`."""
+        if heads:
+            self.evaluated.setdefault(frozenset(heads), (seed, results, mechanism))
 
     def model(self, config: Config) -> LazyModel:
         """The job's model, loaded at its first use (:class:`LazyModel`)."""

@@ -18,6 +18,7 @@ sharing what does not depend on the drawn heads (:mod:`.draws`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,12 +33,15 @@ from ih_sweep.pipeline.draws import SharedInputs, run_seeds, several_draws
 from ih_sweep.pipeline.records import EvaluationRecord, SeedsRecord, evaluation_lock
 from ih_sweep.pipeline.stages import (
     count_heads,
+    describe,
     needs_scores,
     reuse_finished,
     run_mechanism,
     select,
     write_job,
 )
+
+log = logging.getLogger("ih_sweep")
 
 
 def run(config: Config, out_dir: Path, shared: SharedInputs | None = None
@@ -77,19 +81,26 @@ def evaluate(config: Config, out_dir: Path, chash: str, inputs: dict[str, str],
         norms = shared.load_norms(config, count, model, data) if table is not None else None
         selection = select(config, count, table, norms)
 
-    with timed(timings, "eval_s"):
-        shared.check_prompts(config, model, data)  # before any pass: every prompt fits
-        fill = shared.prepare_fill(config, method, model, data, selection)
-        results = evaluate_chunks(config, out_dir, chash, model, data, selection, fill, shared,
-                                  inputs)
+    same = shared.same_heads(selection.heads)  # a draw of a set an earlier draw had
+    if same is not None:
+        seed, results, mechanism = same
+        log.info("%s: the heads of control_seed=%d again; its results are that draw's",
+                 describe(config), seed)
+    else:
+        with timed(timings, "eval_s"):
+            shared.check_prompts(config, model, data)  # before any pass: every prompt fits
+            fill = shared.prepare_fill(config, method, model, data, selection)
+            results = evaluate_chunks(config, out_dir, chash, model, data, selection, fill,
+                                      shared, inputs)
 
-    with timed(timings, "mechanism_s"):  # repeat loss and ICL score, ablated and not
-        mechanism = run_mechanism(config, model, data, selection, fill)
+        with timed(timings, "mechanism_s"):  # repeat loss and ICL score, ablated and not
+            mechanism = run_mechanism(config, model, data, selection, fill)
+        shared.remember(config.control_seed, selection.heads, results, mechanism)
 
     timings |= model.take_load_time()  # load_s where this draw loaded it
     timings["total_s"] = time.time() - started
     return write_job(config, out_dir, chash, count, selection, results, mechanism, timings,
-                     inputs)
+                     inputs, same_heads_as=same[0] if same is not None else None)
 
 
 @contextmanager

@@ -123,6 +123,10 @@ class EvaluationRecord:
     settings: dict[str, Any] = field(default_factory=dict)  # config.identity.semantic_config
     reused_evaluation: bool = False  # results restored from the store (a finished job)
     resumed_chunks: int = 0  # checkpointed chunks a previous (killed) run had finished
+    # a draw of a several-draw job whose heads an earlier draw of that job had: its results
+    # and mechanism check are that draw's (control_seed), not evaluated again (evaluation is
+    # a function of the ablated set); null otherwise
+    same_heads_as: int | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     slurm_job_id: str | None = None
     host: str = field(default_factory=platform.node)

@@ -286,14 +286,15 @@ def run_mechanism(config: Config, model: LazyModel, data: Items, selection: Sele
 
 def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
               selection: Selection, results: Results, mechanism: dict[str, Any],
-              timings: dict[str, float], inputs: dict[str, str] | None = None
-              ) -> EvaluationRecord:
+              timings: dict[str, float], inputs: dict[str, str] | None = None,
+              same_heads_as: int | None = None) -> EvaluationRecord:
     """results.csv (:data:`~ih_sweep.pipeline.records.RESULT_COLUMNS`), heads.csv and
     job.json (:class:`~ih_sweep.pipeline.records.EvaluationRecord`) into ``out_dir``, then the
     job into the store; the partial chunks go. An unablated job ablates 0 heads whatever N
     was asked (no share either), and the control seed is 0 unless it drew the heads
     (condition=random), as in the config hash. ``inputs``: the input files' fingerprints
-    (:func:`ih_sweep.fingerprints.job_inputs`) the job read, recorded beside the hash."""
+    (:func:`ih_sweep.fingerprints.job_inputs`) the job read, recorded beside the hash;
+    ``same_heads_as``: the earlier draw of the same heads whose results these are."""
     import shutil
 
     from ih_sweep.config.identity import semantic_config
@@ -336,7 +337,8 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
         slurm_job_id=os.environ.get("SLURM_JOB_ID"),
         results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config),
         scores_file=selection.scores_file, mechanism=mechanism, inputs=dict(inputs or {}),
-        output_norm_mean=float(np.mean(norms)) if heads and None not in norms else None)
+        output_norm_mean=float(np.mean(norms)) if heads and None not in norms else None,
+        same_heads_as=same_heads_as)
     write_record(out_dir, record)
     store(out_dir, config.paths.cache_dir, chash)
     shutil.rmtree(out_dir / "partial", ignore_errors=True)

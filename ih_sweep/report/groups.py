@@ -18,6 +18,10 @@ from ih_sweep.report.discover import FinishedJob
 GROUP_KEYS = ["model", "quantization", "data", "babi_task", "split", "metric", "scope",
               "ablation", "rank_by"]
 SELECTION = ("n_heads", "condition", "control_seed", "job")  # which heads: not a group's
+# how condition=random draws (job.json settings hold it for control.match=layer_norm only):
+# not an arm of its own but the null the arm's high and low rows are tested against, so
+# the draws of each match form a group with the arm's other jobs (:func:`group_jobs`)
+CONTROL = ("control",)
 ARM = ("scoring", "ablation")  # how heads are chosen and ablated: absent for `none`
 # named in a group's title whenever its jobs have them, also in a sweep of one group: an
 # exclusion arm (Yin & Steinhardt's) must not read as plain top-N by rank_by
@@ -93,19 +97,51 @@ def settings_key(record: EvaluationRecord, keys: tuple[str, ...]) -> str:
                       sort_keys=True, default=str)
 
 
+def control_match(record: EvaluationRecord) -> str | None:
+    """How a ``random`` job drew its heads: ``control.match`` (``layer`` where its settings
+    do not say, as before the setting existed); None for any other condition."""
+    if record.condition != "random":
+        return None
+    control = settings_of(record).get("control")
+    match = control.get("match") if isinstance(control, dict) else None
+    return str(match or "layer")
+
+
+def control_title(match: str | None, record: EvaluationRecord) -> str:
+    """What a group's title adds for its random draws' matching: nothing for the layer
+    match, ``control.match=layer_norm (factor F)`` for the norm match."""
+    if match in (None, "layer"):
+        return ""
+    control = settings_of(record).get("control") or {}
+    factor = control.get("norm_factor")
+    return f", control.match={match}" + (f" (norm_factor={factor:g})"
+                                          if isinstance(factor, (int, float)) else "")
+
+
 def group_jobs(jobs: list[FinishedJob]) -> tuple[list[list[FinishedJob]], list[str]]:
     """Jobs that may be compared: same settings but for which heads are ablated. The
-    unablated job joins every group with its evaluation settings. Returns (groups, the
-    dotted settings that differ between groups)."""
+    unablated job joins every group with its evaluation settings, and an arm's ablated jobs
+    that draw nothing (``high``, ``low``) join each of its random nulls: an arm with random
+    draws of two matches (``control.match=layer`` and ``layer_norm``) makes two groups, each
+    testing the same high and low jobs against its own null. Returns (groups, the dotted
+    settings that differ between groups, ``control`` left out: the title names it)."""
     by_eval: dict[str, dict[str | None, list[FinishedJob]]] = {}
     for job in jobs:
-        arm = None if unablated(job.record) else settings_key(job.record, SELECTION)
-        arms = by_eval.setdefault(settings_key(job.record, SELECTION + ARM), {})
+        arm = None if unablated(job.record) else settings_key(job.record, SELECTION + CONTROL)
+        arms = by_eval.setdefault(settings_key(job.record, SELECTION + ARM + CONTROL), {})
         arms.setdefault(arm, []).append(job)
     groups = []
     for arms in by_eval.values():
         none = arms.pop(None, [])
-        groups += [none + ablated for ablated in arms.values()] if arms else [none]
+        for ablated in arms.values() or [[]]:
+            nulls: dict[str, list[FinishedJob]] = {}
+            for job in ablated:
+                match = control_match(job.record)
+                if match is not None:
+                    nulls.setdefault(match, []).append(job)
+            fixed = [j for j in ablated if control_match(j.record) is None]
+            groups += [none + fixed + draws for draws in nulls.values()] if nulls \
+                else [none + fixed]
     return groups, differing_settings(groups) if len(groups) > 1 else []
 
 
@@ -115,7 +151,7 @@ def differing_settings(groups: list[list[FinishedJob]]) -> list[str]:
     (``schema.FV_KEYS``): they differ only where two groups computing FV scores set them
     apart; an arm that computes none has none, and ``rank_by``/``exclude_by`` name FV."""
     flats = [flat({k: v for k, v in settings_of(g[-1].record).items()
-                   if k not in SELECTION}) for g in groups]
+                   if k not in SELECTION + CONTROL}) for g in groups]
     keys = sorted(set().union(*flats))
     return [k for k in keys if len({str(f.get(k)) for f in flats if k in f or k not in _FV}) > 1]
 
@@ -153,6 +189,9 @@ def cell_groups(jobs: list[FinishedJob]) -> tuple[list[Group], list[str]]:
             [k for k in TITLE_ALWAYS if k not in differing]
         gname = group_title(base) + "".join(f", {k}={settings.get(k)}" for k in named
                                             if k not in base and k in settings)
+        draws = [j for j in gjobs if control_match(j.record) is not None]
+        if draws:
+            gname += control_title(control_match(draws[0].record), draws[0].record)
         by_cell: dict[tuple[int, str, int], FinishedJob] = {}
         merged: dict[tuple[int, str, int], list[FinishedJob]] = {}
         for j in gjobs:
@@ -192,7 +231,8 @@ def ablation_families(groups: list[Group]) -> list[tuple[str, list[tuple[str, Gr
         record = ablated[0].record
         ablation = flat(settings_of(record).get("ablation") or {"method": record.ablation})
         ablation.setdefault("method", record.ablation)
-        key = settings_key(record, SELECTION + ("ablation",))
+        matches = {control_match(j.record) for (_, c, _), j in g.cells.items() if c == "random"}
+        key = settings_key(record, SELECTION + ("ablation",) + CONTROL) + str(sorted(matches))
         found.setdefault(key, []).append((ablation, g))
     out = []
     for members in found.values():

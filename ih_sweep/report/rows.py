@@ -20,6 +20,8 @@ NEAR_TIE_COLUMNS = ["n_near_tie", "near_tie_acc_low", "near_tie_acc_high",
                     "delta_vs_none_nt_low", "delta_vs_none_nt_high", "within_near_ties_vs_none",
                     "delta_vs_low_nt_low", "delta_vs_low_nt_high", "within_near_ties_vs_low",
                     "random_within_near_ties"]
+HEAD_SET_COLUMNS = ["output_norm_mean", "score_mean", "score_min", "score_max",
+                    "low_norm_ratio", "random_norm_ratio", "n_random_sets"]
 CONTINUOUS_COLUMNS = [f"{m}{suffix}" for m in CONTINUOUS for suffix in
                       ["", *(f"_vs_{c}{b}" for c in ("none", "low", "random")
                              for b in ("", "_ci_low", "_ci_high"))]]
@@ -29,7 +31,7 @@ SUMMARY_COLUMNS = ["group", *GROUP_KEYS, "n_heads", "n_heads_share", "condition"
                    "delta_vs_low", "delta_vs_low_ci_low", "delta_vs_low_ci_high", "p_vs_low",
                    "p_vs_low_holm", "p_vs_random", "p_vs_random_holm", "n_random",
                    "random_acc_p2_5", "random_acc_p97_5", "null_band_at", "p_vs_random_holm_min",
-                   *NEAR_TIE_COLUMNS, *CONTINUOUS_COLUMNS, *MECHANISM_COLUMNS]
+                   *HEAD_SET_COLUMNS, *NEAR_TIE_COLUMNS, *CONTINUOUS_COLUMNS, *MECHANISM_COLUMNS]
 
 
 def _key(df: pd.DataFrame) -> pd.Series:
@@ -107,6 +109,53 @@ def null_row(accuracy: float, group: Group, n: int, cond: str) -> dict:
     low, high = st.null_band(null)
     return {"p_vs_random": st.empirical_p(accuracy, null), "n_random": len(draws),
             "random_acc_p2_5": low, "random_acc_p97_5": high}
+
+
+def head_scores(job: FinishedJob) -> np.ndarray:
+    """The ablated heads' scores under ``rank_by`` (heads.csv's ``score``; empty without the
+    file or the column, and for an unablated job)."""
+    path = job.path / "heads.csv"
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError):
+        return np.array([])
+    if "score" not in frame.columns:
+        return np.array([])
+    return pd.to_numeric(frame["score"], errors="coerce").to_numpy(dtype=float)
+
+
+def output_norm(job: FinishedJob) -> float:
+    """The ablated heads' mean output norm (job.json ``output_norm_mean``; nan for records
+    written before it and for unablated jobs)."""
+    return as_float(getattr(job.record, "output_norm_mean", None))
+
+
+def head_set_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
+    """What the row's heads are: their mean output norm, the min/mean/max of their scores;
+    for ``high`` how the controls' output norms compare with its own (the ``low`` heads'
+    mean norm over the high heads', the random draws' mean of theirs over the high heads')
+    and how many distinct head sets the random draws at this N are."""
+    if cond == "none":
+        return {}
+    scores = head_scores(job)
+    scores = scores[np.isfinite(scores)]
+    row = {"output_norm_mean": output_norm(job)}
+    if len(scores):
+        row |= {"score_mean": float(scores.mean()), "score_min": float(scores.min()),
+                "score_max": float(scores.max())}
+    if cond != "high":
+        return row
+    own = row["output_norm_mean"]
+    low = group.cells.get((n, "low", 0))
+    if low is not None and own > 0:
+        row["low_norm_ratio"] = output_norm(low) / own
+    draws = group.control(n, "random")
+    if draws:
+        norms = [output_norm(j) for j in draws]
+        if own > 0 and all(np.isfinite(norms)):
+            row["random_norm_ratio"] = float(np.mean(norms)) / own
+        row["n_random_sets"] = len({frozenset(map(tuple, j.record.heads)) for j in draws})
+    return row
 
 
 def _near_tie_comparison(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, bool]:
@@ -210,6 +259,7 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
             row = {"group": group.name, **group_of(job), "n_heads": n,
                    "n_heads_share": share(job), "condition": cond, "control_seed": seed}
             row |= accuracy_row(job, group, n, cond)
+            row |= head_set_row(job, group, n, cond)
             row |= near_tie_row(job, group, n, cond)
             row |= continuous_row(job, group, n, cond)
             mechanism = job.record.mechanism if isinstance(job.record.mechanism, dict) else {}

@@ -156,6 +156,29 @@ _MECHANISM: Spec = [
 ]
 
 
+def _ratio(value: float) -> str:
+    return "" if missing(value) else f"{value:.2f}x"
+
+
+def _scores(r: Any) -> str:
+    if missing(r.score_mean):
+        return ""
+    return f"{r.score_min:.3g} / {r.score_mean:.3g} / {r.score_max:.3g}"
+
+
+_HEAD_SETS: Spec = [
+    *ROW_KEYS,
+    ("output norm", "output norm", lambda r: fixed(r.output_norm_mean)),
+    ("score min / mean / max", "score min / mean / max", _scores),
+    ("low's norm vs high", "low's norm vs high", lambda r: _ratio(r.low_norm_ratio)),
+    ("random draws' norm vs high", "random draws' norm vs high",
+     lambda r: _ratio(r.random_norm_ratio)),
+    ("distinct random sets", "distinct random sets",
+     lambda r: "" if missing(r.n_random_sets) or missing(r.n_random) else
+     f"{int(r.n_random_sets)} of {int(r.n_random)}"),
+]
+
+
 @dataclass
 class Section:
     """A table beside the main one, shown for a group only where its jobs recorded what it
@@ -169,6 +192,19 @@ class Section:
 
 
 SECTIONS = [
+    Section("Head sets", _HEAD_SETS, lambda g: g.output_norm_mean.notna().any(),
+            "no job.json has `output_norm_mean` (evaluated before output norms were "
+            "recorded)",
+            ["**output norm**: the ablated heads' mean output norm ||z_h W_O^h|| over the "
+             "reference prompts (residual-stream units; heads.csv `output_norm`): how much "
+             "the heads write; **score min / mean / max**: their scores under rank_by; "
+             "**low's norm vs high** (rows `high`): the `low` control's output norm over the "
+             "high heads' at that N, **random draws' norm vs high**: the random draws' mean "
+             "over the high heads' (1.00x: a control that writes as much; a control far "
+             "below 1 is partly a test of heads that barely write; `control.match=layer_norm` "
+             "draws each random head within `control.norm_factor` of the top head it stands "
+             "for); **distinct random sets**: how many different head sets the draws are "
+             "(a null of few sets is few controls, not a distribution)."]),
     Section("Near-tie floor", _NEAR_TIES, lambda g: g.n_near_tie.notna().any(),
             "no job's results.csv has a `near_tie` column (evaluated before near-ties were "
             "recorded)",

@@ -63,6 +63,22 @@ p_vs_random_holm_min   the rows of p_vs_random's family: the smallest p_vs_rando
                  0.05, no p vs random of that N can survive the correction (the summary
                  says so in words under the group's table; :mod:`ih_sweep.report.families`)
 
+The ablated heads (every row but ``none``; from heads.csv and job.json, empty for jobs
+recorded before output norms existed):
+output_norm_mean the row's heads' mean output norm ||z_h W_O^h|| over the reference
+                 prompts (residual-stream units; :mod:`ih_sweep.heads.output_norms`): how
+                 much the ablated heads write
+score_mean, score_min, score_max   their scores under ``rank_by`` (heads.csv ``score``)
+low_norm_ratio   for ``high``: the ``low`` heads' output_norm_mean over the high heads' at
+                 the same N (1 = a control that writes as much; the layer-matched lowest
+                 scorers of the tiny model write ~0.2x)
+random_norm_ratio   for ``high``: the random draws' mean output_norm_mean over the high
+                 heads' (``control.match=layer_norm`` draws each head within
+                 ``control.norm_factor`` of the top head it stands for)
+n_random_sets    for ``high``: how many distinct head sets the n_random draws are (a
+                 norm-matched null of a layer with few matching heads repeats its sets; a
+                 null of one set is a single control, not a distribution)
+
 Near-tie floor (issue #21 item 4; jobs whose results.csv has ``near_tie``, else empty): a
 near-tie is an item decided by a top-1 minus top-2 logit gap small enough that another
 numeric precision could flip it.

@@ -122,3 +122,20 @@ def census_cases(tmp_path: Path) -> list[tuple[str, list[str]]]:
         ("condition=random", "control.match=layer_norm", "n_heads=16"),
         ("condition=random", "control.norm_factor=1"),
         ("condition=random", "control.match=norm"))]
+
+
+def test_a_draw_of_a_set_drawn_before_takes_its_results_and_equals_its_own_job(tmp_path):
+    # at N=16 the tiny model's top-16 fill half of layer 1, so every layer-matched draw is
+    # the layer's other 16 heads: the second draw is the first's set, not evaluated again
+    args = (*FAST, "n_heads=16", "condition=random")
+    parent = run_job(tmp_path / "k", *args, "control_seeds=2")
+    first, second = (read_record(tmp_path / "k" / f) for f in parent.seed_folders)
+    assert set(map(tuple, first.heads)) == set(map(tuple, second.heads))
+    assert first.same_heads_as is None and second.same_heads_as == 0
+    assert "same_heads" in parent.shared and "eval_s" not in second.timings
+    alone = run_job(tmp_path / "alone", *args, "control_seed=1", "paths.cache_dir="
+                    + str(tmp_path / "other_cache"))
+    assert alone.same_heads_as is None
+    assert (tmp_path / "alone" / "results.csv").read_bytes() == \
+        (tmp_path / "k" / parent.seed_folders[1] / "results.csv").read_bytes()
+    assert alone.mechanism == second.mechanism

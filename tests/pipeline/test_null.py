@@ -295,3 +295,24 @@ def test_null_benchmark_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads((tmp_path / "null.json").read_text())
     assert out["draws"] == 2 and set(out["wall_s"]) == {"one_job", "multirun", "processes"}
+
+
+def test_draws_split_across_jobs_pool_into_one_null_each_draw_once(tmp_path):
+    """A K-draw null split across jobs (SLURM array tasks or local processes):
+    ``control_seed=0,2 control_seeds=3`` runs draws 0-2 and 2-4 as two jobs; the summary
+    pools them into one null of the 5 distinct draws, the draw both jobs ran counted once
+    (and said so), and the second job reuses that draw from the store."""
+    from compose_config import cli
+
+    sweep = tmp_path / "s"
+    proc = cli("-m", "n_heads=8", "condition=high,none,random", "control_seed=0,2",
+               "control_seeds=3", "data.n_stories=20", f"hydra.sweep.dir={sweep}",
+               f"paths.cache_dir={tmp_path}/c", "eval.progress=false")
+    assert "left out" not in proc.stderr
+    second = read_record(sweep / "condition=random,control_seed=2,control_seeds=3,"
+                         "data.n_stories=20,n_heads=8")
+    assert second.control_seeds == [2, 3, 4] and second.reused == [2]
+    df = pd.read_csv(sweep / "summary.csv")
+    assert sorted(df[df.condition == "random"].control_seed) == [0, 1, 2, 3, 4]
+    assert df[df.condition == "high"].iloc[0].n_random == 5
+    assert "2 jobs evaluate random N=8 seed 2: one row" in (sweep / "summary.md").read_text()
