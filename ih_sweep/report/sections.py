@@ -116,6 +116,15 @@ def display_table(df: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
 
 ROW_KEYS = DISPLAY[:3]  # N, condition, control seed: how every table names its rows
 
+def _floor(flag: Any, low: float, high: float) -> str:
+    """The near-tie floor's verdict on a difference: ``no near-ties`` where the range if
+    near-ties flip is one point (neither job has a near-tie that could move it, so the
+    question does not arise), else inside / outside (:func:`inside`)."""
+    if not missing(flag) and not missing(low) and low == high:
+        return "no near-ties"
+    return inside(flag)
+
+
 _NEAR_TIES: Spec = [
     *ROW_KEYS,
     ("items", "items", lambda r: str(r.n_items)),
@@ -125,11 +134,13 @@ _NEAR_TIES: Spec = [
     ("Δ vs none if near-ties flip", r"$\Delta$ vs none if near-ties flip",
      lambda r: _vs_none(r, interval(r.delta_vs_none_nt_low, r.delta_vs_none_nt_high))),
     ("Δ vs none within near-ties", r"$\Delta$ vs none within near-ties",
-     lambda r: _vs_none(r, inside(r.within_near_ties_vs_none))),
+     lambda r: _vs_none(r, _floor(r.within_near_ties_vs_none, r.delta_vs_none_nt_low,
+                                  r.delta_vs_none_nt_high))),
     ("Δ vs low if near-ties flip", r"$\Delta$ vs low if near-ties flip",
      lambda r: interval(r.delta_vs_low_nt_low, r.delta_vs_low_nt_high)),
     ("Δ vs low within near-ties", r"$\Delta$ vs low within near-ties",
-     lambda r: inside(r.within_near_ties_vs_low)),
+     lambda r: _floor(r.within_near_ties_vs_low, r.delta_vs_low_nt_low,
+                      r.delta_vs_low_nt_high)),
     ("random draws inside", "random draws inside",
      lambda r: "" if missing(r.random_within_near_ties) or missing(r.n_random) else
      f"{int(r.random_within_near_ties)} of {int(r.n_random)}"),
@@ -215,7 +226,8 @@ SECTIONS = [
              "**Δ vs none / vs low if near-ties flip**: the range of Δ if every near-tie of "
              "either job fell the other way; **within near-ties**: `inside` when that range "
              "reaches 0, so near-ties alone could produce the difference, `outside` when "
-             "they could not (always so without near-ties); **random draws inside** (rows "
+             "they could not, `no near-ties` when neither job has a near-tie that could move "
+             "it (the range is one point); **random draws inside** (rows "
              "`high`): of the random draws at the same N, those whose difference from "
              "`high` is inside."]),
     Section("Continuous metrics", _CONTINUOUS,

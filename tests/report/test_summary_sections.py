@@ -79,9 +79,25 @@ def test_near_ties_that_could_produce_the_difference_are_inside(tmp_path):
     assert "Near-tie floor" in report and " inside |" in report
 
 
-def test_without_near_ties_the_floor_is_empty_and_every_comparison_outside(tmp_path):
+def test_a_difference_no_near_tie_can_move_reads_no_near_ties_not_outside(tmp_path):
+    """Without any near-tie the range if near-ties flip is one point ([0.0, 0.0] for a
+    control that loses nothing): the table says ``no near-ties``, as the legend does, not
+    ``outside``; a range of more than one point keeps inside / outside."""
+    _tie_sweep(tmp_path, {"high": [0, 1]})
+    df = summarize(tmp_path).set_index(["condition", "control_seed"])
+    lo = df.loc[("low", 0)]
+    assert lo.delta_vs_none_nt_low == lo.delta_vs_none_nt_high == pytest.approx(-0.2)
+    md = (tmp_path / "summary.md").read_text()
+    rows = md_tables(md, "Near-tie floor")
+    assert row_of(rows, "low")["Δ vs none within near-ties"] == "no near-ties"
+    assert row_of(rows, "high")["Δ vs none within near-ties"] == "inside"
+    assert "`no near-ties` when neither job has a near-tie that could move it" in md
+
+
+def test_without_near_ties_the_floor_is_empty_and_every_comparison_says_so(tmp_path):
     """The float32 case: near_tie recorded, never true. Even the zero difference of random
-    draw 0 against none is outside: no near-tie could have produced anything."""
+    draw 0 against none reads ``no near-ties`` (not outside, not inside): no near-tie could
+    have produced anything, and the flag stays False."""
     _tie_sweep(tmp_path, {})
     df = summarize(tmp_path)
     ablated = df[df.condition != "none"]
@@ -93,7 +109,7 @@ def test_without_near_ties_the_floor_is_empty_and_every_comparison_outside(tmp_p
     rows = md_tables((tmp_path / "summary.md").read_text(), "Near-tie floor")
     assert {r["near-ties"] for r in rows} == {"0"}
     verdicts = {r["Δ vs none within near-ties"] for r in rows if r["condition"] != "none"}
-    assert verdicts == {"outside"}
+    assert verdicts == {"no near-ties"}
     assert row_of(rows, "random", "0")["Δ vs none if near-ties flip"] == "[0.0, 0.0]"
     assert row_of(rows, "high")["random draws inside"] == "0 of 2"
 
