@@ -35,7 +35,9 @@ def short_title(row: Any) -> str:
     split = "" if row.split == "generated" else f" {row.split}"
     phrase = heads_phrase(row)
     heads = "" if phrase == "top-N by prefix" else f"\n{phrase}"
-    return (f"{row.model} ({row.quantization}), bAbI task {row.babi_task}{split} "
+    # quantization "none" would read as "no ablation": name the weights' format instead
+    weights = "full-precision weights" if row.quantization == "none" else row.quantization
+    return (f"{row.model} ({weights}), bAbI task {row.babi_task}{split} "
             f"({row.data}), {row.metric}, {'last' if row.scope == 'last' else 'every'} "
             f"question, {row.ablation} ablation{heads}")
 

@@ -72,3 +72,19 @@ def test_strata_markdown_without_strata_says_why():
     (OSError("x" * 400), "OSError: " + "x" * 300)])
 def test_an_error_as_one_line(err, text):
     assert why(err) == text
+
+
+def test_a_figure_title_names_the_weights_not_a_bare_none():
+    """quantization=none reads as "no ablation" in a title (``tiny (none)``): the title
+    says full-precision weights; a quantization keeps its name."""
+    from types import SimpleNamespace
+
+    from ih_sweep.report.plots import short_title
+
+    row = SimpleNamespace(model="tiny", quantization="none", split="generated", babi_task=1,
+                          data="babi_generated", metric="contains", scope="last",
+                          ablation="zero", group="model=tiny", rank_by="prefix")
+    assert short_title(row).startswith("tiny (full-precision weights), bAbI task 1")
+    assert "(none)" not in short_title(row)
+    assert short_title(SimpleNamespace(**{**vars(row), "quantization": "nf4"})).startswith(
+        "tiny (nf4),")
