@@ -72,6 +72,8 @@ class ForwardContext:
         self.ablating = 0  # ablations on (ih_sweep.ablation.hooks.ablate_heads)
         self.row_dependent_ablations = 0  # of which fill rows by their sequence (resample)
         self.evaluator: Any = None  # the evaluator's FastPath while installed
+        # per key/value cache: the tokens its columns hold (ih_sweep.model.edges.track_tokens)
+        self._histories: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------- the registry
     @classmethod
@@ -102,7 +104,55 @@ class ForwardContext:
         prefix all rows share must still run in every row."""
         return self.row_dependent_ablations > 0
 
+    # ------------------------------------------------------------------- per cache
+    def history(self, cache) -> Any:
+        """What :func:`ih_sweep.model.edges.track_tokens` recorded for the columns of the
+        key/value ``cache`` (None: nothing)."""
+        with self._lock:
+            return self._histories.get(cache)
+
+    def set_history(self, cache, value: Any) -> None:
+        with self._lock:
+            self._histories[cache] = value
+
+    def repeat_cache_rows(self, cache, n: int) -> None:
+        """``cache.batch_repeat_interleave(n)``, and the same for the tokens recorded for
+        its columns (if any): a prefix run once, copied to ``n`` rows."""
+        cache.batch_repeat_interleave(n)
+        held = self.history(cache)
+        if held is not None:
+            self.set_history(cache, held.repeat_rows(n))
+
+    def select_cache_rows(self, cache, index: torch.Tensor) -> None:
+        """``cache.batch_select_indices(index)``, and the same for the tokens recorded for
+        its columns (if any): decoding goes on with these rows, in this order."""
+        cache.batch_select_indices(index)
+        held = self.history(cache)
+        if held is not None:
+            self.set_history(cache, held.select_rows(index))
+
     # ------------------------------------------------------------------- per thread
+    def push_tokens(self, tokens: Any) -> None:
+        """A forward call starts in this thread: the tokens of its keys
+        (:class:`ih_sweep.model.edges.PassTokens`; None until known). Paired with
+        :meth:`pop_tokens`."""
+        stack = self._get("tokens_stack")
+        if stack is None:
+            stack = self._local.tokens_stack = []
+        stack.append(tokens)
+
+    def set_tokens(self, tokens: Any) -> None:
+        self._local.tokens_stack[-1] = tokens
+
+    def pop_tokens(self) -> None:
+        self._local.tokens_stack.pop()
+
+    @property
+    def tokens(self) -> Any:
+        """The tokens of the forward call running in this thread (None outside one)."""
+        stack = self._get("tokens_stack")
+        return stack[-1] if stack else None
+
     def _get(self, name: str, default=None):
         return getattr(self._local, name, default)
 
