@@ -47,6 +47,8 @@ def reference(model, mode: str, heads, tokens: torch.Tensor):
         if isinstance(module, tf.models.gpt2.modeling_gpt2.GPT2Attention):
             scale = d ** -0.5
         scores = (query @ k.transpose(-1, -2)).float() * scale
+        if kw.get("softcap"):  # Gemma-2's attention logit softcapping
+            scores = torch.tanh(scores / kw["softcap"]) * kw["softcap"]
         s = scores.shape[-1]
         layer = layer_of[module]
         knock = torch.zeros(b, h, t, s, dtype=torch.bool)
@@ -55,6 +57,8 @@ def reference(model, mode: str, heads, tokens: torch.Tensor):
                 for head in [hd for la, hd in heads if la == layer]:
                     knock[row, head, i - (s - t), j] = i >= s - t
         causal = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+        if kw.get("sliding_window"):  # Gemma-2/3's local layers: the last window keys only
+            causal &= ~torch.ones(t, s, dtype=torch.bool).tril(s - t - kw["sliding_window"])
         if mode == "mask":
             scores = scores.masked_fill(knock, -math.inf)
         weights = scores.masked_fill(~causal, -math.inf).softmax(-1)
@@ -117,6 +121,20 @@ def test_knockout_equals_hand_written_masked_attention(tiny, gpt2, which, impl, 
         want = model(input_ids=REPEATED).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (got - plain).abs().max() > 1e-3  # the knockout changes something here
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@torch.no_grad()
+def test_every_family_equals_hand_written_masked_attention(name):
+    """Random-weight models of every supported family (eager; the sdpa and zero cases:
+    the test above), 25 tokens: longer than Gemma-2/3's 16-token sliding window."""
+    model = family_model(name)
+    with attention_implementation(model, "eager"):
+        with knock_out(model, HEADS):
+            got = model(input_ids=REPEATED).logits
+        with reference(model, "mask", HEADS, REPEATED):
+            want = model(input_ids=REPEATED).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
