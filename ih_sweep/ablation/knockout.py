@@ -19,7 +19,7 @@ from ih_sweep.ablation.registry import (
     Heads,
     register_ablation,
 )
-from ih_sweep.config.schema import KnockoutMode
+from ih_sweep.config.schema import Config, KnockoutMode
 
 
 @register_ablation("knockout")
@@ -28,6 +28,15 @@ class Knockout(BaseAblation):
     Edits the heads' attention, not their output: :meth:`attention_edit`."""
 
     edits_attention = True
+
+    def config_problem(self, config: Config) -> str | None:
+        from ih_sweep.model.edges import BASES
+
+        impl = str(config.model.attn_implementation)
+        if impl not in BASES:
+            return (f"knockout runs with model.attn_implementation={' or '.join(BASES)} "
+                    f"(the knocked-out layers run their family's eager attention), not {impl}")
+        return None
 
     def prepare(self, inputs: FillInputs, heads: Heads, reference: Any) -> str:
         return str(inputs.settings.knockout)

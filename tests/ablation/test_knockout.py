@@ -126,6 +126,20 @@ def test_a_bad_knockout_value_names_key_value_and_allowed():
     assert "full_key: ablation.knockout" in lines
 
 
+def test_another_attention_implementation_is_refused_before_any_job():
+    from compose_config import compose
+
+    from ih_sweep.config.errors import ConfigError
+    from ih_sweep.config.hydra import settings
+
+    with pytest.raises(ConfigError, match=r"^ablation.method='knockout' is not allowed; knockout "
+                                          r"runs with model.attn_implementation=eager or sdpa "
+                                          r".*not flash_attention_2$") as err:
+        settings(compose("ablation=knockout", "model.attn_implementation=flash_attention_2"))
+    assert "\n" not in str(err.value)
+    settings(compose("ablation=knockout", "model.attn_implementation=eager"))
+
+
 def test_a_job_records_the_method(tmp_path):
     import json
 

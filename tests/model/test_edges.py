@@ -138,6 +138,27 @@ def test_every_family_equals_hand_written_masked_attention(name):
 
 
 @torch.no_grad()
+def test_layers_without_chosen_heads_keep_their_implementation(tiny):
+    """Heads of layer 1 only, on sdpa: layer 0's output is the plain model's, bit for bit,
+    and the whole pass is the hand-written one's."""
+    from ih_sweep.model.sites import hook_z
+
+    model = tiny[0]
+    heads = [(1, 3), (1, 7)]
+    seen: dict[str, torch.Tensor] = {}
+    with attention_implementation(model, "sdpa"):
+        with hook_z(model, lambda la, z: seen.setdefault("plain", z.clone()), [0]):
+            model(input_ids=REPEATED)
+        with knock_out(model, heads), \
+                hook_z(model, lambda la, z: seen.setdefault("knocked", z.clone()), [0]):
+            got = model(input_ids=REPEATED).logits
+    assert torch.equal(seen["plain"], seen["knocked"])
+    with reference(model, "mask", heads, REPEATED):
+        want = model(input_ids=REPEATED).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
 def test_no_repeated_token_no_change(tiny):
     model = tiny[0]
     ids = torch.tensor([[1, *range(10, 30)]])
