@@ -9,13 +9,16 @@ and hand it on). It holds two kinds of state:
 
 - *per model*, shared by every thread: what is installed on the model now (position tracking,
   ablations, a row-dependent ablation, the evaluator's shortcuts). Counters, changed under a
-  lock, because several ``with`` blocks may be open at once (re-entrant installs).
+  lock, because several ``with`` blocks may be open at once (re-entrant installs). And, per
+  key/value cache (weakly keyed), the tokens its columns hold, copied and selected with its
+  rows (:meth:`ForwardContext.repeat_cache_rows`, :meth:`ForwardContext.select_cache_rows`).
 - *per pass*, hence *per thread*: batches run concurrently in threads on one model
   (``eval.cpu_workers``), each pass in the thread that called it, so the values of a pass
   live in a :class:`threading.local` inside the context: the token positions of the forward
   call running (a stack: a pass may call the model again inside), the rows the next o_proj
   call sees (:meth:`ForwardContext.z_positions_at`), the row keys (which sequence each
-  batch row holds), the positions the logits are computed at, the self-check's record.
+  batch row holds), the positions the logits are computed at, the self-check's record, the
+  tokens of the forward call's keys (knockout ablation).
   A value set in one thread is never seen by another (threads start with none set).
 
 One value is not in the object: the evaluator's read positions (:func:`reading`). transformers
@@ -62,8 +65,10 @@ class ForwardContext:
 
     Per model (read by any thread): :attr:`tracking`, :attr:`ablating`,
     :attr:`row_dependent_ablations` (counts of open contexts), :attr:`evaluator` (the
-    evaluator's installation, or None). Per thread: :attr:`positions`, :attr:`z_index`,
-    :attr:`row_keys`, :attr:`logits_at`, :attr:`record`."""
+    evaluator's installation, or None), per key/value cache the tokens its columns hold
+    (:meth:`history`; knockout ablation, :mod:`ih_sweep.model.edges`). Per thread:
+    :attr:`positions`, :attr:`tokens`, :attr:`z_index`, :attr:`row_keys`, :attr:`logits_at`,
+    :attr:`record`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
