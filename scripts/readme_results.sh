@@ -4,12 +4,13 @@
 # cache of their own (outputs/cache-readme) so that no result of older code is reused.
 # About 15 minutes on the project's 2-core CPU machine. Run after scripts/setup.sh:
 #   bash scripts/readme_results.sh            # all
-#   bash scripts/readme_results.sh cross      # one part: conditions | robustness | cross | helm
+#   bash scripts/readme_results.sh cross      # one part: conditions | robustness | knockout |
+#                                             # cross | helm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SWEEP=".venv/bin/ih-sweep"
 CACHE="paths.cache_dir=outputs/cache-readme"
-parts=${*:-conditions robustness cross helm}
+parts=${*:-conditions robustness knockout cross helm}
 run() {  # name, then the command's overrides; the README gives the same command
   local name=$1; shift
   echo "== $name: ih-sweep $*" >&2
@@ -25,6 +26,10 @@ for part in $parts; do
     robustness)
       run robustness -m n_heads=8,16 condition=high,low,none \
         ablation=zero,mean,position_mean,resample ;;
+    knockout)
+      run knockout -m n_heads=4,8,16 condition=high,low,none ablation=zero,knockout
+      run knockout-zero -m n_heads=4,8,16 condition=high,low,none ablation=knockout \
+        ablation.knockout=zero ;;
     cross)
       run tiny-fp32 -m n_heads=4,8,16 condition=high,low,none
       run tiny-bf16 -m n_heads=4,8,16 condition=high,low,none model.dtype=bfloat16
@@ -36,7 +41,7 @@ for part in $parts; do
       run helm -m eval=helm n_heads=16 condition=high,low,none data.n_stories=200
       run helm-contains -m eval=helm eval.metric=contains n_heads=16 condition=high,low,none \
         data.n_stories=200 ;;
-    *) echo "unknown part: $part (conditions, robustness, cross, helm)" >&2; exit 2 ;;
+    *) echo "unknown part: $part (conditions, robustness, knockout, cross, helm)" >&2; exit 2 ;;
   esac
 done
 echo "done: outputs/multirun/readme-*/summary.md, outputs/compare/readme-tiny/cross_model.md" >&2

@@ -6,7 +6,7 @@ method's module is added to :data:`BUILTIN` (or imported by whoever uses it)."""
 
 from importlib import import_module
 
-BUILTIN = ("zero", "mean", "position_mean", "resample")
+BUILTIN = ("zero", "mean", "position_mean", "resample", "knockout")
 
 for _name in BUILTIN:
     import_module(f"ih_sweep.ablation.{_name}")

@@ -95,11 +95,20 @@ def ablate_heads(model, heads: Sequence[tuple[int, int]], method: Any = "zero",
     ``model`` is then tracked, :func:`ih_sweep.model.positions.track_positions`) and the
     batch rows' sequence keys if it is ``row_dependent`` (:func:`sequence_keys`; the model
     then says so, :func:`row_dependent`). Raises :class:`AblationError` for heads outside
-    the model, an unknown method or a fill the method cannot use."""
+    the model, an unknown method or a fill the method cannot use. A method that
+    ``edits_attention`` (knockout) hooks no output: its ``attention_edit`` context is
+    entered instead."""
     ablation = get_ablation(method)
     ablation.check_fill(fill, heads)
     sites = head_sites(model)
     by_layer = heads_by_layer(sites, heads)
+    if ablation.edits_attention:  # knockout: the heads' attention, not their output
+        with ExitStack() as stack:
+            if by_layer:
+                stack.enter_context(ForwardContext.of(model).counted("ablating"))
+                stack.enter_context(ablation.attention_edit(model, dict(by_layer), fill))
+            yield
+        return
     cols = ablation.columns(fill) or \
         {layer: head_columns(sites, layer_heads) for layer, layer_heads in by_layer.items()}
     cache: dict = {}  # what the method keeps on the device while inside

@@ -4,7 +4,8 @@ A method is a class registered under its ``ablation.method`` name with
 :func:`register_ablation` (the pattern of lm-evaluation-harness's ``lm_eval/api/registry.py``:
 a decorator filling a name -> object table, a lookup that lists the names it knows). The
 built-in methods, one module each, are imported by :mod:`ih_sweep.ablation` in the order
-:func:`ablation_names` lists them: ``zero``, ``mean``, ``position_mean``, ``resample``.
+:func:`ablation_names` lists them: ``zero``, ``mean``, ``position_mean``, ``resample``,
+``knockout``.
 Adding a method is one module with one registered class, plus its import there (or, for a
 method of one's own, the import of the module that registers it before the job runs).
 
@@ -17,7 +18,9 @@ What a method does, in the order a job asks (:class:`Ablation`):
    :func:`ih_sweep.ablation.hooks.ablate_heads` at every forward pass: the new values of the
    ablated columns. ``positions`` (absolute token positions) and ``keys`` (which sequence
    each batch row holds) are given only to methods that declare ``needs_positions`` /
-   ``row_dependent``; the hook is the one place that reads them.
+   ``row_dependent``; the hook is the one place that reads them. A method that
+   ``edits_attention`` (knockout) replaces no output: its ``attention_edit(model, by_layer,
+   fill)`` is the context the passes run in instead.
 
 Importing this module imports no torch.
 """
@@ -71,6 +74,8 @@ class Ablation(Protocol):
     # what job.json's ``shared`` calls a reused reference / fill (several-draw jobs)
     reference_shared_as: tuple[str, ...]
     fill_shared_as: str
+    # the method changes the heads' attention (attention_edit) instead of their output z
+    edits_attention: bool
 
     def config_problem(self, config: Config) -> str | None:
         """Why ``config`` cannot use this method (one phrase), or None."""
@@ -96,6 +101,10 @@ class Ablation(Protocol):
     def columns(self, fill: Fill) -> dict[int, Any] | None:
         """Per layer, the z columns the fill's values are in (None: the heads' order)."""
 
+    def attention_edit(self, model: Any, by_layer: dict[int, list[int]], fill: Fill) -> Any:
+        """For a method that ``edits_attention``: a context manager under which ``model``'s
+        forward passes run with the heads ``by_layer`` (query heads per layer) edited."""
+
     def replace(self, fill: Fill, layer: int, z: Any, columns: Any, positions: Any = None,
                 keys: Sequence[Hashable] | None = None, cache: dict | None = None) -> Any:
         """The ablated columns' new values, [batch, pos, len(columns)] or broadcastable
@@ -117,6 +126,7 @@ class BaseAblation:
     mechanism_unmeasured: str | None = None
     reference_shared_as: tuple[str, ...] = ("fill",)
     fill_shared_as = "fill"
+    edits_attention = False
 
     def config_problem(self, config: Config) -> str | None:
         return None
@@ -141,6 +151,9 @@ class BaseAblation:
 
     def columns(self, fill: Fill) -> dict[int, Any] | None:
         return None
+
+    def attention_edit(self, model: Any, by_layer: dict[int, list[int]], fill: Fill) -> Any:
+        raise NotImplementedError(f"{type(self).__name__}.attention_edit")
 
     def replace(self, fill: Fill, layer: int, z: Any, columns: Any, positions: Any = None,
                 keys: Sequence[Hashable] | None = None, cache: dict | None = None) -> Any:

@@ -105,6 +105,8 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
     ablation = container.get("ablation")
     if isinstance(ablation, dict) and ablation.get("method") != "resample":
         ablation.pop("seed", None)  # only resample draws anything
+    if isinstance(ablation, dict) and ablation.get("method") != "knockout":
+        ablation.pop("knockout", None)  # only knockout reads it: other jobs hash as before
     for dotted in speed_keys():
         node = container
         *parents, leaf = dotted.split(".")

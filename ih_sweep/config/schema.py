@@ -87,6 +87,14 @@ class AttnImplementation(Choice):
     flex_attention = "flex_attention"
 
 
+class KnockoutMode(Choice):
+    """How ``ablation=knockout`` removes a head's induction edges
+    (:mod:`ih_sweep.ablation.knockout`)."""
+
+    mask = "mask"  # -inf before the softmax: the other weights renormalised (Geva et al. 2023)
+    zero = "zero"  # weights set to 0 after the softmax, not renormalised (Wang et al. 2023)
+
+
 class DataSource(Choice):
     babi_generated = "babi_generated"  # the built-in generator of bAbI task 1
     babi_files = "babi_files"  # the release's text files
@@ -244,11 +252,14 @@ class ScoringConfig:
 @dataclass
 class AblationConfig:
     # a registered ablation method (ih_sweep.ablation.registry): zero, mean, position_mean,
-    # resample (definitions and sources: their modules in ih_sweep/ablation/)
+    # resample, knockout (definitions and sources: their modules in ih_sweep/ablation/)
     method: str = "zero"
     # mean, position_mean (and resample past a donor's end): prompts the means are taken over
     n_reference: int = 64
     seed: int = 0  # resample: the draw of each story's donor story (ignored otherwise)
+    # knockout: mask (induction edges -inf before the softmax, the rest renormalised) or zero
+    # (their weights 0 after the softmax, not renormalised); ignored by the other methods
+    knockout: KnockoutMode = KnockoutMode.mask
 
 
 @dataclass

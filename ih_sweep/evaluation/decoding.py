@@ -149,7 +149,7 @@ def greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
     with ctx.sequence_keys([queries[0].story for _, queries in rows]):
         if shared:  # the common prefix once, its key/values copied to every row
             model(input_ids=d_ids[:1, :shared], logits_to_keep=1, **kwargs)
-            cache.batch_repeat_interleave(len(rows))
+            ctx.repeat_cache_rows(cache, len(rows))
         with ctx.reading(d_gather), ctx.logits_at(d_gather):
             logits = model(input_ids=d_ids[:, shared:], attention_mask=d_mask, **kwargs).logits
     stats = read_stats(logits, d_targets, d_others).cpu().tolist()
@@ -190,7 +190,7 @@ def continue_greedy(model, cache, width: int, starts: Sequence[tuple[int, int, l
     steps = max_new_tokens - min(len(known) for _, _, known in starts)
     host = torch.tensor([[row, pos + len(known), known[-1]] for row, pos, known in starts])
     dev = host.T.contiguous().to(device)
-    cache.batch_select_indices(dev[0])
+    ForwardContext.of(model).select_cache_rows(cache, dev[0])
     valid, nxt = dev[1], dev[2]
     mask = (torch.arange(width + steps, device=device)[None, :] < valid[:, None]).long()
     position = valid[:, None].clone()

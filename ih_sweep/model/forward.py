@@ -9,13 +9,16 @@ and hand it on). It holds two kinds of state:
 
 - *per model*, shared by every thread: what is installed on the model now (position tracking,
   ablations, a row-dependent ablation, the evaluator's shortcuts). Counters, changed under a
-  lock, because several ``with`` blocks may be open at once (re-entrant installs).
+  lock, because several ``with`` blocks may be open at once (re-entrant installs). And, per
+  key/value cache (weakly keyed), the tokens its columns hold, copied and selected with its
+  rows (:meth:`ForwardContext.repeat_cache_rows`, :meth:`ForwardContext.select_cache_rows`).
 - *per pass*, hence *per thread*: batches run concurrently in threads on one model
   (``eval.cpu_workers``), each pass in the thread that called it, so the values of a pass
   live in a :class:`threading.local` inside the context: the token positions of the forward
   call running (a stack: a pass may call the model again inside), the rows the next o_proj
   call sees (:meth:`ForwardContext.z_positions_at`), the row keys (which sequence each
-  batch row holds), the positions the logits are computed at, the self-check's record.
+  batch row holds), the positions the logits are computed at, the self-check's record, the
+  tokens of the forward call's keys (knockout ablation).
   A value set in one thread is never seen by another (threads start with none set).
 
 One value is not in the object: the evaluator's read positions (:func:`reading`). transformers
@@ -62,8 +65,10 @@ class ForwardContext:
 
     Per model (read by any thread): :attr:`tracking`, :attr:`ablating`,
     :attr:`row_dependent_ablations` (counts of open contexts), :attr:`evaluator` (the
-    evaluator's installation, or None). Per thread: :attr:`positions`, :attr:`z_index`,
-    :attr:`row_keys`, :attr:`logits_at`, :attr:`record`."""
+    evaluator's installation, or None), per key/value cache the tokens its columns hold
+    (:meth:`history`; knockout ablation, :mod:`ih_sweep.model.edges`). Per thread:
+    :attr:`positions`, :attr:`tokens`, :attr:`z_index`, :attr:`row_keys`, :attr:`logits_at`,
+    :attr:`record`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -72,6 +77,8 @@ class ForwardContext:
         self.ablating = 0  # ablations on (ih_sweep.ablation.hooks.ablate_heads)
         self.row_dependent_ablations = 0  # of which fill rows by their sequence (resample)
         self.evaluator: Any = None  # the evaluator's FastPath while installed
+        # per key/value cache: the tokens its columns hold (ih_sweep.model.edges.track_tokens)
+        self._histories: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------- the registry
     @classmethod
@@ -102,7 +109,55 @@ class ForwardContext:
         prefix all rows share must still run in every row."""
         return self.row_dependent_ablations > 0
 
+    # ------------------------------------------------------------------- per cache
+    def history(self, cache) -> Any:
+        """What :func:`ih_sweep.model.edges.track_tokens` recorded for the columns of the
+        key/value ``cache`` (None: nothing)."""
+        with self._lock:
+            return self._histories.get(cache)
+
+    def set_history(self, cache, value: Any) -> None:
+        with self._lock:
+            self._histories[cache] = value
+
+    def repeat_cache_rows(self, cache, n: int) -> None:
+        """``cache.batch_repeat_interleave(n)``, and the same for the tokens recorded for
+        its columns (if any): a prefix run once, copied to ``n`` rows."""
+        cache.batch_repeat_interleave(n)
+        held = self.history(cache)
+        if held is not None:
+            self.set_history(cache, held.repeat_rows(n))
+
+    def select_cache_rows(self, cache, index: torch.Tensor) -> None:
+        """``cache.batch_select_indices(index)``, and the same for the tokens recorded for
+        its columns (if any): decoding goes on with these rows, in this order."""
+        cache.batch_select_indices(index)
+        held = self.history(cache)
+        if held is not None:
+            self.set_history(cache, held.select_rows(index))
+
     # ------------------------------------------------------------------- per thread
+    def push_tokens(self, tokens: Any) -> None:
+        """A forward call starts in this thread: the tokens of its keys
+        (:class:`ih_sweep.model.edges.PassTokens`; None until known). Paired with
+        :meth:`pop_tokens`."""
+        stack = self._get("tokens_stack")
+        if stack is None:
+            stack = self._local.tokens_stack = []
+        stack.append(tokens)
+
+    def set_tokens(self, tokens: Any) -> None:
+        self._local.tokens_stack[-1] = tokens
+
+    def pop_tokens(self) -> None:
+        self._local.tokens_stack.pop()
+
+    @property
+    def tokens(self) -> Any:
+        """The tokens of the forward call running in this thread (None outside one)."""
+        stack = self._get("tokens_stack")
+        return stack[-1] if stack else None
+
     def _get(self, name: str, default=None):
         return getattr(self._local, name, default)
 

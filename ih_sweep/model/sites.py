@@ -233,6 +233,13 @@ def _decoder_tail(decoder: nn.Module, layers_name: str, name: str
     return final_norm, project_out
 
 
+def attention_module(layer: nn.Module) -> nn.Module | None:
+    """A decoder layer's attention submodule (self_attn / attn / attention: the module
+    transformers hands its AttentionInterface function), or None where it has none."""
+    return next((getattr(layer, a) for a in _ATTN_NAMES if getattr(layer, a, None) is not None),
+                None)
+
+
 def _find_out_proj(layer: nn.Module, index: int, model_name: str) -> nn.Module:
     for a in _ATTN_NAMES:
         attn = getattr(layer, a, None)

@@ -23,7 +23,7 @@ FAST = ("debug=fast", "n_heads=16", "mechanism.enabled=false")
 
 
 def test_the_built_in_methods_are_registered_in_order():
-    assert ablation_names()[:4] == ["zero", "mean", "position_mean", "resample"]
+    assert ablation_names()[:5] == ["zero", "mean", "position_mean", "resample", "knockout"]
     for name in ablation_names():
         method = get_ablation(name)
         assert isinstance(method, Ablation) and method.name == name
@@ -31,15 +31,17 @@ def test_the_built_in_methods_are_registered_in_order():
     assert get_ablation("position_mean").needs_positions
     assert not get_ablation("zero").needs_positions and not get_ablation("mean").row_dependent
     assert get_ablation("resample").mechanism_unmeasured is not None
+    assert get_ablation("knockout").edits_attention and not get_ablation("zero").edits_attention
 
 
 def test_an_unknown_method_is_refused_in_one_line_naming_the_registered_ones():
     with pytest.raises(AblationError, match=r"^ablation.method='shuffle' is not a registered "
                                             r"ablation method; allowed values: zero, mean, "
-                                            r"position_mean, resample$"):
+                                            r"position_mean, resample, knockout$"):
         get_ablation("shuffle")
     with pytest.raises(ConfigError, match=r"^ablation.method='shuffle' is not allowed; "
-                                          r"allowed: zero, mean, position_mean, resample$"):
+                                          r"allowed: zero, mean, position_mean, resample, "
+                                          r"knockout$"):
         settings(compose("ablation.method=shuffle"))
 
 

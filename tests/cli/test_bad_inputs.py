@@ -82,7 +82,8 @@ CONFIG_CASES = [
      "exclude_frequent_frac + exclude_rare_frac < 1"),
     (["scoring.seq_len=100000"], "scoring.seq_len=100000: a repeated sequence of"),
     (["ablation=drop"], HYDRA), (["ablation.method=shuffle"], "ablation.method='shuffle' is "
-                                 "not allowed; allowed: zero, mean, position_mean, resample"),
+                                 "not allowed; allowed: zero, mean, position_mean, resample, "
+                                 "knockout"),
     (["ablation.n_reference=0"], "ablation.n_reference=0"),
     (["scan.layers=[-1]"], "scan.layers[]=-1"), (["scan.layers=abc"], HYDRA),
     (["job=scan", "scan.layers=[7]"], "scan.layers=[7]: the model has 2 layers"),
