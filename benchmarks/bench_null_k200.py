@@ -45,7 +45,9 @@ def run_sweep(match: str, k: int, stories: int, folder: Path) -> dict:
          "condition=high,low,random,none", f"control_seeds={k}", f"control.match={match}",
          f"data.n_stories={stories}", "eval.progress=false", f"hydra.sweep.dir={folder}/s",
          f"paths.cache_dir={folder}/cache"],
-        cwd=folder, capture_output=True, text=True)
+        cwd=folder, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(  # this checkout's code
+            [str(ROOT), os.environ.get("PYTHONPATH", "")])})
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
