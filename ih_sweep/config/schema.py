@@ -106,6 +106,9 @@ class Metric(Choice):
     exact = "exact"  # the first words are the answer's words
     quasi_exact = "quasi_exact"  # HELM's quasi_exact_match: equal after HELM's normalize_text
     verbatim = "verbatim"  # lm-eval's exact_match: equal character for character, no changes
+    helm_exact = "helm_exact"  # HELM's exact_match: equal after stripping whitespace
+    prefix_exact = "prefix_exact"  # HELM's prefix_exact_match: begins with the answer (stripped)
+    quasi_prefix_exact = "quasi_prefix_exact"  # HELM's quasi_prefix_exact_match: normalized
 
 
 class PromptFormat(Choice):
@@ -185,6 +188,10 @@ class EvalConfig:
     format: PromptFormat = PromptFormat.notebook  # the prompt (ih_sweep.data)
     n_shots: int = 0  # helm, lm_eval: answered demo questions before the asked one
     demo_seed: int = 0  # helm, lm_eval: seed of the demo draw (HELM: 0, lm-eval: 1234)
+    # helm, lm_eval with data=babi_files/babi_hub: the LANGS folder whose train file gives the
+    # demos; null: data.lang, except that format=helm on English files takes en-valid's or
+    # else en's (1k) train file where data.path holds it (ih_sweep.data.prompts.demo_lang)
+    demo_lang: str | None = None
     # the continuation is cut at the first of these before it is scored ([]: never cut)
     stop: list[str] = field(default_factory=list)
     # rows a batch; auto: 32 on CPU, on CUDA what the free memory holds (ih_sweep.model.batching)

@@ -22,7 +22,7 @@ import pandas as pd
 from ih_sweep.ablation.registry import Ablation
 from ih_sweep.config.errors import ConfigError
 from ih_sweep.config.rules import n_heads_share
-from ih_sweep.config.schema import Condition, Config, ScoreSource, plain
+from ih_sweep.config.schema import Condition, Config, EvalConfig, PromptFormat, ScoreSource, plain
 from ih_sweep.pipeline.records import EvaluationRecord, finished_record, restore, write_record
 
 log = logging.getLogger("ih_sweep")
@@ -307,6 +307,7 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
     if not heads:
         condition = Condition.none.value
     frame = results.items.assign(
+        **helm_columns(results.items, config.eval),
         n_heads=n_heads, n_heads_share=n_share, condition=condition, control_seed=control_seed,
         model=config.model.name, quantization=config.quantization.name.value,
         data=config.data.name.value, babi_task=config.data.task, split=split_name(config),
@@ -326,7 +327,8 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
         eval={"metric": config.eval.metric.value, "scope": config.eval.scope.value,
               "max_new_tokens": config.eval.max_new_tokens,
               "format": config.eval.format.value, "n_shots": config.eval.n_shots,
-              "stop": list(config.eval.stop)},
+              "stop": list(config.eval.stop),
+              "demo_pool": demo_source(config.data, config.eval)},
         ablation=config.ablation.method, rank_by=config.scoring.rank_by.value,
         n_items=len(frame), n_correct=n_correct, accuracy=n_correct / max(len(frame), 1),
         n_decoded=int((frame["decided_by"] != "forward").sum()),
@@ -343,6 +345,21 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
     log.info("%s: %d/%d correct (%.1f%%), written to %s", describe(config), n_correct,
              len(frame), 100 * record.accuracy, out_dir)
     return record
+
+
+def helm_columns(items: pd.DataFrame, settings: EvalConfig) -> dict[str, list]:
+    """results.csv's HELM columns (:data:`~ih_sweep.pipeline.records.HELM_COLUMNS`) of the
+    item rows ``items``: HELM's four metrics of each continuation (already cut at the stop
+    strings) against its answer (:func:`ih_sweep.evaluation.metrics.helm_scores`) where
+    ``settings.format`` is helm (its continuations are decoded whole), else empty."""
+    from ih_sweep.evaluation.metrics import helm_scores
+    from ih_sweep.pipeline.records import HELM_COLUMNS
+
+    if settings.format != PromptFormat.helm:
+        return {c: [""] * len(items) for c in HELM_COLUMNS}
+    scores = [helm_scores(str(c), str(a)) for c, a in zip(items["continuation"],
+                                                            items["answer"])]
+    return {c: [s[c] for s in scores] for c in HELM_COLUMNS}
 
 
 def describe(config: Config) -> str:
