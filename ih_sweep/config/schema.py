@@ -87,6 +87,23 @@ class AttnImplementation(Choice):
     flex_attention = "flex_attention"
 
 
+class Align(Choice):
+    """How resample ablation lines a donor's positions up with a row's
+    (:mod:`ih_sweep.ablation.donors`)."""
+
+    start = "start"  # the same absolute position (counted from the first token)
+    end = "end"  # the same position counted from the end of the prompt: the answer slots meet
+
+
+class IclTokens(Choice):
+    """Which tokens the mechanism check's ICL score compares
+    (:mod:`ih_sweep.pipeline.mechanism`)."""
+
+    auto = "auto"  # answers for the bundled tiny model (model.path=builtin:tiny), else text
+    answers = "answers"  # the answers of the prompt's in-context examples: first vs last
+    text = "text"  # the stories' own text: an early vs a late window of tokens
+
+
 class DataSource(Choice):
     babi_generated = "babi_generated"  # the built-in generator of bAbI task 1
     babi_files = "babi_files"  # the release's text files
@@ -256,6 +273,9 @@ class AblationConfig:
     # mean, position_mean (and resample past a donor's end): prompts the means are taken over
     n_reference: int = 64
     seed: int = 0  # resample: the draw of each story's donor story (ignored otherwise)
+    # resample: which donor position stands in for a row's position (ignored otherwise): start,
+    # the same absolute position; end, the same distance from the end of the prompt
+    align: Align = Align.start
 
 
 @dataclass
