@@ -303,6 +303,10 @@ class MechanismConfig:
     exclude_frequent_frac: float = 0.0  # as scoring's: BPE vocabularies' lowest ids
     exclude_rare_frac: float = 0.0  # ... and highest
     n_texts: int = 64  # stories of the job's data whose text gives the ICL score
+    # the ICL score's tokens: answers (the answer tokens of the in-context examples, first vs
+    # last: what the bundled tiny model is trained to predict), text (the stories' own text,
+    # early vs late window), auto (answers for model.path=builtin:tiny, else text)
+    icl_tokens: IclTokens = IclTokens.auto
     icl_window: int | None = None  # tokens averaged at each ICL position (null: 1/10 of the
     # text; 1: Olsson et al.'s single tokens)
     batch_size: int = field(default=32, metadata=SPEED)

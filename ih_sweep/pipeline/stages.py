@@ -268,15 +268,16 @@ def run_mechanism(config: Config, model: LazyModel, data: Items, selection: Sele
     if not config.mechanism.enabled:
         return {}
     from ih_sweep.model.loading import cache_key
-    from ih_sweep.pipeline.mechanism import mechanism_check, texts_for
+    from ih_sweep.pipeline.mechanism import icl_tokens, mechanism_check, texts_for
 
     heads = selection.heads
     unmeasured = fill.method.mechanism_unmeasured if heads else None
     key = cache_key(config.model, config.quantization, config.device)
+    tokens = icl_tokens(config.mechanism, config.model.path)
     out = mechanism_check(*model(), config.mechanism,
-                          texts_for(data.stories, config.mechanism.n_texts),
+                          texts_for(data.stories, config.mechanism.n_texts, tokens),
                           [] if unmeasured else heads, fill.method,
-                          None if unmeasured else fill.values, model_key=key)
+                          None if unmeasured else fill.values, model_key=key, tokens=tokens)
     if unmeasured:
         log.info("mechanism check: the ablated repeat loss and ICL score are not measured (%s)",
                  unmeasured)
@@ -297,6 +298,7 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
     import shutil
 
     from ih_sweep.config.identity import semantic_config
+    from ih_sweep.data.prompts import demo_source
     from ih_sweep.io_utils import write_csv
     from ih_sweep.pipeline.records import HEAD_COLUMNS, RESULT_COLUMNS, sha256, store
 
