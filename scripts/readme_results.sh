@@ -24,7 +24,9 @@ for part in $parts; do
         condition=high,low,random,none control_seeds=20 ;;
     robustness)
       run robustness -m n_heads=8,16 condition=high,low,none \
-        ablation=zero,mean,position_mean,resample ;;
+        ablation=zero,mean,position_mean,resample
+      run resample-align -m n_heads=8 condition=high ablation=resample \
+        ablation.align=start,end ;;
     cross)
       run tiny-fp32 -m n_heads=4,8,16 condition=high,low,none
       run tiny-bf16 -m n_heads=4,8,16 condition=high,low,none model.dtype=bfloat16
