@@ -25,7 +25,9 @@ for part in $parts; do
         condition=high,low,random,none control_seeds=20 ;;
     robustness)
       run robustness -m n_heads=8,16 condition=high,low,none \
-        ablation=zero,mean,position_mean,resample ;;
+        ablation=zero,mean,position_mean,resample
+      run resample-align -m n_heads=8 condition=high ablation=resample \
+        ablation.align=start,end ;;
     knockout)
       run knockout -m n_heads=4,8,16 condition=high,low,none ablation=zero,knockout
       run knockout-zero -m n_heads=4,8,16 condition=high,low,none ablation=knockout \

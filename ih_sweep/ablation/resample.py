@@ -1,5 +1,6 @@
 """Resample ablation: an ablated head's output becomes its output on another story's text
-(the row's donor story) at the same absolute position; past the donor text's end, the
+(the row's donor story) at the matching position (``ablation.align``: the same absolute
+position, or the same distance from the end of the prompt); outside the donor's text, the
 position-wise mean (definitions, draw and sources: :mod:`ih_sweep.ablation.donors`)."""
 
 from __future__ import annotations
@@ -61,15 +62,19 @@ class Resample(BaseAblation):
 
     def prepare(self, inputs: FillInputs, heads: Heads, reference: DonorReference) -> Any:
         """The donors of ``heads``, drawn with ``ablation.seed`` (one log line)."""
-        from ih_sweep.ablation.donors import resample_donors
+        from ih_sweep.ablation.donors import prompt_lengths, resample_donors
+        from ih_sweep.config.schema import Align
 
-        seed = inputs.settings.seed
+        seed, align = inputs.settings.seed, inputs.settings.align
+        prompts = prompt_lengths(reference.needed, inputs.max_new_tokens) \
+            if align == Align.end else None
         donors = resample_donors(inputs.model, inputs.tokenizer, reference.texts, heads, seed,
-                                 reference.means, reference.needed)
+                                 reference.means, reference.needed, prompts=prompts)
         past = {k: n for k, n in donors.past_end.items() if n}
-        log.info("resample ablation: donors drawn with ablation.seed=%d among %d stories; %d "
-                 "of them feed positions past their donor's text (at most %d; those get the "
-                 "position-wise mean)", seed, len(reference.texts), len(past),
+        log.info("resample ablation: donors drawn with ablation.seed=%d among %d stories, "
+                 "aligned at the %s of the prompt (ablation.align=%s); %d of them feed "
+                 "positions outside their donor's text (at most %d; those get the "
+                 "position-wise mean)", seed, len(reference.texts), align, align, len(past),
                  max(past.values(), default=0))
         return donors
 
@@ -105,5 +110,6 @@ class Resample(BaseAblation):
         device = fill.values[layer].device
         held = cache.get(("donor rows", device))
         if held is None or held[0] is not keys:  # once per pass (keys), not per layer
-            held = cache[("donor rows", device)] = (keys, fill.rows(keys, device))
-        return fill.at(layer, positions, held[1], fallback)
+            held = cache[("donor rows", device)] = (
+                keys, fill.rows(keys, device), fill.shifts(keys, device) if fill.shift else None)
+        return fill.at(layer, positions, held[1], fallback, held[2])

@@ -136,6 +136,9 @@ def check_eval(ev: EvalConfig) -> None:
     _at_least("eval.max_new_tokens", ev.max_new_tokens, 1)
     _at_least("eval.n_shots", ev.n_shots, 0)
     _at_least("eval.demo_seed", ev.demo_seed, 0)
+    _need(ev.demo_lang is None or ev.demo_lang in LANGS, "eval.demo_lang", ev.demo_lang,
+          f"allowed: null (data.lang; HELM's format: en-valid or en where present), "
+          f"{', '.join(LANGS)}")
     _need(ev.format != PromptFormat.notebook or ev.n_shots == 0, "eval.n_shots", ev.n_shots,
           "eval.format=notebook shows a story's earlier questions instead of demos; allowed: 0 "
           "(demos: eval=helm or eval=lm_eval)")

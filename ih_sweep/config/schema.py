@@ -95,6 +95,23 @@ class KnockoutMode(Choice):
     zero = "zero"  # weights set to 0 after the softmax, not renormalised (Wang et al. 2023)
 
 
+class Align(Choice):
+    """How resample ablation lines a donor's positions up with a row's
+    (:mod:`ih_sweep.ablation.donors`)."""
+
+    start = "start"  # the same absolute position (counted from the first token)
+    end = "end"  # the same position counted from the end of the prompt: the answer slots meet
+
+
+class IclTokens(Choice):
+    """Which tokens the mechanism check's ICL score compares
+    (:mod:`ih_sweep.pipeline.mechanism`)."""
+
+    auto = "auto"  # answers for the bundled tiny model (model.path=builtin:tiny), else text
+    answers = "answers"  # the answers of the prompt's in-context examples: first vs last
+    text = "text"  # the stories' own text: an early vs a late window of tokens
+
+
 class DataSource(Choice):
     babi_generated = "babi_generated"  # the built-in generator of bAbI task 1
     babi_files = "babi_files"  # the release's text files
@@ -114,6 +131,9 @@ class Metric(Choice):
     exact = "exact"  # the first words are the answer's words
     quasi_exact = "quasi_exact"  # HELM's quasi_exact_match: equal after HELM's normalize_text
     verbatim = "verbatim"  # lm-eval's exact_match: equal character for character, no changes
+    helm_exact = "helm_exact"  # HELM's exact_match: equal after stripping whitespace
+    prefix_exact = "prefix_exact"  # HELM's prefix_exact_match: begins with the answer (stripped)
+    quasi_prefix_exact = "quasi_prefix_exact"  # HELM's quasi_prefix_exact_match: normalized
 
 
 class PromptFormat(Choice):
@@ -193,6 +213,10 @@ class EvalConfig:
     format: PromptFormat = PromptFormat.notebook  # the prompt (ih_sweep.data)
     n_shots: int = 0  # helm, lm_eval: answered demo questions before the asked one
     demo_seed: int = 0  # helm, lm_eval: seed of the demo draw (HELM: 0, lm-eval: 1234)
+    # helm, lm_eval with data=babi_files/babi_hub: the LANGS folder whose train file gives the
+    # demos; null: data.lang, except that format=helm on English files takes en-valid's or
+    # else en's (1k) train file where data.path holds it (ih_sweep.data.prompts.demo_lang)
+    demo_lang: str | None = None
     # the continuation is cut at the first of these before it is scored ([]: never cut)
     stop: list[str] = field(default_factory=list)
     # rows a batch; auto: 32 on CPU, on CUDA what the free memory holds (ih_sweep.model.batching)
@@ -260,6 +284,9 @@ class AblationConfig:
     # knockout: mask (induction edges -inf before the softmax, the rest renormalised) or zero
     # (their weights 0 after the softmax, not renormalised); ignored by the other methods
     knockout: KnockoutMode = KnockoutMode.mask
+    # resample: which donor position stands in for a row's position (ignored otherwise): start,
+    # the same absolute position; end, the same distance from the end of the prompt
+    align: Align = Align.start
 
 
 @dataclass
@@ -287,6 +314,10 @@ class MechanismConfig:
     exclude_frequent_frac: float = 0.0  # as scoring's: BPE vocabularies' lowest ids
     exclude_rare_frac: float = 0.0  # ... and highest
     n_texts: int = 64  # stories of the job's data whose text gives the ICL score
+    # the ICL score's tokens: answers (the answer tokens of the in-context examples, first vs
+    # last: what the bundled tiny model is trained to predict), text (the stories' own text,
+    # early vs late window), auto (answers for model.path=builtin:tiny, else text)
+    icl_tokens: IclTokens = IclTokens.auto
     icl_window: int | None = None  # tokens averaged at each ICL position (null: 1/10 of the
     # text; 1: Olsson et al.'s single tokens)
     batch_size: int = field(default=32, metadata=SPEED)

@@ -223,27 +223,73 @@ def make_qa_items(stories: list[Story], scope: str, fmt: str, pool: Sequence[QA]
     return items
 
 
-def demo_stories(data: DataConfig) -> tuple[list[Story], str]:
+# HELM draws its demos from en-valid's train file (babi_qa_scenario.py); the en (1k) train file
+# holds it (en-valid train is 90% of en train): the stand-ins for it, closest first
+HELM_POOL_LANGS = ("en-valid", "en")
+ENGLISH_LANGS = ("en", "en-10k", "en-valid", "en-valid-10k")
+
+
+def demo_lang(data: DataConfig, ev: EvalConfig) -> str:
+    """The release folder (a :data:`~ih_sweep.config.schema.LANGS` name) whose train file of
+    task ``data.task`` gives the demos, with ``data=babi_files`` or ``babi_hub``.
+
+    ``ev.demo_lang`` when set. Else (null), for ``eval.format=helm`` with English files
+    (``data.lang`` one of :data:`ENGLISH_LANGS`) and ``data=babi_files``: the first of
+    :data:`HELM_POOL_LANGS` whose train file the folder ``data.path`` holds (en-valid's is
+    HELM's own pool, en's the closest stand-in: HELM's is 90% of it, while en-10k's train
+    holds other stories); otherwise ``data.lang`` itself."""
+    if ev.demo_lang:
+        return ev.demo_lang
+    if ev.format == PromptFormat.helm and data.name == DataSource.babi_files \
+            and data.lang in ENGLISH_LANGS and data.path:
+        for lang in HELM_POOL_LANGS:
+            try:
+                babi_file(data.path, lang, data.task, "train")
+            except DataError:
+                continue
+            return lang
+    return data.lang
+
+
+def demo_source(data: DataConfig, ev: EvalConfig) -> str | None:
+    """Where a job's demos come from, in a few words (job.json's ``eval.demo_pool``): the
+    train file's ``<lang>/`` folder and task, the hub's, or the generator's seed; None for a
+    prompt without demos (``eval.format=notebook`` or ``eval.n_shots=0``)."""
+    if ev.format == PromptFormat.notebook or not ev.n_shots:
+        return None
+    if data.name == DataSource.babi_generated:
+        return f"generated: {DEMO_POOL_STORIES} stories of seed {data.seed + DEMO_SEED_OFFSET}"
+    where = "babi_files" if data.name == DataSource.babi_files else "babi_hub"
+    return f"{where}: {demo_lang(data, ev)} qa{data.task} train"
+
+
+def demo_stories(data: DataConfig, ev: EvalConfig | None = None) -> tuple[list[Story], str]:
     """Stories whose questions make the demo pool, and where they come from in words.
 
     HELM and lm-eval draw demos from the task's train split (HELM: ``en-valid`` train, 90%
-    of the release's train stories; lm-eval: ``Muennighoff/babi`` train, every task
+    of the release's ``en`` train stories; lm-eval: ``Muennighoff/babi`` train, every task
     together). Here: with ``data=babi_files``/``babi_hub``, every story of the train file of
-    the same language and task (a stand-in: which 90% HELM keeps is not known here, and
-    lm-eval's pool mixes tasks); with the built-in generator, :data:`DEMO_POOL_STORIES`
-    generated stories of seed ``data.seed`` + :data:`DEMO_SEED_OFFSET` (a stand-in)."""
+    :func:`demo_lang` (``data.lang`` unless ``eval.demo_lang`` says otherwise, or HELM's
+    format finds ``en-valid``/``en`` beside the files; a stand-in unless it is
+    ``en-valid``: which 90% HELM keeps is known only from that folder, and lm-eval's pool
+    mixes tasks) and the same task; with the built-in generator, :data:`DEMO_POOL_STORIES`
+    generated stories of seed ``data.seed`` + :data:`DEMO_SEED_OFFSET` (a stand-in).
+    ``ev``: the eval settings (None: the defaults, demos from ``data.lang``)."""
     if data.name == DataSource.babi_generated:
         seed = data.seed + DEMO_SEED_OFFSET
         return (generate_stories(DEMO_POOL_STORIES, seed, data.task),
                 f"{DEMO_POOL_STORIES} generated stories of seed {seed} (a stand-in for train)")
-    if data.split == Split.train:
+    lang = demo_lang(data, ev) if ev is not None else data.lang
+    if data.split == Split.train and lang == data.lang:
         log.warning("data.split=train: the demos come from the evaluated file itself (HELM "
                     "and lm-eval report the test split: data.split=test)")
     if data.name == DataSource.babi_files:
-        path = babi_file(data.path or "", data.lang, data.task, "train")
-        return load_babi_file(path), f"{path} (a stand-in for the original's train split)"
-    return (load_babi_hub(data.lang, data.task, "train"),
-            f"{HUB_DATASET} {data.lang} qa{data.task} train (a stand-in for the original's)")
+        path = babi_file(data.path or "", lang, data.task, "train")
+        stand_in = "HELM's own pool" if lang == "en-valid" and ev is not None \
+            and ev.format == PromptFormat.helm else "a stand-in for the original's train split"
+        return load_babi_file(path), f"{path} ({stand_in})"
+    return (load_babi_hub(lang, data.task, "train"),
+            f"{HUB_DATASET} {lang} qa{data.task} train (a stand-in for the original's)")
 
 
 def items_for(data: DataConfig, ev: EvalConfig, stories: list[Story] | None = None
@@ -257,7 +303,7 @@ def items_for(data: DataConfig, ev: EvalConfig, stories: list[Story] | None = No
         return make_items(stories, ev.scope)
     pool: list[QA] = []
     if ev.n_shots:
-        demo, where = demo_stories(data)
+        demo, where = demo_stories(data, ev)
         pool = qa_pool(demo, data.task)
         log.info("eval.format=%s: %d demos per prompt from %d questions of %s", ev.format,
                  ev.n_shots, len(pool), where)

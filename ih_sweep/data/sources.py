@@ -369,21 +369,24 @@ def _from_hub(lang: str, task: int, split: str) -> list[Story]:  # pragma: no co
 _PARSED: dict[tuple[str, int, int], int] = {}  # (file, size, mtime) -> its stories
 
 
-def check_babi_files(data: DataConfig, demos: bool = False) -> list[Path]:
+def check_babi_files(data: DataConfig, demos: bool | str | None = False) -> list[Path]:
     """What a job with ``data=babi_files`` will read, checked before any job runs: a
     non-empty ``data.path``, the task file of ``data.lang``/``data.task``/``data.split``
-    (:func:`babi_file`) and, with ``demos`` (a prompt format with demonstrations), the
-    train file they are drawn from, each readable and parsed (:func:`load_babi_file`; a
-    file parsed before in this process, same size and modification time, is not parsed
-    again). Returns the files. Raises :class:`DataError` naming the key or file."""
+    (:func:`babi_file`) and, with ``demos`` (a prompt format with demonstrations: True, or
+    the LANGS folder they come from, :func:`ih_sweep.data.prompts.demo_lang`), the train file
+    they are drawn from (``data.lang``'s for True), each readable and parsed
+    (:func:`load_babi_file`; a file parsed before in this process, same size and
+    modification time, is not parsed again). Returns the files. Raises :class:`DataError`
+    naming the key or file."""
     if data.name != DataSource.babi_files:
         return []
     if not data.path:
         raise DataError("data.path is empty; give the folder of the bAbI release "
                         "(the one holding en/, en-10k/, ...)")
-    splits = dict.fromkeys([str(getattr(data.split, "value", data.split)),
-                            *(["train"] if demos else [])])
-    files = [babi_file(data.path, data.lang, data.task, split) for split in splits]
+    wanted = [(data.lang, str(getattr(data.split, "value", data.split)))]
+    if demos:
+        wanted.append((demos if isinstance(demos, str) else data.lang, "train"))
+    files = [babi_file(data.path, lang, data.task, split) for lang, split in dict.fromkeys(wanted)]
     for path in files:
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)

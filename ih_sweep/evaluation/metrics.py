@@ -1,12 +1,16 @@
 """How a greedy continuation is scored against the gold answer: pure functions, no torch.
 
-Four metrics (:class:`.schema.Metric`):
+Seven metrics (:class:`.schema.Metric`):
 
 - ``contains`` (the notebook's): every word of the answer is a word of the continuation;
 - ``exact``: the continuation's first words are the answer's words;
 - ``quasi_exact``: HELM's ``quasi_exact_match``, equality after HELM's ``normalize_text``;
 - ``verbatim``: lm-evaluation-harness's ``exact_match`` as its ``babi`` task uses it: the
-  continuation equals the target (``" <answer>"``) character for character.
+  continuation equals the target (``" <answer>"``) character for character;
+- ``helm_exact``, ``prefix_exact``, ``quasi_prefix_exact``: HELM's ``exact_match``,
+  ``prefix_exact_match`` and ``quasi_prefix_exact_match`` (:data:`HELM_METRICS` names all four
+  of HELM's; :func:`helm_scores` gives them for one continuation: results.csv's columns of
+  ``eval.format=helm`` jobs).
 
 Before any metric the continuation is cut at the first stop string (``eval.stop``), as
 HELM's clients and lm-eval's models cut theirs.
@@ -25,8 +29,9 @@ canonical composition only, so a decomposed ``e`` + U+0301 and a precomposed ``Ã
 same word, while compatibility forms stay distinct (NFKC would also fold ``ï¬`` into ``fi``,
 full-width letters, superscript digits: different characters to a reader, and not what a
 model that wrote them meant). NFC is the form W3C's *Character Model for the World Wide Web:
-String Matching* recommends for matching text. ``quasi_exact`` and ``verbatim`` follow
-their sources exactly (no NFC), so that their numbers stay comparable with published ones.
+String Matching* recommends for matching text. ``quasi_exact``, HELM's other metrics and
+``verbatim`` follow their sources exactly (no NFC), so that their numbers stay comparable with
+published ones.
 
 Exactness of the evaluator's early decisions (:func:`decide_partial`) rests on the decoded
 text of a token prefix being a prefix of the decoded text of the whole continuation, except
@@ -43,8 +48,9 @@ from collections.abc import Sequence
 
 from ih_sweep.config.schema import EvalConfig, Metric
 
-__all__ = ["cut_at_stop", "decide_partial", "final_or_verdict", "is_correct", "is_word_char",
-           "normalize_text", "quasi_exact_match", "stop_seen", "words"]
+__all__ = ["HELM_METRICS", "cut_at_stop", "decide_partial", "exact_match", "final_or_verdict",
+           "helm_scores", "is_correct", "is_word_char", "normalize_text", "prefix_exact_match",
+           "quasi_exact_match", "quasi_prefix_exact_match", "stop_seen", "words"]
 
 JOIN_CONTROLS = frozenset("\u200c\u200d")  # ZWNJ, ZWJ: inside Indic and Arabic words
 REPLACEMENT = "\ufffd"  # what a decoder shows for bytes of a character not complete yet
@@ -137,14 +143,66 @@ def normalize_text(text: str, should_remove_articles: bool = True) -> str:
     return white_space_fix(normalized)
 
 
+# HELM's four reference metrics for babi_qa (run_specs/classic_run_specs.py get_babi_qa_spec:
+# get_exact_match_metric_specs), by the name HELM reports (results.csv's columns), with the
+# eval.metric value that makes each one decide ``correct``
+HELM_METRICS = {"exact_match": "helm_exact", "quasi_exact_match": "quasi_exact",
+                "prefix_exact_match": "prefix_exact",
+                "quasi_prefix_exact_match": "quasi_prefix_exact"}
+
+
+# Each of HELM's metrics below takes the completion as HELM hands it over:
+# ``compute_reference_metrics`` strips every completion (``completion.text.strip()``) before
+# the metric sees it, and each metric scores an empty prediction 0. Same file and commit as
+# :func:`normalize_text`.
+def exact_match(gold: str, pred: str) -> bool:
+    """HELM's ``exact_match``: ``gold.strip() == pred.strip()`` (no case or punctuation
+    folding); an empty (stripped) prediction scores 0."""
+    pred = pred.strip()
+    if not pred:
+        return False
+    return gold.strip() == pred
+
+
 def quasi_exact_match(gold: str, pred: str) -> bool:
-    """HELM's ``quasi_exact_match`` (same file and commit as :func:`normalize_text`) on a
-    completion HELM has stripped (``evaluate_reference_metrics.py`` strips every completion):
-    an empty prediction scores 0."""
+    """HELM's ``quasi_exact_match``: ``normalize_text(gold) == normalize_text(pred)``; an
+    empty (stripped) prediction scores 0."""
     pred = pred.strip()
     if not pred:
         return False
     return normalize_text(gold) == normalize_text(pred)
+
+
+def prefix_exact_match(gold: str, pred: str) -> bool:
+    """HELM's ``prefix_exact_match``: the stripped prediction begins with the stripped gold
+    (``"kitchen garden"`` scores for ``kitchen``, and so does ``"kitchens"``: a character
+    prefix, not a word prefix); an empty (stripped) prediction scores 0."""
+    pred = pred.strip()
+    if not pred:
+        return False
+    return pred.startswith(gold.strip())
+
+
+def quasi_prefix_exact_match(gold: str, pred: str) -> bool:
+    """HELM's ``quasi_prefix_exact_match``: ``normalize_text(pred)`` begins with
+    ``normalize_text(gold)``; an empty (stripped) prediction scores 0."""
+    pred = pred.strip()
+    if not pred:
+        return False
+    return normalize_text(pred).startswith(normalize_text(gold))
+
+
+HELM_FUNCTIONS = {"exact_match": exact_match, "quasi_exact_match": quasi_exact_match,
+                  "prefix_exact_match": prefix_exact_match,
+                  "quasi_prefix_exact_match": quasi_prefix_exact_match}
+
+
+def helm_scores(continuation: str, answer: str, stop: Sequence[str] = ()) -> dict[str, bool]:
+    """HELM's four metrics (:data:`HELM_METRICS`, by HELM's names) of ``continuation`` cut at
+    ``stop`` (:func:`cut_at_stop`) against ``answer`` (whitespace around it does not count:
+    HELM strips the gold in each metric or in ``normalize_text``)."""
+    text = cut_at_stop(continuation, stop)
+    return {name: fn(answer, text) for name, fn in HELM_FUNCTIONS.items()}
 
 
 # --------------------------------------------------------------------------- metrics
@@ -168,7 +226,9 @@ def is_correct(continuation: str, answer: str, metric: str, stop: Sequence[str] 
     - ``quasi_exact``: :func:`quasi_exact_match`;
     - ``verbatim``: lm-eval's ``exact_match`` (EleutherAI/lm-evaluation-harness, commit
       4e7e0d47, ``lm_eval/api/metrics.py`` exact_match_hf_evaluate with its defaults: no
-      case, punctuation or number folding): the cut continuation equals ``answer``.
+      case, punctuation or number folding): the cut continuation equals ``answer``;
+    - ``helm_exact``, ``prefix_exact``, ``quasi_prefix_exact``: :func:`exact_match`,
+      :func:`prefix_exact_match`, :func:`quasi_prefix_exact_match`.
 
     Raises ValueError for another metric."""
     text = cut_at_stop(continuation, stop)
@@ -184,6 +244,9 @@ def is_correct(continuation: str, answer: str, metric: str, stop: Sequence[str] 
         return quasi_exact_match(answer, text)
     if metric == Metric.verbatim:
         return text == answer
+    helm = {v: k for k, v in HELM_METRICS.items()}
+    if metric in helm:
+        return HELM_FUNCTIONS[helm[metric]](answer, text)
     raise ValueError(f"eval.metric={metric!r}; allowed values: {_allowed()}")
 
 
@@ -199,15 +262,15 @@ def decide_partial(text: str, answer: str, metric: str, stop: Sequence[str] = ()
     it (while the last character is a letter, mark, number, ``_`` or join control the word
     may still grow; a non-word character never composes with a later mark into a word
     character under NFC, tested); ``verbatim`` is False once ``known`` is not a prefix of
-    the answer; ``quasi_exact`` waits for the end (its normalisation can join and drop
-    words)."""
+    the answer; ``quasi_exact`` and HELM's other metrics wait for the end (normalisation can
+    join and drop words, and the stripped end decides ``helm_exact`` and the prefixes)."""
     if stop_seen(text, stop):
         return is_correct(text, answer, metric, stop)
     stable = text.rstrip(REPLACEMENT)
     known = stable[:len(stable) - _pending(stable, stop)]
     if metric == Metric.verbatim:
         return None if answer.startswith(known) else False
-    if metric == Metric.quasi_exact:
+    if metric in HELM_METRICS.values():
         return None
     if metric not in (Metric.contains, Metric.exact):
         raise ValueError(f"eval.metric={metric!r}; allowed values: {_allowed()}")
@@ -227,10 +290,14 @@ def decide_partial(text: str, answer: str, metric: str, stop: Sequence[str] = ()
 
 
 def final_or_verdict(text: str, toks: Sequence[int], answer: str, settings: EvalConfig,
-                     eos: int | None) -> bool | None:
+                     eos: int | None, whole: bool = False) -> bool | None:
     """The outcome from known greedy tokens ``toks`` (decoded: ``text``): final once the
     budget (``settings.max_new_tokens``) is spent or the last token is ``eos``, else
-    :func:`decide_partial`, None when later tokens could still change it."""
+    :func:`decide_partial`, None when later tokens could still change it. ``whole``: None
+    until the continuation itself has ended (budget, ``eos`` or a stop string), whatever the
+    metric, so that every metric can be read off the text (:func:`helm_scores`)."""
     if len(toks) >= settings.max_new_tokens or (eos is not None and toks[-1] == eos):
         return is_correct(text, answer, settings.metric, settings.stop)
+    if whole and not stop_seen(text, settings.stop):
+        return None
     return decide_partial(text, answer, settings.metric, settings.stop)

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ih_sweep.config.errors import UserError
-from ih_sweep.config.schema import EvalConfig, Metric
+from ih_sweep.config.schema import EvalConfig, Metric, PromptFormat
 from ih_sweep.evaluation.batches import batch_threads, intra_op_threads, run_batches
 from ih_sweep.evaluation.by_generate import by_model_generate
 from ih_sweep.evaluation.decoding import (
@@ -75,12 +75,15 @@ def evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: EvalC
     results: dict[int, ItemResult] = {}
     pending: list[tuple[int, int, list[int]]] = []  # (row, prompt end, known tokens)
     index_of: list[int] = []
+    # HELM's format records all four of HELM's metrics (results.csv): each item's whole
+    # continuation is decoded, whatever metric decides it
+    whole = settings.format == PromptFormat.helm
     for b, (_, queries) in enumerate(rows):
         for q in queries:
             read, answer = reads[q.index], items[q.index].target
             toks = known_greedy(read.argmax, q.teacher, eos)
             text = decode(tokenizer, toks)
-            verdict = final_or_verdict(text, toks, answer, settings, eos)
+            verdict = final_or_verdict(text, toks, answer, settings, eos, whole)
             if verdict is None:
                 pending.append((b, q.pos, toks))
                 index_of.append(q.index)

@@ -20,6 +20,16 @@ Two numbers, each with the heads ablated and without (nats, lower is better):
   falls on the same kind of word in every story (``to`` at index 10 in 44 of 64 generated
   stories), so by default each position is the mean loss over a window of a tenth of the
   text (:func:`icl_windows`; ``mechanism.icl_window=1`` gives the paper's single tokens).
+  That text is what a model trained on natural text predicts; the bundled tiny model was
+  trained on repeated random sequences and on the answers of bAbI prompts only (the loss on
+  every other token masked, :mod:`ih_sweep.model.tiny`), so on story text its early losses
+  lie above the uniform log V and the score mostly re-measures repetition. With
+  ``mechanism.icl_tokens=answers`` (``auto``'s choice for ``model.path=builtin:tiny``) the
+  score is taken on the tokens such a model is trained to predict instead: each story in the
+  notebook's format with every answer filled in (its training text, :func:`answers_text`),
+  the loss of the last in-context example's answer minus that of the first
+  (:func:`answer_positions`): early vs late *examples*, Olsson et al.'s early vs late context
+  on the task's own targets. job.json's ``mechanism.icl_tokens`` says which was used.
 
 Pure maths first (token losses, masked means, the ICL score, its positions), then the model
 passes, then :func:`mechanism_check`, which the evaluate job calls with its own heads and
@@ -38,8 +48,8 @@ from typing import Any
 
 import torch
 
-from ih_sweep.config.schema import MechanismConfig
-from ih_sweep.data import Story, question_indices
+from ih_sweep.config.schema import IclTokens, MechanismConfig
+from ih_sweep.data import Story, build_prompt, question_indices
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +138,81 @@ def story_text(story: Story) -> str:
     return "\n".join(lines) + "\n"
 
 
+ANSWER_CUE = "\nAnswer: "  # what precedes each answer in the notebook's format
+
+
+def answers_text(story: Story) -> str:
+    """A story in the notebook's format (:func:`ih_sweep.data.build_prompt`) up to its last
+    question, every answer filled in and a newline after the last: the text the bundled tiny
+    model is trained on (:func:`ih_sweep.data.iter_lm_text`)."""
+    last = question_indices(story)[-1]
+    return build_prompt(story, last) + story["answer"][last] + "\n"
+
+
+def answer_positions(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """The token ids of ``text`` (with special tokens) and the index of each answer's first
+    token: the token after each ``"\nAnswer: "``, found as the token count of the text up to
+    there (or up to ``"Answer:"`` where the tokenizer joins the space to the answer's word, as
+    BPE tokenizers do). Raises ValueError where neither prefix tokenizes as a prefix of the
+    text, or no answer follows."""
+    ids = list(tokenizer(text)["input_ids"])
+    positions = []
+    at = text.find(ANSWER_CUE)
+    while at >= 0:
+        end = at + len(ANSWER_CUE)
+        for prefix in (text[:end], text[:end - 1]):
+            head = list(tokenizer(prefix)["input_ids"])
+            if ids[:len(head)] == head and len(head) < len(ids):
+                positions.append(len(head))
+                break
+        else:
+            raise ValueError(f"the answer after character {end} does not begin a token of "
+                             "its own (mechanism.icl_tokens=answers needs one)")
+        at = text.find(ANSWER_CUE, end)
+    if not positions:
+        raise ValueError("no answer in the text (mechanism.icl_tokens=answers)")
+    return ids, positions
+
+
+def answer_inputs(tokenizer, texts: Sequence[str], limit: int | None = None
+                  ) -> tuple[torch.Tensor, list[int], list[int]]:
+    """[n, L] token ids of ``texts`` right-padded to the longest (L at most ``limit``: a text
+    is cut there, and answers past it do not count), and per text the index of its first and
+    of its last answer's first token (:func:`answer_positions`). Causal attention: the pads
+    after a text change none of its losses. Raises ValueError for no text or a text with
+    fewer than two answers."""
+    if not texts:
+        raise ValueError("no text for the ICL score")
+    from ih_sweep.model.tokens import pad_id
+
+    rows, first, last = [], [], []
+    for text in texts:
+        ids, pos = answer_positions(tokenizer, text)
+        if limit:
+            ids, pos = ids[:limit], [p for p in pos if p < limit]
+        if len(pos) < 2:
+            raise ValueError(f"a text with {len(pos)} answer(s): the ICL score on answers "
+                             "needs an early and a late in-context example")
+        rows.append(ids)
+        first.append(pos[0])
+        last.append(pos[-1])
+    width = max(len(r) for r in rows)
+    pad = pad_id(tokenizer)
+    return (torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long),
+            first, last)
+
+
+def answer_icl_score(losses: torch.Tensor, first: Sequence[int], last: Sequence[int]
+                     ) -> float:
+    """The ICL score on answers: the mean over texts of the loss of the last in-context
+    example's answer token minus the first one's (nats; negative = the later example is
+    predicted better). losses: [b, T] from :func:`token_losses`; ``first``, ``last``: per
+    text, the token indices (:func:`answer_inputs`)."""
+    rows = torch.arange(losses.shape[0])
+    loss = losses.double()
+    return float((loss[rows, list(last)] - loss[rows, list(first)]).mean())
+
+
 # --------------------------------------------------------------------------- model passes
 @torch.no_grad()
 def _losses(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -176,12 +261,14 @@ def text_inputs(tokenizer, texts: Sequence[str], limit: int | None = None) -> to
 
 
 def measure(model, repeat_ids: torch.Tensor, repeat_mask: torch.Tensor,
-            text_ids: torch.Tensor, windows: tuple[range, range], batch_size: int
-            ) -> dict[str, float]:
+            text_ids: torch.Tensor, windows: tuple[Any, Any], batch_size: int,
+            answers: bool = False) -> dict[str, float]:
     """``repeat_loss`` and ``icl_score`` (nats) of the model as it is (any ablation hooks
-    active stay active); ``windows``: :func:`icl_windows`."""
+    active stay active); ``windows``: :func:`icl_windows`, or with ``answers`` the first and
+    last answers' token indices per text (:func:`answer_inputs`)."""
+    score = answer_icl_score if answers else icl_score
     return {"repeat_loss": masked_mean(_losses(model, repeat_ids, batch_size), repeat_mask),
-            "icl_score": icl_score(_losses(model, text_ids, batch_size), *windows)}
+            "icl_score": score(_losses(model, text_ids, batch_size), *windows)}
 
 
 _UNABLATED: dict[str, dict[str, float]] = {}  # key -> measure() of the unablated model
@@ -193,51 +280,76 @@ def reset() -> None:
     _UNABLATED.clear()
 
 
-def texts_for(stories: Iterable[Story], n: int) -> list[str]:
-    """:func:`story_text` of the first ``n`` stories."""
+def texts_for(stories: Iterable[Story], n: int, tokens: str = IclTokens.text) -> list[str]:
+    """The ICL score's texts of the first ``n`` stories: :func:`story_text` (``tokens``
+    text), or :func:`answers_text` (answers; only stories with two questions or more)."""
     out = []
     for story in stories:
         if len(out) >= n:
             break
-        out.append(story_text(story))
+        if tokens == IclTokens.answers:
+            if len(question_indices(story)) >= 2:
+                out.append(answers_text(story))
+        else:
+            out.append(story_text(story))
     return out
+
+
+def icl_tokens(settings: MechanismConfig, model_path: str) -> str:
+    """``mechanism.icl_tokens`` resolved: ``auto`` is answers for the bundled tiny model
+    (``model.path=builtin:tiny``, trained on bAbI answers only), text for any other."""
+    if settings.icl_tokens != IclTokens.auto:
+        return str(settings.icl_tokens)
+    return str(IclTokens.answers if model_path == "builtin:tiny" else IclTokens.text)
 
 
 def mechanism_check(model, tokenizer, settings: MechanismConfig, texts: Sequence[str],
                     heads: Sequence[tuple[int, int]],
                     method: Any = "zero", means: Any = None,
-                    model_key: str = "") -> dict[str, Any]:
+                    model_key: str = "", tokens: str = IclTokens.text) -> dict[str, Any]:
     """The job record's ``mechanism`` entry: ``repeat_loss``, ``repeat_loss_unablated``,
     ``icl_score``, ``icl_score_unablated`` (nats), with ``heads`` ablated by ``method``
     (a registered name or method, :func:`ih_sweep.ablation.registry.get_ablation`; ``means``:
     its fill) in the first and third, plus the settings and positions
     used. No heads: ablated = unablated, one pass. The unablated pass is cached in-process
     under ``model_key`` (which must name the loaded model, e.g. its load cache key), the
-    settings and the texts."""
+    settings and the texts. ``tokens``: what the ICL score compares (``text`` or
+    ``answers``, :func:`icl_tokens`; ``texts`` from :func:`texts_for` with the same)."""
     from ih_sweep.ablation.hooks import ablate_heads
     from ih_sweep.model.architecture import position_limit
 
     limit = position_limit(model.config)
     repeat_ids, repeat_mask = repeat_inputs(tokenizer, settings, limit)
-    text_ids = text_inputs(tokenizer, texts, limit)
-    early, late = icl_positions(text_ids.shape[1])
-    windows = icl_windows(text_ids.shape[1], settings.icl_window)
+    answers = tokens == IclTokens.answers
+    if answers:
+        text_ids, first, last = answer_inputs(tokenizer, texts, limit)
+        windows: tuple[Any, Any] = (first, last)
+        positions = {"icl_early": float(sum(first) / len(first)),
+                     "icl_late": float(sum(last) / len(last))}
+    else:
+        text_ids = text_inputs(tokenizer, texts, limit)
+        early, late = icl_positions(text_ids.shape[1])
+        windows = icl_windows(text_ids.shape[1], settings.icl_window)
+        positions = {"icl_early": early, "icl_late": late,
+                     "icl_early_tokens": [windows[0].start, windows[0][-1]],
+                     "icl_late_tokens": [windows[1].start, windows[1][-1]]}
     semantic = {k: getattr(settings, k) for k in ("n_sequences", "seq_len", "repeats", "seed",
                                                   "exclude_frequent_frac", "exclude_rare_frac",
                                                   "n_texts", "icl_window")}
+    semantic["icl_tokens"] = str(tokens)
     key = hashlib.sha256(json.dumps([model_key, semantic, list(texts)], default=str)
                          .encode()).hexdigest()
     base = _UNABLATED.get(key)
     if base is None:
         base = measure(model, repeat_ids, repeat_mask, text_ids, windows,
-                           settings.batch_size)
+                       settings.batch_size, answers)
         if len(_UNABLATED) >= _MAX_CACHED:
             _UNABLATED.pop(next(iter(_UNABLATED)))
         _UNABLATED[key] = base
     if heads:
         with ablate_heads(model, heads, method, means):
             ablated = measure(model, repeat_ids, repeat_mask, text_ids, windows,
-                           settings.batch_size)
+                              settings.batch_size, answers)
     else:
         ablated = dict(base)
     values = {"repeat_loss": ablated["repeat_loss"],
@@ -248,10 +360,7 @@ def mechanism_check(model, tokenizer, settings: MechanismConfig, texts: Sequence
             log.warning("mechanism check: %s is %s (the model's logits are not finite); "
                         "recorded as null", name, value)
             values[name] = None
-    return {**values,
-            "icl_early": early, "icl_late": late,
-            "icl_early_tokens": [windows[0].start, windows[0][-1]],
-            "icl_late_tokens": [windows[1].start, windows[1][-1]],
+    return {**values, **positions,
             "icl_context_tokens": int(text_ids.shape[1]),
             "icl_texts": int(text_ids.shape[0]),
             "repeat_tokens_scored": int(repeat_mask.sum()), **semantic}

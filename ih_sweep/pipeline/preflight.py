@@ -36,10 +36,11 @@ def check_data_files(config: Config) -> None:
     the hub answers (:func:`ih_sweep.data.sources.check_babi_hub`). Raises
     :class:`~ih_sweep.data.sources.DataError`."""
     from ih_sweep.config.schema import PromptFormat
+    from ih_sweep.data.prompts import demo_lang
     from ih_sweep.data.sources import check_babi_files, check_babi_hub
 
     demos = config.eval.format != PromptFormat.notebook and config.eval.n_shots > 0
-    check_babi_files(config.data, demos)
+    check_babi_files(config.data, demo_lang(config.data, config.eval) if demos else None)
     check_babi_hub(config.data)
 
 

@@ -40,6 +40,12 @@ recency_correct  whether the location in the last statement before the question 
 mentions         statements before the question that name the asked person (a capitalized
                  word of the question); empty when the question names no single person
 question_position  0-based index of the question among the story's questions
+exact_match, quasi_exact_match, prefix_exact_match, quasi_prefix_exact_match
+                 HELM's four metrics of ``continuation`` against ``answer``, as HELM defines
+                 them (:func:`ih_sweep.evaluation.metrics.helm_scores`; ``eval.metric``
+                 helm_exact, quasi_exact, prefix_exact, quasi_prefix_exact makes the one of
+                 the same name decide ``correct``); written for ``eval.format=helm`` (whose
+                 continuation is decoded whole), empty for the other formats
 n_heads, condition, control_seed   the job's ablation (n_heads: the heads ablated, a count)
 n_heads_share    the share of all the model's heads asked for, in percent (``n_heads=10%``:
                  10.0; n_heads is then its count, ceil(layers x heads x 10 / 100)); empty
@@ -86,7 +92,9 @@ ITEM_COLUMNS = ["story", "question_index", "line", "examples_before", "answer",
                 "logit_diff", *STRATA_COLUMNS]
 JOB_COLUMNS = ["n_heads", "n_heads_share", "condition", "control_seed", "model",
                "quantization", "data", "babi_task", "split", "metric", "scope", "ablation"]
-RESULT_COLUMNS = ITEM_COLUMNS + JOB_COLUMNS
+HELM_COLUMNS = ["exact_match", "quasi_exact_match", "prefix_exact_match",
+                "quasi_prefix_exact_match"]  # metrics.HELM_METRICS' names (a test checks)
+RESULT_COLUMNS = ITEM_COLUMNS + HELM_COLUMNS + JOB_COLUMNS
 HEAD_COLUMNS = ["layer", "head", "score", "rank_by", "output_norm"]
 RECORD_FILE = "job.json"
 COMPLETE = "complete"
@@ -107,7 +115,9 @@ class EvaluationRecord:
     model: str
     quantization: str
     data: dict[str, Any]  # the data config (name, task, split, lang, n_stories, seed, path)
-    eval: dict[str, Any]  # metric, scope, max_new_tokens
+    # metric, scope, max_new_tokens, format, n_shots, stop, demo_pool (where the demos come
+    # from: ih_sweep.data.prompts.demo_source; null without demos)
+    eval: dict[str, Any]
     ablation: str
     rank_by: str
     n_items: int

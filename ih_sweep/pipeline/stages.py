@@ -22,7 +22,7 @@ import pandas as pd
 from ih_sweep.ablation.registry import Ablation
 from ih_sweep.config.errors import ConfigError
 from ih_sweep.config.rules import n_heads_share
-from ih_sweep.config.schema import Condition, Config, ScoreSource, plain
+from ih_sweep.config.schema import Condition, Config, EvalConfig, PromptFormat, ScoreSource, plain
 from ih_sweep.pipeline.records import EvaluationRecord, finished_record, restore, write_record
 
 log = logging.getLogger("ih_sweep")
@@ -268,15 +268,16 @@ def run_mechanism(config: Config, model: LazyModel, data: Items, selection: Sele
     if not config.mechanism.enabled:
         return {}
     from ih_sweep.model.loading import cache_key
-    from ih_sweep.pipeline.mechanism import mechanism_check, texts_for
+    from ih_sweep.pipeline.mechanism import icl_tokens, mechanism_check, texts_for
 
     heads = selection.heads
     unmeasured = fill.method.mechanism_unmeasured if heads else None
     key = cache_key(config.model, config.quantization, config.device)
+    tokens = icl_tokens(config.mechanism, config.model.path)
     out = mechanism_check(*model(), config.mechanism,
-                          texts_for(data.stories, config.mechanism.n_texts),
+                          texts_for(data.stories, config.mechanism.n_texts, tokens),
                           [] if unmeasured else heads, fill.method,
-                          None if unmeasured else fill.values, model_key=key)
+                          None if unmeasured else fill.values, model_key=key, tokens=tokens)
     if unmeasured:
         log.info("mechanism check: the ablated repeat loss and ICL score are not measured (%s)",
                  unmeasured)
@@ -298,6 +299,7 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
     import shutil
 
     from ih_sweep.config.identity import semantic_config
+    from ih_sweep.data.prompts import demo_source
     from ih_sweep.io_utils import write_csv
     from ih_sweep.pipeline.records import HEAD_COLUMNS, RESULT_COLUMNS, sha256, store
 
@@ -308,6 +310,7 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
     if not heads:
         condition = Condition.none.value
     frame = results.items.assign(
+        **helm_columns(results.items, config.eval),
         n_heads=n_heads, n_heads_share=n_share, condition=condition, control_seed=control_seed,
         model=config.model.name, quantization=config.quantization.name.value,
         data=config.data.name.value, babi_task=config.data.task, split=split_name(config),
@@ -327,7 +330,8 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
         eval={"metric": config.eval.metric.value, "scope": config.eval.scope.value,
               "max_new_tokens": config.eval.max_new_tokens,
               "format": config.eval.format.value, "n_shots": config.eval.n_shots,
-              "stop": list(config.eval.stop)},
+              "stop": list(config.eval.stop),
+              "demo_pool": demo_source(config.data, config.eval)},
         ablation=config.ablation.method, rank_by=config.scoring.rank_by.value,
         n_items=len(frame), n_correct=n_correct, accuracy=n_correct / max(len(frame), 1),
         n_decoded=int((frame["decided_by"] != "forward").sum()),
@@ -345,6 +349,21 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
     log.info("%s: %d/%d correct (%.1f%%), written to %s", describe(config), n_correct,
              len(frame), 100 * record.accuracy, out_dir)
     return record
+
+
+def helm_columns(items: pd.DataFrame, settings: EvalConfig) -> dict[str, list]:
+    """results.csv's HELM columns (:data:`~ih_sweep.pipeline.records.HELM_COLUMNS`) of the
+    item rows ``items``: HELM's four metrics of each continuation (already cut at the stop
+    strings) against its answer (:func:`ih_sweep.evaluation.metrics.helm_scores`) where
+    ``settings.format`` is helm (its continuations are decoded whole), else empty."""
+    from ih_sweep.evaluation.metrics import helm_scores
+    from ih_sweep.pipeline.records import HELM_COLUMNS
+
+    if settings.format != PromptFormat.helm:
+        return {c: [""] * len(items) for c in HELM_COLUMNS}
+    scores = [helm_scores(str(c), str(a)) for c, a in zip(items["continuation"],
+                                                            items["answer"])]
+    return {c: [s[c] for s in scores] for c in HELM_COLUMNS}
 
 
 def describe(config: Config) -> str:

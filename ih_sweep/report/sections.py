@@ -248,7 +248,10 @@ SECTIONS = [
             ["**repeat loss**: mean loss (nats) on the repeated half of seeded repeated "
              "random-token sequences with the job's heads ablated (**repeat loss unablated**: "
              "the same model without ablation); **ICL score**: loss at a late token minus "
-             "loss at an early token (Olsson et al. 2022), ablated and **unablated**. "
+             "loss at an early token (Olsson et al. 2022), ablated and **unablated**: on the "
+             "stories' own text, or for the bundled tiny model on the tokens it is trained "
+             "to predict, the last in-context example's answer minus the first's (job.json's "
+             "`mechanism.icl_tokens`). "
              "Induction heads ablated should raise the repeat loss and the ICL score more "
              "than the control."]),
 ]

@@ -11,7 +11,13 @@ import torch
 from families import CONFIGS, save_model
 
 from ih_sweep import data
-from ih_sweep.ablation.donors import Donors, donor_texts, draw_donors, resample_donors
+from ih_sweep.ablation.donors import (
+    Donors,
+    donor_texts,
+    draw_donors,
+    prompt_lengths,
+    resample_donors,
+)
 from ih_sweep.ablation.hooks import AblationError, ablate_heads, row_dependent, sequence_keys
 from ih_sweep.ablation.means import position_means, reference_batches
 from ih_sweep.config.schema import DType, EvalConfig, ModelConfig, QuantizationConfig
@@ -77,6 +83,66 @@ def fills(tiny, tiny_prefix):
     texts, needed = donor_texts(tok, items, 3)
     donors = resample_donors(model, tok, texts, heads, 0, means, needed)
     return heads, items, {"position_mean": means, "resample": donors}
+
+
+def test_end_alignment_puts_each_donor_at_its_own_prompts_end(tiny, fills):
+    """ablation.align=end: at the deciding token (the prompt's last, whose logits give the
+    answer) every story's donor sits at its own prompt's last token, the same role in the
+    prompt (in the notebook's format the same token), and the generated positions meet the
+    donor's answer; the hook fills exactly that donor output there. Absolute alignment
+    (the same donors) meets the same token at that position far less often."""
+    model, tok = tiny
+    heads, items, by_kind = fills
+    start: Donors = by_kind["resample"]
+    texts, needed = donor_texts(tok, items, 3)
+    prompts = prompt_lengths(needed, 3)
+    end = resample_donors(model, tok, texts, heads, 0, start.fallback, needed,
+                          prompts=prompts)
+    assert end.donor_of == start.donor_of and not start.shift  # the draw is the same
+    ids = {k: tok(t)["input_ids"] for k, t in texts.items()}
+    last = {it.story_index: it for it in items}
+    same_end = same_start = 0
+    for k, d in end.donor_of.items():
+        own = tok(last[k].prompt)["input_ids"]
+        assert len(own) == prompts[k] and ids[k][:prompts[k]] == own
+        p = prompts[k] - 1  # the deciding position
+        assert p + end.shift[k] == prompts[d] - 1  # the donor's own deciding position
+        same_end += ids[d][p + end.shift[k]] == own[p]
+        same_start += p < len(ids[d]) and ids[d][p] == own[p]
+        # the answer slot: the first generated position meets the donor's first answer token
+        assert tok.decode(ids[d][prompts[d]:]).strip().startswith(last[d].answer)
+    assert same_end == len(end.donor_of) == 60
+    assert same_start < 45
+    # the hook: a right-padded batch of two stories' prompts, the donor output at p + shift
+    layer, cols = heads[0][0], end.columns[heads[0][0]]
+    stories = [items[0].story_index, items[1].story_index]
+    enc = [tok(items[i].prompt)["input_ids"] for i in (0, 1)]
+    width = max(map(len, enc))
+    batch = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+    mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+
+    def run():
+        with sequence_keys(model, stories):
+            model(input_ids=batch, attention_mask=mask)
+
+    with ablate_heads(model, heads, "resample", end):
+        z = _replaced(model, layer, run)
+    for b, (e, k) in enumerate(zip(enc, stories)):
+        d = end.donor_of[k]
+        clean: list[torch.Tensor] = []
+        with hook_z(model, lambda i, x, out=clean: out.append(x[0].detach().clone()),
+                    [layer]):
+            model(input_ids=torch.tensor([ids[d]]))
+        shift = end.shift[k]
+        inside = [p for p in range(len(e)) if 0 <= p + shift < len(ids[d])]
+        assert len(e) - 1 in inside
+        torch.testing.assert_close(z[b, inside][:, cols], clean[0][[p + shift for p in inside]]
+                                   [:, cols], rtol=0, atol=1e-5)
+        outside = [p for p in range(len(e)) if p + shift < 0]
+        if outside:  # before the donor's start: the position-wise mean
+            table = end.fallback.table[layer][:, cols]
+            torch.testing.assert_close(z[b, outside][:, cols], table[outside], rtol=0,
+                                       atol=1e-6)
 
 
 def _replaced(model, layer, run) -> torch.Tensor:

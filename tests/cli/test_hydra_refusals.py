@@ -121,7 +121,8 @@ CASES = [
     ("eval.batch_size=1.5", "^eval.batch_size=1.5 is not allowed; allowed: auto, or an "
                             "integer"),
     ("eval.metric=exactt", "^eval.metric=exactt is not allowed; allowed: contains, exact, "
-                           "quasi_exact, verbatim; did you mean exact?"),
+                           "quasi_exact, verbatim, helm_exact, prefix_exact, "
+                           "quasi_prefix_exact; did you mean exact or helm_exact?"),
     ("eval.scope=first", "^eval.scope=first is not allowed; allowed: last, all"),
     ("eval.stop=abc", "^eval.stop=abc is not allowed; allowed: a list of texts, e.g. [a, b]"),
     ("eval.progress=maybe", "^eval.progress=maybe is not allowed; allowed: true, false"),

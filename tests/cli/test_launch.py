@@ -99,8 +99,8 @@ def test_a_mistyped_key_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "ih_sweep: config error: eval.max_new_token=1 is not a config key; keys of eval: "
-        "metric, scope, max_new_tokens, format, n_shots, demo_seed, stop, batch_size, "
-        "cpu_workers, progress, checkpoint_items, fast_layers"]
+        "metric, scope, max_new_tokens, format, n_shots, demo_seed, demo_lang, stop, "
+        "batch_size, cpu_workers, progress, checkpoint_items, fast_layers"]
     assert not list(tmp_path.glob("*.csv"))
 
 

@@ -38,7 +38,8 @@ NOT_INT_OR_STR = "Value '{}' of type 'float' is incompatible with type hint 'Uni
 
 @pytest.mark.parametrize("override,message", [
     ("condition=best", ENUM.format("best", "high, low, random, none")),
-    ("eval.metric=fuzzy", ENUM.format("fuzzy", "contains, exact, quasi_exact, verbatim")),
+    ("eval.metric=fuzzy", ENUM.format("fuzzy", "contains, exact, quasi_exact, verbatim, "
+                                               "helm_exact, prefix_exact, quasi_prefix_exact")),
     ("eval.scope=first", ENUM.format("first", "last, all")),
     ("scoring.rank_by=best", ENUM.format("best", "prefix, copying, combined, fv")),
     ("quantization.name=int4", ENUM.format("int4", "none, nf4, int8")),

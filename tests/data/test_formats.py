@@ -3,6 +3,7 @@ per-item equality with one-at-a-time generate under their stop strings and metri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -19,7 +20,7 @@ from ih_sweep import data
 from ih_sweep.config.hydra import settings
 from ih_sweep.config.schema import DataConfig, EvalConfig
 from ih_sweep.evaluation.evaluator import PromptTooLong, check_prompt_lengths, evaluate
-from ih_sweep.evaluation.metrics import is_correct
+from ih_sweep.evaluation.metrics import HELM_METRICS, cut_at_stop, helm_scores, is_correct
 from ih_sweep.testing import generate_one_at_a_time
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,6 +195,18 @@ def test_helm_per_item_equality_with_one_at_a_time_generate(tiny):
     got, ref = assert_same_as_one_at_a_time(model, tok, items, HELM)
     assert any(r.decided_by == "decode" for r in got)
     assert {r.correct for r in got} == {True, False}
+    # HELM's format decodes every continuation whole (results.csv's four HELM columns are
+    # read off it), whichever metric decides: the same outcomes as the metric alone
+    for metric in ("contains", *HELM_METRICS.values()):
+        ev = dataclasses.replace(HELM, metric=metric)
+        res = evaluate(model, tok, items, ev)
+        assert [r.continuation for r in res] == [cut_at_stop(c, HELM.stop) for c in ref]
+        assert [r.correct for r in res] == [is_correct(c, it.target, metric, HELM.stop)
+                                            for c, it in zip(ref, items)]
+        name = next((k for k, v in HELM_METRICS.items() if v == metric), None)
+        if name:
+            assert [r.correct for r in res] == [helm_scores(r.continuation, r.item.answer)[name]
+                                                for r in res]
 
 
 @pytest.mark.slow
@@ -245,7 +258,55 @@ def test_cli_eval_helm_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "job.json").read_text())
     assert record["eval"]["format"] == "helm" and record["eval"]["n_shots"] == 5
+    assert record["eval"]["demo_pool"] == "generated: 200 stories of seed 1000000"
     results = pd.read_csv(tmp_path / "results.csv", keep_default_na=False)
     assert len(results) == 30 and set(results["metric"]) == {"quasi_exact"}
     assert record["n_correct"] == int(results["correct"].sum())
     assert not results["continuation"].str.contains("\n").any()  # cut at the stop string
+    # HELM's four metrics, each as HELM defines it, quasi_exact_match the deciding one
+    for name in HELM_METRICS:
+        assert [str(v) for v in results[name]] == [
+            str(helm_scores(c, a)[name]) for c, a in zip(results["continuation"],
+                                                         results["answer"])]
+    assert list(results["quasi_exact_match"]) == list(results["correct"])
+
+
+# --------------------------------------------------------------------------- demo pool
+def release(root: Path, *langs: str) -> Path:
+    """A release folder holding qa1 train and test files (the test fixture's stories) in
+    each of ``langs``."""
+    text = (ROOT / "tests" / "fixtures" / "qa1_tiny.txt").read_text()
+    for lang in langs:
+        (root / lang).mkdir(parents=True)
+        for split in ("train", "test"):
+            (root / lang / f"qa1_single-supporting-fact_{split}.txt").write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("langs, asked, fmt, want", [
+    (("en", "en-10k"), "en-10k", "helm", "en"),  # the 1k file: HELM's pool is 90% of it
+    (("en", "en-10k", "en-valid"), "en-10k", "helm", "en-valid"),  # HELM's own pool
+    (("en-10k",), "en-10k", "helm", "en-10k"),  # no en/: the evaluated language's
+    (("en", "en-10k"), "en-10k", "lm_eval", "en-10k"),  # lm-eval's pool is not HELM's
+    (("en", "hn"), "hn", "helm", "hn"),  # Hindi demos for Hindi questions
+])
+def test_helms_demo_pool_is_the_1k_english_train_file_where_present(tmp_path, langs, asked,
+                                                                   fmt, want):
+    root = release(tmp_path, *langs)
+    dc = DataConfig(name="babi_files", path=str(root), lang=asked, split="test")
+    ev = EvalConfig(format=fmt, scope="all", n_shots=1)
+    assert data.demo_lang(dc, ev) == want
+    assert data.demo_source(dc, ev) == f"babi_files: {want} qa1 train"
+    _, where = data.demo_stories(dc, ev)
+    assert where.startswith(str(root / want / "qa1_single-supporting-fact_train.txt"))
+    # eval.demo_lang names the folder itself
+    ev.demo_lang = asked
+    assert data.demo_lang(dc, ev) == asked
+    assert data.demo_source(dc, dataclasses.replace(ev, n_shots=0)) is None
+
+
+def test_demo_lang_must_be_a_release_folder():
+    from ih_sweep.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^eval.demo_lang='fr' is not allowed; allowed: null "):
+        settings(compose("eval=helm", "eval.demo_lang=fr"))

@@ -18,15 +18,21 @@ from ih_sweep.config.hydra import settings
 from ih_sweep.config.rules import check
 from ih_sweep.config.schema import EvalConfig, Metric
 from ih_sweep.evaluation.metrics import (
+    HELM_METRICS,
     cut_at_stop,
     decide_partial,
+    exact_match,
     final_or_verdict,
+    helm_scores,
     is_correct,
     is_word_char,
     normalize_text,
+    prefix_exact_match,
     quasi_exact_match,
+    quasi_prefix_exact_match,
     words,
 )
+from ih_sweep.pipeline.records import HELM_COLUMNS
 
 ALL = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]
 
@@ -69,7 +75,8 @@ def test_exact_is_the_first_words():
     assert not is_correct("the hallway", "hallway", "exact")
     assert is_correct("apple, football.", "apple,football", "exact")
     with pytest.raises(ValueError, match="allowed values: contains, exact, quasi_exact, "
-                                         "verbatim"):
+                                         "verbatim, helm_exact, prefix_exact, "
+                                         "quasi_prefix_exact"):
         is_correct("x", "x", "fuzzy")
 
 
@@ -170,6 +177,93 @@ def test_helm_quasi_exact_match():
     assert not quasi_exact_match("kitchen", " \n")  # empty after strip: 0
     assert is_correct(" kitchen\nPassage: x", " kitchen", "quasi_exact", ["\n"])
     assert not is_correct(" kitchen Passage", " kitchen", "quasi_exact", ["\n"])
+
+
+# HELM's four metrics (evaluate_reference_metrics.py, helm 63754d05) on hand cases: gold, the
+# completion as the model wrote it (HELM strips it before scoring), and the four verdicts in
+# HELM_METRICS' order (exact_match, quasi_exact_match, prefix_exact_match,
+# quasi_prefix_exact_match), worked out from HELM's definitions by hand
+HELM_CASES = [
+    ("kitchen", " kitchen", (1, 1, 1, 1)),
+    ("kitchen", "kitchen\t ", (1, 1, 1, 1)),
+    ("kitchen", " Kitchen", (0, 1, 0, 1)),  # case: only the quasi ones fold it
+    ("kitchen", " kitchen.", (0, 1, 1, 1)),  # punctuation: dropped by normalize_text
+    ("kitchen", " the kitchen", (0, 1, 0, 1)),  # an article: a space after normalize_text
+    ("kitchen", " kitchen garden", (0, 0, 1, 1)),  # more words: the prefixes still hold
+    ("kitchen", " kitchens", (0, 0, 1, 1)),  # a character prefix, not a word prefix
+    ("kitchen", " Kitchen garden", (0, 0, 0, 1)),
+    ("kitchen", " garden kitchen", (0, 0, 0, 0)),
+    ("kitchen", " ", (0, 0, 0, 0)),  # empty after stripping: 0 in each
+    ("kitchen", "", (0, 0, 0, 0)),
+    ("apple,milk", " apple,milk", (1, 1, 1, 1)),
+    ("apple,milk", " apple, milk", (0, 0, 0, 0)),  # the comma goes, the space stays
+    ("apple,milk", " apple milk", (0, 0, 0, 0)),
+    ("apple,milk", " applemilk", (0, 1, 0, 1)),  # normalize_text deletes the comma
+    ("south west", " south west", (1, 1, 1, 1)),  # task 19 in HELM's words
+    ("south west", " south", (0, 0, 0, 0)),
+    ("two", " Two.", (0, 1, 0, 1)),
+    ("none", " nothing", (0, 0, 0, 0)),
+    ("no", " nothing", (0, 0, 1, 1)),  # the prefixes' blind spot
+]
+
+
+def test_helm_metric_names_are_the_result_columns():
+    assert list(HELM_METRICS) == HELM_COLUMNS
+    assert set(HELM_METRICS.values()) <= {str(m) for m in Metric}
+
+
+@pytest.mark.parametrize("gold, pred, want", HELM_CASES)
+def test_helms_four_metrics_on_hand_cases(gold, pred, want):
+    fns = (exact_match, quasi_exact_match, prefix_exact_match, quasi_prefix_exact_match)
+    assert tuple(int(f(gold, pred)) for f in fns) == want
+    # as the evaluator scores: the target with its leading space, the continuation cut at
+    # HELM's stop string, each metric deciding `correct` in turn
+    scores = helm_scores(pred + "\nPassage: kitchen", " " + gold, ["\n"])
+    assert tuple(int(v) for v in scores.values()) == want
+    for name, metric in HELM_METRICS.items():
+        assert is_correct(pred + "\nx", " " + gold, metric, ["\n"]) == scores[name]
+
+
+def test_helms_metrics_wait_for_the_end():
+    """No early decision for HELM's metrics: the stripped end decides each of them."""
+    stop = ["\n"]
+    for metric in HELM_METRICS.values():
+        assert decide_partial(" kitchen", "kitchen", metric, stop) is None
+        assert decide_partial(" garden", "kitchen", metric, stop) is None
+        assert decide_partial(" kitchen\n", "kitchen", metric, stop) is True
+    # `whole`: no metric decides before the continuation has ended
+    ev = EvalConfig(metric="contains", max_new_tokens=5, stop=stop)
+    assert final_or_verdict("kitchen ", [1, 2], "kitchen", ev, None) is True
+    assert final_or_verdict("kitchen ", [1, 2], "kitchen", ev, None, whole=True) is None
+    assert final_or_verdict("kitchen \n", [1, 2], "kitchen", ev, None, whole=True) is True
+    assert final_or_verdict("x y", [1] * 5, "kitchen", ev, None, whole=True) is False
+
+
+def test_helms_metrics_on_every_english_file():
+    """On every answer of the release's en test files (HELM's task-19 paths in words): the
+    reference output HELM's adapter puts after ``Answer:`` (`` <answer>``) scores 1 in each
+    of HELM's metrics; written in capitals with a full stop, only the quasi ones forgive it;
+    with a word added, only the prefix ones. The word-level ``exact`` disagrees with HELM's
+    ``exact_match`` where the answer holds a comma (a list: words ignore the comma)."""
+    if not (BABI / "en").is_dir():
+        pytest.skip(f"{BABI} is absent")
+    answers = set()
+    for task in data.TASK_NAMES:
+        for story in data.load_babi_file(data.babi_file(BABI, "en", task, "test")):
+            answers |= {data.helm_answer(a.strip(), task)
+                        for a, t in zip(story["answer"], story["type"]) if t == 1}
+    assert len(answers) == 56 and sum("," in a for a in answers) > 5
+    for a in sorted(answers):
+        assert set(helm_scores(f" {a}", a).values()) == {True}, a
+        loud = helm_scores(f" {a.upper()}.", a)
+        assert loud == {"exact_match": False, "quasi_exact_match": True,
+                        "prefix_exact_match": False, "quasi_prefix_exact_match": True}, a
+        more = helm_scores(f" {a} xylophone", a)
+        assert more == {"exact_match": False, "quasi_exact_match": False,
+                        "prefix_exact_match": True, "quasi_prefix_exact_match": True}, a
+        spaced = f" {a.replace(',', ', ')}"
+        assert is_correct(spaced, a, "exact") and \
+            helm_scores(spaced, a)["exact_match"] == ("," not in a), a
 
 
 # --------------------------------------------------------------------------- lm-eval

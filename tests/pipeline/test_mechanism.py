@@ -14,7 +14,7 @@ from ih_sweep.config.errors import ConfigError
 from ih_sweep.config.hydra import settings
 from ih_sweep.config.identity import config_hash
 from ih_sweep.config.schema import MechanismConfig
-from ih_sweep.data import generate_stories
+from ih_sweep.data import generate_stories, iter_lm_text, question_indices
 from ih_sweep.heads.selection import select_heads
 from ih_sweep.pipeline import mechanism as M
 
@@ -131,6 +131,54 @@ def test_the_unablated_pass_runs_once_per_model_and_settings(tiny, texts, monkey
     assert len(calls) == 4
 
 
+def test_answer_positions_are_each_examples_answer(tiny):
+    """icl_tokens=answers: the token after each ``Answer: `` of the training text is the
+    answer word (the tokens the tiny model's loss was on); first and last example."""
+    _, tok = tiny
+    stories = generate_stories(8, seed=3)
+    texts = M.texts_for(stories, 8, "answers")
+    assert texts[0] == next(iter_lm_text(stories[:1]))  # the tiny model's training text
+    for story, text in zip(stories, texts):
+        ids, pos = M.answer_positions(tok, text)
+        answers = [story["answer"][i] for i in question_indices(story)]
+        assert [tok.decode([ids[p]]).strip() for p in pos] == answers
+    ids, first, last = M.answer_inputs(tok, texts)
+    assert ids.shape[0] == 8 and all(f < la < ids.shape[1] for f, la in zip(first, last))
+    with pytest.raises(ValueError, match="needs an early and a late"):
+        M.answer_inputs(tok, ["Passage: x\n\nQuestion: Where is Mary?\nAnswer: kitchen\n"])
+
+
+def test_answer_icl_score_is_last_minus_first_answer():
+    losses = torch.tensor([[float("nan"), 1.0, 4.0, 0.5, 9.0],
+                           [float("nan"), 2.0, 6.0, 3.0, 9.0]])
+    assert M.answer_icl_score(losses, [2, 1], [3, 2]) == pytest.approx(((0.5 - 4) + (6 - 2)) / 2)
+
+
+def test_icl_tokens_auto_is_answers_for_the_bundled_model_only():
+    assert M.icl_tokens(MechanismConfig(), "builtin:tiny") == "answers"
+    assert M.icl_tokens(MechanismConfig(), "EleutherAI/pythia-160m") == "text"
+    assert M.icl_tokens(MechanismConfig(icl_tokens="text"), "builtin:tiny") == "text"
+    assert M.icl_tokens(MechanismConfig(icl_tokens="answers"), "/models/x") == "answers"
+
+
+def test_icl_score_on_answers_of_the_tiny_model(tiny, tiny_prefix):
+    """The tiny model answers the first in-context example as well as the last unablated
+    (score near 0: its answers need the story, not earlier examples); ablating the top-16
+    heads moves the score far beyond what the layer-matched control does."""
+    model, tok = tiny
+    texts = M.texts_for(generate_stories(32, seed=0), 32, "answers")
+    cfg = MechanismConfig(n_sequences=2)
+    high = M.mechanism_check(model, tok, cfg, texts, select_heads(tiny_prefix, "high", 16),
+                             tokens="answers")
+    low = M.mechanism_check(model, tok, cfg, texts, select_heads(tiny_prefix, "low", 16),
+                            tokens="answers")
+    assert abs(high["icl_score_unablated"]) < 0.05
+    assert high["icl_tokens"] == "answers" and high["icl_texts"] == 32
+    assert high["icl_early"] < high["icl_late"]
+    assert abs(high["icl_score"] - high["icl_score_unablated"]) > \
+        5 * abs(low["icl_score"] - low["icl_score_unablated"])
+
+
 def test_mechanism_settings_are_semantic_unless_it_is_off():
     base = config_hash(compose())
     assert config_hash(compose("mechanism.seed=3")) != base
@@ -154,6 +202,7 @@ def test_a_cli_job_records_the_mechanism(tmp_path):
         assert isinstance(mech[key], float), key
     assert mech["repeat_loss"] > mech["repeat_loss_unablated"] + 3
     assert mech["seed"] == 1000 and mech["icl_texts"] == 20
+    assert mech["icl_tokens"] == "answers"  # auto, on the bundled model
     none = run_job(tmp_path / "none", "debug=fast", "condition=none").mechanism
     assert none["repeat_loss"] == none["repeat_loss_unablated"] == mech["repeat_loss_unablated"]
     off = run_job(tmp_path / "off", "debug=fast", "condition=none", "mechanism.enabled=false")
