@@ -7,6 +7,7 @@ need torch (a CUDA device the machine lacks) shows that the check sees an import
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -14,6 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.config_store import ConfigStore
+
+from ih_sweep import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "matplotlib", "scipy", "pandas")
@@ -80,3 +84,13 @@ def test_a_refusal_that_needs_torch_is_seen_importing_it(tmp_path):
     assert report["code"] == 2, proc.stderr[-3000:]
     assert "ih_sweep: device error: device=cuda:99" in proc.stderr
     assert "torch" in report["heavy"]
+
+
+def test_the_config_store_is_shared_only_while_the_command_runs():
+    """Hydra's copies of its config repository share the live store inside the command
+    (:func:`ih_sweep.cli.config_store_shared`); outside it, a copy is a copy again."""
+    store = ConfigStore.instance()
+    with cli.config_store_shared():
+        assert copy.deepcopy(store) is store
+        assert copy.deepcopy({"store": store})["store"] is store
+    assert copy.deepcopy(store) is not store
