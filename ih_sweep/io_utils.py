@@ -10,9 +10,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas only for the annotation: importing it costs ~0.4 s
+    import pandas as pd
 
 
 class WriteError(OSError):

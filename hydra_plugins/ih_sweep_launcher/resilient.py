@@ -17,6 +17,7 @@ a job that stays absent from both squeue and sacct for ``LOST_AFTER_S`` counts a
 
 from __future__ import annotations
 
+import copy
 import logging
 import subprocess
 import time
@@ -129,6 +130,30 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
     mark_started()
 
 
+def compose_each_job_once(config_loader: Any) -> None:
+    """Hydra composes each job's config three times in a sweep (the sweeper's check that
+    the batch composes, :func:`check_all_jobs`, the job's run), ~0.1-0.3 s each; from
+    here on ``config_loader.load_sweep_config`` composes each job once in this command
+    and hands out a copy of it, with the master config's resolver cache copied in as
+    Hydra does (the run's time stamp and folder name), so every caller gets the config it
+    got before, free to change it."""
+    compose = config_loader.load_sweep_config
+    if getattr(compose, "composes_once", False):
+        return
+    composed: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def load_sweep_config(master_config: Any, sweep_overrides: list[str]) -> Any:
+        key = (id(master_config), tuple(sweep_overrides))
+        if key not in composed:
+            composed[key] = (master_config, compose(master_config, list(sweep_overrides)))
+        config = copy.deepcopy(composed[key][1])
+        OmegaConf.copy_cache(from_config=master_config, to_config=config)
+        return config
+
+    load_sweep_config.composes_once = True  # type: ignore[attr-defined]
+    config_loader.load_sweep_config = load_sweep_config
+
+
 def summarize_partial(config: Any, sweep_dir: Path, failures: list[tuple[str, str]]) -> str:
     """The summary of the jobs that finished, listing those that did not. Returns a line
     for the failure report when the summary itself failed (a step, not the jobs already
@@ -157,6 +182,10 @@ class ResilientBasicLauncher(BasicLauncher):
     """Hydra's basic launcher (jobs one after another in this process) that checks every
     job first, runs every job even when one fails, writes the summary of those that
     finished, and then fails with one line per failed job."""
+
+    def setup(self, **kwargs: Any) -> None:
+        super().setup(**kwargs)
+        compose_each_job_once(self.hydra_context.config_loader)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
                ) -> Sequence[JobReturn]:

@@ -54,3 +54,38 @@ def test_a_cancelled_pending_task_submitit_still_calls_pending_is_lost(monkeypat
 def test_slurm_knows_cannot_tell_without_slurm(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert resilient.slurm_knows("1_0") is None  # never counts as absent
+
+
+class FakeLoader:
+    """Hydra's config loader, as far as compose_each_job_once uses it: a composition per
+    call, counted, with the master's resolver cache copied in (as Hydra's does)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def load_sweep_config(self, master_config, sweep_overrides):
+        from omegaconf import OmegaConf
+
+        self.calls += 1
+        config = OmegaConf.create({"overrides": list(sweep_overrides), "job": {"id": None}})
+        OmegaConf.copy_cache(from_config=master_config, to_config=config)
+        return config
+
+
+def test_each_job_is_composed_once_and_every_caller_gets_its_own_copy():
+    from omegaconf import OmegaConf
+
+    loader = FakeLoader()
+    master = OmegaConf.create({"stamp": "${oc.env:IH_SWEEP_TEST_UNSET,x}"})
+    resilient.compose_each_job_once(loader)
+    resilient.compose_each_job_once(loader)  # a second setup wraps nothing twice
+    first = loader.load_sweep_config(master, ["n_heads=4"])
+    first.job.id = 0  # a caller changes its copy
+    OmegaConf.get_cache(master)["later"] = {"k": "v"}  # the master resolves more, later
+    second = loader.load_sweep_config(master, ["n_heads=4"])
+    other = loader.load_sweep_config(master, ["n_heads=8"])
+    assert loader.calls == 2  # n_heads=4 once, n_heads=8 once
+    assert second.job.id is None and list(second.overrides) == ["n_heads=4"]
+    assert OmegaConf.get_cache(second) == OmegaConf.get_cache(master)
+    assert OmegaConf.get_cache(second) is not OmegaConf.get_cache(master)
+    assert list(other.overrides) == ["n_heads=8"]
