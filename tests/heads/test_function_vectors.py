@@ -286,6 +286,10 @@ def test_fv_scores_are_cached_reused_and_keyed_by_the_prompts(tmp_path, tiny):
     assert path == score_table.fv_cache_path(cfg) and path.name.startswith("tiny-fv-")
     assert np.isfinite(df["fv"]).all() and np.isfinite(df["prefix"]).all() and calls
     assert (path.with_suffix(".png")).is_file() and path.with_name(path.name + ".sha256")
+    effects = score_table.read_samples(path, (2, 32))  # [fv_prompts, layers, heads]
+    assert effects.shape == (3, 2, 32)
+    np.testing.assert_allclose(effects.mean(0).ravel(), df["fv"], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(effects.std(0, ddof=1).ravel() / np.sqrt(3), df["fv_se"])
     calls.clear()
     again, _ = score_table.get_scores(cfg, getter)
     assert not calls and np.array_equal(again["fv"], df["fv"])  # reused, model not loaded
