@@ -17,7 +17,10 @@ heads the same way.
 
 Definition, per head (layer l, query head h), in the project's terms:
 
-- Prompts: the job's items (:func:`ih_sweep.data.items_for`). A prompt's *demonstrations*
+- Prompts: items of stories held out from the evaluated ones (``scoring.fv_reference=heldout``,
+  the default, :mod:`ih_sweep.data.heldout`), or the job's own items (``evaluated``; in
+  sample, as before issue #30), made as the job's are
+  (:func:`ih_sweep.data.items_for`). A prompt's *demonstrations*
   are its answered questions: with ``eval.format=notebook`` the story's earlier questions
   with their answers, with ``helm``/``lm_eval`` the ``eval.n_shots`` demo blocks. Both
   formats write a demonstration's answer as ``"\\nAnswer: <answer>\\n"`` and leave the asked

@@ -135,7 +135,8 @@ def get_scores(config: Config, model_getter: Callable[[], tuple[Any, Any]],
 
     Computed: the induction scores (always) and, where ``scoring.rank_by`` or
     ``scoring.exclude_by`` is ``fv``, the FV scores (:mod:`ih_sweep.heads.function_vectors`) on
-    ``items`` (the job's prompts; None: made from ``data`` and ``eval``), each table cached
+    the prompts :func:`fv_items` gives (held-out stories' by default; ``items``: the
+    job's, None: made from ``data`` and ``eval``), each table cached
     for every job that needs the same one (:func:`cache_path`, :func:`fv_cache_path`);
     the ``fv`` column is empty otherwise. A user's file (``scoring.source=file``) is the
     whole table: its ``fv`` column where it has one.
@@ -312,10 +313,7 @@ def _compute_fv(config: Config, model_getter, items: Sequence[Any] | None,
                 progress: bool, path: Path | None = None) -> pd.DataFrame:
     from ih_sweep.heads.function_vectors import function_vector_scores, fv_table
 
-    if items is None:
-        from ih_sweep.data import items_for, load_stories
-
-        items = items_for(config.data, config.eval, load_stories(config.data))
+    items = fv_items(config, items)
     model, tokenizer = model_getter()
     t0 = time.time()
     result = function_vector_scores(model, tokenizer, items, config.scoring, progress)
@@ -323,6 +321,24 @@ def _compute_fv(config: Config, model_getter, items: Sequence[Any] | None,
     if path is not None:
         write_samples(path, result.effects)
     return fv_table(result, config.scoring, config.model.name)
+
+
+def fv_items(config: Config, items: Sequence[Any] | None) -> Sequence[Any]:
+    """The prompts the FV scores are computed on (``scoring.fv_reference``): items of
+    held-out stories (``heldout``: ``items.heldout`` where the job made them, else made
+    here, :mod:`ih_sweep.data.heldout`) or the job's own ``items`` (``evaluated``; None:
+    made from ``data`` and ``eval``)."""
+    from ih_sweep.config.schema import Reference
+    from ih_sweep.data import items_for, load_stories
+    from ih_sweep.data.heldout import heldout_items
+
+    if config.scoring.fv_reference == Reference.heldout:
+        if getattr(items, "heldout", None) is not None:
+            return items.heldout  # type: ignore[union-attr]
+        return heldout_items(config.data, config.eval, load_stories(config.data))[0]
+    if items is None:
+        return items_for(config.data, config.eval, load_stories(config.data))
+    return items
 
 
 def _remove_stale_temporaries(folder: Path) -> None:

@@ -145,6 +145,11 @@ class EvaluationRecord:
     # bootstrap resamples), threshold, unstable; null for random / none jobs, copying or
     # combined rankings, a user's score file, and records written before it existed
     rank_stability: dict[str, Any] | None = None
+    # which prompts the reference means (ablation) and FV scores (fv) were taken on:
+    # heldout (stories disjoint from the evaluated ones) or evaluated, and where the
+    # held-out stories come from (ih_sweep.pipeline.stages.reference_prompts); null for a
+    # job that takes neither and in records written before it existed
+    reference_prompts: dict[str, Any] | None = None
 
 
 @dataclass

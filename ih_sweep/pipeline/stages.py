@@ -211,11 +211,28 @@ def count_heads(config: Config) -> HeadCount:
 
 
 def load_items(config: Config) -> Items:
-    """The job's stories (``data``) and their items (``eval``)."""
+    """The job's stories (``data``) and their items (``eval``), with the held-out items
+    beside them (:class:`ih_sweep.data.heldout.EvaluatedItems`) where the job takes a
+    statistic on them (:func:`needs_heldout`)."""
     from ih_sweep.data import items_for, load_stories
+    from ih_sweep.data.heldout import EvaluatedItems, heldout_items
 
     stories = load_stories(config.data)
-    return Items(stories, items_for(config.data, config.eval, stories))
+    items = items_for(config.data, config.eval, stories)
+    if not needs_heldout(config):
+        return Items(stories, EvaluatedItems(items))
+    return Items(stories, EvaluatedItems(items, *heldout_items(config.data, config.eval,
+                                                               stories)))
+
+
+def needs_heldout(config: Config) -> bool:
+    """Whether the job takes a statistic on held-out prompts: an ablating job whose method
+    takes reference prompts (not ``zero``) with ``ablation.reference=heldout``, or FV
+    scores computed with ``scoring.fv_reference=heldout``."""
+    from ih_sweep.config.schema import Reference
+
+    used = reference_prompts(config) or {}
+    return Reference.heldout.value in (used.get("ablation"), used.get("fv"))
 
 
 def needs_scores(config: Config, count: HeadCount) -> bool:
@@ -376,13 +393,38 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
         results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config),
         scores_file=selection.scores_file, mechanism=mechanism, inputs=dict(inputs or {}),
         output_norm_mean=float(np.mean(norms)) if heads and None not in norms else None,
-        rank_stability=selection.stability)
+        rank_stability=selection.stability, reference_prompts=reference_prompts(config))
     write_record(out_dir, record)
     store(out_dir, config.paths.cache_dir, chash)
     shutil.rmtree(out_dir / "partial", ignore_errors=True)
     log.info("%s: %d/%d correct (%.1f%%), written to %s", describe(config), n_correct,
              len(frame), 100 * record.accuracy, out_dir)
     return record
+
+
+def reference_prompts(config: Config) -> dict[str, Any] | None:
+    """job.json's ``reference_prompts``: which prompts the job's reference means
+    (``ablation``) and FV scores (``fv``) are taken on, ``heldout`` or ``evaluated``
+    (null: the job takes none), and where the held-out stories come from
+    (:mod:`ih_sweep.data.heldout`); None for a job that takes neither."""
+    from ih_sweep.config.schema import RankBy
+    from ih_sweep.data.heldout import HELDOUT_SEED_OFFSET, HELDOUT_STORIES
+
+    ablates = config.condition != Condition.none and config.n_heads not in (0, "0")
+    means = config.ablation.reference.value \
+        if ablates and config.ablation.method != "zero" else None
+    fv = config.scoring.fv_reference.value if ablates and config.scoring.uses(RankBy.fv) \
+        and config.scoring.source == ScoreSource.compute else None
+    if means is None and fv is None:
+        return None
+    if config.data.name == "babi_generated":
+        source = (f"up to {HELDOUT_STORIES} generated stories of seed data.seed + "
+                  f"{HELDOUT_SEED_OFFSET} = {config.data.seed + HELDOUT_SEED_OFFSET}")
+    else:
+        source = (f"up to {HELDOUT_STORIES} stories of data.split={config.data.split.value} "
+                  "after the evaluated ones, else of the train file")
+    return {"ablation": means, "fv": fv,
+            "heldout": f"{source}, none with an evaluated story's text"}
 
 
 def describe(config: Config) -> str:
