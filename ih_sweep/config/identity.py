@@ -17,7 +17,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ih_sweep.config.schema import EXCLUSION_KEYS, FV_KEYS, Config, schema_fields
+from ih_sweep.config.schema import (
+    EXCLUSION_KEYS,
+    FV_KEYS,
+    NO_REFERENCE_METHODS,
+    Config,
+    schema_fields,
+)
 
 MAX_FOLDER_BYTES = 200  # file systems allow 255 bytes a name; room for Hydra's own suffixes
 
@@ -107,10 +113,10 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
     ablation = container.get("ablation")
     if isinstance(ablation, dict) and ablation.get("method") != "resample":
         ablation.pop("seed", None)  # only resample draws anything
-    if isinstance(ablation, dict) and (ablation.get("method") == "zero" or
+    if isinstance(ablation, dict) and (ablation.get("method") in NO_REFERENCE_METHODS or
                                        ablation.get("reference") == "evaluated"):
-        # zero ablation takes no reference prompts; the evaluated ones: the hash it had
-        # before held-out references existed
+        # zero (knockout) ablation takes no reference prompts; the evaluated ones: the hash
+        # it had before held-out references existed
         ablation.pop("reference", None)
     for dotted in speed_keys():
         node = container

@@ -144,6 +144,8 @@ class Reference(Choice):
 
 
 HELDOUT_STORIES = 400  # held-out stories at most (the FV default needs 125 usable prompts)
+# ablation methods that take no reference prompts (ablation.reference means nothing to them)
+NO_REFERENCE_METHODS = ("zero", "knockout")
 
 
 class Schedule(Choice):

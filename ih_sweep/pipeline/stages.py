@@ -407,12 +407,12 @@ def reference_prompts(config: Config) -> dict[str, Any] | None:
     (``ablation``) and FV scores (``fv``) are taken on, ``heldout`` or ``evaluated``
     (null: the job takes none), and where the held-out stories come from
     (:mod:`ih_sweep.data.heldout`); None for a job that takes neither."""
-    from ih_sweep.config.schema import RankBy
+    from ih_sweep.config.schema import NO_REFERENCE_METHODS, RankBy
     from ih_sweep.data.heldout import HELDOUT_SEED_OFFSET, HELDOUT_STORIES
 
     ablates = config.condition != Condition.none and config.n_heads not in (0, "0")
     means = config.ablation.reference.value \
-        if ablates and config.ablation.method != "zero" else None
+        if ablates and config.ablation.method not in NO_REFERENCE_METHODS else None
     fv = config.scoring.fv_reference.value if ablates and config.scoring.uses(RankBy.fv) \
         and config.scoring.source == ScoreSource.compute else None
     if means is None and fv is None:
