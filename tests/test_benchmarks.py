@@ -80,3 +80,19 @@ def test_fast_path_benchmark_smoke_run(tmp_path):
     assert out["identical_outcomes"] is True
     assert set(out["median_s"]) == {"no_shortcut", "attention_interface_only",
                                     "with_layer_forwards"}
+
+
+def test_rank_stability_benchmark_smoke_run(tmp_path):
+    """rank_stability.py for one fv_seed and one N: every number it reports is a share."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's package
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "rank_stability.py"), "--seeds", "0",
+         "--n", "4", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+        env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "rank_stability.json").read_text())
+    assert 0 <= out["fv"]["fv_seed=0"]["top4_bootstrap"] <= 1
+    assert 0 <= out["prefix"]["top4_bootstrap"] <= 1 and out["prefix"]["sequences"] == 16
+    assert out["fv"]["across_seeds"] == {"top4": None}  # one seed: no pair to compare

@@ -25,7 +25,8 @@ class Mean(BaseAblation):
         from ih_sweep.ablation.means import head_means, reference_batches
 
         return head_means(inputs.model, reference_batches(
-            inputs.tokenizer, inputs.items, inputs.settings.n_reference, inputs.model))
+            inputs.tokenizer, inputs.reference_items, inputs.settings.n_reference,
+            inputs.model))
 
     def check_fill(self, fill: Any, heads: Heads) -> None:
         if fill is None:

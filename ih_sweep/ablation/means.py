@@ -10,7 +10,10 @@ from the unablated model over reference prompts.
   https://arxiv.org/abs/2404.15255, section on ablation choices: "mean over a reference
   distribution", taken per position when prompts are aligned).
 - :func:`reference_batches`: the reference prompts, the first ``ablation.n_reference``
-  evaluated prompts, tokenized.
+  of the reference items (:attr:`ih_sweep.ablation.registry.FillInputs.reference_items`:
+  by default items of held-out stories, disjoint from the evaluated ones,
+  :mod:`ih_sweep.data.heldout`; with ``ablation.reference=evaluated`` the evaluated
+  prompts), tokenized.
 """
 
 from __future__ import annotations
@@ -145,12 +148,12 @@ def position_means(model, batches: Sequence[dict[str, torch.Tensor]]) -> Positio
 def reference_batches(tokenizer, items: Sequence, n: int, model, batch_size: int = 16
                       ) -> list[dict]:
     """Tokenized reference prompts for mean and position-wise mean ablation (the first
-    ``n`` evaluated prompts): batches of ``input_ids`` and ``attention_mask`` on the
+    ``n`` of ``items``, the reference items): batches of ``input_ids`` and ``attention_mask`` on the
     model's device."""
     device = next(model.parameters()).device
     if n > len(items):
-        log.warning("ablation.n_reference=%d, but the job has %d prompts: the mean is taken "
-                    "over all %d", n, len(items), len(items))
+        log.warning("ablation.n_reference=%d, but there are %d reference prompts: the mean "
+                    "is taken over all %d", n, len(items), len(items))
     prompts = [it.prompt for it in items[:n]]
     batches = []
     for i in range(0, len(prompts), batch_size):

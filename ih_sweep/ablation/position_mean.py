@@ -31,7 +31,8 @@ class PositionMean(BaseAblation):
         from ih_sweep.ablation.means import position_means, reference_batches
 
         return position_means(inputs.model, reference_batches(
-            inputs.tokenizer, inputs.items, inputs.settings.n_reference, inputs.model))
+            inputs.tokenizer, inputs.reference_items, inputs.settings.n_reference,
+            inputs.model))
 
     def check_fill(self, fill: Any, heads: Heads) -> None:
         from ih_sweep.ablation.means import PositionMeans

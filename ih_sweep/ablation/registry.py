@@ -56,6 +56,15 @@ class FillInputs:
     settings: AblationConfig
     max_new_tokens: int
 
+    @property
+    def reference_items(self) -> Sequence[Any]:
+        """The prompts the reference means are taken on (``ablation.reference``):
+        held-out items for ``heldout``, the evaluated ``items`` for ``evaluated``
+        (:func:`ih_sweep.data.heldout.reference_items`)."""
+        from ih_sweep.data.heldout import reference_items
+
+        return reference_items(self.items, self.settings.reference)
+
 
 Fill = Any  # what a method's prepare returns and its replace reads (None: nothing)
 

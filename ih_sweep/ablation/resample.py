@@ -56,7 +56,8 @@ class Resample(BaseAblation):
         from ih_sweep.ablation.means import position_means, reference_batches
 
         means = position_means(inputs.model, reference_batches(
-            inputs.tokenizer, inputs.items, inputs.settings.n_reference, inputs.model))
+            inputs.tokenizer, inputs.reference_items, inputs.settings.n_reference,
+            inputs.model))
         texts, needed = donor_texts(inputs.tokenizer, inputs.items, inputs.max_new_tokens)
         return DonorReference(means, texts, needed)
 

@@ -17,7 +17,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ih_sweep.config.schema import EXCLUSION_KEYS, FV_KEYS, Config, schema_fields
+from ih_sweep.config.schema import (
+    EXCLUSION_KEYS,
+    FV_KEYS,
+    NO_REFERENCE_METHODS,
+    Config,
+    schema_fields,
+)
 
 MAX_FOLDER_BYTES = 200  # file systems allow 255 bytes a name; room for Hydra's own suffixes
 
@@ -84,7 +90,9 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
     seed of a condition other than ``random``, ``control_seeds`` unless a random job asks
     for several draws (so each draw of such a job hashes as its single-seed job),
     ``control`` unless a random job matches on more than layers
-    (``control.match=layer_norm``; so every other job hashes as before it existed), and for
+    (``control.match=layer_norm``; so every other job hashes as before it existed),
+    ``ablation.reference`` for zero ablation and both reference keys where they say
+    ``evaluated`` (in-sample references hash as before held-out ones existed), and for
     an unablated job (``condition=none`` or ``n_heads=0``) which heads would have been
     chosen and how (``n_heads`` becomes 0, ``scoring`` and ``ablation`` go). Two jobs with
     the same semantic config compute the same results."""
@@ -107,6 +115,11 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
         ablation.pop("seed", None)  # only resample draws anything
     if isinstance(ablation, dict) and ablation.get("method") != "knockout":
         ablation.pop("knockout", None)  # only knockout reads it: other jobs hash as before
+    if isinstance(ablation, dict) and (ablation.get("method") in NO_REFERENCE_METHODS or
+                                       ablation.get("reference") == "evaluated"):
+        # zero (knockout) ablation takes no reference prompts; the evaluated ones: the hash
+        # it had before held-out references existed
+        ablation.pop("reference", None)
     for dotted in speed_keys():
         node = container
         *parents, leaf = dotted.split(".")
@@ -134,6 +147,8 @@ def _drop_unused_scoring(scoring: Any) -> None:
     if "fv" not in (scoring.get("rank_by"), scoring.get("exclude_by")):
         for key in FV_KEYS:
             scoring.pop(key, None)
+    if scoring.get("fv_reference") == "evaluated":  # the hash it had before held-out FV
+        scoring.pop("fv_reference", None)
 
 
 def config_hash(cfg: DictConfig | Config) -> str:

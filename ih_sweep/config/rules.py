@@ -16,6 +16,7 @@ from typing import Any
 from ih_sweep.config.errors import ConfigError
 from ih_sweep.config.schema import (
     BABI_TASKS,
+    HELDOUT_STORIES,
     LANGS,
     MAX_STORIES,
     Condition,
@@ -28,6 +29,7 @@ from ih_sweep.config.schema import (
     ModelConfig,
     PromptFormat,
     RankBy,
+    Reference,
     ScanConfig,
     Scope,
     ScoreSource,
@@ -185,11 +187,20 @@ def check_scoring(cfg: Config) -> None:
         need = sc.fv_prompts + sc.fv_mean_prompts
         # a story gives one prompt under eval.scope=last: too few stories is known now,
         # before any job runs (the job itself counts the prompts FV can use)
-        _need(cfg.condition == Condition.none or cfg.n_heads == 0 or cfg.data.n_stories is None
-              or ev.scope != Scope.last or cfg.data.n_stories >= need, "data.n_stories",
-              cfg.data.n_stories, f"FV scores (scoring.{key}=fv) take fv_mean_prompts + fv_prompts"
-              f" = {need} prompts, one a story with eval.scope=last; allowed: >= {need}, or "
-              "fewer scoring.fv_prompts / scoring.fv_mean_prompts")
+        chooses = cfg.condition != Condition.none and cfg.n_heads != 0 and \
+            ev.scope == Scope.last
+        if sc.fv_reference == Reference.evaluated:  # on the job's own prompts
+            _need(not chooses or cfg.data.n_stories is None or cfg.data.n_stories >= need,
+                  "data.n_stories", cfg.data.n_stories, f"FV scores (scoring.{key}=fv) take "
+                  f"fv_mean_prompts + fv_prompts = {need} prompts, one a story with "
+                  f"eval.scope=last; allowed: >= {need}, or fewer scoring.fv_prompts / "
+                  "scoring.fv_mean_prompts")
+        elif cfg.data.name == DataSource.babi_generated:  # on the held-out stories
+            _need(not chooses or need <= HELDOUT_STORIES, "scoring.fv_prompts", sc.fv_prompts,
+                  f"FV scores take fv_mean_prompts + fv_prompts = {need} prompts of the "
+                  f"{HELDOUT_STORIES} held-out stories (scoring.fv_reference=heldout), one a "
+                  f"story with eval.scope=last; allowed: fv_mean_prompts + fv_prompts <= "
+                  f"{HELDOUT_STORIES}, or scoring.fv_reference=evaluated")
 
 
 def check_ablation(cfg: Config) -> None:

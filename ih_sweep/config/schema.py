@@ -162,12 +162,27 @@ class RankBy(Choice):
     # job's own prompts (ih_sweep.heads.function_vectors)
 
 
+class Reference(Choice):
+    """Which prompts the statistics of the unablated model are taken on: the reference
+    means of mean / position-wise mean / resample ablation, and the FV scores' prompts
+    (:mod:`ih_sweep.data.heldout`)."""
+
+    heldout = "heldout"  # stories disjoint from the evaluated ones (a separate seed / split)
+    evaluated = "evaluated"  # the evaluated prompts themselves (in-sample; before issue #30)
+
+
+HELDOUT_STORIES = 400  # held-out stories at most (the FV default needs 125 usable prompts)
+# ablation methods that take no reference prompts (ablation.reference means nothing to them)
+NO_REFERENCE_METHODS = ("zero", "knockout")
+
+
 class Schedule(Choice):
     cosine = "cosine"
     wsd = "wsd"  # warmup-stable-decay
 
 
-FV_KEYS = ("fv_prompts", "fv_mean_prompts", "fv_seed", "fv_correct_only", "fv_batch_size")
+FV_KEYS = ("fv_prompts", "fv_mean_prompts", "fv_seed", "fv_correct_only", "fv_batch_size",
+           "fv_reference")
 EXCLUSION_KEYS = ("exclude_by", "exclude_share")
 # bAbI v1.2 release folders; not an Enum because the names hold '-'
 LANGS = ("en", "en-10k", "hn", "hn-10k", "shuffled", "shuffled-10k", "en-valid", "en-valid-10k")
@@ -256,6 +271,8 @@ class ScoringConfig:
     fv_mean_prompts: int = 100  # clean prompts the head means are taken over
     fv_seed: int = 0  # the prompts' order and each prompt's answer shuffle
     fv_correct_only: bool = True  # only prompts the model answers right (Todd et al.)
+    # the FV prompts: held-out stories, or the evaluated prompts (ih_sweep.data.heldout)
+    fv_reference: Reference = Reference.heldout
     # rows a pass; auto: 64 on CPU, on CUDA what the free memory holds
     fv_batch_size: int | str = field(default="auto", metadata=SPEED)
 
@@ -280,6 +297,9 @@ class AblationConfig:
     method: str = "zero"
     # mean, position_mean (and resample past a donor's end): prompts the means are taken over
     n_reference: int = 64
+    # where the reference prompts come from: held-out stories, or the first evaluated
+    # prompts (ih_sweep.data.heldout; zero ablation takes none)
+    reference: Reference = Reference.heldout
     seed: int = 0  # resample: the draw of each story's donor story (ignored otherwise)
     # knockout: mask (induction edges -inf before the softmax, the rest renormalised) or zero
     # (their weights 0 after the softmax, not renormalised); ignored by the other methods

@@ -17,7 +17,10 @@ heads the same way.
 
 Definition, per head (layer l, query head h), in the project's terms:
 
-- Prompts: the job's items (:func:`ih_sweep.data.items_for`). A prompt's *demonstrations*
+- Prompts: items of stories held out from the evaluated ones (``scoring.fv_reference=heldout``,
+  the default, :mod:`ih_sweep.data.heldout`), or the job's own items (``evaluated``; in
+  sample, as before issue #30), made as the job's are
+  (:func:`ih_sweep.data.items_for`). A prompt's *demonstrations*
   are its answered questions: with ``eval.format=notebook`` the story's earlier questions
   with their answers, with ``helm``/``lm_eval`` the ``eval.n_shots`` demo blocks. Both
   formats write a demonstration's answer as ``"\\nAnswer: <answer>\\n"`` and leave the asked
@@ -47,7 +50,10 @@ Definition, per head (layer l, query head h), in the project's terms:
   (:func:`ih_sweep.evaluation.rows.answer_tokens`,
   the evaluator's own tokenization; the corrupted prompt ends as the clean one does).
 - FV score: AIE[l, h] = mean over the ``fv_prompts`` corrupted prompts of CIE[l, h]. Units:
-  a probability difference, in [-1, 1].
+  a probability difference, in [-1, 1]. Its standard error over the corrupted prompts
+  (``fv_se``, :func:`ih_sweep.heads.stability.standard_error`: std of CIE[l, h] with
+  ddof=1 over sqrt(fv_prompts)) and the top-N set's bootstrap stability over them
+  (:mod:`ih_sweep.heads.stability`) say how far the ranking rests on these prompts.
 
 Batching: the clean prompts run ``fv_batch_size`` at a time, left-padded with position ids
 from the mask (:func:`ih_sweep.model.positions.positions_from_mask`), so the final token is
@@ -77,8 +83,9 @@ from ih_sweep.model.tokens import pad_id
 
 log = logging.getLogger(__name__)
 
+# fv_se: the AIE's standard error over the corrupted prompts (ih_sweep.heads.stability)
 FV_COLUMNS = ["model", "layer", "head", "fv", "fv_prompts", "fv_mean_prompts", "fv_seed",
-              "fv_correct_only"]
+              "fv_correct_only", "fv_se"]
 DRAWS = 1000  # rejection-sampling draws of a prompt's answer permutation
 CPU_FV_ROWS = 64  # scoring.fv_batch_size=auto on CPU: rows a pass
 _ANSWER = re.compile(r"(?<=\nAnswer: )[^\n]*(?=\n)")
@@ -378,8 +385,12 @@ def function_vector_scores(model, tokenizer, items: Sequence[Item], settings: Sc
 def fv_table(result: FunctionVectorResult, settings: ScoringConfig, model_name: str
              ) -> pd.DataFrame:
     """The FV score table: one row per head, columns :data:`FV_COLUMNS`."""
+    from ih_sweep.heads.stability import standard_error
+
     L, H = result.aie.shape
+    se = standard_error(result.effects)
     return pd.DataFrame(
         [(model_name, la, h, float(result.aie[la, h]), settings.fv_prompts,
-          settings.fv_mean_prompts, settings.fv_seed, settings.fv_correct_only)
+          settings.fv_mean_prompts, settings.fv_seed, settings.fv_correct_only,
+          float(se[la, h]))
          for la in range(L) for h in range(H)], columns=FV_COLUMNS)

@@ -135,7 +135,8 @@ def get_scores(config: Config, model_getter: Callable[[], tuple[Any, Any]],
 
     Computed: the induction scores (always) and, where ``scoring.rank_by`` or
     ``scoring.exclude_by`` is ``fv``, the FV scores (:mod:`ih_sweep.heads.function_vectors`) on
-    ``items`` (the job's prompts; None: made from ``data`` and ``eval``), each table cached
+    the prompts :func:`fv_items` gives (held-out stories' by default; ``items``: the
+    job's, None: made from ``data`` and ``eval``), each table cached
     for every job that needs the same one (:func:`cache_path`, :func:`fv_cache_path`);
     the ``fv`` column is empty otherwise. A user's file (``scoring.source=file``) is the
     whole table: its ``fv`` column where it has one.
@@ -159,17 +160,18 @@ def get_scores(config: Config, model_getter: Callable[[], tuple[Any, Any]],
     rank_by = str(config.scoring.rank_by)
     path = cache_path(config)
     df = cached_table(config, path, shape, INDUCTION_COLUMNS, INDUCTION_NAMES,
-                      lambda: _compute(config, model_getter, progress),
+                      lambda: _compute(config, model_getter, progress, path),
                       rank_by if rank_by in INDUCTION_NAMES else "prefix")
-    df = df.assign(fv=np.nan)
+    df = df.assign(fv=np.nan, fv_se=np.nan)
     if config.scoring.uses(RankBy.fv):
         from ih_sweep.heads.function_vectors import FV_COLUMNS
 
         fv_path = fv_cache_path(config)
         fv = cached_table(config, fv_path, shape, FV_COLUMNS, ["fv"],
-                          lambda: _compute_fv(config, model_getter, items, progress), "fv")
-        df = df.drop(columns="fv").merge(fv[["layer", "head", "fv"]], on=["layer", "head"],
-                                         how="left")
+                          lambda: _compute_fv(config, model_getter, items, progress, fv_path),
+                          "fv")
+        df = df.drop(columns=["fv", "fv_se"]).merge(fv[["layer", "head", "fv", "fv_se"]],
+                                                    on=["layer", "head"], how="left")
         if rank_by == RankBy.fv:
             path = fv_path
     return df[SCORE_COLUMNS], path
@@ -240,33 +242,103 @@ def check_sequences_fit(config: Config) -> None:
                              position_limit(load_config(config.model)))
 
 
-def _compute(config: Config, model_getter, progress: bool) -> pd.DataFrame:
-    from ih_sweep.heads.scoring import score_heads
+def samples_path(path: Path) -> Path:
+    """The per-sample scores beside a cached table (``<table>.samples.npy``: [samples,
+    layers, heads] float64; the prefix score per random sequence, the FV score's indirect
+    effect per corrupted prompt), from which :mod:`ih_sweep.heads.stability` resamples."""
+    return path.with_name(path.stem + ".samples.npy")
+
+
+def write_samples(path: Path, samples: np.ndarray) -> None:
+    """:func:`samples_path` of the table at ``path`` written atomically (a temporary file
+    renamed; under the table's lock)."""
+    target = samples_path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(samples, dtype=np.float64))
+    os.replace(tmp, target)
+
+
+def read_samples(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """The per-sample scores beside the cached table at ``path`` ([S, layers, heads]), or
+    None (logged) where there are none or they do not fit ``shape``: a table cached by a
+    version that kept none (its stability is then unknown; delete the table to rescore)."""
+    if path is None:
+        return None
+    target = samples_path(path)
+    try:
+        samples = np.load(target, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        log.warning("no per-sample scores beside %s (%s): the ranking's stability is not "
+                    "known; delete the table to rescore", path, type(err).__name__)
+        return None
+    if samples.ndim != 3 or tuple(samples.shape[1:]) != tuple(shape) or samples.shape[0] < 1:
+        log.warning("the per-sample scores %s have shape %s, not [samples, %d, %d]: the "
+                    "ranking's stability is not known", target, samples.shape, *shape)
+        return None
+    return samples
+
+
+def score_samples(config: Config, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The per-sample scores of the job's computed tables, by score name (``prefix``:
+    [sequences, layers, heads]; ``fv``, where the job uses it: [prompts, layers, heads]);
+    none for a user's file (``scoring.source=file``) or where :func:`read_samples` finds
+    none. Read after :func:`get_scores` (which writes them)."""
+    if config.scoring.source == ScoreSource.file:
+        return {}
+    found = {"prefix": read_samples(cache_path(config), shape)}
+    if config.scoring.uses(RankBy.fv):
+        found["fv"] = read_samples(fv_cache_path(config), shape)
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _compute(config: Config, model_getter, progress: bool, path: Path | None = None
+             ) -> pd.DataFrame:
+    from ih_sweep.heads.scoring import score_heads_with_samples
     from ih_sweep.model.loading import eager_attention
 
     check_sequences_fit(config)
     model, tokenizer = model_getter()
     t0 = time.time()
     with eager_attention(model):
-        df = score_heads(model, tokenizer, config.scoring, config.model.name,
-                         progress=progress)
+        df, samples = score_heads_with_samples(model, tokenizer, config.scoring,
+                                               config.model.name, progress=progress)
     log.info("scored %d heads in %.1f s", len(df), time.time() - t0)
+    if path is not None:
+        write_samples(path, samples)
     return df
 
 
 def _compute_fv(config: Config, model_getter, items: Sequence[Any] | None,
-                progress: bool) -> pd.DataFrame:
+                progress: bool, path: Path | None = None) -> pd.DataFrame:
     from ih_sweep.heads.function_vectors import function_vector_scores, fv_table
 
-    if items is None:
-        from ih_sweep.data import items_for, load_stories
-
-        items = items_for(config.data, config.eval, load_stories(config.data))
+    items = fv_items(config, items)
     model, tokenizer = model_getter()
     t0 = time.time()
     result = function_vector_scores(model, tokenizer, items, config.scoring, progress)
     log.info("FV-scored %d heads in %.1f s", result.aie.size, time.time() - t0)
+    if path is not None:
+        write_samples(path, result.effects)
     return fv_table(result, config.scoring, config.model.name)
+
+
+def fv_items(config: Config, items: Sequence[Any] | None) -> Sequence[Any]:
+    """The prompts the FV scores are computed on (``scoring.fv_reference``): items of
+    held-out stories (``heldout``: ``items.heldout`` where the job made them, else made
+    here, :mod:`ih_sweep.data.heldout`) or the job's own ``items`` (``evaluated``; None:
+    made from ``data`` and ``eval``)."""
+    from ih_sweep.config.schema import Reference
+    from ih_sweep.data import items_for, load_stories
+    from ih_sweep.data.heldout import heldout_items
+
+    if config.scoring.fv_reference == Reference.heldout:
+        if getattr(items, "heldout", None) is not None:
+            return items.heldout  # type: ignore[union-attr]
+        return heldout_items(config.data, config.eval, load_stories(config.data))[0]
+    if items is None:
+        return items_for(config.data, config.eval, load_stories(config.data))
+    return items
 
 
 def _remove_stale_temporaries(folder: Path) -> None:

@@ -26,12 +26,14 @@ from ih_sweep.model.batching import scoring_batch_rows
 log = logging.getLogger(__name__)
 
 # the induction score table (score_heads; its cache's columns)
+# prefix_se: the prefix score's standard error over the sequences (ih_sweep.heads.stability)
 INDUCTION_COLUMNS = ["model", "layer", "head", "prefix", "copying", "combined", "n_sequences",
-                     "seed"]
+                     "seed", "prefix_se"]
 INDUCTION_NAMES = [RankBy.prefix.value, RankBy.copying.value, RankBy.combined.value]
 # the table a job ranks by: the induction scores and the FV score (ih_sweep.heads.function_vectors;
 # empty where no ranking or exclusion needs it)
-SCORE_COLUMNS = [*INDUCTION_COLUMNS[:6], RankBy.fv.value, *INDUCTION_COLUMNS[6:]]
+# (and their standard errors: prefix_se over the sequences, fv_se over the FV prompts)
+SCORE_COLUMNS = [*INDUCTION_COLUMNS[:6], RankBy.fv.value, *INDUCTION_COLUMNS[6:], "fv_se"]
 SCORE_NAMES = [m.value for m in RankBy]  # the score columns a ranking can use
 
 
@@ -66,6 +68,17 @@ def prefix_matching(attn: torch.Tensor, tokens: torch.Tensor,
     mass = (attn * target[:, None]).sum(-1)  # [b, h, q]
     qm = query_mask.to(attn.dtype)[:, None, :]
     return (mass * qm).sum((0, 2)) / qm.sum((0, 2)).clamp_min(1)
+
+
+def prefix_matching_per_sequence(attn: torch.Tensor, tokens: torch.Tensor,
+                                 query_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`prefix_matching` of each sequence on its own: [b, h] (the mean over a
+    sequence's counted queries). With as many counted queries in every sequence (the
+    random sequences'), :func:`prefix_matching` is the mean of these rows."""
+    target = induction_target_mask(tokens).to(attn.dtype)
+    mass = (attn * target[:, None]).sum(-1)  # [b, h, q]
+    qm = query_mask.to(attn.dtype)[:, None, :]
+    return (mass * qm).sum(2) / qm.sum(2).clamp_min(1)
 
 
 def copying_from_logits(mean_logit: torch.Tensor, attended_token: torch.Tensor,
@@ -141,10 +154,20 @@ def random_sequences(n: int, length: int, repeats: int, candidates: list[int], b
 
 
 # --------------------------------------------------------------------------- model passes
-@torch.no_grad()
 def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "model",
                 progress: bool = False) -> pd.DataFrame:
-    """Prefix and copying scores for every query head of every layer (one row each).
+    """The score table of :func:`score_heads_with_samples` alone."""
+    return score_heads_with_samples(model, tokenizer, settings, model_name, progress)[0]
+
+
+@torch.no_grad()
+def score_heads_with_samples(model, tokenizer, settings: ScoringConfig,
+                             model_name: str = "model", progress: bool = False
+                             ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Prefix and copying scores for every query head of every layer (one row each), and
+    each random sequence's own prefix score [n_sequences, layers, heads] float64 (what
+    the ``prefix_se`` column and the top-N stability, :mod:`ih_sweep.heads.stability`,
+    are computed from; the ``prefix`` column is computed as before, not from them).
 
     The copying score reads each head's direct path as the model computes it
     (:meth:`~ih_sweep.model.architecture.HeadSites.direct_path`: W_O columns, attention-output
@@ -167,6 +190,7 @@ def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "mo
     copy_sum = torch.zeros(L, H, dtype=torch.float64)
     n_query = 0
     n_copy = 0
+    per_sequence: list[torch.Tensor] = []  # [b, L, H] per batch
     w_o = [sites.w_o(layer).to(device) for layer in range(L)]
     unembed_w = _unembed_weight(sites).to(device)  # [V, hidden]
     mean_row = unembed_w.mean(0)  # mean logit = mean_row . x
@@ -186,6 +210,9 @@ def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "mo
         for layer in range(L):
             per_head = prefix_matching(attns[layer].float(), tok, qm).double().cpu()
             prefix_sum[layer] += per_head * weight
+        per_sequence.append(torch.stack(
+            [prefix_matching_per_sequence(attns[layer].float(), tok, qm).double().cpu()
+             for layer in range(L)], 1))
         n_query += weight
         # copying on non-repeated sequences, through the head's real direct path
         tok = plain[start:start + bs].to(device)
@@ -210,6 +237,10 @@ def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "mo
         n_copy += b * (t - (1 if bos is not None else 0))
     prefix = (prefix_sum / max(n_query, 1)).numpy()
     copying = (copy_sum / max(n_copy, 1)).numpy()
+    from ih_sweep.heads.stability import standard_error
+
+    samples = torch.cat(per_sequence).numpy() if per_sequence else np.zeros((0, L, H))
+    se = standard_error(samples)
     rows = []
     for layer in range(L):
         for head in range(H):
@@ -218,8 +249,9 @@ def score_heads(model, tokenizer, settings: ScoringConfig, model_name: str = "mo
                          "copying": float(copying[layer, head]),
                          "combined": float(combined_score(prefix[layer, head],
                                                           copying[layer, head])),
-                         "n_sequences": settings.n_sequences, "seed": settings.seed})
-    return pd.DataFrame(rows, columns=INDUCTION_COLUMNS)
+                         "n_sequences": settings.n_sequences, "seed": settings.seed,
+                         "prefix_se": float(se[layer, head])})
+    return pd.DataFrame(rows, columns=INDUCTION_COLUMNS), samples
 
 
 def _unembed_weight(sites: HeadSites) -> torch.Tensor:

@@ -154,6 +154,16 @@ class EvaluationRecord:
     # the ablated heads' mean output norm (heads.csv's output_norm averaged over them,
     # residual-stream units); null for an unablated job and in records written before it
     output_norm_mean: float | None = None
+    # how stable the ablated set is (ih_sweep.pipeline.stages.ranking_stability): score,
+    # over (prompts | sequences), samples, resamples, seed, mean_overlap (|A n B| / N over
+    # bootstrap resamples), threshold, unstable; null for random / none jobs, copying or
+    # combined rankings, a user's score file, and records written before it existed
+    rank_stability: dict[str, Any] | None = None
+    # which prompts the reference means (ablation) and FV scores (fv) were taken on:
+    # heldout (stories disjoint from the evaluated ones) or evaluated, and where the
+    # held-out stories come from (ih_sweep.pipeline.stages.reference_prompts); null for a
+    # job that takes neither and in records written before it existed
+    reference_prompts: dict[str, Any] | None = None
 
 
 @dataclass

@@ -49,11 +49,14 @@ class Items:
 
 @dataclass
 class ScoreTable:
-    """The head score table (``frame``, columns :data:`ih_sweep.heads.scoring.SCORE_COLUMNS`)
-    and the file holding its ``rank_by`` column (a cache file or the user's)."""
+    """The head score table (``frame``, columns :data:`ih_sweep.heads.scoring.SCORE_COLUMNS`),
+    the file holding its ``rank_by`` column (a cache file or the user's) and the computed
+    scores' per-sample values by score name (``prefix``: [sequences, layers, heads],
+    ``fv``: [prompts, layers, heads]; :func:`ih_sweep.heads.score_table.score_samples`)."""
 
     frame: pd.DataFrame
     file: str
+    samples: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Selection:
     norms: np.ndarray | None = None
     match: str = "layer"
     norm_factor: float = 2.0
+    stability: dict[str, Any] | None = None  # :func:`ranking_stability`
 
     def heads_for(self, seed: int) -> list[tuple[int, int]]:
         """This job's heads had it been drawn with ``control_seed=seed``."""
@@ -207,11 +211,28 @@ def count_heads(config: Config) -> HeadCount:
 
 
 def load_items(config: Config) -> Items:
-    """The job's stories (``data``) and their items (``eval``)."""
+    """The job's stories (``data``) and their items (``eval``), with the held-out items
+    beside them (:class:`ih_sweep.data.heldout.EvaluatedItems`) where the job takes a
+    statistic on them (:func:`needs_heldout`)."""
     from ih_sweep.data import items_for, load_stories
+    from ih_sweep.data.heldout import EvaluatedItems, heldout_items
 
     stories = load_stories(config.data)
-    return Items(stories, items_for(config.data, config.eval, stories))
+    items = items_for(config.data, config.eval, stories)
+    if not needs_heldout(config):
+        return Items(stories, EvaluatedItems(items))
+    return Items(stories, EvaluatedItems(items, *heldout_items(config.data, config.eval,
+                                                               stories)))
+
+
+def needs_heldout(config: Config) -> bool:
+    """Whether the job takes a statistic on held-out prompts: an ablating job whose method
+    takes reference prompts (not ``zero``) with ``ablation.reference=heldout``, or FV
+    scores computed with ``scoring.fv_reference=heldout``."""
+    from ih_sweep.config.schema import Reference
+
+    used = reference_prompts(config) or {}
+    return Reference.heldout.value in (used.get("ablation"), used.get("fv"))
 
 
 def needs_scores(config: Config, count: HeadCount) -> bool:
@@ -223,13 +244,15 @@ def load_scores(config: Config, count: HeadCount, model: LazyModel, data: Items
                 ) -> ScoreTable:
     """The score table (:func:`ih_sweep.heads.score_table.get_scores`: cached, computed with
     ``model`` where no cache holds it, or the user's file, checked against the model)."""
-    from ih_sweep.heads.score_table import check_scores_fit, get_scores
+    from ih_sweep.heads.score_table import check_scores_fit, get_scores, score_samples
 
+    shape = (count.n_layers, count.heads_per_layer)
     frame, cached = get_scores(config, model, progress=config.eval.progress,
-                               shape=(count.n_layers, count.heads_per_layer), items=data.items)
+                               shape=shape, items=data.items)
     if config.scoring.source == ScoreSource.file:
         check_scores_fit(frame, count.n_layers, count.heads_per_layer, config.scoring.file)
-    return ScoreTable(frame, str(cached or Path(config.scoring.file).resolve()))
+    return ScoreTable(frame, str(cached or Path(config.scoring.file).resolve()),
+                      score_samples(config, shape))
 
 
 def load_norms(config: Config, count: HeadCount, model: LazyModel, data: Items) -> np.ndarray:
@@ -255,7 +278,40 @@ def select(config: Config, count: HeadCount, table: ScoreTable | None,
                           exclusion(config, table.frame), norms, str(config.control.match),
                           config.control.norm_factor)
     selection.heads = selection.heads_for(config.control_seed)
+    selection.stability = ranking_stability(config, table, selection)
     return selection
+
+
+def ranking_stability(config: Config, table: ScoreTable, selection: Selection
+                      ) -> dict[str, Any] | None:
+    """job.json's ``rank_stability``: how often the job's heads come back when the samples
+    its ``rank_by`` score averages over are resampled (:mod:`ih_sweep.heads.stability`:
+    mean overlap over :data:`~ih_sweep.heads.stability.RESAMPLES` bootstrap resamples,
+    seed 0; the heads chosen again by the job's own rule, ``scoring.exclude_by``'s
+    exclusion held as chosen on all samples). For ``high`` and ``low`` jobs ranked by
+    ``prefix`` (over the random sequences) or ``fv`` (over the corrupted prompts); None
+    otherwise (``random`` draws its heads; copying and combined keep no per-sample scores;
+    a user's file has none)."""
+    from ih_sweep.heads import stability as st
+
+    rank_by = str(config.scoring.rank_by)
+    samples = table.samples.get(rank_by)
+    if samples is None or not selection.heads or \
+            selection.condition not in (Condition.high.value, Condition.low.value):
+        return None
+
+    def choose(matrix: np.ndarray) -> list[tuple[int, int]]:
+        return dataclasses.replace(selection, matrix=matrix).heads_for(config.control_seed)
+
+    value = st.top_n_stability(samples, choose, st.RESAMPLES, 0)
+    log.info("the %s heads by %s come back in %.0f%% of %d resamples of the %d %s%s",
+             selection.condition, rank_by, 100 * value, st.RESAMPLES, samples.shape[0],
+             "prompts" if rank_by == "fv" else "sequences",
+             f" (below {st.UNSTABLE_BELOW:g}: unstable)" if st.unstable(value) else "")
+    return {"score": rank_by, "over": "prompts" if rank_by == "fv" else "sequences",
+            "samples": int(samples.shape[0]), "resamples": st.RESAMPLES, "seed": 0,
+            "mean_overlap": value, "threshold": st.UNSTABLE_BELOW,
+            "unstable": st.unstable(value)}
 
 
 def run_mechanism(config: Config, model: LazyModel, data: Items, selection: Selection,
@@ -342,7 +398,8 @@ def write_job(config: Config, out_dir: Path, chash: str, count: HeadCount,
         results_sha256=sha256(out_dir / "results.csv"), settings=semantic_config(config),
         scores_file=selection.scores_file, mechanism=mechanism, inputs=dict(inputs or {}),
         output_norm_mean=float(np.mean(norms)) if heads and None not in norms else None,
-        same_heads_as=same_heads_as)
+        same_heads_as=same_heads_as, rank_stability=selection.stability,
+        reference_prompts=reference_prompts(config))
     write_record(out_dir, record)
     store(out_dir, config.paths.cache_dir, chash)
     shutil.rmtree(out_dir / "partial", ignore_errors=True)
@@ -364,6 +421,31 @@ def helm_columns(items: pd.DataFrame, settings: EvalConfig) -> dict[str, list]:
     scores = [helm_scores(str(c), str(a)) for c, a in zip(items["continuation"],
                                                             items["answer"])]
     return {c: [s[c] for s in scores] for c in HELM_COLUMNS}
+
+
+def reference_prompts(config: Config) -> dict[str, Any] | None:
+    """job.json's ``reference_prompts``: which prompts the job's reference means
+    (``ablation``) and FV scores (``fv``) are taken on, ``heldout`` or ``evaluated``
+    (null: the job takes none), and where the held-out stories come from
+    (:mod:`ih_sweep.data.heldout`); None for a job that takes neither."""
+    from ih_sweep.config.schema import NO_REFERENCE_METHODS, RankBy
+    from ih_sweep.data.heldout import HELDOUT_SEED_OFFSET, HELDOUT_STORIES
+
+    ablates = config.condition != Condition.none and config.n_heads not in (0, "0")
+    means = config.ablation.reference.value \
+        if ablates and config.ablation.method not in NO_REFERENCE_METHODS else None
+    fv = config.scoring.fv_reference.value if ablates and config.scoring.uses(RankBy.fv) \
+        and config.scoring.source == ScoreSource.compute else None
+    if means is None and fv is None:
+        return None
+    if config.data.name == "babi_generated":
+        source = (f"up to {HELDOUT_STORIES} generated stories of seed data.seed + "
+                  f"{HELDOUT_SEED_OFFSET} = {config.data.seed + HELDOUT_SEED_OFFSET}")
+    else:
+        source = (f"up to {HELDOUT_STORIES} stories of data.split={config.data.split.value} "
+                  "after the evaluated ones, else of the train file")
+    return {"ablation": means, "fv": fv,
+            "heldout": f"{source}, none with an evaluated story's text"}
 
 
 def describe(config: Config) -> str:

@@ -141,9 +141,27 @@ def high_label(row: Any) -> str:
     return f"{phrase} ({kind})" if "outside" not in phrase else f"{phrase}\n({kind})"
 
 
+def plot_unstable(ax: Any, df: pd.DataFrame, dodge: float) -> None:
+    """Rings around the ``high`` and ``low`` points whose ranking is unstable
+    (summary.csv ``rank_unstable``, :mod:`ih_sweep.heads.stability`), one legend entry;
+    nothing where none is (or the column is absent)."""
+    if "rank_unstable" not in df:
+        return
+    flagged = df[df.rank_unstable.astype(str) == "True"]
+    flagged = flagged[flagged.condition.isin(["high", "low"])]
+    if flagged.empty:
+        return
+    x = flagged.x + np.where(flagged.condition == "high", -dodge, dodge)
+    ax.scatter(x, 100 * flagged.accuracy, s=220, facecolors="none", edgecolors="orange",
+               linewidths=2, zorder=4, clip_on=False,
+               label="unstable ranking: < 80% of its heads kept when the prompts / "
+                     "sequences are resampled")
+
+
 def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | None:
     """Accuracy against N per condition with 95% Wilson CIs; the unablated accuracy as a
-    line and band; the random draws as their 2.5-97.5% band (:func:`plot_null`).
+    line and band; the random draws as their 2.5-97.5% band (:func:`plot_null`); points
+    of an unstable ranking ringed (:func:`plot_unstable`).
     The x axis is the share of all heads (%, each tick with its count) when every ablated
     job of the figure was asked as a share, else the count N (:func:`dose_axis`)."""
     if df.empty:
@@ -173,6 +191,7 @@ def plot_accuracy_vs_n(df: pd.DataFrame, path: Path, title: str = "") -> Path | 
                     color=COLORS[cond], clip_on=False, zorder=3,
                     label={"high": high_label(g.iloc[0]),
                            "low": "layer-matched lowest-N (control)"}[cond])
+    plot_unstable(ax, df, dodge)
     if measured and by_share:
         counts = df[df.condition != "none"].groupby("x").n_heads.first()
         ax.set_xticks(measured, [f"{x:.10g}%\n(N={counts[x]})" for x in measured])

@@ -5,6 +5,8 @@ check (the columns are described in :mod:`ih_sweep.report.summarize`). The maths
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -32,6 +34,11 @@ SUMMARY_COLUMNS = ["group", *GROUP_KEYS, "n_heads", "n_heads_share", "condition"
                    "p_vs_low_holm", "p_vs_random", "p_vs_random_holm", "n_random",
                    "random_acc_p2_5", "random_acc_p97_5", "null_band_at", "p_vs_random_holm_min",
                    *HEAD_SET_COLUMNS, *NEAR_TIE_COLUMNS, *CONTINUOUS_COLUMNS, *MECHANISM_COLUMNS]
+# the ranking's stability (issue #30 item 3; ih_sweep.heads.stability): job.json's
+# rank_stability and the overlap of the heads across the fv_seed values a sweep ran
+STABILITY_COLUMNS = ["rank_stability", "rank_stability_over", "rank_stability_seeds",
+                     "n_rank_seeds", "rank_unstable"]
+SUMMARY_COLUMNS += STABILITY_COLUMNS
 
 
 def _key(df: pd.DataFrame) -> pd.Series:
@@ -244,6 +251,55 @@ def continuous_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
     return row
 
 
+def seed_overlaps(jobs: list[FinishedJob]) -> dict[int, tuple[float, int]]:
+    """Per ablated job whose heads were ranked with an ``fv_seed`` that other jobs of the
+    sweep ran otherwise alike (every other setting of job.json's ``settings`` equal): the
+    mean pairwise overlap |A n B| / N of their heads over the distinct seeds
+    (:func:`ih_sweep.heads.stability.pairwise_overlap`) and how many seeds, keyed by
+    ``id(job)``; absent where fewer than two seeds were run."""
+    import json
+
+    from ih_sweep.heads.stability import pairwise_overlap
+    from ih_sweep.report.groups import flat
+
+    alike: dict[str, dict[Any, FinishedJob]] = {}
+    for job in jobs:
+        settings = flat(job.record.settings or {})
+        if "scoring.fv_seed" not in settings or not job.record.heads:
+            continue
+        rest = {k: v for k, v in settings.items() if k != "scoring.fv_seed"}
+        key = json.dumps(rest, sort_keys=True, default=str)
+        alike.setdefault(key, {}).setdefault(settings["scoring.fv_seed"], job)
+    out: dict[int, tuple[float, int]] = {}
+    for by_seed in alike.values():
+        overlap = pairwise_overlap([[tuple(h) for h in j.record.heads]
+                                    for j in by_seed.values()])
+        if overlap is not None:
+            for job in by_seed.values():
+                out[id(job)] = (overlap, len(by_seed))
+    return out
+
+
+def stability_row(job: FinishedJob, seeds: dict[int, tuple[float, int]]) -> dict:
+    """:data:`STABILITY_COLUMNS` of a job: job.json's ``rank_stability`` (the bootstrap
+    mean overlap and what it resampled), the overlap across ``fv_seed`` values
+    (:func:`seed_overlaps`), and ``rank_unstable``: either below
+    :data:`ih_sweep.heads.stability.UNSTABLE_BELOW` (empty where neither is known)."""
+    from ih_sweep.heads.stability import unstable
+
+    got = job.record.rank_stability if isinstance(job.record.rank_stability, dict) else {}
+    row: dict = {}
+    if got:
+        row["rank_stability"] = as_float(got.get("mean_overlap"))
+        row["rank_stability_over"] = f"{got.get('samples')} {got.get('over')}"
+    if id(job) in seeds:
+        row["rank_stability_seeds"], row["n_rank_seeds"] = seeds[id(job)]
+    known = [row[k] for k in ("rank_stability", "rank_stability_seeds") if k in row]
+    if known:
+        row["rank_unstable"] = any(unstable(v) for v in known)
+    return row
+
+
 def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str]] | None = None
                    ) -> tuple[pd.DataFrame, list[str]]:
     """summary.csv: one row per distinct job of each group
@@ -254,6 +310,7 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
     the jobs recorded them), and the grouping's notes."""
     rows = []
     groups, notes = grouped or cell_groups(jobs)
+    seeds = seed_overlaps(jobs)
     for group in groups:
         for (n, cond, seed), job in group.cells.items():
             row = {"group": group.name, **group_of(job), "n_heads": n,
@@ -264,6 +321,7 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
             row |= continuous_row(job, group, n, cond)
             mechanism = job.record.mechanism if isinstance(job.record.mechanism, dict) else {}
             row |= {k: as_float(mechanism.get(k)) for k in MECHANISM_COLUMNS}
+            row |= stability_row(job, seeds)
             rows.append(row)
     df = pd.DataFrame(rows)
     for col in SUMMARY_COLUMNS:

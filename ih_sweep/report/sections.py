@@ -190,6 +190,23 @@ _HEAD_SETS: Spec = [
 ]
 
 
+def _unstable(r) -> str:
+    flag = getattr(r, "rank_unstable", None)
+    return "UNSTABLE" if flag is True or flag == "True" else ""
+
+
+_STABILITY: Spec = [
+    *ROW_KEYS,
+    ("top-N kept (bootstrap)", "top-$N$ kept (bootstrap)",
+     lambda r: "" if missing(r.rank_stability) else
+     f"{percent(r.rank_stability)}% over {r.rank_stability_over}"),
+    ("top-N kept across fv_seed", "top-$N$ kept across fv\\_seed",
+     lambda r: "" if missing(r.rank_stability_seeds) else
+     f"{percent(r.rank_stability_seeds)}% ({int(r.n_rank_seeds)} seeds)"),
+    ("ranking", "ranking", _unstable),
+]
+
+
 @dataclass
 class Section:
     """A table beside the main one, shown for a group only where its jobs recorded what it
@@ -254,6 +271,19 @@ SECTIONS = [
              "`mechanism.icl_tokens`). "
              "Induction heads ablated should raise the repeat loss and the ICL score more "
              "than the control."]),
+    Section("Ranking stability", _STABILITY,
+            lambda g: g[["rank_stability", "rank_stability_seeds"]].notna().any().any(),
+            "no job.json has a `rank_stability` record (random or unablated jobs, copying or "
+            "combined rankings, a user's score file, or evaluated before it was recorded)",
+            ["**top-N kept (bootstrap)** (rows `high` and `low` ranked by prefix or fv): the "
+             "mean share of the ablated heads chosen again when the samples the score "
+             "averages over (the FV prompts, or the prefix score's random sequences) are "
+             "resampled with replacement, 200 seeded resamples (ih_sweep/heads/stability.py); "
+             "**top-N kept across fv_seed**: the mean pairwise share of heads in common "
+             "between the jobs run with different `scoring.fv_seed` and otherwise alike.",
+             "**ranking** `UNSTABLE`: either share below 80% (fewer than 4 in 5 heads come "
+             "back): the arm's heads rest on its prompts more than on the heads; its points "
+             "are ringed in the accuracy-vs-N figure."]),
 ]
 
 

@@ -109,6 +109,19 @@ repeat_loss_unablated (nats, loss on the repeated half of seeded repeated random
 sequences with the job's heads ablated / unablated), icl_score, icl_score_unablated
 (Olsson et al. 2022: loss at a late token minus loss at an early token).
 
+Ranking stability (issue #30 item 3, ih_sweep.heads.stability; empty where not known):
+rank_stability   job.json ``rank_stability.mean_overlap`` (rows ``high`` and ``low``
+                 ranked by prefix or fv): the mean share |A n B| / N of the ablated heads A
+                 chosen again (B) over 200 seeded bootstrap resamples of the samples the
+                 score averages over
+rank_stability_over   what was resampled: ``<count> prompts`` (fv) or ``<count> sequences``
+                 (prefix)
+rank_stability_seeds, n_rank_seeds   the mean pairwise share of heads in common between
+                 the jobs of the sweep run with different ``scoring.fv_seed`` and otherwise
+                 alike, and how many seeds
+rank_unstable    True where either share is below 0.8 (UNSTABLE_BELOW): flagged in
+                 summary.md's Ranking stability section and ringed in accuracy_vs_n.png
+
 strata.csv (jobs whose results.csv has the stratum columns): accuracy (Wilson 95% CI) and
 the continuous metrics' means per stratum, per group, condition and N (random draws of an N
 pooled), for support_distance (1, 2, 3, 4, 5+), recency_correct, mentions and

@@ -15,12 +15,15 @@ from ih_sweep.config.schema import plain
 @pytest.mark.parametrize("overrides,digest", [
     ((), "e15c4f7e1ab83e4c"),
     (("n_heads=4",), "c521f4a7e425b1cb"),
-    (("ablation=mean",), "002e2d11db220faf"),
+    (("ablation=mean",), "1340d564b2e792ec"),  # held-out reference prompts (#30)
+    (("ablation=mean", "ablation.reference=evaluated"), "002e2d11db220faf"),  # as before
     (("condition=none",), "48e3c4bfffbd0a10"),
     (("condition=random", "control_seeds=3"), "4584089c4c195f0c"),
     (("quantization=nf4",), "0d5d0affbb4b1682"),
     (("scoring=combined", "scoring.exclude_by=prefix"), "0a4a87ecc0ca5e1e"),
-    (("scoring.rank_by=fv", "eval=helm", "eval.n_shots=2"), "b091782ead241a78"),
+    (("scoring.rank_by=fv", "eval=helm", "eval.n_shots=2"), "3f7da95ea20b6497"),  # held out
+    (("scoring.rank_by=fv", "eval=helm", "eval.n_shots=2", "scoring.fv_reference=evaluated"),
+     "b091782ead241a78"),  # the FV prompts the evaluated ones: the hash of before #30
     (("n_heads=10%",), "8e41d7166717f4ea"),
 ])
 def test_config_hashes_are_pinned(overrides, digest):

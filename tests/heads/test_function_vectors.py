@@ -233,9 +233,12 @@ def test_exclusion_that_leaves_too_few_heads_is_refused():
     (("scoring.exclude_by=fv", "eval=helm", "eval.n_shots=0"), "exclude_by=fv"),
     (("scoring.fv_prompts=0",), "scoring.fv_prompts=0"),
     (("scoring.fv_batch_size=0",), "scoring.fv_batch_size=0"),
-    (("scoring=fv", "data.n_stories=124"), "data.n_stories=124 .*>= 125"),
-    (("scoring=prefix_not_fv", "data.n_stories=50", "scoring.fv_prompts=10"),
-     "data.n_stories=50 .*>= 110"),
+    (("scoring=fv", "scoring.fv_reference=evaluated", "data.n_stories=124"),
+     "data.n_stories=124 .*>= 125"),
+    (("scoring=prefix_not_fv", "scoring.fv_reference=evaluated", "data.n_stories=50",
+      "scoring.fv_prompts=10"), "data.n_stories=50 .*>= 110"),
+    (("scoring=fv", "scoring.fv_prompts=301"),  # held out: 400 stories
+     r"scoring.fv_prompts=301 .* = 401 prompts of the 400 held-out .* <= 400"),
 ])
 def test_bad_fv_and_exclusion_settings_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -243,9 +246,13 @@ def test_bad_fv_and_exclusion_settings_are_refused(overrides, match):
 
 
 def test_enough_stories_for_fv_or_no_fv_needed_is_allowed():
-    settings(compose("scoring=fv", "data.n_stories=125"))  # exactly enough
-    settings(compose("scoring=fv", "data.n_stories=10", "condition=none"))  # no heads chosen
-    settings(compose("scoring=fv", "data.n_stories=10", "eval.scope=all"))  # the job counts
+    settings(compose("scoring=fv", "data.n_stories=10"))  # FV prompts: held-out stories
+    settings(compose("scoring=fv", "scoring.fv_prompts=300"))  # 400: exactly enough
+    settings(compose("scoring=fv", "scoring.fv_reference=evaluated",
+                     "data.n_stories=125"))  # exactly enough
+    evaluated = ("scoring=fv", "scoring.fv_reference=evaluated", "data.n_stories=10")
+    settings(compose(*evaluated, "condition=none"))  # no heads chosen
+    settings(compose(*evaluated, "eval.scope=all"))  # the job counts
     settings(compose("scoring=fv", "data.n_stories=10", "scoring.fv_prompts=4",
                      "scoring.fv_mean_prompts=6"))
 
@@ -286,6 +293,10 @@ def test_fv_scores_are_cached_reused_and_keyed_by_the_prompts(tmp_path, tiny):
     assert path == score_table.fv_cache_path(cfg) and path.name.startswith("tiny-fv-")
     assert np.isfinite(df["fv"]).all() and np.isfinite(df["prefix"]).all() and calls
     assert (path.with_suffix(".png")).is_file() and path.with_name(path.name + ".sha256")
+    effects = score_table.read_samples(path, (2, 32))  # [fv_prompts, layers, heads]
+    assert effects.shape == (3, 2, 32)
+    np.testing.assert_allclose(effects.mean(0).ravel(), df["fv"], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(effects.std(0, ddof=1).ravel() / np.sqrt(3), df["fv_se"])
     calls.clear()
     again, _ = score_table.get_scores(cfg, getter)
     assert not calls and np.array_equal(again["fv"], df["fv"])  # reused, model not loaded
@@ -385,7 +396,12 @@ def test_fv_scores_on_other_families(tmp_path, family):
     folder = save_model(CONFIGS[family], tmp_path / family)
     model, tok = load_model(ModelConfig(name=family, path=str(folder), dtype=DType.float32),
                              QuantizationConfig(), "cpu")
-    items = items_for(DataConfig(n_stories=12), EvalConfig())
+    from ih_sweep.data import load_stories
+    from ih_sweep.data.heldout import heldout_items
+
+    # the job's FV prompts: held-out stories (scoring.fv_reference=heldout)
+    items, _ = heldout_items(DataConfig(n_stories=12), EvalConfig(),
+                             load_stories(DataConfig(n_stories=12)))
     sc = dict(fv_prompts=3, fv_mean_prompts=4, fv_correct_only=False)
     a = fvm.function_vector_scores(model, tok, items, ScoringConfig(**sc, fv_batch_size=3))
     b = fvm.function_vector_scores(model, tok, items, ScoringConfig(**sc, fv_batch_size=64))

@@ -89,6 +89,39 @@ def test_a_damaged_cache_is_rescored_with_a_warning(tmp_path, tiny, caplog, how)
     assert score_table.problem_with_cache(path, 2, 32) is None
 
 
+def test_a_table_cached_before_the_standard_errors_is_rescored_not_crashed_on(
+        tmp_path, tiny, caplog):
+    from ih_sweep.pipeline.records import sha256
+
+    config = _config(tmp_path)
+    calls: list[int] = []
+    first, path = score_table.get_scores(config, _getter(tiny, calls))
+    samples = score_table.read_samples(path, (2, 32))
+    assert samples.shape == (4, 2, 32)  # scoring.n_sequences=4
+    np.testing.assert_allclose(samples.std(0, ddof=1) / 2,
+                               first["prefix_se"].to_numpy().reshape(2, 32))
+    old = pd.read_csv(path).drop(columns="prefix_se")  # as an older version wrote it
+    old.to_csv(path, index=False)
+    path.with_name(path.name + ".sha256").write_text(sha256(path) + "\n")
+    score_table.samples_path(path).unlink()
+    caplog.set_level(logging.WARNING)
+    again, _ = score_table.get_scores(config, _getter(tiny, calls))
+    assert len(calls) == 2 and "lacks the score columns" in caplog.text
+    pd.testing.assert_frame_equal(again, first)
+    assert score_table.read_samples(path, (2, 32)).shape == (4, 2, 32)
+
+
+def test_missing_per_sample_scores_leave_the_stability_unknown(tmp_path, tiny, caplog):
+    config = _config(tmp_path)
+    _, path = score_table.get_scores(config, _getter(tiny, []))
+    assert set(score_table.score_samples(config, (2, 32))) == {"prefix"}
+    score_table.samples_path(path).unlink()
+    caplog.set_level(logging.WARNING)
+    assert score_table.score_samples(config, (2, 32)) == {}
+    assert "stability is not known" in caplog.text
+    assert score_table.read_samples(path, (3, 32)) is None
+
+
 def test_a_good_cache_is_reused_its_heatmap_redrawn_and_stale_temporaries_removed(
         tmp_path, tiny):
     config = _config(tmp_path)

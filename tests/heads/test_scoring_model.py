@@ -13,6 +13,7 @@ from ih_sweep.config.schema import ScoringConfig
 from ih_sweep.heads.scoring import (
     random_sequences,
     score_heads,
+    score_heads_with_samples,
     score_matrix,
 )
 from ih_sweep.heads.selection import select_heads
@@ -97,6 +98,20 @@ def test_shipped_model_has_induction_heads_that_matter(tiny):
     lo = _second_repeat_loss(model, seqs, weak)
     assert base < 1.0
     assert hi - base > 1.0 and hi - base > 5 * (lo - base), (base, hi, lo)
+
+
+def test_per_sequence_prefix_scores_average_to_the_prefix_score(tiny):
+    """Each random sequence's own prefix score: their mean is the prefix column (every
+    sequence counts as many queries) and their spread its standard error."""
+    model, tok = tiny
+    with eager_attention(model):
+        df, samples = score_heads_with_samples(model, tok, ScoringConfig(n_sequences=6,
+                                                                         batch_size=4))
+    assert samples.shape == (6, 2, 32)
+    np.testing.assert_allclose(samples.mean(0), score_matrix(df, "prefix"), rtol=0,
+                               atol=1e-6)
+    np.testing.assert_allclose(samples.std(0, ddof=1).ravel() / np.sqrt(6), df["prefix_se"])
+    assert (df["prefix_se"] > 0).any()
 
 
 def test_scoring_needs_eager(tiny):

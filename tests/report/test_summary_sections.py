@@ -238,3 +238,60 @@ def test_jobs_without_the_new_records_leave_each_section_out_with_one_line(tmp_p
     assert "Mechanism check: left out" in report
     csv = pd.read_csv(tmp_path / "summary.csv")  # the columns are there, empty
     assert csv[["n_near_tie", "gold_logprob", "repeat_loss"]].isna().all().all()
+
+
+# --------------------------------------------------------------------------- stability
+def test_ranking_stability_in_csv_markdown_and_figure(tmp_path):
+    """job.json's rank_stability per row, the overlap across fv_seed of jobs otherwise
+    alike (heads {0..3} and {0, 1, 2, 9}: 3 of 4 in common), the flag below 80%."""
+    from summary_jobs import edit_record
+
+    make_job(tmp_path, "none", 0, "none", [True] * 20)
+    for name, fv_seed, heads, kept in (("s0", 0, [0, 1, 2, 3], 0.9),
+                                       ("s1", 1, [0, 1, 2, 9], 0.95)):
+        folder = make_job(tmp_path, name, 4, "high", [True, False] * 10, rank_by="fv")
+        edit_record(folder, {
+            "heads": [[1, h] for h in heads],
+            "settings": {"n_heads": 4, "condition": "high",
+                         "scoring": {"rank_by": "fv", "fv_seed": fv_seed}},
+            "rank_stability": {"score": "fv", "over": "prompts", "samples": 25,
+                               "resamples": 200, "seed": 0, "mean_overlap": kept,
+                               "threshold": 0.8, "unstable": False}})
+    summarize(tmp_path)
+    csv = pd.read_csv(tmp_path / "summary.csv")
+    high = csv[csv.condition == "high"].sort_values("rank_stability")
+    assert high.rank_stability.tolist() == [0.9, 0.95]
+    assert high.rank_stability_over.tolist() == ["25 prompts"] * 2
+    assert high.rank_stability_seeds.tolist() == [0.75, 0.75]  # 3 of 4 heads in common
+    assert high.n_rank_seeds.tolist() == [2, 2] and high.rank_unstable.tolist() == [True] * 2
+    assert csv.loc[csv.condition == "none", "rank_stability"].isna().all()
+    md = (tmp_path / "summary.md").read_text()
+    rows = [row_of(md_tables("### " + part, "Ranking stability"), "high")
+            for part in md.split("### ")[1:]  # one table per fv_seed's group
+            if part.startswith("Ranking stability\n")]
+    assert len(rows) == 2
+    assert sorted(r["top-N kept (bootstrap)"] for r in rows) == \
+        ["90.0% over 25 prompts", "95.0% over 25 prompts"]
+    assert {(r["top-N kept across fv_seed"], r["ranking"]) for r in rows} == \
+        {("75.0% (2 seeds)", "UNSTABLE")}
+    assert "**ranking** `UNSTABLE`: either share below 80%" in md
+
+
+def test_unstable_points_are_ringed_in_the_figure(tmp_path):
+    from ih_sweep.report.figures import pyplot
+    from ih_sweep.report.plots import plot_accuracy_vs_n, plot_unstable
+
+    rows = pd.DataFrame({"condition": ["none", "high", "high", "low"], "n_heads": [0, 4, 8, 4],
+                         "n_heads_share": [np.nan] * 4, "accuracy": [1.0, 0.5, 0.4, 0.9],
+                         "ci_low": [0.9, 0.4, 0.3, 0.8], "ci_high": [1.0, 0.6, 0.5, 1.0],
+                         "rank_by": ["prefix"] * 4,
+                         "rank_unstable": [np.nan, True, False, np.nan]})
+    assert plot_accuracy_vs_n(rows, tmp_path / "a.png").is_file()
+    fig, ax = pyplot().subplots()
+    plot_unstable(ax, rows.assign(x=rows.n_heads), 0.0)
+    (ring,) = ax.collections
+    assert ring.get_label().startswith("unstable ranking")
+    assert ring.get_offsets().tolist() == [[4.0, 50.0]]  # high at N=4 only
+    fig2, ax2 = pyplot().subplots()
+    plot_unstable(ax2, rows.drop(columns="rank_unstable").assign(x=rows.n_heads), 0.0)
+    assert not ax2.collections  # summaries written before the column: nothing ringed
