@@ -115,6 +115,15 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
         ablation.pop("seed", None)  # only resample draws anything
     if isinstance(ablation, dict) and ablation.get("method") != "knockout":
         ablation.pop("knockout", None)  # only knockout reads it: other jobs hash as before
+    if isinstance(ablation, dict) and (ablation.get("method") != "resample" or
+                                       ablation.get("align") == "start"):
+        ablation.pop("align", None)  # resample's absolute alignment: the hash it had before
+    ev = container.get("eval")
+    if isinstance(ev, dict) and (ev.get("format") != "helm" or ev.get("demo_lang") is None):
+        ev.pop("demo_lang", None)  # only HELM's format picks a pool by it
+    mechanism = container.get("mechanism")
+    if isinstance(mechanism, dict) and _icl_tokens(container) == "text":
+        mechanism.pop("icl_tokens", None)  # the stories' own text: the hash it had before
     if isinstance(ablation, dict) and (ablation.get("method") in NO_REFERENCE_METHODS or
                                        ablation.get("reference") == "evaluated"):
         # zero (knockout) ablation takes no reference prompts; the evaluated ones: the hash
@@ -133,6 +142,17 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
     if container.get("mechanism", {}).get("enabled") is False:  # its settings change nothing
         container["mechanism"] = {"enabled": False}
     return container
+
+
+def _icl_tokens(container: dict) -> str:
+    """``mechanism.icl_tokens`` as the job resolves it
+    (:func:`ih_sweep.pipeline.mechanism.icl_tokens`: ``auto`` is answers for the bundled
+    tiny model, text for any other)."""
+    choice = str((container.get("mechanism") or {}).get("icl_tokens", "text"))
+    if choice != "auto":
+        return choice
+    path = str((container.get("model") or {}).get("path", ""))
+    return "answers" if path == "builtin:tiny" else "text"
 
 
 def _drop_unused_scoring(scoring: Any) -> None:

@@ -11,20 +11,28 @@ from ih_sweep.config.hydra import settings
 from ih_sweep.config.identity import config_hash, semantic_config
 from ih_sweep.config.schema import plain
 
+TEXT = ("mechanism.icl_tokens=text",)
+
 
 @pytest.mark.parametrize("overrides,digest", [
-    ((), "e15c4f7e1ab83e4c"),
-    (("n_heads=4",), "c521f4a7e425b1cb"),
-    (("ablation=mean",), "1340d564b2e792ec"),  # held-out reference prompts (#30)
-    (("ablation=mean", "ablation.reference=evaluated"), "002e2d11db220faf"),  # as before
-    (("condition=none",), "48e3c4bfffbd0a10"),
-    (("condition=random", "control_seeds=3"), "4584089c4c195f0c"),
-    (("quantization=nf4",), "0d5d0affbb4b1682"),
-    (("scoring=combined", "scoring.exclude_by=prefix"), "0a4a87ecc0ca5e1e"),
-    (("scoring.rank_by=fv", "eval=helm", "eval.n_shots=2"), "3f7da95ea20b6497"),  # held out
-    (("scoring.rank_by=fv", "eval=helm", "eval.n_shots=2", "scoring.fv_reference=evaluated"),
-     "b091782ead241a78"),  # the FV prompts the evaluated ones: the hash of before #30
-    (("n_heads=10%",), "8e41d7166717f4ea"),
+    # the bundled model's ICL score on answer tokens (mechanism.icl_tokens=auto, #31)
+    ((), "18e517e18763cdf3"),
+    (("condition=none",), "1fec320b0f717f59"),
+    # below, the ICL score on the stories' own text (TEXT): the hashes of before #31
+    (TEXT, "e15c4f7e1ab83e4c"),
+    (("n_heads=4", *TEXT), "c521f4a7e425b1cb"),
+    (("ablation=mean", *TEXT), "1340d564b2e792ec"),  # held-out reference prompts (#30)
+    (("ablation=mean", "ablation.reference=evaluated", *TEXT),
+     "002e2d11db220faf"),  # as before
+    (("condition=none", *TEXT), "48e3c4bfffbd0a10"),
+    (("condition=random", "control_seeds=3", *TEXT), "4584089c4c195f0c"),
+    (("quantization=nf4", *TEXT), "0d5d0affbb4b1682"),
+    (("scoring=combined", "scoring.exclude_by=prefix", *TEXT), "0a4a87ecc0ca5e1e"),
+    (("scoring.rank_by=fv", "eval=helm", "eval.n_shots=2", *TEXT),
+     "3f7da95ea20b6497"),  # held out
+    (("scoring.rank_by=fv", "eval=helm", "eval.n_shots=2", "scoring.fv_reference=evaluated",
+      *TEXT), "b091782ead241a78"),  # the FV prompts the evaluated ones: the hash of before #30
+    (("n_heads=10%", *TEXT), "8e41d7166717f4ea"),
 ])
 def test_config_hashes_are_pinned(overrides, digest):
     """A job's hash names its finished folder and its results; a change of the hash makes
