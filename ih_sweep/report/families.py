@@ -41,6 +41,7 @@ import pandas as pd
 from ih_sweep.report import statistics as st
 from ih_sweep.report.cells import missing, n_text
 
+FEW_SETS = 10  # a null of fewer distinct head sets than this is said to be few controls
 FAMILIES = {"p_vs_none": "p_vs_none_holm", "p_vs_low": "p_vs_low_holm",
             "p_vs_random": "p_vs_random_holm"}  # raw column: its Holm-adjusted column
 NAMES = {"p_vs_none": "p vs none", "p_vs_low": "p vs low",
@@ -107,7 +108,8 @@ def _plural(count: int, word: str) -> str:
 
 def limit_sentences(row: pd.Series, m: int, k_max: int) -> list[str]:
     """What the random null at one row's group and N cannot decide, in words (none where it
-    can): its band at the ceiling or floor, and a floor of the Holm-adjusted p above
+    can): its band at the ceiling or floor, draws of fewer than :data:`FEW_SETS` distinct
+    head sets (summary.csv ``n_random_sets``), and a floor of the Holm-adjusted p above
     :data:`LEVEL`. ``row``: a summary row carrying the null (``n_random``, the band,
     ``null_band_at``, ``p_vs_random_holm_min``); ``m``: the p vs random family's size;
     ``k_max``: its largest K."""
@@ -120,6 +122,13 @@ def limit_sentences(row: pd.Series, m: int, k_max: int) -> list[str]:
                "the draws lose everything, so no row can fall below them")
         out.append(f"the random null cannot separate at N={n}: its K={k} draws' band is "
                    f"[{lo:g}, {hi:g}] (at the {row['null_band_at']}: {why})")
+    sets = row.get("n_random_sets")
+    if not missing(sets) and int(sets) < FEW_SETS:
+        out.append(f"at N={n} the K={k} draws are only {_plural(int(sets), 'distinct head set')}"
+                   f" (a matched control with few candidates draws the same heads again), so "
+                   f"p vs random compares the row with {_plural(int(sets), 'control set')}, "
+                   f"not with a distribution of them: its 1/(K+1) floor is set by K, not by "
+                   f"the heads")
     floor = row["p_vs_random_holm_min"]
     if not missing(floor) and floor > LEVEL:
         largest = f" (the family's largest null has K={k_max} draws)" if k_max != k and \
@@ -172,4 +181,7 @@ LIMITS_LEGEND = (
     "these items. With K draws the smallest p vs random is 1 / (K + 1), and after Holm over "
     "the family's m p vs random no adjusted p can go below min(1, max(m / (K_max + 1), "
     f"1 / (K + 1))) (K_max: the family's largest null); where that is above {LEVEL:g}, "
-    "the summary says so: more draws are needed before the null can decide.")
+    "the summary says so: more draws are needed before the null can decide. Where the K "
+    f"draws are fewer than {FEW_SETS} distinct head sets (a norm-matched control in a layer "
+    "with few candidates), it says p vs random compares with those few sets, not with a "
+    "distribution.")

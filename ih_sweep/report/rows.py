@@ -150,18 +150,19 @@ def head_set_row(job: FinishedJob, group: Group, n: int, cond: str) -> dict:
     if len(scores):
         row |= {"score_mean": float(scores.mean()), "score_min": float(scores.min()),
                 "score_max": float(scores.max())}
+    draws = group.control(n, "random")
+    if draws and all(j.record.heads for j in draws):  # (records list the heads they ablate)
+        row["n_random_sets"] = len({frozenset(map(tuple, j.record.heads)) for j in draws})
     if cond != "high":
         return row
     own = row["output_norm_mean"]
     low = group.cells.get((n, "low", 0))
     if low is not None and own > 0:
         row["low_norm_ratio"] = output_norm(low) / own
-    draws = group.control(n, "random")
     if draws:
         norms = [output_norm(j) for j in draws]
         if own > 0 and all(np.isfinite(norms)):
             row["random_norm_ratio"] = float(np.mean(norms)) / own
-        row["n_random_sets"] = len({frozenset(map(tuple, j.record.heads)) for j in draws})
     return row
 
 

@@ -75,7 +75,7 @@ low_norm_ratio   for ``high``: the ``low`` heads' output_norm_mean over the high
 random_norm_ratio   for ``high``: the random draws' mean output_norm_mean over the high
                  heads' (``control.match=layer_norm`` draws each head within
                  ``control.norm_factor`` of the top head it stands for)
-n_random_sets    for ``high``: how many distinct head sets the n_random draws are (a
+n_random_sets    rows compared with the random draws: how many distinct head sets they are (a
                  norm-matched null of a layer with few matching heads repeats its sets; a
                  null of one set is a single control, not a distribution)
 

@@ -87,3 +87,12 @@ def test_jobs_without_norms_leave_the_section_out_in_one_line(tmp_path):
     assert df.output_norm_mean.isna().all()
     assert "*Head sets: left out: no job.json has `output_norm_mean`" in \
         (tmp_path / "summary.md").read_text()
+
+
+def test_a_null_of_few_distinct_sets_is_said_to_be_few_controls(tmp_path):
+    # 4 draws of 2 distinct sets: the p vs random compares with 2 controls, and says so
+    df = _sweep(tmp_path)
+    assert (df[df.condition.isin(["high", "low"])].n_random_sets == 2).all()
+    md = (tmp_path / "summary.md").read_text()
+    assert "the K=4 draws are only 2 distinct head sets" in md
+    assert "compares the row with 2 control sets, not with a distribution" in md
