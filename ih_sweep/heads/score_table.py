@@ -250,13 +250,19 @@ def samples_path(path: Path) -> Path:
 
 
 def write_samples(path: Path, samples: np.ndarray) -> None:
-    """:func:`samples_path` of the table at ``path`` written atomically (a temporary file
-    renamed; under the table's lock)."""
-    target = samples_path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(samples, dtype=np.float64))
-    os.replace(tmp, target)
+    """:func:`samples_path` of the table at ``path`` written atomically
+    (:func:`ih_sweep.io_utils.atomic_write`: a temporary file renamed, normal file modes, a
+    full disk or a read-only folder a :class:`~ih_sweep.io_utils.WriteError` naming it;
+    under the table's lock)."""
+    from ih_sweep.io_utils import atomic_write
+
+    data = np.asarray(samples, dtype=np.float64)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, data)
+
+    atomic_write(samples_path(path), write)
 
 
 def read_samples(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:

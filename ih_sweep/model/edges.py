@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ih_sweep.model.forward import ForwardContext
-from ih_sweep.model.positions import _forward_arguments, positions_from_mask
+from ih_sweep.model.positions import forward_arguments, positions_from_mask
 from ih_sweep.model.shape import UnsupportedArchitecture
 from ih_sweep.model.sites import attention_module, head_sites
 
@@ -153,7 +153,7 @@ def track_tokens(model: nn.Module, ctx: ForwardContext | None = None) -> Iterato
 
 def pass_tokens(model: nn.Module, args: tuple, kwargs: dict, ctx: ForwardContext) -> PassTokens:
     """The keys' tokens of one forward call of ``model`` (see :func:`track_tokens`)."""
-    named = _forward_arguments(model, args, kwargs)
+    named = forward_arguments(model, args, kwargs)
     ids = named.get("input_ids")
     name = type(model).__name__
     if ids is None or ids.dim() != 2:

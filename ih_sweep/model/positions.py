@@ -28,7 +28,7 @@ class PositionsUnknown(UnsupportedArchitecture):
 
 
 
-def _forward_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+def forward_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """The forward call's arguments by name (positional ones bound to the signature)."""
     if not args:
         return kwargs
@@ -55,7 +55,7 @@ def token_positions(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor
     Raises :class:`PositionsUnknown` where the inputs do not determine positions: a mask
     whose width is not the cache's length plus T, non-2-D masks or position ids without
     the other, position ids that contradict the mask, no input_ids/inputs_embeds."""
-    named = _forward_arguments(model, args, kwargs)
+    named = forward_arguments(model, args, kwargs)
     name = type(model).__name__
     x = named.get("input_ids")
     if x is None:

@@ -111,12 +111,15 @@ def plot_null(ax: Any, random: pd.DataFrame) -> None:
     around its centre so that it stays visible. Every draw as a point where an N has fewer
     than 3 draws. ``random`` has the figure's x positions in column ``x`` (:func:`dose_axis`)."""
     color = COLORS["random"]
+    norm = "group" in random and random.group.astype(str).str.contains(
+        "control.match=layer_norm").any()
+    what = "layer- and norm-matched random heads" if norm else "random heads"
     by_n = {float(x): g.accuracy.to_numpy(dtype=float) for x, g in random.groupby("x")}
     xs = sorted(by_n)
     sizes = sorted({len(by_n[x]) for x in xs})
     if sizes[0] < 3:
         ax.plot(random.x, 100 * random.accuracy, "o", color=color, ms=5, clip_on=False,
-                label=f"random heads ({draws_text(len(random))})")
+                label=f"{what} ({draws_text(len(random))})")
         return
     draws = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     band = 100 * np.array([st.null_band(by_n[x]) for x in xs])
@@ -128,7 +131,7 @@ def plot_null(ax: Any, random: pd.DataFrame) -> None:
     if len(xs) > 1:
         ax.fill_between(xs, bottom, bottom + tall, color=color, alpha=0.15, lw=0, zorder=2)
     ax.bar(xs, tall, bottom=bottom, width=width, color=color, alpha=0.45, lw=0, zorder=2,
-           label=f"random heads: 2.5-97.5% of {draws} draws (line: median)")
+           label=f"{what}: 2.5-97.5% of {draws} draws (line: median)")
     ax.hlines(median, [x - width / 2 for x in xs], [x + width / 2 for x in xs], color=color,
               lw=1.5, zorder=2)
 

@@ -111,7 +111,7 @@ CASES = [
     ("scoring.n_sequence=3", "^scoring.n_sequence: not a key of scoring; did you mean "
                              "n_sequences?"),
     # ablation
-    ("ablation=drop", "ablation=drop: no such option of ablation; options: mean, "),
+    ("ablation=drop", "ablation=drop: no such option of ablation; options: knockout, mean, "),
     ("ablation.n_reference=many", "^ablation.n_reference=many is not allowed; allowed: an "
                                   "integer"),
     ("ablation.sed=1", "^ablation.sed: not a key of ablation; did you mean seed?"),

@@ -96,3 +96,25 @@ def test_a_null_of_few_distinct_sets_is_said_to_be_few_controls(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "the K=4 draws are only 2 distinct head sets" in md
     assert "compares the row with 2 control sets, not with a distribution" in md
+
+
+def test_the_figure_names_a_norm_matched_null(tmp_path):
+    """accuracy_vs_n.png's legend says which null it draws: the norm-matched draws are
+    "layer- and norm-matched random heads", the plain ones "random heads"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ih_sweep.report.plots import plot_null
+
+    df = _sweep(tmp_path)
+    for match, label in (("layer_norm", "layer- and norm-matched random heads"),
+                         ("layer", "random heads")):
+        random = df[df.condition == "random"].assign(x=2.0)
+        if match == "layer":
+            random = random.assign(group=random.group.str.replace(
+                ", control.match=layer_norm (norm_factor=2)", "", regex=False))
+        fig, ax = matplotlib.pyplot.subplots()
+        plot_null(ax, random)
+        labels = ax.get_legend_handles_labels()[1]
+        matplotlib.pyplot.close(fig)
+        assert labels and labels[0].startswith(label + ":"), labels
