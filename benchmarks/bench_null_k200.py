@@ -71,7 +71,7 @@ def run_sweep(match: str, k: int, stories: int, folder: Path) -> dict:
     left_out = [line.strip() for line in proc.stderr.splitlines()
                 if "SelectionError" in line and "left out" not in line]
     return {"exit_status": proc.returncode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "random_jobs": jobs, "high_rows": high.round(6).to_dict("records"),
+            "random_jobs": jobs, "high_rows": high.to_dict("records"),
             "low_norms": low.round(4).to_dict("records"), "left_out": left_out}
 
 
