@@ -3,6 +3,8 @@ and the composed config turned into the typed, checked Config."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from compose_config import compose
 from hydra.core.config_store import ConfigStore
@@ -68,3 +70,41 @@ def test_register_stores_every_group_once_and_can_run_again():
         assert "base.yaml" in repo[group], group
     assert OmegaConf.has_resolver("ih_sweep.speed_keys")
     assert OmegaConf.has_resolver("path_safe")
+
+
+def test_the_help_lists_every_config_group_option_and_no_internal_name():
+    """--help's group list (conf/hydra/help/ih_sweep.yaml) names exactly the options
+    Hydra can compose for each group, the default first, without the schema's internal
+    ``base`` node; the launchers are listed too."""
+    import re
+
+    import yaml
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ih_sweep.cli import config_dir
+
+    conf = Path(config_dir())
+    template = yaml.safe_load((conf / "hydra" / "help" / "ih_sweep.yaml").read_text())["template"]
+    block = template[template.index("== Config groups"):template.index("== Examples")]
+    listed = {}
+    for line in re.sub(r",\n\s+", ", ", block).splitlines()[1:]:
+        group, _, options = line.strip().partition(": ")
+        if group:
+            listed[group] = [re.sub(r" \(.*", "", o).strip() for o in options.split(", ")]
+    defaults = {k: v for d in yaml.safe_load((conf / "config.yaml").read_text())["defaults"]
+                if isinstance(d, dict) for k, v in d.items()}
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for group, options in listed.items():
+            known = set(loader.get_group_options(group)) - {"base"}
+            shown = [o for o in options if o != "(none)"]
+            if group == "hydra/launcher":
+                assert set(shown) <= known and {"resilient", "slurm"} <= set(shown), shown
+                continue
+            assert set(shown) == known, (group, shown, sorted(known))
+            default = defaults.get(group)
+            assert options[0] == ("(none)" if default is None else default), (group, options)
+    assert set(listed) >= {"model", "quantization", "data", "scoring", "ablation", "eval",
+                           "debug", "experiment", "scan", "train", "hydra/launcher"}
+    assert "base" not in block
