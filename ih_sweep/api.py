@@ -193,6 +193,21 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
         raise ConfigError(refusal(err)) from None
 
 
+def is_sweep(overrides: Sequence[str]) -> bool:
+    """Whether any of ``overrides`` is a sweep in Hydra's grammar (``a=1,2``, ``range()``,
+    ``choice()``, ``glob()``; a list value such as ``eval.stop=[x,y]`` is not one)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from ih_sweep.config.hydra_errors import refusal
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
+        raise ConfigError(refusal(err)) from None
+    return any(o.is_sweep_override() for o in parsed)
+
+
 def compose(overrides: Sequence[str]) -> Any:
     """conf/config.yaml with ``overrides`` (one job's, no sweep), as Hydra composes it for
     a job of the CLI, with its ``hydra`` node. Raises
@@ -230,8 +245,7 @@ def run(*overrides: str, multirun: bool | None = None, summarize: bool = True
     sweep's (override them as on the command line). Only ``job=evaluate`` returns a
     :class:`Job`; other jobs (score, scan, train_tiny) return what their recipe returns."""
     jobs = expand(overrides)
-    sweep = multirun if multirun is not None else (len(jobs) > 1 or any(
-        "," in o.partition("=")[2] or "range(" in o or "choice(" in o for o in overrides))
+    sweep = multirun if multirun is not None else is_sweep(overrides)
     configs = []
     for job_overrides in jobs:
         cfg = compose(job_overrides)

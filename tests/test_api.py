@@ -41,6 +41,12 @@ def test_a_mistake_is_one_line_exception_before_any_job(tmp_path, monkeypatch, o
         not any((tmp_path / "outputs" / "multirun").rglob("job.json"))
 
 
+def test_a_sweep_is_what_hydras_grammar_calls_one():
+    assert ih.is_sweep(["n_heads=4,8"]) and ih.is_sweep(["n_heads=range(2,5)"])
+    assert not ih.is_sweep(["n_heads=4", "eval.stop=[x,y]", "debug=fast"])
+    assert ih.expand(["eval.stop=[x,y]"]) == [["eval.stop=[x,y]"]]
+
+
 def test_unparsable_override_is_a_config_error():
     with pytest.raises(ConfigError):
         ih.expand(["n_heads=[1,"])
