@@ -50,6 +50,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -140,7 +141,10 @@ def track_tokens(model: nn.Module, ctx: ForwardContext | None = None) -> Iterato
         ctx.set_tokens(pass_tokens(module, args, kwargs, ctx))
 
     def after(module, args, kwargs, output):
-        ctx.pop_tokens()
+        try:
+            adopt_new_cache(ctx, output)
+        finally:
+            ctx.pop_tokens()
 
     handles = [model.register_forward_pre_hook(before, with_kwargs=True),
                model.register_forward_hook(after, with_kwargs=True, always_call=True)]
@@ -149,6 +153,22 @@ def track_tokens(model: nn.Module, ctx: ForwardContext | None = None) -> Iterato
     finally:
         for h in handles:
             h.remove()
+
+
+def adopt_new_cache(ctx: ForwardContext, output: Any) -> None:
+    """A key/value cache the model made inside the call that just ended (transformers
+    before the ``cache`` argument, e.g. 5.0: ``generate``'s first pass gets no cache and
+    the model makes one) holds exactly that call's keys: record their tokens for it, so the
+    next call on it knows them. A cache already known, or of another length, is left alone."""
+    current = ctx.tokens
+    made = getattr(output, "past_key_values", None)
+    if made is None:
+        made = getattr(output, "cache", None)
+    if current is None or made is None or not hasattr(made, "get_seq_length") or \
+            ctx.history(made) is not None:
+        return
+    if int(made.get_seq_length()) == current.history.tokens.shape[1]:
+        ctx.set_history(made, current.history)
 
 
 def pass_tokens(model: nn.Module, args: tuple, kwargs: dict, ctx: ForwardContext) -> PassTokens:

@@ -4,6 +4,7 @@ padded batches, decoding with a cache and generate."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -212,9 +213,13 @@ def test_decoding_with_a_cache_sees_the_whole_sequence(tiny, gpt2, which):
 def test_a_cache_filled_unseen_is_refused(tiny):
     model = tiny[0]
     cache = tf.DynamicCache(config=model.config)
-    model(input_ids=REPEATED[:1, :10], cache=cache, use_cache=True)
+    # the cache argument's name: "cache" in newer transformers, "past_key_values" in 5.0
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+    model(input_ids=REPEATED[:1, :10], use_cache=True, **{name: cache})
+    assert cache.get_seq_length() == 10
     with knock_out(model, HEADS), pytest.raises(EdgesUnknown, match="was not seen"):
-        model(input_ids=REPEATED[:1, 10:11], cache=cache, use_cache=True)
+        model(input_ids=REPEATED[:1, 10:11], use_cache=True, **{name: cache})
 
 
 def test_other_implementations_are_refused_in_one_line(tiny):
