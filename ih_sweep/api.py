@@ -154,7 +154,7 @@ def load_sweep(folder: str | Path, summarize: bool = False) -> Sweep:
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
     found = find_jobs(folder)
-    jobs = [Job(j.path, j.record, j.results, _heads(j.path)) for j in found.jobs]
+    jobs = _jobs(found)
     summary_file = folder / "summary.csv"
     summary = pd.DataFrame()
     if summarize or not summary_file.is_file():
@@ -249,14 +249,15 @@ def run(*overrides: str, multirun: bool | None = None, summarize: bool = True
     configs = []
     for job_overrides in jobs:
         cfg = compose(job_overrides)
-        configs.append((job_overrides, cfg, _checked(cfg, job_overrides if sweep else None)))
+        _checked(cfg, job_overrides if sweep else None)
+        configs.append((job_overrides, cfg))
     if not sweep:
-        _, cfg, _ = configs[0]
+        _, cfg = configs[0]
         folder = Path(str(cfg.hydra.run.dir))
         return _as_job(_run_one(cfg, folder, job_overrides=list(overrides)), folder)
     sweep_dir = Path(str(configs[0][1].hydra.sweep.dir))
     failures = []
-    for job_overrides, cfg, _ in configs:
+    for job_overrides, cfg in configs:
         folder = sweep_dir / str(cfg.hydra.sweep.subdir)
         try:
             _run_one(cfg, folder, job_overrides)
@@ -275,7 +276,13 @@ def load_sweep_jobs(folder: Path) -> list[Job]:
     """The finished evaluate jobs of a sweep folder, without a summary."""
     from ih_sweep.report.discover import find_jobs
 
-    return [Job(j.path, j.record, j.results, _heads(j.path)) for j in find_jobs(folder).jobs]
+    return _jobs(find_jobs(folder))
+
+
+def _jobs(found: Any) -> list[Job]:
+    """The :class:`Job` of each finished job :func:`ih_sweep.report.discover.find_jobs`
+    found."""
+    return [Job(j.path, j.record, j.results, _heads(j.path)) for j in found.jobs]
 
 
 def _checked(cfg: Any, job: Sequence[str] | None) -> Any:
