@@ -175,20 +175,9 @@ def to_latex(df: pd.DataFrame) -> str:
 
 
 def console_report(df: pd.DataFrame, sweep_dir: Path) -> str:
-    """What a sweep prints when it ends: each group's main table and the limits of its
-    random null (one line each), then its near-tie floor and mechanism check (or one line
-    each saying why they are left out), and where the files are."""
-    console = {"Near-tie floor", "Mechanism check"}
-    parts = []
-    limits = null_limits(df)
-    for gname, g in df.groupby("group", sort=False):
-        parts.append(f"\n{gname}\n{markdown_table(display_table(g))}")
-        parts += [f"Limits of the random null: {s}." for s in limits.get(gname, [])]
-        for sec, table in section_tables(g):
-            if sec.title not in console:
-                continue
-            parts.append(f"{sec.title}: left out: {sec.absent}." if table is None else
-                         f"\n{sec.title}\n{markdown_table(table)}")
-    parts.append(f"\nSummary (summary.md with the continuous metrics and strata, summary.csv, "
-                 f"summary.tex, figures) and one folder per job in: {sweep_dir}")
-    return "\n".join(parts)
+    """What a sweep prints when it ends (:func:`ih_sweep.report.console.console_report`):
+    each group's N x condition table, its comparisons in one line each, the limits of its
+    random null, and where summary.md and the figures are."""
+    from ih_sweep.report import console
+
+    return console.console_report(df, sweep_dir, null_limits(df))

@@ -72,7 +72,7 @@ def test_summary_written_by_callback(main_sweep):
         assert (out / name).is_file(), name
     df = pd.read_csv(out / "summary.csv")
     assert len(df) == 7  # the three `none` jobs are one row
-    assert "| condition" in main_sweep[2].stdout and str(out) in main_sweep[2].stdout
+    assert "| N |" in main_sweep[2].stdout and str(out) in main_sweep[2].stdout
 
 
 def test_rerun_skips_finished_jobs(main_sweep):

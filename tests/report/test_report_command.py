@@ -29,7 +29,7 @@ def test_the_command_and_its_older_name(tmp_path, module):
     proc = subprocess.run([sys.executable, "-m", module, str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "| condition" in proc.stdout and (tmp_path / "summary.md").is_file()
+    assert "| N |" in proc.stdout and (tmp_path / "summary.md").is_file()
     proc = subprocess.run([sys.executable, "-m", module, str(tmp_path), "--out", "x"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2

@@ -94,7 +94,7 @@ def test_every_step_works_at_the_edges(tmp_path, score_table, case):
         assert f"### {title}" in md
     assert "nan" not in md.lower().replace("near", "")  # empty cells, never 'nan'
     report = console_report(df, root)
-    assert "| condition" in report and "Mechanism check" in report
+    assert report.count("| N |") == df.group.nunique() and "summary.md" in report
 
 
 def _sweep_with_a_folder_in_place_of_the_figure(root: Path) -> None:
@@ -134,7 +134,7 @@ def test_the_summarize_command_exits_1_with_one_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"ih_sweep.report: the summary in {tmp_path} is incomplete: "
                            "accuracy_vs_n.png failed (WriteError: [Errno 21] cannot write"), last
-    assert "Traceback" not in proc.stderr and "| condition" in proc.stdout
+    assert "Traceback" not in proc.stderr and "| N |" in proc.stdout
 
 
 def test_the_callback_ends_the_sweep_with_exit_1(tmp_path, capsys):
@@ -147,7 +147,7 @@ def test_the_callback_ends_the_sweep_with_exit_1(tmp_path, capsys):
         SummarizeCallback().on_multirun_end(config=config)
     assert caught.value.code == 1
     out, err = capsys.readouterr()
-    assert "| condition" in out  # the table it made is printed all the same
+    assert "| N |" in out  # the table it made is printed all the same
     assert err.strip().splitlines()[-1].startswith(
         f"ih_sweep: the summary in {tmp_path} is incomplete: accuracy_vs_n.png failed")
 
@@ -181,4 +181,4 @@ def test_a_real_sweep_whose_summary_fails_exits_1(tmp_path):
     assert last.startswith(f"ih_sweep: the summary in {sweep} is incomplete: "
                            "accuracy_vs_n.png failed (WriteError: [Errno 21] cannot write"), last
     assert "Traceback" not in proc.stderr
-    assert len(pd.read_csv(sweep / "summary.csv")) == 2 and "| condition" in proc.stdout
+    assert len(pd.read_csv(sweep / "summary.csv")) == 2 and "| N |" in proc.stdout
