@@ -41,8 +41,9 @@ def n_text(n: Any, share: Any = None) -> str:
 
 
 def number(x: Any, digits: int = 3) -> str:
-    """A continuous value (nats, logits) with ``digits`` significant digits."""
-    return "" if missing(x) else f"{x:.{digits}g}"
+    """A continuous value (nats, logits) with ``digits`` significant digits, trailing zeros
+    kept (``-3.00 [-3.15, -2.84]``, not ``-3 [-3.15, -2.84]``)."""
+    return "" if missing(x) else f"{x:#.{digits}g}"
 
 
 def fixed(x: Any, decimals: int = 3) -> str:

@@ -45,8 +45,8 @@ def short_title(row: Any) -> str:
 def plot_strata(table: pd.DataFrame, path: Path, title: str = "",
                 stratum: str = "support_distance") -> Path | None:
     """Accuracy by ``stratum`` (default: support distance, 1-4 and 5+): one line per
-    condition and N (colour = condition, line style = N; random draws pooled), 95% Wilson
-    CIs as bands. None when the table has no rows of that stratum."""
+    condition and N (colour = condition, line style = N; random draws pooled, lines side
+    by side), 95% Wilson CIs as error bars. None when the table has no rows of that stratum."""
     part = table[table.stratum == stratum] if not table.empty else table
     if part.empty:
         return None
@@ -59,19 +59,24 @@ def plot_strata(table: pd.DataFrame, path: Path, title: str = "",
     keys = list(dict.fromkeys(zip(part.condition, part.n_heads)))
     for i, (cond, n) in enumerate(keys):
         g = part[(part.condition == cond) & (part.n_heads == n)].sort_values("order")
-        x = g.value.map(position) + 0.04 * (i - (len(keys) - 1) / 2)  # side by side
+        x = g.value.map(position) + 0.06 * (i - (len(keys) - 1) / 2)  # side by side
         draws = int(g.n_draws.iloc[0])
         label = "unablated" if cond == "none" else f"{cond} N={n_text(n, first_share(g))}" + (
             f" ({draws_text(draws)} pooled)" if cond == "random" else "")
         color = COLORS.get(cond, "tab:green")
         ax.plot(x, 100 * g.accuracy, marker="o", ms=4, color=color, label=label,
                 ls="-" if cond == "none" else styles[int(n)], clip_on=False)
-        ax.fill_between(x, 100 * g.ci_low, 100 * g.ci_high, color=color, alpha=0.12, lw=0)
+        # intervals as bars at each line's own x: bands of lines side by side at 100% would
+        # smear into one another
+        ax.errorbar(x, 100 * g.accuracy, yerr=[100 * (g.accuracy - g.ci_low),
+                                              100 * (g.ci_high - g.accuracy)],
+                    fmt="none", ecolor=color, elinewidth=1, capsize=2, alpha=0.7,
+                    clip_on=False)
     ax.set_xticks(range(len(position)), list(position))
     ax.set_xlim(-0.3, len(position) - 0.7)
     ax.set_ylim(-3, 103)
     ax.set_xlabel(f"{stratum.replace('_', ' ')}: {STRATA.get(stratum, ('', True))[0]}")
-    ax.set_ylabel("accuracy (%), bands: 95% Wilson CI")
+    ax.set_ylabel("accuracy (%), bars: 95% Wilson CI")
     ax.set_title(title or f"Accuracy by {stratum.replace('_', ' ')}", fontsize=10)
     ax.grid(alpha=0.25)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -259,7 +264,7 @@ def plot_icl(curve: pd.DataFrame, path: Path, title: str = "") -> Path | None:
     ax.set_xticks(sorted(int(v) for v in curve.examples_before.unique()))
     ax.set_ylim(-3, 103)
     ax.set_xlabel("answered examples before the question")
-    ax.set_ylabel("accuracy (%), bands: 95% Wilson CI")
+    ax.set_ylabel("accuracy (%), bars: 95% Wilson CI")
     ax.set_title(title or "In-context learning curve", fontsize=10)
     ax.grid(alpha=0.25)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)

@@ -109,6 +109,10 @@ def strata_markdown(table: pd.DataFrame | None) -> list[str]:
         for stratum, part in g.groupby("stratum", sort=False):
             what = STRATA.get(stratum, ("", True))[0]
             values = part.drop_duplicates("value").sort_values("order")["value"].tolist()
+            if len(values) == 1:  # e.g. eval.scope=last: every question is the story's last
+                lines += [f"**{stratum}** ({what}): every item has the same value, "
+                          f"{values[0]}, so it makes no strata.", ""]
+                continue
             out = []
             for (cond, n), arm in part.groupby(["condition", "n_heads"], sort=False):
                 draws = int(arm.n_draws.iloc[0])

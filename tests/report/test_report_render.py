@@ -29,7 +29,9 @@ def test_cells_show_numbers_and_leave_missing_values_empty():
     assert percent(0.125) == "12.5" and interval(0.1, 0.2) == "[10.0, 20.0]"
     assert p_value(0.012345) == "0.0123" and number(-1.23456) == "-1.23"
     assert fixed(2.5) == "2.500" and draws_text(1) == "1 draw" and draws_text(3) == "3 draws"
-    assert value_ci(0.5, 0.25, 0.75) == "0.5 [0.25, 0.75]" and value_ci(0.5, NAN, 1) == "0.5"
+    assert value_ci(0.5, 0.25, 0.75) == "0.500 [0.250, 0.750]" and value_ci(0.5, NAN, 1) == "0.500"
+    # one format in a cell: 3 significant digits with their trailing zeros (issue #33)
+    assert value_ci(-3.0, -3.15, -2.84) == "-3.00 [-3.15, -2.84]" and number(4.2e-5) == "4.20e-05"
     assert inside(True) == "inside" and inside(False) == "outside"
     for f in (percent, p_value, number, fixed, inside):
         assert f(NAN) == "" and f(None) == ""
@@ -88,3 +90,20 @@ def test_a_figure_title_names_the_weights_not_a_bare_none():
     assert "(none)" not in short_title(row)
     assert short_title(SimpleNamespace(**{**vars(row), "quantization": "nf4"})).startswith(
         "tiny (nf4),")
+
+
+def test_a_stratum_with_one_value_is_a_sentence_not_a_one_column_table():
+    """eval.scope=last asks each story's last question only: question_position has one
+    value and says so instead of a table of one column (issue #33)."""
+    rows = []
+    for cond, n in (("none", 0), ("high", 4)):
+        for stratum, value in (("support_distance", "1"), ("support_distance", "2"),
+                               ("question_position", "4")):
+            rows.append({"group": "g", "n_heads": n, "n_heads_share": float("nan"),
+                         "condition": cond, "n_draws": 1, "stratum": stratum, "value": value,
+                         "order": int(value), "n_items": 10, "n_correct": 9, "accuracy": 0.9,
+                         "ci_low": 0.6, "ci_high": 0.98})
+    md = "\n".join(strata_markdown(pd.DataFrame(rows)))
+    assert "**question_position** (index of the question in its story, 0-based): every item " \
+           "has the same value, 4, so it makes no strata." in md
+    assert md.count("|   N |") == 1 and "**support_distance**" in md
