@@ -121,6 +121,9 @@ def semantic_config(cfg: DictConfig | Config) -> dict:
     ev = container.get("eval")
     if isinstance(ev, dict) and (ev.get("format") != "helm" or ev.get("demo_lang") is None):
         ev.pop("demo_lang", None)  # only HELM's format picks a pool by it
+    data = container.get("data")
+    if isinstance(data, dict) and data.get("split") == "generated":
+        data["split"] = "train"  # the generator's stories: the hash they had before the name
     mechanism = container.get("mechanism")
     if isinstance(mechanism, dict) and _icl_tokens(container) == "text":
         mechanism.pop("icl_tokens", None)  # the stories' own text: the hash it had before

@@ -33,6 +33,7 @@ from ih_sweep.config.schema import (
     ScanConfig,
     Scope,
     ScoreSource,
+    Split,
     TrainConfig,
 )
 
@@ -123,13 +124,17 @@ def check_data(data: DataConfig) -> None:
         _need(data.n_stories is not None, "data.n_stories", data.n_stories,
               "allowed with data=babi_generated: a number of stories to generate")
         for key, default in (("lang", DataConfig.lang), ("path", DataConfig.path),
-                             ("split", DataConfig.split)):
-            _need(getattr(data, key) == default, f"data.{key}", getattr(data, key),
+                             ("split", Split.generated)):
+            value = getattr(data, key)
+            _need(value == default, f"data.{key}", getattr(value, "value", value),
                   "it applies to data=babi_files and data=babi_hub only (the generator makes "
                   "task 1 stories of its own)")
     else:
         _need(data.task in BABI_TASKS, "data.task", data.task, "allowed: 1 to 20")
         _need(data.lang in LANGS, "data.lang", data.lang, f"allowed: {', '.join(LANGS)}")
+        _need(data.split != Split.generated, "data.split", data.split.value,
+              f"allowed with data={data.name.value}: train, valid, test (generated names the "
+              "built-in generator's stories)")
 
 
 def check_eval(ev: EvalConfig) -> None:

@@ -122,6 +122,7 @@ class Split(Choice):
     train = "train"
     valid = "valid"  # the en-valid / en-valid-10k folders' held-out part of train
     test = "test"
+    generated = "generated"  # data=babi_generated: the generator's own stories, no release split
 
 
 class Metric(Choice):
@@ -217,7 +218,7 @@ class DataConfig:
     seed: int = 0  # babi_generated: the generator's seed
     path: str | None = None  # babi_files: the release folder holding <lang>/ folders
     lang: str = "en-10k"  # babi_files, babi_hub: one of LANGS
-    split: Split = Split.train  # babi_files, babi_hub
+    split: Split = Split.generated  # babi_files, babi_hub: train, valid or test
 
 
 @dataclass

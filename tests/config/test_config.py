@@ -51,7 +51,7 @@ NOT_INT_OR_STR = "Value '{}' of type 'float' is incompatible with type hint 'Uni
     ("scoring.seed=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
     ("eval.cpu_workers=1.5", NOT_INT_OR_STR.format("1.5")),
     ("n_heads=1.5", NOT_INT_OR_STR.format("1.5")),
-    ("data.split=dev", ENUM.format("dev", "train, valid, test")),
+    ("data.split=dev", ENUM.format("dev", "train, valid, test, generated")),
     ("model.dtype=float8", ENUM.format("float8", "auto, float32, bfloat16, float16")),
     # OmegaConf names the value's type here, not the value
     ("scan.layers=abc", "Invalid value assigned: str is not a ListConfig, list or tuple."),

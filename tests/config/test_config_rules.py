@@ -147,3 +147,21 @@ def test_overlapping_stops():
     assert rules.overlapping_stops(["\n", "Question:"]) is None
     assert rules.overlapping_stops(["ab", "b"]) == "'b' is part of 'ab'"
     assert rules.overlapping_stops(["ab", "bc"]) == "the end of 'ab' can begin 'bc'"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("data.split=train",), "data.split='train' is not allowed; it applies to data=babi_files "
+     "and data=babi_hub only (the generator makes task 1 stories of its own)"),
+    (("data=babi_files", "data.split=generated"), "data.split='generated' is not allowed; "
+     "allowed with data=babi_files: train, valid, test (generated names the built-in "
+     "generator's stories)"),
+])
+def test_the_split_is_generated_for_the_generator_and_a_release_split_for_files(overrides,
+                                                                                message):
+    """issue #33: the config says data.split=generated where the summary does; a release
+    split is for files and the hub."""
+    assert settings(compose()).data.split.value == "generated"
+    assert settings(compose("data=babi_hub")).data.split.value == "train"
+    with pytest.raises(ConfigError) as err:
+        settings(compose(*overrides))
+    assert str(err.value) == message
