@@ -93,8 +93,8 @@ CASES = [
                   "babi_hub; did you mean"),
     ("data.task=one", "^data.task=one is not allowed; allowed: an integer"),
     ("data.n_stories=many", "^data.n_stories=many is not allowed; allowed: an integer, or null"),
-    ("data.split=tset", "^data.split=tset is not allowed; allowed: train, valid, test, generated; did you "
-                        "mean test?"),
+    ("data.split=tset", "^data.split=tset is not allowed; allowed: train, valid, test, "
+                        "generated; did you mean test?"),
     ("data.seed=1.5", "^data.seed=1.5 is not allowed; allowed: an integer"),
     ("data.pth=x", "^data.pth: not a key of data; did you mean path?"),
     # scoring
