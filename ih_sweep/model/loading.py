@@ -19,6 +19,7 @@ from typing import Any
 
 from ih_sweep.config.errors import UserError, one_line
 from ih_sweep.config.schema import DType, ModelConfig, Quantization, QuantizationConfig, plain
+from ih_sweep.model.devices import log_bf16_emulation
 
 log = logging.getLogger(__name__)
 
@@ -432,6 +433,9 @@ def load_model(model: ModelConfig, quant: QuantizationConfig | None = None,
         loaded = loaded.to(device)
     loaded.eval()
     loaded.requires_grad_(False)
+    log_bf16_emulation(loaded, {str(loaded.dtype).removeprefix("torch.")} |
+                       ({getattr(quant.compute_dtype, "value", str(quant.compute_dtype))}
+                        if quant.name == Quantization.nf4 else set()))
     tokenizer = _load_files(lambda local: AutoTokenizer.from_pretrained(
         path, revision=model.revision, local_files_only=local,
         trust_remote_code=bool(model.trust_remote_code)), path, model.path, "its tokenizer")

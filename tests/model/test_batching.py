@@ -165,3 +165,14 @@ def test_config_accepts_auto_and_numbers_and_they_do_not_change_the_hash():
     with pytest.raises(ConfigError, match=r"^eval.batch_size='lots' is not allowed; "
                                           r"allowed: auto, or an integer >= 1$"):
         settings(compose("eval.batch_size=lots"))
+
+
+def test_mistral_7b_nf4_on_a_16_gb_t4():
+    """examples/mistral_7b_nf4_colab.ipynb's number: a T4 shows 15.0 GiB (15,360 MiB); the
+    CUDA context takes ~0.4 GiB and Mistral-7B in nf4 ~3.9 GiB (4-bit linear layers with
+    double-quantized constants, embeddings and lm_head in 16 bits), leaving 10.7 GiB; its
+    layers compute in 16 bits (2 B). usable 0.8 x 10.7 GiB - 1 GiB = 8,117,488,189 B ->
+    171 rows of 47,270,400 B (200 tokens) -> 128."""
+    free = (15.0 - 0.4 - 3.9) * GIB
+    assert B.rows_that_fit(free, SHAPE_7B, 2, 200, 3) == 171
+    assert B.rows_per_batch(free, SHAPE_7B, 2, 200, 3) == 128
