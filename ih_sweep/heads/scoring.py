@@ -20,6 +20,7 @@ import torch
 from ih_sweep.config.errors import ConfigError, UserError
 from ih_sweep.config.schema import RankBy, ScoringConfig
 from ih_sweep.data.files import unreadable
+from ih_sweep.heads.matrix import SCORE_NAMES, score_matrix  # noqa: F401  (re-exported)
 from ih_sweep.model.architecture import HeadSites, head_sites, hook_z
 from ih_sweep.model.batching import scoring_batch_rows
 
@@ -34,7 +35,6 @@ INDUCTION_NAMES = [RankBy.prefix.value, RankBy.copying.value, RankBy.combined.va
 # empty where no ranking or exclusion needs it)
 # (and their standard errors: prefix_se over the sequences, fv_se over the FV prompts)
 SCORE_COLUMNS = [*INDUCTION_COLUMNS[:6], RankBy.fv.value, *INDUCTION_COLUMNS[6:], "fv_se"]
-SCORE_NAMES = [m.value for m in RankBy]  # the score columns a ranking can use
 
 
 # --------------------------------------------------------------------------- pure maths
@@ -281,17 +281,6 @@ def _direct_logits(sites: HeadSites, x: torch.Tensor, unembed_w: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- score tables
-def score_matrix(scores: pd.DataFrame, column: str = "prefix") -> np.ndarray:
-    """[layers, heads] array of one score column."""
-    if column not in SCORE_NAMES:
-        raise ValueError(f"scoring.rank_by={column!r}; allowed values: {', '.join(SCORE_NAMES)}")
-    n_layers = int(scores["layer"].max()) + 1
-    heads_per_layer = int(scores["head"].max()) + 1
-    mat = np.full((n_layers, heads_per_layer), np.nan)
-    mat[scores["layer"].to_numpy(), scores["head"].to_numpy()] = scores[column].to_numpy()
-    return mat
-
-
 class ScoreFileError(UserError):
     """A score file a user gave (scoring.file) that cannot be used as a score table."""
 

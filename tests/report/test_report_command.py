@@ -91,3 +91,27 @@ def test_main_in_process(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip() == f"ih_sweep.report: {tmp_path / 'missing'}: " \
                                               "not a folder"
+
+
+def test_the_summary_with_a_heatmap_imports_no_torch(tmp_path):
+    """issue #32: a summary (its tables, figures and the score heatmap) needs no torch or
+    transformers, so a rerun that reuses every job does not pay for their import."""
+    scores = tmp_path / "scores.csv"
+    scores.write_text("model,layer,head,prefix\n" + "".join(
+        f"tiny,{la},{h},{0.1 * h + la}\n" for la in range(2) for h in range(4)))
+    rng = np.random.default_rng(1)
+    for name, n, cond in (("none", 0, "none"), ("high", 2, "high"), ("low", 2, "low")):
+        make_job(tmp_path / "sweep", name, n, cond, rng.random(20) < 0.8,
+                 scores_file=str(scores))
+    probe = ("import json, runpy, sys\n"
+             "sys.argv = ['ih_sweep.report', sys.argv[1]]\n"
+             "try:\n"
+             "    runpy.run_module('ih_sweep.report', run_name='__main__', alter_sys=True)\n"
+             "except SystemExit as exit_:\n"
+             "    assert not exit_.code, exit_.code\n"
+             "print(json.dumps([m for m in ('torch', 'transformers') if m in sys.modules]))\n")
+    proc = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "sweep")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "sweep" / "heads_prefix.png").is_file()
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
