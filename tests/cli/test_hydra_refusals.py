@@ -200,7 +200,7 @@ CASES = [
     ("-m condition=random control_seeds=4 control.draws_per_pass=4 ablation=zero,knockout",
      "^control.draws_per_pass=4 is not allowed; allowed with ablation.method=knockout: 1 "
      "(draws share a batch with ablation.method=zero, mean, position_mean: knockout edits "
-     "attention)"),
+     "attention) (job ablation=knockout); none of the sweep's 2 jobs ran"),
 ]
 
 
