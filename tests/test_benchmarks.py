@@ -96,3 +96,18 @@ def test_rank_stability_benchmark_smoke_run(tmp_path):
     assert 0 <= out["fv"]["fv_seed=0"]["top4_bootstrap"] <= 1
     assert 0 <= out["prefix"]["top4_bootstrap"] <= 1 and out["prefix"]["sequences"] == 16
     assert out["fv"]["across_seeds"] == {"top4": None}  # one seed: no pair to compare
+
+
+def test_draws_per_pass_benchmark_smoke_run(tmp_path):
+    """bench_draws_per_pass.py on 3 draws of 8 stories, D=1 and D=2: both timed, the draws'
+    items the same either way."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_draws_per_pass.py"), "--draws", "3",
+         "--stories", "8", "--per-pass", "1,2", "--out", str(tmp_path)], capture_output=True,
+        text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "draws_per_pass.json").read_text())
+    assert out["identical_to_one_at_a_time"] is True
+    assert set(out["best_by_draws_per_pass"]) == {"1", "2"}
+    assert all(t["wall_s"] > 0 and t["cpu_s"] > 0 and t["eval_s"] > 0
+               for t in out["best_by_draws_per_pass"].values())

@@ -21,6 +21,8 @@ from ih_sweep.ablation.registry import (
 class Mean(BaseAblation):
     """Fill: ``{layer: [heads_per_layer * head_dim]}`` float32 means (every head's)."""
 
+    per_row_sets = True
+
     def reference(self, inputs: FillInputs) -> dict:
         from ih_sweep.ablation.means import head_means, reference_batches
 

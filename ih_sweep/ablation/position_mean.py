@@ -26,6 +26,7 @@ class PositionMean(BaseAblation):
     """Fill: :class:`ih_sweep.ablation.means.PositionMeans` (every head's)."""
 
     needs_positions = True
+    per_row_sets = True
 
     def reference(self, inputs: FillInputs) -> Any:
         from ih_sweep.ablation.means import position_means, reference_batches

@@ -85,6 +85,10 @@ class Ablation(Protocol):
     fill_shared_as: str
     # the method changes the heads' attention (attention_edit) instead of their output z
     edits_attention: bool
+    # replace's value does not depend on which heads or sequence a row has (one fill serves
+    # every head set): rows of one pass may ablate different head sets
+    # (ih_sweep.ablation.hooks.ablate_head_sets, control.draws_per_pass)
+    per_row_sets: bool
 
     def config_problem(self, config: Config) -> str | None:
         """Why ``config`` cannot use this method (one phrase), or None."""
@@ -136,6 +140,7 @@ class BaseAblation:
     reference_shared_as: tuple[str, ...] = ("fill",)
     fill_shared_as = "fill"
     edits_attention = False
+    per_row_sets = False
 
     def config_problem(self, config: Config) -> str | None:
         return None
@@ -202,6 +207,12 @@ def unregister_ablation(name: str) -> None:
 def ablation_names() -> list[str]:
     """The registered methods' names, in registration order."""
     return list(_REGISTRY)
+
+
+def head_set_methods() -> list[str]:
+    """The registered methods whose rows of one pass may ablate different head sets
+    (``per_row_sets``: ``zero``, ``mean``, ``position_mean``), in registration order."""
+    return [name for name, method in _REGISTRY.items() if getattr(method, "per_row_sets", False)]
 
 
 def get_ablation(method: str | Ablation) -> Ablation:

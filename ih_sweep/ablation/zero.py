@@ -13,6 +13,8 @@ from ih_sweep.ablation.registry import BaseAblation, register_ablation
 class Zero(BaseAblation):
     """Nothing to prepare (the fill is None)."""
 
+    per_row_sets = True
+
     def replace(self, fill: Any, layer: int, z: Any, columns: Any, positions: Any = None,
                 keys: Sequence[Hashable] | None = None, cache: dict | None = None) -> float:
         return 0

@@ -86,11 +86,12 @@ def n_heads_share(value: int | str) -> Fraction | None:
 
 
 def check_top(cfg: Config) -> None:
-    """The top-level keys: n_heads, control_seed(s), control.norm_factor, device,
-    paths.cache_dir."""
+    """The top-level keys: n_heads, control_seed(s), control.norm_factor,
+    control.draws_per_pass, device, paths.cache_dir."""
     n_heads_share(cfg.n_heads)
     _at_least("control_seed", cfg.control_seed, 0)
     _at_least("control_seeds", cfg.control_seeds, 1)
+    _at_least("control.draws_per_pass", cfg.control.draws_per_pass, 1)
     _need(cfg.control.norm_factor > 1, "control.norm_factor", cfg.control.norm_factor,
           "allowed: a number > 1 (the ratio a drawn head's output norm may differ from its "
           "top head's, either way)")
@@ -223,6 +224,15 @@ def check_ablation(cfg: Config) -> None:
           "estimate zero ablation); the other methods apply to job=evaluate")
     problem = get_ablation(method).config_problem(cfg)
     _need(problem is None, "ablation.method", method, str(problem))
+    from ih_sweep.ablation.registry import head_set_methods
+
+    per_row = head_set_methods()
+    _need(cfg.control.draws_per_pass == 1 or method in per_row, "control.draws_per_pass",
+          cfg.control.draws_per_pass, f"allowed with ablation.method={method}: 1 (draws "
+          f"share a batch with ablation.method={', '.join(per_row)}: {method} "
+          + ("fills each row by its story)" if get_ablation(method).row_dependent else
+             "edits attention)" if get_ablation(method).edits_attention else
+             "has no fill shared by every head set)"))
 
 
 def check_mechanism(mech: MechanismConfig) -> None:

@@ -320,6 +320,11 @@ class ControlConfig:
     # norm_factor of the top head it stands for (ih_sweep.heads.selection.norm_matched)
     match: ControlMatch = ControlMatch.layer
     norm_factor: float = 2.0  # layer_norm: the ratio allowed either way (> 1)
+    # control_seeds=K: distinct head sets of the draws evaluated this many at a time, each
+    # story's row once per draw in the batches (one head set a row:
+    # ih_sweep.ablation.hooks.ablate_head_sets); 1: one draw at a time. Same results
+    # (ablation.method zero, mean, position_mean only)
+    draws_per_pass: int = field(default=1, metadata=SPEED)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from ih_sweep.evaluation.decoding import (
 from ih_sweep.evaluation.metrics import cut_at_stop, is_correct, stop_seen
 from ih_sweep.evaluation.near_ties import near_tie, near_tie_tolerance
 from ih_sweep.evaluation.rows import encode
+from ih_sweep.model.forward import ForwardContext
 from ih_sweep.model.rotary import reset_rotary
 from ih_sweep.model.tokens import pad_id
 
@@ -46,7 +47,8 @@ def reset() -> None:
 
 @torch.no_grad()
 def by_model_generate(model, tokenizer, results: list[ItemResult], settings: EvalConfig,
-                      reason: str | None = None) -> list[ItemResult]:
+                      reason: str | None = None, head_sets: Sequence[int] | None = None
+                      ) -> list[ItemResult]:
     """``results`` (the fast path's) where the model's generation config changes nothing
     that greedy decoding returns; else each item's outcome by ``model.generate`` on its
     prompt alone with that config (the notebook's method, exact by construction; slower):
@@ -60,7 +62,8 @@ def by_model_generate(model, tokenizer, results: list[ItemResult], settings: Eva
     greedily by design. One log line per model says which settings were found.
     ``reason``: why every item goes to ``generate`` whatever the config (a batch-dependent
     rotary scaling, :func:`ih_sweep.model.rotary.batch_dependent`; its rotary state is
-    reset before each item, as a freshly loaded model has it)."""
+    reset before each item, as a freshly loaded model has it). ``head_sets``: each result's
+    head set (:meth:`ih_sweep.model.forward.ForwardContext.head_sets`; None: set 0 each)."""
     config = getattr(model, "generation_config", None)
     eos = tokenizer.eos_token_id
     changing, ignored = gs.greedy_changing(config, eos), gs.not_greedy(config)
@@ -84,15 +87,17 @@ def by_model_generate(model, tokenizer, results: list[ItemResult], settings: Eva
     tolerance = near_tie_tolerance(model)
     greedy = gs.greedy_config(config, settings.max_new_tokens, pad_id(tokenizer))
     out = []
-    for r in tqdm(results, desc="generate", unit="item", disable=not settings.progress,
-                  leave=False):
+    ctx = ForwardContext.of(model)
+    for j, r in enumerate(tqdm(results, desc="generate", unit="item",
+                               disable=not settings.progress, leave=False)):
         ids = torch.tensor([encode(tokenizer, r.item.prompt)], device=device)
         if reason:
             reset_rotary(model)
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             generation_config=greedy, tokenizer=tokenizer,
-                             stopping_criteria=stop_criteria(tokenizer, ids.shape[1],
-                                                             settings.stop))
+        with ctx.head_sets([head_sets[j] if head_sets is not None else 0]):
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 generation_config=greedy, tokenizer=tokenizer,
+                                 stopping_criteria=stop_criteria(tokenizer, ids.shape[1],
+                                                                 settings.stop))
         steps = step_stats(torch.stack(gen.scores, 1))[0].cpu().tolist()
         toks = cut_at_eos(gen.sequences[0, ids.shape[1]:].tolist(), eos)
         text, answer = decode(tokenizer, toks), r.item.target

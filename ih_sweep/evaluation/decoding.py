@@ -113,7 +113,8 @@ def greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
     and a prefix all rows share (the prompt header) runs once instead of once per row.
     The inputs go to the device in one copy and the results come back in one. ``ctx``: the
     model's :class:`~ih_sweep.model.forward.ForwardContext` (default: ``model``'s); the pass
-    runs with its row keys, read positions and logits-at positions set there, and where its
+    runs with its row keys, row head sets (each row's first query's ``head_set``), read
+    positions and logits-at positions set there, and where its
     :attr:`~ih_sweep.model.forward.ForwardContext.record` is set, each query's logits at its
     read positions go into it."""
     ctx = ctx if ctx is not None else ForwardContext.of(model)
@@ -146,10 +147,19 @@ def greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
     kwargs = {"use_cache": False}
     if cache is not None:
         kwargs = {"use_cache": True, cache_argument(model): cache}
-    with ctx.sequence_keys([queries[0].story for _, queries in rows]):
-        if shared:  # the common prefix once, its key/values copied to every row
-            model(input_ids=d_ids[:1, :shared], logits_to_keep=1, **kwargs)
+    sets = [queries[0].head_set for _, queries in rows]  # each row's head set
+    distinct = sorted(set(sets))
+    with ctx.sequence_keys([queries[0].story for _, queries in rows]), ctx.head_sets(sets):
+        if shared and len(distinct) == 1:  # the common prefix once, copied to every row
+            with ctx.head_sets(distinct):
+                model(input_ids=d_ids[:1, :shared], logits_to_keep=1, **kwargs)
             ctx.repeat_cache_rows(cache, len(rows))
+        elif shared:  # rows ablating different head sets: the prefix once per set
+            with ctx.head_sets(distinct):
+                model(input_ids=d_ids[:1, :shared].expand(len(distinct), -1),
+                      logits_to_keep=1, **kwargs)
+            ctx.select_cache_rows(cache, torch.tensor([distinct.index(s) for s in sets],
+                                                      device=device))
         with ctx.reading(d_gather), ctx.logits_at(d_gather):
             logits = model(input_ids=d_ids[:, shared:], attention_mask=d_mask, **kwargs).logits
     stats = read_stats(logits, d_targets, d_others).cpu().tolist()

@@ -33,6 +33,9 @@ class Query:
     answer: list[int] = field(default_factory=list)
     others: list[int] = field(default_factory=list)
     story: int = -1  # the item's story index: which sequence its row holds (resample ablation)
+    # which head set its row ablates: an index into ablate_head_sets' sets (several draws in
+    # one batch, control.draws_per_pass); 0 where one set (or none) is ablated
+    head_set: int = 0
 
     def greedy_reads(self, max_new_tokens: int) -> int:
         """Positions whose argmax is a greedy token that may be known from the pass."""

@@ -97,7 +97,8 @@ def evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: EvalC
     if cache is not None:
         finished = (lambda t: stop_seen(decode(tokenizer, t), settings.stop)) \
             if settings.stop else None
-        with ctx.sequence_keys([rows[b][1][0].story for b, _, _ in pending]):
+        with ctx.sequence_keys([rows[b][1][0].story for b, _, _ in pending]), \
+                ctx.head_sets([rows[b][1][0].head_set for b, _, _ in pending]):
             new = continue_greedy(model, cache, width, pending, budget, eos, device, finished)
         conts = []
         for (_, _, known), (toks, gaps, tops) in zip(pending, new):
@@ -106,7 +107,9 @@ def evaluate_rows(model, tokenizer, items: Sequence[Item], rows, settings: EvalC
             conts.append((known + toks, read.gap[:n] + gaps, read.top[:n] + tops))
         how = "decode"
     else:
-        with ctx.sequence_keys([items[i].story_index for i in index_of]):
+        head_set = {q.index: q.head_set for _, queries in rows for q in queries}
+        with ctx.sequence_keys([items[i].story_index for i in index_of]), \
+                ctx.head_sets([head_set[i] for i in index_of]):
             conts = generate_greedy(model, tokenizer, [items[i].prompt for i in index_of],
                                     budget, device)
         how = "generate"
@@ -214,8 +217,10 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=
              len(items), time.time() - t0, decoded)
     # the model's own generation settings (tfrange, #22 item 3): where they change greedy
     # output, the outcomes are generate's, one item at a time (see by_model_generate)
+    head_set = {q.index: q.head_set for _, queries in rows for q in queries}
     return by_model_generate(model, tokenizer, [results[i] for i in range(len(items))],
-                             settings, reason=rope)
+                             settings, reason=rope,
+                             head_sets=[head_set.get(i, 0) for i in range(len(items))])
 
 
 _TOLD_ROPE: set[str] = set()  # the routing lines logged in this process

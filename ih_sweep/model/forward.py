@@ -17,8 +17,9 @@ and hand it on). It holds two kinds of state:
   live in a :class:`threading.local` inside the context: the token positions of the forward
   call running (a stack: a pass may call the model again inside), the rows the next o_proj
   call sees (:meth:`ForwardContext.z_positions_at`), the row keys (which sequence each
-  batch row holds), the positions the logits are computed at, the self-check's record, the
-  tokens of the forward call's keys (knockout ablation).
+  batch row holds), the row head sets (which draw's heads each row ablates), the positions
+  the logits are computed at, the self-check's record, the tokens of the forward call's keys
+  (knockout ablation).
   A value set in one thread is never seen by another (threads start with none set).
 
 One value is not in the object: the evaluator's read positions (:func:`reading`). transformers
@@ -60,6 +61,17 @@ class RowKeys:
         self.cache: dict = {}
 
 
+class RowSets:
+    """The head sets of the passes inside :meth:`ForwardContext.head_sets`: which of the
+    ablated head sets (an index into the list :func:`ih_sweep.ablation.hooks.ablate_head_sets`
+    was given) each batch row takes, one per row, with what the hook derives from them cached
+    per (layer, device) in :attr:`cache` (one index tensor per pass, not per layer)."""
+
+    def __init__(self, sets: Sequence[int]):
+        self.sets = tuple(int(s) for s in sets)
+        self.cache: dict = {}
+
+
 class ForwardContext:
     """State of the forward passes of one model (see the module docstring).
 
@@ -67,8 +79,8 @@ class ForwardContext:
     :attr:`row_dependent_ablations` (counts of open contexts), :attr:`evaluator` (the
     evaluator's installation, or None), per key/value cache the tokens its columns hold
     (:meth:`history`; knockout ablation, :mod:`ih_sweep.model.edges`). Per thread:
-    :attr:`positions`, :attr:`tokens`, :attr:`z_index`, :attr:`row_keys`, :attr:`logits_at`,
-    :attr:`record`."""
+    :attr:`positions`, :attr:`tokens`, :attr:`z_index`, :attr:`row_keys`, :attr:`row_sets`,
+    :attr:`logits_at`, :attr:`record`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -76,6 +88,7 @@ class ForwardContext:
         self.tracking = 0  # track_positions contexts open (ih_sweep.model.positions)
         self.ablating = 0  # ablations on (ih_sweep.ablation.hooks.ablate_heads)
         self.row_dependent_ablations = 0  # of which fill rows by their sequence (resample)
+        self.head_set_ablations = 0  # of which ablate a head set per row (ablate_head_sets)
         self.evaluator: Any = None  # the evaluator's FastPath while installed
         # per key/value cache: the tokens its columns hold (ih_sweep.model.edges.track_tokens)
         self._histories: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -220,6 +233,25 @@ class ForwardContext:
     @property
     def row_keys(self) -> RowKeys | None:
         return self._get("row_keys")
+
+    @contextmanager
+    def head_sets(self, sets: Sequence[int]) -> Iterator[None]:
+        """Inside (this thread), the forward passes' batch rows take these head sets, one
+        index per row into the sets of :func:`ih_sweep.ablation.hooks.ablate_head_sets` (the
+        evaluator gives each row's :attr:`ih_sweep.evaluation.rows.Query.head_set`): several
+        draws of a random control share one batch. Other ablations ignore it."""
+        with self._setting("row_sets", RowSets(sets)):
+            yield
+
+    @property
+    def row_sets(self) -> RowSets | None:
+        return self._get("row_sets")
+
+    @property
+    def per_row_sets(self) -> bool:
+        """Whether an ablation ablates a head set per batch row (:meth:`head_sets`): then a
+        prefix all rows share runs once per head set, not once."""
+        return self.head_set_ablations > 0
 
     @contextmanager
     def logits_at(self, gather: torch.Tensor) -> Iterator[None]:

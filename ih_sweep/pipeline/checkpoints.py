@@ -32,10 +32,14 @@ def evaluate_chunks(config: Config, out_dir: Path, chash: str, model: LazyModel,
     each chunk's tokenized rows for the job's other draws. Partial results of another
     config (``partial/state.json``), or of other input files (``inputs``, the fingerprints
     of :func:`ih_sweep.fingerprints.job_inputs`), are discarded; the model is loaded only
-    for a chunk still to evaluate."""
-    from ih_sweep.ablation.hooks import ablate_heads
-    from ih_sweep.data.strata import strata_frame
+    for a chunk still to evaluate. With ``control.draws_per_pass`` > 1 a chunk is evaluated
+    for this draw's heads and its batch mates' (the next draws' head sets,
+    :meth:`~ih_sweep.pipeline.draws.SharedInputs.batch_mates`) in the same batches
+    (:func:`ih_sweep.evaluation.head_sets.evaluate_head_sets`), the mates' rows kept in
+    ``shared`` until their draw writes them as its chunk."""
+    from ih_sweep.ablation.hooks import ablate_head_sets, ablate_heads
     from ih_sweep.evaluation.evaluator import evaluate
+    from ih_sweep.evaluation.head_sets import evaluate_head_sets
 
     items = data.items
     part = out_dir / "partial"
@@ -51,6 +55,7 @@ def evaluate_chunks(config: Config, out_dir: Path, chash: str, model: LazyModel,
     for stale in [*out_dir.glob(".*.tmp"), *part.glob(".*.tmp")]:  # left by a killed write
         stale.unlink(missing_ok=True)
     frames, resumed = [], 0
+    mates = shared.batch_mates(config, selection, fill.method)
     candidates = sorted({it.answer for it in items})  # the task's answers, for logit_diff
     starts = range(0, len(items), size)
     bar = tqdm(total=len(items), desc=describe(config), unit="item",
@@ -66,13 +71,26 @@ def evaluate_chunks(config: Config, out_dir: Path, chash: str, model: LazyModel,
                 resumed += 1
                 continue
             log.warning("redoing %s: %s", chunk_file, problem)
+        df = shared.take_ahead(selection.heads, start)  # an earlier draw's batches held it
+        if df is not None:
+            write_csv(chunk_file, df)
+            frames.append(df)
+            bar.update(len(df))
+            continue
         lm, tokenizer = model()
         rows = shared.chunk_rows(tokenizer, chunk_items, start, size,
                                  config.eval.max_new_tokens, candidates)
-        with ablate_heads(lm, selection.heads, fill.method, fill.values):
-            res = evaluate(lm, tokenizer, chunk_items, config.eval, bar, candidates, rows)
-        df = pd.concat([item_frame(res), strata_frame(data.stories, [r.item for r in res])],
-                       axis=1)[ITEM_COLUMNS]
+        if mates:  # control.draws_per_pass: the later draws' head sets in the same batches
+            with ablate_head_sets(lm, [selection.heads, *mates], fill.method, fill.values):
+                res, *later = evaluate_head_sets(lm, tokenizer, chunk_items, config.eval,
+                                                 1 + len(mates), bar, candidates, rows)
+            for heads, their in zip(mates, later):
+                shared.ahead.setdefault(frozenset(heads), {})[start] = \
+                    chunk_frame(their, data.stories)
+        else:
+            with ablate_heads(lm, selection.heads, fill.method, fill.values):
+                res = evaluate(lm, tokenizer, chunk_items, config.eval, bar, candidates, rows)
+        df = chunk_frame(res, data.stories)
         write_csv(chunk_file, df)
         frames.append(df)
         if len(starts) > 1:
@@ -81,6 +99,15 @@ def evaluate_chunks(config: Config, out_dir: Path, chash: str, model: LazyModel,
     if resumed:
         log.info("resumed: %d of %d chunks were already done", resumed, len(starts))
     return Results(pd.concat(frames, ignore_index=True), resumed)
+
+
+def chunk_frame(results: Sequence, stories: Sequence) -> pd.DataFrame:
+    """A chunk's ITEM_COLUMNS rows: the evaluated items (:func:`item_frame`) with their
+    stories' difficulty strata (:func:`ih_sweep.data.strata.strata_frame`)."""
+    from ih_sweep.data.strata import strata_frame
+
+    return pd.concat([item_frame(results), strata_frame(stories, [r.item for r in results])],
+                     axis=1)[ITEM_COLUMNS]
 
 
 def item_frame(results: Sequence) -> pd.DataFrame:

@@ -87,6 +87,9 @@ class SharedInputs:
     # what each distinct head set of the draws gave: (its first draw's control_seed, its
     # Results, its mechanism check), by the set
     evaluated: dict[frozenset, tuple[int, Any, dict]] = field(default_factory=dict)
+    # control.draws_per_pass > 1: the checkpoint chunks a draw evaluated for the later draws
+    # in its batches, by their head set, then chunk start (items frames, taken once)
+    ahead: dict[frozenset, dict[int, Any]] = field(default_factory=dict)
 
     def same_heads(self, heads: Heads) -> tuple[int, Any, dict] | None:
         """(control_seed, Results, mechanism) of an earlier draw of this job that ablated
@@ -102,6 +105,44 @@ class SharedInputs:
         """What the draw ``seed`` of ``heads`` gave, for :meth:`same_heads`."""
         if heads:
             self.evaluated.setdefault(frozenset(heads), (seed, results, mechanism))
+
+    def batch_mates(self, config: Config, selection: Selection, method: Ablation) -> list[Heads]:
+        """The head sets evaluated beside this draw's (``selection.heads``) in its batches:
+        with ``control.draws_per_pass=D`` > 1 and a method that ablates one set a row
+        (``per_row_sets``), those of the next pending draws, in order, up to D - 1, each a
+        set no earlier draw evaluated, not this draw's, not an earlier mate's and with no
+        chunk evaluated ahead already (:attr:`ahead`); a draw whose heads cannot be drawn
+        (a refusal) ends the list, so that the refusal comes when that draw runs."""
+        from ih_sweep.config.errors import UserError
+
+        d = config.control.draws_per_pass
+        if d <= 1 or not selection.heads or not getattr(method, "per_row_sets", False):
+            return []
+        seed = config.control_seed
+        later = self.pending[self.pending.index(seed) + 1:] if seed in self.pending else []
+        seen, mates = {frozenset(selection.heads)}, []
+        for k in later:
+            if len(mates) == d - 1:
+                break
+            try:
+                heads = selection.heads_for(k)
+            except UserError:
+                break
+            key = frozenset(heads)
+            if heads and key not in seen and key not in self.evaluated \
+                    and key not in self.ahead:
+                seen.add(key)
+                mates.append(heads)
+        return mates
+
+    def take_ahead(self, heads: Heads, start: int) -> Any:
+        """The items frame of the chunk at ``start`` an earlier draw evaluated for ``heads``
+        (:meth:`batch_mates`), removed from :attr:`ahead`; None if none."""
+        chunks = self.ahead.get(frozenset(heads))
+        if not chunks or start not in chunks:
+            return None
+        self.used.add("batches")
+        return chunks.pop(start)
 
     def model(self, config: Config) -> LazyModel:
         """The job's model, loaded at its first use (:class:`LazyModel`)."""

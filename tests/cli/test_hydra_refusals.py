@@ -195,6 +195,12 @@ CASES = [
                      "--multirun, --cfg, --info, --shell-completion"),
     # a rule of ours, refused in the job (its run folder made, then removed)
     ("n_heads=abc", f"^n_heads='abc' is not allowed; {N_HEADS}"),
+    ("condition=random control_seeds=4 control.draws_per_pass=0",
+     "^control.draws_per_pass=0 is not allowed; allowed: an integer >= 1"),
+    ("-m condition=random control_seeds=4 control.draws_per_pass=4 ablation=zero,knockout",
+     "^control.draws_per_pass=4 is not allowed; allowed with ablation.method=knockout: 1 "
+     "(draws share a batch with ablation.method=zero, mean, position_mean: knockout edits "
+     "attention) (job ablation=knockout); none of the sweep's 2 jobs ran"),
 ]
 
 
