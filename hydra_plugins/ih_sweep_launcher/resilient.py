@@ -109,6 +109,7 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
 
     from ih_sweep.cli import mark_started, remove_unused_output_folders
     from ih_sweep.config.errors import UserError
+    from ih_sweep.pipeline.model_facts import keep_facts
     from ih_sweep.pipeline.preflight import check_job
 
     bad = []
@@ -127,6 +128,7 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
         print(f"ih_sweep: {sweep_refusal(bad, job_overrides)}", file=sys.stderr)
         remove_unused_output_folders()  # the sweep folder, if this command made it
         raise SystemExit(2)
+    keep_facts()  # what the checks found, for the next command (nothing when refused)
     mark_started()
 
 

@@ -408,7 +408,7 @@ def check_scores_fit(scores: pd.DataFrame, n_layers: int, heads_per_layer: int,
 def save_heatmap(scores: pd.DataFrame, column: str, path: Path, title: str,
                  marks: dict[str, list[tuple[int, int]]] | None = None) -> Path:
     """The [layer, head] heatmap of one score column (PNG), ablated heads marked."""
-    from ih_sweep.heads.scoring import score_matrix
+    from ih_sweep.heads.basics import score_matrix
     from ih_sweep.report.figures import head_heatmap
 
     return head_heatmap(score_matrix(scores, str(column)), path,

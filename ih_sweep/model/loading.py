@@ -234,7 +234,7 @@ _PADDED: set[str] = set()  # tokenizer folders whose pad token was found, by the
 _TOKENIZERS: dict[str, Any] = {}  # local tokenizers read by checks, by their folder's files
 
 
-def _folder_stamp(folder: Path) -> str:
+def folder_stamp(folder: Path) -> str:
     """The names, sizes and modification times of a folder's files: what a check that read
     them once in this process keys its result by."""
     return json.dumps(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
@@ -247,7 +247,7 @@ def local_tokenizer(path: str, trust_remote_code: bool = False):
     model). Raises :class:`ModelPathError` when the folder holds no tokenizer."""
     from transformers import AutoTokenizer
 
-    stamp = _folder_stamp(Path(path))
+    stamp = folder_stamp(Path(path))
     if stamp not in _TOKENIZERS:
         _TOKENIZERS[stamp] = _load_files(lambda local: AutoTokenizer.from_pretrained(
             path, local_files_only=local, trust_remote_code=trust_remote_code), path, path,
@@ -265,7 +265,7 @@ def check_pad_token(path: str, config, trust_remote_code: bool = False) -> None:
     from ih_sweep.model.tokens import settle_pad
 
     folder = Path(path)
-    stamp = _folder_stamp(folder)
+    stamp = folder_stamp(folder)
     if stamp in _PADDED:
         return
     tokenizer = local_tokenizer(path, trust_remote_code)
