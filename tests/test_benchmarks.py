@@ -96,3 +96,19 @@ def test_rank_stability_benchmark_smoke_run(tmp_path):
     assert 0 <= out["fv"]["fv_seed=0"]["top4_bootstrap"] <= 1
     assert 0 <= out["prefix"]["top4_bootstrap"] <= 1 and out["prefix"]["sequences"] == 16
     assert out["fv"]["across_seeds"] == {"top4": None}  # one seed: no pair to compare
+
+
+def test_end_to_end_benchmark_smoke_run(tmp_path):
+    """bench_end_to_end.py on a few stories, one pair and one rerun: the CLI sweep and the
+    notebook's method both timed, the same 7 evaluations with identical per-item outcomes,
+    and the rerun reusing all 9 jobs."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_end_to_end.py"), "--stories", "4",
+         "--pairs", "1", "--reruns", "1", "--out", str(tmp_path)], capture_output=True,
+        text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "end_to_end.json").read_text())
+    assert out["evaluations"] == 7 and out["outcomes_identical"] is True
+    assert out["sweep_wall_s"] > 0 and out["notebook_wall_s"] > 0
+    assert out["ratio_notebook_over_sweep"] > 0 and len(out["ratio_by_pair"]) == 1
+    assert out["rerun_jobs_reused"] == [9]
