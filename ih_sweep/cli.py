@@ -41,6 +41,7 @@ from ih_sweep.config.hydra_errors import refusal
 from ih_sweep.config.schema import Job
 from ih_sweep.io_utils import WriteError
 from ih_sweep.model.runtime import keep_freed_memory
+from ih_sweep.pipeline.model_facts import keep_facts
 from ih_sweep.pipeline.preflight import check_job
 
 log = logging.getLogger("ih_sweep")
@@ -68,6 +69,7 @@ def run(cfg: DictConfig) -> Any:
     """Check the config, then run ``config.job`` into this job's folder (the recipes,
     which import pandas and torch, are imported after the check: a refusal is quick)."""
     config = check_job(cfg)
+    keep_facts()  # what the checks found about the model folder, for later commands
     from ih_sweep.pipeline import evaluate, scan, score, train_tiny
 
     keep_freed_memory()  # each job's process: no page faults on every new activation

@@ -111,3 +111,19 @@ def test_draws_per_pass_benchmark_smoke_run(tmp_path):
     assert set(out["best_by_draws_per_pass"]) == {"1", "2"}
     assert all(t["wall_s"] > 0 and t["cpu_s"] > 0 and t["eval_s"] > 0
                for t in out["best_by_draws_per_pass"].values())
+
+
+def test_end_to_end_benchmark_smoke_run(tmp_path):
+    """bench_end_to_end.py on a few stories, one pair and one rerun: the CLI sweep and the
+    notebook's method both timed, the same 7 evaluations with identical per-item outcomes,
+    and the rerun reusing all 9 jobs."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_end_to_end.py"), "--stories", "4",
+         "--pairs", "1", "--reruns", "1", "--out", str(tmp_path)], capture_output=True,
+        text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "end_to_end.json").read_text())
+    assert out["evaluations"] == 7 and out["outcomes_identical"] is True
+    assert out["sweep_wall_s"] > 0 and out["notebook_wall_s"] > 0
+    assert out["ratio_notebook_over_sweep"] > 0 and len(out["ratio_by_pair"]) == 1
+    assert out["rerun_jobs_reused"] == [9]

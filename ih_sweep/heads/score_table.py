@@ -359,8 +359,7 @@ def matrix_for(config: Config, scores: pd.DataFrame, column: str) -> np.ndarray:
     """[layers, heads] of one score column the job uses (``rank_by`` or ``exclude_by``).
     Raises :class:`~ih_sweep.heads.scoring.ScoreFileError` where a user's table has no score in
     that column (e.g. ``rank_by=fv`` with a table of induction scores only)."""
-    from ih_sweep.heads.matrix import score_matrix
-    from ih_sweep.heads.scoring import ScoreFileError
+    from ih_sweep.heads.scoring import ScoreFileError, score_matrix
 
     mat = score_matrix(scores, str(column))
     if not np.isfinite(mat).any() and config.scoring.source == ScoreSource.file:
@@ -409,7 +408,7 @@ def check_scores_fit(scores: pd.DataFrame, n_layers: int, heads_per_layer: int,
 def save_heatmap(scores: pd.DataFrame, column: str, path: Path, title: str,
                  marks: dict[str, list[tuple[int, int]]] | None = None) -> Path:
     """The [layer, head] heatmap of one score column (PNG), ablated heads marked."""
-    from ih_sweep.heads.matrix import score_matrix
+    from ih_sweep.heads.basics import score_matrix
     from ih_sweep.report.figures import head_heatmap
 
     return head_heatmap(score_matrix(scores, str(column)), path,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ih_sweep.config.errors import ConfigError, UserError
+from ih_sweep.config.errors import UserError
 from ih_sweep.config.schema import RankBy, ScoringConfig
 from ih_sweep.data.files import unreadable
-from ih_sweep.heads.matrix import SCORE_NAMES, score_matrix  # noqa: F401  (re-exported)
+from ih_sweep.heads.basics import (  # noqa: F401  torch-free, re-exported here
+    candidate_token_ids,
+    check_repeated_sequences,
+    score_matrix,
+)
 from ih_sweep.model.architecture import HeadSites, head_sites, hook_z
 from ih_sweep.model.batching import scoring_batch_rows
 
@@ -35,6 +38,7 @@ INDUCTION_NAMES = [RankBy.prefix.value, RankBy.copying.value, RankBy.combined.va
 # empty where no ranking or exclusion needs it)
 # (and their standard errors: prefix_se over the sequences, fv_se over the FV prompts)
 SCORE_COLUMNS = [*INDUCTION_COLUMNS[:6], RankBy.fv.value, *INDUCTION_COLUMNS[6:], "fv_se"]
+SCORE_NAMES = [m.value for m in RankBy]  # the score columns a ranking can use
 
 
 # --------------------------------------------------------------------------- pure maths
@@ -97,38 +101,7 @@ def copying_from_logits(mean_logit: torch.Tensor, attended_token: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- inputs
-def candidate_token_ids(tokenizer, exclude_frequent_frac: float = 0.0,
-                        exclude_rare_frac: float = 0.0) -> list[int]:
-    """Token ids random sequences may use: no special tokens; optionally drop the most and
-    least frequent ids (BPE vocabularies are ordered by merge frequency, so by id)."""
-    vocab_size = len(tokenizer)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    lo = int(math.floor(vocab_size * exclude_frequent_frac))
-    hi = vocab_size - int(math.floor(vocab_size * exclude_rare_frac))
-    ids = [i for i in range(lo, hi) if i not in special]
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return [i for i in ids if i not in added or not added[i].special]
-
-
-def check_repeated_sequences(key: str, seq_len: int, repeats: int, bos: int,
-                             limit: int | None, offered: int | None = None) -> None:
-    """Whether ``bos`` (0 or 1) + ``seq_len`` x ``repeats`` random tokens fit ``limit``
-    positions (None: no limit) and, where ``offered`` is given, whether that many candidate
-    tokens (:func:`candidate_token_ids`) hold ``seq_len`` distinct ones. The one rule for
-    the checks before any job (:mod:`ih_sweep.pipeline.preflight`) and those inside it.
-    Raises :class:`~ih_sweep.config.errors.ConfigError` naming ``<key>.seq_len`` (``key``:
-    ``scoring`` or ``mechanism``)."""
-    length = bos + seq_len * repeats
-    if limit and length > limit:
-        raise ConfigError(f"{key}.seq_len={seq_len}: a repeated sequence of {bos} + "
-                          f"{seq_len} x {repeats} = {length} tokens is longer than the "
-                          f"model's {limit} positions; allowed: seq_len <= "
-                          f"{(limit - bos) // repeats}")
-    if offered is not None and offered < seq_len:
-        raise ConfigError(f"{key}.seq_len={seq_len}: a sequence of distinct random tokens "
-                          f"this long needs {seq_len} candidate tokens and the tokenizer "
-                          f"offers {offered} (after {key}.exclude_*_frac); allowed: "
-                          f"seq_len <= {offered}")
+# candidate_token_ids, check_repeated_sequences: ih_sweep.heads.basics (imported above)
 
 
 def random_sequences(n: int, length: int, repeats: int, candidates: list[int], bos_id: int | None,

@@ -9,6 +9,7 @@ Loaded models are cached per process, so a basic-launcher multirun loads each mo
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -160,19 +161,24 @@ def _load_files(load, path: str, given: str, what: str):
     return _from_hub(load, path, what)
 
 
+_CONFIGS: dict[str, Any] = {}  # local folders' configs, by folder stamp and settings
+
+
 def load_config(model: ModelConfig):
     """The model's transformers config alone (no weights): head counts, for checks before
-    loading. Raises :class:`ModelPathError` for a path or hub id that gives none."""
+    loading. Raises :class:`ModelPathError` for a path or hub id that gives none. A local
+    folder's config is read once per process for each state of its files
+    (:func:`folder_stamp`); each caller gets its own copy."""
     from transformers import AutoConfig
 
     path = resolve_path(model.path)
-
-    def load(local_only: bool):
-        return AutoConfig.from_pretrained(
+    key = folder_stamp(Path(path)) + json.dumps([model.path, model.revision, bool(
+        model.trust_remote_code)]) if Path(path).is_dir() else ""  # "": a hub id, read anew
+    if not key or key not in _CONFIGS:
+        _CONFIGS[key] = _load_files(lambda local_only: AutoConfig.from_pretrained(
             path, revision=model.revision, local_files_only=local_only,
-            trust_remote_code=bool(model.trust_remote_code))
-
-    return _load_files(load, path, model.path, "its config")
+            trust_remote_code=bool(model.trust_remote_code)), path, model.path, "its config")
+    return _CONFIGS.pop(key) if not key else copy.deepcopy(_CONFIGS[key])
 
 
 def layers_and_heads(model: ModelConfig) -> tuple[int, int]:
@@ -235,7 +241,7 @@ _PADDED: set[str] = set()  # tokenizer folders whose pad token was found, by the
 _TOKENIZERS: dict[str, Any] = {}  # local tokenizers read by checks, by their folder's files
 
 
-def _folder_stamp(folder: Path) -> str:
+def folder_stamp(folder: Path) -> str:
     """The names, sizes and modification times of a folder's files: what a check that read
     them once in this process keys its result by."""
     return json.dumps(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
@@ -248,7 +254,7 @@ def local_tokenizer(path: str, trust_remote_code: bool = False):
     model). Raises :class:`ModelPathError` when the folder holds no tokenizer."""
     from transformers import AutoTokenizer
 
-    stamp = _folder_stamp(Path(path))
+    stamp = folder_stamp(Path(path))
     if stamp not in _TOKENIZERS:
         _TOKENIZERS[stamp] = _load_files(lambda local: AutoTokenizer.from_pretrained(
             path, local_files_only=local, trust_remote_code=trust_remote_code), path, path,
@@ -266,7 +272,7 @@ def check_pad_token(path: str, config, trust_remote_code: bool = False) -> None:
     from ih_sweep.model.tokens import settle_pad
 
     folder = Path(path)
-    stamp = _folder_stamp(folder)
+    stamp = folder_stamp(folder)
     if stamp in _PADDED:
         return
     tokenizer = local_tokenizer(path, trust_remote_code)
@@ -495,3 +501,4 @@ def reset() -> None:
     again)."""
     _CACHE.clear()
     _TOKENIZERS.clear()
+    _CONFIGS.clear()

@@ -11,16 +11,31 @@ message names the key, the value and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from ih_sweep.config.errors import ConfigError, UserError
 from ih_sweep.config.hydra import settings
 from ih_sweep.config.schema import Config, Job, ScoreSource
+from ih_sweep.pipeline.model_facts import ModelFacts, model_facts
 
 
 class DeviceError(UserError):
     kind = "device"
+
+
+def model_shape(config: Config) -> tuple[int, int]:
+    """(layers, query heads per layer) of the job's model
+    (:func:`ih_sweep.model.loading.layers_and_heads`), from the model folder's record
+    where it has one."""
+    from ih_sweep.model.loading import layers_and_heads
+
+    facts = model_facts(config)
+    if facts is None:
+        return layers_and_heads(config.model)
+    return tuple(facts.get("layers_and_heads",  # type: ignore[return-value]
+                           lambda: list(layers_and_heads(config.model))))
 
 
 def check_score_file(config: Config) -> None:
@@ -91,9 +106,8 @@ def check_score_table_fits(config: Config) -> None:
             config.job != Job.evaluate or config.condition == Condition.none:
         return
     from ih_sweep.heads.score_table import check_scores_fit
-    from ih_sweep.model.loading import layers_and_heads
 
-    n_layers, heads_per_layer = layers_and_heads(config.model)
+    n_layers, heads_per_layer = model_shape(config)
     check_scores_fit(_score_table(Path(config.scoring.file).expanduser()), n_layers,
                      heads_per_layer, config.scoring.file)
 
@@ -171,7 +185,11 @@ def check_model_files(config: Config) -> None:
         return
     from ih_sweep.model.loading import check_local_model
 
-    check_local_model(config.model)
+    facts = model_facts(config)
+    if facts is None:
+        check_local_model(config.model)
+        return
+    facts.get("files_checked", lambda: check_local_model(config.model) or True)
 
 
 def check_attention(config: Config) -> None:
@@ -197,7 +215,7 @@ def check_head_count(config: Config) -> None:
         return
     from ih_sweep.pipeline.stages import count_heads
 
-    count_heads(config)
+    count_heads(config, model_shape(config))
 
 
 def check_random_sequences(config: Config) -> None:
@@ -220,19 +238,46 @@ def check_random_sequences(config: Config) -> None:
         uses.append(("mechanism", config.mechanism))
     if not uses:
         return
-    from ih_sweep.heads.scoring import candidate_token_ids, check_repeated_sequences
-    from ih_sweep.model.loading import load_config, local_tokenizer, resolve_path
+    from ih_sweep.heads.basics import check_repeated_sequences
+    from ih_sweep.model.loading import resolve_path
+
+    path = resolve_path(config.model.path)
+    facts = model_facts(config)
+    if facts is None:
+        facts = ModelFacts(None, {})  # a hub id: found afresh, kept nowhere
+    limit = facts.get("position_limit", lambda: _position_limit(config))
+    local = Path(path).is_dir()
+    bos = facts.get("bos", lambda: int(_tokenizer(config).bos_token_id is not None)) \
+        if local else 1
+    for key, s in uses:
+        offered = facts.get(f"candidates:{s.exclude_frequent_frac!r}:"
+                            f"{s.exclude_rare_frac!r}", lambda s=s: _candidates(config, s)) \
+            if local else None
+        check_repeated_sequences(key, s.seq_len, s.repeats, bos, limit, offered)
+
+
+def _position_limit(config: Config) -> int | None:
+    """How many positions the job's model allows (config.json)."""
+    from ih_sweep.model.loading import load_config
     from ih_sweep.model.shape import position_limit
 
-    limit = position_limit(load_config(config.model))
-    path = resolve_path(config.model.path)
-    tokenizer = local_tokenizer(path, bool(config.model.trust_remote_code)) \
-        if Path(path).is_dir() else None
-    bos = 1 if tokenizer is None else int(tokenizer.bos_token_id is not None)
-    for key, s in uses:
-        offered = None if tokenizer is None else len(candidate_token_ids(
-            tokenizer, s.exclude_frequent_frac, s.exclude_rare_frac))
-        check_repeated_sequences(key, s.seq_len, s.repeats, bos, limit, offered)
+    return position_limit(load_config(config.model))
+
+
+def _tokenizer(config: Config):
+    """The local model folder's tokenizer, read for the checks."""
+    from ih_sweep.model.loading import local_tokenizer, resolve_path
+
+    return local_tokenizer(resolve_path(config.model.path), bool(config.model.trust_remote_code))
+
+
+def _candidates(config: Config, settings: Any) -> int:
+    """How many candidate tokens the local tokenizer offers after ``settings``'s
+    ``exclude_*_frac`` cuts (:func:`ih_sweep.heads.scoring.candidate_token_ids`)."""
+    from ih_sweep.heads.basics import candidate_token_ids
+
+    return len(candidate_token_ids(_tokenizer(config), settings.exclude_frequent_frac,
+                                   settings.exclude_rare_frac))
 
 
 # in order; each takes the typed config and raises a UserError

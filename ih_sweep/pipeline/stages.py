@@ -190,13 +190,19 @@ def reuse_finished(config: Config, out_dir: Path, chash: str, started: float,
     return record
 
 
-def count_heads(config: Config) -> HeadCount:
+def count_heads(config: Config, shape: tuple[int, int] | None = None) -> HeadCount:
     """What can be checked without weights: a share of heads (``n_heads=10%``) becomes its
-    count on this model. Raises :class:`ConfigError` for more heads than the model has."""
+    count on this model. Raises :class:`ConfigError` for more heads than the model has.
+    ``shape``: the model's (layers, heads per layer) where the caller knows them (the
+    checks before any job: :func:`ih_sweep.pipeline.preflight.model_shape`), else read
+    from its config (:func:`ih_sweep.model.loading.layers_and_heads`)."""
     from ih_sweep.heads.selection import resolve_n_heads
-    from ih_sweep.model.loading import layers_and_heads
 
-    n_layers, heads_per_layer = layers_and_heads(config.model)
+    if shape is None:
+        from ih_sweep.model.loading import layers_and_heads
+
+        shape = layers_and_heads(config.model)
+    n_layers, heads_per_layer = shape
     n_ablate = resolve_n_heads(config.n_heads, n_layers, heads_per_layer)
     share = n_heads_share(config.n_heads)
     if config.condition != Condition.none and n_ablate > n_layers * heads_per_layer:
