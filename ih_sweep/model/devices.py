@@ -36,13 +36,28 @@ def bf16_emulation_note(name: str, capability: tuple[int, int], dtypes: set[str]
             "another run, near-ties may change)")
 
 
-def log_bf16_emulation(model, dtypes: set[str]) -> None:
+def pick_device(requested: str | None = "auto") -> str:
+    """The device a model loads on: ``cuda`` where there is one for ``auto`` (or None),
+    else ``cpu``; any other name as it is."""
+    if requested in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def log_bf16_emulation(model, quant) -> None:
     """Log :func:`bf16_emulation_note` for the CUDA device ``model``'s first parameter is
-    on (nothing off CUDA)."""
+    on (nothing off CUDA): the dtypes are the model's and, under nf4, ``quant``'s
+    (:class:`~ih_sweep.config.schema.QuantizationConfig`) compute dtype."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         return
     import torch
+
+    dtypes = {str(model.dtype).removeprefix("torch.")}
+    if str(getattr(quant.name, "value", quant.name)) == "nf4":
+        dtypes.add(str(getattr(quant.compute_dtype, "value", quant.compute_dtype)))
 
     note = bf16_emulation_note(torch.cuda.get_device_name(device),
                                torch.cuda.get_device_capability(device), dtypes)

@@ -20,7 +20,7 @@ from typing import Any
 
 from ih_sweep.config.errors import UserError, one_line
 from ih_sweep.config.schema import DType, ModelConfig, Quantization, QuantizationConfig, plain
-from ih_sweep.model.devices import log_bf16_emulation
+from ih_sweep.model.devices import log_bf16_emulation, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +138,6 @@ def _dtype(name: DType | str | None):
     import torch
 
     return getattr(torch, DType(name).value)
-
-
-def pick_device(requested: str | None = "auto") -> str:
-    if requested in (None, "auto"):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
 
 
 def _load_files(load, path: str, given: str, what: str):
@@ -439,9 +431,7 @@ def load_model(model: ModelConfig, quant: QuantizationConfig | None = None,
         loaded = loaded.to(device)
     loaded.eval()
     loaded.requires_grad_(False)
-    log_bf16_emulation(loaded, {str(loaded.dtype).removeprefix("torch.")} |
-                       ({getattr(quant.compute_dtype, "value", str(quant.compute_dtype))}
-                        if quant.name == Quantization.nf4 else set()))
+    log_bf16_emulation(loaded, quant)
     tokenizer = _load_files(lambda local: AutoTokenizer.from_pretrained(
         path, revision=model.revision, local_files_only=local,
         trust_remote_code=bool(model.trust_remote_code)), path, model.path, "its tokenizer")

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from ih_sweep.config.schema import QuantizationConfig
 from ih_sweep.model.devices import bf16_emulation_note, log_bf16_emulation
 
 
@@ -27,5 +28,5 @@ def test_hardware_bfloat16_or_no_bfloat16_says_nothing():
 
 def test_a_cpu_model_logs_nothing(caplog):
     with caplog.at_level(logging.WARNING):
-        log_bf16_emulation(torch.nn.Linear(2, 2).to(torch.bfloat16), {"bfloat16"})
+        log_bf16_emulation(torch.nn.Linear(2, 2).to(torch.bfloat16), QuantizationConfig())
     assert not caplog.records
