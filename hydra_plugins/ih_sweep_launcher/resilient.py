@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from hydra_plugins.ih_sweep_launcher.job_folders import run_jobs
-from ih_sweep.config.errors import one_line
+from ih_sweep.config.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -233,18 +233,24 @@ def compose_each_job_once(config_loader: Any) -> None:
 
 
 def summarize_partial(config: Any, sweep_dir: Path, failures: list[tuple[str, str]]) -> str:
-    """The summary of the jobs that finished, listing those that did not. Returns a line
+    """The summary of the jobs that finished, listing those that did not, and its table
+    printed (:func:`ih_sweep.report.render.console_report`). Returns a line
     for the failure report when the summary itself failed (a step, not the jobs already
     reported), else ""."""
     from ih_sweep.cli import wants_summary
 
     if not wants_summary(config):
         return ""
+    from ih_sweep.report.render import console_report
     from ih_sweep.report.summarize import SummaryError, SummaryIncomplete, summarize
 
     try:
-        summarize(sweep_dir, not_finished=failures)
+        df = summarize(sweep_dir, not_finished=failures)
+        if not df.empty:  # the finished jobs' table, as a sweep without failures prints it
+            print(console_report(df, sweep_dir), flush=True)
     except SummaryIncomplete as err:
+        if err.table is not None and not err.table.empty:
+            print(console_report(err.table, sweep_dir), flush=True)
         if err.failed:
             return "\n  summary: " + "; ".join(f"{step} failed ({why})"
                                                for step, why in err.failed)
@@ -274,7 +280,8 @@ class ResilientBasicLauncher(BasicLauncher):
         for ret in returns:
             if ret.status == JobStatus.FAILED:
                 err = ret._return_value
-                first = one_line(err, 300)
+                # the project's refusals are one line already: whole; others cut
+                first = one_line(err, None if isinstance(err, UserError) else 300)
                 folder = Path(OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir",
                                                default=None) or sweep_dir)
                 name = str(folder.relative_to(sweep_dir)) if folder.is_relative_to(

@@ -190,6 +190,23 @@ def test_a_job_failing_at_run_time_stops_no_other(tmp_path):
     assert json.loads((sweep / "debug=fast,n_heads=4/job.json").read_text())["n_items"] == 20
     md = (sweep / "summary.md").read_text()
     assert "## Jobs left out" in md and "`debug=fast,n_heads=8`: WriteError" in md
+    # the finished job's table is printed as a sweep without failures prints it
+    assert "| N | top-N (induction) ablated |" in proc.stdout and "| 4 | " in proc.stdout
+
+
+def test_a_refusal_after_the_load_is_said_whole(tmp_path):
+    """A norm-matched control that cannot exist (issue #30: at N=16 on the tiny model the
+    top heads' layer holds only 16 others, none within a factor 2): the job's refusal, a
+    line of ~450 characters, reaches the failure report whole, not cut at 300."""
+    proc = cli("-m", "n_heads=16", "condition=high,random", "control.match=layer_norm",
+               "debug=fast", f"hydra.sweep.dir={tmp_path}/s", f"paths.cache_dir={tmp_path}/c",
+               check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "SelectionError: control.match=layer_norm cannot match n_heads=16" in last
+    assert last.endswith("allowed: a larger control.norm_factor, a smaller n_heads, or "
+                         "control.match=layer"), last
+    assert "| 16 | " in proc.stdout  # the high job's row
 
 
 def test_slurm_that_cannot_submit_says_so_in_one_line(tmp_path):
