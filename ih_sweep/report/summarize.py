@@ -165,6 +165,7 @@ from ih_sweep.report.plots import (
     short_title,
 )
 from ih_sweep.report.render import to_latex, to_markdown
+from ih_sweep.report.reuse import remember, reusable, summary_key
 from ih_sweep.report.rows import SUMMARY_COLUMNS, summarize_jobs
 from ih_sweep.report.tables import icl_curve, robustness_table, strata_table
 
@@ -211,6 +212,14 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
         raise SummaryError(f"{sweep_dir}: no ih_sweep jobs here (no job.json or .hydra/)")
     for folder, reason in found.problems:
         log.warning("left out %s: %s", folder, reason)
+    key = None
+    if found.jobs and not found.problems and not found.scan_parts:
+        key = summary_key(sweep_dir, [j.record.scores_file for j in found.jobs
+                                      if j.record.scores_file], not_finished or [])
+        if reusable(sweep_dir, key):
+            log.info("summary of %d jobs in %s reused: nothing it reads has changed since it "
+                     "was written", len(found.jobs), sweep_dir)
+            return pd.read_csv(sweep_dir / "summary.csv")
     failed: list[tuple[str, str]] = []
 
     def step(name: str, make: Callable[[], Any]) -> Any:
@@ -279,6 +288,8 @@ def summarize(sweep_dir: str | Path, not_finished: list[tuple[str, str]] | None 
              len(df), sweep_dir, len(found.problems))
     if heatmaps:
         log.info("ablated heads on their scores: %s", ", ".join(p.name for p in heatmaps))
+    if key is not None and not failed:
+        remember(sweep_dir, key)  # a complete summary: the next one may reuse it
     return finish(df)
 
 
