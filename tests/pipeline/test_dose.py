@@ -160,8 +160,9 @@ def test_cli_sweep_of_shares_on_the_tiny_model(tmp_path):
     assert list(zip(summary.n_heads, summary.n_heads_share.fillna(-1), summary.condition)) \
         == [(0, -1, "none"), (1, 1.0, "high"), (7, 10.0, "high")]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
-    assert any(r.split("|")[1].strip() == "7 (10%)" and r.split("|")[2].strip() == "high"
-               for r in rows)
+    assert rows[0] == "| N | top-N (induction) ablated | unablated |"  # the console table
+    assert any(r.split("|")[1].strip() == "7 (10%)" for r in rows)
+    assert "N=7 (10%) high vs unablated: " in proc.stdout
     assert "n_heads=10% of the model's 64 heads (2 x 32): 7 heads" in proc.stdout + proc.stderr
 
 
