@@ -50,11 +50,14 @@ def check_repeated_sequences(key: str, seq_len: int, repeats: int, bos: int,
                           f"seq_len <= {offered}")
 
 
+SCORE_NAMES = [m.value for m in RankBy]  # the score columns a ranking can use
+
+
 def score_matrix(scores: pd.DataFrame, column: str = "prefix") -> np.ndarray:
     """[layers, heads] array of one score column."""
-    names = [m.value for m in RankBy]  # ih_sweep.heads.scoring.SCORE_NAMES
-    if column not in names:
-        raise ValueError(f"scoring.rank_by={column!r}; allowed values: {', '.join(names)}")
+    if column not in SCORE_NAMES:
+        raise ValueError(f"scoring.rank_by={column!r}; allowed values: "
+                         f"{', '.join(SCORE_NAMES)}")
     n_layers = int(scores["layer"].max()) + 1
     heads_per_layer = int(scores["head"].max()) + 1
     mat = np.full((n_layers, heads_per_layer), np.nan)

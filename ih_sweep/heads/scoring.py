@@ -20,6 +20,7 @@ from ih_sweep.config.errors import UserError
 from ih_sweep.config.schema import RankBy, ScoringConfig
 from ih_sweep.data.files import unreadable
 from ih_sweep.heads.basics import (  # noqa: F401  torch-free, re-exported here
+    SCORE_NAMES,
     candidate_token_ids,
     check_repeated_sequences,
     score_matrix,
@@ -38,7 +39,6 @@ INDUCTION_NAMES = [RankBy.prefix.value, RankBy.copying.value, RankBy.combined.va
 # empty where no ranking or exclusion needs it)
 # (and their standard errors: prefix_se over the sequences, fv_se over the FV prompts)
 SCORE_COLUMNS = [*INDUCTION_COLUMNS[:6], RankBy.fv.value, *INDUCTION_COLUMNS[6:], "fv_se"]
-SCORE_NAMES = [m.value for m in RankBy]  # the score columns a ranking can use
 
 
 # --------------------------------------------------------------------------- pure maths

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from ih_sweep.report.cells import heads_phrase, interval, missing, n_text, p_value, percent
+from ih_sweep.report.statistics import null_band
 
 COLUMNS = ("high", "low", "random", "none")  # the table's columns, in this order
 
@@ -44,8 +45,8 @@ def _cell(rows: pd.DataFrame) -> str:
     if len(rows) == 1:
         r = rows.iloc[0]
         return f"{percent(r.accuracy)} {interval(r.ci_low, r.ci_high)}"
-    band = rows.accuracy.quantile([0.025, 0.975]).to_numpy()
-    return f"{interval(band[0], band[1])} ({len(rows)} draws)"
+    low, high = null_band(rows.accuracy)  # as summary.csv's random_acc_p2_5 / _p97_5
+    return f"{interval(low, high)} ({len(rows)} draws)"
 
 
 def condition_table(g: pd.DataFrame) -> pd.DataFrame:
