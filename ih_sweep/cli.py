@@ -40,7 +40,7 @@ from ih_sweep.config.hydra import register
 from ih_sweep.config.hydra_errors import refusal
 from ih_sweep.config.schema import Job
 from ih_sweep.io_utils import WriteError
-from ih_sweep.model.runtime import keep_freed_memory
+from ih_sweep.model.runtime import freeze_for_exit, keep_freed_memory, this_process_is_the_command
 from ih_sweep.pipeline.model_facts import keep_facts
 from ih_sweep.pipeline.preflight import check_job
 
@@ -250,8 +250,19 @@ def command_line_mistake(args: list[str]) -> str | None:
     return f"unrecognized arguments: {' '.join(extra)}; allowed: the flags --hydra-help lists"
 
 
+def command() -> None:
+    """The console script ``ih-sweep`` and ``python -m ih_sweep``: :func:`cli` in a process
+    that is the command's own, so that what it keeps until it exits is frozen out of the
+    garbage collector's walks (:func:`ih_sweep.model.runtime.long_lived`)."""
+    this_process_is_the_command()
+    try:
+        cli()
+    finally:
+        freeze_for_exit()
+
+
 def cli() -> None:
-    """The console script: :func:`main`, with Hydra's own refusals of the command line (an
+    """The command: :func:`main`, with Hydra's own refusals of the command line (an
     override it cannot parse or merge into the schema, an unknown key or config option:
     Hydra exits 1 before any job starts) reported as what they are, a user's mistake, in
     one line: exit 2."""

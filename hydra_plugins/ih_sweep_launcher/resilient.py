@@ -109,21 +109,23 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
 
     from ih_sweep.cli import mark_started, remove_unused_output_folders
     from ih_sweep.config.errors import UserError
+    from ih_sweep.model.runtime import long_lived
     from ih_sweep.pipeline.model_facts import keep_facts
     from ih_sweep.pipeline.preflight import check_job
 
     bad = []
-    for overrides in job_overrides:
-        try:
-            cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config,
-                                                                        list(overrides))
-            with open_dict(cfg):
-                del cfg["hydra"]
-            check_job(cfg)
-        except (UserError, HydraException) as err:
-            why = str(err).strip().splitlines()
-            bad.append((overrides, getattr(err, "kind", "config"),
-                        " ".join(line.strip() for line in why[:2])))
+    with long_lived():  # the checks import torch and transformers where they look at weights
+        for overrides in job_overrides:
+            try:
+                cfg = launcher.hydra_context.config_loader.load_sweep_config(
+                    launcher.config, list(overrides))
+                with open_dict(cfg):
+                    del cfg["hydra"]
+                check_job(cfg)
+            except (UserError, HydraException) as err:
+                why = str(err).strip().splitlines()
+                bad.append((overrides, getattr(err, "kind", "config"),
+                            " ".join(line.strip() for line in why[:2])))
     if bad:
         print(f"ih_sweep: {sweep_refusal(bad, job_overrides)}", file=sys.stderr)
         remove_unused_output_folders()  # the sweep folder, if this command made it

@@ -43,3 +43,49 @@ def test_nothing_changes_off_glibc(monkeypatch):
     runtime.reset()
     monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
     assert runtime.keep_freed_memory() is False
+
+
+# The command's own process freezes what it keeps out of the garbage collector's walks; run
+# in a process of its own (the test process's collector stays as it is).
+FREEZE = """
+import gc, sys
+from ih_sweep.model import runtime
+if sys.argv[1] == "command":
+    runtime.this_process_is_the_command()
+before = gc.get_freeze_count()
+with runtime.long_lived() as applies:
+    inside = gc.isenabled()
+    kept = [[i] for i in range(50000)]  # long-lived, tracked
+    cycle = []
+    cycle.append(cycle)  # garbage made inside
+    del cycle
+print(applies, inside, gc.isenabled(), gc.get_freeze_count() - before >= 50000,
+      gc.collect())
+"""
+
+
+def _freeze(mode: str) -> list[str]:
+    return subprocess.run([sys.executable, "-c", FREEZE, mode], check=True,
+                          capture_output=True, text=True).stdout.split()
+
+
+def test_the_command_freezes_what_it_keeps_and_collects_what_it_drops():
+    applies, inside, after, frozen, left = _freeze("command")
+    assert (applies, inside, after, frozen) == ("True", "False", "True", "True")
+    assert left == "0"  # the cycle dropped inside was collected on leaving
+
+
+def test_elsewhere_the_collector_is_left_as_it_is():
+    applies, inside, after, frozen, _ = _freeze("library")
+    assert (applies, inside, after, frozen) == ("False", "True", "True", "False")
+
+
+def test_the_console_script_and_python_m_run_the_command():
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["ih-sweep"] == "ih_sweep.cli:command"
+    assert "command()" in (root / "ih_sweep" / "__main__.py").read_text()
