@@ -160,6 +160,10 @@ def check_eval(ev: EvalConfig) -> None:
     workers = ev.cpu_workers
     _need(workers == "auto" or (isinstance(workers, int) and workers >= 1), "eval.cpu_workers",
           workers, "allowed: auto, or an integer >= 1")
+    store = ev.layer_store_mb
+    _need(store == "auto" or (isinstance(store, int) and not isinstance(store, bool)
+                              and store >= 0),
+          "eval.layer_store_mb", store, "allowed: auto, or an integer >= 0 (0: off)")
 
 
 def check_scoring(cfg: Config) -> None:

@@ -243,6 +243,10 @@ class EvalConfig:
     # the evaluator's layer-forward shortcut (ih_sweep.evaluation.fastpath); null: on where the
     # installed transformers is in the range the tests cover
     fast_layers: bool | None = field(default=None, metadata=SPEED)
+    # MB of the outputs of layers no ablation touches, kept per batch for the process's next
+    # evaluations of the same items (ih_sweep.evaluation.fastpath.reuse); auto: 1024 on CPU,
+    # 0 (none) on a GPU
+    layer_store_mb: int | str = field(default="auto", metadata=SPEED)
 
     def cpu_worker_count(self) -> int | None:
         """Batches evaluated at once on CPU; None: torch's thread count (``auto``)."""

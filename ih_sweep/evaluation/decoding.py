@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ih_sweep.config.schema import EvalConfig
+from ih_sweep.evaluation.fastpath.reuse import PassReuse, pass_key
 from ih_sweep.evaluation.metrics import final_or_verdict
 from ih_sweep.evaluation.rows import MIN_SHARED_PREFIX, encode, shared_prefix_length
 from ih_sweep.model.forward import ForwardContext
@@ -114,7 +115,8 @@ def greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
     The inputs go to the device in one copy and the results come back in one. ``ctx``: the
     model's :class:`~ih_sweep.model.forward.ForwardContext` (default: ``model``'s); the pass
     runs with its row keys, row head sets (each row's first query's ``head_set``), read
-    positions and logits-at positions set there, and where its
+    positions, logits-at positions and, where the model has a store of unablated layers
+    (:mod:`.fastpath.reuse`), the pass's key into it set there, and where its
     :attr:`~ih_sweep.model.forward.ForwardContext.record` is set, each query's logits at its
     read positions go into it."""
     ctx = ctx if ctx is not None else ForwardContext.of(model)
@@ -160,7 +162,10 @@ def greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
                       logits_to_keep=1, **kwargs)
             ctx.select_cache_rows(cache, torch.tensor([distinct.index(s) for s in sets],
                                                       device=device))
-        with ctx.reading(d_gather), ctx.logits_at(d_gather):
+        store = ctx.layer_store
+        reuse = None if store is None else PassReuse(store, pass_key(
+            host[:, :2 * width], shared, len(distinct) if shared else 0, device))
+        with ctx.reading(d_gather), ctx.logits_at(d_gather), ctx.reusing_layers(reuse):
             logits = model(input_ids=d_ids[:, shared:], attention_mask=d_mask, **kwargs).logits
     stats = read_stats(logits, d_targets, d_others).cpu().tolist()
     record = ctx.record

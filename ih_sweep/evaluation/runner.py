@@ -32,6 +32,7 @@ from ih_sweep.evaluation.decoding import (
 )
 from ih_sweep.evaluation.fastpath.check import VERDICTS, check_first_batch
 from ih_sweep.evaluation.fastpath.install import installed
+from ih_sweep.evaluation.fastpath.reuse import budget_bytes
 from ih_sweep.evaluation.metrics import cut_at_stop, final_or_verdict, is_correct, stop_seen
 from ih_sweep.evaluation.near_ties import near_tie, near_tie_tolerance
 from ih_sweep.evaluation.rows import build_rows, encode_all, items_in
@@ -189,7 +190,8 @@ def evaluate(model, tokenizer, items: Sequence[Item], settings: EvalConfig, bar=
         bar = tqdm(total=len(items), desc="evaluate", unit="item",
                    disable=not settings.progress, leave=False)
     try:
-        with installed(model, settings.fast_layers, ctx) as fast:
+        with installed(model, settings.fast_layers, ctx,
+                       budget_bytes(settings.layer_store_mb, device)) as fast:
             key = fast.layers
             verdict = VERDICTS.get(model, key) if fast.on else None
             if verdict is False:

@@ -8,8 +8,9 @@ One :class:`ForwardContext` per model (:meth:`ForwardContext.of`; callers may al
 and hand it on). It holds two kinds of state:
 
 - *per model*, shared by every thread: what is installed on the model now (position tracking,
-  ablations, a row-dependent ablation, the evaluator's shortcuts). Counters, changed under a
-  lock, because several ``with`` blocks may be open at once (re-entrant installs). And, per
+  ablations, a row-dependent ablation, the evaluator's shortcuts and its store of unablated
+  layers). Counters, changed under a lock, because several ``with`` blocks may be open at
+  once (re-entrant installs). And, per
   key/value cache (weakly keyed), the tokens its columns hold, copied and selected with its
   rows (:meth:`ForwardContext.repeat_cache_rows`, :meth:`ForwardContext.select_cache_rows`).
 - *per pass*, hence *per thread*: batches run concurrently in threads on one model
@@ -19,7 +20,8 @@ and hand it on). It holds two kinds of state:
   call sees (:meth:`ForwardContext.z_positions_at`), the row keys (which sequence each
   batch row holds), the row head sets (which draw's heads each row ablates), the positions
   the logits are computed at, the self-check's record, the tokens of the forward call's keys
-  (knockout ablation).
+  (knockout ablation), the stored layers the pass may reuse
+  (:mod:`ih_sweep.evaluation.fastpath.reuse`).
   A value set in one thread is never seen by another (threads start with none set).
 
 One value is not in the object: the evaluator's read positions (:func:`reading`). transformers
@@ -80,7 +82,7 @@ class ForwardContext:
     evaluator's installation, or None), per key/value cache the tokens its columns hold
     (:meth:`history`; knockout ablation, :mod:`ih_sweep.model.edges`). Per thread:
     :attr:`positions`, :attr:`tokens`, :attr:`z_index`, :attr:`row_keys`, :attr:`row_sets`,
-    :attr:`logits_at`, :attr:`record`."""
+    :attr:`logits_at`, :attr:`record`, :attr:`layer_reuse`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -90,6 +92,9 @@ class ForwardContext:
         self.row_dependent_ablations = 0  # of which fill rows by their sequence (resample)
         self.head_set_ablations = 0  # of which ablate a head set per row (ablate_head_sets)
         self.evaluator: Any = None  # the evaluator's FastPath while installed
+        # the evaluator's store of unablated layers' outputs while installed with one
+        # (ih_sweep.evaluation.fastpath.reuse.LayerStore), else None
+        self.layer_store: Any = None
         # per key/value cache: the tokens its columns hold (ih_sweep.model.edges.track_tokens)
         self._histories: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -263,6 +268,18 @@ class ForwardContext:
     @property
     def logits_gather(self) -> torch.Tensor | None:
         return self._get("logits_at")
+
+    @contextmanager
+    def reusing_layers(self, reuse: Any) -> Iterator[None]:
+        """Inside (this thread), the evaluator's teacher-forced pass may take the layers no
+        ablation touches from ``reuse`` (a :class:`ih_sweep.evaluation.fastpath.reuse.
+        PassReuse`: the model's store and the pass's key), or computes them (None)."""
+        with self._setting("layer_reuse", reuse):
+            yield
+
+    @property
+    def layer_reuse(self) -> Any:
+        return self._get("layer_reuse")
 
     @contextmanager
     def recording(self, record: dict[int, torch.Tensor]) -> Iterator[None]:

@@ -66,6 +66,8 @@ CONFIG_CASES = [
     (["eval.checkpoint_items=0"], "eval.checkpoint_items=0 is not allowed"),
     (["eval.checkpoint_items=-1"], "eval.checkpoint_items=-1"),
     (["eval.checkpoint_items=abc"], HYDRA), (["eval.fast_layers=perhaps"], HYDRA),
+    (["eval.layer_store_mb=-5"], "eval.layer_store_mb=-5 is not allowed"),
+    (["eval.layer_store_mb=1.5"], HYDRA),
     (["+eval.max_new_token=1"], "eval.max_new_token=1 is not a config key"),
     (["scoring.source=web"], HYDRA), (["scoring.rank_by=best"], HYDRA),
     (["scoring.source=file"], "scoring.file=None is not allowed"),

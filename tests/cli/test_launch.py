@@ -100,7 +100,7 @@ def test_a_mistyped_key_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "ih_sweep: config error: eval.max_new_token=1 is not a config key; keys of eval: "
         "metric, scope, max_new_tokens, format, n_shots, demo_seed, demo_lang, stop, "
-        "batch_size, cpu_workers, progress, checkpoint_items, fast_layers"]
+        "batch_size, cpu_workers, progress, checkpoint_items, fast_layers, layer_store_mb"]
     assert not list(tmp_path.glob("*.csv"))
 
 

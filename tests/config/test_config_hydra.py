@@ -16,7 +16,7 @@ from ih_sweep.config.hydra import register, settings
 from ih_sweep.config.schema import GROUPS, Config
 
 EVAL_KEYS = ("metric, scope, max_new_tokens, format, n_shots, demo_seed, demo_lang, stop, "
-             "batch_size, cpu_workers, progress, checkpoint_items, fast_layers")
+             "batch_size, cpu_workers, progress, checkpoint_items, fast_layers, layer_store_mb")
 TOP_KEYS = ("job, n_heads, condition, control_seed, control_seeds, control, device, summarize, "
             "paths, model, quantization, data, scoring, ablation, eval, mechanism, scan, train")
 

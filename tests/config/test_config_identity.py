@@ -45,7 +45,8 @@ def test_config_hashes_are_pinned(overrides, digest):
 def test_config_hash_ignores_every_speed_key_and_nothing_else():
     base = config_hash(compose())
     changed = {"eval.batch_size": 3, "eval.cpu_workers": 1, "eval.progress": False,
-               "eval.checkpoint_items": 7, "eval.fast_layers": False, "scoring.batch_size": 2,
+               "eval.checkpoint_items": 7, "eval.fast_layers": False, "eval.layer_store_mb": 0,
+               "scoring.batch_size": 2,
                "device": "cpu", "summarize": False, "paths.cache_dir": "/tmp/x",
                "scan.heads_per_pass": 4, "train.seed": 3}
     assert set(changed) <= set(identity.speed_keys())

@@ -38,6 +38,10 @@ N_HEADS = ("allowed: an integer >= 0 (heads), or a share of all the model's head
                                  "integer >= 1"),
     (("eval.checkpoint_items=0",), "eval.checkpoint_items=0 is not allowed; allowed: an "
                                    "integer >= 1"),
+    (("eval.layer_store_mb=-1",), "eval.layer_store_mb=-1 is not allowed; allowed: auto, or an "
+                                  "integer >= 0 (0: off)"),
+    (("eval.layer_store_mb=lots",), "eval.layer_store_mb='lots' is not allowed; allowed: auto, "
+                                    "or an integer >= 0 (0: off)"),
     (("scoring.exclude_rare_frac=2.0",), "scoring.exclude_rare_frac=2.0 is not allowed; "
                                          "allowed: 0 <= value < 1"),
     (("scoring.repeats=1",), "scoring.repeats=1 is not allowed; allowed: an integer >= 2"),

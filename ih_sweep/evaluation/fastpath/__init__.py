@@ -39,10 +39,15 @@ arguments, ``apply_rotary_pos_emb``). Both are on, by default, only where the in
 transformers is a release the tests cover (:data:`TESTED_TRANSFORMERS`, pyproject.toml's
 range; elsewhere the plain forward, with one line saying so); see :func:`parts_wanted`.
 
+Across evaluations of the same items in one process (a sweep's conditions, a null's draws),
+the Llama-family layers below the first one an ablation touches are computed once per batch
+and then taken from the model's store, exactly (:mod:`.reuse`, ``eval.layer_store_mb``).
+
 Modules: :mod:`.kernel` (the AttentionInterface function, the causal blocks), :mod:`.layers`
-(the Llama-family layer patch), :mod:`.gate` (the transformers version range,
-:func:`parts_wanted`), :mod:`.install` (installing it, asking for it on a pass),
-:mod:`.check` (the run-time self-check against the plain path).
+(the Llama-family layer patch), :mod:`.reuse` (the store of untouched layers' outputs),
+:mod:`.gate` (the transformers version range, :func:`parts_wanted`), :mod:`.install`
+(installing it, asking for it on a pass), :mod:`.check` (the run-time self-check against the
+plain path).
 """
 
 from ih_sweep.evaluation.fastpath.gate import TESTED_TRANSFORMERS, parts_wanted, tested_range

@@ -12,6 +12,7 @@ import torch
 from ih_sweep.evaluation.fastpath.gate import parts_wanted
 from ih_sweep.evaluation.fastpath.kernel import NAME, register
 from ih_sweep.evaluation.fastpath.layers import patch_layers, unpatch_all
+from ih_sweep.evaluation.fastpath.reuse import store_for
 from ih_sweep.model.attention import AttentionSwitchError, attention_implementation
 from ih_sweep.model.forward import ForwardContext, reading
 
@@ -114,15 +115,17 @@ def read_only_at(model, positions: torch.Tensor, layers: bool | None = None
 
 
 @contextmanager
-def installed(model, layers: bool | None = None, ctx: ForwardContext | None = None
-              ) -> Iterator[FastPath]:
+def installed(model, layers: bool | None = None, ctx: ForwardContext | None = None,
+              store_bytes: int = 0) -> Iterator[FastPath]:
     """The evaluator's shortcuts on ``model`` while inside: its attention
     (:func:`fast_attention`; ``layers``: ``eval.fast_layers``) and logits computed only at
     the positions the calling thread asks for (:meth:`ForwardContext.logits_at`). Both act
     only on passes that ask, so batches in other threads and decoding steps see the plain
     model. Yields the attention's :class:`FastPath`, also kept as ``ctx.evaluator`` (``ctx``:
     the model's forward context, default :meth:`ForwardContext.of` the model) while inside.
-    Re-entrant (an inner call changes nothing)."""
+    ``store_bytes``: where the layer patch is on, the model's store of unablated layers'
+    outputs (:mod:`.reuse`; ``ctx.layer_store`` while inside) holds up to this many bytes
+    (0: none). Re-entrant (an inner call changes nothing)."""
     ctx = ctx if ctx is not None else ForwardContext.of(model)
     outer = ctx.evaluator
     if outer is not None:
@@ -141,7 +144,9 @@ def installed(model, layers: bool | None = None, ctx: ForwardContext | None = No
     try:
         with fast_attention(model, layers, ctx) as fast:
             ctx.evaluator = fast
+            ctx.layer_store = store_for(model, store_bytes) if fast.layers else None
             yield fast
     finally:
         ctx.evaluator = None
+        ctx.layer_store = None
         handle.remove()

@@ -1,9 +1,11 @@
 """The Llama-family layer patch (Llama, Mistral, Qwen2): inside
 :func:`ih_sweep.model.forward.reading`, the attention modules' forward runs the rotary on the
-projections' own layout and calls the causal kernel directly, and the last decoder layer runs
-at the read positions only. Copies of transformers' Llama-family internals (decoder layer and
-attention forward, their keyword arguments, ``apply_rotary_pos_emb``); every call that does not
-fit (:func:`_takes_shortcut`) goes to the layer's own forward.
+projections' own layout and calls the causal kernel directly, the last decoder layer runs
+at the read positions only, and a layer no ablation touches returns its output of an
+earlier pass of the same batch where the model's store holds it (:mod:`.reuse`). Copies of
+transformers' Llama-family internals (decoder layer and attention forward, their keyword
+arguments, ``apply_rotary_pos_emb``); every call that does not fit (:func:`_takes_shortcut`)
+goes to the layer's own forward.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from ih_sweep.evaluation.fastpath.kernel import attend_at, causal
+from ih_sweep.evaluation.fastpath.reuse import run_layer, untouched_layers, versions
 from ih_sweep.model.forward import ForwardContext, read_positions
 from ih_sweep.model.shape import UnsupportedArchitecture
 from ih_sweep.model.sites import head_sites
@@ -47,6 +50,8 @@ def patch_layers(model, ctx: ForwardContext | None = None) -> list:
         else:
             attn = layer.self_attn
             patched.append((attn, _patch(attn, _read_only_attention(attn, attn.forward))))
+            patched.append((layer, _patch(layer, _reusable_layer(model, layers[:i + 1],
+                                                                 layer.forward, ctx))))
     return patched
 
 
@@ -203,6 +208,33 @@ def attention_at_all(attn, hidden: torch.Tensor,
     key, value = _keys_values(attn, hidden, cos, sin, rope, cache)
     out = causal(query, key, value, attn.scaling, query.shape[1] // key.shape[1])
     return attn.o_proj(out.reshape(batch, length, -1))
+
+
+def _reusable_layer(model, through: list, original, ctx: ForwardContext):
+    """A forward for a decoder layer below the last (``through[-1]``; ``through``: the
+    decoder layers up to it) that, inside :func:`read_at` with a store for the pass
+    (:attr:`ForwardContext.layer_reuse`) and while nothing touches the layers up to it
+    (:func:`.reuse.untouched_layers`), returns the output an earlier pass of the same batch
+    computed (:func:`.reuse.run_layer`); ``original`` for every other call."""
+    layer = through[-1]
+    index = len(through) - 1
+    attn = layer.self_attn
+    rope = _rope_of(attn)
+
+    def forward(hidden_states, *args, **kwargs):
+        reuse = ctx.layer_reuse
+        embeddings = kwargs.get("position_embeddings")
+        cache = _cache_of(kwargs)
+        if reuse is None or not _takes_shortcut(layer, attn, hidden_states, args, kwargs,
+                                                embeddings, cache, rope) or \
+                untouched_layers(model, through) <= index:
+            return original(hidden_states, *args, **kwargs)
+        cos, sin = embeddings
+        key = (reuse.key, index, versions([model.get_input_embeddings(), *through]))
+        return run_layer(reuse.store, key, layer, hidden_states, kwargs, original,
+                         lambda x, kv: _keys_values(attn, x, cos, sin, rope, kv))
+
+    return forward
 
 
 def _read_only_layer(layer, original, ctx: ForwardContext):

@@ -1,0 +1,170 @@
+"""The evaluator's store of unablated layers (ih_sweep/evaluation/fastpath/reuse.py): what a
+later evaluation of the same items takes from it is exactly what it would have computed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from ih_sweep import data
+from ih_sweep.ablation.hooks import ablate_heads
+from ih_sweep.config.schema import EvalConfig
+from ih_sweep.evaluation.evaluator import evaluate
+from ih_sweep.evaluation.fastpath import reuse
+
+HIGH = [(1, h) for h in (18, 20, 3, 7, 9, 11)]  # layer 1: layer 0 stays the model's own
+
+
+@pytest.fixture
+def items():
+    return data.make_items(data.generate_stories(48, seed=31), "last")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stores():
+    reuse.reset()
+    yield
+    reuse.reset()
+
+
+def _outcomes(model, tok, items, heads=(), store="auto"):
+    with ablate_heads(model, list(heads)):
+        got = evaluate(model, tok, items, EvalConfig(progress=False, batch_size=8,
+                                                     layer_store_mb=store))
+    return [(r.correct, r.continuation, r.decided_by, r.margin, r.near_tie, r.gold_logprob,
+             r.logit_diff) for r in got]
+
+
+def _store(model) -> reuse.LayerStore:
+    return reuse._STORES[model]
+
+
+def test_reused_layers_give_bit_identical_results(tiny, items):
+    model, tok = tiny
+    plain_none = _outcomes(model, tok, items, store=0)
+    plain_high = _outcomes(model, tok, items, HIGH, store=0)
+    assert model not in reuse._STORES  # 0: no store at all
+    assert _outcomes(model, tok, items) == plain_none  # stores layer 0 of each batch
+    store = _store(model)
+    assert store.hits == 0 and len(store) == 6 and store.bytes > 0  # 48 items, 8 a batch
+    assert _outcomes(model, tok, items, HIGH) == plain_high  # takes them
+    assert store.hits == 6 and store.checked and not store.off
+    assert _outcomes(model, tok, items) == plain_none
+    assert store.hits == 12
+
+
+def test_a_layer_an_ablation_touches_is_computed(tiny, items):
+    model, tok = tiny
+    plain = _outcomes(model, tok, items, [(0, 3), (1, 18)], store=0)
+    _outcomes(model, tok, items)
+    store = _store(model)
+    assert _outcomes(model, tok, items, [(0, 3), (1, 18)]) == plain
+    assert store.hits == 0  # layer 0 is hooked: nothing reused
+
+
+def test_any_hook_on_a_layer_or_the_embedding_stops_reuse(tiny):
+    model, _ = tiny
+    layers = list(model.model.layers)
+    assert reuse.untouched_layers(model, layers) == 2
+    handle = layers[1].mlp.register_forward_pre_hook(lambda m, a: None)
+    try:
+        assert reuse.untouched_layers(model, layers) == 1
+    finally:
+        handle.remove()
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, o: None)
+    try:
+        assert reuse.untouched_layers(model, layers) == 0
+    finally:
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        assert reuse.untouched_layers(model, layers) == 0
+    finally:
+        handle.remove()
+
+
+def test_transformers_output_capturing_hooks_only_record(tiny):
+    """transformers (5.x) hooks a model's layers for good the first time a call asks for
+    hidden states; those hooks change nothing while no call collects through them."""
+    model, tok = tiny
+    model(input_ids=torch.tensor([[1, 5, 6, 7]]), output_hidden_states=True)
+    layers = list(model.model.layers)
+    assert reuse.untouched_layers(model, layers) == 2
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        pytest.skip("this transformers captures outputs without hooks")
+    token = _active_collector.set({"hidden_states": []})  # a call collecting hidden states
+    try:
+        assert reuse.untouched_layers(model, layers) == 0
+    finally:
+        _active_collector.reset(token)
+
+
+def test_a_weight_changed_in_place_is_not_served_stale(tiny, items):
+    model, tok = tiny
+    _outcomes(model, tok, items)  # layer 0 of every batch stored
+    weight = model.model.layers[0].mlp.down_proj.weight
+    kept = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(0.5)
+        changed = _outcomes(model, tok, items, HIGH, store=0)
+        assert _outcomes(model, tok, items, HIGH) == changed
+        assert _store(model).hits == 0  # the parameters' versions are in the key
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+
+
+def test_the_first_reuse_is_checked_and_a_mismatch_turns_the_store_off(tiny, items,
+                                                                        caplog):
+    model, tok = tiny
+    plain = _outcomes(model, tok, items, HIGH, store=0)
+    _outcomes(model, tok, items)
+    store = _store(model)
+    for tensor in store._entries.values():  # what a wrong reuse would serve
+        tensor.add_(1.0)
+    with caplog.at_level(logging.WARNING, logger="ih_sweep.evaluation.fastpath.reuse"):
+        assert _outcomes(model, tok, items, HIGH) == plain
+    assert store.off and len(store) == 0 and not store.checked
+    assert sum("no longer reuses unablated layers" in r.message for r in caplog.records) == 1
+    assert reuse.store_for(model, 1 << 20) is None  # off for the rest of the process
+
+
+def test_budget_keeps_the_most_recent_outputs():
+    store = reuse.LayerStore(budget=3 * 400)
+    for i in range(5):
+        store.put(("k", i), torch.zeros(100))  # 400 bytes each
+    assert len(store) == 3 and store.bytes == 1200
+    assert store.get(("k", 0)) is None and store.get(("k", 4)) is not None
+    store.put(("big",), torch.zeros(1000))  # larger than the whole budget: not kept
+    assert store.get(("big",)) is None and len(store) == 3
+    store.resize(400)
+    assert len(store) == 1 and store.get(("k", 4)) is not None  # the most recently used
+
+
+def test_budget_setting():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert reuse.budget_bytes("auto", cpu) == reuse.AUTO_CPU_MB << 20
+    assert reuse.budget_bytes("auto", gpu) == 0
+    assert reuse.budget_bytes(3, gpu) == 3 << 20
+    assert reuse.budget_bytes(0, cpu) == 0
+
+
+def test_pass_key_names_the_threads_and_the_prefix():
+    host = torch.arange(12).view(2, 6)
+    key = reuse.pass_key(host, 0, 0, "cpu")
+    assert key == reuse.pass_key(host.clone(), 0, 0, "cpu")
+    assert key != reuse.pass_key(host, 2, 1, "cpu")
+    changed = host.clone()
+    changed[1, 5] = 99
+    assert key != reuse.pass_key(changed, 0, 0, "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert key != reuse.pass_key(host, 0, 0, "cpu")
+    finally:
+        torch.set_num_threads(threads)
