@@ -35,6 +35,19 @@ def _logging_as_it_was():
         lg.propagate, lg.disabled = propagate, disabled
 
 
+@pytest.fixture(autouse=True)
+def _process_memo_per_test():
+    """Each test starts with an empty process memo of items and rows
+    (:data:`ih_sweep.pipeline.draws.PROCESS`): a test that changes what makes the items
+    (a monkeypatched generator) gets them made afresh. Jobs within one test share it, as a
+    sweep's jobs do."""
+    from ih_sweep.pipeline.draws import PROCESS
+
+    PROCESS.clear()
+    yield
+    PROCESS.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The shipped tiny model, loaded through the real from_pretrained path (once)."""

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class SharedInputs:
     scores: ScoreTable | None = None
     norms: np.ndarray | None = None  # the heads' output norms [layers, heads]
     prompts_checked: bool = False
+    items_key: str | None = None  # :func:`items_key` of the job's config
     rows: dict[tuple[int, int], Any] = field(default_factory=dict)
     reference: tuple[Any] | None = None  # (the method's heads-independent statistics,)
     fill: Any = None  # the method's fill of the heads of :attr:`fill_heads`
@@ -151,9 +153,11 @@ class SharedInputs:
         return self.lazy_model
 
     def load_items(self, config: Config) -> Items:
-        """The stories and items (:func:`ih_sweep.pipeline.stages.load_items`)."""
+        """The stories and items (:func:`ih_sweep.pipeline.stages.load_items`; made once
+        per process for the same settings and data files: :data:`PROCESS`)."""
         if self.items is None:
-            self.items = load_items(config)
+            self.items_key = items_key(config)
+            self.items = PROCESS.get(("items", self.items_key), lambda: load_items(config))
         else:
             self.used.add("data")
         return self.items
@@ -184,7 +188,10 @@ class SharedInputs:
         if self.prompts_checked:
             self.used.add("prompt_lengths")
             return
-        check_prompt_lengths(*model(), data.items, config.eval.max_new_tokens)
+        PROCESS.get(("prompt_lengths", self.items_key, model_key(config),
+                     config.eval.max_new_tokens),
+                    lambda: check_prompt_lengths(*model(), data.items,
+                                                 config.eval.max_new_tokens) or True)
         self.prompts_checked = True
 
     def chunk_rows(self, tokenizer, chunk_items: Sequence, start: int, size: int,
@@ -196,8 +203,10 @@ class SharedInputs:
         if (start, size) in self.rows:
             self.used.add("rows")
         else:
-            self.rows[(start, size)] = build_rows(tokenizer, chunk_items, max_new_tokens,
-                                                  candidates)
+            key = ("rows", self.items_key, self.lazy_model and model_key(self.lazy_model.config),
+                   start, size, max_new_tokens, tuple(candidates))
+            self.rows[(start, size)] = PROCESS.get(key, lambda: build_rows(
+                tokenizer, chunk_items, max_new_tokens, candidates))
         return self.rows[(start, size)]
 
     def prepare_fill(self, config: Config, method: Ablation, model: LazyModel, data: Items,
@@ -241,6 +250,56 @@ class SharedInputs:
                 break
             union = more
         return union
+
+
+class ProcessMemo:
+    """What the jobs of one process make alike whatever heads they ablate, by what it is
+    made from: the items of a data and eval setting (:func:`items_key`), that their prompts
+    fit a model, each checkpoint chunk's tokenized rows. A local multirun runs its jobs in
+    one process (Hydra's launcher), so the conditions and N of a sweep share one
+    tokenization. Holds the last :attr:`size` values (treated as read-only by every job)."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self._values: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """The value under ``key``, made by ``make()`` if absent (a failing ``make`` keeps
+        nothing)."""
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key]
+        value = self._values[key] = make()
+        while len(self._values) > self.size:
+            self._values.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._values.clear()
+
+
+PROCESS = ProcessMemo()
+
+
+def items_key(config: Config) -> str:
+    """What a job's items are made from: the ``data`` and ``eval`` settings, whether held-out
+    items come with them (:func:`~ih_sweep.pipeline.stages.needs_heldout`) and the data
+    files' fingerprints (:func:`ih_sweep.fingerprints.data_inputs`), as JSON."""
+    import json
+
+    from ih_sweep.config.schema import plain
+    from ih_sweep.fingerprints import data_inputs
+    from ih_sweep.pipeline.stages import needs_heldout
+
+    return json.dumps([plain(config.data), plain(config.eval), needs_heldout(config),
+                       data_inputs(config)], sort_keys=True, default=str)
+
+
+def model_key(config: Config) -> str:
+    """The loaded model's name in this process (:func:`ih_sweep.model.loading.cache_key`)."""
+    from ih_sweep.model.loading import cache_key
+
+    return cache_key(config.model, config.quantization, config.device)
 
 
 def several_draws(config: Config) -> bool:
