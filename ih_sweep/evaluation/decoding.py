@@ -162,9 +162,10 @@ def greedy_from_forward(model, rows, pad_id: int, max_new_tokens: int, device,
                       logits_to_keep=1, **kwargs)
             ctx.select_cache_rows(cache, torch.tensor([distinct.index(s) for s in sets],
                                                       device=device))
-        store = ctx.layer_store
-        reuse = None if store is None else PassReuse(store, pass_key(
-            host[:, :2 * width], shared, len(distinct) if shared else 0, device))
+        use = ctx.layer_store
+        reuse = None if use is None else PassReuse(use, pass_key(
+            host[:, :2 * width], shared, len(distinct) if shared else 0, device),
+            use.untouched())
         with ctx.reading(d_gather), ctx.logits_at(d_gather), ctx.reusing_layers(reuse):
             logits = model(input_ids=d_ids[:, shared:], attention_mask=d_mask, **kwargs).logits
     stats = read_stats(logits, d_targets, d_others).cpu().tolist()

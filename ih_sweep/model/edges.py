@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ih_sweep.model.forward import ForwardContext
+from ih_sweep.model.forward import ForwardContext, leaves_layers_alone
 from ih_sweep.model.positions import forward_arguments, positions_from_mask
 from ih_sweep.model.shape import UnsupportedArchitecture
 from ih_sweep.model.sites import attention_module, head_sites
@@ -146,8 +146,10 @@ def track_tokens(model: nn.Module, ctx: ForwardContext | None = None) -> Iterato
         finally:
             ctx.pop_tokens()
 
-    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
-               model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+    handles = [model.register_forward_pre_hook(leaves_layers_alone(before, mark=True),
+                                               with_kwargs=True),
+               model.register_forward_hook(leaves_layers_alone(after, mark=True),
+                                           with_kwargs=True, always_call=True)]
     try:
         yield
     finally:

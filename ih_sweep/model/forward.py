@@ -300,6 +300,19 @@ class ForwardContext:
             yield
 
 
+def leaves_layers_alone(fn: Any, mark: bool = False) -> Any:
+    """With ``mark``: mark ``fn`` (a forward hook, or a forward this package sets on a module)
+    as changing nothing the model's layers compute from their inputs: a hook that only
+    records (token positions, tokens), or one of the evaluator's own layer forwards (the
+    numbers its store keeps are theirs); returns ``fn``. Without: whether ``fn`` is marked.
+    The evaluator's store of unablated layers (:mod:`ih_sweep.evaluation.fastpath.reuse`)
+    stops at any other hook."""
+    if mark:
+        fn._ih_sweep_leaves_layers_alone = True
+        return fn
+    return bool(getattr(fn, "_ih_sweep_leaves_layers_alone", False))
+
+
 _REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _REGISTRY_LOCK = threading.Lock()
 

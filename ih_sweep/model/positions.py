@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ih_sweep.model.forward import ForwardContext
+from ih_sweep.model.forward import ForwardContext, leaves_layers_alone
 from ih_sweep.model.shape import UnsupportedArchitecture
 
 
@@ -117,8 +117,10 @@ def track_positions(model: nn.Module, ctx: ForwardContext | None = None) -> Iter
     def after(module, args, kwargs, output):
         ctx.pop_positions()
 
-    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
-               model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+    handles = [model.register_forward_pre_hook(leaves_layers_alone(before, mark=True),
+                                               with_kwargs=True),
+               model.register_forward_hook(leaves_layers_alone(after, mark=True),
+                                           with_kwargs=True, always_call=True)]
     try:
         with ctx.counted("tracking"):
             yield

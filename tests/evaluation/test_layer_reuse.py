@@ -50,7 +50,7 @@ def test_reused_layers_give_bit_identical_results(tiny, items):
     store = _store(model)
     assert store.hits == 0 and len(store) == 6 and store.bytes > 0  # 48 items, 8 a batch
     assert _outcomes(model, tok, items, HIGH) == plain_high  # takes them
-    assert store.hits == 6 and store.checked and not store.off
+    assert store.hits == 6 and not store.off
     assert _outcomes(model, tok, items) == plain_none
     assert store.hits == 12
 
@@ -103,20 +103,68 @@ def test_transformers_output_capturing_hooks_only_record(tiny):
         _active_collector.reset(token)
 
 
-def test_a_weight_changed_in_place_is_not_served_stale(tiny, items):
+@pytest.mark.parametrize("how", ["in_place", "through_data", "new_parameter", "epsilon"])
+def test_a_changed_weight_or_setting_is_not_served_stale(tiny, items, how):
+    """The key holds the weights by content (and the modules' plain settings), so no change
+    to layer 0 is served from the store, whether it bumps a version counter or not."""
     model, tok = tiny
     _outcomes(model, tok, items)  # layer 0 of every batch stored
-    weight = model.model.layers[0].mlp.down_proj.weight
+    mlp, norm = model.model.layers[0].mlp, model.model.layers[0].input_layernorm
+    weight, eps = mlp.down_proj.weight, norm.variance_epsilon
     kept = weight.detach().clone()
     try:
         with torch.no_grad():
-            weight.mul_(0.5)
+            if how == "in_place":
+                weight.mul_(0.5)
+            elif how == "through_data":
+                weight.data.mul_(0.5)  # no version bump (how PEFT merges adapters)
+            elif how == "new_parameter":
+                mlp.down_proj.weight = torch.nn.Parameter(kept * 0.5, requires_grad=False)
+            else:
+                norm.variance_epsilon = 0.5
         changed = _outcomes(model, tok, items, HIGH, store=0)
         assert _outcomes(model, tok, items, HIGH) == changed
-        assert _store(model).hits == 0  # the parameters' versions are in the key
+        assert _store(model).hits == 0
     finally:
+        mlp.down_proj.weight = weight
+        norm.variance_epsilon = eps
         with torch.no_grad():
             weight.copy_(kept)
+
+
+def test_a_forward_set_on_a_module_or_a_rotary_hook_stops_reuse(tiny):
+    model, _ = tiny
+    layers = list(model.model.layers)
+    mlp = layers[0].mlp
+    mlp.forward = mlp.forward  # what a wrapper does
+    try:
+        assert reuse.untouched_layers(model, layers) == 0
+    finally:
+        del mlp.forward
+    handle = model.model.rotary_emb.register_forward_hook(lambda m, a, o: None)
+    try:
+        assert reuse.untouched_layers(model, layers) == 0
+    finally:
+        handle.remove()
+    assert reuse.untouched_layers(model, layers) == 2
+
+
+def test_a_hook_that_edits_its_input_in_place_does_not_reach_the_store(tiny, items):
+    """A later layer's hook may change the reused output in place: the store keeps and
+    hands out copies."""
+    model, tok = tiny
+
+    def steer(module, args):
+        args[0].add_(0.25)
+
+    handle = model.model.layers[1].register_forward_pre_hook(steer)
+    try:
+        plain = _outcomes(model, tok, items, HIGH, store=0)
+        assert _outcomes(model, tok, items, HIGH) == plain
+        assert _outcomes(model, tok, items, HIGH) == plain
+        assert _store(model).hits == 6
+    finally:
+        handle.remove()
 
 
 def test_the_first_reuse_is_checked_and_a_mismatch_turns_the_store_off(tiny, items,
@@ -129,7 +177,7 @@ def test_the_first_reuse_is_checked_and_a_mismatch_turns_the_store_off(tiny, ite
         tensor.add_(1.0)
     with caplog.at_level(logging.WARNING, logger="ih_sweep.evaluation.fastpath.reuse"):
         assert _outcomes(model, tok, items, HIGH) == plain
-    assert store.off and len(store) == 0 and not store.checked
+    assert store.off and len(store) == 0
     assert sum("no longer reuses unablated layers" in r.message for r in caplog.records) == 1
     assert reuse.store_for(model, 1 << 20) is None  # off for the rest of the process
 
@@ -168,3 +216,13 @@ def test_pass_key_names_the_threads_and_the_prefix():
         assert key != reuse.pass_key(host, 0, 0, "cpu")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_pass_key_names_the_attention_backends():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    host = torch.arange(12).view(2, 6)
+    key = reuse.pass_key(host, 0, 0, "cpu")
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert reuse.pass_key(host, 0, 0, "cpu") != key
+    assert reuse.pass_key(host, 0, 0, "cpu") == key

@@ -12,7 +12,7 @@ import torch
 from ih_sweep.evaluation.fastpath.gate import parts_wanted
 from ih_sweep.evaluation.fastpath.kernel import NAME, register
 from ih_sweep.evaluation.fastpath.layers import patch_layers, unpatch_all
-from ih_sweep.evaluation.fastpath.reuse import store_for
+from ih_sweep.evaluation.fastpath.reuse import store_use
 from ih_sweep.model.attention import AttentionSwitchError, attention_implementation
 from ih_sweep.model.forward import ForwardContext, reading
 
@@ -124,8 +124,8 @@ def installed(model, layers: bool | None = None, ctx: ForwardContext | None = No
     model. Yields the attention's :class:`FastPath`, also kept as ``ctx.evaluator`` (``ctx``:
     the model's forward context, default :meth:`ForwardContext.of` the model) while inside.
     ``store_bytes``: where the layer patch is on, the model's store of unablated layers'
-    outputs (:mod:`.reuse`; ``ctx.layer_store`` while inside) holds up to this many bytes
-    (0: none). Re-entrant (an inner call changes nothing)."""
+    outputs (:mod:`.reuse`; this evaluation's use of it is ``ctx.layer_store`` while inside)
+    holds up to this many bytes (0: none). Re-entrant (an inner call changes nothing)."""
     ctx = ctx if ctx is not None else ForwardContext.of(model)
     outer = ctx.evaluator
     if outer is not None:
@@ -144,7 +144,7 @@ def installed(model, layers: bool | None = None, ctx: ForwardContext | None = No
     try:
         with fast_attention(model, layers, ctx) as fast:
             ctx.evaluator = fast
-            ctx.layer_store = store_for(model, store_bytes) if fast.layers else None
+            ctx.layer_store = store_use(model, store_bytes) if fast.layers else None
             yield fast
     finally:
         ctx.evaluator = None

@@ -15,8 +15,8 @@ from contextlib import nullcontext
 import torch
 
 from ih_sweep.evaluation.fastpath.kernel import attend_at, causal
-from ih_sweep.evaluation.fastpath.reuse import run_layer, untouched_layers, versions
-from ih_sweep.model.forward import ForwardContext, read_positions
+from ih_sweep.evaluation.fastpath.reuse import run_layer
+from ih_sweep.model.forward import ForwardContext, leaves_layers_alone, read_positions
 from ih_sweep.model.shape import UnsupportedArchitecture
 from ih_sweep.model.sites import head_sites
 
@@ -50,8 +50,8 @@ def patch_layers(model, ctx: ForwardContext | None = None) -> list:
         else:
             attn = layer.self_attn
             patched.append((attn, _patch(attn, _read_only_attention(attn, attn.forward))))
-            patched.append((layer, _patch(layer, _reusable_layer(model, layers[:i + 1],
-                                                                 layer.forward, ctx))))
+            patched.append((layer, _patch(layer, _reusable_layer(layer, i, layer.forward,
+                                                                 ctx))))
     return patched
 
 
@@ -193,7 +193,7 @@ def _read_only_attention(attn, original):
                             **kwargs)
         return attention_at_all(attn, hidden_states, position_embeddings, cache, rope), None
 
-    return forward
+    return leaves_layers_alone(forward, mark=True)  # elsewhere: the module's own forward
 
 
 def attention_at_all(attn, hidden: torch.Tensor,
@@ -210,14 +210,12 @@ def attention_at_all(attn, hidden: torch.Tensor,
     return attn.o_proj(out.reshape(batch, length, -1))
 
 
-def _reusable_layer(model, through: list, original, ctx: ForwardContext):
-    """A forward for a decoder layer below the last (``through[-1]``; ``through``: the
-    decoder layers up to it) that, inside :func:`read_at` with a store for the pass
-    (:attr:`ForwardContext.layer_reuse`) and while nothing touches the layers up to it
-    (:func:`.reuse.untouched_layers`), returns the output an earlier pass of the same batch
-    computed (:func:`.reuse.run_layer`); ``original`` for every other call."""
-    layer = through[-1]
-    index = len(through) - 1
+def _reusable_layer(layer, index: int, original, ctx: ForwardContext):
+    """A forward for decoder layer ``index`` (not the last) that, inside :func:`read_at` with
+    a store for the pass (:attr:`ForwardContext.layer_reuse`) and while nothing touches the
+    layers up to it (:func:`.reuse.untouched_layers`), returns the output an earlier pass of
+    the same batch computed (:func:`.reuse.run_layer`); ``original`` for every other
+    call."""
     attn = layer.self_attn
     rope = _rope_of(attn)
 
@@ -225,16 +223,16 @@ def _reusable_layer(model, through: list, original, ctx: ForwardContext):
         reuse = ctx.layer_reuse
         embeddings = kwargs.get("position_embeddings")
         cache = _cache_of(kwargs)
-        if reuse is None or not _takes_shortcut(layer, attn, hidden_states, args, kwargs,
-                                                embeddings, cache, rope) or \
-                untouched_layers(model, through) <= index:
+        if reuse is None or reuse.untouched <= index or \
+                not _takes_shortcut(layer, attn, hidden_states, args, kwargs, embeddings,
+                                    cache, rope):
             return original(hidden_states, *args, **kwargs)
         cos, sin = embeddings
-        key = (reuse.key, index, versions([model.get_input_embeddings(), *through]))
-        return run_layer(reuse.store, key, layer, hidden_states, kwargs, original,
+        key = (reuse.key, index, reuse.use.fingerprint(index))
+        return run_layer(reuse.use, key, layer, hidden_states, kwargs, original,
                          lambda x, kv: _keys_values(attn, x, cos, sin, rope, kv))
 
-    return forward
+    return leaves_layers_alone(forward, mark=True)
 
 
 def _read_only_layer(layer, original, ctx: ForwardContext):

@@ -18,27 +18,34 @@ leaves, and decoding goes on from it as before.
 
 Why the numbers are the same (exact, not close):
 
-* The key of a stored output (:func:`pass_key`) is what the layer's input is made from: the
-  pass's token ids and attention mask, the prefix shared by its rows (run once and copied, with
-  the number of head sets it runs for), torch's intra-op thread count, the device, the layer's
-  index and the version counters of the parameters of the layers up to it and of the input
-  embedding (an in-place change of a weight changes them).
+* The key of a stored output is what the layer's input is made from and what it computes
+  with: the pass's token ids and attention mask, the prefix shared by its rows (run once and
+  copied, with the number of head sets it runs for), the device and torch's settings that
+  change floats (:func:`numerics`: intra-op threads, matmul precision, attention backends,
+  autocast), the layer's index, and a fingerprint of the weights by content: every
+  parameter, buffer and plain setting of the input and rotary embeddings and of the layers
+  up to it (:meth:`StoreUse.fingerprint`, taken once per evaluation), so a weight changed in
+  place, through ``.data`` or replaced, or a changed epsilon, is never served stale.
 * A layer is reused only while nothing can change what it computes (:func:`untouched_layers`):
-  no forward hook or pre-hook on it or any of its modules, none on the input embedding, no
-  global module hook (transformers' own output-capturing hooks, which only record and only
-  when a call asks, aside). Ablations hook the output projections of the layers they ablate
-  (:func:`ih_sweep.model.sites.hook_z`), so the layers before the first ablated one qualify;
-  knockout switches the attention implementation, and the fast path, of which this is a part,
-  then stays off.
-* Run-time check: the first reuse in each store recomputes the layer the full way and compares
-  output and keys/values bit for bit (:meth:`LayerStore.check`); a difference turns the store
-  off for the rest of the process, said in one warning, and every later pass computes every
-  layer.
+  no forward hook or pre-hook and no forward set on the instance on it or any of its
+  modules, or on any module outside the layers (the model, the decoder, the embeddings), and
+  no global module hook; this package's hooks that only record and transformers' own
+  output-capturing hooks (which only record, and only when a call asks) aside. Ablations
+  hook the output projections of the layers they ablate (:func:`ih_sweep.model.sites.hook_z`),
+  so the layers before the first ablated one qualify; knockout switches the attention
+  implementation, and the fast path, of which this is a part, then stays off.
+* Outputs are stored and handed out as copies, so a hook downstream that edits its input in
+  place changes neither.
+* Run-time check: the first reuse of each evaluation recomputes the layer the full way and
+  compares output and keys/values bit for bit (:func:`_checked`); a difference turns the
+  store off for the rest of the process, said in one warning, and every later pass computes
+  every layer.
 
 Memory: the stored outputs, [rows, tokens, hidden] per batch and reused layer, are kept on the
 model's device up to ``eval.layer_store_mb`` (``auto``: 1024 MB on CPU, none on a GPU, where
 the layers are cheap and the memory is the batch's); the least recently used go first. The
-tiny model's 1,000 stories take ~40 MB.
+tiny model's 1,000 stories take ~34 MB. The fingerprint reads every weight it covers once per
+evaluation (a few ms for the tiny model; for a 7B model ~0.5 GB a layer).
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from ih_sweep.model.forward import leaves_layers_alone
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +75,15 @@ def budget_bytes(setting: int | str, device: torch.device) -> int:
 
 
 class LayerStore:
-    """The stored layer outputs of one model, by key (:func:`pass_key` plus the layer's
-    index and parameter versions), least recently used first, within ``budget`` bytes.
-    Thread-safe: batches run in several threads at once."""
+    """The stored layer outputs of one model, by key (:func:`pass_key`, the layer's index and
+    the weights' fingerprint, :meth:`StoreUse.fingerprint`), least recently used first,
+    within ``budget`` bytes. Outputs go in and come out as copies (a hook downstream may
+    change its input in place). Thread-safe: batches run in several threads at once."""
 
     def __init__(self, budget: int):
         self.budget = budget
         self.bytes = 0
-        self.checked = False  # the first reuse compared with the full computation
-        self.off = False  # that comparison failed: nothing is stored or reused any more
+        self.off = False  # a check failed: nothing is stored or reused any more
         self.hits = 0
         self.misses = 0
         self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -88,19 +97,22 @@ class LayerStore:
                 self.hits += 1
             else:
                 self.misses += 1
-            return out
+        return None if out is None else out.clone()
 
     def put(self, key: tuple, output: torch.Tensor) -> None:
-        """Keep ``output`` under ``key``, dropping the least recently used outputs to stay
-        within the budget; an output larger than the whole budget is not kept."""
+        """Keep a copy of ``output`` under ``key``, dropping the least recently used outputs
+        to stay within the budget; an output larger than the whole budget is not kept."""
         size = output.numel() * output.element_size()
+        if self.off or size > self.budget:
+            return
+        kept = output.clone()
         with self._lock:
-            if self.off or size > self.budget or key in self._entries:
+            if self.off or key in self._entries:
                 return
             while self.bytes + size > self.budget and self._entries:
                 _, old = self._entries.popitem(last=False)
                 self.bytes -= old.numel() * old.element_size()
-            self._entries[key] = output
+            self._entries[key] = kept
             self.bytes += size
 
     def resize(self, budget: int) -> None:
@@ -131,7 +143,7 @@ _STORES_LOCK = threading.Lock()
 
 def store_for(model, budget: int) -> LayerStore | None:
     """``model``'s store (made on first use, lives as long as the model) with ``budget``
-    bytes; None for a budget of 0 or a store turned off by its check."""
+    bytes; None for a budget of 0 or a store turned off by a check."""
     if budget <= 0:
         return None
     with _STORES_LOCK:
@@ -145,37 +157,132 @@ def store_for(model, budget: int) -> LayerStore | None:
     return store
 
 
+def store_use(model, budget: int) -> StoreUse | None:
+    """An evaluation's use of ``model``'s store (:func:`store_for`) over its decoder layers
+    (:func:`ih_sweep.model.sites.head_sites`); None without a store."""
+    from ih_sweep.model.shape import UnsupportedArchitecture
+    from ih_sweep.model.sites import head_sites
+
+    store = store_for(model, budget)
+    if store is None:
+        return None
+    try:
+        layers = list(head_sites(model).layers)
+    except UnsupportedArchitecture:
+        return None
+    return StoreUse(store, model, layers)
+
+
 def reset() -> None:
     """Forget every model's store (tests)."""
     with _STORES_LOCK:
         _STORES.clear()
 
 
+class StoreUse:
+    """One evaluation's use of a model's store (``ctx.layer_store`` while the evaluator is
+    installed, :func:`ih_sweep.evaluation.fastpath.install.installed`): the ``store``, the
+    model and its decoder ``layers``, the weights' fingerprints (taken at the first need in
+    this evaluation) and whether this evaluation's first reuse has been checked
+    (:func:`_checked`)."""
+
+    def __init__(self, store: LayerStore, model, layers: list):
+        self.store = store
+        self.model = model
+        self.layers = list(layers)
+        self.checked = False
+        self._prints: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def fingerprint(self, index: int) -> bytes:
+        """A digest of everything outside the decoder layers but the output embedding
+        (the input embedding, the rotary embedding) and of layers 0..``index``: each
+        module's parameters and buffers by content, dtype, shape and device, and its plain
+        attributes (an epsilon, a scaling, training mode)."""
+        with self._lock:
+            if not self._prints:
+                inside = {id(m) for layer in self.layers for m in layer.modules()}
+                head = self.model.get_output_embeddings()
+                digest = hashlib.sha256()
+                for m in self.model.modules():
+                    if id(m) not in inside and m is not head:
+                        _state(m, digest)
+                self._prints.append(digest.digest())
+            while len(self._prints) <= index + 1:
+                digest = hashlib.sha256(self._prints[-1])
+                for m in self.layers[len(self._prints) - 1].modules():
+                    _state(m, digest)
+                self._prints.append(digest.digest())
+            return self._prints[index + 1]
+
+    def untouched(self) -> int:
+        """:func:`untouched_layers` of the model now."""
+        return untouched_layers(self.model, self.layers)
+
+
+def _state(module: torch.nn.Module, digest) -> None:
+    for name, tensor in [*module.named_parameters(recurse=False),
+                         *module.named_buffers(recurse=False)]:
+        t = tensor.detach()
+        digest.update(repr((name, str(t.dtype), tuple(t.shape), t.device.type)).encode())
+        digest.update(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    plain = sorted((k, v) for k, v in vars(module).items()
+                   if isinstance(v, (bool, int, float, str, type(None))))
+    digest.update(repr((type(module).__qualname__, plain)).encode())
+
+
 @dataclass(frozen=True)
 class PassReuse:
-    """What a teacher-forced pass running in this thread may reuse: the model's ``store`` and
-    the pass's :func:`pass_key`."""
+    """What a teacher-forced pass running in this thread may reuse: the evaluation's
+    :class:`StoreUse`, the pass's :func:`pass_key`, and how many decoder layers from the
+    first nothing touches (:func:`untouched_layers`, when the pass starts)."""
 
-    store: LayerStore
+    use: StoreUse
     key: bytes
+    untouched: int
+
+
+def numerics() -> tuple:
+    """torch's process-wide settings that change a kernel's floats: intra-op threads (sums
+    over another number of threads round differently), float32 matmul precision and TF32,
+    the scaled-dot-product attention backends allowed, oneDNN, deterministic algorithms,
+    autocast."""
+    b = torch.backends
+    flags: list = [torch.get_num_threads(), torch.get_float32_matmul_precision(),
+                   b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.mkldnn.enabled,
+                   torch.are_deterministic_algorithms_enabled()]
+    for name in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled",
+                 "cudnn_sdp_enabled"):
+        flag = getattr(b.cuda, name, None)
+        flags.append(flag() if flag else None)
+    for device in ("cpu", "cuda"):
+        try:
+            flags.append((torch.is_autocast_enabled(device),
+                          torch.get_autocast_dtype(device)))
+        except (TypeError, AttributeError, RuntimeError):
+            flags.append(None)
+    return tuple(flags)
 
 
 def pass_key(host: torch.Tensor, shared_prefix: int, prefix_runs: int, device) -> bytes:
     """The identity of a teacher-forced pass's input: ``host`` (its token ids and attention
     mask as sent to the device, [rows, 2 x width] long), the shared prefix's length and how
-    many times it ran (once, or once per head set), torch's intra-op threads and the device
-    (sums over another number of threads round differently)."""
+    many times it ran (once, or once per head set), the device and torch's settings that
+    change floats (:func:`numerics`)."""
     digest = hashlib.sha256(host.numpy().tobytes())
-    digest.update(repr((tuple(host.shape), shared_prefix, prefix_runs,
-                        torch.get_num_threads(), str(device))).encode())
+    digest.update(repr((tuple(host.shape), shared_prefix, prefix_runs, str(device),
+                        numerics())).encode())
     return digest.digest()
 
 
 def _observer(hook, capturing: bool) -> bool:
-    """Whether ``hook`` changes nothing: transformers' output-capturing hook (installed for
-    good on a model's layers the first time a call asks for hidden states or attentions,
-    transformers.utils.output_capturing), which records outputs only while a call asks for
-    them (``capturing``) and never changes them."""
+    """Whether ``hook`` changes nothing: one of this package's hooks that only record
+    (:func:`ih_sweep.model.forward.leaves_layers_alone`), or transformers' output-capturing
+    hook (installed for good on a model's layers the first time a call asks for hidden
+    states or attentions, transformers.utils.output_capturing), which records outputs only
+    while a call asks for them (``capturing``) and never changes them."""
+    if leaves_layers_alone(hook):
+        return True
     return not capturing and getattr(hook, "__name__", "") == "output_capturing_hook" and \
         getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
 
@@ -191,65 +298,71 @@ def _capturing() -> bool:
     return bool(_active_collector.get())
 
 
-def _hooked(module: torch.nn.Module, capturing: bool) -> bool:
-    """Whether a hook that may change what ``module`` computes is on it or its modules."""
-    return any(not _observer(hook, capturing) for m in module.modules()
-               for hooks in (m._forward_hooks, m._forward_pre_hooks) for hook in hooks.values())
+def _touched(module: torch.nn.Module, capturing: bool) -> bool:
+    """Whether ``module`` (alone, not its children) has a hook that may change what it
+    computes, or a forward set on the instance that is not this package's."""
+    own = vars(module).get("forward")
+    if own is not None and not leaves_layers_alone(own):
+        return True
+    return any(not _observer(hook, capturing)
+               for hooks in (module._forward_hooks, module._forward_pre_hooks)
+               for hook in hooks.values())
 
 
 def untouched_layers(model, layers) -> int:
-    """How many of ``layers`` (decoder layers, in order) from the first compute what the
-    model as loaded computes: none of them or their modules has a forward hook or pre-hook,
-    the input embedding has none, and no global module hook is registered (0 if any is;
-    a None in ``layers`` ends the count)."""
+    """How many of ``layers`` (the decoder layers, in order) from the first compute what the
+    model as loaded computes: no global module hook is registered, no module outside the
+    layers (the model, the decoder, the input and rotary embeddings; the output embedding
+    aside) has a hook or a forward of its own that may change what it computes, and none of
+    these layers or their modules has one (0 if any outside does; a None in ``layers``
+    ends the count)."""
     from torch.nn.modules import module as torch_module
 
     if any(getattr(torch_module, name, None) for name in ("_global_forward_hooks",
                                                           "_global_forward_pre_hooks")):
         return 0
     capturing = _capturing()
-    embed = model.get_input_embeddings()
-    if embed is None or _hooked(embed, capturing):
+    inside = {id(m) for layer in layers if layer is not None for m in layer.modules()}
+    head = model.get_output_embeddings()
+    if any(_touched(m, capturing) for m in model.modules()
+           if id(m) not in inside and m is not head):
         return 0
     count = 0
     for layer in layers:
-        if layer is None or _hooked(layer, capturing):
+        if layer is None or any(_touched(m, capturing) for m in layer.modules()):
             break
         count += 1
     return count
 
 
-def versions(modules) -> tuple[int, ...]:
-    """The version counters of the parameters of ``modules`` (each in-place change of a
-    tensor raises its counter)."""
-    return tuple(p._version for m in modules for p in m.parameters())
-
-
-def run_layer(store: LayerStore, key: tuple, layer, hidden: torch.Tensor, kwargs: dict,
+def run_layer(use: StoreUse, key: tuple, layer, hidden: torch.Tensor, kwargs: dict,
               original, keys_values) -> torch.Tensor:
     """A Llama-family decoder layer's output on ``hidden`` [B, T, width] inside the
     teacher-forced pass: the stored one under ``key`` if any, with the key/value cache
     (``kwargs``' ``cache``/``past_key_values``) filled by ``keys_values(x, cache)`` (the
     layer's own keys and values of its normed input ``x``); else ``original(hidden,
-    **kwargs)``, stored. The store's first reuse is checked (:func:`_checked`)."""
-    stored = store.get(key)
+    **kwargs)``, stored. The first reuse of each evaluation is checked (:func:`_checked`)."""
+    stored = use.store.get(key)
     if stored is None:
         out = original(hidden, **kwargs)
         if isinstance(out, torch.Tensor) and out.shape == hidden.shape:
-            store.put(key, out)
+            use.store.put(key, out)
         return out
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if not store.checked:
-        return _checked(store, stored, layer, hidden, kwargs, original, keys_values, cache)
-    keys_values(layer.input_layernorm(hidden), cache)
+    if not use.checked:
+        return _checked(use, stored, layer, hidden, kwargs, original, keys_values, cache)
+    if cache is not None:
+        keys_values(layer.input_layernorm(hidden), cache)
     return stored
 
 
-def _checked(store: LayerStore, stored: torch.Tensor, layer, hidden: torch.Tensor,
+def _checked(use: StoreUse, stored: torch.Tensor, layer, hidden: torch.Tensor,
              kwargs: dict, original, keys_values, cache) -> torch.Tensor:
-    """The store's run-time check: the layer computed the full way (which fills the cache)
-    against ``stored``, and the keys/values the reuse would put in the cache against those
-    the layer put there, bit for bit; the store is turned off on any difference."""
+    """The run-time check of an evaluation's first reuse: the layer computed the full way
+    (which fills the cache) against ``stored``, and the keys/values the reuse would put in
+    the cache against those the layer put there, bit for bit; the store is turned off on
+    any difference. (A pass without a cache compares the output alone and leaves the check
+    to the next reuse.)"""
     key, value = keys_values(layer.input_layernorm(hidden), None)
     out = original(hidden, **kwargs)
     same = isinstance(out, torch.Tensor) and torch.equal(out, stored)
@@ -261,9 +374,9 @@ def _checked(store: LayerStore, stored: torch.Tensor, layer, hidden: torch.Tenso
                 torch.equal(held.values[..., -length:, :], value)
         except (AttributeError, IndexError, TypeError):  # a cache laid out otherwise
             same = False
-    if same:
-        store.checked = True
-    else:
-        store.turn_off("a reused layer's output or keys/values differ from the computed "
-                       "ones")
+        if same:
+            use.checked = True
+    if not same:
+        use.store.turn_off("a reused layer's output or keys/values differ from the computed "
+                           "ones")
     return out
