@@ -53,6 +53,8 @@ def test_reused_layers_give_bit_identical_results(tiny, items):
     assert store.hits == 6 and not store.off
     assert _outcomes(model, tok, items) == plain_none
     assert store.hits == 12
+    assert _outcomes(model, tok, items, store=0) == plain_none  # 0 empties the store
+    assert len(store) == 0 and store.bytes == 0 and store.hits == 12
 
 
 def test_a_layer_an_ablation_touches_is_computed(tiny, items):

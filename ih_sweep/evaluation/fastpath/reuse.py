@@ -143,8 +143,13 @@ _STORES_LOCK = threading.Lock()
 
 def store_for(model, budget: int) -> LayerStore | None:
     """``model``'s store (made on first use, lives as long as the model) with ``budget``
-    bytes; None for a budget of 0 or a store turned off by a check."""
+    bytes; None for a budget of 0 (which empties a store the model has) or a store turned
+    off by a check."""
     if budget <= 0:
+        with _STORES_LOCK:
+            store = _STORES.get(model)
+        if store is not None:
+            store.resize(0)
         return None
     with _STORES_LOCK:
         store = _STORES.get(model)
