@@ -92,8 +92,8 @@ class ForwardContext:
         self.row_dependent_ablations = 0  # of which fill rows by their sequence (resample)
         self.head_set_ablations = 0  # of which ablate a head set per row (ablate_head_sets)
         self.evaluator: Any = None  # the evaluator's FastPath while installed
-        # the evaluator's store of unablated layers' outputs while installed with one
-        # (ih_sweep.evaluation.fastpath.reuse.LayerStore), else None
+        # the evaluation's use of the store of unablated layers' outputs while the
+        # evaluator is installed with one (ih_sweep.evaluation.fastpath.reuse.StoreUse)
         self.layer_store: Any = None
         # per key/value cache: the tokens its columns hold (ih_sweep.model.edges.track_tokens)
         self._histories: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -273,7 +273,8 @@ class ForwardContext:
     def reusing_layers(self, reuse: Any) -> Iterator[None]:
         """Inside (this thread), the evaluator's teacher-forced pass may take the layers no
         ablation touches from ``reuse`` (a :class:`ih_sweep.evaluation.fastpath.reuse.
-        PassReuse`: the model's store and the pass's key), or computes them (None)."""
+        PassReuse`: the evaluation's use of the model's store, the pass's key and how many
+        layers nothing touches), or computes them (None)."""
         with self._setting("layer_reuse", reuse):
             yield
 

@@ -228,3 +228,55 @@ def test_pass_key_names_the_attention_backends():
     with sdpa_kernel([SDPBackend.MATH]):
         assert reuse.pass_key(host, 0, 0, "cpu") != key
     assert reuse.pass_key(host, 0, 0, "cpu") == key
+
+
+def test_a_forward_someone_set_on_a_layer_is_not_hidden_by_the_patch(tiny, items):
+    """A wrapper set on a layer's forward before the evaluation (steering) keeps the layer
+    out of the store: its outputs are the wrapper's, which no key names."""
+    model, tok = tiny
+    layer = model.model.layers[0]
+    own = layer.forward
+
+    def steered(*args, **kwargs):
+        return own(*args, **kwargs) + 0.1
+
+    layer.forward = steered
+    try:
+        plain = _outcomes(model, tok, items, HIGH, store=0)
+        assert _outcomes(model, tok, items, HIGH) == plain
+        assert model not in reuse._STORES or len(_store(model)) == 0
+    finally:
+        del layer.forward
+    assert _outcomes(model, tok, items, HIGH, store=0) != plain  # the wrapper did change it
+    assert _outcomes(model, tok, items, HIGH) == _outcomes(model, tok, items, HIGH, store=0)
+
+
+def test_a_nested_evaluation_takes_fresh_fingerprints(tiny, items):
+    from ih_sweep.evaluation.fastpath.install import installed
+    from ih_sweep.model.forward import ForwardContext
+
+    model, tok = tiny
+    ctx = ForwardContext.of(model)
+    with installed(model, None, ctx, 1 << 30):
+        outer = ctx.layer_store
+        outer.fingerprint(0)
+        with installed(model, None, ctx, 1 << 30):
+            inner = ctx.layer_store
+            assert inner is not outer and inner.store is outer.store and not inner._prints
+        assert ctx.layer_store is outer
+    assert ctx.layer_store is None
+
+
+def test_weights_the_fingerprint_cannot_read_are_computed(tiny, items):
+    """A quantized weight keeps its state beside its data (bitsandbytes' quant_state): the
+    fingerprint cannot vouch for it, so its layer is not reused."""
+    model, tok = tiny
+    weight = model.model.layers[0].mlp.down_proj.weight
+    weight.quant_state = object()  # scales the content does not show
+    try:
+        plain = _outcomes(model, tok, items, HIGH, store=0)
+        _outcomes(model, tok, items)
+        assert _outcomes(model, tok, items, HIGH) == plain
+        assert _store(model).hits == 0 and len(_store(model)) == 0
+    finally:
+        del weight.quant_state

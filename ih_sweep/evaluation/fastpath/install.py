@@ -125,11 +125,19 @@ def installed(model, layers: bool | None = None, ctx: ForwardContext | None = No
     the model's forward context, default :meth:`ForwardContext.of` the model) while inside.
     ``store_bytes``: where the layer patch is on, the model's store of unablated layers'
     outputs (:mod:`.reuse`; this evaluation's use of it is ``ctx.layer_store`` while inside)
-    holds up to this many bytes (0: none). Re-entrant (an inner call changes nothing)."""
+    holds up to this many bytes (0: none). Re-entrant (an inner call changes nothing but
+    starting a new use of the store: its fingerprints are taken and its reuse checked
+    afresh)."""
     ctx = ctx if ctx is not None else ForwardContext.of(model)
     outer = ctx.evaluator
-    if outer is not None:
-        yield outer
+    if outer is not None:  # an evaluation of its own: a fresh use of the outer store
+        previous = ctx.layer_store
+        if previous is not None:
+            ctx.layer_store = previous.again()
+        try:
+            yield outer
+        finally:
+            ctx.layer_store = previous
         return
 
     def pick(module, args):

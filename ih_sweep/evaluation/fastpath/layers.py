@@ -50,8 +50,9 @@ def patch_layers(model, ctx: ForwardContext | None = None) -> list:
         else:
             attn = layer.self_attn
             patched.append((attn, _patch(attn, _read_only_attention(attn, attn.forward))))
-            patched.append((layer, _patch(layer, _reusable_layer(layer, i, layer.forward,
-                                                                 ctx))))
+            if "forward" not in vars(layer):  # a forward set by someone else is not hidden
+                patched.append((layer, _patch(layer, _reusable_layer(layer, i, layer.forward,
+                                                                     ctx))))
     return patched
 
 
@@ -227,9 +228,12 @@ def _reusable_layer(layer, index: int, original, ctx: ForwardContext):
                 not _takes_shortcut(layer, attn, hidden_states, args, kwargs, embeddings,
                                     cache, rope):
             return original(hidden_states, *args, **kwargs)
+        fingerprint = reuse.use.fingerprint(index)
+        if fingerprint is None:  # weights the fingerprint cannot read (quantized, meta)
+            return original(hidden_states, *args, **kwargs)
         cos, sin = embeddings
-        key = (reuse.key, index, reuse.use.fingerprint(index))
-        return run_layer(reuse.use, key, layer, hidden_states, kwargs, original,
+        return run_layer(reuse.use, (reuse.key, index, fingerprint), index, layer,
+                         hidden_states, kwargs, original,
                          lambda x, kv: _keys_values(attn, x, cos, sin, rope, kv))
 
     return leaves_layers_alone(forward, mark=True)
@@ -250,7 +254,7 @@ def _read_only_layer(layer, original, ctx: ForwardContext):
         return last_layer_at(layer, hidden_states, embeddings, read_positions()[0], cache, rope,
                              ctx)
 
-    return forward
+    return leaves_layers_alone(forward, mark=True)
 
 
 def last_layer_at(layer, hidden: torch.Tensor, embeddings: tuple[torch.Tensor, torch.Tensor],

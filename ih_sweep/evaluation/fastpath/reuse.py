@@ -36,16 +36,20 @@ Why the numbers are the same (exact, not close):
   implementation, and the fast path, of which this is a part, then stays off.
 * Outputs are stored and handed out as copies, so a hook downstream that edits its input in
   place changes neither.
-* Run-time check: the first reuse of each evaluation recomputes the layer the full way and
-  compares output and keys/values bit for bit (:func:`_checked`); a difference turns the
-  store off for the rest of the process, said in one warning, and every later pass computes
-  every layer.
+* Run-time check: the first reuse of each layer in each evaluation recomputes the layer the
+  full way and compares output and keys/values bit for bit (:func:`_checked`); a difference
+  turns the store off for the rest of the process, said in one warning, and every later pass
+  computes every layer. Weights the fingerprint cannot read by content (quantized
+  bitsandbytes weights with their state beside the data, meta or sparse tensors) are never
+  reused.
 
 Memory: the stored outputs, [rows, tokens, hidden] per batch and reused layer, are kept on the
 model's device up to ``eval.layer_store_mb`` (``auto``: 1024 MB on CPU, none on a GPU, where
 the layers are cheap and the memory is the batch's); the least recently used go first. The
 tiny model's 1,000 stories take ~34 MB. The fingerprint reads every weight it covers once per
-evaluation (a few ms for the tiny model; for a 7B model ~0.5 GB a layer).
+evaluation: 1.6 ms for the tiny model; for a 7B model in bfloat16 the input embedding
+(0.26 GB) and ~0.44 GB a reused layer, seconds on CPU (on a GPU, where the store is off by
+default, every covered weight is also copied to the host).
 """
 
 from __future__ import annotations
@@ -188,36 +192,39 @@ class StoreUse:
     """One evaluation's use of a model's store (``ctx.layer_store`` while the evaluator is
     installed, :func:`ih_sweep.evaluation.fastpath.install.installed`): the ``store``, the
     model and its decoder ``layers``, the weights' fingerprints (taken at the first need in
-    this evaluation) and whether this evaluation's first reuse has been checked
+    this evaluation) and the layers whose first reuse in it has been checked
     (:func:`_checked`)."""
 
     def __init__(self, store: LayerStore, model, layers: list):
         self.store = store
         self.model = model
         self.layers = list(layers)
-        self.checked = False
-        self._prints: list[bytes] = []
+        self.checked: set[int] = set()
+        self._prints: list[bytes | None] = []
         self._lock = threading.Lock()
 
-    def fingerprint(self, index: int) -> bytes:
+    def again(self) -> StoreUse:
+        """A fresh use of the same store (another evaluation)."""
+        return StoreUse(self.store, self.model, self.layers)
+
+    def fingerprint(self, index: int) -> bytes | None:
         """A digest of everything outside the decoder layers but the output embedding
         (the input embedding, the rotary embedding) and of layers 0..``index``: each
-        module's parameters and buffers by content, dtype, shape and device, and its plain
-        attributes (an epsilon, a scaling, training mode)."""
+        module's parameters and buffers by content, dtype, shape and device, and its other
+        attributes that are tensors or plain settings (an epsilon, a scaling, a dtype,
+        training mode). None where some weight is not a plain dense tensor this can read
+        (quantized, meta, sparse): such layers are computed, not reused."""
         with self._lock:
             if not self._prints:
                 inside = {id(m) for layer in self.layers for m in layer.modules()}
                 head = self.model.get_output_embeddings()
-                digest = hashlib.sha256()
-                for m in self.model.modules():
-                    if id(m) not in inside and m is not head:
-                        _state(m, digest)
-                self._prints.append(digest.digest())
+                self._prints.append(_digest(
+                    [m for m in self.model.modules() if id(m) not in inside and m is not head],
+                    None))
             while len(self._prints) <= index + 1:
-                digest = hashlib.sha256(self._prints[-1])
-                for m in self.layers[len(self._prints) - 1].modules():
-                    _state(m, digest)
-                self._prints.append(digest.digest())
+                before = self._prints[-1]
+                self._prints.append(None if before is None else _digest(
+                    list(self.layers[len(self._prints) - 1].modules()), before))
             return self._prints[index + 1]
 
     def untouched(self) -> int:
@@ -225,15 +232,65 @@ class StoreUse:
         return untouched_layers(self.model, self.layers)
 
 
+class Unreadable(Exception):
+    """A weight the fingerprint cannot read by content."""
+
+
+def _digest(modules: list, previous: bytes | None) -> bytes | None:
+    """sha256 of ``previous`` (the fingerprint so far; None at the start) and ``modules``'
+    state (:func:`_state`); None when some weight is :class:`Unreadable`."""
+    digest = hashlib.sha256(previous or b"")
+    try:
+        for m in modules:
+            _state(m, digest)
+    except Unreadable:
+        return None
+    return digest.digest()
+
+
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _tensor(t: torch.Tensor, digest) -> None:
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or \
+            t.is_meta or t.is_conj() or t.is_neg():
+        raise Unreadable(type(t).__name__)
+    t = t.detach()
+    digest.update(repr((str(t.dtype), tuple(t.shape), t.device.type)).encode())
+    digest.update(memoryview(t.contiguous().view(-1).view(torch.uint8).cpu().numpy()))
+
+
 def _state(module: torch.nn.Module, digest) -> None:
     for name, tensor in [*module.named_parameters(recurse=False),
                          *module.named_buffers(recurse=False)]:
-        t = tensor.detach()
-        digest.update(repr((name, str(t.dtype), tuple(t.shape), t.device.type)).encode())
-        digest.update(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
-    plain = sorted((k, v) for k, v in vars(module).items()
-                   if isinstance(v, (bool, int, float, str, type(None))))
-    digest.update(repr((type(module).__qualname__, plain)).encode())
+        digest.update(name.encode())
+        _tensor(tensor, digest)
+        # what a weight carries beside its data (transformers' flags; a quantized weight's
+        # state would be an object: unreadable)
+        digest.update(repr(_attributes(tensor, digest, strict=True)).encode())
+    digest.update(repr((type(module).__qualname__, _attributes(module, digest))).encode())
+
+
+def _is_plain(value) -> bool:
+    return isinstance(value, _PLAIN) or (isinstance(value, tuple) and
+                                         all(isinstance(v, _PLAIN) for v in value))
+
+
+def _attributes(obj, digest, strict: bool = False) -> list:
+    """``obj``'s instance attributes that are plain settings, sorted (tensors among them go
+    into ``digest``); with ``strict``, any other attribute is :class:`Unreadable`."""
+    plain = []
+    for key, value in sorted(vars(obj).items()):
+        if key in ("_parameters", "_buffers", "_modules"):
+            continue
+        if isinstance(value, torch.Tensor):
+            digest.update(key.encode())
+            _tensor(value, digest)
+        elif _is_plain(value):
+            plain.append((key, value))
+        elif strict:
+            raise Unreadable(f"{type(obj).__name__}.{key}")
+    return plain
 
 
 @dataclass(frozen=True)
@@ -255,7 +312,11 @@ def numerics() -> tuple:
     b = torch.backends
     flags: list = [torch.get_num_threads(), torch.get_float32_matmul_precision(),
                    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.mkldnn.enabled,
+                   b.cudnn.deterministic, b.cudnn.benchmark,
                    torch.are_deterministic_algorithms_enabled()]
+    for name in ("allow_fp16_reduced_precision_reduction",
+                 "allow_bf16_reduced_precision_reduction"):
+        flags.append(getattr(b.cuda.matmul, name, None))
     for name in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled",
                  "cudnn_sdp_enabled"):
         flag = getattr(b.cuda, name, None)
@@ -295,7 +356,9 @@ def _observer(hook, capturing: bool) -> bool:
 def _capturing() -> bool:
     """Whether a transformers call in this thread is collecting outputs through its hooks
     (see :func:`_observer`): each call sets the collector, a dict of what it collects (empty
-    when it asks for nothing)."""
+    when it asks for nothing). The evaluator asks when its pass starts, before its model
+    call sets one, and its passes ask for no outputs; this is for a caller already inside a
+    call that collects."""
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # releases that capture by wrapping forwards for the call only
@@ -340,13 +403,14 @@ def untouched_layers(model, layers) -> int:
     return count
 
 
-def run_layer(use: StoreUse, key: tuple, layer, hidden: torch.Tensor, kwargs: dict,
-              original, keys_values) -> torch.Tensor:
-    """A Llama-family decoder layer's output on ``hidden`` [B, T, width] inside the
-    teacher-forced pass: the stored one under ``key`` if any, with the key/value cache
-    (``kwargs``' ``cache``/``past_key_values``) filled by ``keys_values(x, cache)`` (the
-    layer's own keys and values of its normed input ``x``); else ``original(hidden,
-    **kwargs)``, stored. The first reuse of each evaluation is checked (:func:`_checked`)."""
+def run_layer(use: StoreUse, key: tuple, index: int, layer, hidden: torch.Tensor,
+              kwargs: dict, original, keys_values) -> torch.Tensor:
+    """Decoder layer ``index``'s (a Llama-family layer) output on ``hidden`` [B, T, width]
+    inside the teacher-forced pass: the stored one under ``key`` if any, with the key/value
+    cache (``kwargs``' ``cache``/``past_key_values``) filled by ``keys_values(x, cache)``
+    (the layer's own keys and values of its normed input ``x``); else ``original(hidden,
+    **kwargs)``, stored. The first reuse of each layer in each evaluation is checked
+    (:func:`_checked`)."""
     stored = use.store.get(key)
     if stored is None:
         out = original(hidden, **kwargs)
@@ -354,20 +418,20 @@ def run_layer(use: StoreUse, key: tuple, layer, hidden: torch.Tensor, kwargs: di
             use.store.put(key, out)
         return out
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if not use.checked:
-        return _checked(use, stored, layer, hidden, kwargs, original, keys_values, cache)
+    if index not in use.checked:
+        return _checked(use, index, stored, layer, hidden, kwargs, original, keys_values,
+                        cache)
     if cache is not None:
         keys_values(layer.input_layernorm(hidden), cache)
     return stored
 
 
-def _checked(use: StoreUse, stored: torch.Tensor, layer, hidden: torch.Tensor,
+def _checked(use: StoreUse, index: int, stored: torch.Tensor, layer, hidden: torch.Tensor,
              kwargs: dict, original, keys_values, cache) -> torch.Tensor:
-    """The run-time check of an evaluation's first reuse: the layer computed the full way
-    (which fills the cache) against ``stored``, and the keys/values the reuse would put in
-    the cache against those the layer put there, bit for bit; the store is turned off on
-    any difference. (A pass without a cache compares the output alone and leaves the check
-    to the next reuse.)"""
+    """The run-time check of a layer's first reuse in an evaluation: the layer computed the
+    full way (which fills the cache) against ``stored``, and the keys/values the reuse would
+    put in the cache against those the layer put there (when the pass has a cache), bit for
+    bit; the store is turned off on any difference."""
     key, value = keys_values(layer.input_layernorm(hidden), None)
     out = original(hidden, **kwargs)
     same = isinstance(out, torch.Tensor) and torch.equal(out, stored)
@@ -379,9 +443,9 @@ def _checked(use: StoreUse, stored: torch.Tensor, layer, hidden: torch.Tensor,
                 torch.equal(held.values[..., -length:, :], value)
         except (AttributeError, IndexError, TypeError):  # a cache laid out otherwise
             same = False
-        if same:
-            use.checked = True
-    if not same:
-        use.store.turn_off("a reused layer's output or keys/values differ from the computed "
-                           "ones")
+    if same:
+        use.checked.add(index)
+    else:
+        use.store.turn_off(f"layer {index}'s reused output or keys/values differ from the "
+                           "computed ones")
     return out
