@@ -372,9 +372,13 @@ def _touched(module: torch.nn.Module, capturing: bool) -> bool:
     own = vars(module).get("forward")
     if own is not None and not leaves_layers_alone(own):
         return True
-    return any(not _observer(hook, capturing)
-               for hooks in (module._forward_hooks, module._forward_pre_hooks)
-               for hook in hooks.values())
+    for name in ("_forward_hooks", "_forward_pre_hooks"):  # torch's own registries
+        hooks = getattr(module, name, None)
+        if hooks is None:  # a torch that keeps them elsewhere: nothing can be vouched for
+            return True
+        if any(not _observer(hook, capturing) for hook in hooks.values()):
+            return True
+    return False
 
 
 def untouched_layers(model, layers) -> int:
