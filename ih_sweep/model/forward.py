@@ -301,6 +301,22 @@ class ForwardContext:
             yield
 
 
+def own_forward(module: Any) -> Any:
+    """The forward set on ``module`` itself (an instance attribute) that may compute
+    something else than its class's, or None. The class's own forward bound to ``module``
+    counts as none: transformers 5.0's ``check_model_inputs`` wraps the forwards of the
+    modules it records from (hidden states, attentions) for a call that asks for them, and
+    afterwards sets ``module.forward = original`` (the bound method it had read), leaving
+    that attribute on every such module for good."""
+    own = vars(module).get("forward")
+    if own is None:
+        return None
+    if getattr(own, "__self__", None) is module and \
+            getattr(own, "__func__", None) is getattr(type(module), "forward", None):
+        return None
+    return own
+
+
 def leaves_layers_alone(fn: Any, mark: bool = False) -> Any:
     """With ``mark``: mark ``fn`` (a forward hook, or a forward this package sets on a module)
     as changing nothing the model's layers compute from their inputs: a hook that only

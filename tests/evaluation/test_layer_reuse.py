@@ -138,7 +138,8 @@ def test_a_forward_set_on_a_module_or_a_rotary_hook_stops_reuse(tiny):
     model, _ = tiny
     layers = list(model.model.layers)
     mlp = layers[0].mlp
-    mlp.forward = mlp.forward  # what a wrapper does
+    wrapped = mlp.forward
+    mlp.forward = lambda *args, **kwargs: wrapped(*args, **kwargs)  # what a wrapper does
     try:
         assert reuse.untouched_layers(model, layers) == 0
     finally:
@@ -149,6 +150,28 @@ def test_a_forward_set_on_a_module_or_a_rotary_hook_stops_reuse(tiny):
     finally:
         handle.remove()
     assert reuse.untouched_layers(model, layers) == 2
+
+
+def test_the_class_forward_set_back_on_a_layer_keeps_reuse(tiny, items):
+    """transformers 5.0 records hidden states and attentions by wrapping the layers' and
+    attention modules' forwards for the call, then sets ``module.forward = original`` (the
+    bound class forward it had read): that attribute computes what the class does, so the
+    layers stay reusable (the store was off for good after any such call before)."""
+    model, tok = tiny
+    modules = [m for layer in model.model.layers for m in (layer, layer.self_attn)]
+    plain = _outcomes(model, tok, items, HIGH, store=0)
+    for module in modules:
+        module.forward = module.forward
+    try:
+        assert reuse.untouched_layers(model, list(model.model.layers)) == 2
+        _outcomes(model, tok, items)
+        assert _outcomes(model, tok, items, HIGH) == plain
+        assert _store(model).hits == 6
+        assert all("forward" in vars(m) and getattr(vars(m)["forward"], "__self__", None) is m
+                   for m in modules)  # what was there is put back
+    finally:
+        for module in modules:
+            vars(module).pop("forward", None)
 
 
 def test_a_hook_that_edits_its_input_in_place_does_not_reach_the_store(tiny, items):

@@ -168,3 +168,20 @@ def test_nothing_is_set_on_the_model(tiny, tiny_prefix):
     assert not any(name.startswith("_ih_sweep") for name in vars(model))
     assert (ctx.ablating, ctx.tracking, ctx.row_dependent_ablations) == (0, 0, 0)
     assert ctx.evaluator is None
+
+
+def test_own_forward_ignores_the_class_forward_set_back():
+    """forward.own_forward: a forward set on the instance counts, unless it is the class's
+    own forward bound to that instance (what transformers 5.0 leaves after recording)."""
+    module, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    assert forward.own_forward(module) is None
+    module.forward = module.forward  # the class forward, bound to it
+    assert forward.own_forward(module) is None
+    borrowed = other.forward  # bound to another module
+    module.forward = borrowed
+    assert forward.own_forward(module) is borrowed
+    wrapper = lambda x: x  # noqa: E731
+    module.forward = wrapper
+    assert forward.own_forward(module) is wrapper
+    del module.forward
+    assert forward.own_forward(module) is None

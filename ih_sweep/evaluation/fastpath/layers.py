@@ -16,7 +16,12 @@ import torch
 
 from ih_sweep.evaluation.fastpath.kernel import attend_at, causal
 from ih_sweep.evaluation.fastpath.reuse import run_layer
-from ih_sweep.model.forward import ForwardContext, leaves_layers_alone, read_positions
+from ih_sweep.model.forward import (
+    ForwardContext,
+    leaves_layers_alone,
+    own_forward,
+    read_positions,
+)
 from ih_sweep.model.shape import UnsupportedArchitecture
 from ih_sweep.model.sites import head_sites
 
@@ -50,7 +55,7 @@ def patch_layers(model, ctx: ForwardContext | None = None) -> list:
         else:
             attn = layer.self_attn
             patched.append((attn, _patch(attn, _read_only_attention(attn, attn.forward))))
-            if "forward" not in vars(layer):  # a forward set by someone else is not hidden
+            if own_forward(layer) is None:  # a forward set by someone else is not hidden
                 patched.append((layer, _patch(layer, _reusable_layer(layer, i, layer.forward,
                                                                      ctx))))
     return patched

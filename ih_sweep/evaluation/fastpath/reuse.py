@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ih_sweep.model.forward import leaves_layers_alone
+from ih_sweep.model.forward import leaves_layers_alone, own_forward
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def _capturing() -> bool:
 def _touched(module: torch.nn.Module, capturing: bool) -> bool:
     """Whether ``module`` (alone, not its children) has a hook that may change what it
     computes, or a forward set on the instance that is not this package's."""
-    own = vars(module).get("forward")
+    own = own_forward(module)
     if own is not None and not leaves_layers_alone(own):
         return True
     for name in ("_forward_hooks", "_forward_pre_hooks"):  # torch's own registries
