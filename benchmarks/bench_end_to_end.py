@@ -11,10 +11,12 @@ writes anything. Reports each side's median wall and CPU seconds (the child's us
 system time), the median of the per-pair ratios, the load average before and after,
 whether the notebook's per-item outcomes equal the sweep's results.csv, and the wall of a
 full-reuse rerun (the same command again with the first sweep's folder and cache: every
-job reused, no torch imported).
+job reused, no torch imported). Then, in the same run, the start-up a user waits for:
+``python -m ih_sweep --help`` and a config error (``n_heads=abc``, exit status 2), each
+``--quick`` times, one after the other (median wall).
 
-    python benchmarks/bench_end_to_end.py [--pairs 3] [--reruns 3] [--stories 1000]
-                                          [--out benchmarks/results]
+    python benchmarks/bench_end_to_end.py [--pairs 3] [--reruns 3] [--quick 5]
+                                          [--stories 1000] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ from _results import RESULTS, save
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["-m", "n_heads=4,8,16", "condition=high,low,none", "eval.progress=false"]
+QUICK = {"help": (["--help"], 0), "config_error": (["n_heads=abc"], 2)}  # args, exit status
 
 
-def timed(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
+def timed(cmd: list[str], status: int = 0) -> tuple[float, float, subprocess.CompletedProcess]:
     """Run ``cmd`` from the repository root (its package first on the path, 2 torch
-    threads as the machine has cores): (wall s, CPU s, the finished process)."""
+    threads as the machine has cores), which must end with exit ``status``: (wall s, CPU s,
+    the finished process)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2",
            "OMP_WAIT_POLICY": "PASSIVE"}  # on busy shared cores, no spinning thread
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -49,7 +53,7 @@ def timed(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if proc.returncode != 0:
+    if proc.returncode != status:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return wall, cpu, proc
 
@@ -123,6 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--reruns", type=int, default=3)
+    parser.add_argument("--quick", type=int, default=5,
+                        help="runs each of --help and a config error")
     parser.add_argument("--stories", type=int, default=1000)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--notebook-child", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -132,7 +138,8 @@ def main() -> None:
         return
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {k: [] for k in ("sweep_wall", "sweep_cpu", "notebook_wall",
-                                                     "notebook_cpu", "rerun_wall", "rerun_cpu")}
+                                                     "notebook_cpu", "rerun_wall", "rerun_cpu",
+                                                     "help_wall", "config_error_wall")}
     state: dict = {"sets": [], "identical": True, "reused": []}
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(args.pairs):
@@ -156,6 +163,12 @@ def main() -> None:
             times["rerun_wall"].append(wall)
             times["rerun_cpu"].append(cpu)
             state["reused"].append(n)
+    for name, (extra, status) in QUICK.items():
+        for _ in range(args.quick):
+            wall, _, proc = timed([sys.executable, "-m", "ih_sweep", *extra], status)
+            if status == 2 and "n_heads" not in proc.stderr:
+                raise SystemExit(f"the config error did not name its key:\n{proc.stderr}")
+            times[f"{name}_wall"].append(wall)
     report(args, load_before, times, state)
 
 
@@ -182,6 +195,9 @@ def report(args: argparse.Namespace, load_before: tuple, times: dict[str, list[f
         "rerun_wall_s": median(times["rerun_wall"]) if times["rerun_wall"] else None,
         "rerun_cpu_s": median(times["rerun_cpu"]) if times["rerun_cpu"] else None,
         "rerun_jobs_reused": state["reused"],  # per rerun, of the sweep's 9 jobs
+        "help_wall_s": median(times["help_wall"]) if times["help_wall"] else None,
+        "config_error_wall_s": (median(times["config_error_wall"])
+                                if times["config_error_wall"] else None),
         "by_round": {k: [round(v, 2) for v in vs] for k, vs in times.items()},
     }, args.out)
 

@@ -108,10 +108,12 @@ def test_draws_per_pass_benchmark_smoke_run(tmp_path):
 def test_end_to_end_benchmark_smoke_run(tmp_path):
     """bench_end_to_end.py on a few stories, one pair and one rerun: the CLI sweep and the
     notebook's method both timed, the same 7 evaluations with identical per-item outcomes,
-    and the rerun reusing all 9 jobs."""
+    the rerun reusing all 9 jobs, and --help and a config error timed."""
     out = _smoke_run(tmp_path, "bench_end_to_end.py", "end_to_end.json", "--stories", "4",
-                     "--pairs", "1", "--reruns", "1", timeout=900)
+                     "--pairs", "1", "--reruns", "1", "--quick", "1", timeout=900)
     assert out["evaluations"] == 7 and out["outcomes_identical"] is True
     assert out["sweep_wall_s"] > 0 and out["notebook_wall_s"] > 0
     assert out["ratio_notebook_over_sweep"] > 0 and len(out["ratio_by_pair"]) == 1
     assert out["rerun_jobs_reused"] == [9]
+    assert len(out["by_round"]["help_wall"]) == 1 and out["help_wall_s"] > 0
+    assert len(out["by_round"]["config_error_wall"]) == 1 and out["config_error_wall_s"] > 0
