@@ -27,8 +27,9 @@ Why the numbers are the same (exact, not close):
   up to it (:meth:`StoreUse.fingerprint`, taken once per evaluation), so a weight changed in
   place, through ``.data`` or replaced, or a changed epsilon, is never served stale.
 * A layer is reused only while nothing can change what it computes (:func:`untouched_layers`):
-  no forward hook or pre-hook and no forward set on the instance on it or any of its
-  modules, or on any module outside the layers (the model, the decoder, the embeddings), and
+  no forward hook or pre-hook and no forward set on the instance (the class's own, bound,
+  aside: :func:`ih_sweep.model.forward.own_forward`) on it or any of its modules, or on
+  any module outside the layers (the model, the decoder, the embeddings), and
   no global module hook; this package's hooks that only record and transformers' own
   output-capturing hooks (which only record, and only when a call asks) aside. Ablations
   hook the output projections of the layers they ablate (:func:`ih_sweep.model.sites.hook_z`),
