@@ -16,7 +16,7 @@ from ih_sweep.evaluation.evaluator import evaluate, is_correct
 from ih_sweep.evaluation.fastpath import check, layers
 from ih_sweep.heads.selection import select_heads
 from ih_sweep.model.attention import attention_implementation
-from ih_sweep.model.forward import ForwardContext
+from ih_sweep.model.forward import ForwardContext, own_forward
 from ih_sweep.testing import generate_one_at_a_time
 
 
@@ -124,21 +124,14 @@ def _spy_batches(monkeypatch, each):
     monkeypatch.setattr(runner, "evaluate_rows", spy)
 
 
-def _own_forward(module) -> bool:
-    """No instance forward, or one that is the class's own bound forward (transformers 5.0,
-    not 5.9 on, leaves that behind after an ``output_attentions`` pass: its output recorder
-    "restores" ``module.forward = original_forward``; the scoring fixture runs one)."""
-    own = vars(module).get("forward")
-    return own is None or getattr(own, "__func__", None) is type(module).forward
-
-
 def _put_back(model, threads: int) -> None:
     """Nothing of an evaluation stays on the model or in torch's settings."""
     assert torch.get_num_threads() == threads
     assert not model.get_output_embeddings()._forward_pre_hooks
     assert model.config._attn_implementation == "sdpa"
-    for layer in model.model.layers:
-        assert _own_forward(layer) and _own_forward(layer.self_attn)
+    for layer in model.model.layers:  # no forward of its own left (own_forward: what
+        # transformers 5.0 sets back after the scoring fixture's output_attentions pass aside)
+        assert own_forward(layer) is None and own_forward(layer.self_attn) is None
     ctx = ForwardContext.of(model)
     assert ctx.evaluator is None and not ctx.tracking and not ctx.ablating
 
