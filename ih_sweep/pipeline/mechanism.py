@@ -33,8 +33,13 @@ Two numbers, each with the heads ablated and without (nats, lower is better):
 
 Pure maths first (token losses, masked means, the ICL score, its positions), then the model
 passes, then :func:`mechanism_check`, which the evaluate job calls with its own heads and
-ablation method (:func:`ih_sweep.ablation.hooks.ablate_heads`). The unablated numbers depend only on
-the model, the settings and the texts, so they are computed once per process for those.
+ablation method (:func:`ih_sweep.ablation.hooks.ablate_heads`). The unablated numbers and the
+passes' inputs depend only on the model, the settings and the texts, so they are computed
+once per process for those. Each pass computes the logits of the tokens its numbers read
+only (:func:`losses_at`), through the evaluator's shortcuts and its store of unablated
+layers (:func:`ih_sweep.evaluation.fastpath.logits.logits_at`): the same losses as the whole
+plain forward to float32 rounding (~1e-6 nats), a job's ablated pass taking the layers below
+its first ablated one from the unablated pass.
 """
 
 from __future__ import annotations
@@ -44,11 +49,12 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ih_sweep.config.schema import IclTokens, MechanismConfig
+from ih_sweep.config.schema import EvalConfig, IclTokens, MechanismConfig
 from ih_sweep.data import Story, build_prompt, question_indices
 
 log = logging.getLogger(__name__)
@@ -58,12 +64,19 @@ OLSSON_LATE, OLSSON_EARLY = 500, 50
 
 
 # --------------------------------------------------------------------------- pure maths
+def target_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[b, k] loss in nats of each target token: -log softmax(logits)[target], computed in
+    float32 whatever the logits' dtype. logits: [b, k, V], the logits that predict
+    ``targets`` [b, k]."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return -logp.gather(-1, targets[..., None].to(logp.device))[..., 0]
+
+
 def token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """[b, T] next-token loss in nats: entry t is -log p(ids[:, t] | ids[:, :t]), from the
-    logits at position t - 1; entry 0 (no prediction) is NaN. logits: [b, T, V]; ids: [b, T].
-    Computed in float32 whatever the logits' dtype."""
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    nll = -logp.gather(-1, ids[:, 1:, None].to(logp.device))[..., 0]
+    logits at position t - 1 (:func:`target_losses`); entry 0 (no prediction) is NaN.
+    logits: [b, T, V]; ids: [b, T]."""
+    nll = target_losses(logits[:, :-1], ids[:, 1:])
     first = torch.full_like(nll[:, :1], float("nan"))
     return torch.cat([first, nll], 1)
 
@@ -214,16 +227,22 @@ def answer_icl_score(losses: torch.Tensor, first: Sequence[int], last: Sequence[
 
 
 # --------------------------------------------------------------------------- model passes
-@torch.no_grad()
-def _losses(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """[b, T] :func:`token_losses` of ``ids`` (equal-length rows, no padding), in batches."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, ids.shape[0], batch_size):
-        tok = ids[start:start + batch_size].to(device)
-        logits = model(input_ids=tok, use_cache=False).logits
-        out.append(token_losses(logits, tok).cpu())
-    return torch.cat(out)
+def losses_at(model, ids: torch.Tensor, tokens: torch.Tensor, batch_size: int,
+              speed: EvalConfig | None = None) -> torch.Tensor:
+    """[b, T] :func:`token_losses` of ``ids`` [b, T] (right-padded or equal-length rows) at
+    the token indices ``tokens`` [b, k] (each at least 1), NaN at every other entry; the
+    logits come from :func:`ih_sweep.evaluation.fastpath.logits.logits_at` at the positions
+    before them, in batches. ``speed``: the job's ``eval`` settings whose shortcuts the pass
+    takes (``fast_layers``, ``layer_store_mb``; None: the default shortcuts, no store)."""
+    from ih_sweep.evaluation.fastpath.logits import logits_at
+
+    if int(tokens.min()) < 1:
+        raise ValueError("token 0 has no prediction (no context before it)")
+    logits = logits_at(model, ids, tokens - 1, batch_size,
+                       None if speed is None else speed.fast_layers,
+                       0 if speed is None else speed.layer_store_mb)
+    nll = target_losses(logits, ids.gather(1, tokens))
+    return torch.full(ids.shape, float("nan")).scatter_(1, tokens, nll)
 
 
 def repeat_inputs(tokenizer, settings: MechanismConfig, limit: int | None = None
@@ -260,23 +279,77 @@ def text_inputs(tokenizer, texts: Sequence[str], limit: int | None = None) -> to
     return torch.tensor([r[:length] for r in rows], dtype=torch.long)
 
 
-def measure(model, repeat_ids: torch.Tensor, repeat_mask: torch.Tensor,
-            text_ids: torch.Tensor, windows: tuple[Any, Any], batch_size: int,
-            answers: bool = False) -> dict[str, float]:
+@dataclass(frozen=True)
+class MechanismInputs:
+    """What the mechanism check's passes read, built once per model, settings and texts
+    (:func:`mechanism_inputs`): the repeated sequences [n, L] with the mask of their scored
+    tokens, the ICL texts' token ids [m, T], the ICL score's ``windows`` (:func:`icl_windows`,
+    or with ``answers`` the first and last answers' token indices per text,
+    :func:`answer_inputs`) and the ``positions`` job.json records."""
+
+    repeat_ids: torch.Tensor
+    repeat_mask: torch.Tensor
+    text_ids: torch.Tensor
+    windows: tuple[Any, Any]
+    answers: bool
+    positions: dict[str, Any]
+
+    def repeat_tokens(self) -> torch.Tensor:
+        """[n, k] the scored tokens' indices per sequence (every sequence has k)."""
+        return self.repeat_mask.nonzero()[:, 1].view(self.repeat_mask.shape[0], -1)
+
+    def text_tokens(self) -> torch.Tensor:
+        """[m, k] the token indices the ICL score reads per text: the early then the late
+        window (the same in every text), or each text's first and last answer."""
+        first, last = self.windows
+        if self.answers:
+            return torch.tensor([list(first), list(last)], dtype=torch.long).T.contiguous()
+        return torch.tensor([*first, *last], dtype=torch.long).expand(
+            self.text_ids.shape[0], -1)
+
+
+def mechanism_inputs(tokenizer, settings: MechanismConfig, texts: Sequence[str], tokens: str,
+                     limit: int | None) -> MechanismInputs:
+    """:class:`MechanismInputs` of ``texts`` (:func:`texts_for` with ``tokens``) for a model
+    of ``limit`` positions: :func:`repeat_inputs`, then :func:`answer_inputs` (``tokens`` =
+    answers) or :func:`text_inputs` with :func:`icl_windows`."""
+    repeat_ids, repeat_mask = repeat_inputs(tokenizer, settings, limit)
+    answers = tokens == IclTokens.answers
+    if answers:
+        text_ids, first, last = answer_inputs(tokenizer, texts, limit)
+        windows: tuple[Any, Any] = (first, last)
+        positions: dict[str, Any] = {"icl_early": float(sum(first) / len(first)),
+                                     "icl_late": float(sum(last) / len(last))}
+    else:
+        text_ids = text_inputs(tokenizer, texts, limit)
+        early, late = icl_positions(text_ids.shape[1])
+        windows = icl_windows(text_ids.shape[1], settings.icl_window)
+        positions = {"icl_early": early, "icl_late": late,
+                     "icl_early_tokens": [windows[0].start, windows[0][-1]],
+                     "icl_late_tokens": [windows[1].start, windows[1][-1]]}
+    return MechanismInputs(repeat_ids, repeat_mask, text_ids, windows, answers, positions)
+
+
+def measure(model, inputs: MechanismInputs, batch_size: int, speed: EvalConfig | None = None
+            ) -> dict[str, float]:
     """``repeat_loss`` and ``icl_score`` (nats) of the model as it is (any ablation hooks
-    active stay active); ``windows``: :func:`icl_windows`, or with ``answers`` the first and
-    last answers' token indices per text (:func:`answer_inputs`)."""
-    score = answer_icl_score if answers else icl_score
-    return {"repeat_loss": masked_mean(_losses(model, repeat_ids, batch_size), repeat_mask),
-            "icl_score": score(_losses(model, text_ids, batch_size), *windows)}
+    active stay active) on ``inputs``, each from the losses of the tokens it reads only
+    (:func:`losses_at`; ``speed``: its shortcuts)."""
+    score = answer_icl_score if inputs.answers else icl_score
+    repeat = losses_at(model, inputs.repeat_ids, inputs.repeat_tokens(), batch_size, speed)
+    text = losses_at(model, inputs.text_ids, inputs.text_tokens(), batch_size, speed)
+    return {"repeat_loss": masked_mean(repeat, inputs.repeat_mask),
+            "icl_score": score(text, *inputs.windows)}
 
 
-_UNABLATED: dict[str, dict[str, float]] = {}  # key -> measure() of the unablated model
+# key -> (the inputs, measure() of the unablated model) of a model, settings and texts
+_UNABLATED: dict[str, tuple[MechanismInputs, dict[str, float]]] = {}
 _MAX_CACHED = 16
 
 
 def reset() -> None:
-    """Forget the unablated measures cached in this process (:func:`mechanism_check`)."""
+    """Forget the inputs and unablated measures cached in this process
+    (:func:`mechanism_check`)."""
     _UNABLATED.clear()
 
 
@@ -306,50 +379,39 @@ def icl_tokens(settings: MechanismConfig, model_path: str) -> str:
 def mechanism_check(model, tokenizer, settings: MechanismConfig, texts: Sequence[str],
                     heads: Sequence[tuple[int, int]],
                     method: Any = "zero", means: Any = None,
-                    model_key: str = "", tokens: str = IclTokens.text) -> dict[str, Any]:
+                    model_key: str = "", tokens: str = IclTokens.text,
+                    speed: EvalConfig | None = None) -> dict[str, Any]:
     """The job record's ``mechanism`` entry: ``repeat_loss``, ``repeat_loss_unablated``,
     ``icl_score``, ``icl_score_unablated`` (nats), with ``heads`` ablated by ``method``
     (a registered name or method, :func:`ih_sweep.ablation.registry.get_ablation`; ``means``:
     its fill) in the first and third, plus the settings and positions
     used. No heads: ablated = unablated, one pass. The unablated pass is cached in-process
     under ``model_key`` (which must name the loaded model, e.g. its load cache key), the
-    settings and the texts. ``tokens``: what the ICL score compares (``text`` or
-    ``answers``, :func:`icl_tokens`; ``texts`` from :func:`texts_for` with the same)."""
+    settings and the texts, with its inputs (:func:`mechanism_inputs`). ``tokens``: what the
+    ICL score compares (``text`` or ``answers``, :func:`icl_tokens`; ``texts`` from
+    :func:`texts_for` with the same). ``speed``: the job's ``eval`` settings, whose shortcuts
+    and store of unablated layers the passes use (:func:`losses_at`)."""
     from ih_sweep.ablation.hooks import ablate_heads
     from ih_sweep.model.architecture import position_limit
 
-    limit = position_limit(model.config)
-    repeat_ids, repeat_mask = repeat_inputs(tokenizer, settings, limit)
-    answers = tokens == IclTokens.answers
-    if answers:
-        text_ids, first, last = answer_inputs(tokenizer, texts, limit)
-        windows: tuple[Any, Any] = (first, last)
-        positions = {"icl_early": float(sum(first) / len(first)),
-                     "icl_late": float(sum(last) / len(last))}
-    else:
-        text_ids = text_inputs(tokenizer, texts, limit)
-        early, late = icl_positions(text_ids.shape[1])
-        windows = icl_windows(text_ids.shape[1], settings.icl_window)
-        positions = {"icl_early": early, "icl_late": late,
-                     "icl_early_tokens": [windows[0].start, windows[0][-1]],
-                     "icl_late_tokens": [windows[1].start, windows[1][-1]]}
     semantic = {k: getattr(settings, k) for k in ("n_sequences", "seq_len", "repeats", "seed",
                                                   "exclude_frequent_frac", "exclude_rare_frac",
                                                   "n_texts", "icl_window")}
     semantic["icl_tokens"] = str(tokens)
     key = hashlib.sha256(json.dumps([model_key, semantic, list(texts)], default=str)
                          .encode()).hexdigest()
-    base = _UNABLATED.get(key)
-    if base is None:
-        base = measure(model, repeat_ids, repeat_mask, text_ids, windows,
-                       settings.batch_size, answers)
+    cached = _UNABLATED.get(key)
+    if cached is None:
+        inputs = mechanism_inputs(tokenizer, settings, texts, tokens,
+                                  position_limit(model.config))
+        cached = inputs, measure(model, inputs, settings.batch_size, speed)
         if len(_UNABLATED) >= _MAX_CACHED:
             _UNABLATED.pop(next(iter(_UNABLATED)))
-        _UNABLATED[key] = base
+        _UNABLATED[key] = cached
+    inputs, base = cached
     if heads:
         with ablate_heads(model, heads, method, means):
-            ablated = measure(model, repeat_ids, repeat_mask, text_ids, windows,
-                              settings.batch_size, answers)
+            ablated = measure(model, inputs, settings.batch_size, speed)
     else:
         ablated = dict(base)
     values = {"repeat_loss": ablated["repeat_loss"],
@@ -360,7 +422,7 @@ def mechanism_check(model, tokenizer, settings: MechanismConfig, texts: Sequence
             log.warning("mechanism check: %s is %s (the model's logits are not finite); "
                         "recorded as null", name, value)
             values[name] = None
-    return {**values, **positions,
-            "icl_context_tokens": int(text_ids.shape[1]),
-            "icl_texts": int(text_ids.shape[0]),
-            "repeat_tokens_scored": int(repeat_mask.sum()), **semantic}
+    return {**values, **inputs.positions,
+            "icl_context_tokens": int(inputs.text_ids.shape[1]),
+            "icl_texts": int(inputs.text_ids.shape[0]),
+            "repeat_tokens_scored": int(inputs.repeat_mask.sum()), **semantic}

@@ -341,7 +341,8 @@ def run_mechanism(config: Config, model: LazyModel, data: Items, selection: Sele
     out = mechanism_check(*model(), config.mechanism,
                           texts_for(data.stories, config.mechanism.n_texts, tokens),
                           [] if unmeasured else heads, fill.method,
-                          None if unmeasured else fill.values, model_key=key, tokens=tokens)
+                          None if unmeasured else fill.values, model_key=key, tokens=tokens,
+                          speed=config.eval)
     if unmeasured:
         log.info("mechanism check: the ablated repeat loss and ICL score are not measured (%s)",
                  unmeasured)

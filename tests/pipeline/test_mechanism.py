@@ -131,6 +131,56 @@ def test_the_unablated_pass_runs_once_per_model_and_settings(tiny, texts, monkey
     assert len(calls) == 4
 
 
+def test_the_inputs_are_built_once_per_model_settings_and_texts(tiny, texts, monkeypatch):
+    """Tokenizing the texts and finding each answer (hundreds of tokenizer calls) is done
+    with the unablated pass, once; each later job reuses both."""
+    model, tok = tiny
+    built = []
+    real = M.mechanism_inputs
+    monkeypatch.setattr(M, "mechanism_inputs", lambda *a, **k: built.append(1) or real(*a, **k))
+    M.reset()
+    answers = M.texts_for(generate_stories(16, seed=0), 8, "answers")
+    cfg = MechanismConfig(n_sequences=2)
+    for heads in ([(1, 2)], [(1, 3)], []):
+        M.mechanism_check(model, tok, cfg, answers, heads, model_key="k", tokens="answers")
+    assert built == [1]
+
+
+@pytest.mark.parametrize("tokens", ["text", "answers"])
+def test_the_losses_read_are_the_plain_forwards(tiny, tiny_prefix, tokens):
+    """losses_at (the read tokens only, through the evaluator's shortcuts and store) against
+    token_losses of the whole plain forward: equal where read (float32 rounding of a
+    reordered sum), NaN elsewhere; so the recorded numbers are the full passes' to ~1e-6,
+    and the same with the store and without, bit for bit."""
+    from ih_sweep.ablation.hooks import ablate_heads
+    from ih_sweep.config.schema import EvalConfig
+    from ih_sweep.evaluation.fastpath import reuse
+
+    model, tok = tiny
+    reuse.reset()
+    texts = M.texts_for(generate_stories(24, seed=4), 12, tokens)
+    inputs = M.mechanism_inputs(tok, MechanismConfig(n_sequences=6), texts, tokens, None)
+    heads = select_heads(tiny_prefix, "high", 8)
+    for ids, read in ((inputs.repeat_ids, inputs.repeat_tokens()),
+                      (inputs.text_ids, inputs.text_tokens())):
+        with torch.no_grad():
+            full = M.token_losses(model(input_ids=ids).logits, ids)
+        got = M.losses_at(model, ids, read, 5, EvalConfig())
+        mask = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, read, True)
+        assert torch.isnan(got[~mask]).all() and not torch.isnan(got[mask]).any()
+        assert torch.allclose(got[mask], full[mask], atol=1e-5, rtol=1e-5)
+        with ablate_heads(model, heads):
+            stored = M.losses_at(model, ids, read, 5, EvalConfig())
+            computed = M.losses_at(model, ids, read, 5, EvalConfig(layer_store_mb=0))
+            with torch.no_grad():
+                full = M.token_losses(model(input_ids=ids).logits, ids)
+        assert torch.equal(stored[mask], computed[mask])
+        assert torch.allclose(stored[mask], full[mask], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="token 0"):
+        M.losses_at(model, ids, torch.zeros((ids.shape[0], 1), dtype=torch.long), 5)
+    reuse.reset()
+
+
 def test_answer_positions_are_each_examples_answer(tiny):
     """icl_tokens=answers: the token after each ``Answer: `` of the training text is the
     answer word (the tokens the tiny model's loss was on); first and last example."""

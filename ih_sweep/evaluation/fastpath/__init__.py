@@ -47,7 +47,8 @@ Modules: :mod:`.kernel` (the AttentionInterface function, the causal blocks), :m
 (the Llama-family layer patch), :mod:`.reuse` (the store of untouched layers' outputs),
 :mod:`.gate` (the transformers version range, :func:`parts_wanted`), :mod:`.install`
 (installing it, asking for it on a pass), :mod:`.check` (the run-time self-check against the
-plain path).
+plain path), :mod:`.logits` (logits at chosen positions of whole rows through all of it: the
+mechanism check's passes).
 """
 
 from ih_sweep.evaluation.fastpath.gate import TESTED_TRANSFORMERS, parts_wanted, tested_range
