@@ -15,13 +15,14 @@ import hashlib
 import json
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from ih_sweep.config.schema import (
     EXCLUSION_KEYS,
     FV_KEYS,
     NO_REFERENCE_METHODS,
     Config,
+    plain,
     schema_fields,
 )
 
@@ -71,11 +72,7 @@ def without_hydra(cfg: DictConfig) -> DictConfig:
 
 
 def _semantic(node: Any) -> dict:
-    if dataclasses.is_dataclass(node):
-        node = OmegaConf.structured(node)
-    else:
-        node = without_hydra(node)
-    container = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    container = plain(node if dataclasses.is_dataclass(node) else without_hydra(node))
     assert isinstance(container, dict)
     return container
 

@@ -140,3 +140,51 @@ def test_plain_gives_plain_data():
     data = plain(config.quantization)
     assert data == {"name": "none", "double_quant": True, "compute_dtype": "bfloat16"}
     assert type(data["name"]) is str
+
+
+def _omegaconf_plain(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(node), resolve=True, enum_to_str=True)
+
+
+@pytest.mark.parametrize("overrides", [
+    (), ("condition=none",), ("n_heads=10%",), ("ablation=mean",), ("ablation=resample",),
+    ("ablation=knockout",), ("eval=helm",), ("eval=lm_eval",), ("eval=notebook",),
+    ("quantization=nf4",), ("quantization=int8",), ("scoring=combined",), ("scoring=fv",),
+    ("condition=random", "control_seeds=3", "control.match=layer_norm"),
+    ("model=hub", "model.path=EleutherAI/pythia-160m", "model.dtype=bfloat16"),
+    ("data.n_stories=7", "scan.layers=[0,1]", "eval.layer_store_mb=0"),
+    ("experiment=notebook_replication",),
+])
+def test_plain_reads_typed_settings_as_omegaconf_does(overrides):
+    """plain() reads a typed config directly (no OmegaConf node): the same data, types and
+    key order as OmegaConf's own conversion, for every group option; so hashes and
+    job.json's settings cannot tell the two apart."""
+    config = settings(compose(*overrides))
+    for node in (config, config.eval, config.scoring, config.mechanism, config.paths):
+        fast, reference = plain(node), _omegaconf_plain(node)
+        assert repr(fast) == repr(reference)
+
+
+def test_plain_lets_omegaconf_convert_what_needs_converting():
+    """Values OmegaConf would convert or resolve (an int in a float field, a tuple for a
+    list, an interpolation, a str for an Enum) are not read directly: the result is still
+    OmegaConf's."""
+    from ih_sweep.config import schema
+
+    config = settings(compose())
+    config.mechanism.exclude_rare_frac = 0  # float field, int value: OmegaConf gives 0.0
+    with pytest.raises(schema._NeedsOmegaConf):
+        schema._read(config.mechanism)
+    assert plain(config.mechanism)["exclude_rare_frac"] == 0.0
+    assert type(plain(config.mechanism)["exclude_rare_frac"]) is float
+    config = settings(compose())
+    config.condition = "high"  # an Enum field given its name
+    assert plain(config) == _omegaconf_plain(config)
+    config.model.name = "${condition}-run"  # an interpolation: OmegaConf resolves it
+    assert plain(config)["model"]["name"] == "high-run"
+    config = settings(compose("scan.layers=[0,1]"))
+    config.scan.layers = (0, 1)  # a tuple for a list
+    assert plain(config.scan) == _omegaconf_plain(config.scan)
+    assert plain(config.scan)["layers"] == [0, 1]
