@@ -114,7 +114,9 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
     from ih_sweep.pipeline.preflight import check_job
 
     bad = []
-    with long_lived():  # the checks import torch and transformers where they look at weights
+    # the checks import torch and transformers where they read weight files' headers
+    # (imports and headers, no tensors: their garbage is frozen too rather than walked)
+    with long_lived(collect=False):
         for overrides in job_overrides:
             try:
                 cfg = launcher.hydra_context.config_loader.load_sweep_config(

@@ -396,15 +396,24 @@ def load_model(model: ModelConfig, quant: QuantizationConfig | None = None,
     ``model.attn_implementation`` falls back to one the model supports
     (:func:`supported_attention`). Raises :class:`ModelPathError` where the path gives no
     model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ih_sweep.model.tokens import settle_pad
+    from ih_sweep.model.runtime import long_lived
 
     quant = quant or QuantizationConfig()
     device = pick_device(device)
     key = cache_key(model, quant, device)
     if key in _CACHE:
         return _CACHE[key]
+    with long_lived():  # kept for the whole process: frozen out of the collector's walks
+        _CACHE[key] = _load(model, quant, device)
+    return _CACHE[key]
+
+
+def _load(model: ModelConfig, quant: QuantizationConfig, device: str):
+    """:func:`load_model` without its cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ih_sweep.model.tokens import settle_pad
+
     path = resolve_path(model.path)
     config = load_config(model)
     check_architecture(config, bool(model.trust_remote_code))
@@ -436,7 +445,6 @@ def load_model(model: ModelConfig, quant: QuantizationConfig | None = None,
         path, revision=model.revision, local_files_only=local,
         trust_remote_code=bool(model.trust_remote_code)), path, model.path, "its tokenizer")
     settle_pad(tokenizer, path, loaded.config, getattr(loaded, "generation_config", None))
-    _CACHE[key] = (loaded, tokenizer)
     return loaded, tokenizer
 
 

@@ -130,16 +130,14 @@ class LazyModel:
             from transformers.utils import logging as hf_logging
 
             from ih_sweep.model.loading import load_model
-            from ih_sweep.model.runtime import long_lived
 
             quiet = not self.config.eval.progress and hf_logging.is_progress_bar_enabled()
             t0 = time.time()
             if quiet:
                 hf_logging.disable_progress_bar()
             try:
-                with long_lived():  # kept for the whole process
-                    self.loaded = load_model(self.config.model, self.config.quantization,
-                                             self.config.device)
+                self.loaded = load_model(self.config.model, self.config.quantization,
+                                        self.config.device)  # frozen if loaded anew
             finally:
                 if quiet:
                     hf_logging.enable_progress_bar()

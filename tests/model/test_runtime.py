@@ -48,35 +48,47 @@ def test_nothing_changes_off_glibc(monkeypatch):
 # The command's own process freezes what it keeps out of the garbage collector's walks; run
 # in a process of its own (the test process's collector stays as it is).
 FREEZE = """
-import gc, sys
+import gc, sys, weakref
 from ih_sweep.model import runtime
 if sys.argv[1] == "command":
     runtime.this_process_is_the_command()
 before = gc.get_freeze_count()
-with runtime.long_lived() as applies:
+with runtime.long_lived(collect=sys.argv[2] == "collect") as applies:
     inside = gc.isenabled()
     kept = [[i] for i in range(50000)]  # long-lived, tracked
-    cycle = []
-    cycle.append(cycle)  # garbage made inside
+    class Node:
+        pass
+    cycle = Node()
+    cycle.me = cycle  # garbage made inside
+    alive = weakref.ref(cycle)
     del cycle
 print(applies, inside, gc.isenabled(), gc.get_freeze_count() - before >= 50000,
-      gc.collect())
+      gc.collect(), alive() is not None)
 """
 
 
-def _freeze(mode: str) -> list[str]:
-    return subprocess.run([sys.executable, "-c", FREEZE, mode], check=True,
+def _freeze(mode: str, collect: str = "collect") -> list[str]:
+    return subprocess.run([sys.executable, "-c", FREEZE, mode, collect], check=True,
                           capture_output=True, text=True).stdout.split()
 
 
 def test_the_command_freezes_what_it_keeps_and_collects_what_it_drops():
-    applies, inside, after, frozen, left = _freeze("command")
+    applies, inside, after, frozen, left, alive = _freeze("command")
     assert (applies, inside, after, frozen) == ("True", "False", "True", "True")
-    assert left == "0"  # the cycle dropped inside was collected on leaving
+    assert (left, alive) == ("0", "False")  # the cycle dropped inside was collected
+
+
+def test_without_collecting_the_garbage_made_inside_is_frozen_too():
+    """long_lived(collect=False) (the imports before a sweep's first job): no walk on
+    leaving; the cycle dropped inside is frozen with the rest, so a later collection finds
+    nothing either (it stays until exit)."""
+    applies, inside, after, frozen, left, alive = _freeze("command", "frozen")
+    assert (applies, inside, after, frozen) == ("True", "False", "True", "True")
+    assert (left, alive) == ("0", "True")  # frozen, not walked: still there
 
 
 def test_elsewhere_the_collector_is_left_as_it_is():
-    applies, inside, after, frozen, _ = _freeze("library")
+    applies, inside, after, frozen, _, _ = _freeze("library")
     assert (applies, inside, after, frozen) == ("False", "True", "True", "False")
 
 
@@ -89,3 +101,32 @@ def test_the_console_script_and_python_m_run_the_command():
     scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["ih-sweep"] == "ih_sweep.cli:command"
     assert "command()" in (root / "ih_sweep" / "__main__.py").read_text()
+
+
+# The model load in the command's process: the first load collects once and freezes what it
+# made; a load the process's cache answers (each later job of a sweep) collects nothing.
+LOAD = """
+import gc
+from ih_sweep.config.schema import ModelConfig
+from ih_sweep.model import runtime
+from ih_sweep.model.loading import load_model
+runtime.this_process_is_the_command()
+full = []
+gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2
+                    and full.append(1))
+settings = ModelConfig(name="tiny", path="builtin:tiny")
+frozen = gc.get_freeze_count()
+first = load_model(settings, device="cpu")
+print(len(full), gc.get_freeze_count() > frozen)
+del full[:]
+frozen = gc.get_freeze_count()
+again = load_model(settings, device="cpu")
+print(len(full), gc.get_freeze_count() == frozen, again is first)
+"""
+
+
+def test_a_cached_model_load_collects_nothing():
+    out = subprocess.run([sys.executable, "-c", LOAD], check=True, capture_output=True,
+                         text=True).stdout.split()
+    assert out[:2] == ["1", "True"]  # the load itself: one collection, then frozen
+    assert out[2:] == ["0", "True", "True"]  # the cached one: no walk over the heap
