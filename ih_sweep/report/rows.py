@@ -5,6 +5,10 @@ check (the columns are described in :mod:`ih_sweep.report.summarize`). The maths
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -41,6 +45,51 @@ STABILITY_COLUMNS = ["rank_stability", "rank_stability_over", "rank_stability_se
 SUMMARY_COLUMNS += STABILITY_COLUMNS
 
 
+class Turns:
+    """Rows computed in two threads (:func:`summarize_jobs`): pandas does not promise that
+    threads may share frames, so one thread at a time holds the turn for a row's pandas and
+    statsmodels work, and gives it away only inside its bootstraps (numpy, which releases
+    the GIL: :func:`bootstrap_ci`), so that two rows' bootstraps, or one and the other
+    row's table work, run at once. Outside a turn (one thread) :meth:`aside` does nothing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mine = threading.local()
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._lock:
+            self._mine.held = True
+            try:
+                yield
+            finally:
+                self._mine.held = False
+
+    @contextmanager
+    def aside(self) -> Iterator[None]:
+        if not getattr(self._mine, "held", False):
+            yield
+            return
+        self._mine.held = False
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+            self._mine.held = True
+
+
+TURNS = Turns()
+ROW_THREADS = 2  # bootstraps of two rows at once: 27 of them 0.39 s -> 0.21 s on 2 cores
+
+
+def bootstrap_ci(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """:func:`ih_sweep.report.statistics.paired_bootstrap_ci` of ``x`` and ``y``, with the
+    row's turn given away meanwhile (:class:`Turns`)."""
+    with TURNS.aside():
+        return st.paired_bootstrap_ci(x, y)
+
+
 def _key(df: pd.DataFrame) -> pd.Series:
     return df["story"].astype(str) + ":" + df["question_index"].astype(str)
 
@@ -60,7 +109,7 @@ def paired_effect(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, float
     :mod:`ih_sweep.report.statistics`): (delta, ci_low, ci_high, p)."""
     x, y = paired(a, b)
     delta = float(x.mean() - y.mean()) if len(x) else np.nan
-    return (delta, *st.paired_bootstrap_ci(x, y), st.mcnemar_exact(*st.discordant(x, y)))
+    return (delta, *bootstrap_ci(x, y), st.mcnemar_exact(*st.discordant(x, y)))
 
 
 def has_column(results: pd.DataFrame, column: str) -> bool:
@@ -211,7 +260,7 @@ def _paired_metric(a: pd.DataFrame, b: pd.DataFrame, column: str
     x, y = x[keep], y[keep]
     if not len(x):
         return (np.nan, np.nan, np.nan)
-    return (float(x.mean() - y.mean()), *st.paired_bootstrap_ci(x, y))
+    return (float(x.mean() - y.mean()), *bootstrap_ci(x, y))
 
 
 def _item_means(jobs: list[FinishedJob], column: str) -> pd.DataFrame:
@@ -309,11 +358,14 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
     (accuracy and its tests with their Holm adjustments and the random null's limits, the
     near-tie floor, the continuous metrics and the mechanism check, the last three where
     the jobs recorded them), and the grouping's notes."""
-    rows = []
     groups, notes = grouped or cell_groups(jobs)
     seeds = seed_overlaps(jobs)
-    for group in groups:
-        for (n, cond, seed), job in group.cells.items():
+    cells = [(group, n, cond, seed, job) for group in groups
+             for (n, cond, seed), job in group.cells.items()]
+
+    def make(cell: tuple) -> dict:
+        group, n, cond, seed, job = cell
+        with TURNS.turn():
             row = {"group": group.name, **group_of(job), "n_heads": n,
                    "n_heads_share": share(job), "condition": cond, "control_seed": seed}
             row |= accuracy_row(job, group, n, cond)
@@ -323,7 +375,10 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
             mechanism = job.record.mechanism if isinstance(job.record.mechanism, dict) else {}
             row |= {k: as_float(mechanism.get(k)) for k in MECHANISM_COLUMNS}
             row |= stability_row(job, seeds)
-            rows.append(row)
+            return row
+
+    with ThreadPoolExecutor(min(ROW_THREADS, max(1, len(cells)))) as pool:
+        rows = list(pool.map(make, cells))  # in the cells' order
     df = pd.DataFrame(rows)
     for col in SUMMARY_COLUMNS:
         if col not in df.columns:

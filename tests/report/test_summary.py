@@ -91,6 +91,51 @@ def test_summary_values(sweep):
     assert "\\toprule" in (root / "summary.tex").read_text()
 
 
+def test_rows_in_two_threads_equal_rows_in_one(sweep, monkeypatch):
+    """summary.csv's rows are computed two at a time (their bootstraps alongside,
+    ih_sweep.report.rows.Turns): the same table, bit for bit and in the same order, as one
+    row after the other."""
+    from ih_sweep.report import rows
+    from ih_sweep.report.discover import find_jobs
+
+    root = sweep[0]
+    jobs = find_jobs(root).jobs
+    assert rows.ROW_THREADS == 2
+    two, _ = rows.summarize_jobs(jobs)
+    monkeypatch.setattr(rows, "ROW_THREADS", 1)
+    one, _ = rows.summarize_jobs(jobs)
+    pd.testing.assert_frame_equal(two, one, check_exact=True)
+    assert len(one) == 8
+
+
+def test_turns_give_way_only_inside_a_bootstrap():
+    """One thread at a time holds the turn; inside aside() (a bootstrap) the other thread
+    may take it, and the first waits for it back; outside any turn aside() does nothing."""
+    import threading
+
+    from ih_sweep.report.rows import Turns
+
+    turns, order = Turns(), []
+    with turns.aside():  # no turn held: nothing to give away
+        order.append("free")
+    taken = threading.Event()
+
+    def other():
+        with turns.turn():
+            order.append("other")
+            taken.set()
+
+    with turns.turn():
+        worker = threading.Thread(target=other)
+        worker.start()
+        assert not taken.wait(0.2)  # the turn is held: the other thread waits
+        with turns.aside():
+            assert taken.wait(10)  # given away: the other row runs meanwhile
+        order.append("back")
+    worker.join()
+    assert order == ["free", "other", "back"]
+
+
 def test_idempotent(sweep):
     """A second summary of the same jobs writes the same files, byte for byte (each file
     removed first, so the second run has to write it again), and returns the same table."""
