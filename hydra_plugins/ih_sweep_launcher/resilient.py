@@ -17,6 +17,7 @@ a job that stays absent from both squeue and sacct for ``LOST_AFTER_S`` counts a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import subprocess
@@ -114,10 +115,12 @@ def check_all_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> Non
     from ih_sweep.pipeline.preflight import check_job
 
     bad = []
-    # the checks import torch and transformers where they read weight files' headers
-    # (imports and headers, no tensors: their garbage is frozen too rather than walked)
-    with long_lived(collect=False):
-        for overrides in job_overrides:
+    for i, overrides in enumerate(job_overrides):
+        # the first check imports torch and transformers where it reads weight files'
+        # headers: frozen as they are (imports and headers, no tensors; their garbage is
+        # frozen too rather than walked). The other jobs' checks make garbage only (their
+        # composed configs): the collector as usual
+        with long_lived(collect=False) if i == 0 else contextlib.nullcontext():
             try:
                 cfg = launcher.hydra_context.config_loader.load_sweep_config(
                     launcher.config, list(overrides))

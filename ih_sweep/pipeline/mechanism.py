@@ -44,10 +44,12 @@ its first ablated one from the unablated pass.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -238,10 +240,11 @@ def losses_at(model, ids: torch.Tensor, tokens: torch.Tensor, batch_size: int,
 
     if int(tokens.min()) < 1:
         raise ValueError("token 0 has no prediction (no context before it)")
-    logits = logits_at(model, ids, tokens - 1, batch_size,
-                       None if speed is None else speed.fast_layers,
-                       0 if speed is None else speed.layer_store_mb)
-    nll = target_losses(logits, ids.gather(1, tokens))
+    targets = ids.gather(1, tokens)
+    nll = logits_at(model, ids, tokens - 1, batch_size,
+                    None if speed is None else speed.fast_layers,
+                    0 if speed is None else speed.layer_store_mb,
+                    reduce=lambda logits, rows: target_losses(logits, targets[rows]))
     return torch.full(ids.shape, float("nan")).scatter_(1, tokens, nll)
 
 
@@ -342,9 +345,10 @@ def measure(model, inputs: MechanismInputs, batch_size: int, speed: EvalConfig |
             "icl_score": score(text, *inputs.windows)}
 
 
-# key -> (the inputs, measure() of the unablated model) of a model, settings and texts
-_UNABLATED: dict[str, tuple[MechanismInputs, dict[str, float]]] = {}
-_MAX_CACHED = 16
+# model -> {key of the settings and texts: (the tokenizer, the inputs it made, measure() of
+# the unablated model)}; weakly keyed, so an entry lives as long as its model
+_UNABLATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAX_CACHED = 16  # entries per model
 
 
 def reset() -> None:
@@ -386,11 +390,12 @@ def mechanism_check(model, tokenizer, settings: MechanismConfig, texts: Sequence
     (a registered name or method, :func:`ih_sweep.ablation.registry.get_ablation`; ``means``:
     its fill) in the first and third, plus the settings and positions
     used. No heads: ablated = unablated, one pass. The unablated pass is cached in-process
-    under ``model_key`` (which must name the loaded model, e.g. its load cache key), the
-    settings and the texts, with its inputs (:func:`mechanism_inputs`). ``tokens``: what the
-    ICL score compares (``text`` or ``answers``, :func:`icl_tokens`; ``texts`` from
-    :func:`texts_for` with the same). ``speed``: the job's ``eval`` settings, whose shortcuts
-    and store of unablated layers the passes use (:func:`losses_at`)."""
+    for the model and tokenizer (by identity), ``model_key`` (e.g. the model's load cache
+    key), the settings and the texts, with its inputs (:func:`mechanism_inputs`).
+    ``tokens``: what the ICL score compares (``text`` or ``answers``, :func:`icl_tokens`;
+    ``texts`` from :func:`texts_for` with the same). ``speed``: the job's ``eval``
+    settings, whose shortcuts and store of unablated layers the passes use
+    (:func:`losses_at`)."""
     from ih_sweep.ablation.hooks import ablate_heads
     from ih_sweep.model.architecture import position_limit
 
@@ -400,15 +405,16 @@ def mechanism_check(model, tokenizer, settings: MechanismConfig, texts: Sequence
     semantic["icl_tokens"] = str(tokens)
     key = hashlib.sha256(json.dumps([model_key, semantic, list(texts)], default=str)
                          .encode()).hexdigest()
-    cached = _UNABLATED.get(key)
-    if cached is None:
+    cache = _UNABLATED.setdefault(model, {})
+    cached = cache.get(key)
+    if cached is None or cached[0] is not tokenizer:  # made for this model and tokenizer only
         inputs = mechanism_inputs(tokenizer, settings, texts, tokens,
                                   position_limit(model.config))
-        cached = inputs, measure(model, inputs, settings.batch_size, speed)
-        if len(_UNABLATED) >= _MAX_CACHED:
-            _UNABLATED.pop(next(iter(_UNABLATED)))
-        _UNABLATED[key] = cached
-    inputs, base = cached
+        cached = tokenizer, inputs, measure(model, inputs, settings.batch_size, speed)
+        if len(cache) >= _MAX_CACHED:
+            cache.pop(next(iter(cache)))
+        cache[key] = cached
+    _, inputs, base = cached
     if heads:
         with ablate_heads(model, heads, method, means):
             ablated = measure(model, inputs, settings.batch_size, speed)
@@ -422,7 +428,7 @@ def mechanism_check(model, tokenizer, settings: MechanismConfig, texts: Sequence
             log.warning("mechanism check: %s is %s (the model's logits are not finite); "
                         "recorded as null", name, value)
             values[name] = None
-    return {**values, **inputs.positions,
+    return {**values, **copy.deepcopy(inputs.positions),
             "icl_context_tokens": int(inputs.text_ids.shape[1]),
             "icl_texts": int(inputs.text_ids.shape[0]),
             "repeat_tokens_scored": int(inputs.repeat_mask.sum()), **semantic}

@@ -377,8 +377,13 @@ def summarize_jobs(jobs: list[FinishedJob], grouped: tuple[list[Group], list[str
             row |= stability_row(job, seeds)
             return row
 
-    with ThreadPoolExecutor(min(ROW_THREADS, max(1, len(cells)))) as pool:
+    pool = ThreadPoolExecutor(min(ROW_THREADS, max(1, len(cells))))
+    try:
         rows = list(pool.map(make, cells))  # in the cells' order
+    except BaseException:  # a row failed (or Ctrl-C): start no other
+        pool.shutdown(cancel_futures=True)
+        raise
+    pool.shutdown()
     df = pd.DataFrame(rows)
     for col in SUMMARY_COLUMNS:
         if col not in df.columns:

@@ -72,3 +72,35 @@ def test_a_sibling_made_config_is_what_hydra_composes(name, monkeypatch):
         app = {k: v for k, v in want.items() if k != "hydra"}
         assert {k: v for k, v in got.items() if k != "hydra"} == app
         assert OmegaConf.to_container(got.hydra.job) == OmegaConf.to_container(want.hydra.job)
+
+
+def test_only_the_first_jobs_check_is_frozen_without_a_collection(monkeypatch, tmp_path):
+    """check_all_jobs: the first job's check (which imports torch and transformers) runs in
+    long_lived(collect=False), frozen as it is; the other jobs' checks make garbage only
+    (their composed configs), left to the collector: a sweep of many jobs freezes none of
+    theirs."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from ih_sweep.model import runtime
+
+    entered = []
+
+    @contextmanager
+    def spy(collect=True):
+        entered.append(collect)
+        yield False
+
+    monkeypatch.setattr(runtime, "long_lived", spy)
+    register()
+    jobs = CASES["default sweep"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(
+            "config", overrides=[f"hydra.sweep.dir={tmp_path}/sweep",
+                                 f"paths.cache_dir={tmp_path}/cache"],
+            run_mode=RunMode.MULTIRUN)
+        launcher = SimpleNamespace(hydra_context=SimpleNamespace(config_loader=loader),
+                                   config=master)
+        resilient.check_all_jobs(launcher, jobs)
+    assert entered == [False]

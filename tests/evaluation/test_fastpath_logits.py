@@ -10,7 +10,7 @@ import torch
 
 from ih_sweep.ablation.hooks import ablate_heads
 from ih_sweep.evaluation.fastpath import check, layers, reuse
-from ih_sweep.evaluation.fastpath.logits import logits_at
+from ih_sweep.evaluation.fastpath.logits import WHOLE_ROWS, logits_at
 
 HIGH = [(1, h) for h in (18, 6, 4, 31, 24)]  # layer 1 only: layer 0 may come from the store
 
@@ -56,7 +56,8 @@ def test_logits_at_equal_the_plain_forward_at_those_positions(tiny, heads):
     assert got.shape == (10, 3, model.config.vocab_size) and got.dtype == torch.float32
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-5)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
-    assert check.VERDICTS.get(model, True) is True  # checked on its first batch
+    assert check.VERDICTS.get(model, (True, WHOLE_ROWS)) is True  # its first batch checked
+    assert check.VERDICTS.get(model, True) is None  # the evaluator's still to check
 
 
 def test_a_later_pass_takes_the_untouched_layer_from_the_store(tiny):
@@ -96,7 +97,7 @@ def test_a_wrong_shortcut_is_caught_and_the_plain_logits_are_used(tiny, monkeypa
     ids, positions = _rows(9, 30, seed=2)
     got = logits_at(model, ids, positions, 3, fast_layers=True)
     assert calls == [1]
-    assert check.VERDICTS.get(model, True) is False
+    assert check.VERDICTS.get(model, (True, WHOLE_ROWS)) is False
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "do not reproduce the plain forward" in warnings[0]
     assert torch.allclose(got, _plain(model, ids, positions), atol=1e-5, rtol=1e-6)
@@ -106,6 +107,9 @@ def test_a_wrong_shortcut_is_caught_and_the_plain_logits_are_used(tiny, monkeypa
 
 
 def test_a_model_checked_already_is_not_checked_again(tiny, monkeypatch):
+    """Its own verdict, or the evaluator's (whose pass, with masks and a cached prefix,
+    exercises all these passes use), spares the check; a False from either turns the
+    shortcuts off from the first batch."""
     model, _ = tiny
     compared = []
     real = check.compare_logits
@@ -115,6 +119,36 @@ def test_a_model_checked_already_is_not_checked_again(tiny, monkeypatch):
     logits_at(model, ids, positions, 4)
     logits_at(model, ids, positions, 4)
     assert compared == [1]
+    check.reset()
+    check.VERDICTS.set(model, True, True)  # the evaluator's check passed on this model
+    logits_at(model, ids, positions, 4)
+    assert compared == [1]
+    check.reset()
+    check.VERDICTS.set(model, True, False)  # ... or failed: the plain forward throughout
+    calls = []
+    real_layer = layers.last_layer_at
+    monkeypatch.setattr(layers, "last_layer_at",
+                        lambda *a, **k: calls.append(1) or real_layer(*a, **k))
+    plain = logits_at(model, ids, positions, 4)
+    assert compared == [1] and calls == []
+    assert torch.allclose(plain, _plain(model, ids, positions), atol=1e-5, rtol=1e-6)
+
+
+def test_reduce_keeps_what_it_returns_of_each_batch(tiny):
+    """``reduce``: each batch's logits on the model's device with its rows' slice; only
+    what it returns is kept (the mechanism check keeps its target tokens' losses)."""
+    model, _ = tiny
+    ids, positions = _rows(10, 30, seed=4)
+    full = logits_at(model, ids, positions, 4)
+    seen = []
+
+    def top(logits, rows):
+        seen.append((rows.start, rows.stop, tuple(logits.shape[:2])))
+        return logits.argmax(-1)
+
+    picked = logits_at(model, ids, positions, 4, reduce=top)
+    assert seen == [(0, 4, (4, 3)), (4, 8, (4, 3)), (8, 10, (2, 3))]
+    assert torch.equal(picked, full.argmax(-1))
 
 
 @pytest.mark.parametrize("positions", [torch.tensor([[0, 40]]), torch.tensor([[-1]]),

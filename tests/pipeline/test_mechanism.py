@@ -144,6 +144,19 @@ def test_the_inputs_are_built_once_per_model_settings_and_texts(tiny, texts, mon
     for heads in ([(1, 2)], [(1, 3)], []):
         M.mechanism_check(model, tok, cfg, answers, heads, model_key="k", tokens="answers")
     assert built == [1]
+    # the same key with another tokenizer or another model: built (and measured) afresh
+    import copy
+
+    other_tok, other_model = copy.deepcopy(tok), copy.deepcopy(model)
+    M.mechanism_check(model, other_tok, cfg, answers, [], model_key="k", tokens="answers")
+    assert built == [1, 1]
+    out = M.mechanism_check(other_model, tok, cfg, answers, [], model_key="k",
+                            tokens="answers")
+    assert built == [1, 1, 1]
+    out["icl_early"] = -1.0  # a job's record is its own: the cached positions stay
+    again = M.mechanism_check(other_model, tok, cfg, answers, [], model_key="k",
+                              tokens="answers")
+    assert again["icl_early"] > 0 and built == [1, 1, 1]
 
 
 @pytest.mark.parametrize("tokens", ["text", "answers"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Hashable
 
 import torch
 
@@ -23,23 +24,27 @@ log = logging.getLogger(__name__)
 
 
 class Verdicts:
-    """Models whose shortcuts were checked in this process: {model: {fast_layers: passed}}
-    (weakly keyed: a verdict lives as long as its model). The check compares attention
-    paths; ablation hooks act on the o_proj input alike in both, so one check per model and
-    setting covers every later evaluation of it."""
+    """Models whose shortcuts were checked in this process: {model: {key: passed}} (weakly
+    keyed: a verdict lives as long as its model). ``key``: ``eval.fast_layers`` for the
+    evaluator's check of its teacher-forced pass (masks, a cached shared prefix); ``(fast_layers,
+    "whole rows")`` for the check of :func:`ih_sweep.evaluation.fastpath.logits.logits_at`'s
+    simpler passes (no mask, no cache), which the evaluator's verdict covers too but which
+    does not cover the evaluator's. The check compares attention paths; ablation hooks act
+    on the o_proj input alike in both, so one check per model and key covers every later
+    pass of its kind."""
 
     def __init__(self) -> None:
         self._by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def get(self, model, layers: bool) -> bool | None:
-        """Whether the shortcuts passed on ``model`` with ``layers``; None: not checked."""
+    def get(self, model, key: Hashable) -> bool | None:
+        """Whether the shortcuts passed on ``model`` for ``key``; None: not checked."""
         with self._lock:
-            return self._by_model.get(model, {}).get(layers)
+            return self._by_model.get(model, {}).get(key)
 
-    def set(self, model, layers: bool, passed: bool) -> None:
+    def set(self, model, key: Hashable, passed: bool) -> None:
         with self._lock:
-            self._by_model.setdefault(model, {})[layers] = passed
+            self._by_model.setdefault(model, {})[key] = passed
 
     def reset(self) -> None:
         """Forget every verdict (the next evaluation of each model is checked again)."""
