@@ -17,12 +17,12 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
+from ih_sweep.config.plain import plain
 from ih_sweep.config.schema import (
     EXCLUSION_KEYS,
     FV_KEYS,
     NO_REFERENCE_METHODS,
     Config,
-    plain,
     schema_fields,
 )
 

@@ -38,7 +38,8 @@ import pandas as pd
 import torch
 
 from ih_sweep.config.errors import UserError
-from ih_sweep.config.schema import Config, plain
+from ih_sweep.config.plain import plain
+from ih_sweep.config.schema import Config
 
 log = logging.getLogger(__name__)
 

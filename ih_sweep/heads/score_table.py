@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from ih_sweep.config.errors import UserError
-from ih_sweep.config.schema import Config, RankBy, ScoreSource, plain
+from ih_sweep.config.plain import plain
+from ih_sweep.config.schema import Config, RankBy, ScoreSource
 from ih_sweep.io_utils import write_csv, write_text
 
 log = logging.getLogger(__name__)

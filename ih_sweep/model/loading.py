@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ih_sweep.config.errors import UserError, one_line
-from ih_sweep.config.schema import DType, ModelConfig, Quantization, QuantizationConfig, plain
+from ih_sweep.config.plain import plain
+from ih_sweep.config.schema import DType, ModelConfig, Quantization, QuantizationConfig
 from ih_sweep.model.devices import log_bf16_emulation, pick_device
+from ih_sweep.model.runtime import long_lived
 
 log = logging.getLogger(__name__)
 
@@ -390,14 +392,10 @@ def load_model(model: ModelConfig, quant: QuantizationConfig | None = None,
                device: str = "auto"):
     """(model, tokenizer) of the ``model`` settings, quantized as ``quant`` says (None: not
     quantized) on ``device`` (``auto``: cuda where there is one), cached per process
-    (:func:`cache_key`). Eval mode, no grad needed.
-
-    The structure is checked first (:func:`check_architecture`), and
-    ``model.attn_implementation`` falls back to one the model supports
-    (:func:`supported_attention`). Raises :class:`ModelPathError` where the path gives no
-    model."""
-    from ih_sweep.model.runtime import long_lived
-
+    (:func:`cache_key`). Eval mode, no grad needed. The structure is checked first
+    (:func:`check_architecture`); ``model.attn_implementation`` falls back to one the model
+    supports (:func:`supported_attention`). Raises :class:`ModelPathError` where the path
+    gives no model."""
     quant = quant or QuantizationConfig()
     device = pick_device(device)
     key = cache_key(model, quant, device)

@@ -287,7 +287,7 @@ def items_key(config: Config) -> str:
     files' fingerprints (:func:`ih_sweep.fingerprints.data_inputs`), as JSON."""
     import json
 
-    from ih_sweep.config.schema import plain
+    from ih_sweep.config.plain import plain
     from ih_sweep.fingerprints import data_inputs
     from ih_sweep.pipeline.stages import needs_heldout
 

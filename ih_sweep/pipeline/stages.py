@@ -21,8 +21,9 @@ import pandas as pd
 
 from ih_sweep.ablation.registry import Ablation
 from ih_sweep.config.errors import ConfigError
+from ih_sweep.config.plain import plain
 from ih_sweep.config.rules import n_heads_share
-from ih_sweep.config.schema import Condition, Config, EvalConfig, PromptFormat, ScoreSource, plain
+from ih_sweep.config.schema import Condition, Config, EvalConfig, PromptFormat, ScoreSource
 from ih_sweep.pipeline.records import EvaluationRecord, finished_record, restore, write_record
 
 log = logging.getLogger("ih_sweep")

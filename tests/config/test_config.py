@@ -14,7 +14,8 @@ from compose_config import CONF, compose
 from hydra.errors import ConfigCompositionException
 
 from ih_sweep.config.hydra import settings
-from ih_sweep.config.schema import Condition, Config, Metric, plain
+from ih_sweep.config.plain import plain
+from ih_sweep.config.schema import Condition, Config, Metric
 
 ROOT = Path(__file__).resolve().parents[2]
 

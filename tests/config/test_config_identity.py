@@ -9,7 +9,7 @@ from compose_config import compose
 from ih_sweep.config import identity
 from ih_sweep.config.hydra import settings
 from ih_sweep.config.identity import config_hash, semantic_config
-from ih_sweep.config.schema import plain
+from ih_sweep.config.plain import plain
 
 TEXT = ("mechanism.icl_tokens=text",)
 
@@ -171,12 +171,12 @@ def test_plain_lets_omegaconf_convert_what_needs_converting():
     """Values OmegaConf would convert or resolve (an int in a float field, a tuple for a
     list, an interpolation, a str for an Enum) are not read directly: the result is still
     OmegaConf's."""
-    from ih_sweep.config import schema
+    import ih_sweep.config.plain as reader
 
     config = settings(compose())
     config.mechanism.exclude_rare_frac = 0  # float field, int value: OmegaConf gives 0.0
-    with pytest.raises(schema._NeedsOmegaConf):
-        schema._read(config.mechanism)
+    with pytest.raises(reader._NeedsOmegaConf):
+        reader._read(config.mechanism)
     assert plain(config.mechanism)["exclude_rare_frac"] == 0.0
     assert type(plain(config.mechanism)["exclude_rare_frac"]) is float
     config = settings(compose())
