@@ -22,12 +22,12 @@ def plain(node: Any) -> Any:
     :func:`ih_sweep.config.hydra.settings` makes) is read directly (:func:`_read`), ~10x
     faster than building OmegaConf's node; any other value (one OmegaConf would convert or
     resolve: an int in a float field, an interpolation, a tuple) goes through OmegaConf."""
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        try:
-            return _read(node)
-        except _NeedsOmegaConf:
-            node = OmegaConf.structured(node)
-    elif dataclasses.is_dataclass(node):
+    if dataclasses.is_dataclass(node):
+        if not isinstance(node, type):  # an instance (a class goes to OmegaConf)
+            try:
+                return _read(node)
+            except _NeedsOmegaConf:
+                pass
         node = OmegaConf.structured(node)
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from ih_sweep.evaluation.decoding import model_device
 from ih_sweep.evaluation.fastpath.check import VERDICTS, check_tolerance, compare_logits
 from ih_sweep.evaluation.fastpath.install import installed
 from ih_sweep.evaluation.fastpath.reuse import PassReuse, budget_bytes, pass_key
@@ -54,8 +55,6 @@ def logits_at(model, ids: torch.Tensor, positions: torch.Tensor, batch_size: int
     if positions.numel() == 0 or int(positions.min()) < 0 or \
             int(positions.max()) >= ids.shape[1]:
         raise ValueError(f"positions must lie in 0..{ids.shape[1] - 1} (non-empty)")
-    from ih_sweep.evaluation.decoding import model_device
-
     device = model_device(model)
     ctx = ForwardContext.of(model)
     out = []
