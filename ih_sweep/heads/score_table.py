@@ -203,7 +203,7 @@ def cached_table(config: Config, path: Path, shape: tuple[int, int], columns: li
         raise CacheError(f"paths.cache_dir={config.paths.cache_dir}: cannot write there "
                          f"({err})") from None
     try:
-        _remove_stale_temporaries(path.parent)
+        _remove_stale_temporaries(path)
         if path.is_file():
             problem = problem_with_cache(path, *shape, columns, names)
             if problem is None:
@@ -348,12 +348,18 @@ def fv_items(config: Config, items: Sequence[Any] | None) -> Sequence[Any]:
     return items
 
 
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Temporary files a killed write left behind (the writer of this folder holds the
-    lock, so none is being written now)."""
-    for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        log.info("removed %s, left by an interrupted write", tmp)
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files a killed write of ``path``'s table left behind: of the table, its
+    checksum and its heatmap (:func:`~ih_sweep.io_utils.atomic_write`'s
+    ``.<name>.<random>.tmp``), which only the holder of ``path``'s lock writes, so none is
+    being written now. Other tables' temporaries in the folder are left alone: another
+    process may be writing one under its own lock."""
+    own = {f".{name}" for name in (path.name, path.name + ".sha256",
+                                   path.with_suffix(".png").name)}
+    for tmp in path.parent.glob(".*.tmp"):
+        if tmp.name.rsplit(".", 2)[0] in own:
+            tmp.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted write", tmp)
 
 
 def matrix_for(config: Config, scores: pd.DataFrame, column: str) -> np.ndarray:

@@ -128,10 +128,18 @@ def test_a_good_cache_is_reused_its_heatmap_redrawn_and_stale_temporaries_remove
     calls: list[int] = []
     _, path = score_table.get_scores(config, _getter(tiny, calls))
     path.with_suffix(".png").unlink()
-    stale = path.parent / f".{path.name}.abc.tmp"
-    stale.write_text("half a table")
+    stale = [path.parent / f".{name}.a_b9.tmp" for name in
+             (path.name, path.name + ".sha256", path.with_suffix(".png").name)]
+    for tmp in stale:
+        tmp.write_text("half a file")
+    # another table's write in progress in the same folder, under that table's own lock
+    others = [path.parent / f".{path.stem}_fv.csv.x1.tmp", path.parent / ".norms.csv.x2.tmp",
+              path.parent / f".{path.name}x.x3.tmp"]
+    for tmp in others:
+        tmp.write_text("being written")
     score_table.get_scores(config, _getter(tiny, calls))
-    assert len(calls) == 1 and path.with_suffix(".png").is_file() and not stale.exists()
+    assert len(calls) == 1 and path.with_suffix(".png").is_file()
+    assert not any(tmp.exists() for tmp in stale) and all(tmp.exists() for tmp in others)
 
 
 def test_a_read_only_cache_is_read(tmp_path, tiny, monkeypatch):
