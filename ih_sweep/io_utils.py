@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pandas only for the annotation: importing it costs ~0.4 s
     import pandas as pd
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 class WriteError(OSError):
@@ -53,8 +57,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's umask, read without setting it where Linux shows it (``Umask:`` in
+    /proc/self/status, Linux >= 4.7): setting it, even for a moment, changes the mode of
+    what another thread creates meanwhile. Elsewhere set and restored under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
     return mask
 
 
