@@ -82,7 +82,11 @@ def test_the_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         [str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    # nbclient waits 4 s for a cell's output after its reply and then drops it (a warning),
+    # 60 s for the kernel: too short on a busy CI machine; a late output now fails loudly
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                     iopub_timeout=60, raise_on_iopub_timeout=True,
+                                     startup_timeout=300,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError naming the cell on any error
 

@@ -16,6 +16,9 @@ from ih_sweep.pipeline.records import RESULT_COLUMNS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+NORMAL_MODE = 0o666 & ~_UMASK  # a file's normal mode under the umask the CLI inherits (0o644)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def test_main_sweep_writes_one_folder_per_job(main_sweep):
         cells.add((n, cond))
         assert len(heads) == n and (n == 0) == (cond == "none")
         assert rec["settings"]["condition"] == cond
-        assert (folder / "results.csv").stat().st_mode & 0o777 == 0o644
+        assert (folder / "results.csv").stat().st_mode & 0o777 == NORMAL_MODE
         assert rec["accuracy"] == pytest.approx(res["correct"].mean())
         assert (folder / ".hydra" / "config.yaml").is_file()
     assert cells == {(n, c) for n in (4, 8, 16) for c in ("high", "low")} | {(0, "none")}
@@ -210,7 +213,10 @@ def test_a_refusal_after_the_load_is_said_whole(tmp_path):
 
 
 def test_slurm_that_cannot_submit_says_so_in_one_line(tmp_path):
-    env_conf = {"SLURM_CONF": str(tmp_path / "no-such-slurm.conf")}
+    # a config sbatch cannot parse: it fails at once (a missing one is retried for ~60 s)
+    broken = tmp_path / "slurm.conf"
+    broken.write_text("this is not a slurm configuration\n")
+    env_conf = {"SLURM_CONF": str(broken)}
     proc = subprocess.run([sys.executable, "-m", "ih_sweep", "-m", "hydra/launcher=slurm",
                            "debug=fast", f"hydra.sweep.dir={tmp_path}/s"], cwd=ROOT,
                           env={**os.environ, **env_conf, "PATH": os.environ["PATH"]},
