@@ -110,7 +110,7 @@ def problem_with_cache(path: Path, n_layers: int, heads_per_layer: int,
     from ih_sweep.pipeline.records import sha256
 
     columns, names = columns or INDUCTION_COLUMNS, names or INDUCTION_NAMES
-    digest = path.with_name(path.name + ".sha256")
+    digest = checksum_path(path)
     if not digest.is_file() or digest.read_text().strip() != sha256(path):
         return "its checksum does not match (damaged, or written by an older version)"
     try:
@@ -219,7 +219,7 @@ def cached_table(config: Config, path: Path, shape: tuple[int, int], columns: li
         write_csv(path, df)
         from ih_sweep.pipeline.records import sha256
 
-        write_text(path.with_name(path.name + ".sha256"), sha256(path) + "\n")
+        write_text(checksum_path(path), sha256(path) + "\n")
         if column is not None:
             save_heatmap(df, column, path.with_suffix(".png"), config.model.name)
     finally:
@@ -241,6 +241,11 @@ def check_sequences_fit(config: Config) -> None:
 
     check_repeated_sequences("scoring", config.scoring.seq_len, config.scoring.repeats, 1,
                              position_limit(load_config(config.model)))
+
+
+def checksum_path(path: Path) -> Path:
+    """The SHA-256 of a cached table, written beside it (``<table>.sha256``)."""
+    return path.with_name(path.name + ".sha256")
 
 
 def samples_path(path: Path) -> Path:
@@ -350,12 +355,12 @@ def fv_items(config: Config, items: Sequence[Any] | None) -> Sequence[Any]:
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Temporary files a killed write of ``path``'s table left behind: of the table, its
-    checksum and its heatmap (:func:`~ih_sweep.io_utils.atomic_write`'s
+    checksum, its heatmap and its per-sample scores (:func:`~ih_sweep.io_utils.atomic_write`'s
     ``.<name>.<random>.tmp``), which only the holder of ``path``'s lock writes, so none is
     being written now. Other tables' temporaries in the folder are left alone: another
     process may be writing one under its own lock."""
-    own = {f".{name}" for name in (path.name, path.name + ".sha256",
-                                   path.with_suffix(".png").name)}
+    own = {f".{p.name}" for p in (path, checksum_path(path), path.with_suffix(".png"),
+                                  samples_path(path))}
     for tmp in path.parent.glob(".*.tmp"):
         if tmp.name.rsplit(".", 2)[0] in own:
             tmp.unlink(missing_ok=True)

@@ -129,7 +129,8 @@ def test_a_good_cache_is_reused_its_heatmap_redrawn_and_stale_temporaries_remove
     _, path = score_table.get_scores(config, _getter(tiny, calls))
     path.with_suffix(".png").unlink()
     stale = [path.parent / f".{name}.a_b9.tmp" for name in
-             (path.name, path.name + ".sha256", path.with_suffix(".png").name)]
+             (path.name, path.name + ".sha256", path.with_suffix(".png").name,
+              path.stem + ".samples.npy")]
     for tmp in stale:
         tmp.write_text("half a file")
     # another table's write in progress in the same folder, under that table's own lock
